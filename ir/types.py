@@ -27,10 +27,18 @@ def canonical_dim(dim) -> Dim:
         raise TypeError(f"a dim cannot be a bool: {dim!r}")
     if isinstance(dim, int):
         return dim
+    if isinstance(dim, str) and dim.isidentifier():
+        return symbol(dim)
     expr = sympy.sympify(dim)
     if expr.is_Integer:
         return int(expr)
-    return sympy.simplify(expr)
+    loose = {s: symbol(s.name) for s in expr.free_symbols if not s.is_integer}
+    return sympy.simplify(expr.xreplace(loose) if loose else expr)
+
+
+def symbol(name: str) -> sympy.Symbol:
+    """The IR's dim symbols are positive integers, so floor/ceil of them simplify."""
+    return sympy.Symbol(name, integer=True, positive=True)
 
 
 def dims_equal(a: Dim, b: Dim) -> bool:
@@ -103,7 +111,7 @@ class TensorType:
     def parse(text: str) -> "TensorType":
         name, _, rest = text.partition("[")
         dims = [d for d in rest.rstrip("]").split(",") if d]
-        return TensorType(DTYPES_BY_NAME[name], tuple(int(d) if d.lstrip("-").isdigit() else sympy.sympify(d) for d in dims))
+        return TensorType(DTYPES_BY_NAME[name], tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims))
 
 
 def normalize_axis(axis: int, rank: int) -> int:

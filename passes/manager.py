@@ -1,0 +1,125 @@
+"""The pass manager: runs a pipeline transactionally.
+
+Each pass runs on a clone of the graph (constants shared, so cloning is cheap). The clone is
+adopted only when the pass returns, the verifier accepts the result, the pass's ``ensures``
+holds and, when example inputs are given, the outputs stay within the pass's tolerance of the
+graph before it. Otherwise the graph stays as it was and the error names the pass (and node).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from graphopt.ir import Graph, VerificationError, verify
+from graphopt.passes.registry import PassSpec, make_spec
+from graphopt.passes.report import PassRecord, Report
+
+
+class PassError(Exception):
+    """A pass failed; the graph was left as it was before the pass."""
+
+    def __init__(self, spec: PassSpec, message: str, earlier: Sequence[str], node=None):
+        self.pass_name = spec.name
+        self.node = node
+        ran = f"; passes before it: {', '.join(earlier)}" if earlier else ""
+        super().__init__(f"pass {spec}: {message} (graph restored to its state before this pass{ran})")
+
+
+@dataclass
+class PassContext:
+    """What a pass sees besides the graph: its options, data, and a place to report."""
+    spec: PassSpec
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+    calibration: Any = None
+    notes: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.spec.options
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+
+class PassManager:
+    def __init__(self, passes: Sequence, *, example_inputs: Sequence[torch.Tensor] | None = None,
+                 calibration: Any = None, check: bool = False):
+        """``example_inputs``: flat tensors, one per graph input. With ``check=True`` each pass
+        is compared numerically against the graph before it on those inputs."""
+        self.specs = [make_spec(p) for p in passes]
+        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        self.calibration = calibration
+        self.check = check
+        if check and self.example_inputs is None:
+            raise ValueError("check=True needs example_inputs")
+
+    def run(self, graph: Graph, report: Report | None = None) -> tuple[Graph, Report]:
+        report = report if report is not None else Report()
+        done: list[str] = []
+        reference = self._outputs(graph) if self.check else None
+        for spec in self.specs:
+            graph, reference = self._run_one(spec, graph, reference, report, done)
+            done.append(str(spec))
+        return graph, report
+
+    def _run_one(self, spec: PassSpec, graph: Graph, reference, report: Report, done):
+        info = spec.info
+        if info.requires is not None:
+            reason = info.requires(graph)
+            if reason:
+                raise PassError(spec, f"does not apply: {reason}", done)
+        work = graph.clone()
+        ctx = PassContext(spec, self.example_inputs, self.calibration)
+        start = time.perf_counter()
+        try:
+            result = info.fn(work, ctx, **spec.options)
+        except PassError:
+            raise
+        except Exception as e:
+            raise PassError(spec, f"raised {type(e).__name__}: {e}", done, getattr(e, "node", None)) from e
+        seconds = time.perf_counter() - start
+        if isinstance(result, Graph):
+            work = result
+        try:
+            verify(work)
+        except VerificationError as e:
+            raise PassError(spec, f"left an invalid graph: {e}", done, e.node) from e
+        if info.ensures is not None:
+            reason = info.ensures(work)
+            if reason:
+                raise PassError(spec, f"did not establish its postcondition: {reason}", done)
+        error = None
+        if reference is not None:
+            outputs = self._outputs(work)
+            error = max_abs_error(reference, outputs)
+            if info.tolerance is not None and not error <= info.tolerance:
+                raise PassError(spec, f"changed the outputs by max abs error {error:.3g}, "
+                                      f"over its tolerance {info.tolerance:g}", done)
+            reference = outputs
+        report.passes.append(PassRecord(str(spec), len(graph), len(work), seconds, error,
+                                        ctx.notes, ctx.counters, graph.op_counts(), work.op_counts()))
+        return work, reference
+
+    def _outputs(self, graph: Graph):
+        from graphopt.backends.torch_backend import run
+        return run(graph, *self.example_inputs)
+
+
+def max_abs_error(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference over all outputs; inf when shapes or count differ."""
+    if len(expected) != len(actual):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(expected, actual):
+        if a.shape != b.shape:
+            return float("inf")
+        if a.numel():
+            worst = max(worst, (a.double() - b.double()).abs().max().item())
+    return worst

@@ -1,0 +1,80 @@
+"""``graphopt.optimize``: capture, run the passes, lower to a backend."""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from graphopt.ir import Graph
+from graphopt.passes import PassManager, Report
+
+
+class OptimizedModel:
+    """Called like the original model. ``.graph`` is the optimized IR, ``.report`` what each pass did."""
+
+    def __init__(self, graph: Graph, report: Report, backend: str, backend_options: dict | None = None):
+        from graphopt.backends.registry import lower
+
+        self.graph = graph
+        self.report = report
+        self.backend = backend
+        self._run = lower(graph, backend, **(backend_options or {}))
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self._run(*args, **kwargs)
+
+    def save(self, path: str) -> None:
+        """``.onnx`` writes an ONNX model (when the ONNX backend is available); anything else the IR."""
+        from graphopt.backends.registry import save
+        save(self.graph, path)
+
+
+def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backend: str = "torch",
+             calibration: Any = None, check: bool = False, dynamic_batch: bool = True,
+             dynamic_shapes=None, backend_options: dict | None = None) -> OptimizedModel:
+    """Optimize ``model`` (a ``torch.nn.Module`` or an IR ``Graph``) with ``passes``.
+
+    ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``.
+    ``check=True`` compares every pass numerically with the graph before it on those inputs.
+    """
+    report = Report()
+    args, kwargs = _split_inputs(example_inputs)
+    if isinstance(model, Graph):
+        graph = model
+    elif isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ValueError("optimize needs example_inputs to capture a torch model")
+        from graphopt.frontends import from_torch
+
+        start = time.perf_counter()
+        graph = from_torch(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
+        report.capture_seconds = time.perf_counter() - start
+    else:
+        raise TypeError(f"optimize takes a torch.nn.Module or a graphopt Graph, not {type(model).__name__}")
+    flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
+    graph, report = PassManager(passes, example_inputs=flat, calibration=calibration, check=check).run(graph, report)
+    return OptimizedModel(graph, report, backend, backend_options)
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return example_inputs
+    return tuple(example_inputs), {}
+
+
+def _flat_tensors(graph: Graph, args, kwargs) -> tuple[torch.Tensor, ...]:
+    if graph.meta.get("in_spec") is None:
+        return tuple(args)
+    from graphopt.backends.torch_backend import flatten_inputs
+
+    flat = flatten_inputs(graph.meta["in_spec"], args, kwargs)
+    return tuple(flat[i] for i, slot in enumerate(graph.meta["user_inputs"]) if slot is not None)
