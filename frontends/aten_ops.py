@@ -334,3 +334,15 @@ def _getitem(cv, node, args, kwargs):
     if isinstance(container, (list, tuple)):
         return container[index]
     raise Unsupported("getitem on a tensor")
+
+
+@handles(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+def _split(cv, node, args, kwargs):
+    """split/chunk -> one slice per piece, sized from the captured output types."""
+    x, dim = args[0], _arg(args, kwargs, 2, "dim", 0)
+    pieces, start = [], 0
+    for val in node.meta["val"]:
+        length = cv._tensor_type(val, node).shape[dim]
+        pieces.append(cv.op.slice(x, dim=dim, start=start, end=start + length))
+        start = start + length
+    return pieces

@@ -1,2 +1,2 @@
 """Imports every built-in pass module so each registers itself."""
-from graphopt.passes import dce  # noqa: F401
+from graphopt.passes import constant_folding, cse, dce, decompose_attention  # noqa: F401
