@@ -1,0 +1,117 @@
+"""torch.export frontend + reference backend: every fixture round-trips through optimize()."""
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import graphopt
+from graphopt.frontends import ExportError, from_torch
+from graphopt.passes import PassManager
+from graphopt.pipeline import _flat_tensors
+
+FIXTURES = ["tiny_vit_case", "deit_case", "deit_distilled_case", "bert_case", "clip_case", "minilm_case", "digits_case"]
+CLEANUP = ["constant_folding", "cse", "dce", "decompose_attention"]
+
+
+def grow_batch(value):
+    """Batch 2 -> 3 by repeating the first row, to exercise the symbolic batch dim."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1:
+        return torch.cat([value, value[:1]])
+    return value
+
+
+def assert_same_outputs(expected, actual, atol=1e-5):
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    act_leaves, act_spec = pytree.tree_flatten(actual)
+    assert type(actual) is type(expected)
+    assert act_spec == exp_spec
+    for e, a in zip(exp_leaves, act_leaves):
+        if isinstance(e, torch.Tensor):
+            assert a.shape == e.shape and a.dtype == e.dtype
+            assert (a.double() - e.double()).abs().max().item() <= atol
+        else:
+            assert a == e
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_fixture_round_trips_through_optimize(fixture, request):
+    case = request.getfixturevalue(fixture)
+    om = graphopt.optimize(case.model, [], (tuple(case.args), dict(case.kwargs)))
+    args = [grow_batch(a) for a in case.args]
+    kwargs = {k: grow_batch(v) for k, v in case.kwargs.items()}
+    with torch.no_grad():
+        expected = case.model(*args, **kwargs)
+    assert_same_outputs(expected, om(*args, **kwargs))
+    assert "batch" in str(om.graph).splitlines()[0]
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_fixture_round_trips_through_each_cleanup_pass(fixture, request):
+    case = request.getfixturevalue(fixture)
+    graph = from_torch(case.model, tuple(case.args), dict(case.kwargs))
+    flat = _flat_tensors(graph, tuple(case.args), dict(case.kwargs))
+    for passes in [[p] for p in CLEANUP] + [CLEANUP]:
+        out, report = PassManager(passes, example_inputs=flat, check=True).run(graph)
+        optimized = graphopt.OptimizedModel(out, report, "torch")
+        with torch.no_grad():
+            expected = case.model(*case.args, **case.kwargs)
+        assert_same_outputs(expected, optimized(*case.args, **case.kwargs))
+    assert "sdpa" not in out.op_counts()
+
+
+def test_eval_mode_no_ops_disappear_and_unknown_ops_stay_opaque():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 6)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return torch.cumsum(self.drop(self.fc(x)), dim=-1).contiguous().clone()
+
+    model = Model().eval()
+    x = torch.randn(4, 6)
+    graph = from_torch(model, (x,))
+    assert graph.op_counts() == {"linear": 1, "opaque": 1}
+    opaque = graph.find_nodes("opaque")[0]
+    assert opaque.attrs["target"] == "aten::cumsum"
+    assert opaque.meta["module"] == ""
+    om = graphopt.optimize(model, [], (x,))
+    y = torch.randn(7, 6)
+    torch.testing.assert_close(om(y), model(y), atol=1e-6, rtol=0)
+
+
+def test_node_meta_records_the_source_module():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GELU()).eval()
+    graph = from_torch(model, (torch.randn(2, 3),))
+    assert [(n.op, n.meta["module"]) for n in graph.nodes] == [("linear", "0"), ("gelu", "1")]
+
+
+def test_export_failure_names_the_module():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export cannot capture it
+                return x * 2
+            return x
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(4, 4), DataDependent())
+
+        def forward(self, x):
+            return self.encoder(x)
+
+    with pytest.raises(ExportError, match=r"torch.export failed in module encoder.1 \(DataDependent"):
+        from_torch(Outer().eval(), (torch.randn(2, 4),))
+
+
+def test_batch_of_one_gets_a_clear_error():
+    with pytest.raises(ExportError, match="batch of at least 2"):
+        from_torch(torch.nn.Linear(3, 3), (torch.randn(1, 3),))
+
+
+def test_wrong_call_structure_is_reported():
+    model = torch.nn.Linear(3, 3).eval()
+    om = graphopt.optimize(model, [], (torch.randn(2, 3),))
+    with pytest.raises(TypeError, match="input structure differs"):
+        om(torch.randn(2, 3), torch.randn(2, 3))

@@ -1,0 +1,28 @@
+"""The README's commands are the ones CI runs, and the package installs as graphopt only."""
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^    (python3 -m pip install torch==2\.13\.0 .*)$", readme, re.M)
+    assert len(commands) == 2, commands
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_wheel_installs_graphopt_only(tmp_path):
+    """pip install . must put graphopt/ (with ir, passes, ...) in site-packages and nothing else."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("graphopt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"graphopt", next(t for t in tops if t.endswith(".dist-info"))}
+    for sub in ("ir", "ir/ops", "passes", "backends", "frontends"):
+        assert f"graphopt/{sub}/__init__.py" in names
+    assert not any(n.startswith(("graphopt/tests/", "graphopt/bench/")) for n in names)
