@@ -265,7 +265,7 @@ class Graph:
         self._head = self._tail = None
         self._count = 0
         for n in order:
-            n.prev = n.next = None
+            n.prev = n.next = n.graph = None
             self._link(n, None)
 
     def clone(self) -> "Graph":
