@@ -242,3 +242,14 @@ def _load_builtin_passes() -> None:
         import graphopt.passes.builtin  # noqa: F401  (registers the built-in passes)
         for entry in importlib.metadata.entry_points(group="graphopt.passes"):
             entry.load()
+
+
+def register_rule_set(rule_set, *, name: str | None = None, tolerance: float | None = 1e-5):
+    """Expose a RuleSet as a pass; the report counts how often each rule fired."""
+    def run(graph: Graph, ctx) -> None:
+        for rule, fired in rule_set.apply(graph).items():
+            ctx.count(rule, fired)
+
+    run.__doc__ = f"Rule set {rule_set.name}: " + "; ".join(f"{r.name}: {r.doc}" for r in rule_set.rules)
+    run.__module__ = getattr(rule_set, "__module__", __name__)
+    return register_pass(name or rule_set.name, tolerance=tolerance)(run)
