@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from graphopt.ir import Graph
+from graphopt.ir.cost import graph_cost
 from graphopt.passes import PassManager, Report
 
 
@@ -54,7 +55,9 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     else:
         raise TypeError(f"optimize takes a torch.nn.Module or a graphopt Graph, not {type(model).__name__}")
     flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
+    report.cost_before = graph_cost(graph)
     graph, report = PassManager(passes, example_inputs=flat, calibration=calibration, check=check).run(graph, report)
+    report.cost_after = graph_cost(graph)
     return OptimizedModel(graph, report, backend, backend_options)
 
 

@@ -23,6 +23,15 @@ class PassRecord:
 class Report:
     passes: list[PassRecord] = field(default_factory=list)
     capture_seconds: float | None = None
+    cost_before: object = None  # graphopt.ir.cost.GraphCost of the graph before the pipeline
+    cost_after: object = None
+
+    def cost(self, **dims: int) -> dict[str, dict[str, float]]:
+        """Before/after FLOPs, bytes and parameters at concrete dims (``batch=8``) and their ratio."""
+        if self.cost_before is None or self.cost_after is None:
+            raise ValueError("this report has no cost figures (run through graphopt.optimize)")
+        b, a = self.cost_before.at(**dims), self.cost_after.at(**dims)
+        return {k: {"before": b[k], "after": a[k], "ratio": a[k] / b[k] if b[k] else float("nan")} for k in b}
 
     def __getitem__(self, name: str) -> PassRecord:
         for record in self.passes:
@@ -31,7 +40,11 @@ class Report:
         raise KeyError(f"no pass {name!r} in this report; it has {[r.name for r in self.passes]}")
 
     def to_dict(self) -> dict:
-        return {"capture_seconds": self.capture_seconds, "passes": [asdict(r) for r in self.passes]}
+        cost = None
+        if self.cost_before is not None:
+            cost = {"flops_before": str(self.cost_before.total.flops), "flops_after": str(self.cost_after.total.flops),
+                    "parameters_before": self.cost_before.parameters, "parameters_after": self.cost_after.parameters}
+        return {"capture_seconds": self.capture_seconds, "passes": [asdict(r) for r in self.passes], "cost": cost}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
