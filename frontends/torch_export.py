@@ -115,7 +115,20 @@ def _describe_export_failure(model: torch.nn.Module, error: Exception) -> str:
             culprit = f"{path} ({type(owner).__name__}, {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = f"in module {culprit}" if culprit else f"in {type(model).__name__} (no submodule on the failing stack)"
-    return f"torch.export failed {where}: {type(error).__name__}: {reason}"
+    hint = ""
+    if "specialized it to be a constant" in str(error):
+        hint = "; the model fixes that dim to the example's size: capture with dynamic_batch=False"
+    return f"torch.export failed {where}: {type(error).__name__}: {reason}{hint}"
+
+
+_GRAD_MODE_WRAPPERS = {torch.ops.higher_order.wrap_with_set_grad_enabled}
+if hasattr(torch.ops.higher_order, "wrap_with_autocast"):
+    _GRAD_MODE_WRAPPERS.add(torch.ops.higher_order.wrap_with_autocast)
+
+
+class _Unrepresentable:
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 class _Converter:
@@ -181,19 +194,42 @@ class _Converter:
                 raise FrontendError(f"input {node.name}: {spec.kind.name} inputs (e.g. token objects) are not supported")
 
         for node in self.ep.graph.nodes:
-            if node.op == "call_function":
-                self.current = node
-                self._convert(node)
-            elif node.op == "output":
+            if node.op == "output":
                 self._outputs(node)
-            elif node.op not in ("placeholder",):
-                raise FrontendError(f"fx node {node.name}: unexpected op kind {node.op}")
+            elif node.op != "placeholder":
+                self._visit(node, self.ep.graph_module)
 
         self.graph.meta.update(in_spec=self.ep.call_spec.in_spec, out_spec=self.ep.call_spec.out_spec,
                                user_inputs=user_inputs, symbols=sorted(str(s) for s in self.symbols.names.values()))
         from graphopt.ir import verify
         verify(self.graph)
         return self.graph
+
+    def _visit(self, node: torch.fx.Node, owner: torch.fx.GraphModule) -> None:
+        if node.op == "get_attr":
+            self.env[node] = getattr(owner, node.target)
+        elif node.op == "call_function" and node.target in _GRAD_MODE_WRAPPERS:
+            self._inline(node, owner)
+        elif node.op == "call_function":
+            self.current = node
+            self._convert(node)
+        else:
+            raise FrontendError(f"fx node {node.name}: unexpected op kind {node.op}")
+
+    def _inline(self, node: torch.fx.Node, owner: torch.fx.GraphModule) -> None:
+        """Grad-mode and autocast regions change nothing at inference: inline their subgraph."""
+        submodule = self.env[node.args[1]]
+        operands = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[2:]]
+        results = None
+        placeholders = iter(operands)
+        for inner in submodule.graph.nodes:
+            if inner.op == "placeholder":
+                self.env[inner] = next(placeholders)
+            elif inner.op == "output":
+                results = tuple(self.env[a] if isinstance(a, torch.fx.Node) else a for a in inner.args[0])
+            else:
+                self._visit(inner, submodule)
+        self.env[node] = results
 
     def _bind_symbols(self, node):
         names = self.dim_names.get(node.name, {})
@@ -210,7 +246,10 @@ class _Converter:
 
     def _resolve(self, arg):
         if isinstance(arg, torch.fx.Node):
-            return self.env[arg]
+            value = self.env[arg]
+            if isinstance(value, _Unrepresentable):
+                raise FrontendError(f"{value.reason}; it is used by fx node {self.current.name} ({self.current.target})")
+            return value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self._resolve(a) for a in arg)
         if isinstance(arg, dict):
@@ -230,8 +269,10 @@ class _Converter:
             self.env[node] = self.symbols.convert(val)
             return
         if isinstance(val, (torch.SymBool, torch.SymFloat, float, bool)):
-            raise FrontendError(f"fx node {node.name} ({node.target}) computes a symbolic {type(val).__name__}, "
-                                "which the IR cannot represent; export with static shapes")
+            # only an error if a tensor computation consumes it (run-time asserts are dropped)
+            self.env[node] = _Unrepresentable(f"fx node {node.name} ({node.target}) computes a symbolic "
+                                              f"{type(val).__name__}, which the IR cannot represent")
+            return
         args, kwargs = self._resolve(node.args), self._resolve(node.kwargs)
         if node.target in IDENTITY:
             self.env[node] = args[0]

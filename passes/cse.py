@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
-from graphopt.ir import Graph, get_op
+from graphopt.ir import Graph
+from graphopt.ir.ops.opaque import is_pure
 from graphopt.ir.printer import format_attr
 from graphopt.passes.registry import option, register_pass
 
@@ -32,7 +33,7 @@ def common_subexpression_elimination(graph: Graph, ctx, *,
 
     seen: dict[tuple, object] = {}
     for node in graph.nodes:
-        if not get_op(node.op).pure:
+        if not is_pure(node):
             continue
         key = (node.op, tuple(id(v) for v in node.inputs), tuple((k, format_attr(v)) for k, v in node.attrs.items()))
         keeper = seen.setdefault(key, node)

@@ -5,7 +5,8 @@
 """
 from __future__ import annotations
 
-from graphopt.ir import Graph, get_op
+from graphopt.ir import Graph
+from graphopt.ir.ops.opaque import is_pure
 from graphopt.passes.registry import register_pass
 
 
@@ -16,7 +17,7 @@ def dead_code_elimination(graph: Graph, ctx) -> None:
     removed = 0
     while node is not None:
         prev = node.prev
-        if get_op(node.op).pure and all(not v.uses for v in node.outputs) \
+        if is_pure(node) and all(not v.uses for v in node.outputs) \
                 and not any(v is o for v in node.outputs for o in graph.outputs):
             graph.erase_node(node)
             removed += 1

@@ -58,3 +58,12 @@ def _opaque_type(*inputs, target, args, kwargs, out_types):
 def opaque(*inputs, target, args, kwargs, out_types):
     result = resolve_target(target)(*fill_template(args, inputs), **fill_template(kwargs or {}, inputs))
     return tuple(result) if isinstance(result, (list, tuple)) else result
+
+
+def is_pure(node) -> bool:
+    """Free of side effects and randomness, so it may be removed when unused or merged when equal."""
+    from graphopt.ir.opdef import get_op
+    if node.op != "opaque":
+        return get_op(node.op).pure
+    target = resolve_target(node.attrs["target"])
+    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
