@@ -131,6 +131,9 @@ class Graph:
         attrs = schema.complete_attrs(attrs or {})
         types = schema.infer_types([v.type if v is not None else None for v in inputs], attrs)
         node = Node(op, inputs, attrs)
+        anchor = self._insert_before
+        if anchor is not None:  # code inserted for a node usually belongs to the same module
+            node.meta.update({k: anchor.meta[k] for k in ("module", "module_type") if k in anchor.meta})
         node.meta.update(meta or {})
         for i, t in enumerate(types):
             base = names[i] if names and i < len(names) else None

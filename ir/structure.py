@@ -1,0 +1,543 @@
+"""Transformer structure analysis: the blocks of a graph, in order, and what each is made of.
+
+Works on graphs from either frontend, before or after ``decompose_attention``: it starts from each
+attention core (an ``sdpa`` node, or a ``softmax`` between two matmuls), walks up to the q/k/v
+projections and down to the output projection and the residual add, then finds the MLP and the
+norms around it. A core that does not complete into a block is reported with the reason, never
+guessed. Blocks chained through the residual stream form a stack; a graph with two stacks
+(vision encoder, language model) also gets the connector between them.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.types import dims_equal
+
+# ops a value passes through without changing what it "is" (a token stream, a head layout)
+TRANSPARENT = {"reshape", "permute", "cast", "slice", "select", "expand", "mul", "div", "add", "sub", "neg", "cat",
+               "contiguous"}
+NORM_OPS = {"layer_norm"}
+MAX_WALK = 24
+
+
+class StructureError(Exception):
+    """No transformer block could be recognised; the message says what was looked for and why it failed."""
+
+
+@dataclass
+class Projection:
+    """A learned linear map: ``linear(x, W, b)`` or ``matmul(x, W)`` (+ ``add(·, b)``) with constant W."""
+    nodes: list[Node]
+    input: Value
+    output: Value
+    weight: Value
+    bias: Value | None
+    in_features: int
+    out_features: int
+
+    @property
+    def name(self) -> str:
+        return self.weight.name
+
+
+@dataclass
+class Norm:
+    kind: str  # "layer_norm" or "rms_norm"
+    nodes: list[Node]
+    input: Value
+    output: Value
+
+
+@dataclass
+class Attention:
+    core: Node
+    kind: str  # "sdpa" or "softmax"
+    q: Projection
+    k: Projection
+    v: Projection
+    out: Projection
+    num_heads: int
+    head_size: int
+    num_kv_heads: int
+    mask: Value | None
+    causal: bool
+    probs: Value | None = None  # the attention probabilities (softmax output), when explicit
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q.weight is self.k.weight
+
+    @property
+    def input(self) -> Value:
+        return self.q.input
+
+
+@dataclass
+class MLP:
+    fc1: Projection
+    fc2: Projection
+    activation: list[str]
+    gate: Projection | None = None  # gated MLPs (SwiGLU): act(gate(x)) * fc1(x)
+
+
+@dataclass
+class Block:
+    index: int
+    attention: Attention
+    mlp: MLP
+    norms: list[Norm]
+    residual_adds: list[Node]
+    input: Value
+    output: Value
+    norm_position: str  # "pre" or "post"
+    token_axis: int
+    module: str = ""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.attention.q.in_features
+
+
+@dataclass
+class Structure:
+    blocks: list[Block]
+    stacks: list[list[Block]]
+    special_tokens: dict[int, list[int]] = field(default_factory=dict)  # stack index -> token positions
+    connector: list[Projection] = field(default_factory=list)
+    connector_input: Value | None = None
+    connector_output: Value | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = []
+        for s, stack in enumerate(self.stacks):
+            b0 = stack[0]
+            lines.append(f"stack {s}: {len(stack)} blocks, hidden {b0.hidden_size}, heads {b0.attention.num_heads}x"
+                         f"{b0.attention.head_size}, {b0.norm_position}-norm, token axis {b0.token_axis}, "
+                         f"special tokens {self.special_tokens.get(s, [])}")
+        if self.connector:
+            lines.append("connector: " + " -> ".join(p.name for p in self.connector))
+        lines += [f"unrecognised: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def analyze(graph: Graph, strict: bool = False) -> Structure:
+    """Find the transformer blocks. Raises StructureError when there are none (or, with
+    ``strict``, when any attention core could not be completed into a block)."""
+    cores = [n for n in graph.nodes if n.op == "sdpa" or (n.op == "softmax" and _softmax_core(n) is not None)]
+    if not cores:
+        raise StructureError("no attention found: the graph has no sdpa node and no softmax between two "
+                             "matmuls, so it has no recognisable transformer blocks")
+    blocks, problems = [], []
+    for core in cores:
+        try:
+            blocks.append(_block(core))
+        except _NotABlock as e:
+            problems.append(f"attention at {core.label()} in module {core.meta.get('module', '?')!r}: {e}")
+    if not blocks:
+        raise StructureError("found attention but no complete transformer block:\n  " + "\n  ".join(problems))
+    if strict and problems:
+        raise StructureError("some attention cores are not complete blocks:\n  " + "\n  ".join(problems))
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    blocks.sort(key=lambda b: order[id(b.attention.core)])
+    for i, b in enumerate(blocks):
+        b.index = i
+    structure = Structure(blocks, _stacks(blocks), problems=problems)
+    for s, stack in enumerate(structure.stacks):
+        structure.special_tokens[s] = _special_tokens(stack[0])
+    if len(structure.stacks) >= 2:
+        _connector(structure)
+    return structure
+
+
+class _NotABlock(Exception):
+    pass
+
+
+# ---- building blocks ------------------------------------------------------------------------
+def projection_at(node: Node) -> Projection | None:
+    if node.op == "linear" and node.inputs[1].is_constant:
+        w = node.inputs[1]
+        return Projection([node], node.inputs[0], node.output, w, node.inputs[2] if len(node.inputs) > 2 else None,
+                          int(w.type.shape[1]), int(w.type.shape[0]))
+    if node.op == "matmul":
+        w = node.inputs[1]
+        nodes = [node]
+        if not w.is_constant and w.producer is not None and w.producer.op == "permute" and w.producer.inputs[0].is_constant:
+            nodes.insert(0, w.producer)
+            w = w.producer.inputs[0]
+        if not w.is_constant or w.type.rank != 2:
+            return None
+        in_f, out_f = node.inputs[1].type.shape
+        out, bias = node.output, None
+        users = out.users
+        if len(users) == 1 and users[0].op == "add":
+            other = [v for v in users[0].inputs if v is not out]
+            if other and other[0].is_constant and other[0].type.rank == 1:
+                nodes.append(users[0])
+                out, bias = users[0].output, other[0]
+        return Projection(nodes, node.inputs[0], out, w, bias, int(in_f), int(out_f))
+    return None
+
+
+def norm_at(value: Value) -> Norm | None:
+    """A norm producing ``value``: layer_norm, or an RMSNorm written out (x * rsqrt(mean(x²) + eps) * w)."""
+    node = value.producer
+    while node is not None and node.op in ("cast", "reshape"):
+        node = node.inputs[0].producer
+    if node is None:
+        return None
+    if node.op in NORM_OPS:
+        return Norm("layer_norm", [node], node.inputs[0], node.output)
+    if node.op == "mul":
+        nodes, seen_rsqrt, frontier = [node], False, [node]
+        source = None
+        for _ in range(8):
+            nxt = []
+            for n in frontier:
+                for v in n.inputs:
+                    p = v.producer if v is not None else None
+                    if p is None or p in nodes:
+                        continue
+                    if p.op in ("mul", "rsqrt", "add", "mean", "pow", "cast", "sqrt", "div"):
+                        nodes.append(p)
+                        nxt.append(p)
+                        seen_rsqrt |= p.op in ("rsqrt", "sqrt")
+                        if p.op == "pow":
+                            source = p.inputs[0]
+            frontier = nxt
+        if seen_rsqrt and source is not None and any(n.op == "mean" for n in nodes):
+            while source.producer is not None and source.producer.op == "cast":
+                source = source.producer.inputs[0]
+            return Norm("rms_norm", nodes, source, value)
+    return None
+
+
+def _norm_below(value: Value) -> Norm:
+    """The norm that reads ``value``: a layer_norm, or the weight multiply that ends an RMSNorm."""
+    def accept(user, _):
+        if user.op in NORM_OPS:
+            return norm_at(user.output)
+        if user.op == "mul" and any(i.is_constant and i.type.rank == 1 for i in user.inputs):
+            found = norm_at(user.output)
+            return found if found is not None and _same_stream(found.input, value) else None
+        return None
+    return _walk_down(value, accept, "MLP norm", through={"cast", "mul", "pow", "mean", "add", "rsqrt"})
+
+
+def _softmax_core(node: Node):
+    """(scores matmul, output matmul) around a softmax, else None."""
+    out_users = [u for u in node.output.users if u.op == "matmul" and u.inputs[0] is node.output]
+    if len(out_users) != 1:
+        return None
+    scores = node.inputs[0]
+    for _ in range(6):
+        p = scores.producer
+        if p is None:
+            return None
+        if p.op == "matmul":
+            return p, out_users[0]
+        if p.op not in ("mul", "div", "add", "where", "cast", "sub"):
+            return None
+        scores = p.inputs[1] if p.op == "where" else p.inputs[0]
+    return None
+
+
+def _walk_up_to_projection(value: Value, what: str) -> Projection:
+    """The one projection that ``value`` is computed from through transparent ops."""
+    found: dict[int, Projection] = {}
+    queue, seen, steps = deque([value]), set(), 0
+    while queue and steps < MAX_WALK:
+        v = queue.popleft()
+        if id(v) in seen or v.producer is None:
+            continue
+        seen.add(id(v))
+        steps += 1
+        node = v.producer
+        proj = projection_at(node)
+        if proj is None and node.op == "add" and node.inputs[0].producer is not None:
+            proj = projection_at(node.inputs[0].producer)
+            if proj is not None and proj.output is not v:
+                proj = None
+        if proj is not None:
+            found[id(proj.weight)] = proj
+            continue
+        if node.op in TRANSPARENT or node.op == "opaque":
+            queue.extend(i for i in node.inputs if i is not None and not i.is_constant)
+    if len(found) != 1:
+        raise _NotABlock(f"{what}: expected one projection feeding %{value.name}, found "
+                         f"{len(found)} ({', '.join(p.name for p in found.values()) or 'none'})")
+    return next(iter(found.values()))
+
+
+def _walk_down(value: Value, accept, what: str, through=TRANSPARENT):
+    """The first node below ``value`` (through ``through`` ops) that ``accept`` returns truthy for."""
+    queue, seen, steps = deque([value]), set(), 0
+    while queue and steps < MAX_WALK:
+        v = queue.popleft()
+        for user in v.users:
+            if id(user) in seen:
+                continue
+            seen.add(id(user))
+            steps += 1
+            hit = accept(user, v)
+            if hit:
+                return hit
+            if user.op in through:
+                queue.extend(user.outputs)
+    raise _NotABlock(f"{what}: nothing suitable below %{value.name}")
+
+
+def _block(core: Node) -> Block:
+    if core.op == "sdpa":
+        q_in, k_in, v_in = core.inputs[:3]
+        mask = core.inputs[3] if len(core.inputs) > 3 else None
+        causal = bool(core.attrs["is_causal"])
+        out_value, probs = core.output, None
+    else:
+        scores_mm, out_mm = _softmax_core(core)
+        q_in, k_in, v_in = scores_mm.inputs[0], scores_mm.inputs[1], out_mm.inputs[1]
+        mask, causal = _explicit_mask(core.inputs[0], scores_mm)
+        out_value, probs = out_mm.output, core.output
+    if core.op == "sdpa" and mask is not None:
+        causal = causal or _is_causal_mask(mask)
+    q = _walk_up_to_projection(q_in, "query")
+    k = _walk_up_to_projection(k_in, "key")
+    v = _walk_up_to_projection(v_in, "value")
+    head_size = int(q_in.type.shape[-1])
+    heads = int(q_in.type.shape[-3]) if q_in.type.rank >= 4 else 1
+    kv_heads = int(k_in.type.shape[-3]) if k_in.type.rank >= 4 else heads
+    if core.op == "softmax":
+        kv_heads = int(v_in.type.shape[-3]) if v_in.type.rank >= 4 else heads
+
+    def is_out_projection(user, _):
+        proj = projection_at(user)
+        return proj if proj is not None and user.inputs[0] is not None and proj.nodes[-1 if user.op != "matmul" else 0] is not None \
+            and proj.input is _input_of(user) else None
+
+    out = _walk_down(out_value, is_out_projection, "output projection", through={"reshape", "permute", "cast"})
+    stream_in = q.input
+    norms: list[Norm] = []
+    pre = norm_at(stream_in)
+
+    def is_residual_add(user, via):
+        if user.op != "add":
+            return None
+        other = user.inputs[1] if user.inputs[0] is via else user.inputs[0]
+        return (user, other) if not other.is_constant else None
+
+    attn_add, residual = _walk_down(out.output, is_residual_add, "attention residual add", through={"reshape", "cast"})
+    if pre is not None and (pre.input is residual or _same_stream(pre.input, residual)):
+        position = "pre"
+        norms.append(pre)
+        mlp_in_norm = _norm_below(attn_add.output)
+        norms.append(mlp_in_norm)
+        mlp_in, mlp_residual_source = mlp_in_norm.output, attn_add.output
+    elif _same_stream(stream_in, residual):
+        position = "post"
+        ln1 = _walk_down(attn_add.output, lambda u, v: norm_at(u.output) if u.op in NORM_OPS else None, "post-attention norm")
+        norms.append(ln1)
+        mlp_in, mlp_residual_source = ln1.output, ln1.output
+    else:
+        raise _NotABlock(f"the residual add {attn_add.label()} does not add the attention input's stream")
+    mlp = _mlp(mlp_in)
+    mlp_add, other = _walk_down(mlp.fc2.output, is_residual_add, "MLP residual add", through={"reshape", "cast"})
+    if not _same_stream(other, mlp_residual_source):
+        raise _NotABlock(f"the MLP residual add {mlp_add.label()} does not add the stream after attention")
+    output = mlp_add.output
+    if position == "post":
+        ln2 = _walk_down(mlp_add.output, lambda u, v: norm_at(u.output) if u.op in NORM_OPS else None, "post-MLP norm")
+        norms.append(ln2)
+        output = ln2.output
+    block_input = residual if position == "pre" else stream_in
+    seq = q_in.type.shape[-2]
+    axis = next((i for i, d in enumerate(block_input.type.shape) if i > 0 and dims_equal(d, seq)), None)
+    if axis is None:
+        raise _NotABlock(f"no token axis: the stream {block_input.type} has no axis of the attention length {seq}")
+    attention = Attention(core, core.op, q, k, v, out, heads, head_size, kv_heads, mask, causal, probs)
+    return Block(0, attention, mlp, norms, [attn_add, mlp_add], block_input, output, position, axis,
+                 core.meta.get("module", ""))
+
+
+def _input_of(node: Node) -> Value:
+    return node.inputs[0]
+
+
+def _mlp(mlp_in: Value) -> MLP:
+    readers, frontier = [], [mlp_in]
+    while frontier:
+        v = frontier.pop()
+        for u in v.users:
+            if u.op in ("reshape", "cast"):
+                frontier.extend(u.outputs)
+            else:
+                readers.append(u)
+    firsts = [p for p in (projection_at(u) for u in readers) if p is not None]
+    if not firsts:
+        raise _NotABlock(f"MLP: no projection reads the MLP input %{mlp_in.name}")
+    activation: list[str] = []
+
+    def is_fc2(user, _):
+        proj = projection_at(user)
+        if proj is not None and proj not in firsts and proj.input is user.inputs[0] \
+                and not any(proj.weight is f.weight for f in firsts):
+            return proj
+        if user.op not in ("matmul", "linear", "reshape", "cast"):
+            activation.append(user.op)
+        return None
+
+    fc2 = _walk_down(firsts[0].output, is_fc2, "MLP second projection",
+                     through={"gelu", "relu", "silu", "sigmoid", "tanh", "mul", "add", "pow", "erf", "div", "cast", "reshape"})
+    gate = None
+    if len(firsts) == 2:  # gated MLP: one branch goes through the activation
+        gate = next(p for p in firsts if any(u.op in ("silu", "gelu", "sigmoid") for u in p.output.users))
+        fc1 = next(p for p in firsts if p is not gate)
+    elif len(firsts) == 1:
+        fc1 = firsts[0]
+    else:
+        raise _NotABlock(f"MLP: {len(firsts)} projections read %{mlp_in.name}; expected 1 or 2 (gated)")
+    return MLP(fc1, fc2, list(dict.fromkeys(activation)), gate)
+
+
+def _same_stream(a: Value, b: Value) -> bool:
+    """Equal, or equal up to reshape/cast."""
+    def root(v):
+        while v.producer is not None and v.producer.op in ("reshape", "cast"):
+            v = v.producer.inputs[0]
+        return v
+    return root(a) is root(b)
+
+
+def _explicit_mask(scores: Value, scores_mm: Node):
+    mask, causal = None, False
+    v = scores
+    while v.producer is not None and v.producer is not scores_mm:
+        node = v.producer
+        if node.op == "where":
+            mask = node.inputs[0]
+            causal = causal or _is_causal_mask(mask)
+            v = node.inputs[1]
+        elif node.op == "add" and not node.inputs[1].is_constant:
+            mask = node.inputs[1]
+            causal = causal or _is_causal_mask(mask)
+            v = node.inputs[0]
+        else:
+            v = node.inputs[0]
+    return mask, causal
+
+
+def _is_causal_mask(mask: Value) -> bool:
+    """The mask compares two position ranges (an arange against an arange): causal structure."""
+    seen, queue = set(), deque([mask])
+    while queue and len(seen) < 200:
+        v = queue.popleft()
+        if id(v) in seen or v.producer is None:
+            continue
+        seen.add(id(v))
+        node = v.producer
+        if node.op in ("le", "ge", "lt", "gt") and all(_from_arange(i) for i in node.inputs):
+            return True
+        queue.extend(i for i in node.inputs if i is not None)
+    return False
+
+
+def _from_arange(value: Value) -> bool:
+    seen, queue = set(), deque([value])
+    while queue and len(seen) < 50:
+        v = queue.popleft()
+        if id(v) in seen or v.producer is None:
+            continue
+        seen.add(id(v))
+        if v.producer.op == "arange":
+            return True
+        queue.extend(i for i in v.producer.inputs if i is not None)
+    return False
+
+
+def _stacks(blocks: list[Block]) -> list[list[Block]]:
+    stacks: list[list[Block]] = []
+    for b in blocks:
+        if stacks and _same_stream(b.input, stacks[-1][-1].output):
+            stacks[-1].append(b)
+        else:
+            stacks.append([b])
+    return stacks
+
+
+def _special_tokens(first: Block) -> list[int]:
+    """Token positions that come from parameters (CLS, distillation) rather than the input:
+    found at the ``cat`` along the token axis that builds the first block's input."""
+    seen, queue = set(), deque([first.input])
+    while queue and len(seen) < 64:
+        v = queue.popleft()
+        if id(v) in seen or v.producer is None:
+            continue
+        seen.add(id(v))
+        node = v.producer
+        if node.op == "cat" and node.attrs["dim"] % node.output.type.rank == first.token_axis:
+            positions, offset = [], 0
+            for piece in node.inputs:
+                size = piece.type.shape[first.token_axis]
+                if _constant_derived(piece) and isinstance(size, int):
+                    positions += list(range(offset, offset + size))
+                if not isinstance(size, int):
+                    break
+                offset += size
+            return positions
+        if node.op in ("add", "cast", "reshape", "layer_norm") or node.op == "opaque":
+            queue.extend(i for i in node.inputs if i is not None and not i.is_constant)
+    return []
+
+
+def _constant_derived(value: Value) -> bool:
+    seen, queue = set(), deque([value])
+    while queue:
+        v = queue.popleft()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_constant:
+            continue
+        if v.producer is None:
+            return False
+        queue.extend(i for i in v.producer.inputs if i is not None)
+    return True
+
+
+def _connector(structure: Structure) -> None:
+    """Projections on the way from the vision stack's features into the language stack."""
+    vision, language = structure.stacks[0], structure.stacks[-1]
+    target = language[0].input
+    ancestors: set[int] = set()
+    queue = deque([target])
+    while queue:
+        v = queue.popleft()
+        if id(v) in ancestors:
+            continue
+        ancestors.add(id(v))
+        if v.producer is not None:
+            queue.extend(i for i in v.producer.inputs if i is not None)
+    for block in reversed(vision):
+        if id(block.output) not in ancestors:
+            continue
+        chain, v = [], block.output
+        frontier = deque([v])
+        seen = set()
+        while frontier:
+            cur = frontier.popleft()
+            for user in cur.users:
+                if id(user) in seen or not any(id(o) in ancestors for o in user.outputs):
+                    continue
+                seen.add(id(user))
+                proj = projection_at(user)
+                if proj is not None and proj.input is cur:
+                    chain.append(proj)
+                frontier.extend(user.outputs)
+                if user.outputs[0] is target:
+                    break
+        structure.connector = chain
+        structure.connector_input = block.output
+        structure.connector_output = chain[-1].output if chain else None
+        return
