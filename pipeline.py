@@ -55,6 +55,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     else:
         raise TypeError(f"optimize takes a torch.nn.Module or a graphopt Graph, not {type(model).__name__}")
     flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
+    if calibration is not None:
+        calibration = calibration_batches(graph, calibration)
     report.cost_before = graph_cost(graph)
     graph, report = PassManager(passes, example_inputs=flat, calibration=calibration, check=check).run(graph, report)
     report.cost_after = graph_cost(graph)
@@ -72,6 +74,31 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
             and isinstance(example_inputs[1], dict)):
         return example_inputs
     return tuple(example_inputs), {}
+
+
+def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, ...]]:
+    """Each calibration item (same forms as example_inputs) as flat tensors, one per graph input,
+    checked against the graph's input types so a wrong shape or name fails here, clearly."""
+    if isinstance(calibration, (torch.Tensor, dict)) or not hasattr(calibration, "__iter__"):
+        raise TypeError("calibration must be a list of example inputs (tuples, dicts or (args, kwargs))")
+    batches = []
+    for i, item in enumerate(calibration):
+        args, kwargs = _split_inputs(item)
+        try:
+            flat = _flat_tensors(graph, args, kwargs)
+        except TypeError as e:
+            raise ValueError(f"calibration item {i}: {e}") from None
+        if len(flat) != len(graph.inputs):
+            raise ValueError(f"calibration item {i} has {len(flat)} tensors; the graph takes {len(graph.inputs)}")
+        for value, tensor in zip(graph.inputs, flat):
+            static = [(a, d) for a, d in enumerate(value.type.shape) if isinstance(d, int)]
+            if tensor.dtype != value.type.dtype or tensor.dim() != value.type.rank or any(tensor.shape[a] != d for a, d in static):
+                raise ValueError(f"calibration item {i}: input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"the graph expects {value.type}")
+        batches.append(flat)
+    if not batches:
+        raise ValueError("calibration is empty")
+    return batches
 
 
 def _flat_tensors(graph: Graph, args, kwargs) -> tuple[torch.Tensor, ...]:

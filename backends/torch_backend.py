@@ -13,7 +13,9 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from graphopt.ir import Graph, get_op
+from typing import Iterator, Sequence
+
+from graphopt.ir import Graph, Value, get_op
 from graphopt.ir.ops.opaque import fill_template, resolve_target
 
 
@@ -33,7 +35,8 @@ def _ceildiv(a, b):
     return -(-a // b)
 
 
-def to_fx(graph: Graph) -> torch.fx.GraphModule:
+def to_fx(graph: Graph, taps: Sequence[Value] = ()) -> torch.fx.GraphModule:
+    """``taps``: extra values to return after the graph outputs (for calibration)."""
     root = torch.nn.Module()
     fx = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
@@ -118,7 +121,8 @@ def to_fx(graph: Graph) -> torch.fx.GraphModule:
             call = fx.call_function(target, fill_template(materialize(node.attrs["args"]), inputs),
                                     fill_template(materialize(node.attrs["kwargs"] or {}), inputs))
         else:
-            call = fx.call_function(get_op(node.op).reference, tuple(inputs), materialize(node.attrs))
+            target, attrs = _bind_unprintable(get_op(node.op).reference, materialize(node.attrs))
+            call = fx.call_function(target, tuple(inputs), attrs)
         call.meta["ir_node"] = node.label()
         if len(node.outputs) == 1 and node.op != "opaque":
             env[id(node.outputs[0])] = call
@@ -128,8 +132,32 @@ def to_fx(graph: Graph) -> torch.fx.GraphModule:
             multi = node.op != "opaque" or _returns_sequence(node)
             for i, out in enumerate(node.outputs):
                 env[id(out)] = fx.call_function(operator.getitem, (call, i)) if multi else call
-    fx.output(tuple(env[id(v)] for v in graph.outputs))
+    fx.output(tuple(env[id(v)] for v in list(graph.outputs) + list(taps)))
     return torch.fx.GraphModule(root, fx, class_name=f"graphopt_{_py_name(graph.name, 'graph')}")
+
+
+_PRINTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.fx.Node)
+
+
+def _printable(value) -> bool:
+    """Whether fx can write ``value`` into generated code (its repr is valid Python there)."""
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return all(_printable(v) for v in value)
+    return isinstance(value, _PRINTABLE)
+
+
+def _bind_unprintable(fn, attrs: dict):
+    """Attributes fx cannot print (TensorTypes, plugin objects) are bound into a wrapper instead."""
+    fixed = {k: v for k, v in attrs.items() if not _printable(v)}
+    if not fixed:
+        return fn, attrs
+
+    def bound(*args, **kwargs):
+        return fn(*args, **kwargs, **fixed)
+
+    bound.__name__ = bound.__qualname__ = f"{getattr(fn, '__name__', 'op')}_bound"
+    bound.__module__ = getattr(fn, "__module__", __name__)
+    return bound, {k: v for k, v in attrs.items() if k not in fixed}
 
 
 def _returns_sequence(node) -> bool:
@@ -185,3 +213,14 @@ def run(graph: Graph, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Run the graph on flat input tensors (one per graph input), returning flat outputs."""
     with torch.no_grad():
         return TorchExecutable(graph).run_flat(*tensors)
+
+
+def collect(graph: Graph, batches: Sequence[Sequence[torch.Tensor]], values: Sequence[Value]) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the graph on each batch of flat inputs and yield ``{value name: tensor}`` for ``values``
+    (intermediate activations, for calibration). The module is built once."""
+    module = to_fx(graph, taps=values)
+    n = len(graph.outputs)
+    with torch.no_grad():
+        for batch in batches:
+            out = module(*batch)
+            yield {v.name: t for v, t in zip(values, out[n:])}

@@ -33,13 +33,20 @@ class PassContext:
     """What a pass sees besides the graph: its options, data, and a place to report."""
     spec: PassSpec
     example_inputs: tuple[torch.Tensor, ...] | None = None
-    calibration: Any = None
+    calibration: Any = None  # list of flat input tuples (one tensor per graph input), or None
     notes: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def options(self) -> dict[str, Any]:
         return self.spec.options
+
+    def require_calibration(self) -> list[tuple[torch.Tensor, ...]]:
+        """The calibration batches, or a clear error saying the pass needs them."""
+        if not self.calibration:
+            raise PassError(self.spec, "needs calibration data: pass calibration=[inputs, ...] to "
+                                       "graphopt.optimize (or --calib FILE.npz to opt-cli)", [])
+        return self.calibration
 
     def note(self, message: str) -> None:
         self.notes.append(message)
