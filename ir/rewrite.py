@@ -87,15 +87,15 @@ class Rule:
         with graph.inserting_before(node):
             replacement = self.rewrite_fn(graph.op, **variables_of(self.pattern, binding))
         graph.replace_all_uses_with(root_value, replacement)
-        for n in sorted(binding.matched_nodes, key=_position(graph), reverse=True):
-            if n.graph is graph and not any(v.uses for v in n.outputs) \
-                    and not any(v is o for v in n.outputs for o in graph.outputs):
+        pending = [n for n in binding.matched_nodes if n.graph is graph]
+        outputs = {id(v) for v in graph.outputs}
+        while pending:  # erase users before producers; only the match's own nodes are visited
+            dead = [n for n in pending if not any(v.uses or id(v) in outputs for v in n.outputs)]
+            if not dead:
+                break
+            for n in dead:
                 graph.erase_node(n)
-
-
-def _position(graph: Graph):
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
-    return lambda n: order.get(id(n), -1)
+            pending = [n for n in pending if n.graph is graph]
 
 
 _RULES: dict[str, Rule] = {}

@@ -137,32 +137,40 @@ def test_rule_set_as_a_pass_reports_counts():
     torch.testing.assert_close(om(x), model(x))
 
 
-def test_sweep_touches_each_node_a_bounded_number_of_times():
-    """Linear matching: doubling the graph doubles the match attempts (counted, not timed)."""
+def test_sweep_work_is_linear_in_graph_size(monkeypatch):
+    """Doubling the graph doubles both the match attempts and the nodes the sweep walks over
+    (counted, not timed): no rewrite may rescan the graph."""
+    import graphopt.ir.rewrite as rewrite_module
+    from graphopt.ir import pattern as pattern_module
+
     def pattern(op, x, w, b):
         return op.gelu(op.linear(x, w, b), approximate="none")
 
-    def count_attempts(layers):
+    def work(layers):
         g = Graph()
         h = g.add_input("x", TensorType(F32, ("batch", 4)))
         for _ in range(layers):
-            h = g.op.gelu(g.op.linear(h, g.add_constant(torch.randn(4, 4)), g.add_constant(torch.randn(4))), approximate="tanh")
+            h = g.op.gelu(g.op.linear(h, g.add_constant(torch.randn(4, 4)), g.add_constant(torch.randn(4))))
         g.set_outputs([h])
-        attempts = []
-        rule = Rule("test_rw.count", pattern, fuse_rewrite)
-        from graphopt.ir import pattern as pattern_module
-        original = pattern_module.match
+        attempts, walked = [], []
 
-        def counting(*args, **kwargs):
+        def counting_match(*args, **kwargs):
             attempts.append(1)
-            return original(*args, **kwargs)
+            return pattern_module.match(*args, **kwargs)
 
-        import graphopt.ir.rewrite as rewrite_module
-        rewrite_module.match = counting
-        try:
-            RuleSet("s", [rule]).apply(g)
-        finally:
-            rewrite_module.match = original
-        return len(attempts)
+        original_nodes = Graph.nodes.fget
 
-    assert count_attempts(200) == 2 * count_attempts(100)
+        def counting_nodes(self):
+            for node in original_nodes(self):
+                walked.append(1)
+                yield node
+
+        monkeypatch.setattr(rewrite_module, "match", counting_match)
+        monkeypatch.setattr(Graph, "nodes", property(counting_nodes))
+        counts = RuleSet("s", [Rule("test_rw.count", pattern, fuse_rewrite)]).apply(g)
+        monkeypatch.undo()
+        assert counts == {"test_rw.count": layers}
+        return len(attempts), len(walked)
+
+    small, large = work(100), work(200)
+    assert large == (2 * small[0], 2 * small[1])
