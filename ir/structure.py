@@ -228,8 +228,18 @@ def _norm_below(value: Value) -> Norm:
 
 
 def _softmax_core(node: Node):
-    """(scores matmul, output matmul) around a softmax, else None."""
-    out_users = [u for u in node.output.users if u.op == "matmul" and u.inputs[0] is node.output]
+    """(scores matmul, output matmul) around a softmax, else None. Exporters may guard the
+    probabilities (``where(isnan(p), 0, p)``) or cast them on the way to the second matmul."""
+    out_users, frontier = [], [node.output]
+    for _ in range(3):
+        nxt = []
+        for v in frontier:
+            for u in v.users:
+                if u.op == "matmul" and u.inputs[0] is v:
+                    out_users.append(u)
+                elif u.op in ("where", "cast") and v in u.inputs[1:]:
+                    nxt.extend(u.outputs)
+        frontier = nxt
     if len(out_users) != 1:
         return None
     scores = node.inputs[0]
