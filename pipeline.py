@@ -35,14 +35,21 @@ class OptimizedModel:
 def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backend: str = "torch",
              calibration: Any = None, check: bool = False, dynamic_batch: bool = True,
              dynamic_shapes=None, backend_options: dict | None = None) -> OptimizedModel:
-    """Optimize ``model`` (a ``torch.nn.Module`` or an IR ``Graph``) with ``passes``.
+    """Optimize ``model`` (a ``torch.nn.Module``, an IR ``Graph``, or an ONNX model: ``.onnx`` path or
+    ``onnx.ModelProto``) with ``passes``.
 
     ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``.
     ``check=True`` compares every pass numerically with the graph before it on those inputs.
     """
     report = Report()
     args, kwargs = _split_inputs(example_inputs)
-    if isinstance(model, Graph):
+    if _is_onnx(model):
+        from graphopt.frontends.onnx_frontend import from_onnx
+
+        start = time.perf_counter()
+        graph = from_onnx(model)
+        report.capture_seconds = time.perf_counter() - start
+    elif isinstance(model, Graph):
         graph = model
     elif isinstance(model, torch.nn.Module):
         if example_inputs is None:
@@ -53,7 +60,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
         graph = from_torch(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
         report.capture_seconds = time.perf_counter() - start
     else:
-        raise TypeError(f"optimize takes a torch.nn.Module or a graphopt Graph, not {type(model).__name__}")
+        raise TypeError(f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
+                        f"not {type(model).__name__}")
     flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
     if calibration is not None:
         calibration = calibration_batches(graph, calibration)
@@ -61,6 +69,14 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     graph, report = PassManager(passes, example_inputs=flat, calibration=calibration, check=check).run(graph, report)
     report.cost_after = graph_cost(graph)
     return OptimizedModel(graph, report, backend, backend_options)
+
+
+def _is_onnx(model) -> bool:
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model).lower().endswith(".onnx")
+    return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
 
 
 def _split_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -102,9 +118,10 @@ def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, .
 
 
 def _flat_tensors(graph: Graph, args, kwargs) -> tuple[torch.Tensor, ...]:
+    from graphopt.backends.torch_backend import bind_by_name, flatten_inputs
+
     if graph.meta.get("in_spec") is None:
-        return tuple(args)
-    from graphopt.backends.torch_backend import flatten_inputs
+        return tuple(bind_by_name([v.name for v in graph.inputs], args, kwargs))
 
     flat = flatten_inputs(graph.meta["in_spec"], args, kwargs)
     return tuple(flat[i] for i, slot in enumerate(graph.meta["user_inputs"]) if slot is not None)

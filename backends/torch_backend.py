@@ -180,18 +180,39 @@ class TorchExecutable(torch.nn.Module):
         self._out_spec = graph.meta.get("out_spec")
         self._user_inputs = graph.meta.get("user_inputs")
         self._layout = graph.meta.get("output_layout")
+        self._input_names = [v.name for v in graph.inputs]
 
     def run_flat(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.graph_module(*tensors)
 
     def forward(self, *args, **kwargs):
         if self._in_spec is None:
-            return self.run_flat(*args)
+            return self.run_flat(*bind_by_name(self._input_names, args, kwargs))
         flat = flatten_inputs(self._in_spec, args, kwargs)
         tensors = [flat[i] for i, slot in enumerate(self._user_inputs) if slot is not None]
         outputs = self.run_flat(*tensors)
         leaves = [outputs[slot] if isinstance(slot, int) else slot[1] for slot in self._layout]
         return pytree.tree_unflatten(leaves, self._out_spec)
+
+
+def bind_by_name(names: list[str], args, kwargs) -> list:
+    """Inputs of a graph without a captured call structure (read from ONNX): positional in graph
+    input order, or by input name."""
+    if not kwargs:
+        return list(args)
+    if len(args) > len(names):
+        raise TypeError(f"the graph takes {len(names)} inputs, got {len(args)} positional")
+    values = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise TypeError(f"unexpected input {name!r}; the graph takes {', '.join(names)}")
+        if name in values:
+            raise TypeError(f"input {name!r} given twice")
+        values[name] = value
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"missing inputs: {', '.join(missing)}")
+    return [values[n] for n in names]
 
 
 def flatten_inputs(in_spec, args, kwargs) -> list:

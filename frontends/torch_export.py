@@ -190,6 +190,8 @@ class _Converter:
                 if isinstance(tensor, torch.nn.Parameter):
                     tensor = tensor.data
                 self.env[node] = self.graph.add_constant(tensor, spec.target)
+                if spec.kind is not InputKind.PARAMETER:  # buffers (rotary tables, ids) are not learned weights
+                    self.graph.meta.setdefault("buffers", []).append(self.env[node].name)
             else:
                 raise FrontendError(f"input {node.name}: {spec.kind.name} inputs (e.g. token objects) are not supported")
 

@@ -163,12 +163,13 @@ def graph_cost(graph: Graph) -> GraphCost:
 
 def parameter_totals(graph: Graph) -> tuple[int, int]:
     """Distinct floating-point constants with more than one element that some node reads
-    (scalars and integer buffers such as position ids are not parameters)."""
+    (scalars, integer tensors and the buffers a frontend marked, e.g. rotary tables, are not)."""
     seen: set[int] = set()
+    buffers = set(graph.meta.get("buffers", ()))
     count = nbytes = 0
     for value in graph.constants.values():
         t = value.const
-        if not value.uses or not t.dtype.is_floating_point or t.numel() <= 1:
+        if not value.uses or value.name in buffers or not t.dtype.is_floating_point or t.numel() <= 1:
             continue
         key = id(t.untyped_storage()) if t.numel() else id(t)
         if key in seen:

@@ -224,7 +224,7 @@ def _norm_below(value: Value) -> Norm:
             found = norm_at(user.output)
             return found if found is not None and _same_stream(found.input, value) else None
         return None
-    return _walk_down(value, accept, "MLP norm", through={"cast", "mul", "pow", "mean", "add", "rsqrt"})
+    return _walk_down(value, accept, "MLP norm", through={"cast", "mul", "pow", "mean", "add", "rsqrt", "token_merge"})
 
 
 def _softmax_core(node: Node):
@@ -412,9 +412,9 @@ def _mlp(mlp_in: Value) -> MLP:
 
 
 def _same_stream(a: Value, b: Value) -> bool:
-    """Equal, or equal up to reshape/cast."""
+    """Equal, or equal up to reshape/cast (and token merging, which keeps the stream's meaning)."""
     def root(v):
-        while v.producer is not None and v.producer.op in ("reshape", "cast"):
+        while v.producer is not None and v.producer.op in ("reshape", "cast", "token_merge"):
             v = v.producer.inputs[0]
         return v
     return root(a) is root(b)
@@ -429,7 +429,7 @@ def _explicit_mask(scores: Value, scores_mm: Node):
             mask = node.inputs[0]
             causal = causal or _is_causal_mask(mask)
             v = node.inputs[1]
-        elif node.op == "add" and not node.inputs[1].is_constant:
+        elif node.op == "add" and (not node.inputs[1].is_constant or node.inputs[1].type.rank >= 2):
             mask = node.inputs[1]
             causal = causal or _is_causal_mask(mask)
             v = node.inputs[0]
@@ -439,7 +439,10 @@ def _explicit_mask(scores: Value, scores_mm: Node):
 
 
 def _is_causal_mask(mask: Value) -> bool:
-    """The mask compares two position ranges (an arange against an arange): causal structure."""
+    """The mask compares two position ranges (an arange against an arange), or is a constant
+    that blocks exactly the future positions (exporters fold static causal masks)."""
+    if mask.is_constant:
+        return _constant_causal(mask.const)
     seen, queue = set(), deque([mask])
     while queue and len(seen) < 200:
         v = queue.popleft()
@@ -451,6 +454,16 @@ def _is_causal_mask(mask: Value) -> bool:
             return True
         queue.extend(i for i in node.inputs if i is not None)
     return False
+
+
+def _constant_causal(tensor) -> bool:
+    import torch
+    if tensor.dim() < 2 or tensor.shape[-1] != tensor.shape[-2] or tensor.shape[-1] < 2:
+        return False
+    square = tensor.reshape(-1, tensor.shape[-2], tensor.shape[-1])[0]
+    future = torch.ones_like(square, dtype=torch.bool).triu(1)
+    blocked = ~square if square.dtype == torch.bool else square <= -1e4
+    return bool((blocked == future).all())
 
 
 def _from_arange(value: Value) -> bool:

@@ -73,10 +73,10 @@ def test_deit_small_flops_match_the_published_figure(deit_case):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit_case", "deit_case", "deit_distilled_case", "bert_case", "clip_case",
-                                     "minilm_case", "digits_case"])
+                                     "minilm_case", "digits_case", "gpt2_case", "llava_case"])
 def test_parameter_count_matches_the_model(fixture, request):
     case = request.getfixturevalue(fixture)
-    graph = from_torch(case.model, tuple(case.args), dict(case.kwargs))
+    graph = from_torch(case.model, tuple(case.args), dict(case.kwargs), dynamic_batch=bool(case.dynamic_batch))
     cost = graph_cost(graph)
     expected = sum(p.numel() for p in case.model.parameters())
     assert cost.parameters == expected

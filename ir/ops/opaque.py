@@ -63,6 +63,9 @@ def opaque(*inputs, target, args, kwargs, out_types):
 def is_pure(node) -> bool:
     """Free of side effects and randomness, so it may be removed when unused or merged when equal."""
     from graphopt.ir.opdef import get_op
+    if node.op == "onnx_opaque":
+        from graphopt.ir.ops.onnx_opaque import is_pure_onnx
+        return is_pure_onnx(node)
     if node.op != "opaque":
         return get_op(node.op).pure
     target = resolve_target(node.attrs["target"])

@@ -1,0 +1,290 @@
+"""ONNX lowerings of the integer-only ops (``graphopt.ir.ops.integer``), bit-identical to their
+reference implementations, using standard ai.onnx ops only:
+
+    int.linear / int.matmul -> MatMulInteger (u8 activations with zero point 128 x s8: ORT's fast path)
+    int.conv2d              -> ConvInteger
+    int.requant / int.add   -> Mul, Add, Div, Clip, Cast on int32
+    int.shiftmax/shiftgelu/layernorm -> ReduceMax/ReduceSum, Div, Gather (powers of two), Where, ...
+
+Rounding: ONNX integer ``Div`` truncates toward zero, which is the reference's ``tdiv``. The floor
+shift of a requantization is a ``Div`` by 2^k after adding ``(-lo) * 2^k``: for non-negative numbers
+truncation is the floor, and every negative sum is clipped to ``lo`` either way. ``BitShift`` is not
+used (it is unsigned only).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from graphopt.backends.onnx_lowering import register_lowering
+from graphopt.backends.torch_backend import LoweringError
+from graphopt.frontends.onnx_common import onnx_dtype
+from graphopt.ir.ops.integer import INT_DTYPES
+
+I32 = torch.int32
+INT32_MAX = 2 ** 31 - 1
+
+
+def _i32(em, name: str, dtype: torch.dtype) -> str:
+    return name if dtype == I32 else em.one("Cast", [name], to=onnx_dtype(I32))
+
+
+def _u32(em, value: int) -> str:
+    """A uint32 scalar initializer (torch has no uint32 tensors to go through em.literal)."""
+    key = ("u32", int(value))
+    if key not in em.cache:
+        name = em.fresh("const_u32")
+        em.initializers.append(numpy_helper.from_array(np.array(value, dtype=np.uint32), name))
+        em.cache[key] = name
+    return em.cache[key]
+
+
+def _lit(em, value: int, dtype=I32) -> str:
+    return em.literal(int(value), dtype)
+
+
+def _tdiv(em, x: str, d: int) -> str:
+    return x if d == 1 else em.one("Div", [x, _lit(em, d)])
+
+
+def _const_i32(em, value, name_tensor: torch.Tensor) -> str:
+    t = name_tensor.to(torch.int64)
+    if t.abs().max().item() > INT32_MAX:
+        raise LoweringError("an int32 constant of a requantization overflows")
+    return em.literal(t.to(I32).tolist(), I32, shape=list(t.shape))
+
+
+def _finish(em, node, acc: str, c: torch.Tensor, *, k, lo, hi, zero_point, dtype) -> str:
+    """clamp(floor((acc + c) / 2^k), lo, hi) + zero_point, cast to dtype (acc already int32).
+
+    a = acc + c + (-lo) 2^k; clamp(floor(a / 2^k), 0, hi - lo) == floor(clip(a, 0, (hi-lo+1) 2^k - 1) / 2^k),
+    and on a non-negative int32 the floor shift is a uint32 BitShift (much cheaper than Div)."""
+    K = -lo
+    shifted = c.to(torch.int64) + K * 2 ** k
+    y = em.one("Add", [acc, _const_i32(em, None, shifted)])
+    target = INT_DTYPES[dtype]
+    top = (hi - lo + 1) * 2 ** k - 1
+    if k and top <= INT32_MAX:
+        y = em.one("Clip", [y, _lit(em, 0), _lit(em, top)])
+        y = em.one("BitShift", [em.one("Cast", [y], to=onnx.TensorProto.UINT32), _u32(em, k)], direction="RIGHT")
+        if target == torch.uint8 and lo + zero_point == 0:
+            return em.one("Cast", [y], em.out(node), to=onnx_dtype(torch.uint8))
+        y = em.one("Cast", [y], to=onnx_dtype(I32))
+    else:
+        y = _tdiv(em, y, 2 ** k)
+        y = em.one("Clip", [y, _lit(em, 0), _lit(em, hi - lo)])
+    if lo + zero_point:
+        y = em.one("Add", [y, _lit(em, lo + zero_point)])
+    if target == I32:
+        return em.one("Identity", [y], em.out(node))
+    return em.one("Cast", [y], em.out(node), to=onnx_dtype(target))
+
+
+def _scaled(em, node, i: int, pre: int, m_index: int) -> str:
+    x = _i32(em, em.input(node, i), node.inputs[i].type.dtype)
+    x = _tdiv(em, x, 2 ** pre)
+    m = node.inputs[m_index]
+    if m.const is not None and m.const.numel() == 1 and int(m.const.reshape(()).item()) == 1:
+        return x
+    return em.one("Mul", [x, em.input(node, m_index)])
+
+
+def _gelu_fusable(node) -> bool:
+    """An int.requant of an int.shiftgelu output with per-tensor constants: lowered as one table."""
+    src = node.inputs[0].producer
+    return (node.op == "int.requant" and src is not None and src.op == "int.shiftgelu" and src.attrs["in_bits"] <= 16
+            and node.inputs[1].is_constant and node.inputs[1].const.numel() == 1
+            and node.inputs[2].is_constant and node.inputs[2].const.numel() == 1)
+
+
+@register_lowering("int.requant")
+def _requant(em, node):
+    a = node.attrs
+    if not node.inputs[2].is_constant:
+        raise LoweringError(f"{node.label()}: the offset c must be a constant")
+    src = node.inputs[0].producer
+    if _gelu_fusable(node):
+        # requant(shiftgelu(x)) is a function of the 16-bit x: one table, one Gather (the shiftgelu
+        # node's own output is then unused and ONNX Runtime drops it)
+        from graphopt.ir.ops.integer import requant, shiftgelu
+        g = src.attrs
+        table = requant(shiftgelu(_gelu_domain(src), X=g["X"], n=g["n"], bits=g["bits"], in_bits=g["in_bits"]),
+                        node.inputs[1].const, node.inputs[2].const, **a)
+        return em.one("Gather", [em.literal(table.tolist(), table.dtype), _gelu_index(em, src)], em.out(node), axis=0)
+    t = _scaled(em, node, 0, a["pre"], 1)
+    return _finish(em, node, t, node.inputs[2].const, k=a["k"], lo=a["lo"], hi=a["hi"],
+                   zero_point=a["zero_point"], dtype=a["dtype"])
+
+
+@register_lowering("int.add")
+def _add(em, node):
+    a = node.attrs
+    if not node.inputs[4].is_constant:
+        raise LoweringError(f"{node.label()}: the offset c must be a constant")
+    ta = _scaled(em, node, 0, a["pa"], 2)
+    tb = _scaled(em, node, 1, a["pb"], 3)
+    s = em.one("Add", [ta, tb])
+    return _finish(em, node, s, node.inputs[4].const, k=a["k"], lo=a["lo"], hi=a["hi"],
+                   zero_point=a["zero_point"], dtype=a["dtype"])
+
+
+def _zp(em, value, zp: int):
+    if not zp:
+        return ""
+    dtype = value.type.dtype
+    return em.literal(zp, dtype)
+
+
+@register_lowering("int.linear")
+def _linear(em, node):
+    x, w = node.inputs[0], node.inputs[1]
+    if not w.is_constant:
+        raise LoweringError(f"{node.label()}: int.linear needs a constant weight")
+    wt = em.constant(w, transform="T")
+    zp = _zp(em, x, node.attrs["x_zp"])
+    inputs = [em.input(node, 0), wt] + ([zp] if zp else [])
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    if not has_bias:
+        return em.one("MatMulInteger", inputs, em.out(node))
+    y = em.one("MatMulInteger", inputs)
+    return em.one("Add", [y, em.input(node, 2)], em.out(node))
+
+
+@register_lowering("int.matmul")
+def _matmul(em, node):
+    a, b = node.inputs
+    za, zb = _zp(em, a, node.attrs["a_zp"]), _zp(em, b, node.attrs["b_zp"])
+    inputs = [em.input(node, 0), em.input(node, 1)]
+    if za or zb:
+        inputs += [za, zb] if zb else [za]
+    return em.one("MatMulInteger", inputs, em.out(node))
+
+
+@register_lowering("int.conv2d")
+def _conv(em, node):
+    x, w = node.inputs[0], node.inputs[1]
+    zp = _zp(em, x, node.attrs["x_zp"])
+    o, c, kh, kw = w.type.shape
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    xs = x.type.shape
+    if tuple(node.attrs["stride"]) == (kh, kw) and w.is_constant and isinstance(xs[2], int) and isinstance(xs[3], int) \
+            and xs[2] % kh == 0 and xs[3] % kw == 0:
+        # non-overlapping patches (ViT patch embedding): patchify + MatMulInteger, ORT's fast u8 x s8 GEMM
+        # (its ConvInteger is far slower)
+        h, wd = xs[2] // kh, xs[3] // kw
+        p = em.one("Reshape", [em.input(node, 0), em.literal([-1, c, h, kh, wd, kw])])
+        p = em.one("Transpose", [p], perm=[0, 2, 4, 1, 3, 5])
+        p = em.one("Reshape", [p, em.literal([-1, h, wd, c * kh * kw])])
+        wt = w.const.reshape(o, c * kh * kw).t().contiguous()
+        y = em.one("MatMulInteger", [p, em.literal(wt.tolist(), torch.int8, shape=list(wt.shape))] + ([zp] if zp else []))
+        if has_bias:
+            y = em.one("Add", [y, em.input(node, 2)])
+        return em.one("Transpose", [y], em.out(node), perm=[0, 3, 1, 2])
+    inputs = [em.input(node, 0), em.input(node, 1)] + ([zp] if zp else [])
+    y = em.one("ConvInteger", inputs, None if has_bias else em.out(node), strides=list(node.attrs["stride"]),
+               kernel_shape=[kh, kw])
+    if not has_bias:
+        return y
+    bias = node.inputs[2].const.reshape(-1, 1, 1)
+    return em.one("Add", [y, em.literal(bias.tolist(), I32, shape=list(bias.shape))], em.out(node))
+
+
+@register_lowering("int.quantize")
+def _quantize(em, node):
+    a = node.attrs
+    x = em.input(node, 0, torch.float32)
+    y = em.one("Mul", [x, em.literal(a["inv_scale"], torch.float32)])
+    y = em.one("Floor", [em.one("Add", [y, em.literal(0.5, torch.float32)])])
+    y = em.one("Clip", [y, em.literal(float(a["lo"]), torch.float32), em.literal(float(a["hi"]), torch.float32)])
+    if a["zero_point"]:
+        y = em.one("Add", [y, em.literal(float(a["zero_point"]), torch.float32)])
+    return em.one("Cast", [y], em.out(node), to=onnx_dtype(INT_DTYPES[a["dtype"]]))
+
+
+@register_lowering("int.dequantize")
+def _dequantize(em, node):
+    x = _i32(em, em.input(node, 0), node.inputs[0].type.dtype)
+    if node.attrs["zero_point"]:
+        x = em.one("Sub", [x, _lit(em, node.attrs["zero_point"])])
+    y = em.one("Mul", [em.one("Cast", [x], to=onnx_dtype(torch.float32)), em.input(node, 1, torch.float32)])
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return em.one("Add", [y, em.input(node, 2, torch.float32)], em.out(node))
+    return em.one("Identity", [y], em.out(node))
+
+
+def _reduce(em, op: str, x: str) -> str:
+    if em.opset >= 18 or op == "ReduceSum":
+        return em.one(op, [x, em.literal([-1])], keepdims=1)
+    return em.one(op, [x], axes=[-1], keepdims=1)
+
+
+def _pow2_table(em, X: int, n: int) -> str:
+    """shift_pow2 over its whole (clamped) domain 0..n*X: one Gather replaces the shift arithmetic."""
+    from graphopt.ir.ops.integer import shift_pow2
+    return em.literal(shift_pow2(torch.arange(n * X + 1, dtype=I32), X, n).tolist(), I32)
+
+
+@register_lowering("int.shiftmax")
+def _shiftmax(em, node):
+    a = node.attrs
+    X, n, bits = a["X"], a["n"], a["bits"]
+    x = _i32(em, em.input(node, 0), node.inputs[0].type.dtype)
+    mask = em.input(node, 1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if mask:
+        x = em.one("Where", [mask, x, _lit(em, -2 ** 30)])
+    u = em.one("Clip", [em.one("Sub", [_reduce(em, "ReduceMax", x), x]), _lit(em, 0), _lit(em, n * X)])
+    e = em.one("Gather", [_pow2_table(em, X, n), u], axis=0)
+    if mask:
+        e = em.one("Where", [mask, e, _lit(em, 0)])
+    s = em.one("Max", [_reduce(em, "ReduceSum", e), _lit(em, 1)])
+    num = em.one("Add", [em.one("Mul", [e, _lit(em, 2 ** bits)]), _tdiv(em, s, 2)])
+    y = em.one("Min", [em.one("Div", [num, s]), _lit(em, 2 ** bits - 1)])
+    return em.one("Cast", [y], em.out(node), to=onnx_dtype(torch.uint8))
+
+
+def _gelu_index(em, node) -> str:
+    """The shiftgelu input clamped to its in_bits range and offset to a table index."""
+    b = node.attrs["in_bits"]
+    x = _i32(em, em.input(node, 0), node.inputs[0].type.dtype)
+    x = em.one("Clip", [x, _lit(em, -2 ** (b - 1)), _lit(em, 2 ** (b - 1) - 1)])
+    return em.one("Add", [x, _lit(em, 2 ** (b - 1))])
+
+
+def _gelu_domain(node) -> torch.Tensor:
+    b = node.attrs["in_bits"]
+    return torch.arange(-2 ** (b - 1), 2 ** (b - 1), dtype=I32)
+
+
+@register_lowering("int.shiftgelu")
+def _shiftgelu(em, node):
+    """ShiftGELU of a 16-bit input is a table of 2^16 int32 values: one Gather (bit-identical)."""
+    from graphopt.ir.ops.integer import shiftgelu
+    a = node.attrs
+    out = node.outputs[0]
+    if out.uses and all(_gelu_fusable(u) for u, _ in out.uses) and not any(out is o for o in node.graph.outputs):
+        # every reader lowers requant(shiftgelu(x)) as its own table of x: nothing to compute here
+        # (the name is never read in the ONNX graph)
+        return em.input(node, 0)
+    if a["in_bits"] > 16:
+        raise LoweringError(f"{node.label()}: in_bits {a['in_bits']} > 16 is not lowered")
+    table = shiftgelu(_gelu_domain(node), X=a["X"], n=a["n"], bits=a["bits"], in_bits=a["in_bits"])
+    return em.one("Gather", [em.literal(table.tolist(), I32), _gelu_index(em, node)], em.out(node), axis=0)
+
+
+@register_lowering("int.layernorm")
+def _layernorm(em, node):
+    a = node.attrs
+    x = _i32(em, em.input(node, 0), node.inputs[0].type.dtype)
+    mean = _tdiv(em, _reduce(em, "ReduceSum", x), a["C"])
+    y = em.one("Sub", [x, mean])
+    sh = a["sh"]
+    ys = _tdiv(em, em.one("Add", [y, em.one("Mul", [em.one("Sign", [y]), _lit(em, 2 ** (sh - 1))])]), 2 ** sh) if sh else y
+    var = em.one("Max", [_reduce(em, "ReduceSum", em.one("Mul", [ys, ys])), _lit(em, 1)])
+    k = _lit(em, 2 ** 16)
+    for _ in range(a["iters"]):
+        k = _tdiv(em, em.one("Add", [k, em.one("Div", [var, k])]), 2)
+    if sh:
+        k = em.one("Mul", [k, _lit(em, 2 ** sh)])
+    return em.one("Div", [em.one("Mul", [y, _lit(em, 2 ** a["F"])]), k], em.out(node))

@@ -1,0 +1,52 @@
+"""ONNX lowering of ``low_rank_mlp``: the unfused MatMul chain in standard ai.onnx ops.
+
+    MatMul(x, V1ᵀ) -> MatMul(·, U1ᵀ) -> Add(b1) -> act -> MatMul(·, V2ᵀ) -> MatMul(·, U2ᵀ) -> Add(b2)
+
+ONNX Runtime has no fused kernel for it, so the saving there is the factorisation's FLOPs, not the
+peak memory. Transposed factors are written as initializers once (no run-time Transpose).
+"""
+from __future__ import annotations
+
+import math
+
+from graphopt.backends.onnx_lowering import register_lowering
+from graphopt.ir.ops.low_rank import OP
+
+
+def _activation(em, x, activation, dtype):
+    if activation == "none":
+        return x
+    if activation == "relu":
+        return em.one("Relu", [x])
+    if activation == "silu":
+        return em.one("Mul", [x, em.one("Sigmoid", [x])])
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    if em.opset >= 20:
+        return em.one("Gelu", [x], approximate=approximate)
+    half, one = em.literal(0.5, dtype), em.literal(1.0, dtype)
+    if approximate == "tanh":
+        cube = em.one("Mul", [em.one("Mul", [x, x]), x])
+        inner = em.one("Add", [x, em.one("Mul", [cube, em.literal(0.044715, dtype)])])
+        t = em.one("Tanh", [em.one("Mul", [inner, em.literal(math.sqrt(2 / math.pi), dtype)])])
+    else:
+        t = em.one("Erf", [em.one("Mul", [x, em.literal(1 / math.sqrt(2), dtype)])])
+    return em.one("Mul", [em.one("Mul", [x, half]), em.one("Add", [t, one])])
+
+
+def _factor(em, node, i, dtype):
+    value = node.inputs[i]
+    if value.is_constant:
+        return em.constant(value, dtype if value.type.dtype != dtype else None, transform="T")
+    return em.one("Transpose", [em.input(node, i, dtype)], perm=[1, 0])
+
+
+@register_lowering(OP)
+def _low_rank_mlp(em, node):
+    dtype = node.outputs[0].type.dtype
+    x = em.input(node, 0, dtype)
+    p = em.one("MatMul", [x, _factor(em, node, 1, dtype)])
+    hidden = em.one("Add", [em.one("MatMul", [p, _factor(em, node, 2, dtype)]), em.input(node, 3, dtype)])
+    hidden = _activation(em, hidden, node.attrs["activation"], dtype)
+    q = em.one("MatMul", [hidden, _factor(em, node, 4, dtype)])
+    y = em.one("MatMul", [q, _factor(em, node, 5, dtype)])
+    return em.one("Add", [y, em.input(node, 6, dtype)], em.out(node))

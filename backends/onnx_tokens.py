@@ -1,0 +1,142 @@
+"""ONNX lowerings of the token ops (``ir/ops/tokens.py``) as standard ai.onnx ops, so stock ONNX
+Runtime runs merged / pruned models without a custom-op library.
+
+    token_merge      -> ReduceL2/Div, Slice(step 2), MatMul, ReduceMax + ArgMax, TopK, Equal-built
+                        one-hot assignment matrix, MatMul (weighted sums), Div
+    token_topk_index -> Where, TopK (best k), TopK (ascending order)
+    token_gather     -> Expand, Reshape, GatherElements
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+from onnx import TensorProto
+
+from graphopt.backends.onnx_lowering import register_lowering
+from graphopt.frontends.onnx_common import INT64_MAX
+from graphopt.ir.ops.tokens import EPS, effective_r
+from graphopt.ir.types import canonical_dim
+
+F = TensorProto.FLOAT
+I64 = TensorProto.INT64
+
+
+def _reduce(em, op_type, x, axes, keepdims):
+    if op_type == "ReduceSum" or em.opset >= 18:
+        return em.one(op_type, [x, em.literal(axes)], keepdims=keepdims)
+    return em.one(op_type, [x], axes=axes, keepdims=keepdims)
+
+
+def _range(em, start, count, step=1):
+    """int64 [count]: start, start+step, ..."""
+    end = canonical_dim(sympy.sympify(start) + sympy.sympify(count) * step)
+    return em.one("Range", [em.scalar(start), em.scalar(end), em.literal(step)])
+
+
+def _slice(em, x, start, end=None, step=1, axis=1):
+    end_t = em.literal([INT64_MAX]) if end is None else em.dim1(end)
+    return em.one("Slice", [x, em.literal([start]) if isinstance(start, int) else em.dim1(start), end_t,
+                            em.literal([axis]), em.literal([step])])
+
+
+def _rows(em, t, index):
+    """GatherElements of whole rows: t[b, index[b, i], :]."""
+    shape = em.one("Concat", [em.one("Shape", [index]), em.one("Shape", [t], start=2, end=3)], axis=0)
+    idx = em.one("Expand", [em.one("Unsqueeze", [index, em.literal([-1])]), shape])
+    return em.one("GatherElements", [t, idx], axis=1)
+
+
+@register_lowering("token_merge")
+def _token_merge(em, node):
+    x_t = node.inputs[0].type
+    dtype = x_t.dtype
+    n = x_t.shape[1]
+    p = node.attrs["protected"]
+    r = effective_r(n, node.attrs["r"], p)
+    x, keys, sizes = em.input(node, 0, dtype), em.input(node, 1, dtype), em.input(node, 2, dtype)
+    has_source = len(node.inputs) > 3 and node.inputs[3] is not None
+    if r == 0:
+        outs = [em.one("Identity", [x], em.out(node, 0)), em.one("Identity", [sizes], em.out(node, 1))]
+        if has_source:
+            outs.append(em.one("Identity", [em.input(node, 3)], em.out(node, 2)))
+        return outs
+    m = canonical_dim(sympy.sympify(n) - r)
+    # cosine similarity of A (even offsets after the protected prefix) against B (odd offsets)
+    norm = em.one("Max", [_reduce(em, "ReduceL2", keys, [-1], 1), em.literal(EPS, dtype)])
+    k = em.one("Div", [keys, norm])
+    a = _slice(em, k, p, None, 2)
+    b = _slice(em, k, p + 1, None, 2)
+    scores = em.one("MatMul", [a, em.one("Transpose", [b], perm=[0, 2, 1])])
+    node_max = _reduce(em, "ReduceMax", scores, [-1], 0)                                  # [B, na]
+    node_idx = em.one("ArgMax", [scores], axis=-1, keepdims=0, select_last_index=0)
+    _, src = em.node("TopK", [node_max, em.literal([r])], [em.tmp("topv"), em.tmp("src")], axis=1, largest=1, sorted=1)
+    src_pos = em.one("Add", [em.one("Mul", [src, em.literal(2)]), em.literal(p)])           # [B, r]
+    partner = em.one("GatherElements", [node_idx, src], axis=1)
+    dst_pos = em.one("Add", [em.one("Mul", [partner, em.literal(2)]), em.literal(p + 1)])
+    positions = _range(em, 0, n)
+    hits = em.one("Equal", [em.one("Unsqueeze", [src_pos, em.literal([-1])]), positions])  # [B, r, N]
+    is_src = em.one("Cast", [_reduce(em, "ReduceMax", em.one("Cast", [hits], to=TensorProto.INT32), [1], 0)],
+                    to=TensorProto.BOOL)
+    key = em.one("Where", [is_src, em.one("Cast", [em.scalar(n)], to=F), em.one("Cast", [positions], to=F)])
+    kept_v, _ = em.node("TopK", [key, em.dim1(m)], [em.tmp("keptv"), em.tmp("kepti")], axis=1, largest=0, sorted=1)
+    kept = em.one("Cast", [kept_v], to=I64)                                               # [B, N-r]
+    onehot = em.one("Cast", [em.one("Equal", [em.one("Unsqueeze", [kept, em.literal([2])]),
+                                              em.one("Unsqueeze", [dst_pos, em.literal([1])])])],
+                    to=_onnx_float(dtype))                                                 # [B, N-r, r]
+
+    def merge(t, out=None):
+        return em.one("Add", [_rows(em, t, kept), em.one("MatMul", [onehot, _rows(em, t, src_pos)])], out)
+
+    new_sizes = merge(sizes, em.out(node, 1))
+    merged = em.one("Div", [merge(em.one("Mul", [x, sizes])), new_sizes], em.out(node, 0))
+    outs = [merged, new_sizes]
+    if has_source:
+        outs.append(merge(em.input(node, 3, dtype), em.out(node, 2)))
+    return outs
+
+
+def _onnx_float(dtype):
+    from graphopt.frontends.onnx_common import onnx_dtype
+    return onnx_dtype(dtype)
+
+
+@register_lowering("token_topk_index")
+def _token_topk_index(em, node):
+    s_t = node.inputs[0].type
+    n = s_t.shape[1]
+    a = node.attrs
+    scores = em.input(node, 0)
+    dtype = s_t.dtype
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        candidates = em.input(node, 1)
+        pool = a["num_candidates"]
+    else:
+        p = a["protected"]
+        pos = _range(em, 0, n)
+        candidates = em.one("GreaterOrEqual", [pos, em.literal(p)])
+        pool = canonical_dim(sympy.sympify(n) - p)
+    total = canonical_dim(sympy.sympify(n) - sympy.sympify(pool) + a["k"])
+    key = em.one("Where", [candidates, scores, em.literal(float("inf"), dtype)])
+    _, best = em.node("TopK", [key, em.dim1(total)], [em.tmp("v"), em.tmp("i")], axis=1, largest=1, sorted=1)
+    asc, _ = em.node("TopK", [em.one("Cast", [best], to=F), em.dim1(total)], [em.tmp("asc"), em.tmp("ai")],
+                     axis=1, largest=0, sorted=1)
+    return em.one("Cast", [asc], em.out(node), to=I64)
+
+
+@register_lowering("token_gather")
+def _token_gather(em, node):
+    x_t, i_t = node.inputs[0].type, node.inputs[1].type
+    axis = node.attrs["axis"] % x_t.rank
+    x, index = em.input(node, 0), em.input(node, 1, torch.int64)
+    batch = em.one("Shape", [index], start=0, end=1)
+    kept = em.one("Shape", [index], start=1, end=2)
+    if x_t.shape[0] == 1 and not (i_t.shape[0] == 1):
+        rest = em.one("Shape", [x], start=1)
+        x = em.one("Expand", [x, em.one("Concat", [batch, rest], axis=0)])
+    view = [em.literal([1])] * x_t.rank
+    view[0], view[axis] = batch, kept
+    idx = em.one("Reshape", [index, em.one("Concat", view, axis=0)])
+    target = [em.one("Shape", [x], start=d, end=d + 1) for d in range(x_t.rank)]
+    target[0], target[axis] = batch, kept
+    idx = em.one("Expand", [idx, em.one("Concat", target, axis=0)])
+    return em.one("GatherElements", [x, idx], em.out(node), axis=axis)

@@ -1,0 +1,1 @@
+"""Benchmarks: baselines and graphopt pipelines side by side in one process (``python -m bench.run``)."""

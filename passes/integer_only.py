@@ -1,0 +1,623 @@
+"""``integer_only``: post-training conversion of a transformer to integer-only arithmetic (I-ViT).
+
+    linear/conv2d(x, W, b)      -> int.linear/int.conv2d(u8 x, i8 W per-channel, i32 b)   (int32 acc)
+    matmul(a, b) (activations)  -> int.matmul(u8 a, i8 b)
+    mul/div(x, positive scalar) -> folded into x's scale (no op)
+    where(mask, s, -inf); softmax -> int.requant; int.shiftmax(s, mask)
+    gelu(x)                     -> int.requant; int.shiftgelu
+    layer_norm(x, g, b)         -> int.layernorm (g and b go into the next requant)
+    add(a, b)                   -> int.add (per-branch dyadic multipliers, 16-bit residual stream)
+    embedding(W, ids)           -> embedding(int W, ids)
+    reshape/permute/...         -> the same op on the integer tensor
+    graph inputs / outputs      -> int.quantize / int.dequantize (the only float ops left)
+
+Every scale change is a dyadic ``int.requant`` (m / 2^k, chosen at compile time). Ops that
+cannot be converted stay in float between an ``int.dequantize`` and an ``int.quantize``; the
+report lists them and ``strict=True`` makes them an error. Calibration: per-tensor ranges by
+min/max, percentile or MSE-optimal clipping for the 8-bit GEMM inputs (16-bit tensors use min/max);
+``smoothquant=alpha`` migrates per-channel outliers of GEMM inputs into the weights (in the requant, no extra op).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from graphopt.ir import Graph, Value
+from graphopt.passes.calibration import Stats, clip_range, collect_stats
+from graphopt.passes.registry import register_pass, option
+
+LAYOUT = {"reshape", "permute", "expand", "slice", "select"}
+INT32_LIMIT = 2 ** 31 - 1
+LOG2E = 1.0 / math.log(2.0)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class IntegerConversionError(ValueError):
+    """The graph (or its calibration data) cannot be converted as asked."""
+
+
+@dataclass
+class Q:
+    """An integer representation of a float value: real = (stored - zp) * scale (+ offset).
+    ``scale``/``offset`` are float64 tensors broadcastable against the value (0-d when per tensor)."""
+    value: Value
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    zp: int
+    bound: int          # max |stored - zp|, guaranteed statically
+    kind: str           # u8 | i8 | i32 | acc | prob
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.numel() == 1 and (self.offset is None or self.offset.numel() == 1)
+
+
+def _is_float(v: Value | None) -> bool:
+    return v is not None and v.type.dtype in FLOAT_DTYPES
+
+
+@register_pass("integer_only", tolerance=None)
+def integer_only(graph: Graph, ctx, *,
+                 method: Literal["minmax", "percentile", "mse"] = option("mse", "clipping of 8-bit GEMM inputs"),
+                 percentile: float = option(99.99, "percentile for method=percentile"),
+                 act_bits: int = option(8, "bits of GEMM inputs (<= 8: ONNX MatMulInteger)"),
+                 resid_bits: int = option(16, "bits of the residual stream, embeddings and other int32 tensors"),
+                 attn_bits: int = option(8, "bits of attention probabilities (Shiftmax output, <= 8)"),
+                 smoothquant: float = option(0.0, "SmoothQuant alpha: per-channel migration of GEMM-input outliers into the weights (0 = off)"),
+                 strict: bool = option(False, "fail instead of leaving unconvertible ops in float"),
+                 max_tokens: int = option(512, "softmax length assumed when it is symbolic")) -> None:
+    """Convert the graph to integer-only arithmetic (I-ViT: dyadic requant, Shiftmax, ShiftGELU, I-LayerNorm)."""
+    if not 2 <= act_bits <= 8:
+        raise IntegerConversionError(f"act_bits must be 2..8 (GEMM inputs are 8-bit integers), got {act_bits}")
+    if not 8 <= resid_bits <= 16:
+        raise IntegerConversionError(f"resid_bits must be 8..16, got {resid_bits}")
+    if not 2 <= attn_bits <= 8:
+        raise IntegerConversionError(f"attn_bits must be 2..8, got {attn_bits}")
+    batches = ctx.require_calibration()
+    _check_batches(graph, batches)
+    if graph.find_nodes("sdpa"):
+        from graphopt.passes.decompose_attention import decompose_attention
+        decompose_attention(graph, ctx)
+    values = [v for v in graph.inputs if _is_float(v)] + [o for n in graph.nodes for o in n.outputs if _is_float(o)]
+    masks = _static_masks(graph)
+    stats = collect_stats(graph, batches, values + masks)
+    conv = _Converter(graph, stats, dict(method=method, percentile=percentile, act_bits=act_bits,
+                                         resid_bits=resid_bits, attn_bits=attn_bits, max_tokens=max_tokens,
+                                         smoothquant=smoothquant))
+    conv.all_true = {id(m) for m in masks if stats[m.name].lo == 1.0}
+    conv.run()
+    _fold_biases(graph)
+    if conv.fallback:
+        listing = ", ".join(conv.fallback)
+        if strict:
+            raise IntegerConversionError(f"strict=True: these ops cannot be converted to integer arithmetic: {listing}")
+        ctx.note(f"left in float (between int.dequantize and int.quantize): {listing}")
+    ctx.count("converted", conv.converted)
+    ctx.count("float_fallback", len(conv.fallback))
+    graph.meta["integer_only"] = {"fallback": list(conv.fallback), "float_ops": float_ops(graph)}
+
+
+def _static_masks(graph: Graph) -> list[Value]:
+    """Bool attention masks (``where`` conditions) that depend on no graph input's data (only on
+    shapes); when they are all True on the calibration set they are dropped (ViT's all-true mask)."""
+    dependent: set[int] = {id(v) for v in graph.inputs}
+    for n in graph.nodes:
+        if any(v is not None and id(v) in dependent for v in n.inputs):
+            dependent.update(id(o) for o in n.outputs)
+    out = {}
+    for n in graph.find_nodes("where"):
+        cond = n.inputs[0]
+        if cond.type.dtype == torch.bool and id(cond) not in dependent and not cond.is_constant:
+            out[id(cond)] = cond
+    return list(out.values())
+
+
+def _fold_biases(graph: Graph) -> None:
+    """int.linear's bias moves into the requantizations that read it (c += b * m, exact in integer
+    arithmetic): one int32 Add fewer per GEMM at run time."""
+    for node in graph.find_nodes("int.linear"):
+        if len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        users = node.output.uses
+        if not users or not all(u.op == "int.requant" and i == 0 and u.attrs["pre"] == 0 and u.inputs[1].is_constant
+                                and u.inputs[2].is_constant for u, i in users):
+            continue
+        b = node.inputs[2].const.to(torch.int64)
+        for u, _ in users:
+            m, c = u.inputs[1].const.to(torch.int64), u.inputs[2].const.to(torch.int64)
+            c2 = c + b * m
+            if c2.abs().max().item() >= 2 ** 31:
+                break
+        else:
+            for u, _ in list(users):
+                m, c = u.inputs[1].const.to(torch.int64), u.inputs[2].const.to(torch.int64)
+                graph.set_input(u, 2, graph.add_constant((c + b * m).to(torch.int32), "rq_cb"))
+            bias = node.inputs[2]
+            bias.uses.remove((node, 2))
+            node.inputs = node.inputs[:2]
+    graph.remove_unused_constants()
+
+
+def _check_batches(graph: Graph, batches) -> None:
+    for i, batch in enumerate(batches):
+        if len(batch) != len(graph.inputs):
+            raise IntegerConversionError(f"calibration item {i} has {len(batch)} tensors; the graph takes "
+                                         f"{len(graph.inputs)} ({', '.join(v.name for v in graph.inputs)})")
+        for v, t in zip(graph.inputs, batch):
+            if not isinstance(t, torch.Tensor) or t.dim() != v.type.rank or t.dtype != v.type.dtype or any(
+                    isinstance(d, int) and t.shape[a] != d for a, d in enumerate(v.type.shape)):
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise IntegerConversionError(f"calibration item {i}: input %{v.name} is {got}, the graph expects {v.type}")
+
+
+def float_ops(graph: Graph) -> list[str]:
+    """Nodes computing in floating point other than the edge quantizers (empty for an integer-only graph)."""
+    found = []
+    for n in graph.nodes:
+        if n.op in ("int.quantize", "int.dequantize"):
+            continue
+        if any(_is_float(v) for v in n.outputs) or any(_is_float(v) for v in n.inputs):
+            found.append(n.label())
+    return found
+
+
+# =============================================================================================
+# dyadic parameters
+# =============================================================================================
+def choose_dyadic(branches, cmax: float, K: int, out_max: int, allow_pre: bool = True):
+    """Pick pre-shifts (one per branch), a common shift k and multipliers so that int32 never overflows:
+    sum_i ceil(B_i / 2^pre_i) * max|m_i| + max|c| + K * 2^k < 2^31. ``branches``: (r, bound) with r the
+    float64 rescale tensor. Minimises (truncation error of the pre-shifts) + (multiplier rounding error)."""
+    infos = []
+    for r, bound in branches:
+        ra = r.abs()
+        rmax = ra.max().item()
+        nz = ra[ra > 0]
+        rmin = nz.min().item() if nz.numel() else 0.0
+        infos.append((rmax, rmin, max(int(bound), 1)))
+    best = None
+    ranges = [range(0, 25 if allow_pre else 1) for _ in infos]
+    for pres in itertools.product(*ranges):
+        # total(k) = 2^k (K + cmax + 1 + sum_i B_i' rmax_i 2^p_i) + sum_i B_i' must stay below the limit
+        bsum = sum(-(-b // 2 ** p) for (_, _, b), p in zip(infos, pres))
+        per = K + cmax + 1 + sum(-(-b // 2 ** p) * rmax * 2 ** p for (rmax, _, b), p in zip(infos, pres))
+        room = INT32_LIMIT - 16 - bsum
+        if room <= per:
+            continue
+        k_best = min(40, int(math.floor(math.log2(room / per))))
+        while k_best > 0 and 2 ** k_best * per + bsum >= INT32_LIMIT - 16:
+            k_best -= 1
+        err = 0.0
+        for (rmax, rmin, _), p in zip(infos, pres):
+            if p:
+                err += rmax * 2 ** p
+            if rmin > 0:
+                err += out_max / (2 * max(rmin * 2 ** (p + k_best), 1e-9))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, pres, k_best)
+    if best is None:
+        raise IntegerConversionError("no int32-safe dyadic rescale exists for these ranges")
+    _, pres, k = best
+    ms = [torch.round(r * 2.0 ** (p + k)).to(torch.int64) for (r, _), p in zip(branches, pres)]
+    return list(pres), k, ms
+
+
+# =============================================================================================
+# the converter
+# =============================================================================================
+class _Converter:
+    def __init__(self, graph: Graph, stats: dict[str, Stats], opts: dict):
+        self.g = graph
+        self.stats = stats
+        self.o = opts
+        self.q: dict[int, Q] = {}                # float value id -> its integer form
+        self.cache: dict[tuple, Q] = {}          # (float value id, kind) -> converted form
+        self.masked: dict[int, tuple[Q, Value]] = {}
+        self.deq: dict[int, Value] = {}
+        self.fallback: list[str] = []
+        self.converted = 0
+        self.all_true: set[int] = set()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def const(self, tensor: torch.Tensor, name: str) -> Value:
+        return self.g.add_constant(tensor.contiguous(), name)
+
+    def amax(self, v: Value, bits: int) -> float:
+        if v.is_constant:
+            a = v.const.abs().max().item() if v.const.numel() else 1.0
+            return a if a > 0 else 1.0
+        s = self.stats.get(v.name)
+        if s is None or s.lo == float("inf"):
+            raise IntegerConversionError(f"no calibration statistics for %{v.name}")
+        method = self.o["method"] if bits <= 8 else "minmax"
+        return clip_range(s, bits, method, self.o["percentile"])
+
+    def scale_of(self, v: Value, bits: int) -> float:
+        return self.amax(v, bits) / (2 ** (bits - 1) - 1)
+
+    def kind_params(self, kind: str, bits: int | None = None):
+        """(lo, hi, zp, dtype, bits) of a target representation."""
+        if kind == "u8":
+            b = self.o["act_bits"]
+            return -2 ** (b - 1), 2 ** (b - 1) - 1, 128, "u8", b
+        if kind == "i8":
+            b = self.o["act_bits"]
+            return -2 ** (b - 1), 2 ** (b - 1) - 1, 0, "i8", b
+        b = bits or self.o["resid_bits"]
+        return -2 ** (b - 1), 2 ** (b - 1) - 1, 0, "i32", b
+
+    # ---- conversions between representations -----------------------------------------------
+    def requant(self, src: Q, scale: float, lo: int, hi: int, zp: int, dtype: str, kind: str) -> Q:
+        r = (src.scale / scale).double()
+        cterm = (src.offset / scale).double() if src.offset is not None else torch.zeros(())
+        K = -lo
+        (pre,), k, (m,) = choose_dyadic([(r, src.bound)], cterm.abs().max().item() + (src.zp * r.abs().max().item()),
+                                        K, max(-lo, hi), allow_pre=not src.zp)
+        if src.zp and pre:
+            raise IntegerConversionError("internal: pre-shift with a zero point")
+        c = torch.round(cterm * 2.0 ** k).to(torch.int64) - src.zp * m + (2 ** (k - 1) if k else 0)
+        m, c = torch.broadcast_tensors(m, c) if m.shape != c.shape else (m, c)
+        out = self.g.op("int.requant", src.value, self.const(m.to(torch.int32), "rq_m"),
+                        self.const(c.to(torch.int32), "rq_c"), pre=pre, k=k, lo=lo, hi=hi, zero_point=zp, dtype=dtype)
+        return Q(out, torch.tensor(scale, dtype=torch.float64), None, zp, max(-lo, hi), kind)
+
+    def to_kind(self, v: Value, kind: str, bits: int | None = None, scale: float | None = None) -> Q:
+        """The integer form of float value ``v`` as ``kind`` (u8, i8 or i32 with ``bits``), converting
+        (requant, or quantize at a graph edge / float island) where needed."""
+        lo, hi, zp, dtype, b = self.kind_params(kind, bits)
+        key = (id(v), kind, b, scale)
+        if key in self.cache:
+            return self.cache[key]
+        base = self.q.get(id(v))
+        if base is not None and base.kind == "prob" and kind == "u8":
+            return base
+        if base is not None and base.kind == kind and base.per_tensor and base.offset is None and \
+                (kind != "i32" or base.bound <= 2 ** (b - 1)) and scale is None:
+            return base
+        target = scale if scale is not None else self.scale_of(v, b)
+        if base is None:
+            if v.is_constant:
+                q = torch.clamp(torch.floor(v.const.double() / target + 0.5), lo, hi).to(torch.int64) + zp
+                cv = self.const(q.to({"u8": torch.uint8, "i8": torch.int8, "i32": torch.int32}[dtype]), v.name + "_q")
+                out = Q(cv, torch.tensor(target, dtype=torch.float64), None, zp, max(-lo, hi), kind)
+            elif _is_float(v):
+                qv = self.g.op("int.quantize", v, inv_scale=float(1.0 / target), zero_point=zp, lo=lo, hi=hi, dtype=dtype)
+                out = Q(qv, torch.tensor(target, dtype=torch.float64), None, zp, max(-lo, hi), kind)
+            else:
+                raise IntegerConversionError(f"%{v.name} is not a float value")
+        else:
+            out = self.requant(base, target, lo, hi, zp, dtype, kind)
+        self.cache[key] = out
+        return out
+
+    def want(self, v: Value, depth: int = 0) -> str:
+        """The representation v's consumers need: u8 for GEMM left operands, i8 for right ones, else i32."""
+        kinds = set()
+        for user, idx in v.uses:
+            if user.op in LAYOUT and depth < 8:
+                kinds.add(self.want(user.output, depth + 1))
+            elif user.op in ("linear", "conv2d") and idx == 0:
+                kinds.add("u8")
+            elif user.op == "matmul":
+                kinds.add("u8" if idx == 0 else "i8")
+            else:
+                kinds.add("i32")
+        return kinds.pop() if len(kinds) == 1 else "i32"
+
+    def float_of(self, v: Value) -> Value:
+        """A float version of v for an op left in float (dequantized from its integer form)."""
+        q = self.q.get(id(v))
+        if q is None:
+            return v
+        if id(v) not in self.deq:
+            scale = self.const(q.scale.float(), "dq_scale")
+            offset = self.const(q.offset.float(), "dq_offset") if q.offset is not None else None
+            self.deq[id(v)] = self.g.op("int.dequantize", q.value, scale, offset, zero_point=q.zp)
+        return self.deq[id(v)]
+
+    # ---- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in list(self.g.nodes):
+            if not any(_is_float(o) for o in node.outputs):
+                if any(v is not None and (id(v) in self.q or id(v) in self.masked) for v in node.inputs):
+                    self._fall_back(node)
+                continue
+            with self.g.inserting_before(node):
+                try:
+                    handler = getattr(self, "c_" + node.op.replace(".", "_"), None)
+                    ok = handler(node) if handler is not None else False
+                except _Skip:
+                    ok = False
+            if ok:
+                self.converted += 1
+                continue
+            self._fall_back(node)
+        for i, v in enumerate(list(self.g.outputs)):
+            if id(v) in self.q:
+                with self.g.inserting_before(None):
+                    self.g.outputs[i] = self.float_of(v)
+        self._dce()
+
+    def _fall_back(self, node) -> None:
+        self.fallback.append(f"{node.op} ({node.label()})")
+        if True:
+            with self.g.inserting_before(node):
+                for i, v in enumerate(node.inputs):
+                    if v is not None and id(v) in self.q:
+                        self.g.set_input(node, i, self.float_of(v))
+                    elif v is not None and id(v) in self.masked:
+                        raise IntegerConversionError(f"{node.label()} uses a masked score tensor outside softmax")
+
+    def _dce(self) -> None:
+        from graphopt.ir.ops.opaque import is_pure
+        node = self.g._tail
+        while node is not None:
+            prev = node.prev
+            if is_pure(node) and all(not v.uses for v in node.outputs) and \
+                    not any(v is o for v in node.outputs for o in self.g.outputs):
+                self.g.erase_node(node)
+            node = prev
+        self.g.remove_unused_constants()
+
+    def has_q(self, v: Value | None) -> bool:
+        return v is not None and (id(v) in self.q or v.is_constant)
+
+    def set(self, node, q: Q) -> bool:
+        self.q[id(node.output)] = q
+        return True
+
+    # ---- op converters -------------------------------------------------------------------------
+    def _weights(self, w: torch.Tensor):
+        wf = w.double()
+        s = wf.reshape(wf.shape[0], -1).abs().amax(1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        wq = torch.clamp(torch.round(wf / s.reshape((-1,) + (1,) * (wf.dim() - 1))), -127, 127).to(torch.int8)
+        return wq, s
+
+    def _gemm(self, node, x: Value, w: Value, b: Value | None, conv: bool) -> bool:
+        if not w.is_constant or (b is not None and not b.is_constant) or not _is_float(x):
+            return False
+        smooth = self.smoothing(x) if not conv else None
+        if smooth is not None:
+            xq, s = smooth
+            wq, sw = self._weights(w.const.double() * s)
+        else:
+            xq = self.to_kind(x, "u8")
+            wq, sw = self._weights(w.const)
+        sacc = xq.scale * sw
+        bq = None
+        if b is not None:
+            bi = torch.round(b.const.double() / sacc)
+            if bi.abs().max().item() >= 2 ** 30:
+                return False
+            bq = bi.to(torch.int32)
+        wabs = wq.to(torch.int64).abs().reshape(wq.shape[0], -1).sum(1)
+        bound = int((wabs * xq.bound).max().item() + (bq.abs().max().item() if bq is not None else 0))
+        if bound >= 2 ** 31:
+            return False
+        wv = self.const(wq, w.name + "_i8")
+        bv = self.const(bq, (b.name if b is not None else "bias") + "_i32") if bq is not None else None
+        if conv:
+            out = self.g.op("int.conv2d", xq.value, wv, bv, stride=node.attrs["stride"], x_zp=xq.zp)
+            scale = sacc.reshape(-1, 1, 1)
+        else:
+            out = self.g.op("int.linear", xq.value, wv, bv, x_zp=xq.zp)
+            scale = sacc
+        return self.set(node, Q(out, scale, None, 0, bound, "acc"))
+
+    def smoothing(self, x: Value):
+        """SmoothQuant on the integer side: the GEMM reads x / s (per input channel, folded into the
+        requant that produces its u8 input) and uses W * s, with
+        s_j = max|x_j|^alpha / max|W_:j|^(1-alpha) over every linear reading x. Other readers of x
+        (a residual add) keep the unsmoothed x. Returns (u8 Q of x / s, s) or None."""
+        alpha = self.o.get("smoothquant", 0.0)
+        q = self.q.get(id(x))
+        st = self.stats.get(x.name)
+        if alpha <= 0 or q is None or st is None or st.channel_absmax is None or x.type.rank < 1 or \
+                st.channel_absmax.numel() != x.type.shape[-1]:
+            return None
+        if ("smooth", id(x)) in self.cache:
+            return self.cache[("smooth", id(x))]
+        users = [u for u in x.users if u.op == "linear" and u.inputs[0] is x and u.inputs[1].is_constant]
+        wmax = torch.stack([u.inputs[1].const.double().abs().amax(0) for u in users]).amax(0)
+        act = st.channel_absmax.double()
+        s = (act.clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+        src = Q(q.value, q.scale / s, q.offset / s if q.offset is not None else None, q.zp, q.bound, q.kind)
+        lo, hi, zp, dtype, bits = self.kind_params("u8")
+        target = (act / s).max().item() / hi
+        out = (self.requant(src, target, lo, hi, zp, dtype, "u8"), s)
+        self.cache[("smooth", id(x))] = out
+        return out
+
+    def c_linear(self, node) -> bool:
+        return self._gemm(node, node.inputs[0], node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None, False)
+
+    def c_conv2d(self, node) -> bool:
+        a = node.attrs
+        if tuple(a["padding"]) != (0, 0) or tuple(a["dilation"]) != (1, 1) or a["groups"] != 1:
+            return False
+        return self._gemm(node, node.inputs[0], node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None, True)
+
+    def c_matmul(self, node) -> bool:
+        a, b = node.inputs
+        if a.is_constant or b.is_constant or not (self.has_q(a) or _is_float(a)):
+            return False
+        k = a.type.shape[-1]
+        if not isinstance(k, int):
+            return False
+        aq = self.to_kind(a, "u8")
+        bq = self.to_kind(b, "i8")
+        out = self.g.op("int.matmul", aq.value, bq.value, a_zp=aq.zp, b_zp=bq.zp)
+        return self.set(node, Q(out, aq.scale * bq.scale, None, 0, k * aq.bound * bq.bound, "acc"))
+
+    def _scalar(self, v: Value) -> float | None:
+        if v is not None and v.is_constant and v.const.numel() == 1 and v.const.dtype.is_floating_point:
+            return float(v.const.item())
+        return None
+
+    def c_mul(self, node) -> bool:
+        a, b = node.inputs
+        for x, c in ((a, b), (b, a)):
+            s = self._scalar(c)
+            if s is not None and s > 0 and id(x) in self.q:
+                q = self.q[id(x)]
+                return self.set(node, Q(q.value, q.scale * s, q.offset * s if q.offset is not None else None,
+                                        q.zp, q.bound, q.kind))
+        return False
+
+    def c_div(self, node) -> bool:
+        a, b = node.inputs
+        s = self._scalar(b)
+        if s is None or s <= 0 or id(a) not in self.q or node.attrs["rounding_mode"] != "none":
+            return False
+        q = self.q[id(a)]
+        return self.set(node, Q(q.value, q.scale / s, q.offset / s if q.offset is not None else None, q.zp, q.bound, q.kind))
+
+    def c_where(self, node) -> bool:
+        cond, x, y = node.inputs
+        fill = self._scalar(y)
+        if fill is None or fill != float("-inf") or id(x) not in self.q:
+            return False
+        if not all(u.op == "softmax" for u in node.output.users):
+            return False
+        self.masked[id(node.output)] = (self.q[id(x)], cond)
+        return True
+
+    def c_softmax(self, node) -> bool:
+        x = node.inputs[0]
+        if node.attrs["dim"] not in (-1, x.type.rank - 1):
+            return False
+        mask = None
+        if id(x) in self.masked:
+            base, mask = self.masked[id(x)]
+        elif id(x) in self.q or _is_float(x):
+            base = None
+        else:
+            return False
+        T = x.type.shape[-1] if isinstance(x.type.shape[-1], int) else self.o["max_tokens"]
+        n, bits = 14, self.o["attn_bits"]
+        X = min(128, INT32_LIMIT // (T * 2 ** (n + 1)), 2 ** 30 // 2 ** (n + 1 + bits))
+        if X < 8:
+            return False
+        lo, hi = -2 ** 15, 2 ** 15 - 1
+        scale = 1.0 / (X * LOG2E)
+        if base is None:
+            xin = self.to_kind(x, "i32", bits=16, scale=scale)
+        else:
+            xin = self.requant(base, scale, lo, hi, 0, "i32", "i32")
+        if mask is not None and id(mask) in self.all_true:
+            mask = None
+        out = self.g.op("int.shiftmax", xin.value, mask, X=X, n=n, bits=bits)
+        return self.set(node, Q(out, torch.tensor(2.0 ** -bits, dtype=torch.float64), None, 0, 2 ** bits, "prob"))
+
+    def c_gelu(self, node) -> bool:
+        x = node.inputs[0]
+        X, n, bits = 128, 10, 12
+        s_in = 1.0 / (1.702 * LOG2E * X)
+        xin = self.to_kind(x, "i32", bits=16, scale=s_in)
+        out = self.g.op("int.shiftgelu", xin.value, X=X, n=n, bits=bits, in_bits=16)
+        return self.set(node, Q(out, torch.tensor(s_in * 2.0 ** -bits, dtype=torch.float64), None, 0, 2 ** (15 + bits), "acc"))
+
+    def c_layer_norm(self, node) -> bool:
+        x = node.inputs[0]
+        shape = node.attrs["normalized_shape"]
+        if len(shape) != 1 or not isinstance(shape[0], int):
+            return False
+        C = shape[0]
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        if (w is not None and not w.is_constant) or (b is not None and not b.is_constant):
+            return False
+        xq = self.to_kind(x, "i32")
+        yb = 2 * xq.bound + 1
+        sh = 0
+        while C * (-(-yb // 2 ** sh) + 1) ** 2 >= 2 ** 31:
+            sh += 1
+        F = min(14, 30 - yb.bit_length())
+        out = self.g.op("int.layernorm", xq.value, C=C, sh=sh, F=F, iters=20)
+        gamma = w.const.double() if w is not None else torch.ones(C, dtype=torch.float64)
+        beta = b.const.double() if b is not None else None
+        scale = gamma * math.sqrt(C) / 2 ** F
+        return self.set(node, Q(out, scale, beta, 0, 2 ** (F + 1), "acc"))
+
+    def c_add(self, node) -> bool:
+        a, b = node.inputs
+        if not (_is_float(a) and _is_float(b)) or a.type.dtype != b.type.dtype:
+            return False
+        if not (id(a) in self.q or id(b) in self.q):
+            return False
+        branches = []
+        for v in (a, b):
+            q = self.q.get(id(v))
+            if q is None or q.kind in ("u8", "i8", "prob"):
+                q = self.to_kind(v, "i32")
+            branches.append(q)
+        lo, hi, _, _, bits = self.kind_params("i32")
+        s_out = self.scale_of(node.output, bits)
+        rs = [q.scale / s_out for q in branches]
+        cterm = sum(((q.offset / s_out) if q.offset is not None else torch.zeros(())) for q in branches)
+        pres, k, ms = choose_dyadic([(r, q.bound) for r, q in zip(rs, branches)], torch.as_tensor(cterm).abs().max().item(),
+                                    -lo, max(-lo, hi))
+        c = torch.round(torch.as_tensor(cterm, dtype=torch.float64) * 2.0 ** k).to(torch.int64) + (2 ** (k - 1) if k else 0)
+        out = self.g.op("int.add", branches[0].value, branches[1].value,
+                        self.const(ms[0].to(torch.int32), "add_ma"), self.const(ms[1].to(torch.int32), "add_mb"),
+                        self.const(c.to(torch.int32), "add_c"), pa=pres[0], pb=pres[1], k=k, lo=lo, hi=hi)
+        return self.set(node, Q(out, torch.tensor(s_out, dtype=torch.float64), None, 0, max(-lo, hi), "i32"))
+
+    def c_embedding(self, node) -> bool:
+        w, idx = node.inputs
+        if not w.is_constant:
+            return False
+        lo, hi, _, _, bits = self.kind_params("i32")
+        s = w.const.abs().max().item() / hi or 1.0
+        wq = torch.clamp(torch.floor(w.const.double() / s + 0.5), lo, hi).to(torch.int32)
+        out = self.g.op("embedding", self.const(wq, w.name + "_i32"), idx)
+        return self.set(node, Q(out, torch.tensor(s, dtype=torch.float64), None, 0, max(-lo, hi), "i32"))
+
+    def _layout(self, node) -> bool:
+        x = node.inputs[0]
+        if not (id(x) in self.q or x.is_constant):
+            return False
+        q = self.q.get(id(x))
+        if q is None or not q.per_tensor or q.kind == "acc" or q.offset is not None:
+            kind = self.want(node.output)
+            lo, hi, zp, dtype, b = self.kind_params(kind)
+            # calibrate on what the layout op keeps (a select keeps one token's statistics)
+            q = self.to_kind(x, kind, scale=self.scale_of(node.output, b) if not x.is_constant else None)
+        out = self.g.create_node(node.op, [q.value] + list(node.inputs[1:]), dict(node.attrs)).output
+        return self.set(node, Q(out, q.scale, None, q.zp, q.bound, q.kind))
+
+    c_reshape = c_permute = c_expand = c_slice = c_select = _layout
+
+    def c_opaque(self, node) -> bool:
+        """aten::unbind (q, k, v = qkv.unbind(0)) becomes one select per output."""
+        if node.attrs["target"] != "aten::unbind.int" or id(node.inputs[0]) not in self.q:
+            return False
+        args, kwargs = node.attrs["args"], node.attrs["kwargs"] or {}
+        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", 0)
+        x = node.inputs[0]
+        q = self.q[id(x)]
+        if not q.per_tensor or q.kind == "acc" or q.offset is not None:
+            q = self.to_kind(x, "i32")
+        for i, out in enumerate(node.outputs):
+            v = self.g.op("select", q.value, dim=dim, index=i)
+            self.q[id(out)] = Q(v, q.scale, None, q.zp, q.bound, q.kind)
+        return True
+
+    def c_cat(self, node) -> bool:
+        xs = node.inputs
+        if not any(id(v) in self.q for v in xs):
+            return False
+        lo, hi, _, _, bits = self.kind_params("i32")
+        s = self.scale_of(node.output, bits)
+        parts = [self.to_kind(v, "i32", scale=s).value for v in xs]
+        out = self.g.op("cat", *parts, dim=node.attrs["dim"])
+        return self.set(node, Q(out, torch.tensor(s, dtype=torch.float64), None, 0, max(-lo, hi), "i32"))
+
+
+class _Skip(Exception):
+    pass

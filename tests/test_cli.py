@@ -1,0 +1,292 @@
+"""opt-cli: round trips, the summary table and --check figures, reports, calibration files, output
+safety (never the input, no overwrite without --force, atomic), one-line errors with exit status 2
+for malformed input (input byte-identical afterwards), --debug tracebacks, determinism."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.cli import main
+from graphopt.passes import register_pass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F = TensorProto.FLOAT
+
+
+def small_model(opset=18, batch="batch"):
+    """LayerNorm -> MatMul -> Shape-derived reshape to heads -> Softmax -> reshape back -> Relu."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", F, [batch, "sequence", 8])
+    y = helper.make_tensor_value_info("y", F, [batch, "sequence", 8])
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w", rng.standard_normal((8, 8)).astype(np.float32)), ("scale", np.ones(8, np.float32)),
+        ("bias", np.zeros(8, np.float32)), ("heads", np.array([2, 4], np.int64)), ("zero", np.array([0], np.int64)),
+        ("two", np.array([2], np.int64)), ("eight", np.array([8], np.int64)),
+        ("big", rng.standard_normal((64, 64)).astype(np.float32))]]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["ln"], axis=-1),
+        helper.make_node("MatMul", ["ln", "w"], ["mm"]),
+        helper.make_node("Shape", ["mm"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "two"], ["lead"]),
+        helper.make_node("Concat", ["lead", "heads"], ["split_shape"], axis=0),
+        helper.make_node("Reshape", ["mm", "split_shape"], ["split"]),
+        helper.make_node("Softmax", ["split"], ["p"], axis=-1),
+        helper.make_node("Concat", ["lead", "eight"], ["merge_shape"], axis=0),
+        helper.make_node("Reshape", ["p", "merge_shape"], ["merged"]),
+        helper.make_node("Relu", ["merged"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "small", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(small_model().SerializeToString())
+    return path
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ort_outputs(path_or_bytes, feeds):
+    session = ort.InferenceSession(path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+# ---- the happy path -----------------------------------------------------------------------------
+def test_round_trip_with_check_and_table(tmp_path, model_path, capsys):
+    out = tmp_path / "out.onnx"
+    before = sha(model_path)
+    code, stdout, stderr = run_cli(capsys, model_path, "-o", out, "-p", "dce", "-p", "cse", "--check", "--runs", "3",
+                                   "--dim", "batch=2", "--dim", "sequence=5")
+    assert code == 0, stderr
+    assert sha(model_path) == before
+    for text in ("ops (total)", "Reshape", "parameters", "weight bytes", "file bytes", "max abs error", "cosine",
+                 "latency ratio"):
+        assert text in stdout, text
+    onnx.checker.check_model(str(out), full_check=True)
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 7, 8)).astype(np.float32)}
+    np.testing.assert_allclose(ort_outputs(out, feeds)[0], ort_outputs(model_path, feeds)[0], atol=1e-5)
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".graphopt-")] == []
+
+
+def test_output_is_deterministic(tmp_path, model_path, capsys):
+    for name in ("a.onnx", "b.onnx"):
+        assert run_cli(capsys, model_path, "-o", tmp_path / name, "-p", "cse", "-p", "dce")[0] == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_reports_json_and_html(tmp_path, model_path, capsys):
+    code, _, err = run_cli(capsys, model_path, "-o", tmp_path / "o.onnx", "-p", "dce", "--check", "--runs", "2",
+                           "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passes"] == ["dce"]
+    assert report["input"]["sha256"] == sha(model_path)
+    assert report["output"]["sha256"] == sha(tmp_path / "o.onnx")
+    assert report["input"]["ops"]["Shape"] == 1 and "Shape" not in report["output"]["ops"]
+    assert report["check"]["max_abs_error"] < 1e-5 and report["check"]["cosine"] > 0.999999
+    assert report["check"]["latency_ratio"] > 0
+    assert report["pipeline"]["passes"][0]["name"] == "dce"
+    code, _, err = run_cli(capsys, model_path, "-q", "--report", tmp_path / "r.html")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert page.startswith("<!doctype html>") and "ops (total)" in page
+
+
+def test_calibration_file(tmp_path, model_path, capsys):
+    calib = tmp_path / "calib.npz"
+    x = np.random.default_rng(2).standard_normal((4, 2, 6, 8)).astype(np.float32)  # 4 samples
+    np.savez(calib, x=x)
+    code, _, err = run_cli(capsys, model_path, "--calib", calib, "--check", "--runs", "2", "-q",
+                           "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["inputs"]["samples"] == 4 and report["inputs"]["shapes"] == {"x": [2, 6, 8]}
+    np.savez(tmp_path / "bad.npz", pixel_values=x)
+    code, _, err = run_cli(capsys, model_path, "--calib", tmp_path / "bad.npz", "--check")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no array for input(s) x" in err and "unknown name(s) pixel_values" in err
+
+
+def test_list_and_explain(capsys):
+    code, out, _ = run_cli(capsys, "--list-passes")
+    assert code == 0 and "dce" in out and "cse" in out
+    code, out, _ = run_cli(capsys, "--explain", "cse")
+    assert code == 0 and "max_constant_numel" in out and "what it rewrites" in out
+    code, out, err = run_cli(capsys, "--explain", "csee")
+    assert code == 2 and "did you mean 'cse'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_pass_spec_fails_before_any_work(tmp_path, model_path, capsys):
+    code, _, err = run_cli(capsys, model_path, "-o", tmp_path / "o.onnx", "-p", "cse:nope=1")
+    assert code == 2 and "has no option 'nope'" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# ---- output safety ------------------------------------------------------------------------------
+def test_never_overwrites_input_or_existing_files(tmp_path, model_path, capsys):
+    before = model_path.read_bytes()
+    for extra in ([], ["--force"]):
+        code, _, err = run_cli(capsys, model_path, "-o", model_path, *extra)
+        assert code == 2 and "refusing to overwrite the input" in err
+    link = tmp_path / "alias.onnx"
+    os.symlink(model_path, link)
+    code, _, err = run_cli(capsys, model_path, "-o", link, "--force")
+    assert code == 2 and "refusing to overwrite the input" in err
+    assert model_path.read_bytes() == before
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    code, _, err = run_cli(capsys, model_path, "-o", out)
+    assert code == 2 and "already exists; pass --force" in err and out.read_bytes() == b"keep me"
+    code, _, err = run_cli(capsys, model_path, "-o", out, "--force", "-q")
+    assert code == 0, err
+    onnx.checker.check_model(str(out))
+
+
+if "test_cli.explode" not in __import__("graphopt").list_passes():
+    @register_pass("test_cli.explode")
+    def _explode(graph, ctx) -> None:
+        """Always fails (tests that a failed run leaves the output untouched)."""
+        raise RuntimeError("boom")
+
+
+def test_failed_run_leaves_existing_output_untouched(tmp_path, model_path, capsys):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+    code, _, err = run_cli(capsys, model_path, "-o", out, "--force", "-p", "test_cli.explode")
+    assert code == 1 and "pass test_cli.explode" in err and "boom" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"previous result"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "out.onnx"]
+
+
+# ---- malformed input ----------------------------------------------------------------------------
+def _write_malformed(kind, folder):
+    path = folder / "bad.onnx"
+    x = helper.make_tensor_value_info("x", F, [2])
+    y = helper.make_tensor_value_info("y", F, [2])
+    if kind == "not-onnx":
+        path.write_bytes(b"this is a text file, not a model\n" * 20)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = small_model().SerializeToString()
+        path.write_bytes(data[: len(data) * 6 // 10])
+    elif kind == "cyclic":
+        g = helper.make_graph([helper.make_node("Add", ["x", "b"], ["a"], name="add"),
+                               helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                               helper.make_node("Neg", ["a"], ["y"])], "g", [x], [y])
+        path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    elif kind == "missing-initializer":
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"], name="mm")], "g", [x], [y])
+        path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    elif kind in ("opset-7", "opset-future"):
+        model = small_model(opset=7 if kind == "opset-7" else 99)
+        path.write_bytes(model.SerializeToString())
+    elif kind in ("external-parent", "external-absolute"):
+        secret = folder.parent / "secret.bin"
+        secret.write_bytes(b"\0" * 64 * 64 * 4)
+        model = small_model()
+        big = next(t for t in model.graph.initializer if t.name == "big")
+        big.ClearField("raw_data")
+        big.data_location = TensorProto.EXTERNAL
+        location = "../secret.bin" if kind == "external-parent" else "/etc/passwd"
+        for key, value in (("location", location), ("offset", "0"), ("length", str(64 * 64 * 4))):
+            entry = big.external_data.add()
+            entry.key, entry.value = key, value
+        path.write_bytes(model.SerializeToString())
+    elif kind == "directory":
+        path.mkdir()
+    return path
+
+
+MALFORMED = {
+    "not-onnx": "not an ONNX model",
+    "empty": "the file is empty",
+    "truncated": "truncated or corrupt",
+    "cyclic": "the graph has a cycle",
+    "missing-initializer": "reads 'weight', which no node, graph input or initializer defines",
+    "opset-7": "opset 7 is not supported",
+    "opset-future": "opset 99 is not supported",
+    "external-parent": "outside the model's folder",
+    "external-absolute": "absolute path '/etc/passwd'",
+    "directory": "is a directory",
+    "missing-file": "no such file",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_input_exits_2_with_one_line(kind, tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / "absent.onnx" if kind == "missing-file" else _write_malformed(kind, folder)
+    before = sha(path) if path.is_file() else None
+    out = tmp_path / "out.onnx"
+    code, stdout, stderr = run_cli(capsys, path, "-o", out, "-p", "dce", "--check")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("opt-cli: error: ") and MALFORMED[kind] in lines[0], lines[0]
+    assert "Traceback" not in stderr and stdout == ""
+    assert not out.exists()
+    if before is not None:
+        assert sha(path) == before
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    path = _write_malformed("cyclic", tmp_path)
+    code, _, stderr = run_cli(capsys, path, "--debug")
+    assert code == 2 and "Traceback" in stderr and stderr.strip().splitlines()[-1].startswith("opt-cli: error:")
+
+
+def test_usage_errors(tmp_path, model_path, capsys):
+    assert run_cli(capsys)[0] == 2
+    code, _, err = run_cli(capsys, model_path, "-o", tmp_path / "out.txt")
+    assert code == 2 and "must end in .onnx" in err
+    code, _, err = run_cli(capsys, model_path, "--dim", "nosuch=3", "--check")
+    assert code == 2 and "no such input dim" in err
+    code, _, err = run_cli(capsys, model_path, "-o", tmp_path / "missing" / "out.onnx")
+    assert code == 2 and "does not exist" in err
+
+
+# ---- the demo and the executables ----------------------------------------------------------------
+def test_demo(tmp_path, capsys):
+    pytest.importorskip("graphopt.zoo")
+    out = tmp_path / "demo.onnx"
+    code, stdout, err = run_cli(capsys, "--demo", "-o", out, "-p", "dce", "--check", "--runs", "2")
+    assert code == 0, err
+    assert "max abs error" in stdout
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_executables(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    commands = [[sys.executable, os.path.join(ROOT, "tools", "opt-cli")]]
+    if shutil.which("opt-cli"):
+        commands.append([shutil.which("opt-cli")])
+    for command in commands:
+        done = subprocess.run(command + [str(bad), "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [f"opt-cli: error: {bad}: not an ONNX model (protobuf cannot parse it)"]
+    done = subprocess.run(commands[0] + ["--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--calib" in done.stdout
