@@ -201,7 +201,7 @@ def norm_at(value: Value) -> Norm | None:
                     p = v.producer if v is not None else None
                     if p is None or p in nodes:
                         continue
-                    if p.op in ("mul", "rsqrt", "add", "mean", "pow", "cast", "sqrt", "div"):
+                    if p.op in ("mul", "rsqrt", "add", "mean", "pow", "cast", "sqrt", "div", "reciprocal"):
                         nodes.append(p)
                         nxt.append(p)
                         seen_rsqrt |= p.op in ("rsqrt", "sqrt")
@@ -224,7 +224,8 @@ def _norm_below(value: Value) -> Norm:
             found = norm_at(user.output)
             return found if found is not None and _same_stream(found.input, value) else None
         return None
-    return _walk_down(value, accept, "MLP norm", through={"cast", "mul", "pow", "mean", "add", "rsqrt", "token_merge"})
+    return _walk_down(value, accept, "MLP norm",
+                      through={"cast", "mul", "pow", "mean", "add", "rsqrt", "sqrt", "reciprocal", "token_merge"})
 
 
 def _softmax_core(node: Node):

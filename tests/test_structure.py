@@ -104,3 +104,28 @@ def test_incomplete_block_is_reported_not_guessed():
     g.set_outputs([g.op.sdpa(q, q, q)])  # attention without projections
     with pytest.raises(StructureError, match=r"attention at %0 \(sdpa\).*query: expected one projection feeding %q, found 0"):
         analyze(g)
+
+
+def test_llava_exported_to_onnx(llava_case, tmp_path):
+    """torch 2.13's exporter has no translation for ``aten._is_all_true`` (LLaVA's image-token
+    check); the test supplies one, as a user would, and the analysis finds both stacks."""
+    from onnxscript import BOOL, INT64
+    from onnxscript import opset18 as op
+
+    from graphopt.frontends.onnx_frontend import from_onnx
+
+    def is_all_true(x: BOOL) -> BOOL:
+        return op.Cast(op.ReduceMin(op.Cast(x, to=INT64.dtype), keepdims=0), to=BOOL.dtype)
+
+    program = torch.onnx.export(llava_case.model, (), kwargs=dict(llava_case.kwargs), dynamo=True, verbose=False,
+                                custom_translation_table={torch.ops.aten._is_all_true.default: is_all_true})
+    path = tmp_path / "llava.onnx"
+    program.save(str(path))
+    structure = analyze(from_onnx(str(path)))
+    cfg = llava_case.config
+    assert not structure.problems, structure.problems
+    vision, language = structure.stacks
+    assert (len(vision), len(language)) == (cfg.vision_config.num_hidden_layers, cfg.text_config.num_hidden_layers)
+    assert language[0].attention.causal and language[0].mlp.gate is not None
+    assert [n.kind for n in language[0].norms] == ["rms_norm", "rms_norm"]
+    assert len(structure.connector) == 2 and structure.connector_input is vision[-1].output
