@@ -12,6 +12,7 @@ import sympy
 import torch
 
 from graphopt.ir import Graph, Node, get_op
+from graphopt.ir.ops.opaque import is_pure
 from graphopt.passes.registry import option, register_pass
 
 
@@ -42,8 +43,7 @@ def constant_folding(graph: Graph, ctx, *,
 
 
 def _foldable(node: Node) -> bool:
-    schema = get_op(node.op)
-    if not schema.pure or any(v is not None and not v.is_constant for v in node.inputs):
+    if not is_pure(node) or any(v is not None and not v.is_constant for v in node.inputs):
         return False
     if any(not v.type.is_static for v in node.outputs):
         return False

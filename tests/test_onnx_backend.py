@@ -331,3 +331,17 @@ def test_zoo_models_run_in_onnxruntime(fixture, request):
     for g, e in zip(pytree.tree_leaves(got), pytree.tree_leaves(expected)):
         if isinstance(e, torch.Tensor):
             assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-4
+
+
+def test_declared_intermediate_types_are_valid():
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    graph = graphopt.optimize(model, [], (torch.randint(0, 20, (2, 7)),)).graph
+    plain, declared = to_onnx(graph), to_onnx(graph, value_info=True)
+    assert len(plain.graph.value_info) == 0 and len(declared.graph.value_info) > 10
+    onnx.checker.check_model(declared, full_check=True)
+    ids = torch.randint(0, 20, (3, 7)).numpy()
+    a = create_session(plain).run(None, {"ids": ids})
+    b = create_session(declared).run(None, {"ids": ids})
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
