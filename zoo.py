@@ -330,11 +330,15 @@ def sentences(n: int = 256) -> list[str]:
 # --------------------------------------------------------------------------- digits ViT (trained)
 
 _DIGITS_VERSION = "1"
+# initializer_range 0.1 (HF default 0.02) is what makes training fast: with the default, accuracy sits
+# near chance for the first epochs and 97% takes ~3x the optimizer steps.
 _DIGITS_CONFIG = dict(image_size=32, patch_size=4, num_channels=1, hidden_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, intermediate_size=384, num_labels=10,
+                      num_attention_heads=4, intermediate_size=384, num_labels=10, initializer_range=0.1,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-_DIGITS_TRAIN = dict(seed=0, test_size=0.25, epochs=16, batch_size=16, lr=7e-4, weight_decay=0.05,
-                     warmup=0.05, label_smoothing=0.1)
+# threads is fixed (and part of the cache key) because the thread count changes float reduction order,
+# hence the trained weights.
+_DIGITS_TRAIN = dict(seed=0, test_size=0.25, epochs=10, batch_size=32, lr=1e-3, weight_decay=0.05,
+                     warmup=0.05, label_smoothing=0.1, threads=2)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -373,7 +377,7 @@ def _digits_data(seed: int, test_size: float):
 
 
 def _train_digits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict) -> None:
-    """AdamW + linear warmup + cosine decay; uses every core we may run on."""
+    """AdamW, linear warmup then cosine decay, on a fixed number of threads."""
     steps = hp["epochs"] * math.ceil(len(y) / hp["batch_size"])
     warmup = max(1, int(steps * hp["warmup"]))
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
@@ -381,7 +385,7 @@ def _train_digits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict) 
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
     gen = torch.Generator().manual_seed(hp["seed"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(hp["threads"])
     try:
         model.train()
         for _ in range(hp["epochs"]):
@@ -402,7 +406,8 @@ def _cache_dir() -> Path:
 
 
 def digits_vit(batch: int = 2) -> DigitsCase:
-    """Small HF ViT trained on sklearn digits (cached on disk; first build trains for under a minute)."""
+    """Small HF ViT trained on sklearn digits (about 97% test accuracy); cached on disk, so only the
+    first build trains (about half a minute on 2 cores)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     xtr, ytr, xte, yte = _digits_data(_DIGITS_TRAIN["seed"], _DIGITS_TRAIN["test_size"])
