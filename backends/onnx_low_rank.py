@@ -7,9 +7,7 @@ peak memory. Transposed factors are written as initializers once (no run-time Tr
 """
 from __future__ import annotations
 
-import math
-
-from graphopt.backends.onnx_lowering import register_lowering
+from graphopt.backends.onnx_lowering import emit_gelu, register_lowering
 from graphopt.ir.ops.low_rank import OP
 
 
@@ -20,17 +18,7 @@ def _activation(em, x, activation, dtype):
         return em.one("Relu", [x])
     if activation == "silu":
         return em.one("Mul", [x, em.one("Sigmoid", [x])])
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    if em.opset >= 20:
-        return em.one("Gelu", [x], approximate=approximate)
-    half, one = em.literal(0.5, dtype), em.literal(1.0, dtype)
-    if approximate == "tanh":
-        cube = em.one("Mul", [em.one("Mul", [x, x]), x])
-        inner = em.one("Add", [x, em.one("Mul", [cube, em.literal(0.044715, dtype)])])
-        t = em.one("Tanh", [em.one("Mul", [inner, em.literal(math.sqrt(2 / math.pi), dtype)])])
-    else:
-        t = em.one("Erf", [em.one("Mul", [x, em.literal(1 / math.sqrt(2), dtype)])])
-    return em.one("Mul", [em.one("Mul", [x, half]), em.one("Add", [t, one])])
+    return emit_gelu(em, x, dtype, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def _factor(em, node, i, dtype):

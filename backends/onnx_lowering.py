@@ -620,13 +620,10 @@ def _silu(em, node):
     return em.one("Mul", [x, em.one("Sigmoid", [x])], em.out(node))
 
 
-@register_lowering("gelu")
-def _gelu(em, node):
-    dtype = _out_dtype(node)
-    x = em.input(node, 0, dtype)
-    approximate = node.attrs["approximate"]
+def emit_gelu(em, x: str, dtype, approximate: str, output: str | None = None) -> str:
+    """GELU as ONNX: the Gelu op from opset 20, else its erf or tanh formula."""
     if em.opset >= 20:
-        return em.one("Gelu", [x], em.out(node), approximate=approximate)
+        return em.one("Gelu", [x], output, approximate=approximate)
     half, one = em.literal(0.5, dtype), em.literal(1.0, dtype)
     if approximate == "tanh":
         cube = em.one("Mul", [em.one("Mul", [x, x]), x])
@@ -634,7 +631,13 @@ def _gelu(em, node):
         t = em.one("Tanh", [em.one("Mul", [inner, em.literal(math.sqrt(2 / math.pi), dtype)])])
     else:
         t = em.one("Erf", [em.one("Mul", [x, em.literal(1 / math.sqrt(2), dtype)])])
-    return em.one("Mul", [em.one("Mul", [x, half]), em.one("Add", [t, one])], em.out(node))
+    return em.one("Mul", [em.one("Mul", [x, half]), em.one("Add", [t, one])], output)
+
+
+@register_lowering("gelu")
+def _gelu(em, node):
+    dtype = _out_dtype(node)
+    return emit_gelu(em, em.input(node, 0, dtype), dtype, node.attrs["approximate"], em.out(node))
 
 
 @register_lowering("clamp")
