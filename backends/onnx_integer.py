@@ -4,12 +4,16 @@ reference implementations, using standard ai.onnx ops only:
     int.linear / int.matmul -> MatMulInteger (u8 activations with zero point 128 x s8: ORT's fast path)
     int.conv2d              -> ConvInteger
     int.requant / int.add   -> Mul, Add, Div, Clip, Cast on int32
-    int.shiftmax/shiftgelu/layernorm -> ReduceMax/ReduceSum, Div, Gather (powers of two), Where, ...
+    int.shiftmax/shiftgelu/layernorm -> ReduceMax/ReduceSum, Div, GatherElements (tables), Where, ...
 
 Rounding: ONNX integer ``Div`` truncates toward zero, which is the reference's ``tdiv``. The floor
 shift of a requantization is a ``Div`` by 2^k after adding ``(-lo) * 2^k``: for non-negative numbers
 truncation is the floor, and every negative sum is clipped to ``lo`` either way. ``BitShift`` is not
-used (it is unsigned only).
+used (it is unsigned only, and slower in ONNX Runtime than an int32 ``Div`` by a scalar).
+
+Table lookups (powers of two in Shiftmax, ShiftGELU) are ``GatherElements`` on the flattened index:
+ONNX Runtime's ``Gather`` copies one element per index through a generic block copy and is about ten
+times slower per element.
 """
 from __future__ import annotations
 
@@ -31,16 +35,6 @@ def _i32(em, name: str, dtype: torch.dtype) -> str:
     return name if dtype == I32 else em.one("Cast", [name], to=onnx_dtype(I32))
 
 
-def _u32(em, value: int) -> str:
-    """A uint32 scalar initializer (torch has no uint32 tensors to go through em.literal)."""
-    key = ("u32", int(value))
-    if key not in em.cache:
-        name = em.fresh("const_u32")
-        em.initializers.append(numpy_helper.from_array(np.array(value, dtype=np.uint32), name))
-        em.cache[key] = name
-    return em.cache[key]
-
-
 def _lit(em, value: int, dtype=I32) -> str:
     return em.literal(int(value), dtype)
 
@@ -59,22 +53,18 @@ def _const_i32(em, value, name_tensor: torch.Tensor) -> str:
 def _finish(em, node, acc: str, c: torch.Tensor, *, k, lo, hi, zero_point, dtype) -> str:
     """clamp(floor((acc + c) / 2^k), lo, hi) + zero_point, cast to dtype (acc already int32).
 
-    a = acc + c + (-lo) 2^k; clamp(floor(a / 2^k), 0, hi - lo) == floor(clip(a, 0, (hi-lo+1) 2^k - 1) / 2^k),
-    and on a non-negative int32 the floor shift is a uint32 BitShift (much cheaper than Div)."""
+    a = acc + c + (-lo) 2^k; clamp(floor(a / 2^k), 0, hi - lo) == tdiv(clip(a, 0, (hi-lo+1) 2^k - 1), 2^k): on a
+    non-negative int32 the truncating Div is the floor, and ONNX Runtime's int32 Div by a scalar is cheaper than
+    the Cast/BitShift/Cast round trip through uint32 (BitShift is unsigned only)."""
     K = -lo
     shifted = c.to(torch.int64) + K * 2 ** k
     y = em.one("Add", [acc, _const_i32(em, None, shifted)])
     target = INT_DTYPES[dtype]
     top = (hi - lo + 1) * 2 ** k - 1
-    if k and top <= INT32_MAX:
-        y = em.one("Clip", [y, _lit(em, 0), _lit(em, top)])
-        y = em.one("BitShift", [em.one("Cast", [y], to=onnx.TensorProto.UINT32), _u32(em, k)], direction="RIGHT")
-        if target == torch.uint8 and lo + zero_point == 0:
-            return em.one("Cast", [y], em.out(node), to=onnx_dtype(torch.uint8))
-        y = em.one("Cast", [y], to=onnx_dtype(I32))
+    if top <= INT32_MAX:
+        y = _tdiv(em, em.one("Clip", [y, _lit(em, 0), _lit(em, top)]), 2 ** k)
     else:
-        y = _tdiv(em, y, 2 ** k)
-        y = em.one("Clip", [y, _lit(em, 0), _lit(em, hi - lo)])
+        y = em.one("Clip", [_tdiv(em, y, 2 ** k), _lit(em, 0), _lit(em, hi - lo)])
     if lo + zero_point:
         y = em.one("Add", [y, _lit(em, lo + zero_point)])
     if target == I32:
@@ -106,13 +96,13 @@ def _requant(em, node):
         raise LoweringError(f"{node.label()}: the offset c must be a constant")
     src = node.inputs[0].producer
     if _gelu_fusable(node):
-        # requant(shiftgelu(x)) is a function of the 16-bit x: one table, one Gather (the shiftgelu
+        # requant(shiftgelu(x)) is a function of the 16-bit x: one table, one lookup (the shiftgelu
         # node's own output is then unused and ONNX Runtime drops it)
         from graphopt.ir.ops.integer import requant, shiftgelu
         g = src.attrs
         table = requant(shiftgelu(_gelu_domain(src), X=g["X"], n=g["n"], bits=g["bits"], in_bits=g["in_bits"]),
                         node.inputs[1].const, node.inputs[2].const, **a)
-        return em.one("Gather", [em.literal(table.tolist(), table.dtype), _gelu_index(em, src)], em.out(node), axis=0)
+        return _lookup(em, em.literal(table.tolist(), table.dtype), _gelu_index(em, src), em.out(node))
     t = _scaled(em, node, 0, a["pre"], 1)
     return _finish(em, node, t, node.inputs[2].const, k=a["k"], lo=a["lo"], hi=a["hi"],
                    zero_point=a["zero_point"], dtype=a["dtype"])
@@ -220,8 +210,15 @@ def _reduce(em, op: str, x: str) -> str:
     return em.one(op, [x], axes=[-1], keepdims=1)
 
 
+def _lookup(em, table: str, index: str, output: str | None = None) -> str:
+    """table[index] elementwise for a 1-D table: GatherElements on the flattened index (indices may be
+    negative, counting from the table's end)."""
+    flat = em.one("GatherElements", [table, em.one("Reshape", [index, em.literal([-1])])], axis=0)
+    return em.one("Reshape", [flat, em.one("Shape", [index])], output)
+
+
 def _pow2_table(em, X: int, n: int) -> str:
-    """shift_pow2 over its whole (clamped) domain 0..n*X: one Gather replaces the shift arithmetic."""
+    """shift_pow2 over its whole (clamped) domain 0..n*X: one lookup replaces the shift arithmetic."""
     from graphopt.ir.ops.integer import shift_pow2
     return em.literal(shift_pow2(torch.arange(n * X + 1, dtype=I32), X, n).tolist(), I32)
 
@@ -235,31 +232,37 @@ def _shiftmax(em, node):
     if mask:
         x = em.one("Where", [mask, x, _lit(em, -2 ** 30)])
     u = em.one("Clip", [em.one("Sub", [_reduce(em, "ReduceMax", x), x]), _lit(em, 0), _lit(em, n * X)])
-    e = em.one("Gather", [_pow2_table(em, X, n), u], axis=0)
+    e = _lookup(em, _pow2_table(em, X, n), u)
     if mask:
         e = em.one("Where", [mask, e, _lit(em, 0)])
     s = em.one("Max", [_reduce(em, "ReduceSum", e), _lit(em, 1)])
     num = em.one("Add", [em.one("Mul", [e, _lit(em, 2 ** bits)]), _tdiv(em, s, 2)])
-    y = em.one("Min", [em.one("Div", [num, s]), _lit(em, 2 ** bits - 1)])
+    y = em.one("Clip", [em.one("Div", [num, s]), _lit(em, 0), _lit(em, 2 ** bits - 1)])   # Clip: cheaper than Min
     return em.one("Cast", [y], em.out(node), to=onnx_dtype(torch.uint8))
 
 
 def _gelu_index(em, node) -> str:
-    """The shiftgelu input clamped to its in_bits range and offset to a table index."""
+    """The shiftgelu input clamped to its in_bits range: an index into the table of ``_gelu_domain``
+    (negative values index from its end). The clamp is skipped when the producer's own clamp is tighter."""
     b = node.attrs["in_bits"]
     x = _i32(em, em.input(node, 0), node.inputs[0].type.dtype)
-    x = em.one("Clip", [x, _lit(em, -2 ** (b - 1)), _lit(em, 2 ** (b - 1) - 1)])
-    return em.one("Add", [x, _lit(em, 2 ** (b - 1))])
+    src = node.inputs[0].producer
+    if src is not None and src.op in ("int.requant", "int.add") and src.attrs["dtype"] == "i32" \
+            and src.attrs["lo"] + src.attrs["zero_point"] >= -2 ** (b - 1) \
+            and src.attrs["hi"] + src.attrs["zero_point"] <= 2 ** (b - 1) - 1:
+        return x
+    return em.one("Clip", [x, _lit(em, -2 ** (b - 1)), _lit(em, 2 ** (b - 1) - 1)])
 
 
 def _gelu_domain(node) -> torch.Tensor:
+    """0 .. 2^(b-1)-1 then -2^(b-1) .. -1: the table position of every in_bits value v is v mod 2^b."""
     b = node.attrs["in_bits"]
-    return torch.arange(-2 ** (b - 1), 2 ** (b - 1), dtype=I32)
+    return torch.cat([torch.arange(0, 2 ** (b - 1), dtype=I32), torch.arange(-2 ** (b - 1), 0, dtype=I32)])
 
 
 @register_lowering("int.shiftgelu")
 def _shiftgelu(em, node):
-    """ShiftGELU of a 16-bit input is a table of 2^16 int32 values: one Gather (bit-identical)."""
+    """ShiftGELU of a 16-bit input is a table of 2^16 int32 values: one lookup (bit-identical)."""
     from graphopt.ir.ops.integer import shiftgelu
     a = node.attrs
     out = node.outputs[0]
@@ -270,7 +273,7 @@ def _shiftgelu(em, node):
     if a["in_bits"] > 16:
         raise LoweringError(f"{node.label()}: in_bits {a['in_bits']} > 16 is not lowered")
     table = shiftgelu(_gelu_domain(node), X=a["X"], n=a["n"], bits=a["bits"], in_bits=a["in_bits"])
-    return em.one("Gather", [em.literal(table.tolist(), I32), _gelu_index(em, node)], em.out(node), axis=0)
+    return _lookup(em, em.literal(table.tolist(), I32), _gelu_index(em, node), em.out(node))
 
 
 @register_lowering("int.layernorm")
@@ -280,7 +283,8 @@ def _layernorm(em, node):
     mean = _tdiv(em, _reduce(em, "ReduceSum", x), a["C"])
     y = em.one("Sub", [x, mean])
     sh = a["sh"]
-    ys = _tdiv(em, em.one("Add", [y, em.one("Mul", [em.one("Sign", [y]), _lit(em, 2 ** (sh - 1))])]), 2 ** sh) if sh else y
+    # only ys^2 is used, and |round-half-away(y / 2^sh)| = tdiv(|y| + 2^(sh-1), 2^sh): no Sign/Mul pass
+    ys = _tdiv(em, em.one("Add", [em.one("Abs", [y]), _lit(em, 2 ** (sh - 1))]), 2 ** sh) if sh else y
     var = em.one("Max", [_reduce(em, "ReduceSum", em.one("Mul", [ys, ys])), _lit(em, 1)])
     k = _lit(em, 2 ** 16)
     for _ in range(a["iters"]):
