@@ -7,6 +7,9 @@ A factor pair is ``linear(linear(x, A), B, b)`` or the ONNX form ``matmul(matmul
 bias ``add``) with constant weights whose inner width r is below both outer widths. The fused op
 never materialises the full-width hidden layer (see ``graphopt.ir.ops.low_rank``). Intermediate
 values used outside the chain block the fusion (reported, with the reason).
+
+GELUs written out with erf or tanh (ONNX exports below opset 20) are folded into ``gelu`` first by
+the ``fuse_gelu`` rule set, so graphs from the ONNX frontend fuse like captured ones.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.ops.low_rank import OP
+from graphopt.passes.fuse_gelu import FUSE_GELU
 from graphopt.passes.registry import option, register_pass
 
 ACTIVATION_OPS = {"relu": "relu", "silu": "silu"}
@@ -86,6 +90,15 @@ def factor_pair(value: Value) -> _Pair | None:
     return _Pair(x, a, b, bias, nodes, value)
 
 
+def _feeds_bias_add(value: Value) -> bool:
+    """``value`` is a matmul output whose only use adds a constant bias: fuse from that add instead."""
+    if not _private(value):
+        return False
+    user = value.uses[0][0]
+    other = user.inputs[1 - value.uses[0][1]] if user.op == "add" and len(user.inputs) == 2 else None
+    return other is not None and other.is_constant and other.type.rank == 1
+
+
 def _activation(value: Value):
     """(name, input value, node) when ``value`` is an activation the fused op knows."""
     node = value.producer
@@ -107,7 +120,7 @@ def fuse(graph: Graph, tile: int, ctx=None) -> int:
     for node in list(graph.nodes):
         if node.graph is not graph:
             continue
-        if node.op not in ("linear", "add", "matmul"):
+        if node.op not in ("linear", "add", "matmul") or (node.op == "matmul" and _feeds_bias_add(node.output)):
             continue
         outer = factor_pair(node.output)
         if outer is None:
@@ -153,6 +166,9 @@ def fuse_low_rank(graph, ctx, *, tile: int = option(256, "hidden columns the fus
     """Fuse factorised MLPs / consecutive factor pairs into low_rank_mlp (no full-width intermediate)."""
     if tile < 1:
         raise ValueError(f"option tile={tile} must be a positive integer")
+    for rule, fired in FUSE_GELU.apply(graph).items():
+        if fired:
+            ctx.count(rule, fired)
     n = fuse(graph, tile, ctx)
     ctx.count("fused", n)
     if not n:

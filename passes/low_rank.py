@@ -13,10 +13,12 @@ A layer whose factorisation would not cost fewer FLOPs than the dense layer by t
 truncated SVD. ``allocation=sensitivity`` spreads the global budget (``ratio`` of the selected
 layers' parameters) by measured per-layer sensitivity (ASVD-style); ``sequential=true`` computes
 each layer's whitening from the activations of the already-compressed layers before it (and with
-``correct=true`` also refits the weight to the dense layer's output on that input).
+``correct=true`` also refits the weight to the dense layer's output on that input; layers kept
+dense are refitted the same way, at no parameter cost).
 
-The report ends with the output cosine on the calibration set and says plainly when the model does
-not compress well at the requested budget.
+The report ends with the output cosine against the dense model on calibration batches held out from
+fitting (``holdout``; measured on the fitting batches it is optimistic: it rewards fitting the
+calibration data) and says plainly when the model does not compress well at the requested budget.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from typing import Literal
 import torch
 
 from graphopt.passes.low_rank_calib import Option, Probe, allocate, monotone, row_cosine, row_error
-from graphopt.passes.low_rank_factor import (Decomposition, break_even, kept_params, plain_svd, rank_for_ratio,
-                                             whitened_svd)
-from graphopt.passes.low_rank_layers import Layer, find_layers, reduces_cost, rewrite, select_layers
+from graphopt.passes.low_rank_factor import (Decomposition, break_even, corrected_weight, kept_params, plain_svd,
+                                             rank_for_ratio, whitened_svd)
+from graphopt.passes.low_rank_layers import Layer, find_layers, reduces_cost, replace_weight, rewrite, select_layers
 from graphopt.passes.registry import PassConfigError, option, register_pass
 
 DEFAULT_CANDIDATES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -60,15 +62,20 @@ def low_rank(graph, ctx, *,
                                                                                 "budget spread by measured sensitivity"),
              sequential: bool = option(False, "whiten each layer with the activations of the already-compressed "
                                               "layers before it"),
-             correct: bool = option(False, "with sequential: refit each weight to the dense output on the new input"),
+             correct: bool = option(False, "with sequential: refit each weight (factorised or kept dense) to the "
+                                           "dense output on the new input"),
              candidates: list[float] = option(None, "kept fractions tried per layer by the sensitivity search"),
              sensitivity_batches: int = option(8, "calibration batches used to measure sensitivity"),
              sensitivity_file: str = option("", "JSON cache of the measured sensitivities (read if it matches)"),
              ridge: float = option(1e-3, "ridge (x mean Gram diagonal) of the correction's least squares"),
+             holdout: float = option(0.2, "fraction of the calibration batches kept out of fitting to estimate the "
+                                          "output quality without bias (0: estimate on the fitting batches)"),
              ):
     """Low-rank factorisation of linear / 1x1 conv weights (plain SVD or SVD-LLM, allocated, sequential)."""
     _check_fraction("ratio", ratio)
     _check_fraction("energy", energy, allow_zero=True)
+    if not 0.0 <= holdout < 1.0:
+        raise PassConfigError(f"pass 'low_rank': option holdout={holdout!r} must be in [0, 1) (0 switches it off)")
     cands = sorted(set(candidates or DEFAULT_CANDIDATES), reverse=True)
     for c in cands:
         _check_fraction("candidates", c)
@@ -90,7 +97,7 @@ def low_rank(graph, ctx, *,
         chosen = _apply_rank_map(chosen, ranks, explicit)
 
     needs_calibration = method == "svd_llm" or allocation == "sensitivity" or sequential
-    batches = ctx.require_calibration() if needs_calibration else []
+    batches, held_out = _split_holdout(ctx.require_calibration(), holdout) if needs_calibration else ([], [])
     dense_probe = Probe(graph, chosen) if needs_calibration else None
 
     # 1. decompositions on the dense model's activations
@@ -98,7 +105,8 @@ def low_rank(graph, ctx, *,
     grams = {}
     if method == "svd_llm":
         grams, _, tokens = dense_probe.grams(batches)
-        ctx.note(f"calibration: {len(batches)} batches, {tokens} rows per layer input")
+        ctx.note(f"calibration: {len(batches)} batches for fitting, {tokens} rows per layer input; "
+                 f"{len(held_out)} held out for the quality estimate")
     for l in chosen:
         decomp[id(l)] = whitened_svd(l.matrix, grams[id(l.input)]) if method == "svd_llm" else plain_svd(l.matrix)
         if decomp[id(l)].fallback:
@@ -141,16 +149,24 @@ def low_rank(graph, ctx, *,
         else:
             todo.append(l)
 
-    # 4. factors (sequential: re-whitened with the compressed model's activations, in graph order)
+    # 4. factors (sequential: re-whitened with the compressed model's activations, in graph order);
+    #    with correct=true the layers left dense are refitted to the dense output too (same parameters)
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    refit: dict[int, torch.Tensor] = {}
     if sequential and todo:
-        work = Probe(graph, todo)
+        touched = [l for l in chosen if correct or l in todo]
+        work = Probe(graph, touched)
         groups: dict[int, list[Layer]] = {}
-        for l in todo:  # graph order; layers reading the same input share one calibration run
+        for l in touched:  # graph order; layers reading the same input share one calibration run
             groups.setdefault(id(l.input), []).append(l)
         for group in groups.values():
             g, c, _ = work.grams(batches, group, dense=dense_probe if correct else None)
             for l in group:
+                if l not in todo:
+                    if not torch.equal(g[id(l.input)], c[id(l.input)]):  # else its input is unchanged
+                        refit[id(l)] = corrected_weight(l.matrix, g[id(l.input)], c[id(l.input)], ridge)
+                        work.set_matrix(l, refit[id(l)])
+                    continue
                 d = whitened_svd(l.matrix, g[id(l.input)], c.get(id(l.input)), ridge) if method == "svd_llm" \
                     else decomp[id(l)]
                 if d.fallback and d is not decomp[id(l)]:
@@ -162,22 +178,29 @@ def low_rank(graph, ctx, *,
         for l in todo:
             factors[id(l)] = decomp[id(l)].factors(rank[id(l)], l.weight.const.dtype)
 
-    # 5. measure what it did on the calibration set, then rewrite
+    # 5. measure what it did, on held-out batches when there are any, then rewrite
     kept = sum(kept_params(*l.shape, rank[id(l)]) if l in todo else l.shape[0] * l.shape[1] for l in chosen)
     if needs_calibration and todo:
-        reference = dense_probe.outputs(batches)
-        check = Probe(graph, todo)
+        judged = held_out or batches
+        where = (f"{len(held_out)} held-out calibration batches" if held_out else
+                 "the fitting batches (optimistic: no batch held out)")
+        reference = dense_probe.outputs(judged)
+        refitted = [l for l in chosen if id(l) in refit]
+        check = Probe(graph, todo + refitted)
         for l in todo:
             a, b = factors[id(l)]
             check.set_matrix(l, b @ a)
-        approx = check.outputs(batches)
+        for l in refitted:
+            check.set_matrix(l, refit[id(l)])
+        approx = check.outputs(judged)
         cosine, err = row_cosine(reference, approx), row_error(reference, approx)
-        ctx.note(f"calibration output: mean row cosine {cosine:.4f}, mean relative squared error {err:.3g}")
+        ctx.note(f"output on {where}: mean row cosine {cosine:.4f}, mean relative squared error {err:.3g}")
         if cosine < POOR_COSINE:
             ctx.note(f"WARNING: this model does not compress well at {kept / total_params:.0%} kept parameters "
-                     f"(output cosine {cosine:.3f} < {POOR_COSINE} on the calibration set); keep more parameters, "
+                     f"(output cosine {cosine:.3f} < {POOR_COSINE} on {where}); keep more parameters, "
                      "use allocation=sensitivity sequential=true, or fine-tune after factorising")
-        graph.meta["low_rank_calibration_cosine"] = cosine
+        graph.meta["low_rank_output_cosine"] = cosine
+        graph.meta["low_rank_cosine_held_out"] = bool(held_out)
     for l in todo:
         a, b = factors[id(l)]
         m, n = l.shape
@@ -185,10 +208,25 @@ def low_rank(graph, ctx, *,
                  f"of its parameters)")
         rewrite(graph, l, a, b)
         ctx.count("factorised")
+    for l in chosen:
+        if id(l) in refit:
+            ctx.note(f"{l.name}: kept dense, refitted to the dense output on the compressed input")
+            replace_weight(graph, l, refit[id(l)])
+            ctx.count("refitted_dense")
     graph.remove_unused_constants()
     ctx.note(f"kept parameters: {kept}/{total_params} = {kept / total_params:.1%} of the selected layers "
              f"({len(todo)} factorised, {len(chosen) - len(todo)} dense)")
     graph.meta["low_rank_kept_fraction"] = kept / total_params
+
+
+def _split_holdout(batches: list, fraction: float) -> tuple[list, list]:
+    """(fitting, held-out) batches; held-out ones evenly spread (the set may be sorted by length), at
+    least one batch kept for fitting."""
+    k = min(round(fraction * len(batches)), len(batches) - 1)
+    if k <= 0:
+        return list(batches), []
+    held = {int((i + 0.5) * len(batches) / k) for i in range(k)}
+    return ([b for i, b in enumerate(batches) if i not in held], [b for i, b in enumerate(batches) if i in held])
 
 
 def _apply_rank_map(chosen: list[Layer], ranks: dict, explicit: dict[int, int]) -> list[Layer]:

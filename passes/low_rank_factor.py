@@ -84,6 +84,17 @@ def plain_svd(weight: torch.Tensor) -> Decomposition:
     return Decomposition(w, u, s, vh, "svd")
 
 
+def corrected_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W* = W Cᵀ (G' + λI)⁻¹ in float64: the least-squares weight reproducing the dense target ``X Wᵀ``
+    on the compressed input ``X'`` (``gram`` = X'ᵀ X', ``cross`` = X'ᵀ X, λ = ridge x mean diag)."""
+    w = weight.detach().to(torch.float64)
+    g = gram.detach().to(torch.float64)
+    g = 0.5 * (g + g.t())
+    scale = float(torch.diagonal(g).mean()) if g.shape[0] else 1.0
+    eye = torch.eye(g.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(g + ridge * scale * eye, cross.detach().to(torch.float64) @ w.t()).t()
+
+
 def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None = None,
                  ridge: float = 1e-4) -> Decomposition:
     """SVD-LLM: ``gram`` = Xᵀ X of the layer input [n, n] (any positive scaling). ``cross`` = X'ᵀ X
@@ -99,10 +110,7 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor |
         return d
     notes = []
     if cross is not None:
-        c = cross.detach().to(torch.float64)
-        eye = torch.eye(n, dtype=torch.float64)
-        # W* = W Cᵀ (G' + λI)⁻¹ : the least-squares weight for the dense target on the new input
-        w = torch.linalg.solve(g + ridge * scale * eye, c @ w.t()).t()
+        w = corrected_weight(w, g, cross, ridge)
         notes.append(f"corrected for the compressed input (ridge {ridge:g})")
     fallback = ""
     eye = torch.eye(n, dtype=torch.float64)

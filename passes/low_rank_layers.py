@@ -189,6 +189,14 @@ def rewrite(graph: Graph, layer: Layer, a: torch.Tensor, b: torch.Tensor) -> Non
     graph.erase_node(node)
 
 
+def replace_weight(graph: Graph, layer: Layer, matrix: torch.Tensor) -> None:
+    """Give the layer the weight ``matrix`` ([out, in]) as a new constant in the layer's own layout
+    (the old one may be shared with other nodes)."""
+    w = layer.weight.const
+    t = matrix if layer.kind == "linear" else matrix.t() if layer.kind == "matmul" else matrix.reshape(w.shape)
+    graph.set_input(layer.node, 1, graph.add_constant(t.to(w.dtype).contiguous(), f"{layer.weight.name}.corrected"))
+
+
 def rows_of(tensor: torch.Tensor, kind: str) -> torch.Tensor:
     """A layer input as [tokens, features] (channels last for convolutions)."""
     if kind == "conv1x1":

@@ -120,3 +120,25 @@ def test_onnx_runtime_runs_the_lowered_fused_op():
     x = torch.randn(3, 7, 24)
     ort = lower(out, "onnxruntime", threads=1)
     torch.testing.assert_close(ort.run_flat(x)[0], run(out, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_low_rank_then_fuse_on_an_onnx_imported_mlp_with_erf_gelu():
+    """The legacy exporter writes GELU as Div/Erf/Add/Mul/Mul and Linear as MatMul + Add."""
+    pytest.importorskip("onnx")
+    import io
+    from graphopt.frontends.onnx_frontend import from_onnx
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(2, 9, 32),), buf, input_names=["x"], dynamic_axes={"x": {0: "batch"}},
+                      dynamo=False, opset_version=17)
+    g = from_onnx(buf.getvalue())
+    assert "erf" in g.op_counts() and "gelu" not in g.op_counts()
+    factorise = ("low_rank", {"method": "svd", "ratio": 0.5})
+    out, report = PassManager([factorise, "fuse_low_rank"]).run(g)
+    assert out.op_counts() == {"low_rank_mlp": 1}
+    assert report["fuse_low_rank"].counters["fuse_gelu.erf"] == 1
+    assert out.find_nodes("low_rank_mlp")[0].attrs["activation"] == "gelu"
+    factorised, _ = PassManager([factorise]).run(g)
+    x = torch.randn(5, 9, 32)
+    torch.testing.assert_close(run(out, x)[0], run(factorised, x)[0], atol=1e-5, rtol=1e-5)

@@ -279,10 +279,68 @@ def test_sequential_correction_is_no_worse_on_the_calibration_set():
     assert _rel_err(seq, model, calib) <= _rel_err(plain, model, calib) * (1 + 1e-6)
 
 
+def test_correction_refits_a_layer_kept_dense_to_the_dense_output():
+    """y = L2 relu(L1 x): L2 is kept dense (rank 32 saves nothing); with correct=true its weight becomes
+    the least-squares fit of the dense output on the factorised L1's (rectified) output."""
+    dense_chain, _, calib = _chain(1)
+    model = torch.nn.Sequential(dense_chain[0], torch.nn.ReLU(), dense_chain[1]).eval()
+    g = from_torch(model, (calib[0][0],))
+    out, rec = run_low_rank(g, calib, method="svd_llm", ranks={"0": 4, "2": 32}, sequential=True, correct=True,
+                            ridge=1e-9, holdout=0)
+    assert rec.counters["refitted_dense"] == 1 and rec.counters["factorised"] == 1
+    part = {n.meta["low_rank_part"]: n.inputs[1].const.double() for n in out.nodes if "low_rank" in n.meta}
+    x = torch.cat([b[0].reshape(-1, 32) for b in calib]).double()
+    compressed = torch.relu(x @ part["a"].t() @ part["b"].t())    # the factorised L1's output, rectified
+    with torch.no_grad():
+        target = model(x.float()).double()
+    w_star = torch.linalg.lstsq(compressed, target, driver="gelsd").solution    # minimum-norm least squares
+    got = torch.cat([run(out, b[0])[0].reshape(-1, 32) for b in calib]).double()
+    torch.testing.assert_close(got, compressed @ w_star, atol=1e-4, rtol=1e-4)
+    unrefitted = compressed @ model[2].weight.detach().double().t()
+    assert ((got - target) ** 2).sum() < 0.9 * ((unrefitted - target) ** 2).sum()
+
+
 def test_poor_compression_is_said_plainly():
     model, g, calib = _chain(2)
     _, rec = run_low_rank(g, calib, method="svd_llm", ratio=0.1, layers=["1"])
     assert any("does not compress well" in n for n in rec.notes)
+
+
+def _cosine(graph, model, batches):
+    """Mean cosine of output rows, graph against the torch model, over ``batches``."""
+    cos = []
+    with torch.no_grad():
+        for (x,) in batches:
+            got, ref = run(graph, x)[0], model(x)
+            cos.append(torch.nn.functional.cosine_similarity(got.double().reshape(-1, 32),
+                                                             ref.double().reshape(-1, 32), dim=-1))
+    return float(torch.cat(cos).mean())
+
+
+def test_quality_estimate_is_measured_on_held_out_batches():
+    """Each calibration batch lives in its own 6-dim subspace: whitening fits the fitting batches' subspaces,
+    so the cosine on them is optimistic, and only a held-out batch shows the real quality."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False)).eval()
+    g = from_torch(model, (torch.randn(4, 16, 32),))
+    calib = [(torch.randn(4, 16, 6) @ torch.randn(6, 32),) for _ in range(5)]
+    out, rec = run_low_rank(g, calib, method="svd_llm", ratio=0.75, holdout=0.2)
+    held, fitting = calib[2:3], calib[:2] + calib[3:]   # one of five held out: the middle one
+    assert out.meta["low_rank_cosine_held_out"]
+    assert out.meta["low_rank_output_cosine"] == pytest.approx(_cosine(out, model, held), abs=1e-6)
+    assert _cosine(out, model, held) < _cosine(out, model, fitting) - 0.05
+    assert any("1 held-out calibration batches" in n for n in rec.notes)
+    naive, rec = run_low_rank(g, calib, method="svd_llm", ratio=0.75, holdout=0)
+    assert not naive.meta["low_rank_cosine_held_out"]
+    assert naive.meta["low_rank_output_cosine"] == pytest.approx(_cosine(naive, model, calib), abs=1e-6)
+    assert any("optimistic" in n for n in rec.notes)
+
+
+@pytest.mark.parametrize("holdout", [-0.1, 1.0])
+def test_holdout_outside_its_interval_is_a_clear_error(holdout):
+    g = mlp_graph()[1]
+    with pytest.raises(PassError, match=r"holdout=.* must be in \[0, 1\)"):
+        run_low_rank(g, [(torch.randn(2, 5, 24),)] * 2, holdout=holdout)
 
 
 # ---- structure roles on a tiny BERT ---------------------------------------------------------------
@@ -308,3 +366,20 @@ def test_select_by_structure_role(tiny_bert):
     assert touched == {f"encoder.layer.{i}.{p}.dense" for i in (0, 1) for p in ("intermediate", "output")}
     out, rec = run_low_rank(g, method="svd", ratio=0.5, roles=["attention"], exclude=["*.key"])
     assert rec.counters["factorised"] == 6
+
+
+# ---- the digits-trained ViT -----------------------------------------------------------------------
+def test_digits_vit_loses_at_most_one_point_at_half_the_linear_parameters(digits_case):
+    """SVD-LLM with sensitivity allocation, sequential calibration and correction, calibrated on 512
+    training images only; the sensitivities are cached next to the trained model (re-measured when
+    the model or the calibration changes), so only the first run pays for the search."""
+    from graphopt import zoo
+    case = digits_case
+    g = from_torch(case.model, (), case.kwargs)
+    calib = [(case.train_images[i:i + 64],) for i in range(0, 512, 64)]
+    out, rec = run_low_rank(g, calib, method="svd_llm", ratio=0.5, allocation="sensitivity", sequential=True,
+                            correct=True, sensitivity_batches=4,
+                            sensitivity_file=str(zoo._cache_dir() / "digits_vit-low_rank-sensitivity.json"))
+    assert out.meta["low_rank_kept_fraction"] <= 0.5 and rec.counters["factorised"] > 0
+    dense = case.accuracy(case.model)
+    assert case.accuracy(lambda x: run(out, x)[0]) >= dense - 0.01
