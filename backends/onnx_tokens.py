@@ -46,6 +46,25 @@ def _rows(em, t, index):
     return em.one("GatherElements", [t, idx], axis=1)
 
 
+def bipartite_plan(em, scores: str, n, r: int, p: int):
+    """(kept, src_pos, dst_pos) from the A x B scores [B, A, B] (float or integer): the ONNX form of
+    ``ir.ops.tokens.plan_from_scores``."""
+    m = canonical_dim(sympy.sympify(n) - r)
+    node_max = _reduce(em, "ReduceMax", scores, [-1], 0)                                  # [B, na]
+    node_idx = em.one("ArgMax", [scores], axis=-1, keepdims=0, select_last_index=0)
+    _, src = em.node("TopK", [node_max, em.literal([r])], [em.tmp("topv"), em.tmp("src")], axis=1, largest=1, sorted=1)
+    src_pos = em.one("Add", [em.one("Mul", [src, em.literal(2)]), em.literal(p)])           # [B, r]
+    partner = em.one("GatherElements", [node_idx, src], axis=1)
+    dst_pos = em.one("Add", [em.one("Mul", [partner, em.literal(2)]), em.literal(p + 1)])
+    positions = _range(em, 0, n)
+    hits = em.one("Equal", [em.one("Unsqueeze", [src_pos, em.literal([-1])]), positions])  # [B, r, N]
+    is_src = em.one("Cast", [_reduce(em, "ReduceMax", em.one("Cast", [hits], to=TensorProto.INT32), [1], 0)],
+                    to=TensorProto.BOOL)
+    key = em.one("Where", [is_src, em.one("Cast", [em.scalar(n)], to=F), em.one("Cast", [positions], to=F)])
+    kept_v, _ = em.node("TopK", [key, em.dim1(m)], [em.tmp("keptv"), em.tmp("kepti")], axis=1, largest=0, sorted=1)
+    return em.one("Cast", [kept_v], to=I64), src_pos, dst_pos                             # kept: [B, N-r]
+
+
 @register_lowering("token_merge")
 def _token_merge(em, node):
     x_t = node.inputs[0].type
@@ -60,26 +79,11 @@ def _token_merge(em, node):
         if has_source:
             outs.append(em.one("Identity", [em.input(node, 3)], em.out(node, 2)))
         return outs
-    m = canonical_dim(sympy.sympify(n) - r)
     # cosine similarity of A (even offsets after the protected prefix) against B (odd offsets)
     norm = em.one("Max", [_reduce(em, "ReduceL2", keys, [-1], 1), em.literal(EPS, dtype)])
     k = em.one("Div", [keys, norm])
-    a = _slice(em, k, p, None, 2)
-    b = _slice(em, k, p + 1, None, 2)
-    scores = em.one("MatMul", [a, em.one("Transpose", [b], perm=[0, 2, 1])])
-    node_max = _reduce(em, "ReduceMax", scores, [-1], 0)                                  # [B, na]
-    node_idx = em.one("ArgMax", [scores], axis=-1, keepdims=0, select_last_index=0)
-    _, src = em.node("TopK", [node_max, em.literal([r])], [em.tmp("topv"), em.tmp("src")], axis=1, largest=1, sorted=1)
-    src_pos = em.one("Add", [em.one("Mul", [src, em.literal(2)]), em.literal(p)])           # [B, r]
-    partner = em.one("GatherElements", [node_idx, src], axis=1)
-    dst_pos = em.one("Add", [em.one("Mul", [partner, em.literal(2)]), em.literal(p + 1)])
-    positions = _range(em, 0, n)
-    hits = em.one("Equal", [em.one("Unsqueeze", [src_pos, em.literal([-1])]), positions])  # [B, r, N]
-    is_src = em.one("Cast", [_reduce(em, "ReduceMax", em.one("Cast", [hits], to=TensorProto.INT32), [1], 0)],
-                    to=TensorProto.BOOL)
-    key = em.one("Where", [is_src, em.one("Cast", [em.scalar(n)], to=F), em.one("Cast", [positions], to=F)])
-    kept_v, _ = em.node("TopK", [key, em.dim1(m)], [em.tmp("keptv"), em.tmp("kepti")], axis=1, largest=0, sorted=1)
-    kept = em.one("Cast", [kept_v], to=I64)                                               # [B, N-r]
+    scores = em.one("MatMul", [_slice(em, k, p, None, 2), em.one("Transpose", [_slice(em, k, p + 1, None, 2)], perm=[0, 2, 1])])
+    kept, src_pos, dst_pos = bipartite_plan(em, scores, n, r, p)
     onehot = em.one("Cast", [em.one("Equal", [em.one("Unsqueeze", [kept, em.literal([2])]),
                                               em.one("Unsqueeze", [dst_pos, em.literal([1])])])],
                     to=_onnx_float(dtype))                                                 # [B, N-r, r]

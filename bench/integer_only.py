@@ -51,15 +51,19 @@ def deit_s(batch: int):
     return ViTForImageClassification(cfg).eval()
 
 
-def _interleaved(fns: dict, runs: int) -> dict:
+def _interleaved(fns: dict, runs: int, block: int = 3) -> dict:
+    """Medians over rounds that visit every variant in turn; in each visit one untimed run first, so the
+    previous variant's still-spinning threads (ONNX Runtime, OpenMP) do not steal from the timed ones."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()                                   # warm up
-    for _ in range(runs):
+    for _ in range(-(-runs // block)):
         for k, fn in fns.items():
-            t = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 

@@ -9,6 +9,8 @@ next blocks and proportional attention (``log(size)`` added to the attention log
 ``sdpa`` mask, or an add before the softmax of decomposed attention). Protected leading tokens
 (CLS, distillation) never merge and keep their positions. The token count of every later value
 is re-derived from the op type rules, so the cost model sees the schedule before anything runs.
+On a graph integer_only produced, ``passes/integer_tokens.py`` inserts ``int.token_merge`` instead
+(integer matching and merging, proportional attention as an integer Shiftmax bias).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import Attention, Block
+from graphopt.passes.integer_tokens import merge_integer_graph
 from graphopt.passes.registry import option, register_pass
 from graphopt.passes.token_common import (TokenPassError, mask_is_trivial, remove_dead, retype, structure_of)
 
@@ -54,6 +57,9 @@ def token_merge(graph: Graph, ctx, *,
                                           "by the structure analysis"),
                 stack: int = option(0, "which transformer stack to merge in (0: the first, e.g. a VLM's vision tower)")):
     """ToMe: merge r tokens per block by bipartite soft matching of the attention keys."""
+    if graph.find_nodes("int.shiftmax") and not graph.find_nodes("sdpa") and not graph.find_nodes("softmax"):
+        return merge_integer_graph(graph, ctx, lambda blocks: schedule_r(blocks, r, schedule, r_list), prop_attn,
+                                   protect, keep_order, stack)
     structure = structure_of(graph, "token_merge")
     if not -len(structure.stacks) <= stack < len(structure.stacks):
         raise TokenPassError(f"token_merge: stack {stack} does not exist; the graph has {len(structure.stacks)} "
@@ -91,8 +97,9 @@ def token_merge(graph: Graph, ctx, *,
         done = False
         for i, v in enumerate(node.inputs):
             if v is not None and id(v) in trivial:
-                if node.op == "sdpa" and id(node) in cores:
-                    graph.set_input(node, i, const_true)
+                if node.op == "sdpa" and id(node) in cores and i == len(node.inputs) - 1:
+                    v.uses.remove((node, i))  # the mask is sdpa's last input; sdpa rejects a 0-d one
+                    del node.inputs[i]
                 elif node.op == "where" and i == 0:
                     graph.set_input(node, i, const_true)
                 elif node.op == "add":

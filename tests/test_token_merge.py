@@ -208,6 +208,69 @@ def test_keep_order_restores_every_position():
         apply(graph, "token_merge:r_list=1")
 
 
+# ---- against an independent ToMe on the eager HF model -------------------------------------------
+
+def _merge_one_image(h, k, s, r, protected):
+    """ToMe on one image written as plain loops (an independent reference for the op and the pass);
+    the remaining tokens keep their order."""
+    n = h.shape[0]
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_pos = list(range(protected, n, 2)); b_pos = list(range(protected + 1, n, 2))
+    r = max(0, min(r, (n - protected) // 2))
+    edges = []
+    for ai in a_pos:
+        sc = [float(kn[ai] @ kn[bi]) for bi in b_pos]
+        best = max(range(len(sc)), key=lambda j: (sc[j], -j))
+        edges.append((sc[best], ai, b_pos[best]))
+    edges.sort(key=lambda e: (-e[0], e[1]))
+    into = {}
+    for _, ai, bi in edges[:r]:
+        into.setdefault(bi, []).append(ai)
+    gone = {ai for _, ai, _ in edges[:r]}
+    rows, sizes = [], []
+    for t in range(n):
+        if t in gone:
+            continue
+        members = [t] + into.get(t, [])
+        tot = sum(float(s[m]) for m in members)
+        rows.append(sum(h[m] * s[m] for m in members) / tot)
+        sizes.append(tot)
+    return torch.stack(rows), torch.tensor(sizes).unsqueeze(-1)
+
+def _eager_tome_vit(model, x, rs, prop_attn=True, protected=1):
+    """An HF ViT run module by module with ToMe after each attention residual (logits)."""
+    vit = model.vit
+    with torch.no_grad():
+        h = vit.embeddings(x)
+        s = torch.ones(h.shape[0], h.shape[1], 1)
+        for layer, r in zip(vit.layers, rs):
+            att = layer.attention
+            y = layer.layernorm_before(h)
+            B, N, C = y.shape; d = att.head_dim
+            q, k, v = (p(y).view(B, N, -1, d).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+            logits = q @ k.transpose(-1, -2) * att.scaling
+            if prop_attn:
+                logits = logits + s.log().view(B, 1, 1, N)
+            h = att.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)) + h
+            if r:
+                km = k.mean(1)
+                outs = [_merge_one_image(h[b], km[b], s[b], r, protected) for b in range(B)]
+                h = torch.stack([o[0] for o in outs]); s = torch.stack([o[1] for o in outs])
+            h = layer.mlp(layer.layernorm_after(h)) + h
+        return model.classifier(vit.layernorm(h)[:, 0])
+
+
+@pytest.mark.parametrize("pass_spec,rs,prop_attn", [("token_merge:r=8", [8] * 4, True),
+                                                    ("token_merge:r=6,schedule=linear", [12, 8, 4, 0], True),
+                                                    ("token_merge:r=20,prop_attn=false", [20] * 4, False)])
+def test_merged_graph_equals_eager_tome(vit, pass_spec, rs, prop_attn):
+    model, x, graph = vit
+    after, _ = apply(graph, pass_spec)
+    expected = _eager_tome_vit(model, x, rs, prop_attn)
+    torch.testing.assert_close(run(after, x)[0], expected, rtol=1e-4, atol=1e-5)
+    assert (expected - model(x).logits).abs().max() > 1e-3  # the merge changes the logits
+
+
 def test_onnxruntime_matches_reference(vit):
     pytest.importorskip("onnxruntime")
     model, x, graph = vit

@@ -61,11 +61,14 @@ def bipartite_plan(keys: torch.Tensor, r: int, protected: int):
     Tokens after the ``protected`` prefix alternate between set A (even offsets) and set B (odd
     offsets); each A token's partner is its most similar B token (cosine of the keys, the first
     on ties); the r A tokens with the highest scores merge (ties: the lower position first)."""
-    b, n, _ = keys.shape
     p = protected
-    r = effective_r(n, r, p)
     k = keys / keys.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    scores = k[:, p::2] @ k[:, p + 1::2].transpose(1, 2)
+    return plan_from_scores(k[:, p::2] @ k[:, p + 1::2].transpose(1, 2), keys.shape[1], r, p)
+
+
+def plan_from_scores(scores: torch.Tensor, n: int, r: int, p: int):
+    """``bipartite_plan`` from the A x B similarity scores [B, A, B] (float or integer)."""
+    r = effective_r(n, r, p)
     node_max, node_idx = scores.max(dim=-1)  # first maximum on ties, as ONNX ArgMax
     src = torch.sort(node_max, dim=1, descending=True, stable=True).indices[:, :r]
     src_pos = p + 2 * src
