@@ -504,7 +504,7 @@ def _special_tokens(first: Block) -> list[int]:
             positions, offset = [], 0
             for piece in node.inputs:
                 size = piece.type.shape[first.token_axis]
-                if _constant_derived(piece) and isinstance(size, int):
+                if constant_derived(piece) and isinstance(size, int):
                     positions += list(range(offset, offset + size))
                 if not isinstance(size, int):
                     break
@@ -515,7 +515,8 @@ def _special_tokens(first: Block) -> list[int]:
     return []
 
 
-def _constant_derived(value: Value) -> bool:
+def constant_derived(value: Value) -> bool:
+    """True when value is computed from constants only (no graph input reaches it)."""
     seen, queue = set(), deque([value])
     while queue:
         v = queue.popleft()

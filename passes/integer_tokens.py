@@ -20,6 +20,7 @@ import torch
 from graphopt.ir import Graph, Value
 from graphopt.ir.ops.integer_tokens import SCORE_BITS
 from graphopt.ir.ops.tokens import merged_count
+from graphopt.ir.structure import constant_derived
 from graphopt.passes.token_common import TokenPassError, remove_dead, retype
 
 I32 = torch.int32
@@ -186,7 +187,7 @@ def _leading_special_tokens(graph: Graph, first_stream: Value) -> int:
         if node.op == "cat" and node.attrs["dim"] % 3 == 1 and node.output.type.rank == 3:
             count = 0
             for v in node.inputs:
-                if not _from_constants(v):
+                if not constant_derived(v):
                     break
                 count += int(v.type.shape[1])
             if 0 < count < len(node.inputs) and count < int(first_stream.type.shape[1]):
@@ -194,18 +195,6 @@ def _leading_special_tokens(graph: Graph, first_stream: Value) -> int:
             break
     raise TokenPassError("token_merge: no CLS/distillation token found in the integer graph (a cat of constant "
                          "tokens before the patches); give protect=N for the number of leading tokens to keep")
-
-
-def _from_constants(v: Value) -> bool:
-    stack = [v]
-    while stack:
-        v = stack.pop()
-        if v.is_constant:
-            continue
-        if v.producer is None:
-            return False
-        stack.extend(i for i in v.producer.inputs if i is not None)
-    return True
 
 
 def _integer_proportional_attention(graph: Graph, shiftmax, sizes: Value, total: int) -> None:
