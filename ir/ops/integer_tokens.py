@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.ir.cost import register_cost
+from graphopt.ir.cost import register_cost, register_elementwise_cost
 from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.integer import tdiv
 from graphopt.ir.ops.tokens import _rows, _token_merge_cost, _token_merge_type, effective_r, plan_from_scores
@@ -78,7 +78,4 @@ def lookup(x, table):
     return table[x.to(I64).clamp(0, table.shape[0] - 1)]
 
 
-@register_cost("int.lookup")
-def _lookup_cost(node):
-    import sympy
-    return sympy.sympify(node.outputs[0].type.numel())
+register_elementwise_cost(1, "int.lookup")
