@@ -1,0 +1,325 @@
+/* Integer-only CPU kernels for graphopt's ``cpu_integer`` backend.
+ *
+ * Each kernel computes exactly the integers of the reference ops in graphopt/ir/ops/integer.py
+ * (int32 arithmetic with the pass's no-overflow guarantees; no floating point anywhere):
+ *   go_gemm       u8 x s8 GEMM, int32 accumulation, with a fused epilogue: raw int32, dyadic requant,
+ *                 requant + table lookup (requant(shiftgelu(requant(.)))), or residual add (int.add)
+ *   go_shiftmax   Shiftmax over rows
+ *   go_layernorm  integer LayerNorm over rows, optionally followed by a per-channel requant
+ * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
+ * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
+ * read the same packed B.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <cpuid.h>
+#include <immintrin.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+#define NR 32                       /* columns per packed B panel */
+#define MR 8                        /* rows per micro-tile */
+
+enum { OUT_U8 = 0, OUT_I8 = 1, OUT_I32 = 2 };
+enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3 };
+
+typedef struct {
+    int32_t kind, out_type;
+    const int32_t *bias;            /* per column, already minus a_zp * colsum(B) */
+    int32_t pre, k, lo, hi, zp;     /* requant: clamp(fdiv(tdiv(x, 2^pre) * m + c, 2^k), lo, hi) + zp */
+    const int32_t *m, *c;           /* per column */
+    const int32_t *table;           /* EPI_TABLE: out = table[y - lo] with y the requant before zp */
+    const int32_t *res;             /* EPI_ADD: y = requant(tdiv(acc, 2^pre) m + tdiv(res, 2^pb) mb + c) */
+    int64_t ldr;
+    int32_t pb, pad_;
+    const int32_t *mb;
+} epilogue_t;
+
+#define AMX_M 32                    /* rows per AMX block (two 16-row A tiles) */
+
+static int isa_limit = 2;           /* 2: AMX allowed, 1: at most VNNI, 0: portable C only */
+
+int go_has_vnni(void) { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
+
+/* AMX needs the CPU feature and the kernel's permission for the tile data state (Linux arch_prctl). */
+int go_has_amx(void) {
+    static int state = -1;
+    if (state < 0) {
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        int cpu = ((d >> 24) & 1) && ((d >> 25) & 1);        /* AMX-TILE, AMX-INT8 */
+        state = cpu && go_has_vnni() && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+    }
+    return state;
+}
+
+void go_limit_isa(int level) { isa_limit = level; }
+
+static inline int32_t tdiv_pow2(int32_t x, int p) {       /* truncate toward zero */
+    return p ? (int32_t)((x + ((x >> 31) & ((1 << p) - 1))) >> p) : x;
+}
+
+static inline int32_t wrap_madd(int32_t a, int32_t b, int32_t c) {   /* a*b + c with int32 wrap-around */
+    return (int32_t)((uint32_t)a * (uint32_t)b + (uint32_t)c);
+}
+
+static inline int32_t clamp32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static inline void store_out(void *out, int type, int64_t i, int32_t v) {
+    if (type == OUT_U8) ((uint8_t *)out)[i] = (uint8_t)v;
+    else if (type == OUT_I8) ((int8_t *)out)[i] = (int8_t)v;
+    else ((int32_t *)out)[i] = v;
+}
+
+/* ---- B packing: [N, K] int8 -> panels of NR columns, groups of 4 consecutive k per column ---- */
+int64_t go_packed_size(int64_t N, int64_t K) { return ((N + NR - 1) / NR) * ((K + 3) / 4) * NR * 4; }
+
+void go_pack_b(const int8_t *b, int64_t N, int64_t K, int8_t *out, int32_t *colsum) {
+    int64_t K4 = (K + 3) / 4, panels = (N + NR - 1) / NR;
+    memset(out, 0, (size_t)go_packed_size(N, K));
+    for (int64_t n = 0; n < N; n++) {
+        int64_t p = n / NR, lane = n % NR;
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; k++) {
+            out[((p * K4 + k / 4) * NR + lane) * 4 + k % 4] = b[n * K + k];
+            s += b[n * K + k];
+        }
+        colsum[n] = s;
+    }
+    (void)panels;
+}
+
+/* ---- micro-kernels: tile[MR][NR] = sum_k A[r][k] * B[n][k] (A as u8, B as s8) ---- */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void tile_vnni(const uint8_t *const *rows, const int8_t *bp, int64_t K4, int32_t *tile) {
+    __m512i acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < K4; g++) {
+        __m512i b0 = _mm512_loadu_si512(bp + g * NR * 4), b1 = _mm512_loadu_si512(bp + g * NR * 4 + 64);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            int32_t a4;
+            memcpy(&a4, rows[r] + 4 * g, 4);
+            __m512i a = _mm512_set1_epi32(a4);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, b0);
+            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, b1);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        _mm512_storeu_si512(tile + r * NR, acc[r][0]);
+        _mm512_storeu_si512(tile + r * NR + 16, acc[r][1]);
+    }
+}
+
+static void tile_portable(const uint8_t *const *rows, const int8_t *bp, int64_t K4, int32_t *tile) {
+    for (int r = 0; r < MR; r++)
+        for (int n = 0; n < NR; n++) {
+            int32_t s = 0;
+            for (int64_t g = 0; g < K4; g++)
+                for (int j = 0; j < 4; j++) s += (int32_t)rows[r][4 * g + j] * (int32_t)bp[(g * NR + n) * 4 + j];
+            tile[r * NR + n] = s;
+        }
+}
+
+static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
+                     void *out, int64_t ldo) {
+    for (int r = 0; r < mr; r++) {
+        const int32_t *t = tile + r * NR;
+        int64_t o = (row0 + r) * ldo + col0;
+        const int32_t *bias = e->bias + col0;
+        const int32_t *m = e->m + col0, *c = e->c + col0;
+        int32_t y[NR];
+        if (e->kind == EPI_RAW) {
+            for (int n = 0; n < nr; n++) y[n] = t[n] + bias[n];
+        } else if (e->kind == EPI_ADD) {
+            const int32_t *res = e->res + (row0 + r) * e->ldr + col0, *mb = e->mb + col0;
+            for (int n = 0; n < nr; n++)
+                y[n] = wrap_madd(tdiv_pow2(t[n] + bias[n], e->pre), m[n],
+                                 wrap_madd(tdiv_pow2(res[n], e->pb), mb[n], c[n]));
+        } else {
+            for (int n = 0; n < nr; n++) y[n] = wrap_madd(tdiv_pow2(t[n] + bias[n], e->pre), m[n], c[n]);
+        }
+        if (e->kind != EPI_RAW)
+            for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> e->k, e->lo, e->hi);
+        if (e->kind == EPI_RAW) {}
+        else if (e->kind == EPI_TABLE)
+            for (int n = 0; n < nr; n++) y[n] = e->table[y[n] - e->lo];
+        else
+            for (int n = 0; n < nr; n++) y[n] += e->zp;
+        if (e->out_type == OUT_U8) for (int n = 0; n < nr; n++) ((uint8_t *)out)[o + n] = (uint8_t)y[n];
+        else if (e->out_type == OUT_I8) for (int n = 0; n < nr; n++) ((int8_t *)out)[o + n] = (int8_t)y[n];
+        else memcpy((int32_t *)out + o, y, sizeof(int32_t) * nr);
+    }
+}
+
+/* AMX: a 32 x 32 block from two A tiles (16 rows x 64 k) and two B tiles (16 k4-groups x 16 columns),
+ * K % 64 == 0. The packed panel's rows are 128 bytes apart (NR columns x 4 bytes). */
+typedef struct { uint8_t palette, start_row, pad[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config_t;
+
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_configure(void) {
+    tile_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_release(void) { _tile_release(); }
+
+__attribute__((target("amx-tile,amx-int8")))
+static void block_amx(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K, int32_t *tile) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kk = 0; kk < K; kk += 64) {
+        _tile_loadd(4, a + kk, lda);
+        _tile_loadd(5, a + 16 * lda + kk, lda);
+        _tile_loadd(6, bp + kk / 4 * NR * 4, NR * 4);
+        _tile_loadd(7, bp + kk / 4 * NR * 4 + 64, NR * 4);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(0, tile, NR * 4);
+    _tile_stored(1, tile + 16, NR * 4);
+    _tile_stored(2, tile + 16 * NR, NR * 4);
+    _tile_stored(3, tile + 16 * NR + 16, NR * 4);
+}
+
+static void gemm_amx(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
+                     const epilogue_t *e, void *out, int64_t ldo, int threads) {
+    int64_t panels = (N + NR - 1) / NR, blocks = (M + AMX_M - 1) / AMX_M;
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t tile[AMX_M * NR] __attribute__((aligned(64)));
+        uint8_t *tail = NULL;
+        amx_configure();
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            int64_t row0 = blk * AMX_M;
+            int mr = (int)(M - row0 < AMX_M ? M - row0 : AMX_M);
+            const uint8_t *a = A + row0 * lda;
+            int64_t la = lda;
+            if (mr < AMX_M) {                  /* the last rows: a zero-padded copy, tiles read 32 rows */
+                if (!tail) tail = calloc(AMX_M, (size_t)K);
+                for (int r = 0; r < mr; r++) memcpy(tail + r * K, a + r * lda, (size_t)K);
+                a = tail;
+                la = K;
+            }
+            for (int64_t p = 0; p < panels; p++) {
+                block_amx(a, la, bp + p * (K / 4) * NR * 4, K, tile);
+                int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
+                epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
+            }
+        }
+        free(tail);
+        amx_release();
+    }
+}
+
+/* out[M, N] = epilogue(A[M, K] (u8, row stride lda, K % 4 == 0) x packed B). */
+void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
+             const epilogue_t *e, void *out, int64_t ldo, int threads) {
+    if (isa_limit >= 2 && K % 64 == 0 && go_has_amx()) {
+        gemm_amx(A, lda, M, K, bp, N, e, out, ldo, threads);
+        return;
+    }
+    int64_t K4 = K / 4, panels = (N + NR - 1) / NR, blocks = (M + MR - 1) / MR;
+    int vnni = isa_limit >= 1 && go_has_vnni();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int32_t tile[MR * NR] __attribute__((aligned(64)));
+        const uint8_t *rows[MR];
+        int64_t row0 = blk * MR;
+        int mr = (int)(M - row0 < MR ? M - row0 : MR);
+        for (int r = 0; r < MR; r++) rows[r] = A + (row0 + (r < mr ? r : mr - 1)) * lda;
+        for (int64_t p = 0; p < panels; p++) {
+            const int8_t *panel = bp + p * K4 * NR * 4;
+            if (vnni) tile_vnni(rows, panel, K4, tile);
+            else tile_portable(rows, panel, K4, tile);
+            int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
+            epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
+        }
+    }
+}
+
+/* ---- exact division by a row-invariant d (1 <= d < 2^31) of numerators 0 <= n < 2^31 ---- */
+typedef struct { uint64_t m; int shift; } divisor_t;
+
+static inline divisor_t make_divisor(uint32_t d) {
+    int l = 0;
+    while (((uint64_t)1 << l) < d) l++;
+    divisor_t v = {(((uint64_t)1 << (31 + l)) + d - 1) / d, 31 + l};
+    return v;
+}
+
+static inline uint32_t divide(uint32_t n, divisor_t d) { return (uint32_t)(((uint64_t)n * d.m) >> d.shift); }
+
+/* ---- Shiftmax over rows of length L: pow2[u] = shift_pow2(u, X, n) for u in [0, nX] ---- */
+void go_shiftmax(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
+                 uint8_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *xr = x + r * L;
+        int32_t e[L];
+        int32_t mx = xr[0];
+        for (int64_t j = 1; j < L; j++) mx = xr[j] > mx ? xr[j] : mx;
+        uint32_t s = 0;
+        for (int64_t j = 0; j < L; j++) {
+            int32_t u = (int32_t)((uint32_t)mx - (uint32_t)xr[j]);
+            e[j] = pow2[clamp32(u, 0, nX)];
+            s += (uint32_t)e[j];
+        }
+        int32_t si = (int32_t)s < 1 ? 1 : (int32_t)s;
+        divisor_t d = make_divisor((uint32_t)si);
+        uint32_t half = (uint32_t)(si / 2), top = (1u << bits) - 1;
+        uint8_t *o = out + r * L;
+        for (int64_t j = 0; j < L; j++) {
+            uint32_t q = divide(((uint32_t)e[j] << bits) + half, d);
+            o[j] = (uint8_t)(q < top ? q : top);
+        }
+    }
+}
+
+/* ---- integer LayerNorm over rows of C (see int.layernorm), then optionally a per-channel requant ---- */
+static inline int32_t isqrt_newton(int32_t v, int iters) {
+    int32_t k = 1 << 16;
+    for (int i = 0; i < iters; i++) {
+        int32_t next = (k + v / k) / 2;
+        if (next == k) break;                 /* a fixed point: every further step returns k */
+        k = next;
+    }
+    return k;
+}
+
+void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t F, int32_t iters,
+                  const epilogue_t *rq, void *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *xr = x + r * C;
+        uint32_t s = 0;
+        for (int64_t j = 0; j < C; j++) s += (uint32_t)xr[j];
+        int32_t mean = (int32_t)s / (int32_t)C;
+        uint32_t var = 0;
+        for (int64_t j = 0; j < C; j++) {
+            int32_t y = xr[j] - mean, ys = y;
+            if (sh) ys = (y + (y > 0 ? 1 : (y < 0 ? -1 : 0)) * (1 << (sh - 1))) / (1 << sh);
+            var += (uint32_t)ys * (uint32_t)ys;
+        }
+        int32_t v = (int32_t)var < 1 ? 1 : (int32_t)var;
+        int32_t std = isqrt_newton(v, iters);
+        divisor_t d = make_divisor((uint32_t)(sh ? std * (1 << sh) : std));
+        for (int64_t j = 0; j < C; j++) {
+            int32_t a = (int32_t)((uint32_t)(xr[j] - mean) << F);
+            int32_t q = a < 0 ? -(int32_t)divide((uint32_t)(-a), d) : (int32_t)divide((uint32_t)a, d);
+            int64_t i = r * C + j;
+            if (!rq) { ((int32_t *)out)[i] = q; continue; }
+            int32_t y = clamp32(wrap_madd(tdiv_pow2(q, rq->pre), rq->m[j], rq->c[j]) >> rq->k, rq->lo, rq->hi) + rq->zp;
+            store_out(out, rq->out_type, i, y);
+        }
+    }
+}

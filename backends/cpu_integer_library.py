@@ -1,0 +1,127 @@
+"""Builds and loads ``cpu_integer_kernels.c`` with the system C compiler (once per source, compiler and
+CPU; cached under ``~/.cache/graphopt/cpu_integer``), and wraps its entry points for torch tensors."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
+EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3}
+PANEL = 32                                 # NR in the C source: columns per packed panel
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+class Epilogue(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("out_type", ctypes.c_int32), ("bias", ctypes.c_void_p),
+                ("pre", ctypes.c_int32), ("k", ctypes.c_int32), ("lo", ctypes.c_int32), ("hi", ctypes.c_int32),
+                ("zp", ctypes.c_int32), ("m", ctypes.c_void_p), ("c", ctypes.c_void_p), ("table", ctypes.c_void_p),
+                ("res", ctypes.c_void_p), ("ldr", ctypes.c_int64), ("pb", ctypes.c_int32), ("pad_", ctypes.c_int32),
+                ("mb", ctypes.c_void_p)]
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise KernelBuildError("the cpu_integer backend compiles its kernels with a C compiler, and none was found "
+                               "(install gcc or set CC); the onnxruntime backend runs the same integer graph")
+    return cc
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc] + FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt")) / "cpu_integer"
+    path = cache / f"kernels-{key}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / path.name
+            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode:
+                raise KernelBuildError(f"compiling {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
+            os.replace(out, path)
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.go_packed_size.restype = i64
+    lib.go_packed_size.argtypes = [i64, i64]
+    lib.go_pack_b.argtypes = [p, i64, i64, p, p]
+    lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, ctypes.c_int]
+    lib.go_shiftmax.argtypes = [p, i64, i64, p, i32, i32, p, ctypes.c_int]
+    lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
+    lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
+    lib.go_limit_isa.argtypes = [ctypes.c_int]
+    return lib
+
+
+ISA_LEVELS = {"portable": 0, "vnni": 1, "amx": 2}
+
+
+def available_isas() -> list[str]:
+    lib = library()
+    return ["portable"] + (["vnni"] if lib.go_has_vnni() else []) + (["amx"] if lib.go_has_amx() else [])
+
+
+def limit_isa(name: str) -> None:
+    """Use at most this GEMM instruction set (tests run every available one against the reference)."""
+    library().go_limit_isa(ISA_LEVELS[name])
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def pack_b(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] int8 -> (packed panels, int32 column sums)."""
+    b = b.contiguous()
+    n, k = b.shape
+    packed = torch.empty(library().go_packed_size(n, k), dtype=torch.int8)
+    colsum = torch.empty(n, dtype=torch.int32)
+    library().go_pack_b(_ptr(b), n, k, _ptr(packed), _ptr(colsum))
+    return packed, colsum
+
+
+def epilogue(kind: str, out_dtype: torch.dtype, bias: torch.Tensor, *, pre=0, k=0, lo=0, hi=0, zp=0, m=None, c=None,
+             table=None, res=None, pb=0, mb=None) -> Epilogue:
+    """The C epilogue record; the tensors must stay alive while it is used."""
+    return Epilogue(EPILOGUES[kind], OUT_TYPES[out_dtype], _ptr(bias), pre, k, lo, hi, zp, _ptr(m), _ptr(c),
+                    _ptr(table), _ptr(res), 0 if res is None else res.stride(-2), pb, 0, _ptr(mb))
+
+
+def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
+    """out[M, n] = epilogue(a[M, K] as u8 x packed B); a's rows contiguous with K % 4 == 0."""
+    m, k = a.shape
+    library().go_gemm(_ptr(a), a.stride(0), m, k, _ptr(packed), n, ctypes.byref(epi), _ptr(out), out.stride(-2), threads)
+
+
+def shiftmax(x: torch.Tensor, pow2: torch.Tensor, n_x: int, bits: int, out: torch.Tensor, threads: int) -> None:
+    rows, length = x.numel() // x.shape[-1], x.shape[-1]
+    library().go_shiftmax(_ptr(x), rows, length, _ptr(pow2), n_x, bits, _ptr(out), threads)
+
+
+def layernorm(x: torch.Tensor, sh: int, f: int, iters: int, rq: Epilogue | None, out: torch.Tensor, threads: int) -> None:
+    rows, c = x.numel() // x.shape[-1], x.shape[-1]
+    library().go_layernorm(_ptr(x), rows, c, sh, f, iters, None if rq is None else ctypes.byref(rq), _ptr(out), threads)
