@@ -190,60 +190,106 @@ static void block_amx(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K
     _tile_stored(3, tile + 16 * NR + 16, NR * 4);
 }
 
-static void gemm_amx(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
-                     const epilogue_t *e, void *out, int64_t ldo, int threads) {
-    int64_t panels = (N + NR - 1) / NR, blocks = (M + AMX_M - 1) / AMX_M;
-#pragma omp parallel num_threads(threads)
-    {
-        int32_t tile[AMX_M * NR] __attribute__((aligned(64)));
-        uint8_t *tail = NULL;
-        amx_configure();
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            int64_t row0 = blk * AMX_M;
-            int mr = (int)(M - row0 < AMX_M ? M - row0 : AMX_M);
-            const uint8_t *a = A + row0 * lda;
-            int64_t la = lda;
-            if (mr < AMX_M) {                  /* the last rows: a zero-padded copy, tiles read 32 rows */
-                if (!tail) tail = calloc(AMX_M, (size_t)K);
-                for (int r = 0; r < mr; r++) memcpy(tail + r * K, a + r * lda, (size_t)K);
-                a = tail;
-                la = K;
-            }
-            for (int64_t p = 0; p < panels; p++) {
-                block_amx(a, la, bp + p * (K / 4) * NR * 4, K, tile);
-                int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
-                epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
-            }
+/* One worker's share of a GEMM: row blocks [b0, b1) of out = epilogue(A x packed B), with the ISA chosen
+ * by the caller (AMX needs K % 64 == 0, the others K % 4 == 0). tail: AMX_M * K bytes of scratch for the
+ * zero-padded last rows (AMX tiles always read 32 rows). */
+static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
+                        const epilogue_t *e, void *out, int64_t ldo, int64_t b0, int64_t b1, uint8_t *tail) {
+    int32_t tile[AMX_M * NR] __attribute__((aligned(64)));
+    int64_t panels = (N + NR - 1) / NR, bm = isa == 2 ? AMX_M : MR;
+    for (int64_t blk = b0; blk < b1; blk++) {
+        int64_t row0 = blk * bm;
+        int mr = (int)(M - row0 < bm ? M - row0 : bm);
+        const uint8_t *a = A + row0 * lda, *rows[MR];
+        int64_t la = lda;
+        if (isa == 2 && mr < AMX_M) {
+            memset(tail, 0, (size_t)(AMX_M * K));
+            for (int r = 0; r < mr; r++) memcpy(tail + r * K, a + r * lda, (size_t)K);
+            a = tail;
+            la = K;
         }
-        free(tail);
-        amx_release();
+        for (int r = 0; r < MR; r++) rows[r] = a + (r < mr ? r : mr - 1) * la;
+        for (int64_t p = 0; p < panels; p++) {
+            const int8_t *panel = bp + p * (K / 4) * NR * 4;
+            if (isa == 2) block_amx(a, la, panel, K, tile);
+            else if (isa == 1) tile_vnni(rows, panel, K / 4, tile);
+            else tile_portable(rows, panel, K / 4, tile);
+            int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
+            epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
+        }
     }
+}
+
+static int pick_isa(int64_t K) {
+    if (isa_limit >= 2 && K % 64 == 0 && go_has_amx()) return 2;
+    return isa_limit >= 1 && go_has_vnni() ? 1 : 0;
 }
 
 /* out[M, N] = epilogue(A[M, K] (u8, row stride lda, K % 4 == 0) x packed B). */
 void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
              const epilogue_t *e, void *out, int64_t ldo, int threads) {
-    if (isa_limit >= 2 && K % 64 == 0 && go_has_amx()) {
-        gemm_amx(A, lda, M, K, bp, N, e, out, ldo, threads);
-        return;
+    int isa = pick_isa(K);
+    int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
+#pragma omp parallel num_threads(threads)
+    {
+        uint8_t *tail = isa == 2 ? malloc((size_t)(AMX_M * K)) : NULL;
+        if (isa == 2) amx_configure();
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++)
+            gemm_blocks(isa, A, lda, M, K, bp, N, e, out, ldo, blk, blk + 1, tail);
+        if (isa == 2) amx_release();
+        free(tail);
     }
-    int64_t K4 = K / 4, panels = (N + NR - 1) / NR, blocks = (M + MR - 1) / MR;
-    int vnni = isa_limit >= 1 && go_has_vnni();
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int32_t tile[MR * NR] __attribute__((aligned(64)));
-        const uint8_t *rows[MR];
-        int64_t row0 = blk * MR;
-        int mr = (int)(M - row0 < MR ? M - row0 : MR);
-        for (int r = 0; r < MR; r++) rows[r] = A + (row0 + (r < mr ? r : mr - 1)) * lda;
-        for (int64_t p = 0; p < panels; p++) {
-            const int8_t *panel = bp + p * K4 * NR * 4;
-            if (vnni) tile_vnni(rows, panel, K4, tile);
-            else tile_portable(rows, panel, K4, tile);
-            int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
-            epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
+}
+
+void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
+                      uint8_t *out);
+
+/* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
+ * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
+ * a_zp enters the per-batch column correction; with pow2 != NULL the epilogue (int32) feeds Shiftmax
+ * rows (pow2, nX, bits) and out is u8. Parallel over the batch. */
+void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
+            int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
+            int32_t a_zp, const epilogue_t *e, const int32_t *pow2, int32_t nX, int32_t bits, void *out, int threads) {
+    int64_t Kp = (K + 63) / 64 * 64, osize = e->out_type == OUT_I32 ? 4 : 1;
+    int isa = pick_isa(Kp);
+    int padk = isa == 2 ? Kp : (K + 3) / 4 * 4;
+    int64_t rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
+#pragma omp parallel num_threads(threads)
+    {
+        int8_t *bt = malloc((size_t)(N * padk)), *bp = malloc((size_t)go_packed_size(N, padk));
+        uint8_t *ap = malloc((size_t)(rows_padded * padk)), *tail = malloc((size_t)(AMX_M * padk));
+        int32_t *colsum = malloc(sizeof(int32_t) * (size_t)N), *bias = malloc(sizeof(int32_t) * (size_t)N);
+        int32_t *scores = pow2 ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
+        epilogue_t eb = *e;
+        eb.bias = bias;
+        if (pow2) eb.out_type = OUT_I32;
+        if (isa == 2) amx_configure();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B1 * B2; i++) {
+            int64_t i1 = i / B2, i2 = i % B2;
+            const int8_t *b = B + i1 * sb1 + i2 * sb2;
+            memset(bt, 0, (size_t)(N * padk));
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t k = 0; k < K; k++) bt[n * padk + k] = (int8_t)(b[k * sbk + n * sbn] ^ (b_flip ? 0x80 : 0));
+            go_pack_b(bt, N, padk, bp, colsum);
+            for (int64_t n = 0; n < N; n++) bias[n] = e->bias[n] - a_zp * colsum[n];
+            const uint8_t *a = A + i1 * sa1 + i2 * sa2;
+            int64_t la = sam;
+            if (padk != K) {                  /* zero-padded copy so every k group is inside the row */
+                memset(ap, 0, (size_t)(M * padk));
+                for (int64_t r = 0; r < M; r++) memcpy(ap + r * padk, a + r * sam, (size_t)K);
+                a = ap;
+                la = padk;
+            }
+            char *o = (char *)out + i * M * N * (pow2 ? 1 : osize);
+            int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
+            gemm_blocks(isa, a, la, M, padk, bp, N, &eb, pow2 ? (void *)scores : (void *)o, N, 0, blocks, tail);
+            if (pow2) go_shiftmax_rows(scores, M, N, pow2, nX, bits, (uint8_t *)o);
         }
+        if (isa == 2) amx_release();
+        free(bt); free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores);
     }
 }
 
@@ -260,28 +306,40 @@ static inline divisor_t make_divisor(uint32_t d) {
 static inline uint32_t divide(uint32_t n, divisor_t d) { return (uint32_t)(((uint64_t)n * d.m) >> d.shift); }
 
 /* ---- Shiftmax over rows of length L: pow2[u] = shift_pow2(u, X, n) for u in [0, nX] ---- */
+static void shiftmax_row(const int32_t *xr, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits, int32_t *e,
+                         uint8_t *o) {
+    int32_t mx = xr[0];
+    for (int64_t j = 1; j < L; j++) mx = xr[j] > mx ? xr[j] : mx;
+    uint32_t s = 0;
+    for (int64_t j = 0; j < L; j++) {
+        int32_t u = (int32_t)((uint32_t)mx - (uint32_t)xr[j]);
+        e[j] = pow2[clamp32(u, 0, nX)];
+        s += (uint32_t)e[j];
+    }
+    int32_t si = (int32_t)s < 1 ? 1 : (int32_t)s;
+    divisor_t d = make_divisor((uint32_t)si);
+    uint32_t half = (uint32_t)(si / 2), top = (1u << bits) - 1;
+    for (int64_t j = 0; j < L; j++) {
+        uint32_t q = divide(((uint32_t)e[j] << bits) + half, d);
+        o[j] = (uint8_t)(q < top ? q : top);
+    }
+}
+
+void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
+                      uint8_t *out) {
+    int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
+    for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, nX, bits, e, out + r * L);
+    free(e);
+}
+
 void go_shiftmax(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
                  uint8_t *out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int32_t *xr = x + r * L;
-        int32_t e[L];
-        int32_t mx = xr[0];
-        for (int64_t j = 1; j < L; j++) mx = xr[j] > mx ? xr[j] : mx;
-        uint32_t s = 0;
-        for (int64_t j = 0; j < L; j++) {
-            int32_t u = (int32_t)((uint32_t)mx - (uint32_t)xr[j]);
-            e[j] = pow2[clamp32(u, 0, nX)];
-            s += (uint32_t)e[j];
-        }
-        int32_t si = (int32_t)s < 1 ? 1 : (int32_t)s;
-        divisor_t d = make_divisor((uint32_t)si);
-        uint32_t half = (uint32_t)(si / 2), top = (1u << bits) - 1;
-        uint8_t *o = out + r * L;
-        for (int64_t j = 0; j < L; j++) {
-            uint32_t q = divide(((uint32_t)e[j] << bits) + half, d);
-            o[j] = (uint8_t)(q < top ? q : top);
-        }
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, nX, bits, e, out + r * L);
+        free(e);
     }
 }
 

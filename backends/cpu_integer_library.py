@@ -70,6 +70,8 @@ def library() -> ctypes.CDLL:
     lib.go_packed_size.argtypes = [i64, i64]
     lib.go_pack_b.argtypes = [p, i64, i64, p, p]
     lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, ctypes.c_int]
+    lib.go_bmm.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, i32,
+                           ctypes.POINTER(Epilogue), p, i32, i32, p, ctypes.c_int]
     lib.go_shiftmax.argtypes = [p, i64, i64, p, i32, i32, p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
@@ -106,15 +108,28 @@ def pack_b(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def epilogue(kind: str, out_dtype: torch.dtype, bias: torch.Tensor, *, pre=0, k=0, lo=0, hi=0, zp=0, m=None, c=None,
              table=None, res=None, pb=0, mb=None) -> Epilogue:
-    """The C epilogue record; the tensors must stay alive while it is used."""
-    return Epilogue(EPILOGUES[kind], OUT_TYPES[out_dtype], _ptr(bias), pre, k, lo, hi, zp, _ptr(m), _ptr(c),
-                    _ptr(table), _ptr(res), 0 if res is None else res.stride(-2), pb, 0, _ptr(mb))
+    """The C epilogue record (it holds on to the tensors it points into)."""
+    epi = Epilogue(EPILOGUES[kind], OUT_TYPES[out_dtype], _ptr(bias), pre, k, lo, hi, zp, _ptr(m), _ptr(c),
+                   _ptr(table), _ptr(res), 0 if res is None else res.stride(-2), pb, 0, _ptr(mb))
+    epi.tensors = (bias, m, c, table, res, mb)
+    return epi
 
 
 def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
     """out[M, n] = epilogue(a[M, K] as u8 x packed B); a's rows contiguous with K % 4 == 0."""
     m, k = a.shape
     library().go_gemm(_ptr(a), a.stride(0), m, k, _ptr(packed), n, ctypes.byref(epi), _ptr(out), out.stride(-2), threads)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, a_zp: int, b_flip: bool, epi: Epilogue, out: torch.Tensor, threads: int,
+        softmax: tuple[torch.Tensor, int, int] | None = None) -> None:
+    """out[i, j] = epilogue(a[i, j] @ b[i, j]) for 4-D a [B1, B2, M, K] (unit k stride) and b [B1, B2, K, N]
+    (any strides); softmax = (pow2 table, nX, bits) runs Shiftmax on the epilogue's int32 rows."""
+    b1, b2, m, k = a.shape
+    n = b.shape[-1]
+    pow2, n_x, bits = softmax if softmax is not None else (None, 0, 0)
+    library().go_bmm(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), *b.stride(), int(b_flip), b1, b2, m, k, n,
+                     a_zp, ctypes.byref(epi), _ptr(pow2), n_x, bits, _ptr(out), threads)
 
 
 def shiftmax(x: torch.Tensor, pow2: torch.Tensor, n_x: int, bits: int, out: torch.Tensor, threads: int) -> None:
