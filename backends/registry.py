@@ -58,7 +58,7 @@ def _load() -> None:
     """Optional backends register themselves when their module imports cleanly."""
     import importlib
 
-    for module in ("graphopt.backends.onnxruntime_backend",):
+    for module in ("graphopt.backends.onnxruntime_backend", "graphopt.backends.cpu_integer"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -1,0 +1,260 @@
+"""``cpu_integer`` backend: the integer graph of ``integer_only`` as fused integer CPU kernels.
+
+Stock ONNX Runtime runs an integer-only transformer as thousands of small int32 elementwise ops
+(each requantization is 4-5 passes over memory). This backend rewrites the chains into the fused
+kernels of ``cpu_integer_ops`` (AMX / AVX512-VNNI GEMMs with the requantization, ShiftGELU table or
+residual add in the epilogue; attention scores straight into Shiftmax; LayerNorm with its requant)
+and runs the result with the torch backend, so layout ops and anything not fused keep their
+reference implementations. Every kernel computes the reference's integers (tests compare bit for bit):
+
+    int.linear -> int.requant [-> int.shiftgelu -> int.requant]   => cpu.int_gemm(kind=requant|table)
+    int.linear -> int.add(., residual)                              => cpu.int_gemm(kind=add)
+    int.conv2d (stride == kernel, no padding) [-> int.requant]      => im2col reshape + cpu.int_gemm
+    int.matmul -> int.requant [-> int.shiftmax]                     => cpu.int_bmm
+    int.layernorm [-> int.requant]                                  => cpu.int_layernorm
+    int.shiftmax (no mask)                                          => cpu.int_shiftmax
+
+``report`` lists what became which kernel and what stayed on the reference ops, with the reason.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import graphopt.backends.cpu_integer_ops  # noqa: F401  (registers the cpu.* ops)
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends.registry import register_backend
+from graphopt.backends.torch_backend import TorchExecutable
+from graphopt.ir import Graph, Node, Value
+from graphopt.ir.ops.integer import INT_DTYPES, requant, shift_pow2, shiftgelu
+from graphopt.ir.verifier import verify
+
+I32 = torch.int32
+MAX_TABLE = 1 << 20                 # entries of a requant(shiftgelu(.)) table folded into a GEMM epilogue
+DTYPE_NAMES = {v: k for k, v in INT_DTYPES.items()}
+
+
+def _wrap_i32(t: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 modulo 2^32 (the int32 arithmetic every backend does)."""
+    return (((t.to(torch.int64) + 2 ** 31) % 2 ** 32) - 2 ** 31).to(I32)
+
+
+def _only_user(v: Value) -> Node | None:
+    graph = v.producer.graph if v.producer is not None else None
+    if len(v.uses) != 1 or (graph is not None and any(o is v for o in graph.outputs)):
+        return None
+    return v.uses[0][0]
+
+
+def _per_column(v: Value | None, n: int, axis: int = -1) -> torch.Tensor | None:
+    """A constant that varies at most along ``axis`` (of its broadcast), as an int32 vector of n."""
+    if v is None or not v.is_constant:
+        return None
+    t = v.const
+    if t.numel() == 1:
+        return t.reshape(1).to(I32).expand(n).contiguous()
+    if t.dim() == 0 or t.shape[axis] != n or t.numel() != n:
+        return None
+    return t.reshape(n).to(I32).contiguous()
+
+
+def _requant_attrs(node: Node) -> dict:
+    a = node.attrs
+    return {"pre": a["pre"], "k": a["k"], "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}
+
+
+def _gelu_table(first: Node, gelu: Node, second: Node) -> torch.Tensor | None:
+    """requant2(shiftgelu(y + zp1)) for every y in [lo1, hi1] of the first requant, or None if too big."""
+    a = first.attrs
+    if a["hi"] - a["lo"] + 1 > MAX_TABLE or second.inputs[1].const.numel() != 1 or second.inputs[2].const.numel() != 1:
+        return None
+    domain = torch.arange(a["lo"], a["hi"] + 1, dtype=I32) + a["zero_point"]
+    g = gelu.attrs
+    table = requant(shiftgelu(domain, X=g["X"], n=g["n"], bits=g["bits"], in_bits=g["in_bits"]),
+                    second.inputs[1].const, second.inputs[2].const, **second.attrs)
+    return table.to(I32).contiguous()
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, threads: int):
+        self.graph, self.threads = graph, threads
+        self.report: list[tuple[str, str]] = []
+        self._erased: set[int] = set()
+
+    def const(self, tensor: torch.Tensor, name: str) -> Value:
+        return self.graph.add_constant(tensor, name)
+
+    def replace(self, old_nodes: list[Node], result: Value, new: Value) -> None:
+        self.graph.replace_all_uses_with(result, new)
+        for node in reversed(old_nodes):
+            self.graph.erase_node(node)
+            self._erased.add(id(node))
+        self.report.append((new.producer.op, " -> ".join(n.label() for n in old_nodes)))
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if id(node) in self._erased:
+                continue
+            handler = getattr(self, "lower_" + node.op.replace("int.", ""), None) if node.op.startswith("int.") else None
+            if handler is not None:
+                reason = handler(node)
+                if reason:
+                    self.report.append(("reference", f"{node.label()}: {reason}"))
+        self.graph.remove_unused_constants()
+
+    # ---- epilogues ------------------------------------------------------------------------------
+    def epilogue(self, value: Value, n: int, axis: int = -1):
+        """(nodes, result value, attrs, m, c, table, res, mb) of the chain that the GEMM writing ``value``
+        can finish in its epilogue."""
+        user = _only_user(value)
+        if user is not None and user.op == "int.requant" and user.inputs[0] is value:
+            m, c = _per_column(user.inputs[1], n, axis), _per_column(user.inputs[2], n, axis)
+            if m is not None and c is not None:
+                attrs = {"kind": "requant", **_requant_attrs(user)}
+                gelu = _only_user(user.output)
+                second = _only_user(gelu.output) if gelu is not None and gelu.op == "int.shiftgelu" else None
+                if second is not None and second.op == "int.requant" and second.inputs[1].is_constant \
+                        and second.inputs[2].is_constant:
+                    table = _gelu_table(user, gelu, second)
+                    if table is not None:
+                        attrs.update(kind="table", out=second.attrs["dtype"])
+                        return [user, gelu, second], second.output, attrs, m, c, table, None, None
+                return [user], user.output, attrs, m, c, None, None, None
+        if user is not None and user.op == "int.add" and axis == -1:
+            mine = 0 if user.inputs[0] is value else 1
+            other = user.inputs[1 - mine]
+            ma, mb = _per_column(user.inputs[2 + mine], n), _per_column(user.inputs[3 - mine], n)
+            c = _per_column(user.inputs[4], n)
+            if other is not value and other.type.shape == value.type.shape and None not in (ma, mb, c):
+                a = user.attrs
+                attrs = {"kind": "add", "pre": a["pb" if mine else "pa"], "pb": a["pa" if mine else "pb"], "k": a["k"],
+                         "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}
+                return [user], user.output, attrs, ma, c, None, other, mb
+        return [], value, {"kind": "raw", "out": "i32"}, None, None, None, None, None
+
+    def gemm(self, nodes: list[Node], x: Value, a_zp: int, weight: torch.Tensor, bias: torch.Tensor | None,
+             axis: int = -1):
+        n, k = weight.shape
+        flip = x.type.dtype == torch.int8
+        a_zp += 128 if flip else 0
+        k_padded = -(-k // 4) * 4
+        packed, colsum = kernels.pack_b(F.pad(weight, (0, k_padded - k)))
+        b = (bias.to(torch.int64) if bias is not None else 0) - a_zp * colsum.to(torch.int64)
+        chain, result, attrs, m, c, table, res, mb = self.epilogue(nodes[-1].output, n, axis)
+        inputs = [x, self.const(packed, "packed"), self.const(_wrap_i32(b.expand(n)).contiguous(), "bias")]
+        inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"), (table, "table"))]
+        inputs += [res, None if mb is None else self.const(mb, "mb")]
+        return nodes + chain, result, inputs, dict(attrs, n=n, k_padded=k_padded, flip=flip, threads=self.threads)
+
+    # ---- ops ------------------------------------------------------------------------------------
+    def lower_linear(self, node: Node):
+        x, w = node.inputs[0], node.inputs[1]
+        if not w.is_constant:
+            return "the weight is not a constant"
+        bias = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if len(node.inputs) > 2 and node.inputs[2] is not None and bias is None:
+            return "the bias is not a constant"
+        nodes, result, inputs, attrs = self.gemm([node], x, node.attrs["x_zp"], w.const, bias)
+        with self.graph.inserting_before(nodes[-1]):
+            self.replace(nodes, result, self.graph.call("cpu.int_gemm", *inputs, **attrs))
+
+    def lower_conv2d(self, node: Node):
+        x, w = node.inputs[0], node.inputs[1]
+        o, cin, kh, kw = w.type.shape
+        bsz, _, h, wd = x.type.shape
+        if tuple(node.attrs["stride"]) != (kh, kw) or not (isinstance(h, int) and isinstance(wd, int)) \
+                or h % kh or wd % kw or not w.is_constant:
+            return "only non-overlapping patch convolutions (stride == kernel) with constant weights are fused"
+        bias = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        oh, ow = h // kh, wd // kw
+        with self.graph.inserting_before(node):
+            cols = self.graph.call("reshape", x, shape=(bsz, cin, oh, kh, ow, kw))
+            cols = self.graph.call("permute", cols, dims=(0, 2, 4, 1, 3, 5))
+            cols = self.graph.call("reshape", cols, shape=(bsz, oh * ow, cin * kh * kw))
+        nodes, result, inputs, attrs = self.gemm([node], cols, node.attrs["x_zp"], w.const.reshape(o, -1), bias, axis=-3)
+        inputs[0] = cols
+        with self.graph.inserting_before(nodes[-1]):
+            y = self.graph.call("cpu.int_gemm", *inputs, **attrs)
+            y = self.graph.call("permute", y, dims=(0, 2, 1))
+            self.replace(nodes, result, self.graph.call("reshape", y, shape=(bsz, o, oh, ow)))
+
+    def lower_matmul(self, node: Node):
+        a, b = node.inputs
+        za, zb = node.attrs["a_zp"], node.attrs["b_zp"]
+        if a.type.rank not in (3, 4) or b.type.rank != a.type.rank or a.type.shape[:-2] != b.type.shape[:-2]:
+            return "only 3-D/4-D matmuls with equal batch dims are fused"
+        if b.type.dtype == torch.uint8 and zb != 128 or b.type.dtype == torch.int8 and zb != 0:
+            return f"the right operand ({b.type}, zero point {zb}) is not an int8 range"
+        n = b.type.shape[-1]
+        if not isinstance(n, int):
+            return "the output width is symbolic"
+        flip_a = a.type.dtype == torch.int8
+        chain, result, attrs, m, c, _, res, _ = self.epilogue(node.output, n)
+        if attrs["kind"] not in ("raw", "requant"):
+            chain, result, attrs, m, c = [], node.output, {"kind": "raw", "out": "i32"}, None, None
+        pow2, extra = None, {}
+        softmax = _only_user(result) if chain else None
+        if softmax is not None and softmax.op == "int.shiftmax" and len(softmax.inputs) == 1:
+            s = softmax.attrs
+            pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
+            extra = {"n_x": s["n"] * s["X"], "bits": s["bits"]}
+            chain, result = chain + [softmax], softmax.output
+        inputs = [a, b, self.const(torch.zeros(n, dtype=I32), "bias")]
+        inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"))] + [pow2]
+        with self.graph.inserting_before(chain[-1] if chain else node):
+            y = self.graph.call("cpu.int_bmm", *inputs, a_zp=za + (128 if flip_a else 0), flip_a=flip_a,
+                                flip_b=b.type.dtype == torch.uint8, threads=self.threads, **attrs, **extra)
+            self.replace([node] + chain, result, y)
+
+    def lower_layernorm(self, node: Node):
+        n = node.inputs[0].type.shape[-1]
+        if not isinstance(n, int):
+            return "the normalized width is symbolic"
+        user = _only_user(node.output)
+        a = {k: node.attrs[k] for k in ("C", "sh", "F", "iters")}
+        chain, m, c = [], None, None
+        if user is not None and user.op == "int.requant":
+            m, c = _per_column(user.inputs[1], n), _per_column(user.inputs[2], n)
+            if m is not None and c is not None:
+                chain = [user]
+                a.update(kind="requant", **_requant_attrs(user))
+        result = chain[-1].output if chain else node.output
+        mc = [self.const(m, "m"), self.const(c, "c")] if chain else []
+        with self.graph.inserting_before(chain[-1] if chain else node):
+            self.replace([node] + chain, result, self.graph.call("cpu.int_layernorm", node.inputs[0], *mc,
+                                                                 threads=self.threads, **a))
+
+    def lower_shiftmax(self, node: Node):
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            return "masked Shiftmax runs on the reference op"
+        s = node.attrs
+        pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
+        with self.graph.inserting_before(node):
+            self.replace([node], node.output, self.graph.call("cpu.int_shiftmax", node.inputs[0], pow2,
+                                                              n_x=s["n"] * s["X"], bits=s["bits"], threads=self.threads))
+
+    @staticmethod
+    def pow2_table(X: int, n: int) -> torch.Tensor:
+        return shift_pow2(torch.arange(0, n * X + 1, dtype=I32), X, n).to(I32).contiguous()
+
+
+def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, list[tuple[str, str]]]:
+    """A copy of ``graph`` with its integer chains replaced by cpu.* kernel ops, and the report."""
+    lowering = _Lowering(graph.clone(), threads or torch.get_num_threads())
+    lowering.run()
+    verify(lowering.graph)
+    return lowering.graph, lowering.report
+
+
+class CpuIntegerExecutable(TorchExecutable):
+    """Called like the source model; ``.report`` says which nodes became which kernel."""
+
+    def __init__(self, graph: Graph, *, threads: int | None = None):
+        kernels.library()                    # build the kernels now: a missing compiler fails here
+        lowered, self.report = lower_to_kernels(graph, threads)
+        super().__init__(lowered)
+
+
+@register_backend("cpu_integer")
+def _cpu_integer(graph: Graph, *, threads: int | None = None):
+    return CpuIntegerExecutable(graph, threads=threads).eval()

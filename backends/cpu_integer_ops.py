@@ -1,0 +1,141 @@
+"""The ops of the ``cpu_integer`` backend: fused integer kernels (``cpu_integer_kernels.c``) that the
+lowering (``cpu_integer.py``) puts in place of chains of ``int.*`` ops. Each computes exactly the
+integers of the chain it replaces:
+
+    cpu.int_gemm       int.linear [-> int.requant [-> int.shiftgelu -> int.requant] | -> int.add]
+    cpu.int_bmm        int.matmul [-> int.requant [-> int.shiftmax]]
+    cpu.int_layernorm  int.layernorm [-> int.requant]
+    cpu.int_shiftmax   int.shiftmax (without a mask)
+
+Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c), ``table`` (requant,
+then ``table[y - lo]``: a requant(shiftgelu(.)) folded into a table over the requant's range) and
+``add`` (the residual ``int.add`` with the accumulator as one branch and ``res`` as the other).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.ir.cost import _n, register_cost, register_elementwise_cost
+from graphopt.ir.opdef import Attr, OpError, register_op
+from graphopt.ir.ops.integer import INT_DTYPES
+from graphopt.ir.types import TensorType
+
+_EPILOGUE = {"kind": Attr("str", "raw"), "out": Attr("str", "i32"), "pre": Attr("int", 0), "k": Attr("int", 0),
+             "lo": Attr("int", 0), "hi": Attr("int", 0), "zp": Attr("int", 0), "threads": Attr("int", 1)}
+
+
+def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, *, pre, k, lo, hi, zp, pb=0):
+    return kernels.epilogue(kind, INT_DTYPES[out], bias, pre=pre, k=k, lo=lo, hi=hi, zp=zp, m=m, c=c, table=table,
+                            res=res, pb=pb, mb=mb)
+
+
+def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Stored 8-bit activations as the u8 the kernels read: i8 v becomes v + 128 (bit flip), zp + 128."""
+    return torch.bitwise_xor(x.view(torch.uint8), 0x80) if flip else x
+
+
+def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, *, n, k_padded, flip, kind, out, pre,
+               k, lo, hi, zp, pb, threads):
+    if x.dtype not in (torch.uint8, torch.int8) or packed.dtype != torch.int8:
+        raise OpError(f"cpu.int_gemm: expects an 8-bit input and packed int8 weights, got {x}, {packed}")
+    return TensorType(INT_DTYPES[out], x.shape[:-1] + (n,))
+
+
+@register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?"],
+             attrs={"n": Attr("int"), "k_padded": Attr("int"), "flip": Attr("bool", False), "pb": Attr("int", 0),
+                    **_EPILOGUE},
+             infer=_gemm_type, tags=["gemm", "integer"])
+def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, *, n, k_padded, flip, kind, out, pre,
+             k, lo, hi, zp, pb, threads):
+    """epilogue(x [..., K] as u8 @ W^T), W packed by ``cpu_integer_library.pack_b`` (K padded to k_padded)."""
+    lead = x.shape[:-1]
+    a = _as_u8(x, flip).reshape(-1, x.shape[-1])
+    if a.shape[1] != k_padded:
+        a = F.pad(a, (0, k_padded - a.shape[1]))
+    a = a.contiguous()
+    y = torch.empty(a.shape[0], n, dtype=INT_DTYPES[out])
+    if res is not None:
+        res = res.reshape(-1, n).contiguous()
+    epi = _epilogue(kind, out, bias, m, c, table, res, mb, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb)
+    kernels.gemm(a, packed, n, epi, y, threads)
+    return y.reshape(lead + (n,))
+
+
+def _bmm_type(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, n_x, bits, kind, out, pre, k, lo, hi,
+              zp, threads):
+    if a.rank not in (3, 4) or b.rank != a.rank:
+        raise OpError(f"cpu.int_bmm: expects 3-D or 4-D operands of the same rank, got {a}, {b}")
+    shape = a.shape[:-1] + (b.shape[-1],)
+    return TensorType(torch.uint8 if pow2 is not None else INT_DTYPES[out], shape)
+
+
+@register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?"],
+             attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
+                    "n_x": Attr("int", 0), "bits": Attr("int", 8), **_EPILOGUE},
+             infer=_bmm_type, tags=["gemm", "integer"])
+def int_bmm(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, n_x, bits, kind, out, pre, k, lo, hi, zp,
+            threads):
+    """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then Shiftmax rows when pow2 is given."""
+    squeeze = a.dim() == 3
+    if squeeze:
+        a, b = a.unsqueeze(0), b.unsqueeze(0)
+    a = _as_u8(a, flip_a)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    dtype = torch.uint8 if pow2 is not None else INT_DTYPES[out]
+    y = torch.empty(a.shape[:-1] + (b.shape[-1],), dtype=dtype)
+    epi = _epilogue(kind, out, bias, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
+    kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, None if pow2 is None else (pow2, n_x, bits))
+    return y.squeeze(0) if squeeze else y
+
+
+def _ln_type(x, m=None, c=None, *, C, sh, F, iters, kind, out, pre, k, lo, hi, zp, threads):
+    if x.dtype != torch.int32:
+        raise OpError(f"cpu.int_layernorm: expects int32, got {x}")
+    return x.with_dtype(INT_DTYPES[out])
+
+
+@register_op("cpu.int_layernorm", inputs=["x", "m?", "c?"],
+             attrs={"C": Attr("int"), "sh": Attr("int", 0), "F": Attr("int", 14), "iters": Attr("int", 20), **_EPILOGUE},
+             infer=_ln_type, tags=["integer"])
+def int_layernorm(x, m=None, c=None, *, C, sh, F, iters, kind, out, pre, k, lo, hi, zp, threads):
+    """int.layernorm over rows, then (kind requant) the per-channel requant of its consumer."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=INT_DTYPES[out])
+    rq = None if kind == "raw" else _epilogue(kind, out, None, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
+    kernels.layernorm(x, sh, F, iters, rq, y, threads)
+    return y
+
+
+def _shiftmax_type(x, pow2, *, n_x, bits, threads):
+    if x.dtype != torch.int32:
+        raise OpError(f"cpu.int_shiftmax: expects int32, got {x}")
+    return x.with_dtype(torch.uint8)
+
+
+@register_op("cpu.int_shiftmax", inputs=["x", "pow2"], attrs={"n_x": Attr("int"), "bits": Attr("int"),
+                                                               "threads": Attr("int", 1)},
+             infer=_shiftmax_type, tags=["integer"])
+def int_shiftmax(x, pow2, *, n_x, bits, threads):
+    """int.shiftmax over the last axis; pow2[u] = shift_pow2(u) for u in [0, n_x]."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.uint8)
+    kernels.shiftmax(x, pow2, n_x, bits, y, threads)
+    return y
+
+
+@register_cost("cpu.int_gemm")
+def _gemm_cost(node):
+    x = node.inputs[0].type
+    return 2 * _n(x) * node.attrs["n"]
+
+
+@register_cost("cpu.int_bmm")
+def _bmm_cost(node):
+    return 2 * _n(node.output.type) * node.inputs[0].type.shape[-1]
+
+
+register_elementwise_cost(20, "cpu.int_shiftmax")
+register_elementwise_cost(10, "cpu.int_layernorm")
