@@ -75,19 +75,27 @@ static inline void store_out(void *out, int type, int64_t i, int32_t v) {
 /* ---- B packing: [N, K] int8 -> panels of NR columns, groups of 4 consecutive k per column ---- */
 int64_t go_packed_size(int64_t N, int64_t K) { return ((N + NR - 1) / NR) * ((K + 3) / 4) * NR * 4; }
 
-void go_pack_b(const int8_t *b, int64_t N, int64_t K, int8_t *out, int32_t *colsum) {
-    int64_t K4 = (K + 3) / 4, panels = (N + NR - 1) / NR;
-    memset(out, 0, (size_t)go_packed_size(N, K));
+/* Packs B given by strides (element (n, k) at b[n * sn + k * sk]) into the layout of a K padded with zeros to
+ * Kpad; flip: u8 data with zero point 128 read as s8. */
+static void pack_strided(const int8_t *b, int64_t sn, int64_t sk, int64_t N, int64_t K, int64_t Kpad, int flip,
+                         int8_t *out, int32_t *colsum) {
+    int64_t K4 = (Kpad + 3) / 4;
+    memset(out, 0, (size_t)go_packed_size(N, Kpad));
     for (int64_t n = 0; n < N; n++) {
-        int64_t p = n / NR, lane = n % NR;
+        int8_t *dst = out + ((n / NR) * K4 * NR + n % NR) * 4;
+        const int8_t *src = b + n * sn;
         int32_t s = 0;
         for (int64_t k = 0; k < K; k++) {
-            out[((p * K4 + k / 4) * NR + lane) * 4 + k % 4] = b[n * K + k];
-            s += b[n * K + k];
+            int8_t v = (int8_t)(src[k * sk] ^ (flip ? 0x80 : 0));
+            dst[(k / 4) * NR * 4 + k % 4] = v;
+            s += v;
         }
         colsum[n] = s;
     }
-    (void)panels;
+}
+
+void go_pack_b(const int8_t *b, int64_t N, int64_t K, int8_t *out, int32_t *colsum) {
+    pack_strided(b, K, 1, N, K, K, 0, out, colsum);
 }
 
 /* ---- micro-kernels: tile[MR][NR] = sum_k A[r][k] * B[n][k] (A as u8, B as s8) ---- */
@@ -258,7 +266,7 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
     int64_t rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
 #pragma omp parallel num_threads(threads)
     {
-        int8_t *bt = malloc((size_t)(N * padk)), *bp = malloc((size_t)go_packed_size(N, padk));
+        int8_t *bp = malloc((size_t)go_packed_size(N, padk));
         uint8_t *ap = malloc((size_t)(rows_padded * padk)), *tail = malloc((size_t)(AMX_M * padk));
         int32_t *colsum = malloc(sizeof(int32_t) * (size_t)N), *bias = malloc(sizeof(int32_t) * (size_t)N);
         int32_t *scores = pow2 ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
@@ -270,10 +278,7 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
         for (int64_t i = 0; i < B1 * B2; i++) {
             int64_t i1 = i / B2, i2 = i % B2;
             const int8_t *b = B + i1 * sb1 + i2 * sb2;
-            memset(bt, 0, (size_t)(N * padk));
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t k = 0; k < K; k++) bt[n * padk + k] = (int8_t)(b[k * sbk + n * sbn] ^ (b_flip ? 0x80 : 0));
-            go_pack_b(bt, N, padk, bp, colsum);
+            pack_strided(b, sbn, sbk, N, K, padk, b_flip, bp, colsum);
             for (int64_t n = 0; n < N; n++) bias[n] = e->bias[n] - a_zp * colsum[n];
             const uint8_t *a = A + i1 * sa1 + i2 * sa2;
             int64_t la = sam;
@@ -289,21 +294,21 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
             if (pow2) go_shiftmax_rows(scores, M, N, pow2, nX, bits, (uint8_t *)o);
         }
         if (isa == 2) amx_release();
-        free(bt); free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores);
+        free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores);
     }
 }
 
 /* ---- exact division by a row-invariant d (1 <= d < 2^31) of numerators 0 <= n < 2^31 ---- */
-typedef struct { uint64_t m; int shift; } divisor_t;
+typedef struct { uint32_t m; int shift; } divisor_t;   /* m = ceil(2^(31+l) / d) < 2^32, l = ceil(log2 d) */
 
 static inline divisor_t make_divisor(uint32_t d) {
     int l = 0;
     while (((uint64_t)1 << l) < d) l++;
-    divisor_t v = {(((uint64_t)1 << (31 + l)) + d - 1) / d, 31 + l};
+    divisor_t v = {(uint32_t)((((uint64_t)1 << (31 + l)) + d - 1) / d), 31 + l};
     return v;
 }
 
-static inline uint32_t divide(uint32_t n, divisor_t d) { return (uint32_t)(((uint64_t)n * d.m) >> d.shift); }
+static inline uint32_t divide(uint32_t n, divisor_t d) { return (uint32_t)(((uint64_t)n * (uint64_t)d.m) >> d.shift); }
 
 /* ---- Shiftmax over rows of length L: pow2[u] = shift_pow2(u, X, n) for u in [0, nX] ---- */
 static void shiftmax_row(const int32_t *xr, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits, int32_t *e,
@@ -354,30 +359,44 @@ static inline int32_t isqrt_newton(int32_t v, int iters) {
     return k;
 }
 
+static void store_row(void *out, int type, int64_t i0, const int32_t *y, int64_t n) {
+    if (type == OUT_U8) for (int64_t j = 0; j < n; j++) ((uint8_t *)out)[i0 + j] = (uint8_t)y[j];
+    else if (type == OUT_I8) for (int64_t j = 0; j < n; j++) ((int8_t *)out)[i0 + j] = (int8_t)y[j];
+    else memcpy((int32_t *)out + i0, y, sizeof(int32_t) * (size_t)n);
+}
+
 void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t F, int32_t iters,
                   const epilogue_t *rq, void *out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int32_t *xr = x + r * C;
-        uint32_t s = 0;
-        for (int64_t j = 0; j < C; j++) s += (uint32_t)xr[j];
-        int32_t mean = (int32_t)s / (int32_t)C;
-        uint32_t var = 0;
-        for (int64_t j = 0; j < C; j++) {
-            int32_t y = xr[j] - mean, ys = y;
-            if (sh) ys = (y + (y > 0 ? 1 : (y < 0 ? -1 : 0)) * (1 << (sh - 1))) / (1 << sh);
-            var += (uint32_t)ys * (uint32_t)ys;
+    int32_t half = sh ? 1 << (sh - 1) : 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t *y = malloc(sizeof(int32_t) * (size_t)C);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t *xr = x + r * C;
+            uint32_t s = 0;
+            for (int64_t j = 0; j < C; j++) s += (uint32_t)xr[j];
+            int32_t mean = (int32_t)s / (int32_t)C;
+            uint32_t var = 0;
+            for (int64_t j = 0; j < C; j++) {
+                int32_t v = xr[j] - mean;
+                int32_t ys = tdiv_pow2(v + (v > 0 ? half : 0) - (v < 0 ? half : 0), sh);   /* half away from 0 */
+                var += (uint32_t)ys * (uint32_t)ys;
+            }
+            int32_t v = (int32_t)var < 1 ? 1 : (int32_t)var;
+            divisor_t d = make_divisor((uint32_t)isqrt_newton(v, iters) << sh);
+            for (int64_t j = 0; j < C; j++) {
+                int32_t a = (int32_t)((uint32_t)(xr[j] - mean) << F);
+                uint32_t q = divide((uint32_t)(a < 0 ? -a : a), d);
+                y[j] = a < 0 ? -(int32_t)q : (int32_t)q;
+            }
+            if (rq) {
+                const int32_t *m = rq->m, *c = rq->c;
+                for (int64_t j = 0; j < C; j++)
+                    y[j] = clamp32(wrap_madd(tdiv_pow2(y[j], rq->pre), m[j], c[j]) >> rq->k, rq->lo, rq->hi) + rq->zp;
+            }
+            store_row(out, rq ? rq->out_type : OUT_I32, r * C, y, C);
         }
-        int32_t v = (int32_t)var < 1 ? 1 : (int32_t)var;
-        int32_t std = isqrt_newton(v, iters);
-        divisor_t d = make_divisor((uint32_t)(sh ? std * (1 << sh) : std));
-        for (int64_t j = 0; j < C; j++) {
-            int32_t a = (int32_t)((uint32_t)(xr[j] - mean) << F);
-            int32_t q = a < 0 ? -(int32_t)divide((uint32_t)(-a), d) : (int32_t)divide((uint32_t)a, d);
-            int64_t i = r * C + j;
-            if (!rq) { ((int32_t *)out)[i] = q; continue; }
-            int32_t y = clamp32(wrap_madd(tdiv_pow2(q, rq->pre), rq->m[j], rq->c[j]) >> rq->k, rq->lo, rq->hi) + rq->zp;
-            store_out(out, rq->out_type, i, y);
-        }
+        free(y);
     }
 }
