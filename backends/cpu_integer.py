@@ -197,7 +197,7 @@ class _Lowering:
         if softmax is not None and softmax.op == "int.shiftmax" and len(softmax.inputs) == 1:
             s = softmax.attrs
             pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
-            extra = {"n_x": s["n"] * s["X"], "bits": s["bits"]}
+            extra = {"X": s["X"], "n_pow": s["n"], "bits": s["bits"]}
             chain, result = chain + [softmax], softmax.output
         inputs = [a, b, self.const(torch.zeros(n, dtype=I32), "bias")]
         inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"))] + [pow2]
@@ -231,7 +231,8 @@ class _Lowering:
         pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
         with self.graph.inserting_before(node):
             self.replace([node], node.output, self.graph.call("cpu.int_shiftmax", node.inputs[0], pow2,
-                                                              n_x=s["n"] * s["X"], bits=s["bits"], threads=self.threads))
+                                                              X=s["X"], n_pow=s["n"], bits=s["bits"],
+                                                              threads=self.threads))
 
     @staticmethod
     def pow2_table(X: int, n: int) -> torch.Tensor:

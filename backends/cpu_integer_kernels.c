@@ -80,17 +80,30 @@ int64_t go_packed_size(int64_t N, int64_t K) { return ((N + NR - 1) / NR) * ((K 
 static void pack_strided(const int8_t *b, int64_t sn, int64_t sk, int64_t N, int64_t K, int64_t Kpad, int flip,
                          int8_t *out, int32_t *colsum) {
     int64_t K4 = (Kpad + 3) / 4;
+    int8_t x = flip ? (int8_t)0x80 : 0;
     memset(out, 0, (size_t)go_packed_size(N, Kpad));
-    for (int64_t n = 0; n < N; n++) {
-        int8_t *dst = out + ((n / NR) * K4 * NR + n % NR) * 4;
-        const int8_t *src = b + n * sn;
-        int32_t s = 0;
-        for (int64_t k = 0; k < K; k++) {
-            int8_t v = (int8_t)(src[k * sk] ^ (flip ? 0x80 : 0));
-            dst[(k / 4) * NR * 4 + k % 4] = v;
-            s += v;
+    memset(colsum, 0, sizeof(int32_t) * (size_t)N);
+    if (sk == 1) {                         /* each column's k run is contiguous: 4 bytes at a time */
+        for (int64_t n = 0; n < N; n++) {
+            int8_t *dst = out + ((n / NR) * K4 * NR + n % NR) * 4;
+            const int8_t *src = b + n * sn;
+            int32_t s = 0;
+            for (int64_t k = 0; k < K; k++) s += (int8_t)(src[k] ^ x);
+            colsum[n] = s;
+            for (int64_t g = 0; g < K / 4; g++)
+                for (int j = 0; j < 4; j++) dst[g * NR * 4 + j] = (int8_t)(src[4 * g + j] ^ x);
+            for (int64_t k = K / 4 * 4; k < K; k++) dst[(k / 4) * NR * 4 + k % 4] = (int8_t)(src[k] ^ x);
         }
-        colsum[n] = s;
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) {      /* row by row of B (unit n stride in the usual case) */
+        const int8_t *src = b + k * sk;
+        int8_t *dst = out + (k / 4) * NR * 4 + k % 4;
+        for (int64_t n = 0; n < N; n++) {
+            int8_t v = (int8_t)(src[n * sn] ^ x);
+            dst[((n / NR) * K4 * NR + n % NR) * 4] = v;
+            colsum[n] += v;
+        }
     }
 }
 
@@ -130,6 +143,82 @@ static void tile_portable(const uint8_t *const *rows, const int8_t *bp, int64_t 
                 for (int j = 0; j < 4; j++) s += (int32_t)rows[r][4 * g + j] * (int32_t)bp[(g * NR + n) * 4 + j];
             tile[r * NR + n] = s;
         }
+}
+
+/* ---- exact division by a row-invariant d (1 <= d < 2^31) of numerators 0 <= n < 2^31 ---- */
+typedef struct { uint32_t m; int shift; } divisor_t;   /* m = ceil(2^(31+l) / d) < 2^32, l = ceil(log2 d) */
+
+static inline divisor_t make_divisor(uint32_t d) {
+    int l = 0;
+    while (((uint64_t)1 << l) < d) l++;
+    divisor_t v = {(uint32_t)((((uint64_t)1 << (31 + l)) + d - 1) / d), 31 + l};
+    return v;
+}
+
+static inline uint32_t divide(uint32_t n, divisor_t d) { return (uint32_t)(((uint64_t)n * (uint64_t)d.m) >> d.shift); }
+
+/* divide() on 16 lanes: 32 x 32 -> 64-bit products of the even and the odd lanes, shifted, interleaved */
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i divide16(__m512i n, divisor_t d) {
+    __m512i m = _mm512_set1_epi64(d.m);
+    __m128i sh = _mm_cvtsi32_si128(d.shift);
+    __m512i even = _mm512_srl_epi64(_mm512_mul_epu32(n, m), sh);
+    __m512i odd = _mm512_srl_epi64(_mm512_mul_epu32(_mm512_srli_epi64(n, 32), m), sh);
+    return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+static int has_avx512(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+
+/* int.requant's arithmetic on 16 lanes (int32 wrap-around, like the scalar code) */
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i tdiv_pow2_16(__m512i x, int p) {
+    if (!p) return x;
+    __m512i neg = _mm512_srli_epi32(_mm512_srai_epi32(x, 31), (unsigned)(32 - p));
+    return _mm512_srai_epi32(_mm512_add_epi32(x, neg), (unsigned)p);
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i clamp16(__m512i y, const epilogue_t *e) {
+    y = _mm512_srai_epi32(y, (unsigned)e->k);
+    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(e->lo)), _mm512_set1_epi32(e->hi));
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static inline void store16(void *out, int type, int64_t i, __m512i y, __mmask16 k) {
+    if (type == OUT_U8) _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)out + i, k, y);
+    else if (type == OUT_I8) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + i, k, y);
+    else _mm512_mask_storeu_epi32((int32_t *)out + i, k, y);
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static void epilogue_avx512(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
+                            void *out, int64_t ldo) {
+    for (int c0 = 0; c0 < nr; c0 += 16) {
+        __mmask16 k = tail_mask(nr - c0);
+        __m512i zero = _mm512_setzero_si512(), bias = _mm512_maskz_loadu_epi32(k, e->bias + col0 + c0), m = zero,
+                c = zero, mb = zero, zp = _mm512_set1_epi32(e->zp), lo = _mm512_set1_epi32(e->lo);
+        if (e->kind != EPI_RAW) {
+            m = _mm512_maskz_loadu_epi32(k, e->m + col0 + c0);
+            c = _mm512_maskz_loadu_epi32(k, e->c + col0 + c0);
+        }
+        if (e->kind == EPI_ADD) mb = _mm512_maskz_loadu_epi32(k, e->mb + col0 + c0);
+        for (int r = 0; r < mr; r++) {
+            __m512i y = _mm512_add_epi32(_mm512_loadu_si512(tile + r * NR + c0), bias);
+            if (e->kind != EPI_RAW) {
+                y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, e->pre), m), c);
+                if (e->kind == EPI_ADD) {
+                    __m512i res = _mm512_maskz_loadu_epi32(k, e->res + (row0 + r) * e->ldr + col0 + c0);
+                    y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, e->pb), mb));
+                }
+                y = clamp16(y, e);
+                y = e->kind == EPI_TABLE ? _mm512_mask_i32gather_epi32(zero, k, _mm512_sub_epi32(y, lo), e->table, 4)
+                                         : _mm512_add_epi32(y, zp);
+            }
+            store16(out, e->out_type, (row0 + r) * ldo + col0 + c0, y, k);
+        }
+    }
 }
 
 static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
@@ -223,7 +312,8 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
             else if (isa == 1) tile_vnni(rows, panel, K / 4, tile);
             else tile_portable(rows, panel, K / 4, tile);
             int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
-            epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
+            if (isa >= 1) epilogue_avx512(e, tile, row0, mr, p * NR, nr, out, ldo);
+            else epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
         }
     }
 }
@@ -250,16 +340,16 @@ void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *
     }
 }
 
-void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
+void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits,
                       uint8_t *out);
 
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
  * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
  * a_zp enters the per-batch column correction; with pow2 != NULL the epilogue (int32) feeds Shiftmax
- * rows (pow2, nX, bits) and out is u8. Parallel over the batch. */
+ * rows (pow2, X, nn, bits) and out is u8. Parallel over the batch. */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
-            int32_t a_zp, const epilogue_t *e, const int32_t *pow2, int32_t nX, int32_t bits, void *out, int threads) {
+            int32_t a_zp, const epilogue_t *e, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits, void *out, int threads) {
     int64_t Kp = (K + 63) / 64 * 64, osize = e->out_type == OUT_I32 ? 4 : 1;
     int isa = pick_isa(Kp);
     int padk = isa == 2 ? Kp : (K + 3) / 4 * 4;
@@ -291,28 +381,17 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
             char *o = (char *)out + i * M * N * (pow2 ? 1 : osize);
             int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
             gemm_blocks(isa, a, la, M, padk, bp, N, &eb, pow2 ? (void *)scores : (void *)o, N, 0, blocks, tail);
-            if (pow2) go_shiftmax_rows(scores, M, N, pow2, nX, bits, (uint8_t *)o);
+            if (pow2) go_shiftmax_rows(scores, M, N, pow2, X, nn, bits, (uint8_t *)o);
         }
         if (isa == 2) amx_release();
         free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores);
     }
 }
 
-/* ---- exact division by a row-invariant d (1 <= d < 2^31) of numerators 0 <= n < 2^31 ---- */
-typedef struct { uint32_t m; int shift; } divisor_t;   /* m = ceil(2^(31+l) / d) < 2^32, l = ceil(log2 d) */
-
-static inline divisor_t make_divisor(uint32_t d) {
-    int l = 0;
-    while (((uint64_t)1 << l) < d) l++;
-    divisor_t v = {(uint32_t)((((uint64_t)1 << (31 + l)) + d - 1) / d), 31 + l};
-    return v;
-}
-
-static inline uint32_t divide(uint32_t n, divisor_t d) { return (uint32_t)(((uint64_t)n * (uint64_t)d.m) >> d.shift); }
-
-/* ---- Shiftmax over rows of length L: pow2[u] = shift_pow2(u, X, n) for u in [0, nX] ---- */
-static void shiftmax_row(const int32_t *xr, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits, int32_t *e,
-                         uint8_t *o) {
+/* ---- Shiftmax over rows of length L: pow2[u] = shift_pow2(u, X, n) for u in [0, n X] ---- */
+static void shiftmax_row_portable(const int32_t *restrict xr, int64_t L, const int32_t *restrict pow2, int32_t X,
+                                  int32_t nn, int32_t bits, int32_t *restrict e, uint8_t *restrict o) {
+    int32_t nX = nn * X;
     int32_t mx = xr[0];
     for (int64_t j = 1; j < L; j++) mx = xr[j] > mx ? xr[j] : mx;
     uint32_t s = 0;
@@ -330,20 +409,72 @@ static void shiftmax_row(const int32_t *xr, int64_t L, const int32_t *pow2, int3
     }
 }
 
-void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
+/* shift_pow2 on 16 lanes of u in [0, nX]: by shifts when X = 2^logx, else a table gather */
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i pow2_16(__m512i u, const int32_t *pow2, int32_t n, int logx, __mmask16 k) {
+    if (logx < 0) return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, u, pow2, 4);
+    int32_t X = 1 << logx;
+    __m512i q = _mm512_srli_epi32(u, (unsigned)logx), r = _mm512_and_si512(u, _mm512_set1_epi32(X - 1));
+    __m512i v = _mm512_sllv_epi32(_mm512_sub_epi32(_mm512_set1_epi32(2 * X), r),
+                                  _mm512_sub_epi32(_mm512_set1_epi32(n), q));
+    return _mm512_maskz_mov_epi32(k, v);
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const int32_t *restrict pow2, int32_t X,
+                                int32_t nn, int32_t bits, int32_t *restrict e, uint8_t *restrict o) {
+    int32_t nX = nn * X;
+    int logx = -1;                          /* X = 2^logx: shift_pow2 by shifts instead of the table */
+    for (int t = 0; t < 31; t++)
+        if (X == 1 << t) logx = t;
+    __m512i vmx = _mm512_set1_epi32(INT32_MIN);
+    for (int64_t j = 0; j < L; j += 16) {
+        __mmask16 k = tail_mask(L - j);
+        vmx = _mm512_mask_max_epi32(vmx, k, vmx, _mm512_maskz_loadu_epi32(k, xr + j));
+    }
+    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), top = _mm512_set1_epi32(nX);
+    __m512i zero = _mm512_setzero_si512(), vs = zero;
+    for (int64_t j = 0; j < L; j += 16) {
+        __mmask16 k = tail_mask(L - j);
+        __m512i u = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j));
+        u = _mm512_min_epi32(_mm512_max_epi32(u, zero), top);
+        __m512i ev = pow2_16(u, pow2, nn, logx, k);
+        _mm512_mask_storeu_epi32(e + j, k, ev);
+        vs = _mm512_add_epi32(vs, ev);
+    }
+    int32_t si = _mm512_reduce_add_epi32(vs);
+    si = si < 1 ? 1 : si;
+    divisor_t d = make_divisor((uint32_t)si);
+    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << bits) - 1);
+    __m128i b = _mm_cvtsi32_si128(bits);
+    for (int64_t j = 0; j < L; j += 16) {
+        __mmask16 k = tail_mask(L - j);
+        __m512i n = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j), b), half);
+        __m512i q = _mm512_min_epu32(divide16(n, d), cap);
+        _mm512_mask_storeu_epi8(o + j, (__mmask64)k, _mm512_castsi128_si512(_mm512_cvtepi32_epi8(q)));
+    }
+}
+
+static void shiftmax_row(const int32_t *xr, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits, int32_t *e,
+                         uint8_t *o) {
+    if (isa_limit >= 1 && has_avx512()) shiftmax_row_avx512(xr, L, pow2, X, nn, bits, e, o);
+    else shiftmax_row_portable(xr, L, pow2, X, nn, bits, e, o);
+}
+
+void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits,
                       uint8_t *out) {
     int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
-    for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, nX, bits, e, out + r * L);
+    for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, X, nn, bits, e, out + r * L);
     free(e);
 }
 
-void go_shiftmax(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t nX, int32_t bits,
+void go_shiftmax(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits,
                  uint8_t *out, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, nX, bits, e, out + r * L);
+        for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, X, nn, bits, e, out + r * L);
         free(e);
     }
 }

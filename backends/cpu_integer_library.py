@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3}
 PANEL = 32                                 # NR in the C source: columns per packed panel
@@ -71,8 +71,8 @@ def library() -> ctypes.CDLL:
     lib.go_pack_b.argtypes = [p, i64, i64, p, p]
     lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, ctypes.c_int]
     lib.go_bmm.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, i32,
-                           ctypes.POINTER(Epilogue), p, i32, i32, p, ctypes.c_int]
-    lib.go_shiftmax.argtypes = [p, i64, i64, p, i32, i32, p, ctypes.c_int]
+                           ctypes.POINTER(Epilogue), p, i32, i32, i32, p, ctypes.c_int]
+    lib.go_shiftmax.argtypes = [p, i64, i64, p, i32, i32, i32, p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
@@ -122,19 +122,21 @@ def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torc
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, a_zp: int, b_flip: bool, epi: Epilogue, out: torch.Tensor, threads: int,
-        softmax: tuple[torch.Tensor, int, int] | None = None) -> None:
+        softmax: tuple[torch.Tensor, int, int, int] | None = None) -> None:
     """out[i, j] = epilogue(a[i, j] @ b[i, j]) for 4-D a [B1, B2, M, K] (unit k stride) and b [B1, B2, K, N]
-    (any strides); softmax = (pow2 table, nX, bits) runs Shiftmax on the epilogue's int32 rows."""
+    (any strides); softmax = (pow2 table, X, n, bits) runs Shiftmax on the epilogue's int32 rows."""
     b1, b2, m, k = a.shape
     n = b.shape[-1]
-    pow2, n_x, bits = softmax if softmax is not None else (None, 0, 0)
+    pow2, x_units, n_pow, bits = softmax if softmax is not None else (None, 0, 0, 0)
     library().go_bmm(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), *b.stride(), int(b_flip), b1, b2, m, k, n,
-                     a_zp, ctypes.byref(epi), _ptr(pow2), n_x, bits, _ptr(out), threads)
+                     a_zp, ctypes.byref(epi), _ptr(pow2), x_units, n_pow, bits, _ptr(out), threads)
 
 
-def shiftmax(x: torch.Tensor, pow2: torch.Tensor, n_x: int, bits: int, out: torch.Tensor, threads: int) -> None:
+def shiftmax(x: torch.Tensor, pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, out: torch.Tensor,
+             threads: int) -> None:
+    """Shiftmax rows of x (int.shiftmax with X = x_units, n = n_pow); pow2 = shift_pow2(0 .. n X)."""
     rows, length = x.numel() // x.shape[-1], x.shape[-1]
-    library().go_shiftmax(_ptr(x), rows, length, _ptr(pow2), n_x, bits, _ptr(out), threads)
+    library().go_shiftmax(_ptr(x), rows, length, _ptr(pow2), x_units, n_pow, bits, _ptr(out), threads)
 
 
 def layernorm(x: torch.Tensor, sh: int, f: int, iters: int, rq: Epilogue | None, out: torch.Tensor, threads: int) -> None:

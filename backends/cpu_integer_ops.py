@@ -63,7 +63,7 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, *, 
     return y.reshape(lead + (n,))
 
 
-def _bmm_type(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, n_x, bits, kind, out, pre, k, lo, hi,
+def _bmm_type(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi,
               zp, threads):
     if a.rank not in (3, 4) or b.rank != a.rank:
         raise OpError(f"cpu.int_bmm: expects 3-D or 4-D operands of the same rank, got {a}, {b}")
@@ -73,9 +73,9 @@ def _bmm_type(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, n_
 
 @register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?"],
              attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
-                    "n_x": Attr("int", 0), "bits": Attr("int", 8), **_EPILOGUE},
+                    "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), **_EPILOGUE},
              infer=_bmm_type, tags=["gemm", "integer"])
-def int_bmm(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, n_x, bits, kind, out, pre, k, lo, hi, zp,
+def int_bmm(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp,
             threads):
     """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then Shiftmax rows when pow2 is given."""
     squeeze = a.dim() == 3
@@ -87,7 +87,7 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, *, a_zp, flip_a, flip_b, n_x,
     dtype = torch.uint8 if pow2 is not None else INT_DTYPES[out]
     y = torch.empty(a.shape[:-1] + (b.shape[-1],), dtype=dtype)
     epi = _epilogue(kind, out, bias, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
-    kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, None if pow2 is None else (pow2, n_x, bits))
+    kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, None if pow2 is None else (pow2, X, n_pow, bits))
     return y.squeeze(0) if squeeze else y
 
 
@@ -109,20 +109,20 @@ def int_layernorm(x, m=None, c=None, *, C, sh, F, iters, kind, out, pre, k, lo, 
     return y
 
 
-def _shiftmax_type(x, pow2, *, n_x, bits, threads):
+def _shiftmax_type(x, pow2, *, X, n_pow, bits, threads):
     if x.dtype != torch.int32:
         raise OpError(f"cpu.int_shiftmax: expects int32, got {x}")
     return x.with_dtype(torch.uint8)
 
 
-@register_op("cpu.int_shiftmax", inputs=["x", "pow2"], attrs={"n_x": Attr("int"), "bits": Attr("int"),
-                                                               "threads": Attr("int", 1)},
+@register_op("cpu.int_shiftmax", inputs=["x", "pow2"], attrs={"X": Attr("int"), "n_pow": Attr("int"),
+                                                               "bits": Attr("int"), "threads": Attr("int", 1)},
              infer=_shiftmax_type, tags=["integer"])
-def int_shiftmax(x, pow2, *, n_x, bits, threads):
-    """int.shiftmax over the last axis; pow2[u] = shift_pow2(u) for u in [0, n_x]."""
+def int_shiftmax(x, pow2, *, X, n_pow, bits, threads):
+    """int.shiftmax over the last axis; pow2[u] = shift_pow2(u, X, n_pow) for u in [0, n_pow X]."""
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=torch.uint8)
-    kernels.shiftmax(x, pow2, n_x, bits, y, threads)
+    kernels.shiftmax(x, pow2, X, n_pow, bits, y, threads)
     return y
 
 
