@@ -7,12 +7,13 @@ residual add in the epilogue; attention scores straight into Shiftmax; LayerNorm
 and runs the result with the torch backend, so layout ops and anything not fused keep their
 reference implementations. Every kernel computes the reference's integers (tests compare bit for bit):
 
-    int.linear -> int.requant [-> int.shiftgelu -> int.requant]   => cpu.int_gemm(kind=requant|table)
+    int.linear -> int.requant [-> int.shiftgelu -> int.requant]   => cpu.int_gemm(kind=requant|table|table_requant)
     int.linear -> int.add(., residual)                              => cpu.int_gemm(kind=add)
     int.conv2d (stride == kernel, no padding) [-> int.requant]      => im2col reshape + cpu.int_gemm
     int.matmul -> int.requant [-> int.shiftmax]                     => cpu.int_bmm
     int.layernorm [-> int.requant]                                  => cpu.int_layernorm
     int.shiftmax (no mask)                                          => cpu.int_shiftmax
+    int.requant (m, c constant along the last axis)                 => cpu.int_requant
 
 ``report`` lists what became which kernel and what stayed on the reference ops, with the reason.
 """
@@ -63,15 +64,13 @@ def _requant_attrs(node: Node) -> dict:
     return {"pre": a["pre"], "k": a["k"], "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}
 
 
-def _gelu_table(first: Node, gelu: Node, second: Node) -> torch.Tensor | None:
-    """requant2(shiftgelu(y + zp1)) for every y in [lo1, hi1] of the first requant, or None if too big."""
-    a = first.attrs
-    if a["hi"] - a["lo"] + 1 > MAX_TABLE or second.inputs[1].const.numel() != 1 or second.inputs[2].const.numel() != 1:
-        return None
+def _gelu_table(first: Node, gelu: Node, second: Node | None) -> torch.Tensor:
+    """shiftgelu(y + zp1) for every y in [lo1, hi1] of the first requant, then the second requant if given."""
+    a, g = first.attrs, gelu.attrs
     domain = torch.arange(a["lo"], a["hi"] + 1, dtype=I32) + a["zero_point"]
-    g = gelu.attrs
-    table = requant(shiftgelu(domain, X=g["X"], n=g["n"], bits=g["bits"], in_bits=g["in_bits"]),
-                    second.inputs[1].const, second.inputs[2].const, **second.attrs)
+    table = shiftgelu(domain, X=g["X"], n=g["n"], bits=g["bits"], in_bits=g["in_bits"])
+    if second is not None:
+        table = requant(table, second.inputs[1].const, second.inputs[2].const, **second.attrs)
     return table.to(I32).contiguous()
 
 
@@ -104,8 +103,8 @@ class _Lowering:
 
     # ---- epilogues ------------------------------------------------------------------------------
     def epilogue(self, value: Value, n: int, axis: int = -1):
-        """(nodes, result value, attrs, m, c, table, res, mb) of the chain that the GEMM writing ``value``
-        can finish in its epilogue."""
+        """(nodes, result value, attrs, m, c, table, res, mb, m2, c2) of the chain that the GEMM writing
+        ``value`` can finish in its epilogue."""
         user = _only_user(value)
         if user is not None and user.op == "int.requant" and user.inputs[0] is value:
             m, c = _per_column(user.inputs[1], n, axis), _per_column(user.inputs[2], n, axis)
@@ -113,13 +112,17 @@ class _Lowering:
                 attrs = {"kind": "requant", **_requant_attrs(user)}
                 gelu = _only_user(user.output)
                 second = _only_user(gelu.output) if gelu is not None and gelu.op == "int.shiftgelu" else None
-                if second is not None and second.op == "int.requant" and second.inputs[1].is_constant \
-                        and second.inputs[2].is_constant:
-                    table = _gelu_table(user, gelu, second)
-                    if table is not None:
-                        attrs.update(kind="table", out=second.attrs["dtype"])
-                        return [user, gelu, second], second.output, attrs, m, c, table, None, None
-                return [user], user.output, attrs, m, c, None, None, None
+                if second is not None and second.op == "int.requant" and user.attrs["hi"] - user.attrs["lo"] < MAX_TABLE:
+                    m2, c2 = _per_column(second.inputs[1], n, axis), _per_column(second.inputs[2], n, axis)
+                    if m2 is not None and c2 is not None:
+                        chain = [user, gelu, second]
+                        if second.inputs[1].const.numel() == 1 and second.inputs[2].const.numel() == 1:
+                            attrs.update(kind="table", out=second.attrs["dtype"])
+                            return chain, second.output, attrs, m, c, _gelu_table(user, gelu, second), None, None, None, None
+                        b = _requant_attrs(second)
+                        attrs.update(kind="table_requant", out=b.pop("out"), **{k + "2": v for k, v in b.items()})
+                        return chain, second.output, attrs, m, c, _gelu_table(user, gelu, None), None, None, m2, c2
+                return [user], user.output, attrs, m, c, None, None, None, None, None
         if user is not None and user.op == "int.add" and axis == -1:
             mine = 0 if user.inputs[0] is value else 1
             other = user.inputs[1 - mine]
@@ -129,8 +132,8 @@ class _Lowering:
                 a = user.attrs
                 attrs = {"kind": "add", "pre": a["pb" if mine else "pa"], "pb": a["pa" if mine else "pb"], "k": a["k"],
                          "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}
-                return [user], user.output, attrs, ma, c, None, other, mb
-        return [], value, {"kind": "raw", "out": "i32"}, None, None, None, None, None
+                return [user], user.output, attrs, ma, c, None, other, mb, None, None
+        return [], value, {"kind": "raw", "out": "i32"}, None, None, None, None, None, None, None
 
     def gemm(self, nodes: list[Node], x: Value, a_zp: int, weight: torch.Tensor, bias: torch.Tensor | None,
              axis: int = -1):
@@ -140,10 +143,10 @@ class _Lowering:
         k_padded = -(-k // 4) * 4
         packed, colsum = kernels.pack_b(F.pad(weight, (0, k_padded - k)))
         b = (bias.to(torch.int64) if bias is not None else 0) - a_zp * colsum.to(torch.int64)
-        chain, result, attrs, m, c, table, res, mb = self.epilogue(nodes[-1].output, n, axis)
+        chain, result, attrs, m, c, table, res, mb, m2, c2 = self.epilogue(nodes[-1].output, n, axis)
         inputs = [x, self.const(packed, "packed"), self.const(_wrap_i32(b.expand(n)).contiguous(), "bias")]
         inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"), (table, "table"))]
-        inputs += [res, None if mb is None else self.const(mb, "mb")]
+        inputs += [res] + [None if t is None else self.const(t, nm) for t, nm in ((mb, "mb"), (m2, "m2"), (c2, "c2"))]
         return nodes + chain, result, inputs, dict(attrs, n=n, k_padded=k_padded, flip=flip, threads=self.threads)
 
     # ---- ops ------------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ class _Lowering:
         if not isinstance(n, int):
             return "the output width is symbolic"
         flip_a = a.type.dtype == torch.int8
-        chain, result, attrs, m, c, _, res, _ = self.epilogue(node.output, n)
+        chain, result, attrs, m, c = self.epilogue(node.output, n)[:5]
         if attrs["kind"] not in ("raw", "requant"):
             chain, result, attrs, m, c = [], node.output, {"kind": "raw", "out": "i32"}, None, None
         pow2, extra = None, {}
@@ -233,6 +236,18 @@ class _Lowering:
             self.replace([node], node.output, self.graph.call("cpu.int_shiftmax", node.inputs[0], pow2,
                                                               X=s["X"], n_pow=s["n"], bits=s["bits"],
                                                               threads=self.threads))
+
+    def lower_requant(self, node: Node):
+        n = node.inputs[0].type.shape[-1] if node.inputs[0].type.rank else None
+        if not isinstance(n, int):
+            return "the last axis is symbolic or missing"
+        m, c = _per_column(node.inputs[1], n), _per_column(node.inputs[2], n)
+        if m is None or c is None:
+            return "m and c are not constants along the last axis"
+        with self.graph.inserting_before(node):
+            y = self.graph.call("cpu.int_requant", node.inputs[0], self.const(m, "m"), self.const(c, "c"),
+                                kind="requant", threads=self.threads, **_requant_attrs(node))
+            self.replace([node], node.output, y)
 
     @staticmethod
     def pow2_table(X: int, n: int) -> torch.Tensor:

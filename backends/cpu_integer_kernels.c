@@ -22,18 +22,20 @@
 #define MR 8                        /* rows per micro-tile */
 
 enum { OUT_U8 = 0, OUT_I8 = 1, OUT_I32 = 2 };
-enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3 };
+enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3, EPI_TABLE_REQUANT = 4 };
 
 typedef struct {
     int32_t kind, out_type;
     const int32_t *bias;            /* per column, already minus a_zp * colsum(B) */
     int32_t pre, k, lo, hi, zp;     /* requant: clamp(fdiv(tdiv(x, 2^pre) * m + c, 2^k), lo, hi) + zp */
     const int32_t *m, *c;           /* per column */
-    const int32_t *table;           /* EPI_TABLE: out = table[y - lo] with y the requant before zp */
+    const int32_t *table;           /* EPI_TABLE(_REQUANT): table[y - lo] with y the requant before zp */
     const int32_t *res;             /* EPI_ADD: y = requant(tdiv(acc, 2^pre) m + tdiv(res, 2^pb) mb + c) */
     int64_t ldr;
     int32_t pb, pad_;
     const int32_t *mb;
+    const int32_t *m2, *c2;         /* EPI_TABLE_REQUANT: a second per-column requant of the table value */
+    int32_t pre2, k2, lo2, hi2, zp2, pad2_;
 } epilogue_t;
 
 #define AMX_M 32                    /* rows per AMX block (two 16-row A tiles) */
@@ -180,9 +182,9 @@ static inline __m512i tdiv_pow2_16(__m512i x, int p) {
 }
 
 __attribute__((target("avx512f,avx512bw")))
-static inline __m512i clamp16(__m512i y, const epilogue_t *e) {
-    y = _mm512_srai_epi32(y, (unsigned)e->k);
-    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(e->lo)), _mm512_set1_epi32(e->hi));
+static inline __m512i clamp16(__m512i y, int k, int32_t lo, int32_t hi) {      /* clamp(y >> k, lo, hi) */
+    y = _mm512_srai_epi32(y, (unsigned)k);
+    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(lo)), _mm512_set1_epi32(hi));
 }
 
 __attribute__((target("avx512f,avx512bw")))
@@ -204,6 +206,11 @@ static void epilogue_avx512(const epilogue_t *e, const int32_t *tile, int64_t ro
             c = _mm512_maskz_loadu_epi32(k, e->c + col0 + c0);
         }
         if (e->kind == EPI_ADD) mb = _mm512_maskz_loadu_epi32(k, e->mb + col0 + c0);
+        __m512i m2 = zero, c2 = zero;
+        if (e->kind == EPI_TABLE_REQUANT) {
+            m2 = _mm512_maskz_loadu_epi32(k, e->m2 + col0 + c0);
+            c2 = _mm512_maskz_loadu_epi32(k, e->c2 + col0 + c0);
+        }
         for (int r = 0; r < mr; r++) {
             __m512i y = _mm512_add_epi32(_mm512_loadu_si512(tile + r * NR + c0), bias);
             if (e->kind != EPI_RAW) {
@@ -212,9 +219,15 @@ static void epilogue_avx512(const epilogue_t *e, const int32_t *tile, int64_t ro
                     __m512i res = _mm512_maskz_loadu_epi32(k, e->res + (row0 + r) * e->ldr + col0 + c0);
                     y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, e->pb), mb));
                 }
-                y = clamp16(y, e);
-                y = e->kind == EPI_TABLE ? _mm512_mask_i32gather_epi32(zero, k, _mm512_sub_epi32(y, lo), e->table, 4)
-                                         : _mm512_add_epi32(y, zp);
+                y = clamp16(y, e->k, e->lo, e->hi);
+                if (e->kind == EPI_TABLE || e->kind == EPI_TABLE_REQUANT)
+                    y = _mm512_mask_i32gather_epi32(zero, k, _mm512_sub_epi32(y, lo), e->table, 4);
+                else
+                    y = _mm512_add_epi32(y, zp);
+                if (e->kind == EPI_TABLE_REQUANT) {
+                    y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, e->pre2), m2), c2);
+                    y = _mm512_add_epi32(clamp16(y, e->k2, e->lo2, e->hi2), _mm512_set1_epi32(e->zp2));
+                }
             }
             store16(out, e->out_type, (row0 + r) * ldo + col0 + c0, y, k);
         }
@@ -241,10 +254,13 @@ static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int
         }
         if (e->kind != EPI_RAW)
             for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> e->k, e->lo, e->hi);
-        if (e->kind == EPI_RAW) {}
-        else if (e->kind == EPI_TABLE)
+        if (e->kind == EPI_TABLE || e->kind == EPI_TABLE_REQUANT)
             for (int n = 0; n < nr; n++) y[n] = e->table[y[n] - e->lo];
-        else
+        if (e->kind == EPI_TABLE_REQUANT)
+            for (int n = 0; n < nr; n++)
+                y[n] = clamp32(wrap_madd(tdiv_pow2(y[n], e->pre2), e->m2[col0 + n], e->c2[col0 + n]) >> e->k2,
+                               e->lo2, e->hi2) + e->zp2;
+        else if (e->kind == EPI_REQUANT || e->kind == EPI_ADD)
             for (int n = 0; n < nr; n++) y[n] += e->zp;
         if (e->out_type == OUT_U8) for (int n = 0; n < nr; n++) ((uint8_t *)out)[o + n] = (uint8_t)y[n];
         else if (e->out_type == OUT_I8) for (int n = 0; n < nr; n++) ((int8_t *)out)[o + n] = (int8_t)y[n];
@@ -527,6 +543,25 @@ void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t
                     y[j] = clamp32(wrap_madd(tdiv_pow2(y[j], rq->pre), m[j], c[j]) >> rq->k, rq->lo, rq->hi) + rq->zp;
             }
             store_row(out, rq ? rq->out_type : OUT_I32, r * C, y, C);
+        }
+        free(y);
+    }
+}
+
+/* ---- int.requant over rows of C with per-column m, c (e->kind EPI_REQUANT), any 8/32-bit input ---- */
+void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t *y = malloc(sizeof(int32_t) * (size_t)C);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t i0 = r * C;
+            if (in_type == OUT_U8) for (int64_t j = 0; j < C; j++) y[j] = ((const uint8_t *)x)[i0 + j];
+            else if (in_type == OUT_I8) for (int64_t j = 0; j < C; j++) y[j] = ((const int8_t *)x)[i0 + j];
+            else memcpy(y, (const int32_t *)x + i0, sizeof(int32_t) * (size_t)C);
+            for (int64_t j = 0; j < C; j++)
+                y[j] = clamp32(wrap_madd(tdiv_pow2(y[j], e->pre), e->m[j], e->c[j]) >> e->k, e->lo, e->hi) + e->zp;
+            store_row(out, e->out_type, i0, y, C);
         }
         free(y);
     }

@@ -17,7 +17,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
-EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3}
+EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4}
 PANEL = 32                                 # NR in the C source: columns per packed panel
 
 
@@ -30,7 +30,9 @@ class Epilogue(ctypes.Structure):
                 ("pre", ctypes.c_int32), ("k", ctypes.c_int32), ("lo", ctypes.c_int32), ("hi", ctypes.c_int32),
                 ("zp", ctypes.c_int32), ("m", ctypes.c_void_p), ("c", ctypes.c_void_p), ("table", ctypes.c_void_p),
                 ("res", ctypes.c_void_p), ("ldr", ctypes.c_int64), ("pb", ctypes.c_int32), ("pad_", ctypes.c_int32),
-                ("mb", ctypes.c_void_p)]
+                ("mb", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("c2", ctypes.c_void_p), ("pre2", ctypes.c_int32),
+                ("k2", ctypes.c_int32), ("lo2", ctypes.c_int32), ("hi2", ctypes.c_int32), ("zp2", ctypes.c_int32),
+                ("pad2_", ctypes.c_int32)]
 
 
 def _cpu_id() -> str:
@@ -74,6 +76,7 @@ def library() -> ctypes.CDLL:
                            ctypes.POINTER(Epilogue), p, i32, i32, i32, p, ctypes.c_int]
     lib.go_shiftmax.argtypes = [p, i64, i64, p, i32, i32, i32, p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
+    lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
     return lib
@@ -106,12 +109,15 @@ def pack_b(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, colsum
 
 
-def epilogue(kind: str, out_dtype: torch.dtype, bias: torch.Tensor, *, pre=0, k=0, lo=0, hi=0, zp=0, m=None, c=None,
-             table=None, res=None, pb=0, mb=None) -> Epilogue:
-    """The C epilogue record (it holds on to the tensors it points into)."""
+def epilogue(kind: str, out_dtype: torch.dtype, bias: torch.Tensor | None, *, pre=0, k=0, lo=0, hi=0, zp=0, m=None,
+             c=None, table=None, res=None, pb=0, mb=None, second: dict | None = None) -> Epilogue:
+    """The C epilogue record (it holds on to the tensors it points into); ``second``: the per-column requant
+    after the table of kind table_requant, as {m, c, pre, k, lo, hi, zp}."""
+    s = second or {}
     epi = Epilogue(EPILOGUES[kind], OUT_TYPES[out_dtype], _ptr(bias), pre, k, lo, hi, zp, _ptr(m), _ptr(c),
-                   _ptr(table), _ptr(res), 0 if res is None else res.stride(-2), pb, 0, _ptr(mb))
-    epi.tensors = (bias, m, c, table, res, mb)
+                   _ptr(table), _ptr(res), 0 if res is None else res.stride(-2), pb, 0, _ptr(mb), _ptr(s.get("m")),
+                   _ptr(s.get("c")), s.get("pre", 0), s.get("k", 0), s.get("lo", 0), s.get("hi", 0), s.get("zp", 0), 0)
+    epi.tensors = (bias, m, c, table, res, mb, s.get("m"), s.get("c"))
     return epi
 
 
@@ -142,3 +148,9 @@ def shiftmax(x: torch.Tensor, pow2: torch.Tensor, x_units: int, n_pow: int, bits
 def layernorm(x: torch.Tensor, sh: int, f: int, iters: int, rq: Epilogue | None, out: torch.Tensor, threads: int) -> None:
     rows, c = x.numel() // x.shape[-1], x.shape[-1]
     library().go_layernorm(_ptr(x), rows, c, sh, f, iters, None if rq is None else ctypes.byref(rq), _ptr(out), threads)
+
+
+def requant(x: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
+    """int.requant of a contiguous x with per-column (last axis) m, c."""
+    rows, c = x.numel() // x.shape[-1], x.shape[-1]
+    library().go_requant(_ptr(x), OUT_TYPES[x.dtype], rows, c, ctypes.byref(epi), _ptr(out), threads)

@@ -6,10 +6,12 @@ integers of the chain it replaces:
     cpu.int_bmm        int.matmul [-> int.requant [-> int.shiftmax]]
     cpu.int_layernorm  int.layernorm [-> int.requant]
     cpu.int_shiftmax   int.shiftmax (without a mask)
+    cpu.int_requant    int.requant (m, c constant along the last axis)
 
 Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c), ``table`` (requant,
-then ``table[y - lo]``: a requant(shiftgelu(.)) folded into a table over the requant's range) and
-``add`` (the residual ``int.add`` with the accumulator as one branch and ``res`` as the other).
+then ``table[y - lo]``: a per-tensor requant(shiftgelu(.)) folded into a table over the requant's
+range), ``table_requant`` (requant, the shiftgelu table, then a per-column requant m2, c2) and ``add``
+(the residual ``int.add`` with the accumulator as one branch and ``res`` as the other).
 """
 from __future__ import annotations
 
@@ -26,9 +28,13 @@ _EPILOGUE = {"kind": Attr("str", "raw"), "out": Attr("str", "i32"), "pre": Attr(
              "lo": Attr("int", 0), "hi": Attr("int", 0), "zp": Attr("int", 0), "threads": Attr("int", 1)}
 
 
-def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, *, pre, k, lo, hi, zp, pb=0):
+_SECOND = {"pre2": Attr("int", 0), "k2": Attr("int", 0), "lo2": Attr("int", 0), "hi2": Attr("int", 0),
+           "zp2": Attr("int", 0)}
+
+
+def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, second=None, *, pre, k, lo, hi, zp, pb=0):
     return kernels.epilogue(kind, INT_DTYPES[out], bias, pre=pre, k=k, lo=lo, hi=hi, zp=zp, m=m, c=c, table=table,
-                            res=res, pb=pb, mb=mb)
+                            res=res, pb=pb, mb=mb, second=second)
 
 
 def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -36,19 +42,19 @@ def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
     return torch.bitwise_xor(x.view(torch.uint8), 0x80) if flip else x
 
 
-def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, *, n, k_padded, flip, kind, out, pre,
-               k, lo, hi, zp, pb, threads):
+def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, *, n, k_padded, flip,
+               kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
     if x.dtype not in (torch.uint8, torch.int8) or packed.dtype != torch.int8:
         raise OpError(f"cpu.int_gemm: expects an 8-bit input and packed int8 weights, got {x}, {packed}")
     return TensorType(INT_DTYPES[out], x.shape[:-1] + (n,))
 
 
-@register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?"],
+@register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?", "m2?", "c2?"],
              attrs={"n": Attr("int"), "k_padded": Attr("int"), "flip": Attr("bool", False), "pb": Attr("int", 0),
-                    **_EPILOGUE},
+                    **_EPILOGUE, **_SECOND},
              infer=_gemm_type, tags=["gemm", "integer"])
-def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, *, n, k_padded, flip, kind, out, pre,
-             k, lo, hi, zp, pb, threads):
+def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, *, n, k_padded, flip,
+             kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
     """epilogue(x [..., K] as u8 @ W^T), W packed by ``cpu_integer_library.pack_b`` (K padded to k_padded)."""
     lead = x.shape[:-1]
     a = _as_u8(x, flip).reshape(-1, x.shape[-1])
@@ -58,7 +64,8 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, *, 
     y = torch.empty(a.shape[0], n, dtype=INT_DTYPES[out])
     if res is not None:
         res = res.reshape(-1, n).contiguous()
-    epi = _epilogue(kind, out, bias, m, c, table, res, mb, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb)
+    second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
+    epi = _epilogue(kind, out, bias, m, c, table, res, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb)
     kernels.gemm(a, packed, n, epi, y, threads)
     return y.reshape(lead + (n,))
 
@@ -126,6 +133,21 @@ def int_shiftmax(x, pow2, *, X, n_pow, bits, threads):
     return y
 
 
+def _requant_type(x, m, c, *, kind, out, pre, k, lo, hi, zp, threads):
+    if x.dtype not in (torch.uint8, torch.int8, torch.int32):
+        raise OpError(f"cpu.int_requant: expects an integer input, got {x}")
+    return x.with_dtype(INT_DTYPES[out])
+
+
+@register_op("cpu.int_requant", inputs=["x", "m", "c"], attrs=_EPILOGUE, infer=_requant_type, tags=["integer"])
+def int_requant(x, m, c, *, kind, out, pre, k, lo, hi, zp, threads):
+    """int.requant with m, c given per column of the last axis."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=INT_DTYPES[out])
+    kernels.requant(x, _epilogue("requant", out, None, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp), y, threads)
+    return y
+
+
 @register_cost("cpu.int_gemm")
 def _gemm_cost(node):
     x = node.inputs[0].type
@@ -139,3 +161,4 @@ def _bmm_cost(node):
 
 register_elementwise_cost(20, "cpu.int_shiftmax")
 register_elementwise_cost(10, "cpu.int_layernorm")
+register_elementwise_cost(5, "cpu.int_requant")

@@ -4,9 +4,11 @@
     python -m graphopt.bench.integer_only minilm  [--sentences 256]
     python -m graphopt.bench.integer_only digits
 
-speed: torch eager, ONNX Runtime fp32, ONNX Runtime quantize_dynamic int8 (per-channel weights, QInt8)
-and our integer-only model (with and without calibration tricks) run side by side in one process,
-interleaved; medians and ratios against each baseline; the time `optimize` itself takes.
+speed: torch eager, ONNX Runtime fp32, ONNX Runtime quantize_dynamic int8 (QInt8 weights) and our
+integer-only model (with and without calibration tricks) on two backends, ONNX Runtime (standard ONNX
+integer ops) and cpu_integer (fused integer kernels), run side by side in one process, interleaved;
+medians and ratios against each baseline; the time `optimize` itself takes; whether the two backends'
+outputs are bit-identical.
 minilm: all-MiniLM-L6-v2 mean-pooled embeddings, cosine against torch float, ours and
 quantize_dynamic (dynamo export) on the same sentences padded to 64 tokens.
 Results go to bench/results/integer_only_<what>.json.
@@ -70,6 +72,7 @@ def _interleaved(fns: dict, runs: int, block: int = 3) -> dict:
 def speed(args) -> dict:
     from graphopt.backends.onnx_lowering import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
+    from graphopt.backends.registry import lower
 
     torch.set_num_threads(args.threads)
     model = deit_s(args.batch)
@@ -92,6 +95,8 @@ def speed(args) -> dict:
     fp32 = _ort_session(fp32_path, args.threads)
     dyn = quantize_dynamic_session(fp32_path, args.threads)
     sessions = {name: _ort_session(to_onnx(gr), args.threads) for name, gr in graphs.items()}
+    kernels = {name + "_cpu": lower(gr, "cpu_integer", threads=args.threads)
+               for name, gr in graphs.items()}
     feed = {fp32.get_inputs()[0].name: x.numpy()}
 
     def ort(sess):
@@ -100,19 +105,25 @@ def speed(args) -> dict:
 
     fns = {"torch_eager": lambda: model(pixel_values=x), "ort_fp32": ort(fp32), "ort_dynamic_int8": ort(dyn)}
     fns.update({name: ort(s) for name, s in sessions.items()})
-    with torch.no_grad():
+    fns.update({name: (lambda ex=ex: ex.run_flat(x)) for name, ex in kernels.items()})
+    with torch.inference_mode():
         ref = model(pixel_values=x).logits
         med = _interleaved(fns, args.runs)
-    agree = {}
+    agree, outs = {}, {}
     for name, s in [("ort_fp32", fp32), ("ort_dynamic_int8", dyn)] + list(sessions.items()):
-        out = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+        outs[name] = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    with torch.inference_mode():
+        outs.update({name: ex.run_flat(x)[0] for name, ex in kernels.items()})
+    for name, out in outs.items():
         agree[name] = float(torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0))
+    identical = {name: torch.equal(outs[name], outs[name + "_cpu"]) for name in graphs}
     del feed
     result = {"what": "speed", "model": "DeiT-S-shaped ViT (HF, random weights)", "batch": args.batch,
               "threads": args.threads, "runs": args.runs, "median_ms": med,
               "ratios": {k: {"vs_" + b: med[b] / med[k] for b in ("torch_eager", "ort_fp32", "ort_dynamic_int8")}
                          for k in med},
               "optimize_seconds": opt_s, "capture_seconds": capture_s, "cosine_vs_torch": agree,
+              "cpu_integer_identical_to_ort": identical, "cpu_integer_isas": _isas(),
               "fallback": {k: g.meta["integer_only"]["fallback"] for k, g in graphs.items()}}
     print(f"{'model':20s} {'median ms':>10s} {'vs eager':>9s} {'vs ORT fp32':>12s} {'vs ORT dyn int8':>16s} {'cos':>8s}")
     for k, v in med.items():
@@ -120,7 +131,13 @@ def speed(args) -> dict:
         print(f"{k:20s} {v:10.1f} {r['vs_torch_eager']:9.2f} {r['vs_ort_fp32']:12.2f} {r['vs_ort_dynamic_int8']:16.2f} "
               f"{agree.get(k, 1.0):8.4f}")
     print("optimize seconds:", {k: round(v, 1) for k, v in opt_s.items()}, "capture:", round(capture_s, 1))
+    print("cpu_integer output bit-identical to ONNX Runtime's:", identical, "GEMM ISAs:", _isas())
     return result
+
+
+def _isas() -> list[str]:
+    from graphopt.backends.cpu_integer_library import available_isas
+    return available_isas()
 
 
 def _minilm():
