@@ -12,7 +12,8 @@ from graphopt.passes import PassManager, Report
 
 
 class OptimizedModel:
-    """Called like the original model. ``.graph`` is the optimized IR, ``.report`` what each pass did."""
+    """Called like the original model. ``.graph`` is the optimized IR, ``.report`` what each pass did,
+    ``.executable`` what the backend made of the graph."""
 
     def __init__(self, graph: Graph, report: Report, backend: str, backend_options: dict | None = None):
         from graphopt.backends.registry import lower
@@ -20,11 +21,11 @@ class OptimizedModel:
         self.graph = graph
         self.report = report
         self.backend = backend
-        self._run = lower(graph, backend, **(backend_options or {}))
+        self.executable = lower(graph, backend, **(backend_options or {}))
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
-            return self._run(*args, **kwargs)
+            return self.executable(*args, **kwargs)
 
     def save(self, path: str) -> None:
         """``.onnx`` writes an ONNX model (when the ONNX backend is available); anything else the IR."""

@@ -44,7 +44,13 @@ def _cpu_id() -> str:
 
 
 def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if os.environ.get("CC"):
+        cc = shutil.which(os.environ["CC"])
+        if not cc:
+            raise KernelBuildError(f"CC={os.environ['CC']} is not a C compiler on this machine; the cpu_integer backend "
+                                   "compiles its kernels with one (unset CC to use cc/gcc/clang from PATH)")
+        return cc
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise KernelBuildError("the cpu_integer backend compiles its kernels with a C compiler, and none was found "
                                "(install gcc or set CC); the onnxruntime backend runs the same integer graph")

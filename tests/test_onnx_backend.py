@@ -204,8 +204,8 @@ def test_torch_model_runs_in_onnxruntime_with_its_call_structure():
     ids, mask = torch.randint(0, 20, (2, 7)), torch.ones(2, 7)
     om = graphopt.optimize(model, ["dce"], ((ids,), {"mask": mask}), backend="onnxruntime",
                            backend_options={"threads": 1, "optimization_level": "all"})
-    onnx.checker.check_model(om._run.model, full_check=True)
-    assert [o.name for o in om._run.model.graph.output] == ["logits", "hidden"]
+    onnx.checker.check_model(om.executable.model, full_check=True)
+    assert [o.name for o in om.executable.model.graph.output] == ["logits", "hidden"]
     for batch in (3, 5):
         ids, mask = torch.randint(0, 20, (batch, 7)), (torch.rand(batch, 7) > 0.3).float()
         got = om(ids, mask=mask)
@@ -318,7 +318,7 @@ def test_zoo_models_run_in_onnxruntime(fixture, request):
     case = request.getfixturevalue(fixture)
     om = graphopt.optimize(case.model, ["constant_folding", "cse", "dce"], (tuple(case.args), dict(case.kwargs)),
                            backend="onnxruntime")
-    onnx.checker.check_model(om._run.model, full_check=True)
+    onnx.checker.check_model(om.executable.model, full_check=True)
 
     def grow(v):
         return torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) else v

@@ -111,7 +111,7 @@ def test_deit_from_torch_through_onnxruntime_backend(deit_onnx, tmp_path):
     with torch.no_grad():
         expected = c.model(pixel_values=x).logits
     assert (om(pixel_values=x).logits - expected).abs().max().item() <= 1e-4
-    onnx.checker.check_model(om._run.model, full_check=True)
+    onnx.checker.check_model(om.executable.model, full_check=True)
     om.save(str(tmp_path / "deit_from_torch.onnx"))
     assert os.path.getsize(tmp_path / "deit_from_torch.onnx") > 80e6
 

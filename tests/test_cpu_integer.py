@@ -1,0 +1,204 @@
+"""The cpu_integer backend: each fused kernel against the chain of reference ops it replaces (a small
+``before`` graph, the expected kernel op, bit-identical outputs) on every GEMM instruction set this CPU
+has; whole integer models identical to the reference backend and to ONNX Runtime; clear errors."""
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.ir import Graph, TensorType
+from graphopt.ir.ops.integer import shift_pow2
+
+I32, U8, I8 = torch.int32, torch.uint8, torch.int8
+
+try:
+    ISAS = kernels.available_isas()
+except kernels.KernelBuildError as e:       # no C compiler on this machine
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    kernels.limit_isa(request.param)
+    yield request.param
+    kernels.limit_isa("amx")
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape, dtype, g, lo=None, hi=None):
+    info = torch.iinfo(dtype)
+    lo = info.min if lo is None else lo
+    hi = info.max if hi is None else hi
+    return torch.randint(lo, hi + 1, shape, generator=g).to(dtype)
+
+
+def _check(graph: Graph, inputs, expected_ops: dict[str, int]):
+    """Lower, compare the kernel graph's op counts (integer ops gone) and its outputs with the reference."""
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    from graphopt.backends.torch_backend import run
+
+    lowered, report = lower_to_kernels(graph, threads=2)
+    counts = lowered.op_counts()
+    assert {op: counts.get(op, 0) for op in expected_ops} == expected_ops, (counts, report)
+    assert not [op for op in counts if op.startswith("int.")], counts
+    for want, got in zip(run(graph, *inputs), run(lowered, *inputs)):
+        assert want.dtype == got.dtype and torch.equal(want, got)
+    return report
+
+
+# ---- the GEMM itself -------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,n", [(1, 4, 1), (13, 8, 45), (33, 64, 31), (70, 192, 65), (40, 128, 32)])
+def test_gemm_equals_int64_matmul(isa, m, k, n):
+    g = _gen(m * 1000 + n)
+    a, w = _rand((m, k), U8, g), _rand((n, k), I8, g)
+    bias = _rand((n,), I32, g, -1000, 1000)
+    packed, colsum = kernels.pack_b(w)
+    out = torch.empty(m, n, dtype=I32)
+    kernels.gemm(a, packed, n, kernels.epilogue("raw", I32, (bias - 128 * colsum).to(I32)), out, 2)
+    assert torch.equal(out.long(), (a.long() - 128) @ w.long().t() + bias)
+
+
+# ---- chains --------------------------------------------------------------------------------------
+def _linear_graph(k=64, n=40, rows=(3, 11), x_dtype=U8, bias=False, seed=0):
+    g = _gen(seed)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(x_dtype, rows + (k,)))
+    w = graph.add_constant(_rand((n, k), I8, g))
+    b = graph.add_constant(_rand((n,), I32, g, -5000, 5000)) if bias else None
+    y = graph.call("int.linear", x, w, b, x_zp=128 if x_dtype == U8 else 0)
+    return graph, y, _rand(rows + (k,), x_dtype, g), g
+
+
+@pytest.mark.parametrize("x_dtype", [U8, I8])
+@pytest.mark.parametrize("k", [64, 36, 30])
+def test_linear_requant_becomes_one_gemm(isa, x_dtype, k):
+    graph, y, x, g = _linear_graph(k=k, x_dtype=x_dtype)
+    m, c = graph.add_constant(_rand((40,), I32, g, 1, 511)), graph.add_constant(_rand((40,), I32, g, -99, 99))
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=16, lo=-128, hi=127, zero_point=128, dtype="u8")])
+    _check(graph, [x], {"cpu.int_gemm": 1})
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_shiftgelu_requant_folds_into_the_epilogue(isa, per_channel):
+    graph, y, x, g = _linear_graph()
+    m1, c1 = graph.add_constant(_rand((40,), I32, g, 1, 63)), graph.add_constant(torch.tensor(512, dtype=I32))
+    h = graph.call("int.requant", y, m1, c1, pre=0, k=10, lo=-32768, hi=32767, zero_point=0, dtype="i32")
+    h = graph.call("int.shiftgelu", h, X=128, n=10, bits=12, in_bits=16)
+    shape = (40,) if per_channel else ()
+    m2, c2 = graph.add_constant(_rand(shape, I32, g, 1, 255)), graph.add_constant(_rand(shape, I32, g, -999, 999))
+    graph.set_outputs([graph.call("int.requant", h, m2, c2, pre=8, k=18, lo=-128, hi=127, zero_point=128, dtype="u8")])
+    lowered_kind = "table_requant" if per_channel else "table"
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    assert lower_to_kernels(graph)[0].find_nodes("cpu.int_gemm")[0].attrs["kind"] == lowered_kind
+    _check(graph, [x], {"cpu.int_gemm": 1})
+
+
+@pytest.mark.parametrize("gemm_first", [True, False])
+def test_linear_residual_add_becomes_one_gemm(isa, gemm_first):
+    graph, y, x, g = _linear_graph(bias=True)
+    res = graph.add_input("res", TensorType(I32, (3, 11, 40)))
+    ma, mb = graph.add_constant(torch.tensor(37, dtype=I32)), graph.add_constant(_rand((40,), I32, g, 1, 255))
+    c = graph.add_constant(torch.tensor(-77, dtype=I32))
+    args = (y, res, ma, mb) if gemm_first else (res, y, mb, ma)
+    pa, pb = (4, 1) if gemm_first else (1, 4)
+    graph.set_outputs([graph.call("int.add", *args, c, pa=pa, pb=pb, k=10, lo=-32768, hi=32767, zero_point=0,
+                                  dtype="i32")])
+    _check(graph, [x, _rand((3, 11, 40), I32, g, -32768, 32767)], {"cpu.int_gemm": 1})
+
+
+@pytest.mark.parametrize("k", [64, 20])
+def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k):
+    g = _gen(1)
+    graph = Graph("before")
+    q = graph.add_input("q", TensorType(U8, (2, 3, 17, k)))
+    kt = graph.add_input("kt", TensorType(I8, (2, 3, k, 19)))
+    s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
+    s = graph.call("int.requant", s, graph.add_constant(torch.tensor(5, dtype=I32)),
+                   graph.add_constant(torch.tensor(1 << 14, dtype=I32)), pre=7, k=15, lo=-32768, hi=32767,
+                   zero_point=0, dtype="i32")
+    p = graph.call("int.shiftmax", s, X=128, n=14, bits=8)
+    v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
+    o = graph.call("int.matmul", p, v, a_zp=0, b_zp=0)
+    graph.set_outputs([graph.call("int.requant", o, graph.add_constant(torch.tensor(3, dtype=I32)),
+                                  graph.add_constant(torch.tensor(0, dtype=I32)), pre=0, k=9, lo=-128, hi=127,
+                                  zero_point=128, dtype="u8")])
+    inputs = [_rand((2, 3, 17, k), U8, g), _rand((2, 3, k, 19), I8, g), _rand((2, 3, 19, 8), I8, g)]
+    _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
+
+
+def test_shiftmax_row_kernel_with_x_not_a_power_of_two():
+    g = _gen(2)
+    x = _rand((5, 33), I32, g, -3000, 3000)
+    from graphopt.ir.ops.integer import shiftmax
+    for X in (96, 128):
+        pow2 = shift_pow2(torch.arange(0, 12 * X + 1, dtype=I32), X, 12).to(I32)
+        out = torch.empty(5, 33, dtype=U8)
+        kernels.shiftmax(x, pow2, X, 12, 8, out, 2)
+        assert torch.equal(out, shiftmax(x, dim=-1, X=X, n=12, bits=8))
+
+
+def test_layernorm_requant_becomes_one_kernel(isa):
+    g = _gen(3)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (4, 10, 48)))
+    y = graph.call("int.layernorm", x, C=48, sh=5, F=13, iters=20)
+    m, c = graph.add_constant(_rand((48,), I32, g, 1, 1023)), graph.add_constant(_rand((48,), I32, g, -999, 999))
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=20, lo=-128, hi=127, zero_point=128, dtype="u8"),
+                       graph.call("int.layernorm", x, C=48, sh=0, F=13, iters=3)])
+    inputs = [_rand((4, 10, 48), I32, g, -32768, 32767)]
+    inputs[0][0, 0] = 7                                   # a constant row: variance 0 -> max(., 1)
+    _check(graph, inputs, {"cpu.int_layernorm": 2})
+
+
+def test_standalone_requant_and_patch_conv(isa):
+    g = _gen(4)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(U8, (2, 3, 16, 16)))
+    w, b = graph.add_constant(_rand((8, 3, 4, 4), I8, g)), graph.add_constant(_rand((8,), I32, g, -999, 999))
+    y = graph.call("int.conv2d", x, w, b, stride=(4, 4), x_zp=128)
+    m, c = graph.add_constant(_rand((8, 1, 1), I32, g, 1, 255)), graph.add_constant(_rand((8, 1, 1), I32, g, -99, 99))
+    y = graph.call("int.requant", y, m, c, pre=2, k=12, lo=-128, hi=127, zero_point=0, dtype="i8")
+    m2, c2 = graph.add_constant(_rand((4,), I32, g, 1, 255)), graph.add_constant(_rand((4,), I32, g, -99, 99))
+    graph.set_outputs([graph.call("int.requant", y, m2, c2, pre=0, k=6, lo=-32768, hi=32767, zero_point=0, dtype="i32")])
+    _check(graph, [_rand((2, 3, 16, 16), U8, g)], {"cpu.int_gemm": 1, "cpu.int_requant": 1})
+
+
+# ---- whole models ---------------------------------------------------------------------------------
+def test_tiny_vit_identical_to_reference_and_onnxruntime(tiny_vit_case, isa):
+    case = tiny_vit_case
+    g = _gen(5)
+    calib = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(3)]
+    om = graphopt.optimize(case.model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib,
+                           backend="cpu_integer", backend_options={"threads": 2})
+    assert [r for r in om.executable.report if r[0] == "reference"] == []
+    x = torch.randn(5, 3, 32, 32, generator=g)
+    from graphopt.backends.registry import lower
+    got = om.executable.run_flat(x)[0]
+    assert torch.equal(got, lower(om.graph, "torch").run_flat(x)[0])
+    pytest.importorskip("onnxruntime")
+    assert torch.equal(got, lower(om.graph, "onnxruntime", threads=1).run_flat(x)[0])
+
+
+def test_digits_vit_identical_to_reference(digits_case):
+    case = digits_case
+    calib = [(case.train_images[i:i + 64],) for i in range(0, 256, 64)]
+    graph = graphopt.optimize(case.model, ["integer_only"], (case.test_images[:8],), calibration=calib).graph
+    from graphopt.backends.registry import lower
+    images = case.test_images[:128]
+    assert torch.equal(lower(graph, "cpu_integer", threads=2).run_flat(images)[0],
+                       lower(graph, "torch").run_flat(images)[0])
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        with pytest.raises(kernels.KernelBuildError, match="C compiler"):
+            kernels.library()
+    finally:
+        monkeypatch.undo()
+        kernels.library.cache_clear()
