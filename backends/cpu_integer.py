@@ -12,7 +12,7 @@ reference implementations. Every kernel computes the reference's integers (tests
     int.conv2d (stride == kernel, no padding) [-> int.requant]      => im2col reshape + cpu.int_gemm
     int.matmul -> int.requant [-> int.shiftmax]                     => cpu.int_bmm
     int.layernorm [-> int.requant]                                  => cpu.int_layernorm
-    int.shiftmax (no mask)                                          => cpu.int_shiftmax
+    int.shiftmax (with or without a mask)                           => cpu.int_shiftmax
     int.requant (m, c constant along the last axis)                 => cpu.int_requant
 
 ``report`` lists what became which kernel and what stayed on the reference ops, with the reason.
@@ -195,15 +195,16 @@ class _Lowering:
         chain, result, attrs, m, c = self.epilogue(node.output, n)[:5]
         if attrs["kind"] not in ("raw", "requant"):
             chain, result, attrs, m, c = [], node.output, {"kind": "raw", "out": "i32"}, None, None
-        pow2, extra = None, {}
+        pow2, mask, extra = None, None, {}
         softmax = _only_user(result) if chain else None
-        if softmax is not None and softmax.op == "int.shiftmax" and len(softmax.inputs) == 1:
+        if softmax is not None and softmax.op == "int.shiftmax" and softmax.inputs[0] is result:
             s = softmax.attrs
             pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
             extra = {"X": s["X"], "n_pow": s["n"], "bits": s["bits"]}
             chain, result = chain + [softmax], softmax.output
+            mask = softmax.inputs[1] if len(softmax.inputs) > 1 else None
         inputs = [a, b, self.const(torch.zeros(n, dtype=I32), "bias")]
-        inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"))] + [pow2]
+        inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"))] + [pow2, mask]
         with self.graph.inserting_before(chain[-1] if chain else node):
             y = self.graph.call("cpu.int_bmm", *inputs, a_zp=za + (128 if flip_a else 0), flip_a=flip_a,
                                 flip_b=b.type.dtype == torch.uint8, threads=self.threads, **attrs, **extra)
@@ -228,12 +229,13 @@ class _Lowering:
                                                                  threads=self.threads, **a))
 
     def lower_shiftmax(self, node: Node):
-        if len(node.inputs) > 1 and node.inputs[1] is not None:
-            return "masked Shiftmax runs on the reference op"
+        if node.inputs[0].type.rank > 4:
+            return "Shiftmax over more than 4 dims"
         s = node.attrs
         pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
+        mask = node.inputs[1] if len(node.inputs) > 1 else None
         with self.graph.inserting_before(node):
-            self.replace([node], node.output, self.graph.call("cpu.int_shiftmax", node.inputs[0], pow2,
+            self.replace([node], node.output, self.graph.call("cpu.int_shiftmax", node.inputs[0], pow2, mask,
                                                               X=s["X"], n_pow=s["n"], bits=s["bits"],
                                                               threads=self.threads))
 

@@ -356,17 +356,26 @@ void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *
     }
 }
 
-void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits,
-                      uint8_t *out);
+/* Shiftmax parameters: pow2[u] = shift_pow2(u, X, n) for u in [0, n X]; mask (NULL: none) holds bools
+ * at mask + i0 m0 + i1 m1 + row mr + j for batch (i0, i1), row, column j; masked-out columns get e = 0. */
+typedef struct {
+    const int32_t *pow2;
+    int32_t X, n, bits, pad_;
+    const uint8_t *mask;
+    int64_t m0, m1, mr;
+} softmax_t;
+
+static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
+                         int64_t L, int32_t *e, uint8_t *out);
 
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
  * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
- * a_zp enters the per-batch column correction; with pow2 != NULL the epilogue (int32) feeds Shiftmax
- * rows (pow2, X, nn, bits) and out is u8. Parallel over the batch. */
+ * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
+ * and out is u8. Parallel over the batch. */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
-            int32_t a_zp, const epilogue_t *e, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits, void *out, int threads) {
-    int64_t Kp = (K + 63) / 64 * 64, osize = e->out_type == OUT_I32 ? 4 : 1;
+            int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, int threads) {
+    int64_t Kp = (K + 63) / 64 * 64, osize = sm ? 1 : e->out_type == OUT_I32 ? 4 : 1;
     int isa = pick_isa(Kp);
     int padk = isa == 2 ? Kp : (K + 3) / 4 * 4;
     int64_t rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
@@ -375,10 +384,11 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
         int8_t *bp = malloc((size_t)go_packed_size(N, padk));
         uint8_t *ap = malloc((size_t)(rows_padded * padk)), *tail = malloc((size_t)(AMX_M * padk));
         int32_t *colsum = malloc(sizeof(int32_t) * (size_t)N), *bias = malloc(sizeof(int32_t) * (size_t)N);
-        int32_t *scores = pow2 ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
+        int32_t *scores = sm ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
+        int32_t *erow = sm ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
         epilogue_t eb = *e;
         eb.bias = bias;
-        if (pow2) eb.out_type = OUT_I32;
+        if (sm) eb.out_type = OUT_I32;
         if (isa == 2) amx_configure();
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B1 * B2; i++) {
@@ -394,33 +404,38 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
                 a = ap;
                 la = padk;
             }
-            char *o = (char *)out + i * M * N * (pow2 ? 1 : osize);
+            char *o = (char *)out + i * M * N * osize;
             int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
-            gemm_blocks(isa, a, la, M, padk, bp, N, &eb, pow2 ? (void *)scores : (void *)o, N, 0, blocks, tail);
-            if (pow2) go_shiftmax_rows(scores, M, N, pow2, X, nn, bits, (uint8_t *)o);
+            gemm_blocks(isa, a, la, M, padk, bp, N, &eb, sm ? (void *)scores : (void *)o, N, 0, blocks, tail);
+            if (sm) softmax_rows(sm, scores, i1, i2, 0, M, N, erow, (uint8_t *)o);
         }
         if (isa == 2) amx_release();
-        free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores);
+        free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores); free(erow);
     }
 }
 
-/* ---- Shiftmax over rows of length L: pow2[u] = shift_pow2(u, X, n) for u in [0, n X] ---- */
-static void shiftmax_row_portable(const int32_t *restrict xr, int64_t L, const int32_t *restrict pow2, int32_t X,
-                                  int32_t nn, int32_t bits, int32_t *restrict e, uint8_t *restrict o) {
-    int32_t nX = nn * X;
-    int32_t mx = xr[0];
-    for (int64_t j = 1; j < L; j++) mx = xr[j] > mx ? xr[j] : mx;
+/* ---- Shiftmax over rows of length L (int.shiftmax: masked columns count as -2^30, then e = 0) ---- */
+#define MASKED_LOGIT (-(1 << 30))
+
+static void shiftmax_row_portable(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
+                                  const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
+    int32_t nX = sm->n * sm->X, mx = INT32_MIN;
+    for (int64_t j = 0; j < L; j++) {
+        int32_t v = !mask || mask[j] ? xr[j] : MASKED_LOGIT;
+        mx = v > mx ? v : mx;
+    }
     uint32_t s = 0;
     for (int64_t j = 0; j < L; j++) {
-        int32_t u = (int32_t)((uint32_t)mx - (uint32_t)xr[j]);
-        e[j] = pow2[clamp32(u, 0, nX)];
+        int keep = !mask || mask[j];
+        int32_t u = (int32_t)((uint32_t)mx - (uint32_t)(keep ? xr[j] : MASKED_LOGIT));
+        e[j] = keep ? sm->pow2[clamp32(u, 0, nX)] : 0;
         s += (uint32_t)e[j];
     }
     int32_t si = (int32_t)s < 1 ? 1 : (int32_t)s;
     divisor_t d = make_divisor((uint32_t)si);
-    uint32_t half = (uint32_t)(si / 2), top = (1u << bits) - 1;
+    uint32_t half = (uint32_t)(si / 2), top = (1u << sm->bits) - 1;
     for (int64_t j = 0; j < L; j++) {
-        uint32_t q = divide(((uint32_t)e[j] << bits) + half, d);
+        uint32_t q = divide(((uint32_t)e[j] << sm->bits) + half, d);
         o[j] = (uint8_t)(q < top ? q : top);
     }
 }
@@ -436,33 +451,40 @@ static inline __m512i pow2_16(__m512i u, const int32_t *pow2, int32_t n, int log
     return _mm512_maskz_mov_epi32(k, v);
 }
 
-__attribute__((target("avx512f,avx512bw")))
-static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const int32_t *restrict pow2, int32_t X,
-                                int32_t nn, int32_t bits, int32_t *restrict e, uint8_t *restrict o) {
-    int32_t nX = nn * X;
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __mmask16 keep_mask(const uint8_t *mask, int64_t j, __mmask16 k) {
+    if (!mask) return k;
+    __m128i v = _mm_maskz_loadu_epi8(k, mask + j);
+    return _mm_test_epi8_mask(v, v) & k;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
+                                const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
     int logx = -1;                          /* X = 2^logx: shift_pow2 by shifts instead of the table */
     for (int t = 0; t < 31; t++)
-        if (X == 1 << t) logx = t;
-    __m512i vmx = _mm512_set1_epi32(INT32_MIN);
+        if (sm->X == 1 << t) logx = t;
+    __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx = _mm512_set1_epi32(INT32_MIN);
     for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j);
-        vmx = _mm512_mask_max_epi32(vmx, k, vmx, _mm512_maskz_loadu_epi32(k, xr + j));
+        __mmask16 k = tail_mask(L - j), keep = keep_mask(mask, j, k);
+        __m512i x = _mm512_mask_blend_epi32(keep, masked, _mm512_maskz_loadu_epi32(k, xr + j));
+        vmx = _mm512_mask_max_epi32(vmx, k, vmx, x);
     }
-    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), top = _mm512_set1_epi32(nX);
+    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), top = _mm512_set1_epi32(sm->n * sm->X);
     __m512i zero = _mm512_setzero_si512(), vs = zero;
     for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j);
+        __mmask16 k = tail_mask(L - j), keep = keep_mask(mask, j, k);
         __m512i u = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j));
         u = _mm512_min_epi32(_mm512_max_epi32(u, zero), top);
-        __m512i ev = pow2_16(u, pow2, nn, logx, k);
+        __m512i ev = pow2_16(u, sm->pow2, sm->n, logx, keep);
         _mm512_mask_storeu_epi32(e + j, k, ev);
         vs = _mm512_add_epi32(vs, ev);
     }
     int32_t si = _mm512_reduce_add_epi32(vs);
     si = si < 1 ? 1 : si;
     divisor_t d = make_divisor((uint32_t)si);
-    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << bits) - 1);
-    __m128i b = _mm_cvtsi32_si128(bits);
+    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << sm->bits) - 1);
+    __m128i b = _mm_cvtsi32_si128(sm->bits);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 k = tail_mask(L - j);
         __m512i n = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j), b), half);
@@ -471,26 +493,25 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const int
     }
 }
 
-static void shiftmax_row(const int32_t *xr, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits, int32_t *e,
-                         uint8_t *o) {
-    if (isa_limit >= 1 && has_avx512()) shiftmax_row_avx512(xr, L, pow2, X, nn, bits, e, o);
-    else shiftmax_row_portable(xr, L, pow2, X, nn, bits, e, o);
+static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
+                         int64_t L, int32_t *e, uint8_t *out) {
+    int vec = isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *mask = sm->mask ? sm->mask + i0 * sm->m0 + i1 * sm->m1 + (r0 + r) * sm->mr : NULL;
+        if (vec) shiftmax_row_avx512(x + r * L, L, mask, sm, e, out + r * L);
+        else shiftmax_row_portable(x + r * L, L, mask, sm, e, out + r * L);
+    }
 }
 
-void go_shiftmax_rows(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits,
-                      uint8_t *out) {
-    int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
-    for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, X, nn, bits, e, out + r * L);
-    free(e);
-}
-
-void go_shiftmax(const int32_t *x, int64_t rows, int64_t L, const int32_t *pow2, int32_t X, int32_t nn, int32_t bits,
-                 uint8_t *out, int threads) {
+/* Shiftmax over x [D0, D1, R, L] (contiguous); parallel over D0 x D1 x R rows. */
+void go_shiftmax(const int32_t *x, int64_t D0, int64_t D1, int64_t R, int64_t L, const softmax_t *sm, uint8_t *out,
+                 int threads) {
 #pragma omp parallel num_threads(threads)
     {
         int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) shiftmax_row(x + r * L, L, pow2, X, nn, bits, e, out + r * L);
+        for (int64_t i = 0; i < D0 * D1 * R; i++)
+            softmax_rows(sm, x + i * L, i / (D1 * R), i / R % D1, i % R, 1, L, e, out + i * L);
         free(e);
     }
 }

@@ -35,6 +35,27 @@ class Epilogue(ctypes.Structure):
                 ("pad2_", ctypes.c_int32)]
 
 
+class Softmax(ctypes.Structure):
+    _fields_ = [("pow2", ctypes.c_void_p), ("X", ctypes.c_int32), ("n", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("pad_", ctypes.c_int32), ("mask", ctypes.c_void_p), ("m0", ctypes.c_int64), ("m1", ctypes.c_int64),
+                ("mr", ctypes.c_int64)]
+
+
+def softmax(pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, mask: torch.Tensor | None,
+            shape: tuple[int, int, int, int]) -> Softmax:
+    """Shiftmax parameters (int.shiftmax with X = x_units, n = n_pow; pow2 = shift_pow2(0 .. n X)) for rows
+    of a [D0, D1, R, L] tensor; a bool mask broadcasts to that shape."""
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(shape)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask = mask.view(torch.uint8)
+    m0, m1, mr = mask.stride()[:3] if mask is not None else (0, 0, 0)
+    sm = Softmax(_ptr(pow2), x_units, n_pow, bits, 0, _ptr(mask), m0, m1, mr)
+    sm.tensors = (pow2, mask)
+    return sm
+
+
 def _cpu_id() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -79,8 +100,8 @@ def library() -> ctypes.CDLL:
     lib.go_pack_b.argtypes = [p, i64, i64, p, p]
     lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, ctypes.c_int]
     lib.go_bmm.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, i32,
-                           ctypes.POINTER(Epilogue), p, i32, i32, i32, p, ctypes.c_int]
-    lib.go_shiftmax.argtypes = [p, i64, i64, p, i32, i32, i32, p, ctypes.c_int]
+                           ctypes.POINTER(Epilogue), ctypes.POINTER(Softmax), p, ctypes.c_int]
+    lib.go_shiftmax.argtypes = [p, i64, i64, i64, i64, ctypes.POINTER(Softmax), p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
@@ -134,21 +155,17 @@ def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torc
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, a_zp: int, b_flip: bool, epi: Epilogue, out: torch.Tensor, threads: int,
-        softmax: tuple[torch.Tensor, int, int, int] | None = None) -> None:
+        sm: Softmax | None = None) -> None:
     """out[i, j] = epilogue(a[i, j] @ b[i, j]) for 4-D a [B1, B2, M, K] (unit k stride) and b [B1, B2, K, N]
-    (any strides); softmax = (pow2 table, X, n, bits) runs Shiftmax on the epilogue's int32 rows."""
+    (any strides); with sm, Shiftmax runs on the epilogue's int32 rows and out is u8."""
     b1, b2, m, k = a.shape
-    n = b.shape[-1]
-    pow2, x_units, n_pow, bits = softmax if softmax is not None else (None, 0, 0, 0)
-    library().go_bmm(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), *b.stride(), int(b_flip), b1, b2, m, k, n,
-                     a_zp, ctypes.byref(epi), _ptr(pow2), x_units, n_pow, bits, _ptr(out), threads)
+    library().go_bmm(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), *b.stride(), int(b_flip), b1, b2, m, k,
+                     b.shape[-1], a_zp, ctypes.byref(epi), None if sm is None else ctypes.byref(sm), _ptr(out), threads)
 
 
-def shiftmax(x: torch.Tensor, pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, out: torch.Tensor,
-             threads: int) -> None:
-    """Shiftmax rows of x (int.shiftmax with X = x_units, n = n_pow); pow2 = shift_pow2(0 .. n X)."""
-    rows, length = x.numel() // x.shape[-1], x.shape[-1]
-    library().go_shiftmax(_ptr(x), rows, length, _ptr(pow2), x_units, n_pow, bits, _ptr(out), threads)
+def shiftmax(x: torch.Tensor, sm: Softmax, out: torch.Tensor, threads: int) -> None:
+    """Shiftmax over the rows of a contiguous 4-D x."""
+    library().go_shiftmax(_ptr(x), *x.shape, ctypes.byref(sm), _ptr(out), threads)
 
 
 def layernorm(x: torch.Tensor, sh: int, f: int, iters: int, rq: Epilogue | None, out: torch.Tensor, threads: int) -> None:

@@ -109,35 +109,41 @@ def test_linear_residual_add_becomes_one_gemm(isa, gemm_first):
     _check(graph, [x, _rand((3, 11, 40), I32, g, -32768, 32767)], {"cpu.int_gemm": 1})
 
 
-@pytest.mark.parametrize("k", [64, 20])
-def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k):
+@pytest.mark.parametrize("k,masked", [(64, False), (20, True)])
+def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k, masked):
     g = _gen(1)
     graph = Graph("before")
     q = graph.add_input("q", TensorType(U8, (2, 3, 17, k)))
     kt = graph.add_input("kt", TensorType(I8, (2, 3, k, 19)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
     s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
     s = graph.call("int.requant", s, graph.add_constant(torch.tensor(5, dtype=I32)),
                    graph.add_constant(torch.tensor(1 << 14, dtype=I32)), pre=7, k=15, lo=-32768, hi=32767,
                    zero_point=0, dtype="i32")
-    p = graph.call("int.shiftmax", s, X=128, n=14, bits=8)
+    p = graph.call("int.shiftmax", s, mask, X=128, n=14, bits=8)
     v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
     o = graph.call("int.matmul", p, v, a_zp=0, b_zp=0)
     graph.set_outputs([graph.call("int.requant", o, graph.add_constant(torch.tensor(3, dtype=I32)),
                                   graph.add_constant(torch.tensor(0, dtype=I32)), pre=0, k=9, lo=-128, hi=127,
                                   zero_point=128, dtype="u8")])
-    inputs = [_rand((2, 3, 17, k), U8, g), _rand((2, 3, k, 19), I8, g), _rand((2, 3, 19, 8), I8, g)]
+    inputs = [_rand((2, 3, 17, k), U8, g), _rand((2, 3, k, 19), I8, g)]
+    inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
+    inputs += [_rand((2, 3, 19, 8), I8, g)]
     _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
 
 
-def test_shiftmax_row_kernel_with_x_not_a_power_of_two():
+@pytest.mark.parametrize("X", [96, 128])
+def test_masked_shiftmax_with_x_a_power_of_two_or_not(isa, X):
+    """X = 2^k takes the shift path, other X the table; the mask broadcasts and masks whole rows too."""
     g = _gen(2)
-    x = _rand((5, 33), I32, g, -3000, 3000)
-    from graphopt.ir.ops.integer import shiftmax
-    for X in (96, 128):
-        pow2 = shift_pow2(torch.arange(0, 12 * X + 1, dtype=I32), X, 12).to(I32)
-        out = torch.empty(5, 33, dtype=U8)
-        kernels.shiftmax(x, pow2, X, 12, 8, out, 2)
-        assert torch.equal(out, shiftmax(x, dim=-1, X=X, n=12, bits=8))
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (2, 3, 5, 33)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 33)))
+    graph.set_outputs([graph.call("int.shiftmax", x, mask, X=X, n=12, bits=8),
+                       graph.call("int.shiftmax", x, X=X, n=12, bits=8)])
+    keep = torch.rand(2, 1, 1, 33, generator=g) > 0.3
+    keep[1] = False                                          # a fully masked batch: all zeros
+    _check(graph, [_rand((2, 3, 5, 33), I32, g, -3000, 3000), keep], {"cpu.int_shiftmax": 2})
 
 
 def test_layernorm_requant_becomes_one_kernel(isa):
@@ -202,3 +208,27 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernels.library.cache_clear()
+
+
+def test_bert_with_padding_mask_identical_to_reference():
+    """Masked Shiftmax inside the fused attention kernel; integer embeddings and post-norm residuals."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=16)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    g = _gen(6)
+
+    def batch(n):
+        ids = torch.randint(1, 50, (n, 12), generator=g)
+        mask = (torch.arange(12) < torch.randint(3, 13, (n, 1), generator=g)).long()
+        return (), {"input_ids": ids, "attention_mask": mask}
+
+    calib = [batch(4) for _ in range(3)]
+    om = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib,
+                           backend="cpu_integer", backend_options={"threads": 2})
+    assert any(op == "cpu.int_bmm" for op, _ in om.executable.report)
+    assert [r for r in om.executable.report if r[0] == "reference"] == []
+    _, kw = batch(5)
+    from graphopt.backends.registry import lower
+    assert torch.equal(om(**kw).last_hidden_state, lower(om.graph, "torch")(**kw).last_hidden_state)
