@@ -3,9 +3,11 @@
  * Each kernel computes exactly the integers of the reference ops in graphopt/ir/ops/integer.py
  * (int32 arithmetic with the pass's no-overflow guarantees; no floating point anywhere):
  *   go_gemm       u8 x s8 GEMM, int32 accumulation, with a fused epilogue: raw int32, dyadic requant,
- *                 requant + table lookup (requant(shiftgelu(requant(.)))), or residual add (int.add)
- *   go_shiftmax   Shiftmax over rows
+ *                 requant + ShiftGELU table (+ a second requant), or the residual add (int.add)
+ *   go_bmm        batched GEMM of two activations (attention), optionally straight into Shiftmax
+ *   go_shiftmax   (masked) Shiftmax over rows
  *   go_layernorm  integer LayerNorm over rows, optionally followed by a per-channel requant
+ *   go_requant    a per-column requant of 8- or 32-bit data
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
  * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
  * read the same packed B.
@@ -67,12 +69,6 @@ static inline int32_t wrap_madd(int32_t a, int32_t b, int32_t c) {   /* a*b + c 
 }
 
 static inline int32_t clamp32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-static inline void store_out(void *out, int type, int64_t i, int32_t v) {
-    if (type == OUT_U8) ((uint8_t *)out)[i] = (uint8_t)v;
-    else if (type == OUT_I8) ((int8_t *)out)[i] = (int8_t)v;
-    else ((int32_t *)out)[i] = v;
-}
 
 /* ---- B packing: [N, K] int8 -> panels of NR columns, groups of 4 consecutive k per column ---- */
 int64_t go_packed_size(int64_t N, int64_t K) { return ((N + NR - 1) / NR) * ((K + 3) / 4) * NR * 4; }
