@@ -14,6 +14,7 @@ reference implementations. Every kernel computes the reference's integers (tests
     int.layernorm [-> int.requant]                                  => cpu.int_layernorm
     int.shiftmax (with or without a mask)                           => cpu.int_shiftmax
     int.requant (m, c constant along the last axis)                 => cpu.int_requant
+    int.add (ma, mb, c constant along the last axis)                => cpu.int_add
 
 ``report`` lists what became which kernel and what stayed on the reference ops, with the reason.
 """
@@ -249,6 +250,21 @@ class _Lowering:
         with self.graph.inserting_before(node):
             y = self.graph.call("cpu.int_requant", node.inputs[0], self.const(m, "m"), self.const(c, "c"),
                                 kind="requant", threads=self.threads, **_requant_attrs(node))
+            self.replace([node], node.output, y)
+
+    def lower_add(self, node: Node):
+        a, b = node.inputs[:2]
+        n = node.output.type.shape[-1] if node.output.type.rank else None
+        if not isinstance(n, int) or a.type.shape != node.output.type.shape:
+            return "the first operand is broadcast or the last axis is symbolic"
+        ma, mb, c = (_per_column(v, n) for v in node.inputs[2:])
+        if ma is None or mb is None or c is None:
+            return "ma, mb and c are not constants along the last axis"
+        at = node.attrs
+        with self.graph.inserting_before(node):
+            y = self.graph.call("cpu.int_add", a, b, self.const(ma, "ma"), self.const(mb, "mb"), self.const(c, "c"),
+                                kind="add", pre=at["pa"], pb=at["pb"], k=at["k"], lo=at["lo"], hi=at["hi"],
+                                zp=at["zero_point"], out=at["dtype"], threads=self.threads)
             self.replace([node], node.output, y)
 
     @staticmethod

@@ -8,6 +8,7 @@
  *   go_shiftmax   (masked) Shiftmax over rows
  *   go_layernorm  integer LayerNorm over rows, optionally followed by a per-channel requant
  *   go_requant    a per-column requant of 8- or 32-bit data
+ *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
  * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
  * read the same packed B.
@@ -579,6 +580,24 @@ void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilo
             for (int64_t j = 0; j < C; j++)
                 y[j] = clamp32(wrap_madd(tdiv_pow2(y[j], e->pre), e->m[j], e->c[j]) >> e->k, e->lo, e->hi) + e->zp;
             store_row(out, e->out_type, i0, y, C);
+        }
+        free(y);
+    }
+}
+
+/* ---- int.add over rows of C: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c), per-column m, mb, c ---- */
+void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t *y = malloc(sizeof(int32_t) * (size_t)C);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t *ar = a + r * C, *br = b + r * C;
+            for (int64_t j = 0; j < C; j++) {
+                int32_t v = wrap_madd(tdiv_pow2(ar[j], e->pre), e->m[j], wrap_madd(tdiv_pow2(br[j], e->pb), e->mb[j], e->c[j]));
+                y[j] = clamp32(v >> e->k, e->lo, e->hi) + e->zp;
+            }
+            store_row(out, e->out_type, r * C, y, C);
         }
         free(y);
     }

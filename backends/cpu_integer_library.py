@@ -103,6 +103,7 @@ def library() -> ctypes.CDLL:
                            ctypes.POINTER(Epilogue), ctypes.POINTER(Softmax), p, ctypes.c_int]
     lib.go_shiftmax.argtypes = [p, i64, i64, i64, i64, ctypes.POINTER(Softmax), p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
+    lib.go_add.argtypes = [p, p, i64, i64, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
@@ -177,3 +178,9 @@ def requant(x: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int) -> 
     """int.requant of a contiguous x with per-column (last axis) m, c."""
     rows, c = x.numel() // x.shape[-1], x.shape[-1]
     library().go_requant(_ptr(x), OUT_TYPES[x.dtype], rows, c, ctypes.byref(epi), _ptr(out), threads)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
+    """int.add of two contiguous int32 tensors of one shape, per-column constants in the epilogue."""
+    rows, c = a.numel() // a.shape[-1], a.shape[-1]
+    library().go_add(_ptr(a), _ptr(b), rows, c, ctypes.byref(epi), _ptr(out), threads)

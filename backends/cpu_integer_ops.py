@@ -7,6 +7,7 @@ integers of the chain it replaces:
     cpu.int_layernorm  int.layernorm [-> int.requant]
     cpu.int_shiftmax   int.shiftmax
     cpu.int_requant    int.requant (m, c constant along the last axis)
+    cpu.int_add        int.add (ma, mb, c constant along the last axis)
 
 Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c), ``table`` (requant,
 then ``table[y - lo]``: a per-tensor requant(shiftgelu(.)) folded into a table over the requant's
@@ -149,6 +150,23 @@ def int_requant(x, m, c, *, kind, out, pre, k, lo, hi, zp, threads):
     return y
 
 
+def _add_type(a, b, ma, mb, c, *, pb, kind, out, pre, k, lo, hi, zp, threads):
+    if a.dtype != torch.int32 or b.dtype != torch.int32:
+        raise OpError(f"cpu.int_add: expects int32 operands, got {a}, {b}")
+    return a.with_dtype(INT_DTYPES[out])
+
+
+@register_op("cpu.int_add", inputs=["a", "b", "ma", "mb", "c"], attrs={"pb": Attr("int", 0), **_EPILOGUE},
+             infer=_add_type, tags=["integer"])
+def int_add(a, b, ma, mb, c, *, pb, kind, out, pre, k, lo, hi, zp, threads):
+    """int.add with per-column constants; b broadcasts to a's shape."""
+    a, b = a.contiguous(), b.expand(a.shape).contiguous()
+    y = torch.empty(a.shape, dtype=INT_DTYPES[out])
+    kernels.add(a, b, _epilogue("add", out, None, ma, c, None, mb=mb, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb), y,
+                threads)
+    return y
+
+
 @register_cost("cpu.int_gemm")
 def _gemm_cost(node):
     x = node.inputs[0].type
@@ -163,3 +181,4 @@ def _bmm_cost(node):
 register_elementwise_cost(20, "cpu.int_shiftmax")
 register_elementwise_cost(10, "cpu.int_layernorm")
 register_elementwise_cost(5, "cpu.int_requant")
+register_elementwise_cost(7, "cpu.int_add")

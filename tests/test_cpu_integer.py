@@ -159,6 +159,18 @@ def test_layernorm_requant_becomes_one_kernel(isa):
     _check(graph, inputs, {"cpu.int_layernorm": 2})
 
 
+def test_standalone_residual_add_with_a_broadcast_operand():
+    g = _gen(7)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (3, 5, 16)))
+    pos = graph.add_constant(_rand((1, 5, 16), I32, g, -32768, 32767))
+    ma, mb = graph.add_constant(_rand((16,), I32, g, 1, 255)), graph.add_constant(torch.tensor(77, dtype=I32))
+    c = graph.add_constant(torch.tensor(3, dtype=I32))
+    graph.set_outputs([graph.call("int.add", x, pos, ma, mb, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,
+                                  dtype="i32")])
+    _check(graph, [_rand((3, 5, 16), I32, g, -32768, 32767)], {"cpu.int_add": 1})
+
+
 def test_standalone_requant_and_patch_conv(isa):
     g = _gen(4)
     graph = Graph("before")
