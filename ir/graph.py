@@ -40,6 +40,15 @@ class Value:
         """Distinct consuming nodes, in first-use order."""
         return list(dict.fromkeys(node for node, _ in self.uses))
 
+    @property
+    def sole_user(self) -> "Node | None":
+        """The node using this value when that is its only use and the value is not a graph output, i.e.
+        when a rewrite may fold the value into that node; else None."""
+        graph = self.producer.graph if self.producer is not None else None
+        if len(self.uses) != 1 or (graph is not None and any(o is self for o in graph.outputs)):
+            return None
+        return self.uses[0][0]
+
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"
 

@@ -54,12 +54,6 @@ def _proj(node: Node | None):
     return None
 
 
-def _private(v: Value) -> bool:
-    """Used by exactly one node and not a graph output."""
-    graph = v.producer.graph if v.producer is not None else None
-    return len(v.uses) == 1 and not (graph is not None and any(o is v for o in graph.outputs))
-
-
 def factor_pair(value: Value) -> _Pair | None:
     nodes: list[Node] = []
     node = value.producer
@@ -68,7 +62,7 @@ def factor_pair(value: Value) -> _Pair | None:
         for i in (0, 1):
             c, inner = node.inputs[i], node.inputs[1 - i]
             if c.is_constant and c.type.rank == 1 and inner.producer is not None and inner.producer.op == "matmul" \
-                    and _private(inner):
+                    and inner.sole_user is not None:
                 nodes.append(node)
                 bias, node = c, inner.producer
                 break
@@ -79,7 +73,7 @@ def factor_pair(value: Value) -> _Pair | None:
     bias = bias if bias is not None else own_bias
     nodes.append(node)
     first = _proj(mid.producer)
-    if first is None or first[2] is not None or not _private(mid):
+    if first is None or first[2] is not None or mid.sole_user is None:
         return None
     x, a, _ = first
     nodes.append(mid.producer)
@@ -92,7 +86,7 @@ def factor_pair(value: Value) -> _Pair | None:
 
 def _feeds_bias_add(value: Value) -> bool:
     """``value`` is a matmul output whose only use adds a constant bias: fuse from that add instead."""
-    if not _private(value):
+    if value.sole_user is None:
         return False
     user = value.uses[0][0]
     other = user.inputs[1 - value.uses[0][1]] if user.op == "add" and len(user.inputs) == 2 else None
@@ -129,7 +123,7 @@ def fuse(graph: Graph, tile: int, ctx=None) -> int:
         act = _activation(hidden)
         if act is not None:
             name, pre, act_node = act
-            if not _private(hidden):
+            if hidden.sole_user is None:
                 if ctx is not None:
                     ctx.count("skipped_hidden_used_elsewhere")
                 continue
@@ -138,7 +132,7 @@ def fuse(graph: Graph, tile: int, ctx=None) -> int:
         inner = factor_pair(pre)
         if inner is None:
             continue
-        if not _private(pre):
+        if pre.sole_user is None:
             if ctx is not None:
                 ctx.count("skipped_hidden_used_elsewhere")
             continue

@@ -71,23 +71,17 @@ def _strip_identity(value: Value) -> Value:
     return value
 
 
-def _private(v: Value) -> bool:
-    """Used by exactly one node and not a graph output."""
-    graph = v.producer.graph if v.producer is not None else None
-    return len(v.uses) == 1 and not (graph is not None and any(o is v for o in graph.outputs))
-
-
 def _adapter(value: Value, x: Value):
     """(A, B, scale, nodes) when ``value`` is scale * B(A(x)) with private intermediates."""
     nodes: list[Node] = []
     scale = 1.0
     projections: list[_Proj] = []
     v = value
-    if not _private(value):
+    if value.sole_user is None:
         return None
     while True:
         node = v.producer
-        if node is None or (nodes and not _private(v)):
+        if node is None or (nodes and v.sole_user is None):
             return None
         if node.op in ("mul", "div"):
             if node.op == "div":
