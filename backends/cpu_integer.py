@@ -20,6 +20,8 @@ reference implementations. Every kernel computes the reference's integers (tests
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -28,24 +30,16 @@ from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.registry import register_backend
 from graphopt.backends.torch_backend import TorchExecutable
 from graphopt.ir import Graph, Node, Value
-from graphopt.ir.ops.integer import INT_DTYPES, requant, shift_pow2, shiftgelu
+from graphopt.ir.ops.integer import requant, shift_pow2, shiftgelu
 from graphopt.ir.verifier import verify
 
 I32 = torch.int32
 MAX_TABLE = 1 << 20                 # entries of a requant(shiftgelu(.)) table folded into a GEMM epilogue
-DTYPE_NAMES = {v: k for k, v in INT_DTYPES.items()}
 
 
 def _wrap_i32(t: torch.Tensor) -> torch.Tensor:
     """int64 -> int32 modulo 2^32 (the int32 arithmetic every backend does)."""
     return (((t.to(torch.int64) + 2 ** 31) % 2 ** 32) - 2 ** 31).to(I32)
-
-
-def _only_user(v: Value) -> Node | None:
-    graph = v.producer.graph if v.producer is not None else None
-    if len(v.uses) != 1 or (graph is not None and any(o is v for o in graph.outputs)):
-        return None
-    return v.uses[0][0]
 
 
 def _per_column(v: Value | None, n: int, axis: int = -1) -> torch.Tensor | None:
@@ -55,9 +49,33 @@ def _per_column(v: Value | None, n: int, axis: int = -1) -> torch.Tensor | None:
     t = v.const
     if t.numel() == 1:
         return t.reshape(1).to(I32).expand(n).contiguous()
-    if t.dim() == 0 or t.shape[axis] != n or t.numel() != n:
+    if t.dim() < -axis or t.shape[axis] != n or t.numel() != n:
         return None
     return t.reshape(n).to(I32).contiguous()
+
+
+def _constant_bias(node: Node) -> tuple[torch.Tensor | None, str | None]:
+    """(bias tensor or None, reason it cannot be fused or None) of an int.linear / int.conv2d."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if b is not None and not b.is_constant:
+        return None, "the bias is not a constant"
+    return (b.const if b is not None else None), None
+
+
+@dataclass
+class _Chain:
+    """What a GEMM writing one value can finish in its epilogue: the nodes it absorbs, the value it then
+    produces, the kernel attributes and the per-column constants / residual operand of the epilogue."""
+    result: Value
+    nodes: list[Node] = field(default_factory=list)
+    attrs: dict = field(default_factory=lambda: {"kind": "raw", "out": "i32"})
+    m: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    res: Value | None = None
+    mb: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    c2: torch.Tensor | None = None
 
 
 def _requant_attrs(node: Node) -> dict:
@@ -103,27 +121,26 @@ class _Lowering:
         self.graph.remove_unused_constants()
 
     # ---- epilogues ------------------------------------------------------------------------------
-    def epilogue(self, value: Value, n: int, axis: int = -1):
-        """(nodes, result value, attrs, m, c, table, res, mb, m2, c2) of the chain that the GEMM writing
-        ``value`` can finish in its epilogue."""
-        user = _only_user(value)
+    def epilogue(self, value: Value, n: int, axis: int = -1) -> _Chain:
+        """The chain of ops after ``value`` that the GEMM writing it can finish in its epilogue."""
+        user = value.sole_user
         if user is not None and user.op == "int.requant" and user.inputs[0] is value:
             m, c = _per_column(user.inputs[1], n, axis), _per_column(user.inputs[2], n, axis)
             if m is not None and c is not None:
                 attrs = {"kind": "requant", **_requant_attrs(user)}
-                gelu = _only_user(user.output)
-                second = _only_user(gelu.output) if gelu is not None and gelu.op == "int.shiftgelu" else None
+                gelu = user.output.sole_user
+                second = gelu.output.sole_user if gelu is not None and gelu.op == "int.shiftgelu" else None
                 if second is not None and second.op == "int.requant" and user.attrs["hi"] - user.attrs["lo"] < MAX_TABLE:
                     m2, c2 = _per_column(second.inputs[1], n, axis), _per_column(second.inputs[2], n, axis)
                     if m2 is not None and c2 is not None:
                         chain = [user, gelu, second]
                         if second.inputs[1].const.numel() == 1 and second.inputs[2].const.numel() == 1:
                             attrs.update(kind="table", out=second.attrs["dtype"])
-                            return chain, second.output, attrs, m, c, _gelu_table(user, gelu, second), None, None, None, None
+                            return _Chain(second.output, chain, attrs, m, c, _gelu_table(user, gelu, second))
                         b = _requant_attrs(second)
                         attrs.update(kind="table_requant", out=b.pop("out"), **{k + "2": v for k, v in b.items()})
-                        return chain, second.output, attrs, m, c, _gelu_table(user, gelu, None), None, None, m2, c2
-                return [user], user.output, attrs, m, c, None, None, None, None, None
+                        return _Chain(second.output, chain, attrs, m, c, _gelu_table(user, gelu, None), m2=m2, c2=c2)
+                return _Chain(user.output, [user], attrs, m, c)
         if user is not None and user.op == "int.add" and axis == -1:
             mine = 0 if user.inputs[0] is value else 1
             other = user.inputs[1 - mine]
@@ -133,8 +150,11 @@ class _Lowering:
                 a = user.attrs
                 attrs = {"kind": "add", "pre": a["pb" if mine else "pa"], "pb": a["pa" if mine else "pb"], "k": a["k"],
                          "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}
-                return [user], user.output, attrs, ma, c, None, other, mb, None, None
-        return [], value, {"kind": "raw", "out": "i32"}, None, None, None, None, None, None, None
+                return _Chain(user.output, [user], attrs, ma, c, res=other, mb=mb)
+        return _Chain(value)
+
+    def consts(self, **tensors) -> list[Value | None]:
+        return [None if t is None else self.const(t, name) for name, t in tensors.items()]
 
     def gemm(self, nodes: list[Node], x: Value, a_zp: int, weight: torch.Tensor, bias: torch.Tensor | None,
              axis: int = -1):
@@ -144,20 +164,18 @@ class _Lowering:
         k_padded = -(-k // 4) * 4
         packed, colsum = kernels.pack_b(F.pad(weight, (0, k_padded - k)))
         b = (bias.to(torch.int64) if bias is not None else 0) - a_zp * colsum.to(torch.int64)
-        chain, result, attrs, m, c, table, res, mb, m2, c2 = self.epilogue(nodes[-1].output, n, axis)
+        ch = self.epilogue(nodes[-1].output, n, axis)
         inputs = [x, self.const(packed, "packed"), self.const(_wrap_i32(b.expand(n)).contiguous(), "bias")]
-        inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"), (table, "table"))]
-        inputs += [res] + [None if t is None else self.const(t, nm) for t, nm in ((mb, "mb"), (m2, "m2"), (c2, "c2"))]
-        return nodes + chain, result, inputs, dict(attrs, n=n, k_padded=k_padded, flip=flip, threads=self.threads)
+        inputs += self.consts(m=ch.m, c=ch.c, table=ch.table) + [ch.res] + self.consts(mb=ch.mb, m2=ch.m2, c2=ch.c2)
+        return nodes + ch.nodes, ch.result, inputs, dict(ch.attrs, n=n, k_padded=k_padded, flip=flip,
+                                                           threads=self.threads)
 
     # ---- ops ------------------------------------------------------------------------------------
     def lower_linear(self, node: Node):
         x, w = node.inputs[0], node.inputs[1]
-        if not w.is_constant:
-            return "the weight is not a constant"
-        bias = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        if len(node.inputs) > 2 and node.inputs[2] is not None and bias is None:
-            return "the bias is not a constant"
+        bias, reason = _constant_bias(node)
+        if not w.is_constant or reason:
+            return reason or "the weight is not a constant"
         nodes, result, inputs, attrs = self.gemm([node], x, node.attrs["x_zp"], w.const, bias)
         with self.graph.inserting_before(nodes[-1]):
             self.replace(nodes, result, self.graph.call("cpu.int_gemm", *inputs, **attrs))
@@ -169,7 +187,9 @@ class _Lowering:
         if tuple(node.attrs["stride"]) != (kh, kw) or not (isinstance(h, int) and isinstance(wd, int)) \
                 or h % kh or wd % kw or not w.is_constant:
             return "only non-overlapping patch convolutions (stride == kernel) with constant weights are fused"
-        bias = node.inputs[2].const if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        bias, reason = _constant_bias(node)
+        if reason:
+            return reason
         oh, ow = h // kh, wd // kw
         with self.graph.inserting_before(node):
             cols = self.graph.call("reshape", x, shape=(bsz, cin, oh, kh, ow, kw))
@@ -193,11 +213,12 @@ class _Lowering:
         if not isinstance(n, int):
             return "the output width is symbolic"
         flip_a = a.type.dtype == torch.int8
-        chain, result, attrs, m, c = self.epilogue(node.output, n)[:5]
-        if attrs["kind"] not in ("raw", "requant"):
-            chain, result, attrs, m, c = [], node.output, {"kind": "raw", "out": "i32"}, None, None
+        ch = self.epilogue(node.output, n)
+        if ch.attrs["kind"] not in ("raw", "requant"):
+            ch = _Chain(node.output)
+        chain, result, attrs = ch.nodes, ch.result, ch.attrs
         pow2, mask, extra = None, None, {}
-        softmax = _only_user(result) if chain else None
+        softmax = result.sole_user if chain else None
         if softmax is not None and softmax.op == "int.shiftmax" and softmax.inputs[0] is result:
             s = softmax.attrs
             pow2 = self.const(self.pow2_table(s["X"], s["n"]), "pow2")
@@ -205,7 +226,7 @@ class _Lowering:
             chain, result = chain + [softmax], softmax.output
             mask = softmax.inputs[1] if len(softmax.inputs) > 1 else None
         inputs = [a, b, self.const(torch.zeros(n, dtype=I32), "bias")]
-        inputs += [None if t is None else self.const(t, nm) for t, nm in ((m, "m"), (c, "c"))] + [pow2, mask]
+        inputs += self.consts(m=ch.m, c=ch.c) + [pow2, mask]
         with self.graph.inserting_before(chain[-1] if chain else node):
             y = self.graph.call("cpu.int_bmm", *inputs, a_zp=za + (128 if flip_a else 0), flip_a=flip_a,
                                 flip_b=b.type.dtype == torch.uint8, threads=self.threads, **attrs, **extra)
@@ -215,7 +236,7 @@ class _Lowering:
         n = node.inputs[0].type.shape[-1]
         if not isinstance(n, int):
             return "the normalized width is symbolic"
-        user = _only_user(node.output)
+        user = node.output.sole_user
         a = {k: node.attrs[k] for k in ("C", "sh", "F", "iters")}
         chain, m, c = [], None, None
         if user is not None and user.op == "int.requant":

@@ -71,6 +71,11 @@ static inline int32_t wrap_madd(int32_t a, int32_t b, int32_t c) {   /* a*b + c 
 
 static inline int32_t clamp32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+/* int.requant of one value before its zero point: clamp(fdiv(tdiv(x, 2^pre) * m + c, 2^k), lo, hi) */
+static inline int32_t requant1(int32_t x, int32_t m, int32_t c, int pre, int k, int32_t lo, int32_t hi) {
+    return clamp32(wrap_madd(tdiv_pow2(x, pre), m, c) >> k, lo, hi);
+}
+
 /* ---- B packing: [N, K] int8 -> panels of NR columns, groups of 4 consecutive k per column ---- */
 int64_t go_packed_size(int64_t N, int64_t K) { return ((N + NR - 1) / NR) * ((K + 3) / 4) * NR * 4; }
 
@@ -255,8 +260,7 @@ static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int
             for (int n = 0; n < nr; n++) y[n] = e->table[y[n] - e->lo];
         if (e->kind == EPI_TABLE_REQUANT)
             for (int n = 0; n < nr; n++)
-                y[n] = clamp32(wrap_madd(tdiv_pow2(y[n], e->pre2), e->m2[col0 + n], e->c2[col0 + n]) >> e->k2,
-                               e->lo2, e->hi2) + e->zp2;
+                y[n] = requant1(y[n], e->m2[col0 + n], e->c2[col0 + n], e->pre2, e->k2, e->lo2, e->hi2) + e->zp2;
         else if (e->kind == EPI_REQUANT || e->kind == EPI_ADD)
             for (int n = 0; n < nr; n++) y[n] += e->zp;
         if (e->out_type == OUT_U8) for (int n = 0; n < nr; n++) ((uint8_t *)out)[o + n] = (uint8_t)y[n];
@@ -558,7 +562,7 @@ void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t
             if (rq) {
                 const int32_t *m = rq->m, *c = rq->c;
                 for (int64_t j = 0; j < C; j++)
-                    y[j] = clamp32(wrap_madd(tdiv_pow2(y[j], rq->pre), m[j], c[j]) >> rq->k, rq->lo, rq->hi) + rq->zp;
+                    y[j] = requant1(y[j], m[j], c[j], rq->pre, rq->k, rq->lo, rq->hi) + rq->zp;
             }
             store_row(out, rq ? rq->out_type : OUT_I32, r * C, y, C);
         }
@@ -578,7 +582,7 @@ void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilo
             else if (in_type == OUT_I8) for (int64_t j = 0; j < C; j++) y[j] = ((const int8_t *)x)[i0 + j];
             else memcpy(y, (const int32_t *)x + i0, sizeof(int32_t) * (size_t)C);
             for (int64_t j = 0; j < C; j++)
-                y[j] = clamp32(wrap_madd(tdiv_pow2(y[j], e->pre), e->m[j], e->c[j]) >> e->k, e->lo, e->hi) + e->zp;
+                y[j] = requant1(y[j], e->m[j], e->c[j], e->pre, e->k, e->lo, e->hi) + e->zp;
             store_row(out, e->out_type, i0, y, C);
         }
         free(y);

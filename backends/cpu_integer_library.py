@@ -18,7 +18,6 @@ SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4}
-PANEL = 32                                 # NR in the C source: columns per packed panel
 
 
 class KernelBuildError(RuntimeError):

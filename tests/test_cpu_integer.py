@@ -244,3 +244,19 @@ def test_bert_with_padding_mask_identical_to_reference():
     _, kw = batch(5)
     from graphopt.backends.registry import lower
     assert torch.equal(om(**kw).last_hidden_state, lower(om.graph, "torch")(**kw).last_hidden_state)
+
+
+def test_conv_with_a_runtime_bias_stays_on_the_reference_op():
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    from graphopt.backends.torch_backend import run
+    g = _gen(8)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(U8, (2, 3, 8, 8)))
+    b = graph.add_input("b", TensorType(I32, (4,)))
+    graph.set_outputs([graph.call("int.conv2d", x, graph.add_constant(_rand((4, 3, 4, 4), I8, g)), b, stride=(4, 4),
+                                  x_zp=128)])
+    lowered, report = lower_to_kernels(graph)
+    assert lowered.op_counts().get("int.conv2d") == 1
+    assert any(kind == "reference" and "bias is not a constant" in why for kind, why in report), report
+    inputs = [_rand((2, 3, 8, 8), U8, g), _rand((4,), I32, g, -999, 999)]
+    assert torch.equal(run(lowered, *inputs)[0], run(graph, *inputs)[0])
