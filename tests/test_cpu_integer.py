@@ -7,7 +7,6 @@ import torch
 import graphopt
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.ir import Graph, TensorType
-from graphopt.ir.ops.integer import shift_pow2
 
 I32, U8, I8 = torch.int32, torch.uint8, torch.int8
 
