@@ -1,6 +1,6 @@
 """Integer-only transformers (issue 5): speed on the DeiT-S-shaped ViT and MiniLM accuracy.
 
-    python -m graphopt.bench.integer_only speed   [--batch 8 --runs 15 --threads 2]
+    python -m graphopt.bench.integer_only speed   [--batch 8 --runs 15 --threads 2 --isa amx|vnni|portable]
     python -m graphopt.bench.integer_only minilm  [--sentences 256]
     python -m graphopt.bench.integer_only digits
 
@@ -72,6 +72,7 @@ def _interleaved(fns: dict, runs: int, block: int = 3) -> dict:
 def speed(args) -> dict:
     from graphopt.backends.onnx_lowering import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
+    from graphopt.backends.cpu_integer_library import limit_isa
     from graphopt.backends.registry import lower
 
     torch.set_num_threads(args.threads)
@@ -97,6 +98,7 @@ def speed(args) -> dict:
     sessions = {name: _ort_session(to_onnx(gr), args.threads) for name, gr in graphs.items()}
     kernels = {name + "_cpu": lower(gr, "cpu_integer", threads=args.threads)
                for name, gr in graphs.items()}
+    limit_isa(args.isa)
     feed = {fp32.get_inputs()[0].name: x.numpy()}
 
     def ort(sess):
@@ -123,7 +125,7 @@ def speed(args) -> dict:
               "ratios": {k: {"vs_" + b: med[b] / med[k] for b in ("torch_eager", "ort_fp32", "ort_dynamic_int8")}
                          for k in med},
               "optimize_seconds": opt_s, "capture_seconds": capture_s, "cosine_vs_torch": agree,
-              "cpu_integer_identical_to_ort": identical, "cpu_integer_isas": _isas(),
+              "cpu_integer_identical_to_ort": identical, "cpu_integer_isas": _isas(), "isa_limit": args.isa,
               "fallback": {k: g.meta["integer_only"]["fallback"] for k, g in graphs.items()}}
     print(f"{'model':20s} {'median ms':>10s} {'vs eager':>9s} {'vs ORT fp32':>12s} {'vs ORT dyn int8':>16s} {'cos':>8s}")
     for k, v in med.items():
@@ -131,7 +133,7 @@ def speed(args) -> dict:
         print(f"{k:20s} {v:10.1f} {r['vs_torch_eager']:9.2f} {r['vs_ort_fp32']:12.2f} {r['vs_ort_dynamic_int8']:16.2f} "
               f"{agree.get(k, 1.0):8.4f}")
     print("optimize seconds:", {k: round(v, 1) for k, v in opt_s.items()}, "capture:", round(capture_s, 1))
-    print("cpu_integer output bit-identical to ONNX Runtime's:", identical, "GEMM ISAs:", _isas())
+    print("cpu_integer output bit-identical to ONNX Runtime's:", identical, "GEMM ISAs:", _isas(), "limit:", args.isa)
     return result
 
 
@@ -260,6 +262,8 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib", type=int, default=4, help="calibration batches (speed)")
+    p.add_argument("--isa", choices=["amx", "vnni", "portable"], default="amx",
+                   help="the most capable GEMM instruction set cpu_integer may use (speed; default: the best there is)")
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--only", default="", help="comma-separated configs (minilm)")
     args = p.parse_args(argv)
