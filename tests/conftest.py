@@ -7,6 +7,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def _missing_module(excinfo) -> bool:
+    return excinfo is not None and excinfo.errisinstance(pytest.skip.Exception) and "could not import" in str(
+        excinfo.value)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With GRAPHOPT_STRICT_DEPS set (CI's fresh environment), a test skipped because a module is missing
+    fails: a dependency left out of pyproject.toml must not hide behind a skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("GRAPHOPT_STRICT_DEPS") and report.skipped and _missing_module(call.excinfo):
+        report.outcome = "failed"
+        report.longrepr = f"GRAPHOPT_STRICT_DEPS: {call.excinfo.value} (declare it in pyproject.toml)"
+
+
 def _build(name, *needs):
     """Build a zoo case lazily so collecting tests needs neither transformers nor sklearn; skip when the
     packages the case needs are missing."""

@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester"]
 
 
 def test_ci_runs_the_readme_test_command():
@@ -26,3 +27,13 @@ def test_wheel_installs_graphopt_only(tmp_path):
     for sub in ("ir", "ir/ops", "passes", "backends", "frontends"):
         assert f"graphopt/{sub}/__init__.py" in names
     assert not any(n.startswith(("graphopt/tests/", "graphopt/bench/")) for n in names)
+
+
+def test_strict_deps_fails_a_test_skipped_for_a_missing_module(pytester, monkeypatch):
+    """CI sets GRAPHOPT_STRICT_DEPS: a module left out of pyproject.toml fails the run instead of skipping."""
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_probe="import pytest\n\ndef test_x():\n    pytest.importorskip('no_such_module_xyz')\n")
+    monkeypatch.delenv("GRAPHOPT_STRICT_DEPS", raising=False)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(skipped=1)
+    monkeypatch.setenv("GRAPHOPT_STRICT_DEPS", "1")
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(failed=1)
