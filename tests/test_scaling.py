@@ -1,0 +1,44 @@
+"""Work that must stay linear in the graph: counted, not timed. Each test builds a case of size n
+and 4n and compares the operations counted (a linear algorithm grows about 4x, a quadratic one 16x)."""
+import torch
+
+from graphopt.ir import Graph, TensorType, verify
+
+
+class CountingUses(list):
+    """A use list that counts the entries each scan of it looks at."""
+
+    touched = 0
+
+    def __iter__(self):
+        CountingUses.touched += len(self)
+        return super().__iter__()
+
+    def __contains__(self, item):
+        CountingUses.touched += len(self)
+        return super().__contains__(item)
+
+    def index(self, *args):
+        CountingUses.touched += len(self)
+        return super().index(*args)
+
+
+def _use_list_scans_when_verifying(n: int) -> int:
+    """One constant read by n nodes: entries of its use list the verifier looks at."""
+    g = Graph()
+    x = g.add_input("x", TensorType(torch.float32, (4,)))
+    c = g.add_constant(torch.ones(4), "c")
+    out = x
+    for _ in range(n):
+        out = g.op.add(out, c)
+    g.set_outputs([out])
+    c.uses = CountingUses(c.uses)
+    CountingUses.touched = 0
+    verify(g)
+    return CountingUses.touched
+
+
+def test_verifier_is_linear_in_the_uses_of_one_constant():
+    small, large = _use_list_scans_when_verifying(500), _use_list_scans_when_verifying(2000)
+    assert small >= 500  # every use is looked at
+    assert large <= 5 * small, (small, large)
