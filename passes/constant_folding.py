@@ -7,7 +7,7 @@ Nodes whose attributes hold symbolic dims, impure (opaque) nodes, and results th
 much larger than their inputs (an ``expand`` of a bias to the batch) stay in the graph. So do
 folds whose work is not bounded by their sizes: ONNX control flow (a ``Loop`` whose trip count is
 a constant 2**62 runs forever) and model-local functions, and any node the cost model prices
-above ``max_flops``.
+above ``max_flops``, and a node that fails on its constants (it would fail at run time too).
 """
 from __future__ import annotations
 
@@ -39,8 +39,14 @@ def constant_folding(graph: Graph, ctx, *,
         if _unbounded_work(node, max_flops):
             ctx.count("skipped_too_much_work")
             continue
-        with torch.no_grad():
-            result = get_op(node.op).reference(*[v.const if v is not None else None for v in node.inputs], **node.attrs)
+        try:
+            with torch.no_grad():
+                result = get_op(node.op).reference(*[v.const if v is not None else None for v in node.inputs],
+                                                   **node.attrs)
+        except Exception as e:  # the node fails on its own constants: it fails at run time too, leave it there
+            ctx.note(f"{node.label()} not folded: evaluating it fails: {' '.join(str(e).split())[:200]}")
+            ctx.count("skipped_evaluation_fails")
+            continue
         results = result if isinstance(result, tuple) else (result,)
         for out, tensor in zip(node.outputs, results):
             const = graph.add_constant(tensor.contiguous(), "folded")
