@@ -335,3 +335,21 @@ def test_tiny_files_with_huge_declarations_stay_within_a_memory_limit(tmp_path):
                           "of an .onnx file"]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert [n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node] == ["Expand", "Add"]  # not folded
+
+
+def test_constant_folding_caps_the_flops_of_one_fold():
+    import torch
+
+    from graphopt.ir import Graph, TensorType
+    from graphopt.passes import PassManager
+
+    def folded(**options):
+        g = Graph()
+        x = g.add_input("x", TensorType(torch.float32, (4, 4)))
+        a, b = g.add_constant(torch.ones(4, 4), "a"), g.add_constant(torch.full((4, 4), 2.0), "b")
+        g.set_outputs([g.op.add(x, g.op.matmul(a, b))])  # the matmul costs 2*4*4*4 = 128 FLOPs
+        out, report = PassManager([("constant_folding", options)]).run(g)
+        return out.op_counts(), report["constant_folding"].counters
+
+    assert folded() == ({"add": 1}, {"folded": 1})
+    assert folded(max_flops=100) == ({"matmul": 1, "add": 1}, {"skipped_too_much_work": 1})
