@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = _classify(e)
         if args.debug:
             traceback.print_exc(file=sys.stderr)
-        print(f"opt-cli: error: {message}", file=sys.stderr)
+        line = f"opt-cli: error: {message}"
+        print(f"\033[31m{line}\033[0m" if sys.stderr.isatty() else line, file=sys.stderr)  # red on a terminal
         return code
 
 
