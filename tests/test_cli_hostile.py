@@ -135,6 +135,20 @@ def test_failing_check_exits_1_and_writes_nothing(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "out.onnx", "r.json"]
 
 
+def test_failing_report_writes_nothing(tmp_path, capsys, monkeypatch):
+    import graphopt.cli
+
+    def disk_full(path, summary):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(graphopt.cli, "_write_report", disk_full)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(add_model(numpy_helper.from_array(np.ones(4, np.float32), "w")).SerializeToString())
+    code, _, err = cli(capsys, path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json", "-q")
+    assert code == 1 and "No space left on device" in err
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
 def test_check_defaults_follow_the_passes_tolerances():
     from graphopt.cli import check_limits
     from graphopt.passes import make_spec
