@@ -732,7 +732,8 @@ def _run_ort_child(before: ModelSide, proto_out, staged_model, feeds, args) -> d
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f)
         np.savez(os.path.join(folder, "feeds.npz"), **feeds)
-        done = subprocess.run([sys.executable, "-I", "-c", _ORT_CHILD, folder], stdin=subprocess.DEVNULL,
+        # -P: no current-folder entry on sys.path, so a stray numpy.py there cannot shadow the real one
+        done = subprocess.run([sys.executable, "-P", "-c", _ORT_CHILD, folder], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         stage_file = os.path.join(folder, "stage.txt")
         stage = open(stage_file).read() if os.path.exists(stage_file) else "starting"
