@@ -3,7 +3,6 @@ traceback on stderr, no hang, bounded memory, the input untouched, and a written
 accepts. Mutations act on the protobuf structure (dims, types, data, attributes, names, edges) and
 on the raw bytes. Most cases call main() in-process; a sample runs in a child under RLIMIT_AS."""
 import json
-import os
 import random
 import resource
 import signal
@@ -12,7 +11,6 @@ import sys
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.cli import main
