@@ -5,10 +5,14 @@
     opt-cli --explain cse
     opt-cli --demo --check
 
-The input file is never modified; the output is written atomically (temp file + rename) and an
-existing file is only replaced with --force. Malformed input exits with status 2 and one line
-naming the problem (--debug adds the traceback). Exit status: 0 done, 1 a pass or the lowering
-failed, 2 bad input or usage.
+No input file (the model, its external data, the calibration file) is ever written; an existing
+file is only replaced with --force; the output, its side data file and the report are staged in
+temp files and moved into place only when the whole command succeeded (a failed --check writes
+nothing). Malformed input exits with status 2 and one line naming the problem (--debug adds the
+traceback). Work is bounded before it is done: only regular files are read, random inputs are
+made only for --check / --verify-passes and refused over a size cap, and ONNX Runtime runs in a
+child process so that a crash in it is one line, not a dead process. Exit status: 0 done, 1 a pass,
+the lowering or the --check failed, 2 bad input or usage.
 """
 from __future__ import annotations
 
@@ -19,8 +23,12 @@ import io
 import json
 import math
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -28,6 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_RANDOM_INPUT_BYTES = 1 << 30  # random inputs for --check / --verify-passes, all together
+EXACT_MIN_COSINE, LOSSY_MIN_COSINE = 0.999, 0.9
 
 
 class CliError(Exception):
@@ -44,7 +54,7 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opt-cli", description="Optimize an ONNX model with graphopt passes and write the result as ONNX.",
-        epilog="Exit status: 0 done, 1 a pass or the lowering failed, 2 bad input or usage.")
+        epilog="Exit status: 0 done, 1 a pass, the lowering or the --check failed, 2 bad input or usage.")
     p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model to optimize (never modified)")
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="where to write the optimized model")
     p.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="PASS",
@@ -54,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: one array per model input name "
                    "(an extra leading axis holds several samples)")
     p.add_argument("--check", action="store_true", help="run the input and output models in ONNX Runtime on the "
-                   "calibration (or random) inputs: max abs error, cosine similarity, latency ratio")
+                   "calibration (or random) inputs: max abs error, cosine similarity, latency ratio; fails the "
+                   "command (exit 1, nothing written) when the outputs differ by more than --atol / --min-cosine")
+    p.add_argument("--atol", type=float, default=None, metavar="X",
+                   help="--check: largest max abs error accepted, relative to max(1, largest |output|) (default: "
+                        "the passes' own tolerances added up, at least 1e-4; no limit when a pass is lossy)")
+    p.add_argument("--min-cosine", type=float, default=None, metavar="C",
+                   help=f"--check: smallest cosine similarity accepted (default {EXACT_MIN_COSINE}, or "
+                        f"{LOSSY_MIN_COSINE} when a pass is lossy)")
     p.add_argument("--report", metavar="FILE.json|FILE.html", help="write a report of the run")
     p.add_argument("--why-not", metavar="RULE", help="say where rewrite rule RULE matches in the model, or its best "
                    "partial match and why it failed (after the -p passes), and exit")
@@ -89,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = _classify(e)
         if args.debug:
             traceback.print_exc(file=sys.stderr)
-        print(f"opt-cli: error: {message}", file=sys.stderr)
+        line = f"opt-cli: error: {message}"
+        print(f"\033[31m{line}\033[0m" if sys.stderr.isatty() else line, file=sys.stderr)  # red on a terminal
         return code
 
 
@@ -175,13 +193,16 @@ def run(args) -> int:
 
     specs = [make_spec(p) for p in args.passes]  # bad pass names and options fail before any work
     dims = _parse_dims(args.dim)
-    output = _check_output_path(args.output, args.model, args.force, (".onnx",), "output")
-    report_path = _check_output_path(args.report, args.model, args.force, (".json", ".html", ".htm"), "report")
+    inputs = [p for p in (args.model, args.calib) if p]
+    output = _check_output_path(args.output, inputs, args.force, (".onnx",), "output")
+    report_path = _check_output_path(args.report, inputs, args.force, (".json", ".html", ".htm"), "report")
+    if output is not None and args.external_data:
+        _check_output_path(output + ".data", inputs, args.force, (".data",), "external data")
+    _refuse_same_target([output, output + ".data" if output and args.external_data else None, report_path])
     progress = Progress(enabled=not args.quiet)
 
     before, graph, source = _load(args, progress)
-    if output is not None:
-        _refuse_input_overlap(output, before.data_files)
+    _refuse_input_overlap([output, output + ".data" if output else None, report_path], before.data_files)
 
     feeds, input_note, calibration = _inputs(args, graph, dims, before.example)
     graph, pipeline = _run_passes(graph, specs, feeds, calibration, args.verify_passes, progress)
@@ -200,29 +221,41 @@ def run(args) -> int:
     from graphopt.backends.onnx_lowering import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
 
-    with progress.step("writing ONNX" if output else "lowering to ONNX", "lower"):
-        proto_out = to_onnx(graph, opset=args.opset)
-        after = _describe(proto_out)
-        written = []
-        if output is not None:
-            written = write_model(proto_out, output, external_data=True if args.external_data else None)
-            after.path = output
-            after.file_bytes = sum(os.path.getsize(p) for p in written)
-            after.sha256 = _sha256_file(output)
-        else:
-            after.file_bytes = proto_out.ByteSize()
+    with _Staging() as staging:
+        with progress.step("writing ONNX" if output else "lowering to ONNX", "lower"):
+            proto_out = to_onnx(graph, opset=args.opset)
+            after = _describe(proto_out)
+            written, staged_model = [], None
+            if output is not None:
+                staged_model = staging.stage(output)
+                staged = write_model(proto_out, staged_model, external_data=True if args.external_data else None)
+                written = [os.path.join(os.path.dirname(output), os.path.basename(p)) for p in staged]
+                for final, temp in zip(written[1:], staged[1:]):  # a side data file written for the 2 GB limit
+                    _check_output_path(final, inputs + before.data_files, args.force, (".data",), "external data")
+                    staging.adopt(final, temp)
+                after.path = output
+                after.file_bytes = sum(os.path.getsize(p) for p in staged)
+                after.sha256 = _sha256_file(staged_model)
+            else:
+                after.file_bytes = proto_out.ByteSize()
 
-    check = None
-    if args.check:
-        check = _check(before, proto_out, feeds, args, progress)
+        check = None
+        if args.check:
+            check = _check(before, proto_out, staged_model, feeds, args, specs, progress)
 
-    summary = {"source": source, "input": before, "output": after, "passes": [str(s) for s in specs],
-               "pipeline": pipeline, "check": check, "inputs": input_note, "timings": progress.timings,
-               "written": written}
-    if not args.quiet:
-        _print_summary(summary)
-    if report_path is not None:
-        _write_report(report_path, summary)
+        summary = {"source": source, "input": before, "output": after, "passes": [str(s) for s in specs],
+                   "pipeline": pipeline, "check": check, "inputs": input_note, "timings": progress.timings,
+                   "written": written}
+        if not args.quiet:
+            _print_summary(summary)
+        if check is not None and not check["passed"]:
+            raise CliError(f"--check failed: {check['verdict']}; nothing was written", EXIT_FAILED)
+        if report_path is not None:
+            if report_path in written:
+                written.remove(report_path)
+            summary["written"] = written + [report_path]
+            _write_report(staging.stage(report_path), summary)
+        staging.commit()
     return EXIT_OK
 
 
@@ -264,27 +297,82 @@ def _explain(name: str) -> int:
 
 
 # ---- paths -------------------------------------------------------------------------------------
-def _check_output_path(path, model, force, suffixes, what) -> str | None:
+def _check_output_path(path, inputs, force, suffixes, what) -> str | None:
+    """A file the command will write: never one of ``inputs`` (whatever path leads to it), never an
+    existing file without --force, never something that is not a regular file."""
     if path is None:
         return None
     full = os.path.abspath(path)
     if not full.lower().endswith(suffixes):
         raise CliError(f"{what} file {path} must end in {' or '.join(suffixes)}")
-    if model and os.path.exists(model) and os.path.realpath(full) == os.path.realpath(model):
-        raise CliError(f"refusing to overwrite the input model {model}; choose another {what} file")
+    for source in inputs:
+        if _same_file(full, source):
+            raise CliError(f"refusing to overwrite the input file {source} with the {what}; choose another {what} file")
     if os.path.isdir(full):
         raise CliError(f"{what} path {path} is a directory")
     if not os.path.isdir(os.path.dirname(full)):
         raise CliError(f"{what} folder {os.path.dirname(full)} does not exist")
-    if os.path.exists(full) and not force:
+    if os.path.lexists(full) and not force:
         raise CliError(f"{what} file {path} already exists; pass --force to replace it")
+    if os.path.exists(full) and not os.path.isfile(full):
+        raise CliError(f"{what} path {path} is not a regular file")
     return full
 
 
-def _refuse_input_overlap(output, data_files) -> None:
-    data_files = {os.path.realpath(p) for p in data_files}
-    if os.path.realpath(output) in data_files or os.path.realpath(output + ".data") in data_files:
-        raise CliError(f"refusing to write {output}: the input model reads its weights from that file")
+def _same_file(a, b) -> bool:
+    """The same file by any path (symbolic or hard links, relative or absolute spellings)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _refuse_same_target(paths) -> None:
+    paths = [p for p in paths if p]
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            if _same_file(a, b):
+                raise CliError(f"two outputs of this command would both be written to {a}; choose different paths")
+
+
+def _refuse_input_overlap(paths, data_files) -> None:
+    for path in paths:
+        for data in data_files or ():
+            if path and _same_file(path, data):
+                raise CliError(f"refusing to write {path}: the input model reads its weights from that file")
+
+
+class _Staging:
+    """Files the command writes go to temp files next to their final places and are moved there by
+    ``commit()`` only; leaving the block in any other way removes them."""
+
+    def __init__(self):
+        self.moves: list[tuple[str, str]] = []  # (temp, final), in commit order
+        self.folders: list[str] = []
+
+    def __enter__(self):
+        return self
+
+    def stage(self, final: str) -> str:
+        folder = tempfile.mkdtemp(prefix=".graphopt-", dir=os.path.dirname(os.path.abspath(final)))
+        self.folders.append(folder)
+        temp = os.path.join(folder, os.path.basename(final))
+        self.moves.append((temp, final))
+        return temp
+
+    def adopt(self, final: str, temp: str) -> None:
+        """A file written into a staged folder by someone else (a model's side data), moved before the model."""
+        self.moves.insert(0, (temp, final))
+
+    def commit(self) -> None:
+        for temp, final in self.moves:
+            os.replace(temp, final)
+        self.moves = []
+
+    def __exit__(self, *exc):
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        return False
 
 
 def _parse_dims(items) -> dict[str, int]:
@@ -308,6 +396,7 @@ def _sha256_file(path) -> str:
 # ---- loading -----------------------------------------------------------------------------------
 def _load(args, progress):
     from graphopt.frontends.onnx_frontend import check_external_data, from_onnx, load_external, load_model
+    from graphopt.frontends.torch_export import FrontendError
 
     if args.demo:
         return _load_demo(progress)
@@ -323,7 +412,17 @@ def _load(args, progress):
     before.file_bytes = os.path.getsize(path) + sum(os.path.getsize(p) for p in data_files)
     before.sha256 = _sha256_file(path)
     with progress.step("converting to the IR", "convert"):
-        graph = from_onnx(proto, name=os.path.splitext(os.path.basename(path))[0])
+        try:
+            graph = from_onnx(proto, name=os.path.splitext(os.path.basename(path))[0])
+        except FrontendError:
+            raise
+        except Exception as e:  # a model onnx's own checker refuses is malformed input, not our bug
+            from graphopt.frontends.onnx_load import diagnose
+
+            problem = diagnose(proto)
+            if problem is None:
+                raise
+            raise CliError(f"{path}: malformed model: {problem}") from e
     return before, graph, path
 
 
@@ -366,7 +465,8 @@ def _describe(proto) -> ModelSide:
 
 # ---- inputs ------------------------------------------------------------------------------------
 def _inputs(args, graph, dims, example=None):
-    """Feeds (name -> numpy) for --check and the passes; calibration samples when --calib is given."""
+    """Feeds (name -> numpy) for --check and --verify-passes; calibration samples when --calib is given.
+    Random feeds are made only when something runs the model, and refused over MAX_RANDOM_INPUT_BYTES."""
     import numpy as np
 
     if args.calib:
@@ -377,14 +477,23 @@ def _inputs(args, graph, dims, example=None):
     if example is not None and not dims:
         note = {"source": "the example's inputs", "shapes": {k: list(v.shape) for k, v in example.items()}}
         return example, note, None
-    rng = np.random.default_rng(args.seed)
     bindings, used = _bind_dims(graph, dims)
-    feeds = {}
+    shapes = {value.name: [_evaluate(d, bindings) for d in value.type.shape] for value in graph.inputs}
+    if not (args.check or args.verify_passes):
+        return None, {"source": "none (nothing runs the model)", "dims": used, "shapes": shapes}, None
+    total, largest = 0, None
     for value in graph.inputs:
-        shape = [_evaluate(d, bindings) for d in value.type.shape]
-        feeds[value.name] = _random_input(value, shape, graph, rng)
-    note = {"source": f"random (seed {args.seed})", "dims": used,
-            "shapes": {k: list(v.shape) for k, v in feeds.items()}}
+        size = math.prod(shapes[value.name]) * value.type.dtype.itemsize
+        total += size
+        if largest is None or size > largest[1]:
+            largest = (value.name, size)
+    if total > MAX_RANDOM_INPUT_BYTES:
+        raise CliError(f"random inputs for --check / --verify-passes would take {_human_bytes(total)} (input "
+                       f"'{largest[0]}' is {shapes[largest[0]]}); the limit is {_human_bytes(MAX_RANDOM_INPUT_BYTES)}: "
+                       "set smaller symbolic dims with --dim, or give inputs with --calib")
+    rng = np.random.default_rng(args.seed)
+    feeds = {value.name: _random_input(value, shapes[value.name], graph, rng) for value in graph.inputs}
+    note = {"source": f"random (seed {args.seed})", "dims": used, "shapes": shapes}
     return feeds, note, None
 
 
@@ -409,11 +518,14 @@ def _default_size(name: str) -> int:
 
 
 def _evaluate(dim, bindings) -> int:
+    """The dim's size; substitutes only the dim's own symbols (all of them per dim would be quadratic)."""
     if isinstance(dim, int):
         return dim
-    value = dim.subs(bindings)
-    if not value.is_Integer or int(value) < 0:
-        raise CliError(f"input dim {dim} does not evaluate to a size with {bindings}; set it with --dim")
+    own = {s: bindings[s] for s in dim.free_symbols}
+    value = own[dim] if dim.is_Symbol else dim.xreplace(own)
+    if not getattr(value, "is_Integer", isinstance(value, int)) or int(value) < 0:
+        given = ", ".join(f"{s}={v}" for s, v in sorted(own.items(), key=lambda kv: kv[0].name))
+        raise CliError(f"input dim {dim} does not evaluate to a size with {given}; set it with --dim")
     return int(value)
 
 
@@ -425,7 +537,7 @@ def _random_input(value, shape, graph, rng):
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype is not torch.bfloat16 else np.float32
     name = value.name.lower()
     if dtype.is_floating_point:
-        return rng.standard_normal(shape).astype(np_dtype)
+        return rng.standard_normal(shape, dtype=np.float32).astype(np_dtype, copy=False)
     if dtype is torch.bool:
         return np.ones(shape, dtype=bool) if "mask" in name else rng.integers(0, 2, shape).astype(bool)
     if "mask" in name:
@@ -523,46 +635,149 @@ def _run_passes(graph, specs, feeds, calibration, verify, progress):
     from graphopt.passes import PassManager, Report
 
     report = Report()
-    flat = tuple(torch.from_numpy(feeds[v.name]) for v in graph.inputs)
+    flat = tuple(torch.from_numpy(feeds[v.name]) for v in graph.inputs) if feeds is not None else None
     calib = [tuple(torch.from_numpy(s[v.name]) for v in graph.inputs) for s in calibration] if calibration else None
     for i, spec in enumerate(specs, 1):
         with progress.step(f"pass {i}/{len(specs)}: {spec}", f"pass:{spec}"):
-            graph, report = PassManager([spec], example_inputs=flat, calibration=calib, check=verify).run(graph, report)
+            graph, report = PassManager([spec], example_inputs=flat, calibration=calib,
+                                        check=verify and flat is not None).run(graph, report)
     return graph, report
 
 
 # ---- --check -----------------------------------------------------------------------------------
-def _check(before: ModelSide, proto_out, feeds, args, progress) -> dict:
+# ONNX Runtime runs in a child process: a crash inside it (it segfaults on some valid models) must end
+# in one line naming the model, not take opt-cli down. The child imports only onnxruntime and numpy.
+_ORT_CHILD = r"""
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+
+folder = sys.argv[1]
+cfg = json.load(open(folder + "/config.json"))
+
+def stage(text):
+    with open(folder + "/stage.txt", "w") as f:
+        f.write(text)
+
+def session(path):
+    options = ort.SessionOptions()
+    if cfg["threads"] is not None:
+        options.intra_op_num_threads = cfg["threads"]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg["level"])
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+try:
+    stage("loading the input model")
+    s_in = session(cfg["input"])
+    stage("loading the output model")
+    s_out = session(cfg["output"])
+    with np.load(folder + "/feeds.npz", allow_pickle=False) as data:
+        feeds = {k: data[k] for k in data.files}
+    sides = {}
+    for side, sess in (("in", s_in), ("out", s_out)):
+        names = {i.name for i in sess.get_inputs()}
+        sides[side] = (sess, {k: v for k, v in feeds.items() if k in names})
+    stage("running the input model")
+    ref = sides["in"][0].run(None, sides["in"][1])
+    stage("running the output model")
+    got = sides["out"][0].run(None, sides["out"][1])
+    stage("timing both models")
+    times = {"in": [], "out": []}
+    runs, warmup = cfg["runs"], cfg["warmup"]
+    first = (runs + 1) // 2
+    # blocks in the order in, out, out, in: load drift hits both models alike
+    for side, count in (("in", first), ("out", first), ("out", runs - first), ("in", runs - first)):
+        sess, side_feeds = sides[side]
+        for _ in range(warmup if count else 0):
+            sess.run(None, side_feeds)
+        for _ in range(count):
+            start = time.perf_counter()
+            sess.run(None, side_feeds)
+            times[side].append(time.perf_counter() - start)
+    np.savez(folder + "/ref.npz", *[np.asarray(a) for a in ref])
+    np.savez(folder + "/got.npz", *[np.asarray(a) for a in got])
+    result = {"times": times, "names_in": [o.name for o in s_in.get_outputs()],
+              "names_out": [o.name for o in s_out.get_outputs()]}
+except Exception as e:
+    text = str(e).strip()
+    result = {"error": text.splitlines()[0] if text else type(e).__name__}
+with open(folder + "/stage.txt") as f:
+    result["stage"] = f.read()
+with open(folder + "/result.json", "w") as f:
+    json.dump(result, f)
+"""
+
+_ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+def _run_ort_child(before: ModelSide, proto_out, staged_model, feeds, args) -> dict:
+    """Run and time both models in a child process; returns its result (outputs as numpy lists)."""
     import numpy as np
 
-    from graphopt.backends.onnxruntime_backend import create_session
+    from graphopt.backends.onnxruntime_backend import write_model
 
-    options = dict(threads=args.threads, optimization_level=args.opt_level, providers=["CPUExecutionProvider"])
-    with progress.step("loading both models in ONNX Runtime", "check:sessions"):
-        source = before.path if before.path else before.proto
-        s_in = create_session(source, **options)
-        s_out = create_session(proto_out, **options)
-    in_names = {i.name for i in s_in.get_inputs()}
-    feeds_in = {k: v for k, v in feeds.items() if k in in_names}
-    feeds_out = {k: v for k, v in feeds.items() if k in {i.name for i in s_out.get_inputs()}}
-    with progress.step(f"timing both models ({args.warmup} warm-up + {args.runs} runs each)", "check:runs"):
-        ref = s_in.run(None, feeds_in)
-        got = s_out.run(None, feeds_out)
-        times = {"in": [], "out": []}
-        sides = {"in": (s_in, feeds_in), "out": (s_out, feeds_out)}
-        first = (args.runs + 1) // 2
-        # blocks in the order in, out, out, in: load drift hits both models alike
-        for side, count in (("in", first), ("out", first), ("out", args.runs - first), ("in", args.runs - first)):
-            sess, feeds_side = sides[side]
-            for _ in range(args.warmup if count else 0):
-                sess.run(None, feeds_side)
-            for _ in range(count):
-                start = time.perf_counter()
-                sess.run(None, feeds_side)
-                times[side].append(time.perf_counter() - start)
-        t_in, t_out = times["in"], times["out"]
-    out_names_in = [o.name for o in s_in.get_outputs()]
-    out_names_out = [o.name for o in s_out.get_outputs()]
+    with tempfile.TemporaryDirectory(prefix="graphopt-check-") as folder:
+        source = before.path
+        if source is None:
+            source = os.path.join(folder, "input.onnx")
+            write_model(before.proto, source)
+        target = staged_model
+        if target is None:
+            target = os.path.join(folder, "output.onnx")
+            write_model(proto_out, target)
+        config = {"input": source, "output": target, "threads": args.threads, "level": _ORT_LEVELS[args.opt_level],
+                  "runs": args.runs, "warmup": args.warmup}
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        np.savez(os.path.join(folder, "feeds.npz"), **feeds)
+        # -P: no current-folder entry on sys.path, so a stray numpy.py there cannot shadow the real one
+        done = subprocess.run([sys.executable, "-P", "-c", _ORT_CHILD, folder], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stage_file = os.path.join(folder, "stage.txt")
+        stage = open(stage_file).read() if os.path.exists(stage_file) else "starting"
+        if done.returncode < 0:
+            try:
+                name = signal.Signals(-done.returncode).name
+            except ValueError:
+                name = f"signal {-done.returncode}"
+            raise CliError(f"--check: ONNX Runtime crashed ({name}) while {stage}; this is a bug in ONNX Runtime "
+                           "on this model, the graphopt result was not checked and nothing was written", EXIT_FAILED)
+        result_file = os.path.join(folder, "result.json")
+        if done.returncode != 0 or not os.path.exists(result_file):
+            last = done.stderr.decode(errors="replace").strip().splitlines()
+            raise CliError(f"--check: the ONNX Runtime process failed while {stage}: "
+                           f"{last[-1] if last else f'exit status {done.returncode}'}", EXIT_FAILED)
+        with open(result_file) as f:
+            result = json.load(f)
+        if "error" in result:
+            raise CliError(f"--check: onnxruntime failed while {result['stage']}: {result['error']}", EXIT_FAILED)
+        for side in ("ref", "got"):
+            with np.load(os.path.join(folder, f"{side}.npz"), allow_pickle=False) as data:
+                result[side] = [data[f"arr_{i}"] for i in range(len(data.files))]
+    return result
+
+
+def check_limits(specs, atol, min_cosine) -> tuple[float, float, bool]:
+    """(atol, min cosine, lossy): the user's, else from the passes' tolerances (lossy ones allow any error)."""
+    tolerances = [spec.info.tolerance for spec in specs]
+    lossy = any(t is None for t in tolerances)
+    if atol is None:
+        atol = math.inf if lossy else max(1e-4, sum(tolerances))
+    if min_cosine is None:
+        min_cosine = LOSSY_MIN_COSINE if lossy else EXACT_MIN_COSINE
+    return atol, min_cosine, lossy
+
+
+def _check(before: ModelSide, proto_out, staged_model, feeds, args, specs, progress) -> dict:
+    import numpy as np
+
+    with progress.step(f"ONNX Runtime: both models, {args.warmup} warm-up + {args.runs} timed runs each", "check"):
+        result = _run_ort_child(before, proto_out, staged_model, feeds, args)
+    ref, got = result["ref"], result["got"]
+    out_names_in, out_names_out = result["names_in"], result["names_out"]
+    t_in, t_out = result["times"]["in"], result["times"]["out"]
     if len(out_names_out) != len(out_names_in):
         raise CliError(f"--check: the input model has {len(out_names_in)} outputs, the output model "
                        f"{len(out_names_out)}", EXIT_FAILED)
@@ -571,7 +786,7 @@ def _check(before: ModelSide, proto_out, feeds, args, progress) -> dict:
         j = out_names_out.index(name) if name in out_names_out else i
         if j < len(got):
             pairs.append((name, np.asarray(ref[i]), np.asarray(got[j])))
-    per_output, worst = {}, 0.0
+    per_output, worst, scale = {}, 0.0, 1.0
     dots = norm_a = norm_b = 0.0
     for name, a, b in pairs:
         if a.shape != b.shape:
@@ -579,15 +794,34 @@ def _check(before: ModelSide, proto_out, feeds, args, progress) -> dict:
             worst = float("inf")
             continue
         a64, b64 = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
-        err = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+        nan_a, nan_b = np.isnan(a64), np.isnan(b64)
+        diff = np.abs(a64 - b64)
+        diff[nan_a & nan_b] = 0.0
+        diff[nan_a != nan_b] = np.inf
+        err = float(np.max(diff)) if diff.size else 0.0
         per_output[name] = {"max_abs_error": err}
         worst = max(worst, err)
+        finite = np.isfinite(a64)
+        if finite.any():
+            scale = max(scale, float(np.max(np.abs(a64[finite]))))
+        a64, b64 = np.nan_to_num(a64), np.nan_to_num(b64)
         dots += float(a64 @ b64)
         norm_a += float(a64 @ a64)
         norm_b += float(b64 @ b64)
     cosine = dots / math.sqrt(norm_a * norm_b) if norm_a > 0 and norm_b > 0 else (1.0 if norm_a == norm_b else 0.0)
+    atol, min_cosine, lossy = check_limits(specs, args.atol, args.min_cosine)
+    limit = atol * scale
+    problems = []
+    if not worst <= limit:
+        problems.append(f"max abs error {worst:.3g} > {limit:.3g} (--atol {atol:g} x output scale {scale:.3g})")
+    if not cosine >= min_cosine:
+        problems.append(f"cosine similarity {cosine:.6f} < {min_cosine:g} (--min-cosine)")
+    passed = not problems
+    verdict = "; ".join(problems) if problems else (
+        f"max abs error {worst:.3g} <= {limit:.3g}, cosine {cosine:.6f} >= {min_cosine:g}")
     med_in, med_out = statistics.median(t_in), statistics.median(t_out)
-    return {"max_abs_error": worst, "cosine": cosine, "outputs": per_output,
+    return {"max_abs_error": worst, "cosine": cosine, "outputs": per_output, "passed": passed, "verdict": verdict,
+            "atol": atol, "output_scale": scale, "min_cosine": min_cosine, "lossy_passes": lossy,
             "latency_before_ms": med_in * 1e3, "latency_after_ms": med_out * 1e3,
             "latency_ratio": med_out / med_in if med_in > 0 else float("nan"),
             "runs": args.runs, "warmup": args.warmup, "threads": args.threads, "optimization_level": args.opt_level}
@@ -649,6 +883,7 @@ def summary_tables(summary) -> list:
         t.add_row("latency before", f"{check['latency_before_ms']:.2f} ms")
         t.add_row("latency after", f"{check['latency_after_ms']:.2f} ms")
         t.add_row("latency ratio (after / before)", f"{check['latency_ratio']:.3f}x")
+        t.add_row("result", "[green]passed[/green]" if check["passed"] else f"[bold red]FAILED: {check['verdict']}[/bold red]")
         tables.append(t)
     pipeline = summary["pipeline"]
     if pipeline.passes:

@@ -26,6 +26,8 @@ from onnx import helper
 
 from graphopt.frontends.onnx_common import (ONNX_TO_TORCH, onnx_dtype, parse_dim_param, sanitize_symbol_name,
                                             tensor_from_proto, torch_dtype)
+from graphopt.frontends.onnx_load import (OnnxLoadError, densify_sparse_initializers, read_model_bytes,
+                                          tensor_byte_size, validate_model)
 from graphopt.frontends.onnx_ops import HANDLERS, Unsupported, propagate
 from graphopt.frontends.torch_export import FrontendError
 from graphopt.ir import Graph, OpError, TensorType, Value, verify
@@ -38,26 +40,13 @@ KNOWN_LIMIT = 64  # small integer tensors (shape vectors) are tracked symbolical
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-class OnnxLoadError(FrontendError):
-    """The file is not a usable ONNX model; the message is one line naming the problem."""
-
-
 # =============================================================================================
 # Loading and validation
 # =============================================================================================
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
     """Read and validate an ONNX file; external data is loaded only from inside the model's folder."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise OnnxLoadError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise OnnxLoadError(f"{path}: is a directory, not an ONNX file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise OnnxLoadError(f"{path}: cannot read: {e.strerror or e}") from None
-    model = parse_model(data, path)
+    model = parse_model(read_model_bytes(path), path)
     base = os.path.dirname(os.path.abspath(path))
     if load_external_data:
         load_external(model, base, path)
@@ -96,7 +85,9 @@ def opsets_of(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def check_model_structure(model: onnx.ModelProto, where: str = "model") -> None:
-    """Opset range, single definitions, no reads of undefined values, no cycles."""
+    """Well-formed tensors, types and strings (``onnx_load.validate_model``), opset range, single
+    definitions, no reads of undefined values, no cycles."""
+    validate_model(model, where)
     opsets = opsets_of(model)
     uses_default = any((n.domain or "") in DEFAULT_DOMAINS for n in model.graph.node)
     if "" not in opsets and uses_default:
@@ -266,6 +257,10 @@ def check_external_data(model: onnx.ModelProto, base_dir: str, where: str = "mod
         if offset < 0 or length < 0 or offset + length > size:
             raise OnnxLoadError(f"{where}: external data for {label} is truncated ('{location}' has {size} bytes, "
                                 f"the tensor needs bytes {offset}..{offset + length})")
+        expected = tensor_byte_size(tensor)
+        if expected is not None and length != expected:
+            raise OnnxLoadError(f"{where}: external data for {label} is {length} bytes, its dims {list(tensor.dims)} "
+                                f"need {expected}")
         if full not in files:
             files.append(full)
     return files
@@ -310,6 +305,7 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto | bytes, *, name: str |
             proto = _copy(proto)
             load_external(proto, base_dir, where)
         default_name = proto.graph.name or "main"
+    proto = densify_sparse_initializers(proto, where)
     return _Converter(proto, name or default_name or "main", where).run()
 
 
@@ -559,6 +555,9 @@ class _Converter:
             dtype = self.onnx_type(name)[0] or (torch.bool if all(isinstance(e, bool) for e in entries) else torch.int64)
             if dtype.is_floating_point:
                 return False
+            if dtype is not torch.bool and any(not _fits(e, dtype) for e in entries):
+                raise OnnxLoadError(f"{self.where}: the {node.op_type} node computing '{name}' gets {entries} in "
+                                    f"shape arithmetic, which overflows {dtype}")
             tensors.append(torch.tensor(entries, dtype=dtype).reshape(value.shape))
         for name, tensor in zip(outs, tensors):
             if tensor is not None:
@@ -784,6 +783,11 @@ _ORT_TYPES = {f"tensor({name})": dtype for name, dtype in [
 FOLDABLE = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Slice", "Cast", "Add", "Sub",
             "Mul", "Div", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Max", "Min", "Not", "And",
             "Or", "Where", "Range", "ConstantOfShape", "Expand", "Identity", "ReduceProd", "ReduceSum"}
+
+
+def _fits(entry: int, dtype: torch.dtype) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= int(entry) <= info.max
 
 
 def _as_object_array(value) -> np.ndarray:

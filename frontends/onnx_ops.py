@@ -695,8 +695,9 @@ def propagate(cv, node: onnx.NodeProto, ins) -> list | None:
         reduce = np.prod if op == "ReduceProd" else np.sum
         return [_canon(np.asarray(reduce(k[0], axis=axes, keepdims=bool(a.get("keepdims", 1))), dtype=object))]
     if op == "Expand":
-        shape = [int(v) for v in k[1].reshape(-1)]
-        return [np.broadcast_to(k[0], np.broadcast_shapes(k[0].shape, tuple(shape))).copy()]
+        shape = np.broadcast_shapes(k[0].shape, tuple(int(v) for v in k[1].reshape(-1)))
+        # known values are small: check the size before the broadcast copy, not after
+        return [np.broadcast_to(k[0], shape).copy()] if math.prod(shape) <= 64 else None
     return None
 
 

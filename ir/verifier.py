@@ -3,6 +3,10 @@
 Single definition, defined before use, use lists that agree with node inputs (no dangling
 uses of erased nodes, no orphan constants), and every node's output types equal to what its
 op's type rule infers from its inputs. Errors name the node.
+
+Linear in the graph: a value's use list is compared with the node inputs by counting (every
+listed use is a real input slot, none twice, as many as the slots that read the value), never
+by searching the list once per slot (one constant read by 100,000 nodes).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def verify(graph: Graph) -> None:
         define(v, None)
 
     in_graph: set[int] = set()
+    reads: dict[int, int] = {}  # id(value) -> input slots that read it
     count = 0
     for node in graph.nodes:
         count += 1
@@ -51,8 +56,7 @@ def verify(graph: Graph) -> None:
                 if v.is_constant:
                     raise VerificationError(f"input {i} %{v.name} is an orphan constant (not in graph.constants)", node)
                 raise VerificationError(f"input {i} %{v.name} is used before it is defined", node)
-            if (node, i) not in v.uses:
-                raise VerificationError(f"input {i} %{v.name} does not list this node among its uses", node)
+            reads[id(v)] = reads.get(id(v), 0) + 1
         _check_types(node)
         for j, out in enumerate(node.outputs):
             if out.producer is not node or out.index != j:
@@ -62,14 +66,28 @@ def verify(graph: Graph) -> None:
         raise VerificationError(f"node count {len(graph)} disagrees with the {count} nodes linked")
 
     for value in list(graph.inputs) + list(graph.constants.values()) + [o for n in graph.nodes for o in n.outputs]:
+        listed = set()
         for user, i in value.uses:
             if id(user) not in in_graph:
                 raise VerificationError(f"%{value.name} lists a use by {user.label()}, which is not in the graph (dangling use)")
             if i >= len(user.inputs) or user.inputs[i] is not value:
                 raise VerificationError(f"%{value.name} lists a use as input {i} that the node does not have", user)
+            if (id(user), i) in listed:
+                raise VerificationError(f"%{value.name} lists its use as input {i} twice", user)
+            listed.add((id(user), i))
+        if len(listed) != reads.get(id(value), 0):
+            _missing_use(graph, value, listed)
     for v in graph.outputs:
         if id(v) not in defined:
             raise VerificationError(f"graph output %{v.name} is not defined in the graph")
+
+
+def _missing_use(graph: Graph, value, listed: set) -> None:
+    """Name the input slot that reads ``value`` but is missing from its use list (the error path only)."""
+    for node in graph.nodes:
+        for i, v in enumerate(node.inputs):
+            if v is value and (id(node), i) not in listed:
+                raise VerificationError(f"input {i} %{v.name} does not list this node among its uses", node)
 
 
 def _check_types(node: Node) -> None:

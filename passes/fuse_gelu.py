@@ -39,10 +39,19 @@ def tanh_rewrite(op, x):
     return op.gelu(x, approximate="tanh")
 
 
-def floating(ctx, x):
-    return True if x.type.dtype.is_floating_point else ctx.fail(f"%{x.name} is not a float tensor")
+def floating_same_type(ctx, x):
+    """A float x, and every value of the match typed like x: a constant of shape [1,1,1] (or of a wider
+    float type) would broadcast (or promote) x, and gelu(x) would then change the output's type."""
+    if not x.type.dtype.is_floating_point:
+        return ctx.fail(f"%{x.name} is not a float tensor")
+    for node in ctx.nodes:
+        for out in node.outputs:
+            if not out.type.matches(x.type):
+                return ctx.fail(f"%{out.name} is {out.type} but %{x.name} is {x.type}: a constant broadcasts or "
+                                "promotes x, so one gelu(x) would change the result's type")
+    return True
 
 
-FUSE_GELU = RuleSet("fuse_gelu", [Rule("fuse_gelu.erf", erf_pattern, erf_rewrite, floating),
-                                  Rule("fuse_gelu.tanh", tanh_pattern, tanh_rewrite, floating)])
+FUSE_GELU = RuleSet("fuse_gelu", [Rule("fuse_gelu.erf", erf_pattern, erf_rewrite, floating_same_type),
+                                  Rule("fuse_gelu.tanh", tanh_pattern, tanh_rewrite, floating_same_type)])
 register_rule_set(FUSE_GELU, tolerance=1e-5)

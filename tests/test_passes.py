@@ -111,7 +111,7 @@ def test_decompose_attention_matches_sdpa(causal, mask_kind):
 def test_pass_strings_and_objects_parse_the_same():
     s = make_spec("constant_folding:max_numel=100,max_growth=2.5")
     o = make_spec(("constant_folding", {"max_numel": 100, "max_growth": 2.5}))
-    assert s.options == o.options == {"max_numel": 100, "max_growth": 2.5}
+    assert s.options == o.options == {"max_numel": 100, "max_growth": 2.5, "max_flops": 1 << 32}
     assert str(s) == "constant_folding:max_numel=100,max_growth=2.5"
 
 
