@@ -34,9 +34,19 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     if dynamic_shapes is None and dynamic_batch:
         dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs)
     try:
-        return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return ep.run_decompositions({}) if _mutates(ep) else ep
     except Exception as e:  # torch raises many exception types here; all are reported the same way
         raise ExportError(_describe_export_failure(model, e)) from e
+
+
+def _mutates(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the captured graph holds in-place ATen ops (``add_``, ``fill_`` on a view, ...). The IR
+    is functional: such a graph is functionalized first (an empty decomposition table decomposes
+    nothing else), so no pass can fold a mutated tensor into a constant or copy a view it writes to."""
+    return any(isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+               for module in ep.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes if node.op == "call_function")
 
 
 def from_torch(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
