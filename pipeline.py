@@ -124,18 +124,18 @@ def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, dtypes: bool = T
     sizes: dict = {}
     for value, tensor in zip(graph.inputs, flat):
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"input %{value.name} is a {type(tensor).__name__}; the graph expects {value.type}")
+            raise ValueError(f"input %{value.name} is a {type(tensor).__name__}, the graph expects {value.type}")
         t = value.type
-        given = f"input %{value.name} is {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
+        given = f"input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}"
         if tensor.dim() != t.rank or (dtypes and tensor.dtype != t.dtype):
-            raise ValueError(f"{given}; the graph expects {t}")
+            raise ValueError(f"{given}, the graph expects {t}")
         for axis, (d, n) in enumerate(zip(t.shape, tensor.shape)):
             if isinstance(d, int) and d != n:
                 hint = (" (the model was captured with a static batch; capture with dynamic_batch=True to run "
                         "at any batch)") if axis == 0 else ""
-                raise ValueError(f"{given}; the graph expects {t}: axis {axis} must be {d}{hint}")
+                raise ValueError(f"{given}, the graph expects {t}: axis {axis} must be {d}{hint}")
             if not isinstance(d, int) and sizes.setdefault(d, (n, value.name))[0] != n:
-                raise ValueError(f"{given}; the graph expects {t}: axis {axis} ({d}) is {sizes[d][0]} in "
+                raise ValueError(f"{given}, the graph expects {t}: axis {axis} ({d}) is {sizes[d][0]} in "
                                  f"%{sizes[d][1]}")
 
 

@@ -1060,12 +1060,10 @@ def _aten_argmax(em, node):
 @register_aten_lowering("aten::argsort")
 @register_aten_lowering("aten::argsort.stable")
 def _aten_argsort(em, node):
-    """A full-length TopK; ties may come out in another order than torch's unstable sort."""
+    """A full-length TopK, which puts equal values in index order (a stable sort, either direction)."""
     x = node.inputs[0]
     dim = _axis(node, 1, "dim", x.type.rank, -1)
     descending = bool(_aten_arg(node, 2, "descending", False))
-    if node.attrs["target"].endswith(".stable"):
-        descending = bool((node.attrs["kwargs"] or {}).get("descending", False))
     k = em.dim1(x.type.shape[dim])
     _, indices = em.node("TopK", [em.value(x), k], [em.tmp("values"), em.out(node)], axis=dim,
                          largest=int(descending), sorted=1)

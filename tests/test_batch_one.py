@@ -57,7 +57,7 @@ def test_static_batch_refuses_another_batch_naming_the_input(backend):
     case = zoo.tiny_vit(batch=1)
     options = {"threads": 1} if backend == "onnxruntime" else {}
     om = graphopt.optimize(case.model, [], case.args, dynamic_batch=False, backend=backend, backend_options=options)
-    with pytest.raises(ValueError, match=r"input %x is \(3, 3, 32, 32\) float32; the graph expects "
+    with pytest.raises(ValueError, match=r"input %x is \(3, 3, 32, 32\) torch.float32, the graph expects "
                                          r"f32\[1,3,32,32\]: axis 0 must be 1 \(the model was captured with a static"):
         om(torch.randn(3, 3, 32, 32))
     torch.testing.assert_close(om(*case.args), case.run())
@@ -71,5 +71,5 @@ def test_inputs_that_share_the_batch_must_agree():
             return case.model(x) + y
 
     om = graphopt.optimize(Two().eval(), [], (case.args[0], torch.zeros(1, 10)))
-    with pytest.raises(ValueError, match=r"input %y is \(3, 10\) float32; .* axis 0 \(batch\) is 2 in %x"):
+    with pytest.raises(ValueError, match=r"input %y is \(3, 10\) torch.float32, .* axis 0 \(batch\) is 2 in %x"):
         om(torch.randn(2, 3, 32, 32), torch.zeros(3, 10))
