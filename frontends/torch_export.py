@@ -123,7 +123,7 @@ def _widen_batch(value):
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(_widen_batch(v) for v in value)
     if isinstance(value, dict):
-        return type(value)((k, _widen_batch(v)) for k, v in value.items())
+        return type(value)({k: _widen_batch(v) for k, v in value.items()})
     return value
 
 
