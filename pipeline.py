@@ -24,6 +24,7 @@ class OptimizedModel:
         self.executable = lower(graph, backend, **(backend_options or {}))
 
     def __call__(self, *args, **kwargs):
+        check_inputs(self.graph, _flat_tensors(self.graph, args, kwargs), dtypes=False)
         with torch.no_grad():
             return self.executable(*args, **kwargs)
 
@@ -107,15 +108,35 @@ def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, .
             raise ValueError(f"calibration item {i}: {e}") from None
         if len(flat) != len(graph.inputs):
             raise ValueError(f"calibration item {i} has {len(flat)} tensors; the graph takes {len(graph.inputs)}")
-        for value, tensor in zip(graph.inputs, flat):
-            static = [(a, d) for a, d in enumerate(value.type.shape) if isinstance(d, int)]
-            if tensor.dtype != value.type.dtype or tensor.dim() != value.type.rank or any(tensor.shape[a] != d for a, d in static):
-                raise ValueError(f"calibration item {i}: input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}, "
-                                 f"the graph expects {value.type}")
+        try:
+            check_inputs(graph, flat)
+        except ValueError as e:
+            raise ValueError(f"calibration item {i}: {e}") from None
         batches.append(flat)
     if not batches:
         raise ValueError("calibration is empty")
     return batches
+
+
+def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, dtypes: bool = True) -> None:
+    """Each tensor against its graph input's rank, static dims (and one size per symbolic dim) and dtype, so
+    a call at a batch the graph was not captured for fails here, naming the input, not deep in a reshape."""
+    sizes: dict = {}
+    for value, tensor in zip(graph.inputs, flat):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"input %{value.name} is a {type(tensor).__name__}, the graph expects {value.type}")
+        t = value.type
+        given = f"input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}"
+        if tensor.dim() != t.rank or (dtypes and tensor.dtype != t.dtype):
+            raise ValueError(f"{given}, the graph expects {t}")
+        for axis, (d, n) in enumerate(zip(t.shape, tensor.shape)):
+            if isinstance(d, int) and d != n:
+                hint = (" (the model was captured with a static batch; capture with dynamic_batch=True to run "
+                        "at any batch)") if axis == 0 else ""
+                raise ValueError(f"{given}, the graph expects {t}: axis {axis} must be {d}{hint}")
+            if not isinstance(d, int) and sizes.setdefault(d, (n, value.name))[0] != n:
+                raise ValueError(f"{given}, the graph expects {t}: axis {axis} ({d}) is {sizes[d][0]} in "
+                                 f"%{sizes[d][1]}")
 
 
 def _flat_tensors(graph: Graph, args, kwargs) -> tuple[torch.Tensor, ...]:

@@ -33,10 +33,21 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     kwargs = dict(kwargs or {})
     if dynamic_shapes is None and dynamic_batch:
         dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs)
+        args, kwargs = _widen_batch(args), _widen_batch(kwargs)
     try:
-        return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return ep.run_decompositions({}) if _mutates(ep) else ep
     except Exception as e:  # torch raises many exception types here; all are reported the same way
         raise ExportError(_describe_export_failure(model, e)) from e
+
+
+def _mutates(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the captured graph holds in-place ATen ops (``add_``, ``fill_`` on a view, ...). The IR
+    is functional: such a graph is functionalized first (an empty decomposition table decomposes
+    nothing else), so no pass can fold a mutated tensor into a constant or copy a view it writes to."""
+    return any(isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+               for module in ep.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes if node.op == "call_function")
 
 
 def from_torch(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
@@ -44,6 +55,7 @@ def from_torch(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = N
     kwargs = dict(kwargs or {})
     if dynamic_shapes is None and dynamic_batch:
         dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs)
+        args, kwargs = _widen_batch(args), _widen_batch(kwargs)
     was_training = model.training
     model.eval()
     try:
@@ -93,15 +105,26 @@ def _batch_dynamic_shapes(model, args, kwargs):
 
 def _batch_spec(value, batch):
     if isinstance(value, torch.Tensor):
-        if value.dim() >= 1 and value.shape[0] < 2:
-            raise ExportError("example inputs need a batch of at least 2 for a dynamic batch dim "
-                              "(torch.export specialises size 1); pass a larger batch or dynamic_batch=False")
+        if value.dim() >= 1 and value.shape[0] == 0:
+            raise ExportError("an example input has an empty batch (size 0); give at least one example")
         return {0: batch} if value.dim() >= 1 else None
     if isinstance(value, (list, tuple)):
         return type(value)(_batch_spec(v, batch) for v in value)
     if isinstance(value, dict):
         return {k: _batch_spec(v, batch) for k, v in value.items()}
     return None
+
+
+def _widen_batch(value):
+    """A batch-1 example (what users have) as a batch of two copies: torch.export specialises a dim of
+    size 1 to a constant, so the batch could not stay symbolic. The captured graph runs at any batch."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.dim() >= 1 and value.shape[0] == 1 else value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_widen_batch(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)({k: _widen_batch(v) for k, v in value.items()})
+    return value
 
 
 def _describe_export_failure(model: torch.nn.Module, error: Exception) -> str:

@@ -47,6 +47,13 @@ def fill_template(template, tensors):
 
 
 def _opaque_type(*inputs, target, args, kwargs, out_types):
+    try:
+        mutable = resolve_target(target)._schema.is_mutable
+    except OpError:  # a target this torch build lacks: running it will say so
+        return out_types
+    if mutable:  # the IR is functional: a pass would fold or share what such an op writes
+        raise OpError(f"opaque op {target} writes to its inputs in place; functionalize the program first "
+                      "(the torch frontend does: ExportedProgram.run_decompositions({}))")
     return out_types
 
 
