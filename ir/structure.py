@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import sympy
+
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.types import dims_equal
 
@@ -94,6 +96,7 @@ class Block:
     norm_position: str  # "pre" or "post"
     token_axis: int
     module: str = ""
+    layer_scales: list[Node] = field(default_factory=list)  # LayerScale muls before the residual adds
 
     @property
     def hidden_size(self) -> int:
@@ -115,7 +118,8 @@ class Structure:
         for s, stack in enumerate(self.stacks):
             b0 = stack[0]
             lines.append(f"stack {s}: {len(stack)} blocks, hidden {b0.hidden_size}, heads {b0.attention.num_heads}x"
-                         f"{b0.attention.head_size}, {b0.norm_position}-norm, token axis {b0.token_axis}, "
+                         f"{b0.attention.head_size}, {b0.norm_position}-norm"
+                         f"{', LayerScale' if b0.layer_scales else ''}, token axis {b0.token_axis}, "
                          f"special tokens {self.special_tokens.get(s, [])}")
         if self.connector:
             lines.append("connector: " + " -> ".join(p.name for p in self.connector))
@@ -296,7 +300,7 @@ def _walk_down(value: Value, accept, what: str, through=TRANSPARENT):
             hit = accept(user, v)
             if hit:
                 return hit
-            if user.op in through:
+            if through(user) if callable(through) else user.op in through:
                 queue.extend(user.outputs)
     raise _NotABlock(f"{what}: nothing suitable below %{value.name}")
 
@@ -339,7 +343,9 @@ def _block(core: Node) -> Block:
         other = user.inputs[1] if user.inputs[0] is via else user.inputs[0]
         return (user, other) if not other.is_constant else None
 
-    attn_add, residual = _walk_down(out.output, is_residual_add, "attention residual add", through={"reshape", "cast"})
+    layer_scales: list[Node] = []
+    residual_path = _through_layer_scale(layer_scales)
+    attn_add, residual = _walk_down(out.output, is_residual_add, "attention residual add", through=residual_path)
     if pre is not None and (pre.input is residual or _same_stream(pre.input, residual)):
         position = "pre"
         norms.append(pre)
@@ -354,7 +360,7 @@ def _block(core: Node) -> Block:
     else:
         raise _NotABlock(f"the residual add {attn_add.label()} does not add the attention input's stream")
     mlp = _mlp(mlp_in)
-    mlp_add, other = _walk_down(mlp.fc2.output, is_residual_add, "MLP residual add", through={"reshape", "cast"})
+    mlp_add, other = _walk_down(mlp.fc2.output, is_residual_add, "MLP residual add", through=residual_path)
     if not _same_stream(other, mlp_residual_source):
         raise _NotABlock(f"the MLP residual add {mlp_add.label()} does not add the stream after attention")
     output = mlp_add.output
@@ -363,13 +369,79 @@ def _block(core: Node) -> Block:
         norms.append(ln2)
         output = ln2.output
     block_input = residual if position == "pre" else stream_in
-    seq = q_in.type.shape[-2]
-    axis = next((i for i, d in enumerate(block_input.type.shape) if i > 0 and dims_equal(d, seq)), None)
-    if axis is None:
-        raise _NotABlock(f"no token axis: the stream {block_input.type} has no axis of the attention length {seq}")
+    axis = _token_axis(q_in, q, block_input)
     attention = Attention(core, core.op, q, k, v, out, heads, head_size, kv_heads, mask, causal, probs)
     return Block(0, attention, mlp, norms, [attn_add, mlp_add], block_input, output, position, axis,
-                 core.meta.get("module", ""))
+                 core.meta.get("module", ""), layer_scales)
+
+
+def _through_layer_scale(found: list[Node]):
+    """Ops between a branch's last projection and its residual add: reshapes, casts and a
+    LayerScale (DINOv2, BEiT, Data2Vec-vision: a mul by a per-channel constant), collected in ``found``."""
+    def passes(node: Node) -> bool:
+        if node.op in ("reshape", "cast"):
+            return True
+        if node.op == "mul" and _is_per_channel_scale(node):
+            found.append(node)
+            return True
+        return False
+    return passes
+
+
+def _is_per_channel_scale(node: Node) -> bool:
+    consts = [v for v in node.inputs if v.is_constant]
+    if len(consts) != 1:
+        return False
+    scale, x = consts[0].type, node.output.type
+    return scale.rank >= 1 and dims_equal(scale.shape[-1], x.shape[-1]) and all(dims_equal(d, 1) for d in scale.shape[:-1])
+
+
+def _token_axis(q_in: Value, q: Projection, stream: Value) -> int:
+    """The stream's token axis: the query rows (axis -2 of the attention's q) followed up through
+    the layout ops to the query projection's input, by position; a head size equal to the token
+    count cannot be mistaken for it. When the walk cannot follow an op, the one stream axis of the
+    attention length (an error when there are several)."""
+    axis = _axis_above(q_in, q_in.type.rank - 2, q.output, MAX_WALK, set())
+    if axis is not None and axis < q.input.type.rank - 1 and q.input.type.rank == stream.type.rank:
+        return axis
+    seq = q_in.type.shape[-2]
+    axes = [i for i, d in enumerate(stream.type.shape) if i > 0 and dims_equal(d, seq)]
+    if len(axes) != 1:
+        raise _NotABlock(f"no token axis: the query rows could not be followed up to %{q.output.name}, and the stream "
+                         f"{stream.type} has {len(axes)} axes of the attention length {seq}")
+    return axes[0]
+
+
+def _axis_above(value: Value, axis: int, target: Value, budget: int, seen: set) -> int | None:
+    """Axis ``axis`` of ``value`` as an axis of ``target`` (an ancestor), through permute, reshape
+    (one axis to one axis), slices and elementwise ops; None when the walk cannot follow it."""
+    if value is target:
+        return axis
+    node = value.producer
+    if node is None or budget <= 0 or node.op == "opaque" or (id(value), axis) in seen:
+        return None
+    seen.add((id(value), axis))
+    if node.op == "permute":
+        return _axis_above(node.inputs[0], node.attrs["dims"][axis] % value.type.rank, target, budget - 1, seen)
+    if node.op == "reshape":
+        src_shape = node.inputs[0].type.shape
+        for src, dst in reshape_groups(src_shape, value.type.shape) or []:
+            if axis in dst:
+                wide_src = [a for a in src if not dims_equal(src_shape[a], 1)]
+                wide_dst = [a for a in dst if not dims_equal(value.type.shape[a], 1)]
+                if wide_dst == [axis] and len(wide_src) == 1:
+                    return _axis_above(node.inputs[0], wide_src[0], target, budget - 1, seen)
+        return None
+    if node.op in TRANSPARENT:
+        if node.op == "select" or (node.op == "cat" and node.attrs["dim"] % value.type.rank == axis):
+            return None
+        for v in node.inputs:
+            if v is not None and not v.is_constant and v.type.rank == value.type.rank \
+                    and dims_equal(v.type.shape[axis], value.type.shape[axis]):
+                found = _axis_above(v, axis, target, budget - 1, seen)
+                if found is not None:
+                    return found
+    return None
 
 
 def _input_of(node: Node) -> Value:
@@ -566,3 +638,50 @@ def _connector(structure: Structure) -> None:
         structure.connector_input = block.output
         structure.connector_output = chain[-1].output if chain else None
         return
+
+
+# ---- axes through layout ops ------------------------------------------------------------------
+def reshape_groups(src, dst) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of a reshape from shape ``src`` to shape ``dst`` in consecutive groups of equal
+    element count (``[B, N, C] -> [B, N, H, D]``: ``([0],[0]), ([1],[1]), ([2],[2,3])``), so an
+    axis is followed by its position, never by its size. None when symbolic sizes leave it open."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        gi, gj = [i], [j]
+        ps, pd = sympy.sympify(src[i]), sympy.sympify(dst[j])
+        i, j = i + 1, j + 1
+        while not dims_equal(ps, pd):
+            bigger = _larger(ps, pd)
+            if bigger is None:
+                return None
+            if bigger == "src" and j < len(dst):
+                pd, gj = pd * sympy.sympify(dst[j]), gj + [j]
+                j += 1
+            elif bigger == "dst" and i < len(src):
+                ps, gi = ps * sympy.sympify(src[i]), gi + [i]
+                i += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    rest_src, rest_dst = list(range(i, len(src))), list(range(j, len(dst)))
+    if any(not dims_equal(src[a], 1) for a in rest_src) or any(not dims_equal(dst[a], 1) for a in rest_dst):
+        return None
+    if groups:
+        groups[-1] = (groups[-1][0] + rest_src, groups[-1][1] + rest_dst)
+    elif rest_src or rest_dst:
+        groups.append((rest_src, rest_dst))
+    return groups
+
+
+def _larger(a, b) -> str | None:
+    """Which of two element counts is the larger one ("src" for a), when that is certain."""
+    ratio = sympy.simplify(a / b)
+    if ratio.is_number:
+        return "src" if ratio > 1 else "dst"
+    num, den = sympy.fraction(sympy.factor(ratio))
+    if den.is_number and den > 0 and num.free_symbols:
+        return "src"
+    if num.is_number and num > 0 and den.free_symbols:
+        return "dst"
+    return None

@@ -92,7 +92,7 @@ def token_merge(graph: Graph, ctx, *,
     const_true = graph.add_constant(torch.tensor(True), "tome_keep_all")
     const_zero = graph.add_constant(torch.tensor(0.0, dtype=blocks[0].input.type.dtype), "tome_zero")
 
-    def fix(node: Node, pairs) -> bool:
+    def fix(node: Node, moved) -> bool:
         """A merged block's trivial mask no longer fits its token count: it was all-pass, so drop it."""
         done = False
         for i, v in enumerate(node.inputs):
