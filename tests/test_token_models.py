@@ -162,3 +162,69 @@ def test_siglip_token_drop_ranks_by_received_attention(siglip_case):
     torch.testing.assert_close(out[1], pooled, rtol=1e-4, atol=1e-5)
     with pytest.raises(PassError, match="rank=cls needs a leading CLS token"):
         apply(graph, "token_drop:count=5,rank=cls")
+
+
+# ---- LayerScale: DINOv2, BEiT, Data2Vec-vision -------------------------------------------------------
+LAYER_SCALE = {  # config class, model class, the blocks written out, the model's own head on the last hidden state
+    "dinov2": (hf.Dinov2Config, hf.Dinov2Model, dinov2_parts, dict(layerscale_value=0.5),
+               lambda m, h: (m.layernorm(h), m.layernorm(h)[:, 0])),
+    "beit": (hf.BeitConfig, hf.BeitModel, beit_parts, dict(layer_scale_init_value=0.5),
+             lambda m, h: (m.layernorm(h), m.pooler(m.layernorm(h)))),
+    "data2vec_vision": (hf.Data2VecVisionConfig, hf.Data2VecVisionModel, data2vec_parts,
+                        dict(layer_scale_init_value=0.5), lambda m, h: (m.layernorm(h),)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYER_SCALE))
+def layer_scale_case(request):
+    config, cls, parts, extra, head = LAYER_SCALE[request.param]
+    torch.manual_seed(0)
+    cfg = config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=4, **extra)  # 64 patches + CLS
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random LayerScale values, so a wrong channel order cannot pass
+        for name, p in model.named_parameters():
+            if "lambda" in name:
+                p.copy_(torch.rand_like(p) + 0.1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def reference(**kw):
+        with torch.no_grad():
+            embedded = model.embeddings(x)
+            embedded = embedded[0] if isinstance(embedded, tuple) else embedded  # data2vec: (tokens, grid)
+            return head(model, eager_blocks(embedded, parts(model), protected=1, **kw))
+    return model, x, from_torch(model, (x,)), reference
+
+
+def test_layer_scale_blocks_recognised(layer_scale_case):
+    model, x, graph, _ = layer_scale_case
+    structure = analyze(graph)
+    assert not structure.problems, structure.problems
+    (stack,) = structure.stacks
+    assert len(stack) == model.config.num_hidden_layers and structure.special_tokens[0] == [0]
+    for block in stack:
+        assert len(block.layer_scales) == 2 and block.norm_position == "pre"
+        assert block.attention.num_heads == model.config.num_attention_heads
+
+
+def test_layer_scale_token_merge_matches_eager_tome(layer_scale_case):
+    model, x, graph, reference = layer_scale_case
+    original = [o for o in model(x).values()]
+    for spec, rs in (("token_merge:r=0", None), ("token_merge:r=10", [10, 10, 10])):
+        out = run(apply(graph, spec), x)
+        expected = reference(rs=rs) if rs else original
+        assert len(out) == len(expected)
+        for got, want in zip(out, expected):  # r=0: exactly the original model
+            torch.testing.assert_close(got, want, rtol=1e-4 if rs else 0, atol=1e-5 if rs else 0)
+    assert out[0].shape[1] == 65 - 30
+    assert (expected[0][:, 0] - original[0][:, 0]).abs().max() > 1e-3  # merging changed the result
+
+
+def test_layer_scale_token_drop_matches_cls_reference(layer_scale_case):
+    model, x, graph, reference = layer_scale_case
+    for spec, drop in (("token_drop:keep=1.0", None), ("token_drop:count=12,layer=1", (1, 12, "cls"))):
+        out = run(apply(graph, spec), x)
+        expected = reference(drop=drop) if drop else list(model(x).values())
+        for got, want in zip(out, expected):  # keep everything: exactly the original model
+            torch.testing.assert_close(got, want, rtol=1e-4 if drop else 0, atol=1e-5 if drop else 0)
+    assert out[0].shape[1] == 13
