@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from graphopt.ir.graph import Graph, Node, Value
-from graphopt.ir.types import dims_equal
+from graphopt.ir.types import canonical_dim, dims_equal
 
 # ops a value passes through without changing what it "is" (a token stream, a head layout)
 TRANSPARENT = {"reshape", "permute", "cast", "slice", "select", "expand", "mul", "div", "add", "sub", "neg", "cat",
@@ -82,6 +82,7 @@ class MLP:
     fc2: Projection
     activation: list[str]
     gate: Projection | None = None  # gated MLPs (SwiGLU): act(gate(x)) * fc1(x)
+    convs: list[Node] = field(default_factory=list)  # convolutions between fc1 and fc2 (SegFormer's Mix-FFN)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Block:
     token_axis: int
     module: str = ""
     layer_scales: list[Node] = field(default_factory=list)  # LayerScale muls before the residual adds
+    grid: list[str] = field(default_factory=list)  # why the block needs the fixed token grid (windows, convs)
 
     @property
     def hidden_size(self) -> int:
@@ -120,7 +122,8 @@ class Structure:
             lines.append(f"stack {s}: {len(stack)} blocks, hidden {b0.hidden_size}, heads {b0.attention.num_heads}x"
                          f"{b0.attention.head_size}, {b0.norm_position}-norm"
                          f"{', LayerScale' if b0.layer_scales else ''}, token axis {b0.token_axis}, "
-                         f"special tokens {self.special_tokens.get(s, [])}")
+                         f"special tokens {self.special_tokens.get(s, [])}"
+                         + (f"; needs the token grid: {'; '.join(b0.grid)}" if b0.grid else ""))
         if self.connector:
             lines.append("connector: " + " -> ".join(p.name for p in self.connector))
         lines += [f"unrecognised: {p}" for p in self.problems]
@@ -333,7 +336,7 @@ def _block(core: Node) -> Block:
             and proj.input is _input_of(user) else None
 
     out = _walk_down(out_value, is_out_projection, "output projection", through={"reshape", "permute", "cast"})
-    stream_in = q.input
+    stream_in, partition = _window_partition(q.input)
     norms: list[Norm] = []
     pre = norm_at(stream_in)
 
@@ -344,7 +347,7 @@ def _block(core: Node) -> Block:
         return (user, other) if not other.is_constant else None
 
     layer_scales: list[Node] = []
-    residual_path = _through_layer_scale(layer_scales)
+    residual_path = _residual_path(layer_scales)
     attn_add, residual = _walk_down(out.output, is_residual_add, "attention residual add", through=residual_path)
     if pre is not None and (pre.input is residual or _same_stream(pre.input, residual)):
         position = "pre"
@@ -369,17 +372,79 @@ def _block(core: Node) -> Block:
         norms.append(ln2)
         output = ln2.output
     block_input = residual if position == "pre" else stream_in
-    axis = _token_axis(q_in, q, block_input)
+    grid = _grid_dependence(q, k, mlp, partition, mask, block_input)
+    if partition and block_input.type.rank != 3:
+        raise _NotABlock(f"windowed attention on a stream {block_input.type} that is not [batch, tokens, hidden]")
+    axis = 1 if partition else _token_axis(q_in, q, block_input)
     attention = Attention(core, core.op, q, k, v, out, heads, head_size, kv_heads, mask, causal, probs)
     return Block(0, attention, mlp, norms, [attn_add, mlp_add], block_input, output, position, axis,
-                 core.meta.get("module", ""), layer_scales)
+                 core.meta.get("module", ""), layer_scales, grid)
 
 
-def _through_layer_scale(found: list[Node]):
-    """Ops between a branch's last projection and its residual add: reshapes, casts and a
+WINDOW_OPAQUE = ("aten::roll", "aten::pad", "aten::constant_pad_nd")
+
+
+def _window_partition(value: Value) -> tuple[Value, list[Node]]:
+    """(the stream, the layout nodes) when ``value`` is the stream re-laid into windows (Swin:
+    reshape / pad / roll / permute to [windows x batch, window tokens, hidden]); (value, []) when
+    attention reads the stream itself."""
+    nodes, v = [], value
+    while v.producer is not None and len(nodes) < MAX_WALK:
+        p = v.producer
+        if not (p.op in ("reshape", "permute", "cast", "slice")
+                or (p.op == "opaque" and p.attrs["target"].startswith(WINDOW_OPAQUE))):
+            break
+        nodes.append(p)
+        v = p.inputs[0]
+    windowed = any(n.op in ("permute", "opaque") for n in nodes)  # a window partition always permutes
+    return (v, nodes) if windowed and norm_at(v) is not None else (value, [])
+
+
+def _grid_dependence(q: Projection, k: Projection, mlp: MLP, partition: list[Node], mask, stream: Value) -> list[str]:
+    """Why the block needs its tokens on the fixed image grid (empty when it does not)."""
+    reasons = []
+    if partition:
+        windows = canonical_dim(sympy.sympify(q.input.type.shape[0]) / sympy.sympify(stream.type.shape[0]))
+        shifted = any(n.op == "opaque" and n.attrs["target"].startswith("aten::roll") for n in partition)
+        reasons.append(f"windowed attention (Swin): the {stream.type.shape[1]} tokens of the stream are re-laid into "
+                       f"{windows} window{'' if windows == 1 else 's'} of {q.input.type.shape[1]} tokens"
+                       + (", shifted by a roll" if shifted else "")
+                       + (" with a relative position bias" if mask is not None and not mask.is_constant else ""))
+    if k.input is not q.input:
+        convs = [n for n in _ancestors(k.input, q.input) if n.op == "conv2d"]
+        if convs:
+            reasons.append(f"spatial-reduction attention (SegFormer): keys and values come from a conv2d with stride "
+                           f"{list(convs[0].attrs['stride'])} over the token grid ({_conv_name(convs[0])})")
+    for conv in mlp.convs:
+        reasons.append(f"a conv2d over the token grid inside the MLP (Mix-FFN, groups {conv.attrs['groups']}: "
+                       f"{_conv_name(conv)})")
+    return reasons
+
+
+def _conv_name(conv: Node) -> str:
+    return f"{conv.label()} in module {conv.meta.get('module', '?')!r}"
+
+
+def _ancestors(value: Value, stop: Value) -> list[Node]:
+    """The nodes between ``stop`` and ``value`` (``value``'s producers up to ``stop``)."""
+    found, queue, seen = [], deque([value]), set()
+    while queue and len(seen) < 64:
+        v = queue.popleft()
+        if v is stop or id(v) in seen or v.producer is None:
+            continue
+        seen.add(id(v))
+        found.append(v.producer)
+        queue.extend(i for i in v.producer.inputs if i is not None and not i.is_constant)
+    return found
+
+
+def _residual_path(found: list[Node]):
+    """Ops between a branch's last projection and its residual add: layout ops (with Swin's
+    window reverse: permutes, rolls, un-padding slices) and a
     LayerScale (DINOv2, BEiT, Data2Vec-vision: a mul by a per-channel constant), collected in ``found``."""
     def passes(node: Node) -> bool:
-        if node.op in ("reshape", "cast"):
+        if node.op in ("reshape", "cast", "permute", "slice") \
+                or (node.op == "opaque" and node.attrs["target"].startswith(WINDOW_OPAQUE)):
             return True
         if node.op == "mul" and _is_per_channel_scale(node):
             found.append(node)
@@ -461,18 +526,22 @@ def _mlp(mlp_in: Value) -> MLP:
     if not firsts:
         raise _NotABlock(f"MLP: no projection reads the MLP input %{mlp_in.name}")
     activation: list[str] = []
+    convs: list[Node] = []
 
     def is_fc2(user, _):
         proj = projection_at(user)
         if proj is not None and proj not in firsts and proj.input is user.inputs[0] \
                 and not any(proj.weight is f.weight for f in firsts):
             return proj
-        if user.op not in ("matmul", "linear", "reshape", "cast"):
+        if user.op == "conv2d":
+            convs.append(user)
+        elif user.op not in ("matmul", "linear", "reshape", "cast", "permute"):
             activation.append(user.op)
         return None
 
     fc2 = _walk_down(firsts[0].output, is_fc2, "MLP second projection",
-                     through={"gelu", "relu", "silu", "sigmoid", "tanh", "mul", "add", "pow", "erf", "div", "cast", "reshape"})
+                     through={"gelu", "relu", "silu", "sigmoid", "tanh", "mul", "add", "pow", "erf", "div", "cast", "reshape",
+                              "permute", "conv2d"})
     gate = None
     if len(firsts) == 2:  # gated MLP: one branch goes through the activation
         gate = next(p for p in firsts if any(u.op in ("silu", "gelu", "sigmoid") for u in p.output.users))
@@ -481,7 +550,7 @@ def _mlp(mlp_in: Value) -> MLP:
         fc1 = firsts[0]
     else:
         raise _NotABlock(f"MLP: {len(firsts)} projections read %{mlp_in.name}; expected 1 or 2 (gated)")
-    return MLP(fc1, fc2, list(dict.fromkeys(activation)), gate)
+    return MLP(fc1, fc2, list(dict.fromkeys(activation)), gate, convs)
 
 
 def _same_stream(a: Value, b: Value) -> bool:

@@ -34,6 +34,17 @@ def structure_of(graph: Graph, pass_name: str) -> Structure:
                              f"and none were recognised: {e}") from None
 
 
+def refuse_grid_bound(blocks, pass_name: str, action: str) -> None:
+    """Token reduction needs blocks whose attention and MLP see a free set of tokens; a block that
+    lays its tokens out on the image grid (Swin's windows, SegFormer's strided K/V conv and Mix-FFN
+    conv) has no grid left once tokens are ``action`` (merged / dropped)."""
+    for b in blocks:
+        if b.grid:
+            raise TokenPassError(f"{pass_name}: block {b.index} ({b.module or b.attention.core.label()}) needs its "
+                                 f"tokens on the fixed image grid: {'; '.join(b.grid)}. Once tokens are {action} there "
+                                 f"is no grid, so {pass_name} does not apply to this model")
+
+
 # ---- types after a token-count change -----------------------------------------------------
 Moved = dict[int, list[tuple[int, object, object]]]  # input index -> [(axis, old size, new size)]
 
@@ -210,9 +221,11 @@ def remove_dead(graph: Graph) -> int:
 
 
 # ---- masks --------------------------------------------------------------------------------
-def mask_is_trivial(mask: Value) -> bool | None:
-    """True when the mask keeps every position (all True / all zero), False when it does not,
-    None when it depends on the model's inputs (a padding mask) and cannot be known."""
+def mask_verdict(mask: Value) -> str:
+    """"trivial" when the mask keeps every position equally (all True / all zero), "masks" when
+    it blocks some positions (False / -inf), "bias" when it adds other values (a relative position
+    bias), "inputs" when it depends on the model's inputs (a padding mask), "unknown" when an
+    impure op computes it."""
     nodes, seen, stack = [], set(), [mask]
     while stack:
         v = stack.pop()
@@ -220,7 +233,7 @@ def mask_is_trivial(mask: Value) -> bool | None:
             continue
         seen.add(id(v))
         if v.producer is None:
-            return None
+            return "inputs"
         nodes.append(v.producer)
         stack.extend(i for i in v.producer.inputs if i is not None)
     graph = mask.producer.graph if mask.producer is not None else None
@@ -236,14 +249,18 @@ def mask_is_trivial(mask: Value) -> bool | None:
         return attr
 
     for n in nodes:
-        if n.op == "opaque":
-            return None
+        if not is_pure(n):
+            return "unknown"
         args = [env[id(v)] if id(v) in env else v.const for v in n.inputs]
         result = get_op(n.op).reference(*args, **{k: one(a) for k, a in n.attrs.items()})
         for out, t in zip(n.outputs, result if isinstance(result, tuple) else (result,)):
             env[id(out)] = t
     value = env[id(mask)] if id(mask) in env else mask.const
-    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+    if value.dtype == torch.bool:
+        return "trivial" if bool(value.all()) else "masks"
+    if bool((value == 0).all()):
+        return "trivial"
+    return "masks" if bool(((value == 0) | (value <= -1e4)).all()) else "bias"
 
 
 # ---- attention rows ------------------------------------------------------------------------

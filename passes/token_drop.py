@@ -23,8 +23,8 @@ import torch
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.types import dims_equal
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, remove_dead, retype,
-                                          structure_of)
+from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, refuse_grid_bound, remove_dead,
+                                          retype, structure_of)
 
 
 def keep_count(pool: int, keep: float, count: int) -> int:
@@ -54,6 +54,7 @@ def token_drop(graph: Graph, ctx, *,
     """Keep the top-k tokens by attention (CLS attention in the vision encoder, last-token attention
     in the language model) and drop the rest."""
     s = structure_of(graph, "token_drop")
+    refuse_grid_bound(s.blocks, "token_drop", "dropped")
     if where == "auto":
         where = "connector" if len(s.stacks) >= 2 else "layer"
     if where not in ("layer", "connector", "language"):

@@ -90,16 +90,22 @@ def merge_one_image(h, k, s, r, protected):
     return torch.stack(rows), torch.tensor(sizes).unsqueeze(-1)
 
 
-def eager_blocks(h, parts, rs=None, protected=0, drop=None):
+def eager_blocks(h, parts, rs=None, protected=0, drop=None, bias=None):
     """The blocks run module by module; ``rs``: ToMe r after each attention residual (proportional
     attention on); ``drop=(layer, keep, rank)``: after that block keep the ``keep`` best patch tokens
-    by the CLS row ("cls") or the attention each token receives ("mean") of its attention."""
+    by the CLS row ("cls") or the attention each token receives ("mean") of its attention;
+    ``bias(layer)``: an attention bias [1, heads, N, N] over the original tokens (looked up at the
+    original positions of the tokens that are left)."""
     s = torch.ones(h.shape[0], h.shape[1], 1)
+    positions = torch.arange(h.shape[1]).expand(h.shape[0], -1)
     for i, p in enumerate(parts):
         y = p.norm1(h)
         b, n, c = y.shape
         q, k, v = (f(y).view(b, n, p.heads, -1).transpose(1, 2) for f in (p.q, p.k, p.v))
         logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if bias is not None:
+            full = bias(i)[0]
+            logits = logits + torch.stack([full[:, at][:, :, at] for at in positions])
         probs = (logits + s.log().view(b, 1, 1, n) if rs else logits).softmax(-1)
         h = h + p.scale1(p.o((probs @ v).transpose(1, 2).reshape(b, n, c)))
         if rs and rs[i]:
@@ -111,6 +117,7 @@ def eager_blocks(h, parts, rs=None, protected=0, drop=None):
             best = torch.topk(scores[:, protected:], drop[1], dim=1).indices + protected
             keep = torch.cat([torch.arange(protected).expand(b, -1), torch.sort(best, dim=1).values], dim=1)
             h = torch.gather(h, 1, keep[..., None].expand(-1, -1, c))
+            positions = torch.gather(positions, 1, keep)
     return h
 
 
@@ -228,3 +235,75 @@ def test_layer_scale_token_drop_matches_cls_reference(layer_scale_case):
         for got, want in zip(out, expected):  # keep everything: exactly the original model
             torch.testing.assert_close(got, want, rtol=1e-4 if drop else 0, atol=1e-5 if drop else 0)
     assert out[0].shape[1] == 13
+
+
+# ---- blocks that need the token grid: Swin, SegFormer -------------------------------------------------
+def swin():
+    torch.manual_seed(0)
+    cfg = hf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    return cfg, hf.SwinModel(cfg).eval()
+
+
+def segformer():
+    torch.manual_seed(0)
+    cfg = hf.SegformerConfig(num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                             num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2])
+    return cfg, hf.SegformerModel(cfg).eval()
+
+
+@pytest.mark.parametrize("build,hidden_of,grid", [
+    (swin, lambda cfg: [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))],
+     [r"windowed attention \(Swin\): the 64 tokens of the stream are re-laid into 4 windows of 16 tokens"
+      r"( with a relative position bias)?$",
+      r"windowed attention \(Swin\): the 64 tokens of the stream are re-laid into 4 windows of 16 tokens, shifted by "
+      r"a roll with a relative position bias$"]),
+    (segformer, lambda cfg: cfg.hidden_sizes,
+     [r"spatial-reduction attention \(SegFormer\): keys and values come from a conv2d with stride \[2, 2\] over the "
+      r"token grid .*'stages.0.blocks.0.attention.sequence_reduction.sequence_reduction'",
+      r"a conv2d over the token grid inside the MLP \(Mix-FFN, groups 32: .*'stages.0.blocks.0.mlp.dwconv.dwconv'"]),
+], ids=["swin", "segformer"])
+def test_grid_bound_blocks_recognised_and_token_passes_refuse(build, hidden_of, grid):
+    import re
+    cfg, model = build()
+    graph = from_torch(model, (torch.randn(2, 3, 32, 32),))
+    structure = analyze(graph)
+    assert not structure.problems, structure.problems
+    heads = getattr(cfg, "num_heads", None) or cfg.num_attention_heads
+    assert [len(stack) for stack in structure.stacks] == list(cfg.depths)  # one stack per stage
+    for stack, hidden, h in zip(structure.stacks, hidden_of(cfg), heads):
+        for block in stack:
+            assert (block.hidden_size, block.attention.num_heads) == (hidden, h)
+            assert block.norm_position == "pre" and block.token_axis == 1 and block.grid
+    first = structure.stacks[0]
+    reasons = [reason for block in first for reason in block.grid]
+    for pattern in grid:
+        assert any(re.search(pattern, reason) for reason in reasons), (pattern, reasons)
+    for spec, action in (("token_merge:r=2", "merged"), ("token_drop:keep=0.5", "dropped")):
+        with pytest.raises(PassError, match=rf"{spec.split(':')[0]}: block 0 \(.*\) needs its tokens on the fixed "
+                                            rf"image grid: .*Once tokens are {action}.*does not apply to this model"):
+            apply(graph, spec)
+
+
+def test_relative_position_bias_drop_gathers_the_bias_and_merge_refuses():
+    """BEiT as released: a relative position bias per block. Dropping tokens looks the bias up at
+    the kept positions; a merged token has no single position, so token_merge refuses."""
+    torch.manual_seed(0)
+    cfg = hf.BeitConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=4, layer_scale_init_value=0.5, use_relative_position_bias=True)
+    model = hf.BeitModel(cfg).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.relative_position_bias.relative_position_bias_table.normal_()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    graph = from_torch(model, (x,))
+    assert len(analyze(graph).stacks[0]) == 3
+    after = apply(graph, "token_drop:count=12,layer=1")
+    with torch.no_grad():
+        h = eager_blocks(model.embeddings(x), beit_parts(model), protected=1, drop=(1, 12, "cls"),
+                         bias=lambda i: model.layers[i].relative_position_bias((8, 8), False, dim_size=65))
+        expected = (model.layernorm(h), model.pooler(model.layernorm(h)))
+    for got, want in zip(run(after, x), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(PassError, match=r"token_merge: block 0 .* adds a position-dependent bias \(a relative "
+                                        r"position bias, as in BEiT\); a merged token has no single position"):
+        apply(graph, "token_merge:r=4")
