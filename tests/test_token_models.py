@@ -217,8 +217,9 @@ def test_layer_scale_blocks_recognised(layer_scale_case):
 def test_layer_scale_token_merge_matches_eager_tome(layer_scale_case):
     model, x, graph, reference = layer_scale_case
     original = [o for o in model(x).values()]
-    for spec, rs in (("token_merge:r=0", None), ("token_merge:r=10", [10, 10, 10])):
-        out = run(apply(graph, spec), x)
+    for specs, rs in ((["token_merge:r=0"], None), (["token_merge:r=10"], [10, 10, 10]),
+                      (["decompose_attention", "token_merge:r=10"], [10, 10, 10])):
+        out = run(PassManager(specs).run(graph)[0], x)
         expected = reference(rs=rs) if rs else original
         assert len(out) == len(expected)
         for got, want in zip(out, expected):  # r=0: exactly the original model
