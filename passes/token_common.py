@@ -61,9 +61,10 @@ def _moved_axes(node: Node, changed: dict[int, TensorType]) -> Moved:
 
 
 def _follow(value, old, new):
-    """A size or index computed from the old count (``old``, ``old - 1``) in terms of the new one.
-    Only a symbolic count can show that a value is derived from it; a literal stays as it is."""
-    if isinstance(value, bool) or not isinstance(value, (int, sympy.Expr)) or value is None:
+    """A slice bound or index on the token axis in terms of the new count: the old count itself
+    (a slice to the end) becomes the new one, an offset from a symbolic count (``n - 1``) keeps its
+    offset; any other literal (``x[:, 1:]``, ``x[:, 0]``) stays as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, sympy.Expr)):
         return value
     if dims_equal(value, old):
         return new
