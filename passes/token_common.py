@@ -186,8 +186,8 @@ def retype(graph: Graph, changed: dict[int, TensorType], fix: Callable[[Node, Mo
 
 def aligned_axes(node: Node, i: int, moved: Moved) -> list[int]:
     """The axes of input ``i`` that line up with the changed axes of the other inputs: by
-    broadcasting for elementwise ops, as (query, key) rows and columns for an sdpa mask. Raises
-    when the op gives no such correspondence (the side input cannot be followed)."""
+    broadcasting for elementwise ops, as (query, key) rows and columns for an sdpa mask. [] for
+    other ops: they give no such correspondence, and the node's type error is reported as it is."""
     v = node.inputs[i]
     if node.op == "sdpa" and i == 3:
         q_rank = node.inputs[0].type.rank
@@ -198,8 +198,7 @@ def aligned_axes(node: Node, i: int, moved: Moved) -> list[int]:
     elif "elementwise" in get_op(node.op).tags:
         axes = {a - node.inputs[j].type.rank + v.type.rank for j, moves in moved.items() for a, _, _ in moves}
     else:
-        raise TokenPassError(f"{_where(node)}: input %{v.name} {v.type} does not fit the new token count, and the "
-                             f"token passes do not know how {node.op}'s axes line up with its other inputs")
+        return []
     return sorted(a for a in axes if a > 0 and not dims_equal(v.type.shape[a], 1))
 
 
