@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import sympy
+
 from graphopt.ir.graph import Graph, Node, Value
-from graphopt.ir.types import dims_equal
+from graphopt.ir.types import canonical_dim, dims_equal
 
 # ops a value passes through without changing what it "is" (a token stream, a head layout)
 TRANSPARENT = {"reshape", "permute", "cast", "slice", "select", "expand", "mul", "div", "add", "sub", "neg", "cat",
@@ -80,6 +82,7 @@ class MLP:
     fc2: Projection
     activation: list[str]
     gate: Projection | None = None  # gated MLPs (SwiGLU): act(gate(x)) * fc1(x)
+    convs: list[Node] = field(default_factory=list)  # convolutions between fc1 and fc2 (SegFormer's Mix-FFN)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Block:
     norm_position: str  # "pre" or "post"
     token_axis: int
     module: str = ""
+    layer_scales: list[Node] = field(default_factory=list)  # LayerScale muls before the residual adds
+    grid: list[str] = field(default_factory=list)  # why the block needs the fixed token grid (windows, convs)
 
     @property
     def hidden_size(self) -> int:
@@ -115,8 +120,10 @@ class Structure:
         for s, stack in enumerate(self.stacks):
             b0 = stack[0]
             lines.append(f"stack {s}: {len(stack)} blocks, hidden {b0.hidden_size}, heads {b0.attention.num_heads}x"
-                         f"{b0.attention.head_size}, {b0.norm_position}-norm, token axis {b0.token_axis}, "
-                         f"special tokens {self.special_tokens.get(s, [])}")
+                         f"{b0.attention.head_size}, {b0.norm_position}-norm"
+                         f"{', LayerScale' if b0.layer_scales else ''}, token axis {b0.token_axis}, "
+                         f"special tokens {self.special_tokens.get(s, [])}"
+                         + (f"; needs the token grid: {'; '.join(b0.grid)}" if b0.grid else ""))
         if self.connector:
             lines.append("connector: " + " -> ".join(p.name for p in self.connector))
         lines += [f"unrecognised: {p}" for p in self.problems]
@@ -296,7 +303,7 @@ def _walk_down(value: Value, accept, what: str, through=TRANSPARENT):
             hit = accept(user, v)
             if hit:
                 return hit
-            if user.op in through:
+            if through(user) if callable(through) else user.op in through:
                 queue.extend(user.outputs)
     raise _NotABlock(f"{what}: nothing suitable below %{value.name}")
 
@@ -329,7 +336,7 @@ def _block(core: Node) -> Block:
             and proj.input is _input_of(user) else None
 
     out = _walk_down(out_value, is_out_projection, "output projection", through={"reshape", "permute", "cast"})
-    stream_in = q.input
+    stream_in, partition = _window_partition(q.input)
     norms: list[Norm] = []
     pre = norm_at(stream_in)
 
@@ -339,7 +346,9 @@ def _block(core: Node) -> Block:
         other = user.inputs[1] if user.inputs[0] is via else user.inputs[0]
         return (user, other) if not other.is_constant else None
 
-    attn_add, residual = _walk_down(out.output, is_residual_add, "attention residual add", through={"reshape", "cast"})
+    layer_scales: list[Node] = []
+    residual_path = _residual_path(layer_scales)
+    attn_add, residual = _walk_down(out.output, is_residual_add, "attention residual add", through=residual_path)
     if pre is not None and (pre.input is residual or _same_stream(pre.input, residual)):
         position = "pre"
         norms.append(pre)
@@ -354,7 +363,7 @@ def _block(core: Node) -> Block:
     else:
         raise _NotABlock(f"the residual add {attn_add.label()} does not add the attention input's stream")
     mlp = _mlp(mlp_in)
-    mlp_add, other = _walk_down(mlp.fc2.output, is_residual_add, "MLP residual add", through={"reshape", "cast"})
+    mlp_add, other = _walk_down(mlp.fc2.output, is_residual_add, "MLP residual add", through=residual_path)
     if not _same_stream(other, mlp_residual_source):
         raise _NotABlock(f"the MLP residual add {mlp_add.label()} does not add the stream after attention")
     output = mlp_add.output
@@ -363,13 +372,141 @@ def _block(core: Node) -> Block:
         norms.append(ln2)
         output = ln2.output
     block_input = residual if position == "pre" else stream_in
-    seq = q_in.type.shape[-2]
-    axis = next((i for i, d in enumerate(block_input.type.shape) if i > 0 and dims_equal(d, seq)), None)
-    if axis is None:
-        raise _NotABlock(f"no token axis: the stream {block_input.type} has no axis of the attention length {seq}")
+    grid = _grid_dependence(q, k, mlp, partition, mask, block_input)
+    if partition and block_input.type.rank != 3:
+        raise _NotABlock(f"windowed attention on a stream {block_input.type} that is not [batch, tokens, hidden]")
+    axis = 1 if partition else _token_axis(q_in, q, block_input)
     attention = Attention(core, core.op, q, k, v, out, heads, head_size, kv_heads, mask, causal, probs)
     return Block(0, attention, mlp, norms, [attn_add, mlp_add], block_input, output, position, axis,
-                 core.meta.get("module", ""))
+                 core.meta.get("module", ""), layer_scales, grid)
+
+
+WINDOW_OPAQUE = ("aten::roll", "aten::pad", "aten::constant_pad_nd")
+
+
+def _window_partition(value: Value) -> tuple[Value, list[Node]]:
+    """(the stream, the layout nodes) when ``value`` is the stream re-laid into windows (Swin:
+    reshape / pad / roll / permute to [windows x batch, window tokens, hidden]); (value, []) when
+    attention reads the stream itself."""
+    nodes, v = [], value
+    while v.producer is not None and len(nodes) < MAX_WALK:
+        p = v.producer
+        if not (p.op in ("reshape", "permute", "cast", "slice")
+                or (p.op == "opaque" and p.attrs["target"].startswith(WINDOW_OPAQUE))):
+            break
+        nodes.append(p)
+        v = p.inputs[0]
+    windowed = any(n.op in ("permute", "opaque") for n in nodes)  # a window partition always permutes
+    return (v, nodes) if windowed and norm_at(v) is not None else (value, [])
+
+
+def _grid_dependence(q: Projection, k: Projection, mlp: MLP, partition: list[Node], mask, stream: Value) -> list[str]:
+    """Why the block needs its tokens on the fixed image grid (empty when it does not)."""
+    reasons = []
+    if partition:
+        windows = canonical_dim(sympy.sympify(q.input.type.shape[0]) / sympy.sympify(stream.type.shape[0]))
+        shifted = any(n.op == "opaque" and n.attrs["target"].startswith("aten::roll") for n in partition)
+        reasons.append(f"windowed attention (Swin): the {stream.type.shape[1]} tokens of the stream are re-laid into "
+                       f"{windows} window{'' if windows == 1 else 's'} of {q.input.type.shape[1]} tokens"
+                       + (", shifted by a roll" if shifted else "")
+                       + (" with a relative position bias" if mask is not None and not mask.is_constant else ""))
+    if k.input is not q.input:
+        convs = [n for n in _ancestors(k.input, q.input) if n.op == "conv2d"]
+        if convs:
+            reasons.append(f"spatial-reduction attention (SegFormer): keys and values come from a conv2d with stride "
+                           f"{list(convs[0].attrs['stride'])} over the token grid ({_conv_name(convs[0])})")
+    for conv in mlp.convs:
+        reasons.append(f"a conv2d over the token grid inside the MLP (Mix-FFN, groups {conv.attrs['groups']}: "
+                       f"{_conv_name(conv)})")
+    return reasons
+
+
+def _conv_name(conv: Node) -> str:
+    return f"{conv.label()} in module {conv.meta.get('module', '?')!r}"
+
+
+def _ancestors(value: Value, stop: Value) -> list[Node]:
+    """The nodes between ``stop`` and ``value`` (``value``'s producers up to ``stop``)."""
+    found, queue, seen = [], deque([value]), set()
+    while queue and len(seen) < 64:
+        v = queue.popleft()
+        if v is stop or id(v) in seen or v.producer is None:
+            continue
+        seen.add(id(v))
+        found.append(v.producer)
+        queue.extend(i for i in v.producer.inputs if i is not None and not i.is_constant)
+    return found
+
+
+def _residual_path(found: list[Node]):
+    """Ops between a branch's last projection and its residual add: layout ops (with Swin's
+    window reverse: permutes, rolls, un-padding slices) and a
+    LayerScale (DINOv2, BEiT, Data2Vec-vision: a mul by a per-channel constant), collected in ``found``."""
+    def passes(node: Node) -> bool:
+        if node.op in ("reshape", "cast", "permute", "slice") \
+                or (node.op == "opaque" and node.attrs["target"].startswith(WINDOW_OPAQUE)):
+            return True
+        if node.op == "mul" and _is_per_channel_scale(node):
+            found.append(node)
+            return True
+        return False
+    return passes
+
+
+def _is_per_channel_scale(node: Node) -> bool:
+    consts = [v for v in node.inputs if v.is_constant]
+    if len(consts) != 1:
+        return False
+    scale, x = consts[0].type, node.output.type
+    return scale.rank >= 1 and dims_equal(scale.shape[-1], x.shape[-1]) and all(dims_equal(d, 1) for d in scale.shape[:-1])
+
+
+def _token_axis(q_in: Value, q: Projection, stream: Value) -> int:
+    """The stream's token axis: the query rows (axis -2 of the attention's q) followed up through
+    the layout ops to the query projection's input, by position; a head size equal to the token
+    count cannot be mistaken for it. When the walk cannot follow an op, the one stream axis of the
+    attention length (an error when there are several)."""
+    axis = _axis_above(q_in, q_in.type.rank - 2, q.output, MAX_WALK, set())
+    if axis is not None and axis < q.input.type.rank - 1 and q.input.type.rank == stream.type.rank:
+        return axis
+    seq = q_in.type.shape[-2]
+    axes = [i for i, d in enumerate(stream.type.shape) if i > 0 and dims_equal(d, seq)]
+    if len(axes) != 1:
+        raise _NotABlock(f"no token axis: the query rows could not be followed up to %{q.output.name}, and the stream "
+                         f"{stream.type} has {len(axes)} axes of the attention length {seq}")
+    return axes[0]
+
+
+def _axis_above(value: Value, axis: int, target: Value, budget: int, seen: set) -> int | None:
+    """Axis ``axis`` of ``value`` as an axis of ``target`` (an ancestor), through permute, reshape
+    (one axis to one axis), slices and elementwise ops; None when the walk cannot follow it."""
+    if value is target:
+        return axis
+    node = value.producer
+    if node is None or budget <= 0 or node.op == "opaque" or (id(value), axis) in seen:
+        return None
+    seen.add((id(value), axis))
+    if node.op == "permute":
+        return _axis_above(node.inputs[0], node.attrs["dims"][axis] % value.type.rank, target, budget - 1, seen)
+    if node.op == "reshape":
+        src_shape = node.inputs[0].type.shape
+        for src, dst in reshape_groups(src_shape, value.type.shape) or []:
+            if axis in dst:
+                wide_src = [a for a in src if not dims_equal(src_shape[a], 1)]
+                wide_dst = [a for a in dst if not dims_equal(value.type.shape[a], 1)]
+                if wide_dst == [axis] and len(wide_src) == 1:
+                    return _axis_above(node.inputs[0], wide_src[0], target, budget - 1, seen)
+        return None
+    if node.op in TRANSPARENT:
+        if node.op == "select" or (node.op == "cat" and node.attrs["dim"] % value.type.rank == axis):
+            return None
+        for v in node.inputs:
+            if v is not None and not v.is_constant and v.type.rank == value.type.rank \
+                    and dims_equal(v.type.shape[axis], value.type.shape[axis]):
+                found = _axis_above(v, axis, target, budget - 1, seen)
+                if found is not None:
+                    return found
+    return None
 
 
 def _input_of(node: Node) -> Value:
@@ -389,18 +526,22 @@ def _mlp(mlp_in: Value) -> MLP:
     if not firsts:
         raise _NotABlock(f"MLP: no projection reads the MLP input %{mlp_in.name}")
     activation: list[str] = []
+    convs: list[Node] = []
 
     def is_fc2(user, _):
         proj = projection_at(user)
         if proj is not None and proj not in firsts and proj.input is user.inputs[0] \
                 and not any(proj.weight is f.weight for f in firsts):
             return proj
-        if user.op not in ("matmul", "linear", "reshape", "cast"):
+        if user.op == "conv2d":
+            convs.append(user)
+        elif user.op not in ("matmul", "linear", "reshape", "cast", "permute"):
             activation.append(user.op)
         return None
 
     fc2 = _walk_down(firsts[0].output, is_fc2, "MLP second projection",
-                     through={"gelu", "relu", "silu", "sigmoid", "tanh", "mul", "add", "pow", "erf", "div", "cast", "reshape"})
+                     through={"gelu", "relu", "silu", "sigmoid", "tanh", "mul", "add", "pow", "erf", "div", "cast", "reshape",
+                              "permute", "conv2d"})
     gate = None
     if len(firsts) == 2:  # gated MLP: one branch goes through the activation
         gate = next(p for p in firsts if any(u.op in ("silu", "gelu", "sigmoid") for u in p.output.users))
@@ -409,7 +550,7 @@ def _mlp(mlp_in: Value) -> MLP:
         fc1 = firsts[0]
     else:
         raise _NotABlock(f"MLP: {len(firsts)} projections read %{mlp_in.name}; expected 1 or 2 (gated)")
-    return MLP(fc1, fc2, list(dict.fromkeys(activation)), gate)
+    return MLP(fc1, fc2, list(dict.fromkeys(activation)), gate, convs)
 
 
 def _same_stream(a: Value, b: Value) -> bool:
@@ -566,3 +707,50 @@ def _connector(structure: Structure) -> None:
         structure.connector_input = block.output
         structure.connector_output = chain[-1].output if chain else None
         return
+
+
+# ---- axes through layout ops ------------------------------------------------------------------
+def reshape_groups(src, dst) -> list[tuple[list[int], list[int]]] | None:
+    """The axes of a reshape from shape ``src`` to shape ``dst`` in consecutive groups of equal
+    element count (``[B, N, C] -> [B, N, H, D]``: ``([0],[0]), ([1],[1]), ([2],[2,3])``), so an
+    axis is followed by its position, never by its size. None when symbolic sizes leave it open."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        gi, gj = [i], [j]
+        ps, pd = sympy.sympify(src[i]), sympy.sympify(dst[j])
+        i, j = i + 1, j + 1
+        while not dims_equal(ps, pd):
+            bigger = _larger(ps, pd)
+            if bigger is None:
+                return None
+            if bigger == "src" and j < len(dst):
+                pd, gj = pd * sympy.sympify(dst[j]), gj + [j]
+                j += 1
+            elif bigger == "dst" and i < len(src):
+                ps, gi = ps * sympy.sympify(src[i]), gi + [i]
+                i += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    rest_src, rest_dst = list(range(i, len(src))), list(range(j, len(dst)))
+    if any(not dims_equal(src[a], 1) for a in rest_src) or any(not dims_equal(dst[a], 1) for a in rest_dst):
+        return None
+    if groups:
+        groups[-1] = (groups[-1][0] + rest_src, groups[-1][1] + rest_dst)
+    elif rest_src or rest_dst:
+        groups.append((rest_src, rest_dst))
+    return groups
+
+
+def _larger(a, b) -> str | None:
+    """Which of two element counts is the larger one ("src" for a), when that is certain."""
+    ratio = sympy.simplify(a / b)
+    if ratio.is_number:
+        return "src" if ratio > 1 else "dst"
+    num, den = sympy.fraction(sympy.factor(ratio))
+    if den.is_number and den > 0 and num.free_symbols:
+        return "src"
+    if num.is_number and num > 0 and den.free_symbols:
+        return "dst"
+    return None

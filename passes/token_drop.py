@@ -1,7 +1,9 @@
 """Attention-guided token dropping (HiRED / FastV style).
 
     where=layer      vision encoder: after block L keep the top-k patch tokens by the CLS attention
-                     of block L (head-averaged); CLS / distillation tokens are always kept
+                     of block L (head-averaged); CLS / distillation tokens are always kept. Encoders
+                     without a CLS token (SigLIP) rank by the attention each token receives,
+                     averaged over all queries and heads (rank=mean)
     where=connector  vision-language model (HiRED): rank the image features by the CLS attention of
                      the vision block that feeds the connector; the language model gets only the
                      kept image tokens (and every text token); its position ids are renumbered 0..T'-1
@@ -21,7 +23,8 @@ import torch
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.types import dims_equal
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import TokenPassError, attention_row, remove_dead, retype, structure_of
+from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, refuse_grid_bound, remove_dead,
+                                          retype, structure_of)
 
 
 def keep_count(pool: int, keep: float, count: int) -> int:
@@ -44,10 +47,14 @@ def token_drop(graph: Graph, ctx, *,
                                        "they are dropped (-1: the middle block); connector: the ranking block "
                                        "(-1: the one feeding the connector); language: K, drop before block K"),
                positions: str = option("auto", "keep | renumber: position ids of the kept language tokens "
-                                               "(auto: renumber at the connector, keep for language)")):
+                                               "(auto: renumber at the connector, keep for language)"),
+               rank: str = option("auto", "where=layer: cls | mean: rank by the CLS token's attention, or by the "
+                                          "attention each token receives averaged over all queries and heads "
+                                          "(auto: cls when the encoder has a leading CLS token, else mean)")):
     """Keep the top-k tokens by attention (CLS attention in the vision encoder, last-token attention
     in the language model) and drop the rest."""
     s = structure_of(graph, "token_drop")
+    refuse_grid_bound(s.blocks, "token_drop", "dropped")
     if where == "auto":
         where = "connector" if len(s.stacks) >= 2 else "layer"
     if where not in ("layer", "connector", "language"):
@@ -55,7 +62,7 @@ def token_drop(graph: Graph, ctx, *,
     if positions == "auto":
         positions = "keep" if where == "language" else "renumber"
     if where == "layer":
-        _drop_in_vision(graph, ctx, s, keep, count, layer)
+        _drop_in_vision(graph, ctx, s, keep, count, layer, rank)
     else:
         if len(s.stacks) < 2 or s.connector_input is None:
             raise TokenPassError(f"token_drop: where={where} needs a vision-language model (a vision stack, a "
@@ -65,7 +72,7 @@ def token_drop(graph: Graph, ctx, *,
     remove_dead(graph)
 
 
-def _drop_in_vision(graph, ctx, s, keep, count, layer):
+def _drop_in_vision(graph, ctx, s, keep, count, layer, rank):
     blocks = s.stacks[0]
     if len(blocks) < 2:
         raise TokenPassError("token_drop: the vision stack has a single block; nothing runs after a drop")
@@ -75,19 +82,27 @@ def _drop_in_vision(graph, ctx, s, keep, count, layer):
     block = blocks[index]
     special = s.special_tokens.get(0, [])
     p = len(special)
-    if special != list(range(p)) or p == 0:
-        raise TokenPassError(f"token_drop: ranking by CLS attention needs a leading CLS token; the structure "
-                             f"analysis found special tokens {special}")
+    if special != list(range(p)):
+        raise TokenPassError(f"token_drop: the special tokens {special} found by the structure analysis are not the "
+                             "leading positions")
+    if rank == "auto":
+        rank = "cls" if p else "mean"
+    if rank not in ("cls", "mean"):
+        raise TokenPassError(f"token_drop: rank must be cls or mean, got {rank!r}")
+    if rank == "cls" and p == 0:
+        raise TokenPassError("token_drop: rank=cls needs a leading CLS token, and the structure analysis found "
+                             "none; use rank=mean (the attention each token receives)")
     stream = block.output
     n = stream.type.shape[1]
     k = keep_count(int(n) - p, keep, count)
-    scores = attention_row(graph, block.attention, 0, block.attention.core)
+    scores = attention_row(graph, block.attention, 0 if rank == "cls" else "all", block.attention.core)
     with graph.inserting_after(stream.producer):
         idx = graph.op.token_topk_index(scores, k=k, protected=p)
         kept = graph.op.token_gather(stream, idx, axis=1)
     _replace_stream(graph, stream, kept, idx, None)
     ctx.count("tokens_dropped", int(n) - p - k)
-    ctx.note(f"after block {index}: kept {p} special + {k} of {int(n) - p} patch tokens")
+    ctx.note(f"after block {index}: kept {p} special + {k} of {int(n) - p} patch tokens, ranked by "
+             + ("the CLS token's attention" if rank == "cls" else "the attention each token receives"))
 
 
 def _drop_in_language(graph, ctx, s, keep, count, layer, where, positions):
@@ -161,17 +176,19 @@ def _replace_stream(graph: Graph, stream: Value, kept: Value, idx: Value, positi
     graph.outputs = [kept if v is stream else v for v in graph.outputs]
     cache: dict[tuple, Value] = {}
 
-    def fix(node: Node, pairs) -> bool:
+    def fix(node: Node, moved) -> bool:
         done = False
         for i, v in enumerate(node.inputs):
-            if v is None or v is idx:
+            if v is None or v is idx or i in moved:
                 continue
-            axes = [a for a, d in enumerate(v.type.shape) if a > 0 and dims_equal(d, old_n)]
-            if not axes or (v.producer is not None and v.producer.op in ("token_gather", "token_topk_index")):
+            if v.producer is not None and v.producer.op in ("token_gather", "token_topk_index"):
+                continue
+            axes = [a for a in aligned_axes(node, i, moved) if dims_equal(v.type.shape[a], old_n)]
+            if not axes:
                 continue
             is_mask = node.op == "sdpa" and i == 3 or v.type.dtype == torch.bool
             mode = "slice" if positions == "renumber" and not is_mask else "gather"
-            key = (id(v), mode)
+            key = (id(v), mode, tuple(axes))
             if key not in cache:
                 g = v
                 anchor = v.producer.next if v.producer is not None else graph._head

@@ -21,7 +21,8 @@ from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import Attention, Block
 from graphopt.passes.integer_tokens import merge_integer_graph
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import (TokenPassError, mask_is_trivial, remove_dead, retype, structure_of)
+from graphopt.passes.token_common import (TokenPassError, mask_verdict, refuse_grid_bound, remove_dead, retype,
+                                          structure_of)
 
 
 def schedule_r(num_blocks: int, r: int, schedule: str, r_list: list[int] | None) -> list[int]:
@@ -66,6 +67,8 @@ def token_merge(graph: Graph, ctx, *,
                              "transformer stack(s)")
     stack = stack % len(structure.stacks)
     blocks = structure.stacks[stack]
+    refuse_grid_bound([b for b in structure.blocks if b.index >= blocks[0].index], "token_merge",
+                      "merged (ToMe matches tokens by similarity, not by position)")
     rs = schedule_r(len(blocks), r, schedule, r_list)
     if not any(rs):
         ctx.note("r is 0 in every block: graph unchanged")
@@ -82,17 +85,21 @@ def token_merge(graph: Graph, ctx, *,
     for b in blocks:
         mask = b.attention.mask
         if mask is not None:
-            verdict = mask_is_trivial(mask)
-            if verdict is not True:
-                why = "depends on the inputs (a padding mask)" if verdict is None else "masks some positions"
+            verdict = mask_verdict(mask)
+            if verdict != "trivial":
+                per_token = "; merged tokens cannot keep a per-token mask"
+                why = {"inputs": "depends on the inputs (a padding mask)" + per_token,
+                       "unknown": "cannot be evaluated" + per_token, "masks": "masks some positions" + per_token,
+                       "bias": "adds a position-dependent bias (a relative position bias, as in BEiT); a merged token "
+                               "has no single position to look the bias up at"}[verdict]
                 raise TokenPassError(f"token_merge: block {b.index} ({b.module or b.attention.core.label()}): its attention "
-                                     f"mask %{mask.name} {why}; merged tokens cannot keep a per-token mask")
+                                     f"mask %{mask.name} {why}")
             trivial.add(id(mask))
     cores = {id(b.attention.core) for b in blocks}
     const_true = graph.add_constant(torch.tensor(True), "tome_keep_all")
     const_zero = graph.add_constant(torch.tensor(0.0, dtype=blocks[0].input.type.dtype), "tome_zero")
 
-    def fix(node: Node, pairs) -> bool:
+    def fix(node: Node, moved) -> bool:
         """A merged block's trivial mask no longer fits its token count: it was all-pass, so drop it."""
         done = False
         for i, v in enumerate(node.inputs):
