@@ -541,7 +541,7 @@ class _Converter:
             except Exception as e:  # a handler is best effort: whatever it cannot do stays an opaque node
                 reason = str(e) if isinstance(e, (Unsupported, OpError)) else f"{type(e).__name__}: {e}"
             self._discard_after(mark)
-        self._opaque(node, domain, ins, reason)
+        self._opaque(node, index, domain, ins, reason)
 
     def _fold(self, node, outs) -> bool:
         """Shape arithmetic whose result is fully known (static shapes) becomes constants."""
@@ -620,13 +620,13 @@ class _Converter:
             self.graph.erase_node(n)
 
     # ---- opaque nodes ------------------------------------------------------------------------
-    def _opaque(self, node: onnx.NodeProto, domain: str, ins: list, reason: str) -> None:
+    def _opaque(self, node: onnx.NodeProto, index: int, domain: str, ins: list, reason: str) -> None:
         captures = tuple(sorted(subgraph_free_names(node)))
         capture_values = [self.env[c] for c in captures]
         present = [i for i, o in enumerate(node.output) if o]
         skip = tuple(i for i, o in enumerate(node.output) if not o and i < (present[-1] if present else -1))
         out_names = [node.output[i] for i in present]
-        types = self._opaque_types(node, domain, ins, captures, capture_values, out_names)
+        types = self._opaque_types(node, index, ins, captures, capture_values, out_names)
         opsets = {"": self.opsets.get("", MIN_OPSET)}
         if domain:
             opsets[domain] = self.opsets.get(domain, 1)
@@ -658,7 +658,7 @@ class _Converter:
                 pending.append(("" if n.domain in DEFAULT_DOMAINS else n.domain, n.op_type))
         return tuple(f.SerializeToString(deterministic=True) for f in found)
 
-    def _opaque_types(self, node, domain, ins, captures, capture_values, out_names) -> list[TensorType]:
+    def _opaque_types(self, node, index, ins, captures, capture_values, out_names) -> list[TensorType]:
         probe = self._node_model(node, ins, captures, capture_values)
         local = self._infer_node(node, probe)
         if any(local.get(n, (None, None))[0] is None or local.get(n, (None, None))[1] is None for n in out_names):
@@ -666,16 +666,17 @@ class _Converter:
                 ldtype, ldims = local.get(name, (None, None))
                 local[name] = (ldtype or dtype, ldims if ldims is not None else dims)
         types = []
-        for position, name in enumerate(out_names):
+        for name in out_names:
             ldtype, ldims = local.get(name, (None, None))
             gdtype, gdims = self.onnx_type(name)
             dtype = ldtype or gdtype
-            dims = ldims if ldims is not None else gdims
+            dims = ldims if ldims is not None else gdims if gdims is not None else _reduction_dims(node, ins)
             if dtype is None or dims is None:
                 what = "dtype" if dtype is None else "rank"
                 raise OnnxLoadError(f"{self.where}: cannot tell the {what} of output '{name}' of "
-                                    f"{node_label(node, position)}: neither onnx nor onnxruntime shape inference "
-                                    "knows this op; add value_info for it to the model")
+                                    f"{node_label(node, index)}: neither onnx nor onnxruntime shape inference "
+                                    "can (an op they do not know, or a result that depends on run-time values); "
+                                    "add value_info for it to the model")
             merged = []
             for i, d in enumerate(dims):
                 if d is None and gdims is not None and len(gdims) == len(dims):
@@ -697,8 +698,11 @@ class _Converter:
                 initializers.append(_tensor_proto(v.const, name))
             else:
                 graph_inputs.append(_value_info(name, v.type))
-        for name, v in zip(captures, capture_values):
-            graph_inputs.append(_value_info(name, v.type))
+        for name, v in zip(captures, capture_values):  # a subgraph's Squeeze axes are often captured constants
+            if v.is_constant and v.const.numel() <= 4096:
+                initializers.append(_tensor_proto(v.const, name))
+            else:
+                graph_inputs.append(_value_info(name, v.type))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         del copy.input[:]
@@ -727,21 +731,18 @@ class _Converter:
         return found
 
     def _ort_infer_node(self, node, model) -> dict[str, tuple]:
-        """onnxruntime's type inference of the node alone: it knows the com.microsoft contrib ops."""
-        try:
-            import onnxruntime as ort
+        """onnxruntime's type inference of the node alone: it knows the com.microsoft contrib ops.
 
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.log_severity_level = 4
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception:  # onnxruntime does not know the op either
+        onnxruntime reports both an unknown shape and a rank-0 one as ``[]``; such an output is
+        probed again (``_ort_is_scalar``) and stays unknown unless it is provably a scalar."""
+        session = _ort_session(model)
+        if session is None:  # onnxruntime does not know the op either
             return {}
         found = {}
         for out in session.get_outputs():
             dtype = _ORT_TYPES.get(out.type)
             dims = None
-            if isinstance(out.shape, list):
+            if isinstance(out.shape, list) and (out.shape or _ort_is_scalar(model, out.name, dtype)):
                 dims = [d if isinstance(d, int) else self._param(d)
                         if isinstance(d, str) and d and not _INFERENCE_LABEL.fullmatch(d) else None for d in out.shape]
             found[out.name] = (dtype, dims)
@@ -775,6 +776,56 @@ class _Converter:
 
 
 _INFERENCE_LABEL = re.compile(r"unk__\d+")
+
+
+def _reduction_dims(node: onnx.NodeProto, ins: list) -> list | None:
+    """The rank of a Reduce* whose axes come at run time, which shape inference leaves unknown:
+    the input's with ``keepdims`` (sizes unknown), else the input's less the number of axes."""
+    if not node.op_type.startswith("Reduce") or node.domain not in DEFAULT_DOMAINS or not ins or ins[0] is None:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    rank = ins[0].type.rank
+    axes = ins[1] if len(ins) > 1 else None
+    if axes is None and "axes" not in attrs:
+        return [None] * rank if attrs.get("keepdims", 1) or attrs.get("noop_with_empty_axes", 0) else []
+    if attrs.get("keepdims", 1):
+        return [None] * rank
+    count = len(attrs["axes"]) if axes is None else axes.type.shape[0] if axes.type.rank == 1 else None
+    if not isinstance(count, int) or count == 0:  # no axes reduces everything, or nothing (noop_with_empty_axes)
+        return None
+    return [None] * (rank - count)
+
+
+def _ort_session(model: onnx.ModelProto, strict: bool = False):
+    """An onnxruntime session of a probe model (None when onnxruntime refuses it); ``strict``: a
+    declared output shape that contradicts the inferred one is an error instead of a warning."""
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        if strict:
+            options.add_session_config_entry("session.strict_shape_type_inference", "1")
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own exception types
+        return None
+
+
+def _ort_is_scalar(model: onnx.ModelProto, output: str, dtype: torch.dtype | None) -> bool:
+    """Whether onnxruntime infers rank 0 for ``output`` (it reports an unknown shape the same way):
+    declared rank 0 must be accepted and declared rank 1 refused, under strict inference."""
+    if dtype is None:
+        return False
+
+    def probe(rank: int) -> bool:
+        declared = _copy(model)
+        for vi in declared.graph.output:
+            if vi.name == output:
+                vi.type.CopyFrom(helper.make_tensor_type_proto(onnx_dtype(dtype), [None] * rank))
+        return _ort_session(declared, strict=True) is not None
+
+    return probe(0) and not probe(1)
 
 _ORT_TYPES = {f"tensor({name})": dtype for name, dtype in [
     ("float", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16), ("double", torch.float64),

@@ -290,6 +290,8 @@ def _reduce(cv, node, ins):
         return x
     ir_op = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "amax"}[node.op_type]
     dims = tuple(normalize_axis(d, x.type.rank) for d in axes) if axes else tuple(range(x.type.rank))
+    if ir_op == "mean" and any(x.type.shape[d] == 0 for d in dims):
+        raise Unsupported("ReduceMean over an empty axis is undefined in ONNX; ONNX Runtime's value is kept")
     return cv.op(ir_op, x, dims=dims, keepdim=keepdim)
 
 
@@ -491,15 +493,33 @@ def _gather(cv, node, ins):
         shape = list(x.type.shape[:axis]) + list(values.shape) + list(x.type.shape[axis + 1:])
         return _reshape_to(cv, picked, shape)
     if x.is_constant and x.type.rank == 2 and axis == 0:
-        return cv.op.embedding(x, idx)
+        return cv.op.embedding(x, _from_start(cv, idx, size))
     if idx.type.rank == 1:
-        return cv.op.index_select(x, idx, dim=axis)
+        return cv.op.index_select(x, _from_start(cv, idx, size), dim=axis)
     raise Unsupported("Gather with run-time multi-dimensional indices")
 
 
 @handles("GatherElements")
 def _gather_elements(cv, node, ins):
-    return cv.op.gather(ins[0], ins[1], dim=attributes(node).get("axis", 0))
+    x, idx = ins
+    axis = normalize_axis(attributes(node).get("axis", 0), x.type.rank)
+    const = cv.const(node.input[1])
+    if const is not None and isinstance(x.type.shape[axis], int):
+        values = const.to(torch.int64)
+        idx = cv.tensor_const(torch.where(values < 0, values + x.type.shape[axis], values), node.input[1])
+    else:
+        idx = _from_start(cv, idx if idx.type.dtype == torch.int64 else cv.op.cast(idx, dtype=torch.int64),
+                          x.type.shape[axis])
+    return cv.op.gather(x, idx, dim=axis)
+
+
+def _from_start(cv, idx, size):
+    """Run-time ONNX indices may count from the end (-1 is the last); the IR's gather ops, like
+    torch's, take them from the start: ``where(idx < 0, idx + size, idx)``."""
+    if not isinstance(size, int):
+        raise Unsupported("run-time indices, possibly negative, into a symbolic dim")
+    dtype = idx.type.dtype
+    return cv.op.where(cv.op.lt(idx, cv.scalar(0, dtype)), cv.op.add(idx, cv.scalar(size, dtype)), idx)
 
 
 # ---- factories ----------------------------------------------------------------------------
