@@ -1,4 +1,5 @@
-"""ONNX frontend: load an ``.onnx`` file (opsets 13 to the newest ``onnx`` knows) into the IR.
+"""ONNX frontend: load an ``.onnx`` file (opsets 13 to the newest ``onnx`` knows; older files are
+converted with ``onnx.version_converter``, with an ``OpsetConverted`` warning) into the IR.
 
 * Loading is defensive: a file that is not ONNX, is truncated, has a cycle, reads a value nothing
   defines (a missing initializer), uses an opset outside the supported range, or keeps external
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+
 import numpy as np
 import onnx
 import sympy
@@ -33,6 +36,7 @@ from graphopt.ir.ops.onnx_opaque import OP as OPAQUE, OnnxAttributes
 from graphopt.ir.types import dims_equal, format_dim, symbol
 
 MIN_OPSET = 13
+CONVERT_TO_OPSET = 17  # older files are converted to this opset (onnx.version_converter)
 MAX_OPSET = onnx.defs.onnx_opset_version()
 KNOWN_LIMIT = 64  # small integer tensors (shape vectors) are tracked symbolically up to this many elements
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -102,11 +106,10 @@ def check_model_structure(model: onnx.ModelProto, where: str = "model") -> None:
     if "" not in opsets and uses_default:
         raise OnnxLoadError(f"{where}: the model imports no ai.onnx opset but uses ai.onnx ops")
     version = opsets.get("")
-    if version is not None and not MIN_OPSET <= version <= MAX_OPSET:
-        hint = (f"; convert it first, e.g. onnx.version_converter.convert_version(model, {max(MIN_OPSET, 17)})"
-                if version < MIN_OPSET else f"; this onnx {onnx.__version__} knows opsets up to {MAX_OPSET}")
+    if version is not None and not 1 <= version <= MAX_OPSET:  # below MIN_OPSET: converted by from_onnx
         raise OnnxLoadError(f"{where}: ai.onnx opset {version} is not supported (graphopt reads opsets "
-                            f"{MIN_OPSET} to {MAX_OPSET}){hint}")
+                            f"{MIN_OPSET} to {MAX_OPSET}, and converts older ones); this onnx {onnx.__version__} "
+                            f"knows opsets up to {MAX_OPSET}")
     graph = model.graph
     defined: dict[str, str] = {}
     for vi in graph.input:
@@ -319,8 +322,91 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
+    """A model below ``MIN_OPSET`` converted to ``CONVERT_TO_OPSET`` by ``onnx.version_converter``
+    (with a warning saying so); others unchanged. A conversion that fails names the op."""
+    version = opsets_of(model).get("")
+    if version is None or version >= MIN_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, CONVERT_TO_OPSET)
+    except Exception as e:  # the converter raises RuntimeError with an assertion text
+        label = _unconvertible_node(model, str(e))
+        reason = re.sub(r"^.*Assertion `.*?` failed: ", "", _first_line(e)).strip()
+        reason = "it has no adapter for this op" if "%" in reason or not reason else reason
+        raise OnnxLoadError(f"{where}: ai.onnx opset {version} is older than {MIN_OPSET} and onnx.version_converter "
+                            f"cannot convert {label} to opset {CONVERT_TO_OPSET} ({reason}); re-export the "
+                            f"model at opset {MIN_OPSET} or newer, or replace that op") from None
+    before = {vi.name: vi.type for vi in list(model.graph.input) + list(model.graph.output)}
+    for vi in list(converted.graph.input) + list(converted.graph.output):
+        if vi.name in before and _contradicts(before[vi.name], vi.type):  # Scan 8 -> 9 drops the batch axis
+            adapted = sorted({n.op_type for n in model.graph.node if _changed_since(n.op_type, version)})
+            raise OnnxLoadError(f"{where}: ai.onnx opset {version} is older than {MIN_OPSET}, and onnx.version_converter "
+                                f"changes the type of '{vi.name}' while converting it (from "
+                                f"{_type_text(before[vi.name])} to {_type_text(vi.type)}; ops it adapts: "
+                                f"{', '.join(adapted) or 'none'}); re-export the model at opset {MIN_OPSET} or newer")
+    warnings.warn(f"{where}: ai.onnx opset {version} converted to opset {CONVERT_TO_OPSET} with "
+                  "onnx.version_converter", OpsetConverted, stacklevel=3)
+    return converted
+
+
+def _changed_since(op_type: str, version: int) -> bool:
+    try:
+        return onnx.defs.get_schema(op_type, CONVERT_TO_OPSET, "").since_version > version
+    except Exception:  # onnx.defs raises SchemaError for ops it does not know
+        return False
+
+
+def _contradicts(before: onnx.TypeProto, after: onnx.TypeProto) -> bool:
+    """The converted type disagrees with what the file declared (filling in an unknown is fine)."""
+    if not before.HasField("tensor_type"):
+        return False
+    old, new = before.tensor_type, after.tensor_type
+    if old.elem_type and old.elem_type != new.elem_type:
+        return True
+    if not old.HasField("shape"):
+        return False
+    if not new.HasField("shape") or len(old.shape.dim) != len(new.shape.dim):
+        return True
+    return any(a.HasField("dim_value") and a.dim_value != b.dim_value for a, b in zip(old.shape.dim, new.shape.dim))
+
+
+def _type_text(proto: onnx.TypeProto) -> str:
+    if not proto.HasField("tensor_type") or not proto.tensor_type.HasField("shape"):
+        return "no shape"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in proto.tensor_type.shape.dim]
+    return f"[{','.join(dims)}]"
+
+
+class OpsetConverted(UserWarning):
+    """An ONNX file older than ``MIN_OPSET`` was read through ``onnx.version_converter``."""
+
+
+def _unconvertible_node(model: onnx.ModelProto, message: str) -> str:
+    """The node the converter failed on: the op its message names, else the first node that does not
+    convert alone."""
+    graph = model.graph
+    named = [i for i, n in enumerate(graph.node) if re.search(re.escape(n.op_type), message, re.IGNORECASE)]
+    if named:
+        i = max(named, key=lambda i: len(graph.node[i].op_type))
+        return node_label(graph.node[i], i)
+    from onnx import version_converter
+
+    for i, node in enumerate(graph.node):
+        alone = helper.make_graph([node], "node", [helper.make_value_info(n, onnx.TypeProto()) for n in node.input if n],
+                                  [helper.make_value_info(n, onnx.TypeProto()) for n in node.output if n])
+        try:
+            version_converter.convert_version(helper.make_model(alone, opset_imports=model.opset_import), CONVERT_TO_OPSET)
+        except Exception:  # this one fails alone too
+            return node_label(node, i)
+    return "the model"
+
+
 class _Converter:
     def __init__(self, model: onnx.ModelProto, name: str, where: str):
+        model = upgrade_opset(model, where)
         self.model = model
         self.where = where
         self.graph = Graph(name)
@@ -885,5 +971,5 @@ def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, onnx_dtype(t.dtype), shape)
 
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "OnnxLoadError", "check_external_data", "check_model_structure", "from_onnx",
-           "load_external", "load_model", "parse_model"]
+__all__ = ["CONVERT_TO_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxLoadError", "OpsetConverted", "check_external_data", "check_model_structure", "from_onnx",
+           "load_external", "load_model", "parse_model", "upgrade_opset"]
