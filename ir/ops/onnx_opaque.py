@@ -19,6 +19,7 @@ Attributes of the IR op:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -125,8 +126,10 @@ def _infer(*inputs, out_types, **attrs):
              infer=_infer)
 def onnx_opaque(*inputs, domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions):
     """Runs the ONNX node alone in ONNX Runtime (the reference for ops the IR does not know)."""
+    shaped = _has_body(domain, op_type, attributes, opsets, functions)
+    signature = tuple((t.dtype, tuple(t.shape) if shaped else None) if t is not None else None for t in inputs)
     session, input_names = _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures,
-                                    functions, tuple((t.dtype, t.dim()) if t is not None else None for t in inputs))
+                                    functions, signature)
     from graphopt.frontends.onnx_common import to_numpy
 
     feeds = {name: to_numpy(t) for name, t in zip(input_names, inputs) if name}
@@ -155,10 +158,11 @@ def _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captu
 
 
 def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, signature):
-    """``signature``: (dtype, rank) of each input. The ranks are declared only for nodes with
+    """``signature``: (dtype, shape or None) of each input. Shapes are given only for nodes with
     subgraphs or function bodies: ONNX Runtime needs them to type a subgraph's outputs (a Scan in
-    LinearAttention's body, Loop, If), while some other ops' inference misreads an unknown dim
-    (Resize takes an unsized ``sizes`` for an empty one)."""
+    LinearAttention's body, Loop, If) and to build a context-dependent function body
+    (CausalConvWithState), while some other ops' inference misreads an unknown dim (Resize takes an
+    unsized ``sizes`` for an empty one), and their sessions are best shared across shapes."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -166,16 +170,15 @@ def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs,
     from graphopt.frontends.onnx_common import onnx_dtype
 
     n_own = len(signature) - len(captures)
-    declare_ranks = _has_body(domain, op_type, attributes, opsets, functions)
     input_names, graph_inputs = [], []
     for i, typed in enumerate(signature):
         if typed is None:
             input_names.append("")
             continue
-        dtype, rank = typed
+        dtype, shape = typed
         name = f"in_{i}" if i < n_own else captures[i - n_own]
         input_names.append(name)
-        graph_inputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), [None] * rank if declare_ranks else None))
+        graph_inputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), shape))
     total = len(out_types) + len(skip_outputs)
     present = [i for i in range(total) if i not in set(skip_outputs)]
     out_names = [f"out_{i}" if i in present else "" for i in range(total)]
@@ -208,6 +211,7 @@ def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs,
     return session, input_names
 
 
+@functools.lru_cache(maxsize=1024)
 def _has_body(domain, op_type, attributes, opsets, functions) -> bool:
     """The node runs a subgraph or a function body (model-local, or the op's own ONNX function)."""
     import onnx
