@@ -17,6 +17,7 @@ converted with ``onnx.version_converter``, with an ``OpsetConverted`` warning) i
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
 import warnings
@@ -418,6 +419,7 @@ class _Converter:
         self.anonymous: list[str] = []
         self.input_symbols: set[sympy.Symbol] = set()
         self.used: set[str] = set()
+        self.use_counts: collections.Counter = collections.Counter()
         self.functions = {(f.domain, f.name): f for f in model.functions}
         self.param_names: set[str] = set()
         self._unk = 0
@@ -449,6 +451,10 @@ class _Converter:
 
     def is_used(self, name: str) -> bool:
         return bool(name) and name in self.used
+
+    def use_count(self, name: str) -> int:
+        """How many node inputs, subgraph reads and graph outputs read ``name``."""
+        return self.use_counts.get(name, 0)
 
     def bound(self, dims) -> bool:
         """Every symbol in ``dims`` is the size of some graph input axis (so backends can compute it)."""
@@ -524,9 +530,10 @@ class _Converter:
         g = self.model.graph
         self.onnx_types = self._inferred_types()
         for node in g.node:
-            self.used.update(n for n in node.input if n)
-            self.used.update(subgraph_free_names(node))
-        self.used.update(o.name for o in g.output)
+            self.use_counts.update(n for n in node.input if n)
+            self.use_counts.update(subgraph_free_names(node))
+        self.use_counts.update(o.name for o in g.output)
+        self.used = set(self.use_counts)
 
         initializer_names = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
         for vi in g.input:

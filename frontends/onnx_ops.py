@@ -80,7 +80,7 @@ def _binary(ir_op):
     return handler
 
 
-for _t, _op in [("Add", "add"), ("Sub", "sub"), ("Mul", "mul"), ("Equal", "eq"), ("Less", "lt"),
+for _t, _op in [("Sub", "sub"), ("Mul", "mul"), ("Equal", "eq"), ("Less", "lt"),
                 ("Greater", "gt"), ("LessOrEqual", "le"), ("GreaterOrEqual", "ge"), ("And", "logical_and"),
                 ("Or", "logical_or")]:
     HANDLERS[_t] = _binary(_op)
@@ -199,7 +199,41 @@ def _constant(cv, node, ins):
 def _matmul(cv, node, ins):
     if ins[0].type.dtype != ins[1].type.dtype:
         raise Unsupported("operands of different dtypes")
+    weight = _linear_weight(cv, ins[1])
+    if weight is not None and ins[0].type.dtype.is_floating_point and ins[0].type.rank >= 1:
+        return cv.op.linear(ins[0], weight)
     return cv.op.matmul(ins[0], ins[1])
+
+
+def _linear_weight(cv, w):
+    """``MatMul(x, W)`` with a constant 2-D ``W`` (exporters write a Linear as ``MatMul(x, Wᵀ)``, or as
+    ``MatMul(x, Transpose(W))``) is ``linear(x, Wᵀ)``: the IR's own op, which passes such as
+    ``integer_only`` and ``low_rank`` rewrite. Returns the ``[out, in]`` weight, or None."""
+    if w.type.rank != 2:
+        return None
+    if w.is_constant:
+        return cv.tensor_const(w.const.t().contiguous(), w.name + "_t")
+    producer = w.producer
+    if producer is not None and producer.op == "permute" and tuple(producer.attrs["dims"]) == (1, 0) \
+            and producer.inputs[0].is_constant:
+        return producer.inputs[0]
+    return None
+
+
+@handles("Add")
+def _add(cv, node, ins):
+    """``linear(x, W) + b`` with a constant ``b`` of the output width, read by nothing else, is
+    ``linear(x, W, b)`` (the exporters' bias Add)."""
+    a, b = ins
+    if a.type.dtype != b.type.dtype:
+        raise Unsupported("operands of different dtypes")
+    for y, bias, name in ((a, b, node.input[0]), (b, a, node.input[1])):
+        producer = y.producer
+        if producer is not None and producer.op == "linear" and len(producer.inputs) == 2 and bias.is_constant \
+                and cv.use_count(name) == 1 and bias.type.rank == 1 and \
+                dims_equal(bias.type.shape[0], producer.inputs[1].type.shape[0]):
+            return cv.op.linear(producer.inputs[0], producer.inputs[1], bias)
+    return cv.op.add(a, b)
 
 
 @handles("Gemm")
@@ -215,7 +249,10 @@ def _gemm(cv, node, ins):
             return cv.op.linear(x, w, c)
         y = cv.op.linear(x, w)
     else:
-        y = cv.op.matmul(x, w)
+        weight = _linear_weight(cv, w) if x.type.dtype.is_floating_point else None
+        if weight is not None and c is not None and c.type.rank == 1 and dims_equal(c.type.shape[0], w.type.shape[1]):
+            return cv.op.linear(x, weight, c)
+        y = cv.op.linear(x, weight) if weight is not None else cv.op.matmul(x, w)
     return cv.op.add(y, c) if c is not None else y
 
 
