@@ -211,8 +211,8 @@ def _linear_weight(cv, w):
     ``integer_only`` and ``low_rank`` rewrite. Returns the ``[out, in]`` weight, or None."""
     if w.type.rank != 2:
         return None
-    if w.is_constant:
-        return cv.tensor_const(w.const.t().contiguous(), w.name + "_t")
+    if w.is_constant:  # the ONNX Runtime backend writes a linear's weight back transposed as '<name>_T'
+        return cv.tensor_const(w.const.t().contiguous(), w.name[:-2] if w.name.endswith("_T") else w.name + "_t")
     producer = w.producer
     if producer is not None and producer.op == "permute" and tuple(producer.attrs["dims"]) == (1, 0) \
             and producer.inputs[0].is_constant:

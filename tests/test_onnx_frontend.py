@@ -318,7 +318,8 @@ def external_model(tmp_path, location=None):
 def test_external_data_inside_the_folder_loads(tmp_path):
     path, w = external_model(tmp_path)
     graph = from_onnx(str(path))
-    assert torch.equal(graph.constants["w"].const, torch.from_numpy(w))
+    (linear,) = graph.find_nodes("linear")  # MatMul(x, w) reads as linear(x, wᵀ)
+    assert torch.equal(linear.inputs[1].const, torch.from_numpy(w).t())
     x = np.ones((2, 64), np.float32)
     np.testing.assert_allclose(ort_run(to_onnx(graph), {"x": x})[0], x @ w, rtol=1e-5, atol=1e-4)
 
