@@ -136,3 +136,33 @@ def test_loop_with_scan_outputs_runs_alone():
                      [helper.make_tensor_value_info("last", F, [2]), helper.make_tensor_value_info("all", F, [None, 2])],
                      [numpy_helper.from_array(np.array([0.5, -1.0], np.float32), "step")])
     assert_matches_onnxruntime(model, {"n": np.array(4, np.int64), "start": np.array([1.0, 2.0], np.float32)})
+
+
+# ---- the exporters' Linear ------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["matmul_add", "matmul_transpose_add", "gemm", "matmul_shared_weight"])
+def test_matmul_with_a_constant_weight_reads_as_linear(form):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float32)  # [in, out], as MatMul(x, Wᵀ) stores it
+    b = rng.standard_normal(4).astype(np.float32)
+    inits = [numpy_helper.from_array(b, "b")]
+    if form == "matmul_transpose_add":
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "w_out_in"))
+        nodes = [helper.make_node("Transpose", ["w_out_in"], ["w"], perm=[1, 0])]
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+        nodes = []
+    if form == "gemm":
+        nodes.append(helper.make_node("Gemm", ["x", "w", "b"], ["y"]))
+        x_shape = [3, 6]
+    else:
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+        x_shape = [2, 3, 6]
+    outputs = [untyped("y")]
+    if form == "matmul_shared_weight":  # the MatMul's result is read twice: the bias stays a separate add
+        nodes.append(helper.make_node("Relu", ["mm"], ["z"]))
+        outputs.append(untyped("z"))
+    model = model_of(nodes, [helper.make_tensor_value_info("x", F, x_shape)], outputs, inits)
+    graph = assert_matches_onnxruntime(model, {"x": rng.standard_normal(x_shape).astype(np.float32)})
+    counts = graph.op_counts()
+    assert counts["linear"] == 1 and "matmul" not in counts
+    assert counts.get("add", 0) == (1 if form == "matmul_shared_weight" else 0)
