@@ -420,6 +420,7 @@ class _Converter:
         self.input_symbols: set[sympy.Symbol] = set()
         self.used: set[str] = set()
         self.use_counts: collections.Counter = collections.Counter()
+        self.transposed: dict[int, Value] = {}  # constant id -> its transpose, for MatMul weights read as linear
         self.functions = {(f.domain, f.name): f for f in model.functions}
         self.param_names: set[str] = set()
         self._unk = 0

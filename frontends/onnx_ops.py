@@ -211,8 +211,11 @@ def _linear_weight(cv, w):
     ``integer_only`` and ``low_rank`` rewrite. Returns the ``[out, in]`` weight, or None."""
     if w.type.rank != 2:
         return None
-    if w.is_constant:  # the ONNX Runtime backend writes a linear's weight back transposed as '<name>_T'
-        return cv.tensor_const(w.const.t().contiguous(), w.name[:-2] if w.name.endswith("_T") else w.name + "_t")
+    if w.is_constant:  # one copy per weight; the ONNX Runtime backend writes it back transposed as '<name>_T'
+        if id(w) not in cv.transposed:
+            name = w.name[:-2] if w.name.endswith("_T") else w.name + "_t"
+            cv.transposed[id(w)] = cv.tensor_const(w.const.t().contiguous(), name)
+        return cv.transposed[id(w)]
     producer = w.producer
     if producer is not None and producer.op == "permute" and tuple(producer.attrs["dims"]) == (1, 0) \
             and producer.inputs[0].is_constant:
