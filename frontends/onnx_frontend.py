@@ -1,4 +1,5 @@
-"""ONNX frontend: load an ``.onnx`` file (opsets 13 to the newest ``onnx`` knows) into the IR.
+"""ONNX frontend: load an ``.onnx`` file (opsets 13 to the newest ``onnx`` knows; older files are
+converted with ``onnx.version_converter``, with an ``OpsetConverted`` warning) into the IR.
 
 * Loading is defensive: a file that is not ONNX, is truncated, has a cycle, reads a value nothing
   defines (a missing initializer), uses an opset outside the supported range, or keeps external
@@ -16,8 +17,11 @@
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
+import warnings
+
 import numpy as np
 import onnx
 import sympy
@@ -35,6 +39,7 @@ from graphopt.ir.ops.onnx_opaque import OP as OPAQUE, OnnxAttributes
 from graphopt.ir.types import dims_equal, format_dim, symbol
 
 MIN_OPSET = 13
+CONVERT_TO_OPSET = 17  # older files are converted to this opset (onnx.version_converter)
 MAX_OPSET = onnx.defs.onnx_opset_version()
 KNOWN_LIMIT = 64  # small integer tensors (shape vectors) are tracked symbolically up to this many elements
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -93,11 +98,10 @@ def check_model_structure(model: onnx.ModelProto, where: str = "model") -> None:
     if "" not in opsets and uses_default:
         raise OnnxLoadError(f"{where}: the model imports no ai.onnx opset but uses ai.onnx ops")
     version = opsets.get("")
-    if version is not None and not MIN_OPSET <= version <= MAX_OPSET:
-        hint = (f"; convert it first, e.g. onnx.version_converter.convert_version(model, {max(MIN_OPSET, 17)})"
-                if version < MIN_OPSET else f"; this onnx {onnx.__version__} knows opsets up to {MAX_OPSET}")
+    if version is not None and not 1 <= version <= MAX_OPSET:  # below MIN_OPSET: converted by from_onnx
         raise OnnxLoadError(f"{where}: ai.onnx opset {version} is not supported (graphopt reads opsets "
-                            f"{MIN_OPSET} to {MAX_OPSET}){hint}")
+                            f"{MIN_OPSET} to {MAX_OPSET}, and converts older ones); this onnx {onnx.__version__} "
+                            f"knows opsets up to {MAX_OPSET}")
     graph = model.graph
     defined: dict[str, str] = {}
     for vi in graph.input:
@@ -315,8 +319,91 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
+    """A model below ``MIN_OPSET`` converted to ``CONVERT_TO_OPSET`` by ``onnx.version_converter``
+    (with a warning saying so); others unchanged. A conversion that fails names the op."""
+    version = opsets_of(model).get("")
+    if version is None or version >= MIN_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, CONVERT_TO_OPSET)
+    except Exception as e:  # the converter raises RuntimeError with an assertion text
+        label = _unconvertible_node(model, str(e))
+        reason = re.sub(r"^.*Assertion `.*?` failed: ", "", _first_line(e)).strip()
+        reason = "it has no adapter for this op" if "%" in reason or not reason else reason
+        raise OnnxLoadError(f"{where}: ai.onnx opset {version} is older than {MIN_OPSET} and onnx.version_converter "
+                            f"cannot convert {label} to opset {CONVERT_TO_OPSET} ({reason}); re-export the "
+                            f"model at opset {MIN_OPSET} or newer, or replace that op") from None
+    before = {vi.name: vi.type for vi in list(model.graph.input) + list(model.graph.output)}
+    for vi in list(converted.graph.input) + list(converted.graph.output):
+        if vi.name in before and _contradicts(before[vi.name], vi.type):  # Scan 8 -> 9 drops the batch axis
+            adapted = sorted({n.op_type for n in model.graph.node if _changed_since(n.op_type, version)})
+            raise OnnxLoadError(f"{where}: ai.onnx opset {version} is older than {MIN_OPSET}, and onnx.version_converter "
+                                f"changes the type of '{vi.name}' while converting it (from "
+                                f"{_type_text(before[vi.name])} to {_type_text(vi.type)}; ops it adapts: "
+                                f"{', '.join(adapted) or 'none'}); re-export the model at opset {MIN_OPSET} or newer")
+    warnings.warn(f"{where}: ai.onnx opset {version} converted to opset {CONVERT_TO_OPSET} with "
+                  "onnx.version_converter", OpsetConverted, stacklevel=3)
+    return converted
+
+
+def _changed_since(op_type: str, version: int) -> bool:
+    try:
+        return onnx.defs.get_schema(op_type, CONVERT_TO_OPSET, "").since_version > version
+    except Exception:  # onnx.defs raises SchemaError for ops it does not know
+        return False
+
+
+def _contradicts(before: onnx.TypeProto, after: onnx.TypeProto) -> bool:
+    """The converted type disagrees with what the file declared (filling in an unknown is fine)."""
+    if not before.HasField("tensor_type"):
+        return False
+    old, new = before.tensor_type, after.tensor_type
+    if old.elem_type and old.elem_type != new.elem_type:
+        return True
+    if not old.HasField("shape"):
+        return False
+    if not new.HasField("shape") or len(old.shape.dim) != len(new.shape.dim):
+        return True
+    return any(a.HasField("dim_value") and a.dim_value != b.dim_value for a, b in zip(old.shape.dim, new.shape.dim))
+
+
+def _type_text(proto: onnx.TypeProto) -> str:
+    if not proto.HasField("tensor_type") or not proto.tensor_type.HasField("shape"):
+        return "no shape"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in proto.tensor_type.shape.dim]
+    return f"[{','.join(dims)}]"
+
+
+class OpsetConverted(UserWarning):
+    """An ONNX file older than ``MIN_OPSET`` was read through ``onnx.version_converter``."""
+
+
+def _unconvertible_node(model: onnx.ModelProto, message: str) -> str:
+    """The node the converter failed on: the op its message names, else the first node that does not
+    convert alone."""
+    graph = model.graph
+    named = [i for i, n in enumerate(graph.node) if re.search(re.escape(n.op_type), message, re.IGNORECASE)]
+    if named:
+        i = max(named, key=lambda i: len(graph.node[i].op_type))
+        return node_label(graph.node[i], i)
+    from onnx import version_converter
+
+    for i, node in enumerate(graph.node):
+        alone = helper.make_graph([node], "node", [helper.make_value_info(n, onnx.TypeProto()) for n in node.input if n],
+                                  [helper.make_value_info(n, onnx.TypeProto()) for n in node.output if n])
+        try:
+            version_converter.convert_version(helper.make_model(alone, opset_imports=model.opset_import), CONVERT_TO_OPSET)
+        except Exception:  # this one fails alone too
+            return node_label(node, i)
+    return "the model"
+
+
 class _Converter:
     def __init__(self, model: onnx.ModelProto, name: str, where: str):
+        model = upgrade_opset(model, where)
         self.model = model
         self.where = where
         self.graph = Graph(name)
@@ -328,6 +415,8 @@ class _Converter:
         self.anonymous: list[str] = []
         self.input_symbols: set[sympy.Symbol] = set()
         self.used: set[str] = set()
+        self.use_counts: collections.Counter = collections.Counter()
+        self.transposed: dict[int, Value] = {}  # constant id -> its transpose, for MatMul weights read as linear
         self.functions = {(f.domain, f.name): f for f in model.functions}
         self.param_names: set[str] = set()
         self._unk = 0
@@ -359,6 +448,10 @@ class _Converter:
 
     def is_used(self, name: str) -> bool:
         return bool(name) and name in self.used
+
+    def use_count(self, name: str) -> int:
+        """How many node inputs, subgraph reads and graph outputs read ``name``."""
+        return self.use_counts.get(name, 0)
 
     def bound(self, dims) -> bool:
         """Every symbol in ``dims`` is the size of some graph input axis (so backends can compute it)."""
@@ -434,9 +527,10 @@ class _Converter:
         g = self.model.graph
         self.onnx_types = self._inferred_types()
         for node in g.node:
-            self.used.update(n for n in node.input if n)
-            self.used.update(subgraph_free_names(node))
-        self.used.update(o.name for o in g.output)
+            self.use_counts.update(n for n in node.input if n)
+            self.use_counts.update(subgraph_free_names(node))
+        self.use_counts.update(o.name for o in g.output)
+        self.used = set(self.use_counts)
 
         initializer_names = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
         for vi in g.input:
@@ -537,7 +631,7 @@ class _Converter:
             except Exception as e:  # a handler is best effort: whatever it cannot do stays an opaque node
                 reason = str(e) if isinstance(e, (Unsupported, OpError)) else f"{type(e).__name__}: {e}"
             self._discard_after(mark)
-        self._opaque(node, domain, ins, reason)
+        self._opaque(node, index, domain, ins, reason)
 
     def _fold(self, node, outs) -> bool:
         """Shape arithmetic whose result is fully known (static shapes) becomes constants."""
@@ -619,13 +713,13 @@ class _Converter:
             self.graph.erase_node(n)
 
     # ---- opaque nodes ------------------------------------------------------------------------
-    def _opaque(self, node: onnx.NodeProto, domain: str, ins: list, reason: str) -> None:
+    def _opaque(self, node: onnx.NodeProto, index: int, domain: str, ins: list, reason: str) -> None:
         captures = tuple(sorted(subgraph_free_names(node)))
         capture_values = [self.env[c] for c in captures]
         present = [i for i, o in enumerate(node.output) if o]
         skip = tuple(i for i, o in enumerate(node.output) if not o and i < (present[-1] if present else -1))
         out_names = [node.output[i] for i in present]
-        types = self._opaque_types(node, domain, ins, captures, capture_values, out_names)
+        types = self._opaque_types(node, index, ins, captures, capture_values, out_names)
         opsets = {"": self.opsets.get("", MIN_OPSET)}
         if domain:
             opsets[domain] = self.opsets.get(domain, 1)
@@ -657,7 +751,7 @@ class _Converter:
                 pending.append(("" if n.domain in DEFAULT_DOMAINS else n.domain, n.op_type))
         return tuple(f.SerializeToString(deterministic=True) for f in found)
 
-    def _opaque_types(self, node, domain, ins, captures, capture_values, out_names) -> list[TensorType]:
+    def _opaque_types(self, node, index, ins, captures, capture_values, out_names) -> list[TensorType]:
         probe = self._node_model(node, ins, captures, capture_values)
         local = self._infer_node(node, probe)
         if any(local.get(n, (None, None))[0] is None or local.get(n, (None, None))[1] is None for n in out_names):
@@ -665,16 +759,17 @@ class _Converter:
                 ldtype, ldims = local.get(name, (None, None))
                 local[name] = (ldtype or dtype, ldims if ldims is not None else dims)
         types = []
-        for position, name in enumerate(out_names):
+        for name in out_names:
             ldtype, ldims = local.get(name, (None, None))
             gdtype, gdims = self.onnx_type(name)
             dtype = ldtype or gdtype
-            dims = ldims if ldims is not None else gdims
+            dims = ldims if ldims is not None else gdims if gdims is not None else _reduction_dims(node, ins)
             if dtype is None or dims is None:
                 what = "dtype" if dtype is None else "rank"
                 raise OnnxLoadError(f"{self.where}: cannot tell the {what} of output '{name}' of "
-                                    f"{node_label(node, position)}: neither onnx nor onnxruntime shape inference "
-                                    "knows this op; add value_info for it to the model")
+                                    f"{node_label(node, index)}: neither onnx nor onnxruntime shape inference "
+                                    "can (an op they do not know, or a result that depends on run-time values); "
+                                    "add value_info for it to the model")
             merged = []
             for i, d in enumerate(dims):
                 if d is None and gdims is not None and len(gdims) == len(dims):
@@ -696,8 +791,11 @@ class _Converter:
                 initializers.append(_tensor_proto(v.const, name))
             else:
                 graph_inputs.append(_value_info(name, v.type))
-        for name, v in zip(captures, capture_values):
-            graph_inputs.append(_value_info(name, v.type))
+        for name, v in zip(captures, capture_values):  # a subgraph's Squeeze axes are often captured constants
+            if v.is_constant and v.const.numel() <= 4096:
+                initializers.append(_tensor_proto(v.const, name))
+            else:
+                graph_inputs.append(_value_info(name, v.type))
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         del copy.input[:]
@@ -726,21 +824,18 @@ class _Converter:
         return found
 
     def _ort_infer_node(self, node, model) -> dict[str, tuple]:
-        """onnxruntime's type inference of the node alone: it knows the com.microsoft contrib ops."""
-        try:
-            import onnxruntime as ort
+        """onnxruntime's type inference of the node alone: it knows the com.microsoft contrib ops.
 
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.log_severity_level = 4
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception:  # onnxruntime does not know the op either
+        onnxruntime reports both an unknown shape and a rank-0 one as ``[]``; such an output is
+        probed again (``_ort_is_scalar``) and stays unknown unless it is provably a scalar."""
+        session = _ort_session(model)
+        if session is None:  # onnxruntime does not know the op either
             return {}
         found = {}
         for out in session.get_outputs():
             dtype = _ORT_TYPES.get(out.type)
             dims = None
-            if isinstance(out.shape, list):
+            if isinstance(out.shape, list) and (out.shape or _ort_is_scalar(model, out.name, dtype)):
                 dims = [d if isinstance(d, int) else self._param(d)
                         if isinstance(d, str) and d and not _INFERENCE_LABEL.fullmatch(d) else None for d in out.shape]
             found[out.name] = (dtype, dims)
@@ -774,6 +869,56 @@ class _Converter:
 
 
 _INFERENCE_LABEL = re.compile(r"unk__\d+")
+
+
+def _reduction_dims(node: onnx.NodeProto, ins: list) -> list | None:
+    """The rank of a Reduce* whose axes come at run time, which shape inference leaves unknown:
+    the input's with ``keepdims`` (sizes unknown), else the input's less the number of axes."""
+    if not node.op_type.startswith("Reduce") or node.domain not in DEFAULT_DOMAINS or not ins or ins[0] is None:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    rank = ins[0].type.rank
+    axes = ins[1] if len(ins) > 1 else None
+    if axes is None and "axes" not in attrs:
+        return [None] * rank if attrs.get("keepdims", 1) or attrs.get("noop_with_empty_axes", 0) else []
+    if attrs.get("keepdims", 1):
+        return [None] * rank
+    count = len(attrs["axes"]) if axes is None else axes.type.shape[0] if axes.type.rank == 1 else None
+    if not isinstance(count, int) or count == 0:  # no axes reduces everything, or nothing (noop_with_empty_axes)
+        return None
+    return [None] * (rank - count)
+
+
+def _ort_session(model: onnx.ModelProto, strict: bool = False):
+    """An onnxruntime session of a probe model (None when onnxruntime refuses it); ``strict``: a
+    declared output shape that contradicts the inferred one is an error instead of a warning."""
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        if strict:
+            options.add_session_config_entry("session.strict_shape_type_inference", "1")
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own exception types
+        return None
+
+
+def _ort_is_scalar(model: onnx.ModelProto, output: str, dtype: torch.dtype | None) -> bool:
+    """Whether onnxruntime infers rank 0 for ``output`` (it reports an unknown shape the same way):
+    declared rank 0 must be accepted and declared rank 1 refused, under strict inference."""
+    if dtype is None:
+        return False
+
+    def probe(rank: int) -> bool:
+        declared = _copy(model)
+        for vi in declared.graph.output:
+            if vi.name == output:
+                vi.type.CopyFrom(helper.make_tensor_type_proto(onnx_dtype(dtype), [None] * rank))
+        return _ort_session(declared, strict=True) is not None
+
+    return probe(0) and not probe(1)
 
 _ORT_TYPES = {f"tensor({name})": dtype for name, dtype in [
     ("float", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16), ("double", torch.float64),
@@ -838,5 +983,5 @@ def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, onnx_dtype(t.dtype), shape)
 
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "OnnxLoadError", "check_external_data", "check_model_structure", "from_onnx",
-           "load_external", "load_model", "parse_model"]
+__all__ = ["CONVERT_TO_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxLoadError", "OpsetConverted", "check_external_data", "check_model_structure", "from_onnx",
+           "load_external", "load_model", "parse_model", "upgrade_opset"]

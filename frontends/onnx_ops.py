@@ -80,7 +80,7 @@ def _binary(ir_op):
     return handler
 
 
-for _t, _op in [("Add", "add"), ("Sub", "sub"), ("Mul", "mul"), ("Equal", "eq"), ("Less", "lt"),
+for _t, _op in [("Sub", "sub"), ("Mul", "mul"), ("Equal", "eq"), ("Less", "lt"),
                 ("Greater", "gt"), ("LessOrEqual", "le"), ("GreaterOrEqual", "ge"), ("And", "logical_and"),
                 ("Or", "logical_or")]:
     HANDLERS[_t] = _binary(_op)
@@ -199,7 +199,44 @@ def _constant(cv, node, ins):
 def _matmul(cv, node, ins):
     if ins[0].type.dtype != ins[1].type.dtype:
         raise Unsupported("operands of different dtypes")
+    weight = _linear_weight(cv, ins[1])
+    if weight is not None and ins[0].type.dtype.is_floating_point and ins[0].type.rank >= 1:
+        return cv.op.linear(ins[0], weight)
     return cv.op.matmul(ins[0], ins[1])
+
+
+def _linear_weight(cv, w):
+    """``MatMul(x, W)`` with a constant 2-D ``W`` (exporters write a Linear as ``MatMul(x, Wᵀ)``, or as
+    ``MatMul(x, Transpose(W))``) is ``linear(x, Wᵀ)``: the IR's own op, which passes such as
+    ``integer_only`` and ``low_rank`` rewrite. Returns the ``[out, in]`` weight, or None."""
+    if w.type.rank != 2:
+        return None
+    if w.is_constant:  # one copy per weight; the ONNX Runtime backend writes it back transposed as '<name>_T'
+        if id(w) not in cv.transposed:
+            name = w.name[:-2] if w.name.endswith("_T") else w.name + "_t"
+            cv.transposed[id(w)] = cv.tensor_const(w.const.t().contiguous(), name)
+        return cv.transposed[id(w)]
+    producer = w.producer
+    if producer is not None and producer.op == "permute" and tuple(producer.attrs["dims"]) == (1, 0) \
+            and producer.inputs[0].is_constant:
+        return producer.inputs[0]
+    return None
+
+
+@handles("Add")
+def _add(cv, node, ins):
+    """``linear(x, W) + b`` with a constant ``b`` of the output width, read by nothing else, is
+    ``linear(x, W, b)`` (the exporters' bias Add)."""
+    a, b = ins
+    if a.type.dtype != b.type.dtype:
+        raise Unsupported("operands of different dtypes")
+    for y, bias, name in ((a, b, node.input[0]), (b, a, node.input[1])):
+        producer = y.producer
+        if producer is not None and producer.op == "linear" and len(producer.inputs) == 2 and bias.is_constant \
+                and cv.use_count(name) == 1 and bias.type.rank == 1 and \
+                dims_equal(bias.type.shape[0], producer.inputs[1].type.shape[0]):
+            return cv.op.linear(producer.inputs[0], producer.inputs[1], bias)
+    return cv.op.add(a, b)
 
 
 @handles("Gemm")
@@ -215,7 +252,10 @@ def _gemm(cv, node, ins):
             return cv.op.linear(x, w, c)
         y = cv.op.linear(x, w)
     else:
-        y = cv.op.matmul(x, w)
+        weight = _linear_weight(cv, w) if x.type.dtype.is_floating_point else None
+        if weight is not None and c is not None and c.type.rank == 1 and dims_equal(c.type.shape[0], w.type.shape[1]):
+            return cv.op.linear(x, weight, c)
+        y = cv.op.linear(x, weight) if weight is not None else cv.op.matmul(x, w)
     return cv.op.add(y, c) if c is not None else y
 
 
@@ -290,6 +330,8 @@ def _reduce(cv, node, ins):
         return x
     ir_op = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "amax"}[node.op_type]
     dims = tuple(normalize_axis(d, x.type.rank) for d in axes) if axes else tuple(range(x.type.rank))
+    if ir_op == "mean" and any(x.type.shape[d] == 0 for d in dims):
+        raise Unsupported("ReduceMean over an empty axis is undefined in ONNX; ONNX Runtime's value is kept")
     return cv.op(ir_op, x, dims=dims, keepdim=keepdim)
 
 
@@ -491,15 +533,33 @@ def _gather(cv, node, ins):
         shape = list(x.type.shape[:axis]) + list(values.shape) + list(x.type.shape[axis + 1:])
         return _reshape_to(cv, picked, shape)
     if x.is_constant and x.type.rank == 2 and axis == 0:
-        return cv.op.embedding(x, idx)
+        return cv.op.embedding(x, _from_start(cv, idx, size))
     if idx.type.rank == 1:
-        return cv.op.index_select(x, idx, dim=axis)
+        return cv.op.index_select(x, _from_start(cv, idx, size), dim=axis)
     raise Unsupported("Gather with run-time multi-dimensional indices")
 
 
 @handles("GatherElements")
 def _gather_elements(cv, node, ins):
-    return cv.op.gather(ins[0], ins[1], dim=attributes(node).get("axis", 0))
+    x, idx = ins
+    axis = normalize_axis(attributes(node).get("axis", 0), x.type.rank)
+    const = cv.const(node.input[1])
+    if const is not None and isinstance(x.type.shape[axis], int):
+        values = const.to(torch.int64)
+        idx = cv.tensor_const(torch.where(values < 0, values + x.type.shape[axis], values), node.input[1])
+    else:
+        idx = _from_start(cv, idx if idx.type.dtype == torch.int64 else cv.op.cast(idx, dtype=torch.int64),
+                          x.type.shape[axis])
+    return cv.op.gather(x, idx, dim=axis)
+
+
+def _from_start(cv, idx, size):
+    """Run-time ONNX indices may count from the end (-1 is the last); the IR's gather ops, like
+    torch's, take them from the start: ``where(idx < 0, idx + size, idx)``."""
+    if not isinstance(size, int):
+        raise Unsupported("run-time indices, possibly negative, into a symbolic dim")
+    dtype = idx.type.dtype
+    return cv.op.where(cv.op.lt(idx, cv.scalar(0, dtype)), cv.op.add(idx, cv.scalar(size, dtype)), idx)
 
 
 # ---- factories ----------------------------------------------------------------------------

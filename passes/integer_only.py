@@ -8,7 +8,7 @@
     layer_norm(x, g, b)         -> int.layernorm (g and b go into the next requant)
     add(a, b)                   -> int.add (per-branch dyadic multipliers, 16-bit residual stream)
     embedding(W, ids)           -> embedding(int W, ids)
-    reshape/permute/...         -> the same op on the integer tensor
+    reshape/permute/index_select/... -> the same op on the integer tensor
     graph inputs / outputs      -> int.quantize / int.dequantize (the only float ops left)
 
 Every scale change is a dyadic ``int.requant`` (m / 2^k, chosen at compile time). Ops that
@@ -32,8 +32,9 @@ from graphopt.passes.calibration import Stats, clip_range, collect_stats
 from graphopt.passes.integer_tokens import CONVERTERS
 from graphopt.passes.registry import register_pass, option
 
-LAYOUT = {"reshape", "permute", "expand", "slice", "select"}
+LAYOUT = {"reshape", "permute", "expand", "slice", "select", "index_select"}
 INT32_LIMIT = 2 ** 31 - 1
+MASK_NEGATIVE = 1e4  # an additive attention mask blocks with -inf or a value at least this negative
 LOG2E = 1.0 / math.log(2.0)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -84,6 +85,7 @@ def integer_only(graph: Graph, ctx, *,
     if graph.find_nodes("sdpa"):
         from graphopt.passes.decompose_attention import decompose_attention
         decompose_attention(graph, ctx)
+    _drop_nan_guards(graph)
     values = [v for v in graph.inputs if _is_float(v)] + [o for n in graph.nodes for o in n.outputs if _is_float(o)]
     masks = _static_masks(graph)
     stats = collect_stats(graph, batches, values + masks)
@@ -101,6 +103,22 @@ def integer_only(graph: Graph, ctx, *,
     ctx.count("converted", conv.converted)
     ctx.count("float_fallback", len(conv.fallback))
     graph.meta["integer_only"] = {"fallback": list(conv.fallback), "float_ops": float_ops(graph)}
+
+
+def _drop_nan_guards(graph: Graph) -> None:
+    """``where(IsNaN(p), c, p)`` after a softmax over the last axis (the ONNX exporter's guard for fully
+    masked rows) is ``p`` once that softmax is Shiftmax, whose integer probabilities are never NaN."""
+    for node in graph.find_nodes("where"):
+        cond, fill, p = node.inputs
+        check = cond.producer
+        if check is None or check.op != "onnx_opaque" or (check.attrs["domain"], check.attrs["op_type"]) != ("", "IsNaN") \
+                or check.inputs[0] is not p or p.producer is None or p.producer.op != "softmax" \
+                or p.producer.attrs["dim"] not in (-1, p.type.rank - 1) or not fill.is_constant:
+            continue
+        graph.replace_all_uses_with(node.output, p)
+        graph.erase_node(node)
+        if not check.output.uses:
+            graph.erase_node(check)
 
 
 def _static_masks(graph: Graph) -> list[Value]:
@@ -211,7 +229,9 @@ def choose_dyadic(branches, cmax: float, K: int, out_max: int, allow_pre: bool =
         if best is None or err < best[0] - 1e-12:
             best = (err, pres, k_best)
     if best is None:
-        raise IntegerConversionError("no int32-safe dyadic rescale exists for these ranges")
+        listing = ", ".join(f"rescale up to {rmax:.3g} of values up to {b}" for rmax, _, b in infos)
+        raise IntegerConversionError(f"no int32-safe dyadic rescale exists for these ranges ({listing}; "
+                                     f"constant term {cmax:.3g})")
     _, pres, k = best
     ms = [torch.round(r * 2.0 ** (p + k)).to(torch.int64) for (r, _), p in zip(branches, pres)]
     return list(pres), k, ms
@@ -228,6 +248,7 @@ class _Converter:
         self.q: dict[int, Q] = {}                # float value id -> its integer form
         self.cache: dict[tuple, Q] = {}          # (float value id, kind) -> converted form
         self.masked: dict[int, tuple[Q, Value]] = {}
+        self.mask_bias: dict[int, Value] = {}    # additive mask value id -> its keep condition
         self.deq: dict[int, Value] = {}
         self.fallback: list[str] = []
         self.converted = 0
@@ -345,6 +366,8 @@ class _Converter:
                     ok = handler(node) if handler is not None else False
                 except _Skip:
                     ok = False
+                except IntegerConversionError as e:  # name the node and the calibrated ranges it meets
+                    raise IntegerConversionError(f"{node.label()}: {e}; {self._ranges(node)}") from None
             if ok:
                 self.converted += 1
                 continue
@@ -375,6 +398,20 @@ class _Converter:
                 self.g.erase_node(node)
             node = prev
         self.g.remove_unused_constants()
+
+    def _ranges(self, node) -> str:
+        """The calibrated [min, max] of the node's float inputs, for error messages."""
+        parts = []
+        for v in node.inputs:
+            s = self.stats.get(v.name) if v is not None and not v.is_constant else None
+            if s is not None and s.lo != float("inf"):
+                parts.append(f"%{v.name} in [{s.lo:.4g}, {s.hi:.4g}]")
+        text = "calibrated inputs: " + (", ".join(parts) or "none")
+        if any(s is not None and max(abs(s.lo), abs(s.hi)) > 1e30 for s in
+               (self.stats.get(v.name) for v in node.inputs if v is not None)):
+            text += (" (a value near float's limit, such as a finfo.min mask fill, reaches this op; integer_only "
+                     "keeps out only plain additive masks, where(keep, 0, fill) + scores before softmax)")
+        return text
 
     def has_q(self, v: Value | None) -> bool:
         return v is not None and (id(v) in self.q or v.is_constant)
@@ -492,12 +529,29 @@ class _Converter:
 
     def c_where(self, node) -> bool:
         cond, x, y = node.inputs
+        if self._additive_mask(node):
+            return True
         fill = self._scalar(y)
         if fill is None or fill != float("-inf") or id(x) not in self.q:
             return False
         if not all(u.op == "softmax" for u in node.output.users):
             return False
         self.masked[id(node.output)] = (self.q[id(x)], cond)
+        return True
+
+    def _additive_mask(self, node) -> bool:
+        """The exporters' attention mask: ``where(keep, 0, NEG)`` (NEG = -inf or a huge negative such as
+        finfo.min) added to the scores before softmax. Its range would swamp any integer scale; it is
+        kept out of the integer range as Shiftmax's mask instead (``scores + mask`` is ``where(keep,
+        scores, NEG)``), as for the torch capture's ``where(mask, scores, -inf)``."""
+        cond, x, y = node.inputs
+        zero, fill = self._scalar(x), self._scalar(y)
+        if cond.type.dtype != torch.bool or zero != 0.0 or fill is None or fill > -MASK_NEGATIVE:
+            return False
+        for add in node.output.users:
+            if add.op != "add" or any(u.op != "softmax" for u in add.output.users) or add.inputs[0] is add.inputs[1]:
+                return False
+        self.mask_bias[id(node.output)] = cond
         return True
 
     def c_softmax(self, node) -> bool:
@@ -561,6 +615,12 @@ class _Converter:
         a, b = node.inputs
         if not (_is_float(a) and _is_float(b)) or a.type.dtype != b.type.dtype:
             return False
+        for scores, mask in ((a, b), (b, a)):
+            if id(mask) in self.mask_bias:  # scores + additive mask: a masked softmax input
+                if id(scores) not in self.q:
+                    return False
+                self.masked[id(node.output)] = (self.q[id(scores)], self.mask_bias[id(mask)])
+                return True
         if not (id(a) in self.q or id(b) in self.q):
             return False
         branches = []
@@ -604,7 +664,7 @@ class _Converter:
         out = self.g.create_node(node.op, [q.value] + list(node.inputs[1:]), dict(node.attrs)).output
         return self.set(node, Q(out, q.scale, None, q.zp, q.bound, q.kind))
 
-    c_reshape = c_permute = c_expand = c_slice = c_select = _layout
+    c_reshape = c_permute = c_expand = c_slice = c_select = c_index_select = _layout  # index_select: ONNX Gather
 
     def c_opaque(self, node) -> bool:
         """aten::unbind (q, k, v = qkv.unbind(0)) becomes one select per output."""

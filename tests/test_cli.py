@@ -224,7 +224,7 @@ MALFORMED = {
     "truncated": "truncated or corrupt",
     "cyclic": "the graph has a cycle",
     "missing-initializer": "reads 'weight', which no node, graph input or initializer defines",
-    "opset-7": "opset 7 is not supported",
+    "opset-7": "opset 7 is older than 13 and onnx.version_converter cannot convert node #0 (LayerNormalization)",
     "opset-future": "opset 99 is not supported",
     "external-parent": "outside the model's folder",
     "external-absolute": "absolute path '/etc/passwd'",

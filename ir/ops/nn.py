@@ -143,4 +143,9 @@ def sum_(x, *, dims, keepdim, dtype):
 
 @register_op("amax", inputs=["x"], attrs=_REDUCE_ATTRS, infer=_reduce_type, tags=["reduce"])
 def amax(x, *, dims, keepdim):
+    """Over an empty axis the maximum is the lowest value (as in ONNX), where torch raises."""
+    if x.numel() == 0 and any(x.shape[d] == 0 for d in (dims or range(x.dim()))):
+        shape = reduce_shape(TensorType.of(x), dims, keepdim)
+        lowest = False if x.dtype is torch.bool else -torch.inf if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
+        return torch.full(shape, lowest, dtype=x.dtype)
     return torch.amax(x, dim=list(dims), keepdim=keepdim)

@@ -19,6 +19,7 @@ Attributes of the IR op:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -125,8 +126,10 @@ def _infer(*inputs, out_types, **attrs):
              infer=_infer)
 def onnx_opaque(*inputs, domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions):
     """Runs the ONNX node alone in ONNX Runtime (the reference for ops the IR does not know)."""
+    shaped = _has_body(domain, op_type, attributes, opsets, functions)
+    signature = tuple((t.dtype, tuple(t.shape) if shaped else None) if t is not None else None for t in inputs)
     session, input_names = _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures,
-                                    functions, tuple(t.dtype if t is not None else None for t in inputs))
+                                    functions, signature)
     from graphopt.frontends.onnx_common import to_numpy
 
     feeds = {name: to_numpy(t) for name, t in zip(input_names, inputs) if name}
@@ -140,8 +143,8 @@ _LOCK = threading.Lock()
 _CACHE_SIZE = 512
 
 
-def _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, dtypes):
-    key = (domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, dtypes)
+def _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, signature):
+    key = (domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, signature)
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
@@ -154,22 +157,28 @@ def _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captu
     return built
 
 
-def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, dtypes):
+def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures, functions, signature):
+    """``signature``: (dtype, shape or None) of each input. Shapes are given only for nodes with
+    subgraphs or function bodies: ONNX Runtime needs them to type a subgraph's outputs (a Scan in
+    LinearAttention's body, Loop, If) and to build a context-dependent function body
+    (CausalConvWithState), while some other ops' inference misreads an unknown dim (Resize takes an
+    unsized ``sizes`` for an empty one), and their sessions are best shared across shapes."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
     from graphopt.frontends.onnx_common import onnx_dtype
 
-    n_own = len(dtypes) - len(captures)
+    n_own = len(signature) - len(captures)
     input_names, graph_inputs = [], []
-    for i, dtype in enumerate(dtypes):
-        if dtype is None:
+    for i, typed in enumerate(signature):
+        if typed is None:
             input_names.append("")
             continue
+        dtype, shape = typed
         name = f"in_{i}" if i < n_own else captures[i - n_own]
         input_names.append(name)
-        graph_inputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), None))
+        graph_inputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), shape))
     total = len(out_types) + len(skip_outputs)
     present = [i for i in range(total) if i not in set(skip_outputs)]
     out_names = [f"out_{i}" if i in present else "" for i in range(total)]
@@ -178,6 +187,8 @@ def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs,
     node.input.extend(input_names[:n_own])
     node.output.extend(out_names)
     node.attribute.extend(attributes.protos() if attributes is not None else [])
+    if not domain:
+        _declare_body_outputs(node, len(input_names) - len(captures), out_types, skip_outputs)
     outputs = [helper.make_tensor_value_info(out_names[i], onnx_dtype(t.dtype), None)
                for i, t in zip(present, out_types)]
     graph = helper.make_graph([node], f"{op_type}_reference", graph_inputs, outputs)
@@ -198,3 +209,50 @@ def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs,
         raise OpError(f"ONNX op {where} has no torch reference and ONNX Runtime cannot run it alone: "
                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     return session, input_names
+
+
+@functools.lru_cache(maxsize=1024)
+def _has_body(domain, op_type, attributes, opsets, functions) -> bool:
+    """The node runs a subgraph or a function body (model-local, or the op's own ONNX function)."""
+    import onnx
+
+    if functions or any(p.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for p in (attributes.protos() if attributes is not None else [])):
+        return True
+    try:
+        schema = onnx.defs.get_schema(op_type, dict(opsets).get(domain, 1), domain)
+    except Exception:  # onnx.defs raises SchemaError for ops it does not know (contrib ops)
+        return False
+    return schema.has_function or schema.has_context_dependent_function
+
+
+def _declare_body_outputs(node, n_inputs: int, out_types, skip_outputs) -> None:
+    """Give the untyped outputs of a Scan/Loop/If body the ranks the node's output types imply:
+    ONNX Runtime refuses to run a subgraph whose outputs have no shape, and the node alone often
+    lacks what inferred it in the whole model (captured constant axes)."""
+    from onnx import helper
+
+    from graphopt.frontends.onnx_common import onnx_dtype
+
+    present = [i for i in range(len(out_types) + len(skip_outputs)) if i not in set(skip_outputs)]
+    types = dict(zip(present, out_types))
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "Scan" and "body" in attrs:
+        scan_inputs = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        states = n_inputs - scan_inputs
+        bodies, first, stacked_from = [attrs["body"].g], 0, states
+    elif node.op_type == "Loop" and "body" in attrs:
+        bodies, first, stacked_from = [attrs["body"].g], 1, n_inputs - 2  # body outputs: cond, carried..., scans...
+    elif node.op_type == "If":
+        bodies = [attrs[k].g for k in ("then_branch", "else_branch") if k in attrs]
+        first, stacked_from = 0, len(types) + len(skip_outputs)
+    else:
+        return
+    for body in bodies:
+        for position, t in types.items():
+            out = body.output[first + position] if first + position < len(body.output) else None
+            if out is None or (out.type.HasField("tensor_type") and out.type.tensor_type.HasField("shape")):
+                continue
+            rank = t.rank - 1 if position >= stacked_from else t.rank
+            if rank >= 0:
+                out.type.CopyFrom(helper.make_tensor_type_proto(onnx_dtype(t.dtype), [None] * rank))

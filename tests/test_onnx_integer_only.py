@@ -1,0 +1,113 @@
+"""integer_only on ONNX files written by torch.onnx.export, exact (dynamo) and legacy: every Linear
+(written as MatMul(x, Wᵀ) + Add) becomes an int.linear, masked text encoders keep the exporters'
+additive mask out of the integer range, the result stays as close to the float model as the torch
+capture path's integer tests require, and an impossible rescale names the node and its ranges."""
+import contextlib
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphopt
+from graphopt.frontends.onnx_frontend import from_onnx
+from graphopt.passes.integer_only import float_ops
+from graphopt.passes.manager import PassError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) needs it
+
+
+class LastHidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args).last_hidden_state
+
+
+def export(model, args, path, dynamo, names):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(LastHidden(model).eval(), args, path, dynamo=dynamo, input_names=names,
+                          output_names=["last_hidden_state"])
+    return str(path)
+
+
+def n_linears(model):
+    return sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def text_batch(generator, n=2, length=8, vocab=50):
+    ids = torch.randint(1, vocab, (n, length), generator=generator)
+    mask = (torch.arange(length) < torch.randint(3, length + 1, (n, 1), generator=generator)).long()
+    mask[0] = 1  # one full row, one padded
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=16, patch_size=4)
+    model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(2, 3, 16, 16, generator=g),) for _ in range(4)]
+    return model, calib, (torch.randn(2, 3, 16, 16, generator=g),)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=16)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(0)
+    return model, [text_batch(g) for _ in range(4)], text_batch(g)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["exact_exporter", "legacy_exporter"])
+def test_vit_file_converts_every_linear_and_stays_close(vit, dynamo, tmp_path):
+    model, calib, (x,) = vit
+    path = export(model, calib[0], tmp_path / "vit.onnx", dynamo, ["pixel_values"])
+    assert from_onnx(path).op_counts()["linear"] == n_linears(model)  # MatMul(x, Wᵀ) + Add read as linear
+    om = graphopt.optimize(path, ["integer_only"], calib[0], calibration=calib)
+    counts = om.graph.op_counts()
+    assert counts["int.linear"] == n_linears(model) and "linear" not in counts
+    assert om.graph.meta["integer_only"]["fallback"] == [] and float_ops(om.graph) == []
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+    out = om(x)
+    out = out[0] if isinstance(out, tuple) else out
+    assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["exact_exporter", "legacy_exporter"])
+def test_masked_bert_file_converts_with_its_mask_in_shiftmax(bert, dynamo, tmp_path):
+    model, calib, (ids, mask) = bert
+    path = export(model, calib[0], tmp_path / "bert.onnx", dynamo, ["input_ids", "attention_mask"])
+    om = graphopt.optimize(path, ["integer_only"], calib[0], calibration=calib)
+    counts = om.graph.op_counts()
+    assert counts["int.linear"] == n_linears(model) and "linear" not in counts
+    assert om.graph.meta["integer_only"]["fallback"] == [] and float_ops(om.graph) == []
+    assert all(n.inputs[1] is not None for n in om.graph.find_nodes("int.shiftmax"))  # the padding mask is kept
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = om(ids, mask)
+    out = out[0] if isinstance(out, tuple) else out
+    keep = mask.bool()
+    assert F.cosine_similarity(ref[keep], out[keep], dim=-1).min() > 0.98
+
+
+def test_an_impossible_rescale_names_the_node_and_the_ranges(tmp_path):
+    """T5 adds its learned position bias to the finfo.min mask before the scores: not a plain
+    additive mask, so no integer scale fits; the error says where and why."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    model = transformers.T5EncoderModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [text_batch(g) for _ in range(3)]
+    path = export(model, calib[0], tmp_path / "t5.onnx", False, ["input_ids", "attention_mask"])
+    with pytest.raises(PassError, match=r"%\S+ \((softmax|add)\): no int32-safe dyadic rescale exists for these "
+                                        r"ranges \(rescale up to .*calibrated inputs: %\S+ in \[-3\.4\d*e\+38, "):
+        graphopt.optimize(path, ["integer_only"], calib[0], calibration=calib)
