@@ -15,7 +15,7 @@ import torch
 
 from graphopt.ir import Graph, VerificationError, verify
 from graphopt.passes.registry import PassSpec, make_spec
-from graphopt.passes.report import PassRecord, Report
+from graphopt.passes.report import PassRecord, Report, tokens_per_block
 
 
 class PassError(Exception):
@@ -36,6 +36,7 @@ class PassContext:
     calibration: Any = None  # list of flat input tuples (one tensor per graph input), or None
     notes: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # structured facts for reports (per layer, per op)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -111,7 +112,8 @@ class PassManager:
                                       f"over its tolerance {info.tolerance:g}", done)
             reference = outputs
         report.passes.append(PassRecord(str(spec), len(graph), len(work), seconds, error,
-                                        ctx.notes, ctx.counters, graph.op_counts(), work.op_counts()))
+                                        ctx.notes, ctx.counters, graph.op_counts(), work.op_counts(),
+                                        {"tokens_per_block": tokens_per_block(work), **ctx.details}))
         return work, reference
 
     def _outputs(self, graph: Graph):
