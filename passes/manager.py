@@ -15,6 +15,7 @@ import torch
 
 from graphopt.ir import Graph, VerificationError, verify
 from graphopt.passes.registry import PassSpec, make_spec
+from graphopt.progress import task
 from graphopt.passes.report import PassRecord, Report, tokens_per_block
 
 
@@ -72,8 +73,9 @@ class PassManager:
         report = report if report is not None else Report()
         done: list[str] = []
         reference = self._outputs(graph) if self.check else None
-        for spec in self.specs:
-            graph, reference = self._run_one(spec, graph, reference, report, done)
+        for i, spec in enumerate(self.specs, 1):
+            with task(f"pass {i}/{len(self.specs)}: {spec}"):
+                graph, reference = self._run_one(spec, graph, reference, report, done)
             done.append(str(spec))
         return graph, report
 
