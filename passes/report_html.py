@@ -157,7 +157,8 @@ def _cost(report: Report, dims: dict | None) -> str:
     rows = [{"figure": k.replace("_", " "), "before": _num(v["before"]), "after": _num(v["after"]),
              "after / before": f"{v['ratio']:.3f}"} for k, v in figures.items()]
     at = ", ".join(f"{k}={v}" for k, v in dims.items())
-    return f"<p>at {_e(at)}</p>" + _table(rows)
+    return (f"<p>at {_e(at)}; parameters counts floating-point weights only (an integer graph's int8 weights "
+            "are in param bytes)</p>" + _table(rows))
 
 
 def _check(check: dict) -> str:
