@@ -9,6 +9,7 @@ and on ONNX Runtime; token-merge and low-rank trade-off curves; an HTML report.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import tempfile
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m graphopt.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="folder for the report and the ONNX files (default: a new temporary folder)")
     p.add_argument("--batch", type=int, default=64, help="images per timed call (default 64)")
-    p.add_argument("--rounds", type=int, default=12, help="timed rounds per variant, interleaved (default 12)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per variant, interleaved (default 10)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="threads for every runtime")
     args = p.parse_args(argv)
     from graphopt.backends.cpu_integer_library import available_isas
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"the integer model for Netron: {result['onnx_path']}")
 
 
-def run(case, out: Path, *, batch: int = 64, rounds: int = 12, threads: int = 2, pipeline=PIPELINE,
+def run(case, out: Path, *, batch: int = 64, rounds: int = 10, threads: int = 2, pipeline=PIPELINE,
         token_merge_rs=TOKEN_MERGE_RS, low_rank_kept=LOW_RANK_KEPT) -> dict:
     """The demo on ``case`` (a ``graphopt.zoo.DigitsCase``-like object: ``model``, ``train_images``,
     ``test_images``, ``test_labels``, ``accuracy``); writes into ``out``; returns the figures."""
@@ -67,7 +68,12 @@ def run(case, out: Path, *, batch: int = 64, rounds: int = 12, threads: int = 2,
     fp32_path, int8_path = out / "float.onnx", out / "float_int8_dynamic.onnx"
     write_model(to_onnx(float_graph), str(fp32_path))
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process first is for real data sets
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     onnx_path = out / "optimized.onnx"
     om.save(str(onnx_path))
     variants = {

@@ -232,10 +232,11 @@ def _dataflow_png(nodes, title: str) -> str:
     pos = nx.multipartite_layout(g, subset_key="layer", align="horizontal", scale=1.0)
     pos = {k: (x, -y) for k, (x, y) in pos.items()}  # inputs at the top
     depth = max(nx.get_node_attributes(g, "layer").values(), default=0) + 1
-    plt, fig, ax = _axes(6.5, max(4.0, 0.42 * depth))
-    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#999", node_size=900)
+    plt, fig, ax = _axes(6.5, max(4.0, 0.6 * depth))
+    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#888", node_size=700,
+                           node_shape="s", connectionstyle="arc3,rad=0.25")  # curved: edges in a column stay visible
     colours = ["#cfe8d4" if g.nodes[i]["label"].startswith("int.") else "#dde6f5" for i in g.nodes]
-    nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colours, node_size=900, node_shape="s")
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colours, node_size=700, node_shape="s")
     nx.draw_networkx_labels(g, pos, {i: g.nodes[i]["label"].replace("int.", "int.\n") for i in g.nodes},
                             ax=ax, font_size=6)
     ax.set_title(f"{title}: {len(nodes)} nodes (green: integer ops)", fontsize=9)
