@@ -173,8 +173,9 @@ def _check(check: dict) -> str:
 def _models(models: dict) -> str:
     keys = [k for k in next(iter(models.values())) if k != "ops"]
     labels = {"ops_total": "ops (total)", "sha256": "sha256", "file_bytes": "file bytes"}
-    rows = [{"": labels.get(k, k.replace("_", " ")), **{name: _fmt(m.get(k)) for name, m in models.items()}}
-            for k in keys]
+    rows = [{"": labels.get(k, k.replace("_", " ")),
+             **{name: _fmt(m.get(k))[:16] + "…" if k == "sha256" and m.get(k) else _fmt(m.get(k))
+                for name, m in models.items()}} for k in keys]
     out = _table(rows)
     if all("ops" in m for m in models.values()):
         ops = sorted(set().union(*(m["ops"] for m in models.values())))
