@@ -1,4 +1,4 @@
-"""The built-in example, about a minute on 2 cores: a small ViT trained on sklearn's digits (trained
+"""The built-in example, a minute or two on 2 cores: a small ViT trained on sklearn's digits (trained
 on first use, about half a minute, then cached) goes through ``token_merge`` and ``integer_only``;
 its test accuracy and its speed are measured side by side against the float model in torch, ONNX
 Runtime fp32 and ONNX Runtime's own int8 (``quantize_dynamic``), on the ``cpu_integer`` backend
