@@ -314,7 +314,7 @@ def _cell(value) -> str:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
     return "-" if value is None else str(value)
