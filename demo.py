@@ -20,6 +20,7 @@ import torch
 
 import graphopt
 from graphopt.pipeline import OptimizedModel
+from graphopt.progress import showing, task
 
 PIPELINE = ["token_merge:r=8", "integer_only"]
 TOKEN_MERGE_RS = (0, 8, 16)
@@ -33,16 +34,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per variant, interleaved (default 10)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="threads for every runtime")
     args = p.parse_args(argv)
+    with showing():  # progress lines for the kernel build, the training, the capture and the passes
+        _demo(args)
+
+
+def _demo(args) -> None:
     from graphopt.backends.cpu_integer_library import available_isas
     from graphopt.zoo import digits_vit
 
     torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     print(f"GEMM instruction sets the cpu_integer kernels can use on this CPU: {', '.join(available_isas())} "
           f"(torch: {torch.backends.cpu.get_cpu_capability()})")
-    start = time.perf_counter()
-    case = digits_vit()
-    print(f"digits ViT: {'loaded from ' + str(case.cache_path) if case.from_cache else f'trained in {case.train_seconds:.0f} s, cached in ' + str(case.cache_path)}; "
-          f"{len(case.test_images)} test images, float accuracy {case.test_accuracy:.2%}")
+    with task("the digits ViT (trained on first use, about half a minute, then cached)"):
+        case = digits_vit()
+    how = (f"loaded from {case.cache_path}" if case.from_cache else
+           f"trained in {case.train_seconds:.0f} s, cached in {case.cache_path}")
+    print(f"digits ViT: {how}; {len(case.test_images)} test images, float accuracy {case.test_accuracy:.2%}")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="graphopt-demo-"))
     result = run(case, out, batch=args.batch, rounds=args.rounds, threads=args.threads)
     print(f"\nthe whole demo took {time.perf_counter() - start:.0f} s")
