@@ -15,8 +15,8 @@ import torch
 
 from graphopt.ir import Graph, VerificationError, verify
 from graphopt.passes.registry import PassSpec, make_spec
-from graphopt.progress import task
 from graphopt.passes.report import PassRecord, Report, tokens_per_block
+from graphopt.progress import task
 
 
 class PassError(Exception):
