@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import html
-import io
 import json
 import math
 import os
@@ -932,20 +930,12 @@ def _json_default(value):
 
 
 def _html_report(summary, data) -> str:
-    from rich.console import Console
+    from graphopt.passes.report_html import render_html
 
-    console = Console(record=True, width=110, file=io.StringIO(), color_system=None)
-    for table in summary_tables(summary):
-        console.print(table)
-    tables = console.export_text()
-    body = json.dumps(data, indent=2, default=_json_default)
-    title = html.escape(f"graphopt report: {data['source']}")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em}pre{background:#f6f6f6;padding:1em;"
-            "overflow:auto}</style></head><body>\n"
-            f"<h1>{title}</h1>\n<p>passes: {html.escape(', '.join(data['passes']) or '(none)')}</p>\n"
-            f"<h2>summary</h2>\n<pre>{html.escape(tables)}</pre>\n"
-            f"<h2>details</h2>\n<pre>{html.escape(body)}</pre>\n</body></html>\n")
+    return render_html(summary["pipeline"], title=f"graphopt report: {data['source']}",
+                       intro=f"passes: {', '.join(data['passes']) or '(none)'}; inputs: {data['inputs'].get('source')}",
+                       check=summary["check"], models={"input": data["input"], "output": data["output"]},
+                       files={"output model": data["output"]["path"]} if data["output"]["path"] else None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``graphopt.optimize``: capture, run the passes, lower to a backend."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Sequence
 
@@ -9,6 +10,7 @@ import torch
 from graphopt.ir import Graph
 from graphopt.ir.cost import graph_cost
 from graphopt.passes import PassManager, Report
+from graphopt.progress import showing, task
 
 
 class OptimizedModel:
@@ -21,7 +23,8 @@ class OptimizedModel:
         self.graph = graph
         self.report = report
         self.backend = backend
-        self.executable = lower(graph, backend, **(backend_options or {}))
+        with task(f"lowering to the {backend} backend"):
+            self.executable = lower(graph, backend, **(backend_options or {}))
 
     def __call__(self, *args, **kwargs):
         check_inputs(self.graph, _flat_tensors(self.graph, args, kwargs), dtypes=False)
@@ -34,6 +37,16 @@ class OptimizedModel:
         save(self.graph, path)
 
 
+def _with_progress(fn):
+    """``progress=False`` (or ``GRAPHOPT_PROGRESS=0``) silences the progress display of ``fn``."""
+    @functools.wraps(fn)
+    def wrapper(*args, progress: bool | None = None, **kwargs):
+        with showing(progress):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_with_progress
 def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backend: str = "torch",
              calibration: Any = None, check: bool = False, dynamic_batch: bool = True,
              dynamic_shapes=None, backend_options: dict | None = None) -> OptimizedModel:
@@ -42,6 +55,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
 
     ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``.
     ``check=True`` compares every pass numerically with the graph before it on those inputs.
+    ``progress=False`` turns off the progress display (also ``GRAPHOPT_PROGRESS=0``); off a terminal
+    it is one line per step on stderr.
     """
     report = Report()
     args, kwargs = _split_inputs(example_inputs)
@@ -59,7 +74,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
         from graphopt.frontends import from_torch
 
         start = time.perf_counter()
-        graph = from_torch(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
+        with task("capturing the model (torch.export)"):
+            graph = from_torch(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
         report.capture_seconds = time.perf_counter() - start
     else:
         raise TypeError(f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
@@ -67,9 +83,11 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
     if calibration is not None:
         calibration = calibration_batches(graph, calibration)
-    report.cost_before = graph_cost(graph)
+    with task("cost model of the graph before"):
+        report.cost_before = graph_cost(graph)
     graph, report = PassManager(passes, example_inputs=flat, calibration=calibration, check=check).run(graph, report)
-    report.cost_after = graph_cost(graph)
+    with task("cost model of the graph after"):
+        report.cost_after = graph_cost(graph)
     return OptimizedModel(graph, report, backend, backend_options)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from graphopt.progress import task
+
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
@@ -88,7 +90,8 @@ def library() -> ctypes.CDLL:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / path.name
-            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            with task(f"compiling the cpu_integer kernels with {Path(cc).name} (once; cached in {cache})"):
+                proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode:
                 raise KernelBuildError(f"compiling {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
             os.replace(out, path)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from graphopt.progress import task
+
 SAMPLE = 1 << 16
 MSE_SAMPLE = 1 << 15
 
@@ -32,25 +34,27 @@ def collect_stats(graph, batches, values, *, seed: int = 0) -> dict[str, Stats]:
 
     gen = torch.Generator().manual_seed(seed)
     stats = {v.name: Stats() for v in values}
-    for found in collect(graph, batches, values):
-        for name, t in found.items():
-            s = stats[name]
-            if t.dtype == torch.bool:          # masks: lo == 1.0 means all True so far
-                s.lo = min(s.lo, float(t.all().item()))
-                s.hi = 1.0
-                continue
-            t = t.detach().float()
-            if t.numel() == 0:
-                continue
-            s.lo = min(s.lo, t.min().item())
-            s.hi = max(s.hi, t.max().item())
-            flat = t.reshape(-1).abs()
-            if flat.numel() > SAMPLE:
-                flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
-            s.samples.append(flat)
-            if t.dim() >= 1:
-                cm = t.abs().reshape(-1, t.shape[-1]).amax(0)
-                s.channel_absmax = cm if s.channel_absmax is None else torch.maximum(s.channel_absmax, cm)
+    with task(f"calibration: {len(values)} values over {len(batches)} batches", total=len(batches)) as advance:
+        for found in collect(graph, batches, values):
+            advance()
+            for name, t in found.items():
+                s = stats[name]
+                if t.dtype == torch.bool:          # masks: lo == 1.0 means all True so far
+                    s.lo = min(s.lo, float(t.all().item()))
+                    s.hi = 1.0
+                    continue
+                t = t.detach().float()
+                if t.numel() == 0:
+                    continue
+                s.lo = min(s.lo, t.min().item())
+                s.hi = max(s.hi, t.max().item())
+                flat = t.reshape(-1).abs()
+                if flat.numel() > SAMPLE:
+                    flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
+                s.samples.append(flat)
+                if t.dim() >= 1:
+                    cm = t.abs().reshape(-1, t.shape[-1]).amax(0)
+                    s.channel_absmax = cm if s.channel_absmax is None else torch.maximum(s.channel_absmax, cm)
     return stats
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections import Counter
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -99,8 +100,9 @@ def integer_only(graph: Graph, ctx, *,
         listing = ", ".join(conv.fallback)
         if strict:
             raise IntegerConversionError(f"strict=True: these ops cannot be converted to integer arithmetic: {listing}")
-        ctx.note(f"left in float (between int.dequantize and int.quantize): {listing}")
+        ctx.note(f"left in float (between int.dequantize and int.quantize): {_by_op(conv.fallback_reasons)}")
     ctx.count("converted", conv.converted)
+    ctx.details["integer_coverage"] = {"converted": dict(conv.converted_ops), "left_in_float": conv.fallback_reasons}
     ctx.count("float_fallback", len(conv.fallback))
     graph.meta["integer_only"] = {"fallback": list(conv.fallback), "float_ops": float_ops(graph)}
 
@@ -119,6 +121,12 @@ def _drop_nan_guards(graph: Graph) -> None:
         graph.erase_node(node)
         if not check.output.uses:
             graph.erase_node(check)
+
+
+def _by_op(fallback: list[dict]) -> str:
+    """'tanh x2 (no integer form of this op), ...': the fallbacks counted by op and reason."""
+    counts = Counter((f["op"], f["reason"]) for f in fallback)
+    return ", ".join(f"{op} x{n} ({reason})" for (op, reason), n in counts.items())
 
 
 def _static_masks(graph: Graph) -> list[Value]:
@@ -251,7 +259,9 @@ class _Converter:
         self.mask_bias: dict[int, Value] = {}    # additive mask value id -> its keep condition
         self.deq: dict[int, Value] = {}
         self.fallback: list[str] = []
+        self.fallback_reasons: list[dict] = []   # {"node", "op", "reason"} per node left in float
         self.converted = 0
+        self.converted_ops: Counter = Counter()
         self.all_true: set[int] = set()
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -356,7 +366,7 @@ class _Converter:
         for node in list(self.g.nodes):
             if not any(_is_float(o) for o in node.outputs):
                 if any(v is not None and (id(v) in self.q or id(v) in self.masked) for v in node.inputs):
-                    self._fall_back(node)
+                    self._fall_back(node, "non-float result from converted inputs")
                 continue
             with self.g.inserting_before(node):
                 try:
@@ -370,16 +380,19 @@ class _Converter:
                     raise IntegerConversionError(f"{node.label()}: {e}; {self._ranges(node)}") from None
             if ok:
                 self.converted += 1
+                self.converted_ops[node.op] += 1
                 continue
-            self._fall_back(node)
+            self._fall_back(node, "no integer form of this op" if handler is None
+                            else "its integer form does not cover these operands or attributes")
         for i, v in enumerate(list(self.g.outputs)):
             if id(v) in self.q:
                 with self.g.inserting_before(None):
                     self.g.outputs[i] = self.float_of(v)
         self._dce()
 
-    def _fall_back(self, node) -> None:
+    def _fall_back(self, node, reason: str) -> None:
         self.fallback.append(f"{node.op} ({node.label()})")
+        self.fallback_reasons.append({"node": node.label(), "op": node.op, "reason": reason})
         if True:
             with self.g.inserting_before(node):
                 for i, v in enumerate(node.inputs):

@@ -140,13 +140,18 @@ def low_rank(graph, ctx, *,
 
     # 3. leave alone what would not get cheaper
     todo: list[Layer] = []
+    layers_detail = ctx.details.setdefault("layers", {})
     for l in chosen:
         m, n = l.shape
         r = rank[id(l)]
+        layers_detail[l.name] = {"shape": [m, n], "role": l.role, "rank": None, "full_rank": min(m, n),
+                                 "kept_fraction": 1.0, "break_even": break_even(m, n)}
         if r is None:
+            layers_detail[l.name]["dense_reason"] = "kept dense by the allocation (most sensitive)"
             ctx.note(f"{l.name} [{m}x{n}]: kept dense by the allocation (most sensitive)")
             ctx.count("kept_dense_by_allocation")
         elif r >= break_even(m, n) or not reduces_cost(l, r):
+            layers_detail[l.name]["dense_reason"] = f"rank {r} would not cost less than the dense matrix"
             ctx.note(f"{l.name} [{m}x{n}]: left dense: rank {r} >= mn/(m+n) = {break_even(m, n):.1f}, "
                      "the factors would not cost less")
             ctx.count("left_dense_no_saving")
@@ -211,11 +216,13 @@ def low_rank(graph, ctx, *,
         m, n = l.shape
         ctx.note(f"{l.name} [{m}x{n}] ({l.role}): rank {a.shape[0]} ({a.shape[0] * (m + n) / (m * n):.0%} "
                  f"of its parameters)")
+        layers_detail[l.name].update(rank=a.shape[0], kept_fraction=a.shape[0] * (m + n) / (m * n))
         rewrite(graph, l, a, b)
         ctx.count("factorised")
     for l in chosen:
         if id(l) in refit:
             ctx.note(f"{l.name}: kept dense, refitted to the dense output on the compressed input")
+            layers_detail[l.name]["dense_reason"] = "kept dense, refitted to the dense output on the compressed input"
             replace_weight(graph, l, refit[id(l)])
             ctx.count("refitted_dense")
     graph.remove_unused_constants()

@@ -15,7 +15,8 @@ import torch
 
 from graphopt.ir import Graph, VerificationError, verify
 from graphopt.passes.registry import PassSpec, make_spec
-from graphopt.passes.report import PassRecord, Report
+from graphopt.passes.report import PassRecord, Report, tokens_per_block
+from graphopt.progress import task
 
 
 class PassError(Exception):
@@ -36,6 +37,7 @@ class PassContext:
     calibration: Any = None  # list of flat input tuples (one tensor per graph input), or None
     notes: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # structured facts for reports (per layer, per op)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -71,8 +73,9 @@ class PassManager:
         report = report if report is not None else Report()
         done: list[str] = []
         reference = self._outputs(graph) if self.check else None
-        for spec in self.specs:
-            graph, reference = self._run_one(spec, graph, reference, report, done)
+        for i, spec in enumerate(self.specs, 1):
+            with task(f"pass {i}/{len(self.specs)}: {spec}"):
+                graph, reference = self._run_one(spec, graph, reference, report, done)
             done.append(str(spec))
         return graph, report
 
@@ -111,7 +114,8 @@ class PassManager:
                                       f"over its tolerance {info.tolerance:g}", done)
             reference = outputs
         report.passes.append(PassRecord(str(spec), len(graph), len(work), seconds, error,
-                                        ctx.notes, ctx.counters, graph.op_counts(), work.op_counts()))
+                                        ctx.notes, ctx.counters, graph.op_counts(), work.op_counts(),
+                                        {"tokens_per_block": tokens_per_block(work), **ctx.details}))
         return work, reference
 
     def _outputs(self, graph: Graph):
