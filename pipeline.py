@@ -5,6 +5,7 @@ import time
 from typing import Any, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from graphopt.ir import Graph
 from graphopt.ir.cost import graph_cost
@@ -39,8 +40,10 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     """Optimize ``model`` (a ``torch.nn.Module``, an IR ``Graph``, or an ONNX model: ``.onnx`` path or
     ``onnx.ModelProto``) with ``passes``.
 
-    ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``.
-    ``check=True`` compares every pass numerically with the graph before it on those inputs.
+    ``example_inputs``: a tensor, a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``;
+    numpy arrays among them are taken as the tensors they hold (same dtype and shape, copied).
+    ``check=True`` compares every pass numerically with the graph before it on those inputs; without it
+    the passes' results must still run on them.
     """
     report = Report()
     args, kwargs = _split_inputs(example_inputs)
@@ -63,7 +66,14 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     else:
         raise TypeError(f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
                         f"not {type(model).__name__}")
-    flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
+    flat = None
+    if example_inputs is not None:
+        try:
+            flat = _flat_tensors(graph, args, kwargs)
+        except TypeError as e:
+            raise ValueError(f"example_inputs: {e}") from None
+        if not isinstance(model, torch.nn.Module):  # a capture makes the graph fit its inputs
+            _check_against_graph(graph, flat, "example_inputs")
     if calibration is not None:
         calibration = calibration_batches(graph, calibration)
     report.cost_before = graph_cost(graph)
@@ -80,17 +90,80 @@ def _is_onnx(model) -> bool:
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
 
 
-def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+def _split_inputs(example_inputs, what: str = "example_inputs") -> tuple[tuple, dict]:
+    """(args, kwargs) from the accepted forms, numpy arrays as tensors; a TypeError naming the position
+    of anything that cannot be a model input."""
+    import numpy as np
+
     if example_inputs is None:
         return (), {}
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+        args, kwargs = (), dict(example_inputs)
+    elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
             and isinstance(example_inputs[1], dict)):
-        return example_inputs
-    return tuple(example_inputs), {}
+        args, kwargs = example_inputs
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TypeError(f"{what} must be a tensor, a tuple or list of positional inputs, a dict of keyword inputs "
+                        f"or (args, kwargs); got {type(example_inputs).__name__}")
+
+    def leaf(path, x):
+        if isinstance(x, np.ndarray):
+            try:
+                return torch.tensor(x)
+            except (TypeError, RuntimeError):
+                raise TypeError(f"{what}{pytree.keystr(path)} is a numpy array of {x.dtype}, which has no torch "
+                                f"dtype; expected a numeric or bool array") from None
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{what}{pytree.keystr(path)} is a {type(x).__name__} ({x!r:.40}); expected a "
+                            f"torch.Tensor (or a numpy array)")
+        return x
+
+    return pytree.tree_map_with_path(leaf, tuple(args)), pytree.tree_map_with_path(leaf, dict(kwargs))
+
+
+def _check_against_graph(graph: Graph, flat, what: str) -> None:
+    """Each tensor fits its graph input: count, tensor-ness, dtype, rank and every static dim."""
+    if len(flat) != len(graph.inputs):
+        raise ValueError(f"{what} has {len(flat)} tensors; the graph takes {len(graph.inputs)} "
+                         f"({', '.join(f'%{v.name}: {v.type}' for v in graph.inputs)})")
+    for position, (value, tensor) in enumerate(zip(graph.inputs, flat)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{what}: input %{value.name} is a {type(tensor).__name__}, the graph expects a "
+                             f"tensor {value.type} (input {position} of {len(flat)})")
+        static = [(a, d) for a, d in enumerate(value.type.shape) if isinstance(d, int)]
+        if tensor.dtype != value.type.dtype or tensor.dim() != value.type.rank or any(tensor.shape[a] != d for a, d in static):
+            raise ValueError(f"{what}: input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}, the graph "
+                             f"expects {value.type} (input {position} of {len(flat)})")
+
+
+# Calibration values whose square overflows float32 (norms, dot products) cannot give a finite range.
+_CALIBRATION_LIMIT = torch.finfo(torch.float32).max ** 0.5
+
+
+def _check_calibration_values(graph: Graph, flat, i: int) -> None:
+    for value, tensor in zip(graph.inputs, flat):
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        where = f"calibration item {i}: input %{value.name}"
+        bad = torch.isnan(tensor)
+        if bad.any():
+            raise ValueError(f"{where} contains NaN (first at index {_first(bad)}); calibration needs finite values")
+        bad = torch.isinf(tensor)
+        if bad.any():
+            raise ValueError(f"{where} contains Inf (first at index {_first(bad)}); calibration needs finite values")
+        bad = tensor.abs() > _CALIBRATION_LIMIT
+        if bad.any():
+            raise ValueError(f"{where} has a value of magnitude {tensor.abs().max().item():.3g} (first at index "
+                             f"{_first(bad)}): too large to calibrate (its square overflows float32, so int8 ranges "
+                             f"and scales would not be finite); keep values below {_CALIBRATION_LIMIT:.3g}")
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
 
 
 def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, ...]]:
@@ -100,18 +173,16 @@ def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, .
         raise TypeError("calibration must be a list of example inputs (tuples, dicts or (args, kwargs))")
     batches = []
     for i, item in enumerate(calibration):
-        args, kwargs = _split_inputs(item)
+        try:
+            args, kwargs = _split_inputs(item, f"calibration item {i}")
+        except TypeError as e:
+            raise ValueError(str(e)) from None
         try:
             flat = _flat_tensors(graph, args, kwargs)
         except TypeError as e:
             raise ValueError(f"calibration item {i}: {e}") from None
-        if len(flat) != len(graph.inputs):
-            raise ValueError(f"calibration item {i} has {len(flat)} tensors; the graph takes {len(graph.inputs)}")
-        for value, tensor in zip(graph.inputs, flat):
-            static = [(a, d) for a, d in enumerate(value.type.shape) if isinstance(d, int)]
-            if tensor.dtype != value.type.dtype or tensor.dim() != value.type.rank or any(tensor.shape[a] != d for a, d in static):
-                raise ValueError(f"calibration item {i}: input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}, "
-                                 f"the graph expects {value.type}")
+        _check_against_graph(graph, flat, f"calibration item {i}")
+        _check_calibration_values(graph, flat, i)
         batches.append(flat)
     if not batches:
         raise ValueError("calibration is empty")
