@@ -35,6 +35,7 @@ _SYMPY_FUNCS = {"Add": sympy.Add, "Mul": sympy.Mul, "Pow": sympy.Pow, "floor": s
                 "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max, "Min": sympy.Min}
 _MAX_EXPONENT = 64      # |n| of a dim's x**n
 _MAX_INT_BITS = 4096    # a dim's integer constants (bounds the work of rebuilding one)
+_MAX_EXPR_CHARS = 1000  # a dim expression's JSON (simplifying a huge one could take unbounded time)
 _TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 _SEQUENCES = {tuple: "tuple", list: "list", immutable_list: "immutable_list"}
 _MAPPINGS = {dict: "dict", immutable_dict: "immutable_dict"}
@@ -145,8 +146,11 @@ def _decode(x) -> Any:
         dtype = getattr(torch, args[0], None) if args[0].isidentifier() else None
         if not isinstance(dtype, torch.dtype):
             raise _Bad(f"bad tensor dtype {args[0]!r:.40}")
+        dims = [_decode(d) if isinstance(d, list) else d for d in args[1]]
+        if not all(isinstance(d, (int, sympy.Expr)) and not isinstance(d, bool) for d in dims):
+            raise _Bad("a tensor dim is not an integer or a dim expression")  # a str would go to sympify (eval)
         try:
-            return TensorType(dtype, tuple(_decode(d) for d in args[1]))
+            return TensorType(dtype, tuple(dims))
         except (TypeError, ValueError) as e:
             raise _Bad(f"bad tensor type: {e}") from None
     if tag == "dim" and len(args) == 1:
@@ -178,6 +182,12 @@ def _b64(text) -> bytes:
 
 
 def _decode_expr(x) -> sympy.Expr:
+    if isinstance(x, list) and len(json.dumps(x)) > _MAX_EXPR_CHARS:
+        raise _Bad("a dim expression is too large")
+    return _build_expr(x)
+
+
+def _build_expr(x) -> sympy.Expr:
     if isinstance(x, int) and not isinstance(x, bool):
         if x.bit_length() > _MAX_INT_BITS:
             raise _Bad("a dim constant is too large")
@@ -199,7 +209,7 @@ def _decode_expr(x) -> sympy.Expr:
             raise _Bad(f"bad assumptions for dim symbol {args[0]!r:.40}")
         return sympy.Symbol(args[0], **args[1])
     if tag in _SYMPY_FUNCS and _shape(args, list) and args[0]:
-        operands = [_decode_expr(a) for a in args[0]]
+        operands = [_build_expr(a) for a in args[0]]
         if tag == "Pow" and not (len(operands) == 2 and operands[1].is_Rational
                                  and abs(operands[1].p) <= _MAX_EXPONENT and abs(operands[1].q) <= _MAX_EXPONENT):
             raise _Bad(f"a dim power needs a small rational exponent, got {args[0][1:]!r:.40}")

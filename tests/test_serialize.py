@@ -4,7 +4,9 @@ import json
 import math
 import os
 import pickle
+import random
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -194,7 +196,9 @@ def test_loading_never_unpickles_anything(tmp_path, monkeypatch):
     for name in ("load", "loads"):
         monkeypatch.setattr(pickle, name, tripwire)
     monkeypatch.setattr(torch, "load", tripwire)
-    assert str(load_graph(path)).count("relu") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no FutureWarning (or any other) on the way
+        assert str(load_graph(path)).count("relu") == 1
 
 
 def _rewrite_header(path: str, edit) -> None:
@@ -227,9 +231,24 @@ def test_tampered_structure_is_refused_naming_the_file(tmp_path, edit, message):
         load_graph(path)
 
 
+def test_a_dim_string_is_never_handed_to_sympify(tmp_path):
+    """sympify evaluates Python: a string where a dim belongs must be refused, not parsed."""
+    marker = tmp_path / "pwned"
+    path = _saved_graph(tmp_path)
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch() or 1"
+    _rewrite_header(path, lambda s: s["inputs"][0][1][2].__setitem__(0, payload))
+    with pytest.raises(IRFileError, match="not an integer or a dim expression"):
+        load_graph(path)
+    assert not marker.exists()
+    huge = ["Add", [f"s{i}" for i in range(500)]]
+    _rewrite_header(path, lambda s: s["inputs"][0][1][2].__setitem__(0, ["dim", huge]))
+    with pytest.raises(IRFileError, match="dim expression is too large"):
+        load_graph(path)
+
+
 def test_truncated_random_and_special_files_are_refused(tmp_path):
     good = open(_saved_graph(tmp_path), "rb").read()
-    cases = {"truncated": good[:len(good) // 2], "cut": good[:-4], "random": os.urandom(4096),
+    cases = {"truncated": good[:len(good) // 2], "cut": good[:-4], "random": random.Random(0).randbytes(4096),
              "empty": b"", "huge_header": struct.pack("<Q", 2 ** 62) + b"{}", "text": b"hello, world"}
     for name, data in cases.items():
         path = tmp_path / f"{name}.graphopt"
@@ -242,3 +261,32 @@ def test_truncated_random_and_special_files_are_refused(tmp_path):
         load_graph(str(fifo))  # would block forever if opened
     with pytest.raises(IRFileError, match="cannot read"):
         load_graph(str(tmp_path / "missing.graphopt"))
+
+
+def test_mutated_files_load_or_are_refused_cleanly(tmp_path):
+    """A seeded mutator over a saved graph with symbolic dims, attributes and constants: every
+    mutant either loads (a valid graph) or raises IRFileError, nothing else."""
+    g = Graph("m")
+    x = g.add_input("x", TensorType(torch.float32, (symbol("batch"), 2 * symbol("tokens"), 4)))
+    w = g.add_constant(torch.randn(4, 4), "w")
+    y = g.op.linear(x, w, None)
+    g.set_outputs([g.op.softmax(g.op.reshape(y, shape=(symbol("batch"), -1)), dim=-1)])
+    path = tmp_path / "good.graphopt"
+    save_graph(g, str(path))
+    good = path.read_bytes()
+    rng = random.Random(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(300):
+        data = bytearray(good)
+        for _ in range(rng.choice([1, 2, 8])):
+            at = rng.randrange(len(data))
+            data[at] = rng.choice([rng.randrange(256), ord("["), ord("]"), ord('"'), ord("0"), ord("-")])
+        mutant = tmp_path / f"mutant{i}.graphopt"
+        mutant.write_bytes(bytes(data))
+        try:
+            load_graph(str(mutant))
+            outcomes["loaded"] += 1
+        except IRFileError as e:
+            assert str(mutant) in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100, outcomes
