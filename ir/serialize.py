@@ -308,6 +308,18 @@ def load_graph(path: str) -> Graph:
         raise IRFileError(f"{path} is a damaged graphopt IR file: {type(e).__name__}: {e}") from None
 
 
+def _check_aten_target(target) -> None:
+    """An opaque node calls its target when the graph runs: it must name a torch operator overload,
+    not some other attribute reachable from ``torch.ops`` (``load_library`` would load any .so)."""
+    from graphopt.ir.ops.opaque import resolve_target
+
+    ok = isinstance(target, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*::[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?", target)
+    if not ok or any(part.startswith("__") for part in re.split(r"::|\.", target)):
+        raise _Bad(f"opaque target {target!r:.80} is not an operator name like aten::index.Tensor")
+    if not isinstance(resolve_target(target), torch._ops.OpOverload):
+        raise _Bad(f"opaque target {target!r:.80} is not a torch operator")
+
+
 def _decode_dict(x, what: str) -> dict:
     value = _decode(x)
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -337,8 +349,10 @@ def _rebuild(structure: dict, tensors: dict[str, torch.Tensor]) -> Graph:
     for op, inputs, attrs, outs, meta in structure["nodes"]:
         if not (isinstance(op, str) and isinstance(inputs, list) and isinstance(outs, list)):
             raise _Bad("a node is not [op, inputs, attrs, outputs, meta]")
-        node = g.create_node(op, [lookup(i) if i is not None else None for i in inputs],
-                             _decode_dict(attrs, f"attributes of a {op} node"), names=outs,
+        attrs = _decode_dict(attrs, f"attributes of a {op} node")
+        if op == "opaque":
+            _check_aten_target(attrs.get("target"))
+        node = g.create_node(op, [lookup(i) if i is not None else None for i in inputs], attrs, names=outs,
                              meta=_decode_dict(meta, f"meta of a {op} node"))
         if len(node.outputs) != len(outs):
             raise _Bad(f"node {node.label()} has {len(node.outputs)} outputs, the file names {len(outs)}")

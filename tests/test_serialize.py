@@ -94,35 +94,32 @@ def test_every_attribute_kind_and_dtype_round_trips(tmp_path):
     assert node.attrs["args"][11] == {"k": 1, 2: "v"} and node.attrs["args"][15] == b"\x00\xff"
 
 
+@pytest.fixture(scope="module")
+def tiny_vit_graph(tiny_vit_case):
+    return from_torch(tiny_vit_case.model, tiny_vit_case.args)
+
+
 @pytest.mark.parametrize("pipeline", [[], ["integer_only"], ["fuse_gelu", "low_rank", "fuse_low_rank"]])
-def test_zoo_tiny_vit_graphs_round_trip_and_run(tiny_vit_case, pipeline, tmp_path):
-    case = tiny_vit_case
-    om = graphopt.optimize(case.model, pipeline, case.args, calibration=[case.args])
-    loaded = round_trip(om.graph, tmp_path)
-    again = graphopt.OptimizedModel(loaded, om.report, "torch")
-    assert torch.equal(again(*case.args), om(*case.args))
+def test_zoo_tiny_vit_graphs_round_trip_and_run(tiny_vit_case, tiny_vit_graph, pipeline, tmp_path):
+    x = tiny_vit_case.args[0]
+    graph, _ = PassManager(pipeline, calibration=[(x,)]).run(tiny_vit_graph)
+    loaded = round_trip(graph, tmp_path)
+    assert torch.equal(graphopt.OptimizedModel(loaded, None, "torch")(x), graphopt.OptimizedModel(graph, None, "torch")(x))
 
 
-def test_hf_model_output_structure_round_trips(bert_case, tmp_path):
-    """int64 inputs, a dict in_spec and a transformers ModelOutput out_spec."""
-    case = bert_case
-    om = graphopt.optimize(case.model, [], (case.args, case.kwargs))
-    loaded = round_trip(om.graph, tmp_path)
-    out = graphopt.OptimizedModel(loaded, om.report, "torch")(*case.args, **case.kwargs)
-    assert type(out) is type(case.run())
-    assert torch.equal(out.last_hidden_state, om(*case.args, **case.kwargs).last_hidden_state)
-
-
-def test_token_merged_graph_round_trips(tmp_path):
+def test_token_merged_hf_graph_round_trips(tmp_path):
+    """Token-merge ops, a keyword-input in_spec and a transformers ModelOutput out_spec."""
     from transformers import ViTConfig, ViTForImageClassification
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                 intermediate_size=64, image_size=16, patch_size=4)).eval()
     x = torch.randn(2, 3, 16, 16)
-    graph, _ = PassManager(["token_merge:r=2"]).run(from_torch(model, (x,)))
+    graph, _ = PassManager(["token_merge:r=2"]).run(from_torch(model, (), {"pixel_values": x}))
     assert graph.find_nodes("token_merge")
     loaded = round_trip(graph, tmp_path)
-    assert torch.equal(run(loaded, x)[0], run(graph, x)[0])
+    out = graphopt.OptimizedModel(loaded, None, "torch")(pixel_values=x)
+    assert type(out) is type(model(x))
+    assert torch.equal(out.logits, run(graph, x)[0])
 
 
 def test_onnx_imported_graph_with_opaque_nodes_round_trips(tmp_path):
@@ -243,6 +240,27 @@ def test_a_dim_string_is_never_handed_to_sympify(tmp_path):
     huge = ["Add", [f"s{i}" for i in range(500)]]
     _rewrite_header(path, lambda s: s["inputs"][0][1][2].__setitem__(0, ["dim", huge]))
     with pytest.raises(IRFileError, match="dim expression is too large"):
+        load_graph(path)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("load_library::__call__.__call__", "not an operator name"),  # would dlopen any path when the graph runs
+    ("aten::no_such_op.default", "not available in this torch build"),
+    ("aten::relu.overloads", "not a torch operator"),  # a method of the overload packet
+])
+def test_opaque_targets_must_be_torch_operators(tmp_path, target, message):
+    g = Graph()
+    x = g.add_input("x", TensorType(torch.float32, (2,)))
+    g.set_outputs([g.create_node("opaque", [x], {"target": "aten::relu.default", "args": (TensorArg(0),),
+                                                 "out_types": (x.type,)}).output])
+    path = str(tmp_path / "opaque.graphopt")
+    save_graph(g, path)
+    assert torch.equal(run(load_graph(path), -torch.ones(2))[0], torch.zeros(2))
+
+    def retarget(s):
+        s["nodes"][0][2][1][0][1] = target  # attrs: ["dict", [["target", ...], ...]]
+    _rewrite_header(path, retarget)
+    with pytest.raises(IRFileError, match=f"{path}.*{message}"):
         load_graph(path)
 
 
