@@ -56,7 +56,7 @@ def _encode(x) -> Any:
     if isinstance(x, int):
         return x
     if isinstance(x, float):
-        return ["float", repr(x)]  # keeps nan/inf and every bit through strict JSON
+        return ["float", repr(float(x))]  # keeps nan/inf and every bit through strict JSON
     if type(x) in _SEQUENCES:
         return [_SEQUENCES[type(x)], [_encode(v) for v in x]]
     if type(x) in _MAPPINGS:
