@@ -6,6 +6,7 @@ import time
 from typing import Any, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from graphopt.ir import Graph
 from graphopt.ir.cost import graph_cost
@@ -53,8 +54,10 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     """Optimize ``model`` (a ``torch.nn.Module``, an IR ``Graph``, or an ONNX model: ``.onnx`` path or
     ``onnx.ModelProto``) with ``passes``.
 
-    ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``.
-    ``check=True`` compares every pass numerically with the graph before it on those inputs.
+    ``example_inputs``: a tensor, a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``;
+    numpy arrays among them are taken as the tensors they hold (same dtype and shape, copied).
+    ``check=True`` compares every pass numerically with the graph before it on those inputs; without it
+    the passes' results must still run on them.
     ``progress=False`` turns off the progress display (also ``GRAPHOPT_PROGRESS=0``); off a terminal
     it is one line per step on stderr.
     """
@@ -80,7 +83,14 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     else:
         raise TypeError(f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
                         f"not {type(model).__name__}")
-    flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
+    flat = None
+    if example_inputs is not None:
+        try:
+            flat = _flat_tensors(graph, args, kwargs)
+        except TypeError as e:
+            raise ValueError(f"example_inputs: {e}") from None
+        if not isinstance(model, torch.nn.Module):  # a capture makes the graph fit its inputs
+            check_inputs(graph, flat, what="example_inputs")
     if calibration is not None:
         calibration = calibration_batches(graph, calibration)
     with task("cost model of the graph before"):
@@ -99,17 +109,65 @@ def _is_onnx(model) -> bool:
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
 
 
-def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+def _split_inputs(example_inputs, what: str = "example_inputs") -> tuple[tuple, dict]:
+    """(args, kwargs) from the accepted forms, numpy arrays as tensors; a TypeError naming the position
+    of anything that cannot be a model input."""
+    import numpy as np
+
     if example_inputs is None:
         return (), {}
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+        args, kwargs = (), dict(example_inputs)
+    elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
             and isinstance(example_inputs[1], dict)):
-        return example_inputs
-    return tuple(example_inputs), {}
+        args, kwargs = example_inputs
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TypeError(f"{what} must be a tensor, a tuple or list of positional inputs, a dict of keyword inputs "
+                        f"or (args, kwargs); got {type(example_inputs).__name__}")
+
+    def leaf(path, x):
+        if isinstance(x, np.ndarray):
+            try:
+                return torch.tensor(x)
+            except (TypeError, RuntimeError):
+                raise TypeError(f"{what}{pytree.keystr(path)} is a numpy array of {x.dtype}, which has no torch "
+                                f"dtype; expected a numeric or bool array") from None
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{what}{pytree.keystr(path)} is a {type(x).__name__} ({x!r:.40}); expected a "
+                            f"torch.Tensor (or a numpy array)")
+        return x
+
+    return pytree.tree_map_with_path(leaf, tuple(args)), pytree.tree_map_with_path(leaf, dict(kwargs))
+
+
+# Calibration values whose square overflows float32 (norms, dot products) cannot give a finite range.
+_CALIBRATION_LIMIT = torch.finfo(torch.float32).max ** 0.5
+
+
+def _check_calibration_values(graph: Graph, flat, i: int) -> None:
+    for value, tensor in zip(graph.inputs, flat):
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        where = f"calibration item {i}: input %{value.name}"
+        bad = torch.isnan(tensor)
+        if bad.any():
+            raise ValueError(f"{where} contains NaN (first at index {_first(bad)}); calibration needs finite values")
+        bad = torch.isinf(tensor)
+        if bad.any():
+            raise ValueError(f"{where} contains Inf (first at index {_first(bad)}); calibration needs finite values")
+        bad = tensor.abs() > _CALIBRATION_LIMIT
+        if bad.any():
+            raise ValueError(f"{where} has a value of magnitude {tensor.abs().max().item():.3g} (first at index "
+                             f"{_first(bad)}): too large to calibrate (its square overflows float32, so int8 ranges "
+                             f"and scales would not be finite); keep values below {_CALIBRATION_LIMIT:.3g}")
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
 
 
 def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, ...]]:
@@ -119,34 +177,39 @@ def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, .
         raise TypeError("calibration must be a list of example inputs (tuples, dicts or (args, kwargs))")
     batches = []
     for i, item in enumerate(calibration):
-        args, kwargs = _split_inputs(item)
+        try:
+            args, kwargs = _split_inputs(item, f"calibration item {i}")
+        except TypeError as e:
+            raise ValueError(str(e)) from None
         try:
             flat = _flat_tensors(graph, args, kwargs)
         except TypeError as e:
             raise ValueError(f"calibration item {i}: {e}") from None
-        if len(flat) != len(graph.inputs):
-            raise ValueError(f"calibration item {i} has {len(flat)} tensors; the graph takes {len(graph.inputs)}")
-        try:
-            check_inputs(graph, flat)
-        except ValueError as e:
-            raise ValueError(f"calibration item {i}: {e}") from None
+        check_inputs(graph, flat, what=f"calibration item {i}")
+        _check_calibration_values(graph, flat, i)
         batches.append(flat)
     if not batches:
         raise ValueError("calibration is empty")
     return batches
 
 
-def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, dtypes: bool = True) -> None:
-    """Each tensor against its graph input's rank, static dims (and one size per symbolic dim) and dtype, so
-    a call at a batch the graph was not captured for fails here, naming the input, not deep in a reshape."""
+def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "", dtypes: bool = True) -> None:
+    """Each tensor against its graph input: count, rank, dtype, static dims and one size per symbolic dim,
+    so a wrong input (or a call at a batch the graph was not captured for) fails here naming the input,
+    not deep in a reshape. ``what`` ("example_inputs", "calibration item 2") starts each message."""
+    prefix = f"{what}: " if what else ""
+    if len(flat) != len(graph.inputs):
+        raise ValueError(f"{what or 'the call'} has {len(flat)} tensors; the graph takes {len(graph.inputs)} "
+                         f"({', '.join(f'%{v.name}: {v.type}' for v in graph.inputs)})")
     sizes: dict = {}
-    for value, tensor in zip(graph.inputs, flat):
+    for position, (value, tensor) in enumerate(zip(graph.inputs, flat)):
+        t, which = value.type, f" (input {position} of {len(flat)})"
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"input %{value.name} is a {type(tensor).__name__}, the graph expects {value.type}")
-        t = value.type
-        given = f"input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}"
+            raise ValueError(f"{prefix}input %{value.name} is a {type(tensor).__name__}, the graph expects a "
+                             f"tensor {t}{which}")
+        given = f"{prefix}input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}"
         if tensor.dim() != t.rank or (dtypes and tensor.dtype != t.dtype):
-            raise ValueError(f"{given}, the graph expects {t}")
+            raise ValueError(f"{given}, the graph expects {t}{which}")
         for axis, (d, n) in enumerate(zip(t.shape, tensor.shape)):
             if isinstance(d, int) and d != n:
                 hint = (" (the model was captured with a static batch; capture with dynamic_batch=True to run "

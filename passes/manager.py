@@ -3,7 +3,9 @@
 Each pass runs on a clone of the graph (constants shared, so cloning is cheap). The clone is
 adopted only when the pass returns, the verifier accepts the result, the pass's ``ensures``
 holds and, when example inputs are given, the outputs stay within the pass's tolerance of the
-graph before it. Otherwise the graph stays as it was and the error names the pass (and node).
+graph before it; with example inputs but no check, the result must at least still run on them.
+Otherwise the graph stays as it was and a PassError names the pass (and node): no other exception
+escapes a pass.
 """
 from __future__ import annotations
 
@@ -72,10 +74,22 @@ class PassManager:
     def run(self, graph: Graph, report: Report | None = None) -> tuple[Graph, Report]:
         report = report if report is not None else Report()
         done: list[str] = []
-        reference = self._outputs(graph) if self.check else None
+        reference = None
+        if self.check:
+            try:
+                reference = self._outputs(graph)
+            except Exception as e:
+                where = _failing_node(graph, self.example_inputs)
+                raise ValueError(f"the graph given to the passes does not run on its example inputs"
+                                 f"{f' (at {where.label()})' if where else ''}: {type(e).__name__}: {e}") from e
         for i, spec in enumerate(self.specs, 1):
-            with task(f"pass {i}/{len(self.specs)}: {spec}"):
-                graph, reference = self._run_one(spec, graph, reference, report, done)
+            try:
+                with task(f"pass {i}/{len(self.specs)}: {spec}"):
+                    graph, reference = self._run_one(spec, graph, reference, report, done)
+            except PassError:
+                raise
+            except Exception as e:  # a requires/ensures hook or the verifier itself failed
+                raise PassError(spec, f"raised {type(e).__name__}: {e}", done, getattr(e, "node", None)) from e
             done.append(str(spec))
         return graph, report
 
@@ -106,8 +120,8 @@ class PassManager:
             if reason:
                 raise PassError(spec, f"did not establish its postcondition: {reason}", done)
         error = None
+        outputs = self._outputs_after(spec, work, done) if self.example_inputs is not None else None
         if reference is not None:
-            outputs = self._outputs(work)
             error = max_abs_error(reference, outputs)
             if info.tolerance is not None and not error <= info.tolerance:
                 raise PassError(spec, f"changed the outputs by max abs error {error:.3g}, "
@@ -121,6 +135,39 @@ class PassManager:
     def _outputs(self, graph: Graph):
         from graphopt.backends.torch_backend import run
         return run(graph, *self.example_inputs)
+
+    def _outputs_after(self, spec: PassSpec, work: Graph, done):
+        """The pass's result run on the example inputs; a PassError naming the failing node if it does not run."""
+        try:
+            return self._outputs(work)
+        except Exception as e:
+            where = _failing_node(work, self.example_inputs)
+            at = f" at {where.label()}" if where is not None else ""
+            raise PassError(spec, f"its result fails on the example inputs{at}: {type(e).__name__}: {e}",
+                            done, where) from e
+
+
+def _failing_node(graph: Graph, inputs):
+    """The IR node whose computation raises when the graph runs on ``inputs``, or None."""
+    from graphopt.backends.torch_backend import to_fx
+
+    failed = []
+
+    class Finder(torch.fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                failed.append(n.meta.get("ir_node"))
+                raise
+
+    try:
+        with torch.no_grad():
+            Finder(to_fx(graph)).run(*inputs)
+    except Exception:
+        pass
+    label = failed[0] if failed else None
+    return next((node for node in graph.nodes if node.label() == label), None)
 
 
 def max_abs_error(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> float:

@@ -37,7 +37,15 @@ def keep_count(pool: int, keep: float, count: int) -> int:
     return max(1, int(round(pool * keep)))
 
 
-@register_pass("token_drop", tolerance=None)
+def _not_after_token_merge(graph: Graph) -> str | None:
+    if graph.find_nodes("token_merge") or graph.find_nodes("int.token_merge"):
+        return ("the graph already merges tokens (token_merge ran): token_drop ranks a block's tokens by its attention, "
+                "which sees the tokens before that block's merge, and would gather the ranked indices from the merged "
+                "(shorter) output; use token_merge or token_drop, not both")
+    return None
+
+
+@register_pass("token_drop", tolerance=None, requires=_not_after_token_merge)
 def token_drop(graph: Graph, ctx, *,
                keep: float = option(0.25, "fraction of the candidate (patch / image) tokens kept"),
                count: int = option(0, "number of candidate tokens kept (overrides keep when > 0)"),

@@ -45,7 +45,15 @@ def schedule_r(num_blocks: int, r: int, schedule: str, r_list: list[int] | None)
     raise TokenPassError(f"token_merge: schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
-@register_pass("token_merge", tolerance=None)
+def _not_after_token_drop(graph: Graph) -> str | None:
+    if graph.find_nodes("token_topk_index"):
+        return ("the graph already drops tokens (token_drop ran): token_drop ranks a block's tokens by its attention "
+                "and gathers them from the block's output, and a merge inside the block in between would make its "
+                "indices point at the wrong (or missing) tokens; use token_merge or token_drop, not both")
+    return None
+
+
+@register_pass("token_merge", tolerance=None, requires=_not_after_token_drop)
 def token_merge(graph: Graph, ctx, *,
                 r: int = option(8, "tokens merged away in each block"),
                 schedule: str = option("constant", "constant: r in every block; linear: 2r in the first block "
