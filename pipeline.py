@@ -214,9 +214,9 @@ def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "", 
             if isinstance(d, int) and d != n:
                 hint = (" (the model was captured with a static batch; capture with dynamic_batch=True to run "
                         "at any batch)") if axis == 0 else ""
-                raise ValueError(f"{given}, the graph expects {t}: axis {axis} must be {d}{hint}")
+                raise ValueError(f"{given}, the graph expects {t}{which}: axis {axis} must be {d}{hint}")
             if not isinstance(d, int) and sizes.setdefault(d, (n, value.name))[0] != n:
-                raise ValueError(f"{given}, the graph expects {t}: axis {axis} ({d}) is {sizes[d][0]} in "
+                raise ValueError(f"{given}, the graph expects {t}{which}: axis {axis} ({d}) is {sizes[d][0]} in "
                                  f"%{sizes[d][1]}")
 
 

@@ -58,7 +58,7 @@ def test_static_batch_refuses_another_batch_naming_the_input(backend):
     options = {"threads": 1} if backend == "onnxruntime" else {}
     om = graphopt.optimize(case.model, [], case.args, dynamic_batch=False, backend=backend, backend_options=options)
     with pytest.raises(ValueError, match=r"input %x is \(3, 3, 32, 32\) torch.float32, the graph expects "
-                                         r"f32\[1,3,32,32\]: axis 0 must be 1 \(the model was captured with a static"):
+                                         r"f32\[1,3,32,32\] \(input 0 of 1\): axis 0 must be 1 \(the model was captured with a static"):
         om(torch.randn(3, 3, 32, 32))
     torch.testing.assert_close(om(*case.args), case.run())
 
