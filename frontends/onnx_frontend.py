@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import ast
 import os
 import re
 import numpy as np
@@ -129,6 +128,28 @@ def check_model_structure(model: onnx.ModelProto, where: str = "model") -> None:
 def node_label(node: onnx.NodeProto, index: int) -> str:
     op = f"{node.domain}::{node.op_type}" if node.domain and node.domain not in DEFAULT_DOMAINS else node.op_type
     return f"node '{node.name}' ({op})" if node.name else f"node #{index} ({op})"
+
+
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The torch module a node came from, as the torch.onnx (dynamo) exporter records it in the node's
+    metadata (``pkg.torch.onnx.name_scopes`` ['', 'blocks.0', 'blocks.0.fc1', 'linear'], or the
+    ``namespace`` string): its value names (``val_28``) say nothing, but ``layers=`` patterns need it."""
+    import ast
+
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = None
+        if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):
+            return names[-2] or None
+    namespace = props.get("namespace")
+    if namespace:  # ": pkg.M/blocks.0: pkg.Block/blocks.0.fc1: Linear/linear: aten.linear.default"
+        paths = [part.split(":")[0].strip() for part in namespace.split("/")]
+        return paths[-2] or None if len(paths) >= 2 else None
+    return None
 
 
 def subgraph_free_names(node: onnx.NodeProto) -> set[str]:
@@ -778,26 +799,6 @@ class _Converter:
 
 
 _INFERENCE_LABEL = re.compile(r"unk__\d+")
-
-
-def module_path(node: onnx.NodeProto) -> str | None:
-    """The torch module a node came from, as the torch.onnx (dynamo) exporter records it in the node's
-    metadata (``pkg.torch.onnx.name_scopes`` ['', 'blocks.0', 'blocks.0.fc1', 'linear'], or the
-    ``namespace`` string): its value names (``val_28``) say nothing, but ``layers=`` patterns need it."""
-    props = {p.key: p.value for p in node.metadata_props}
-    scopes = props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            names = ast.literal_eval(scopes)
-        except (ValueError, SyntaxError):
-            names = None
-        if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):
-            return names[-2] or None
-    namespace = props.get("namespace")
-    if namespace:  # ": pkg.M/blocks.0: pkg.Block/blocks.0.fc1: Linear/linear: aten.linear.default"
-        paths = [part.split(":")[0].strip() for part in namespace.split("/")]
-        return paths[-2] or None if len(paths) >= 2 else None
-    return None
 
 _ORT_TYPES = {f"tensor({name})": dtype for name, dtype in [
     ("float", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16), ("double", torch.float64),
