@@ -1,7 +1,6 @@
 """``graphopt.optimize``: capture, run the passes, lower to a backend."""
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Sequence
 
@@ -35,6 +34,8 @@ class OptimizedModel(torch.nn.Module):
 
     def save(self, path: str) -> None:
         """``.onnx`` writes an ONNX model (when the ONNX backend is available); anything else the IR."""
+        import os
+
         from graphopt.backends.registry import save
 
         folder = os.path.dirname(os.path.abspath(os.fspath(path)))
@@ -72,13 +73,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
         start = time.perf_counter()
         graph = from_torch(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
         report.capture_seconds = time.perf_counter() - start
-    elif isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"optimize got the path {os.fspath(model)!r}: a path must name an .onnx file; load a torch "
-                        "model yourself and pass the module, and load a saved graphopt IR file with "
-                        "graphopt.load_graph(path)")
     else:
-        raise TypeError(f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
-                        f"not {type(model).__name__}")
+        raise TypeError(_not_a_model(model))
     flat = _flat_tensors(graph, args, kwargs) if example_inputs is not None else None
     if calibration is not None:
         calibration = calibration_batches(graph, calibration)
@@ -89,6 +85,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
 
 
 def _is_onnx(model) -> bool:
+    import os
+
     if isinstance(model, (str, os.PathLike)):
         return os.fspath(model).lower().endswith(".onnx")
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
@@ -153,3 +151,13 @@ def _check_structure(in_spec, args, kwargs) -> None:
             return f"{n} positional input(s) and keywords {sorted(keys)}" if keys else f"{n} positional input(s)"
         raise TypeError(f"the model was captured with {describe(positional, keywords)}, got "
                         f"{describe(len(args), list(kwargs))}; give inputs the way example_inputs were given")
+
+
+def _not_a_model(model) -> str:
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        return (f"optimize got the path {os.fspath(model)!r}: a path must name an .onnx file; load a torch model "
+                "yourself and pass the module, and load a saved graphopt IR file with graphopt.load_graph(path)")
+    return (f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
+            f"not {type(model).__name__}")
