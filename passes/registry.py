@@ -250,7 +250,7 @@ def _parse_mapping(text: str, fail) -> dict:
         value = ast.literal_eval(text)
         if isinstance(value, dict):
             return value
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not Python: read it as key:value
         pass
     mapping = {}
     for item in filter(str.strip, text[1:-1].split(",")):
