@@ -1,6 +1,6 @@
 """opt-cli: run graphopt passes over an ONNX model.
 
-    opt-cli MODEL.onnx -o OUT.onnx -p dce -p "tome:r=8" --check --report report.html
+    opt-cli MODEL.onnx -o OUT.onnx -p dce -p "token_merge:r=8" --check --report report.html
     opt-cli --list-passes
     opt-cli --explain cse
     opt-cli --demo --check
@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LISTING = "opt-cli --list-passes"  # what an unknown-pass error tells a CLI user to run
 MAX_RANDOM_INPUT_BYTES = 1 << 30  # random inputs for --check / --verify-passes, all together
 EXACT_MIN_COSINE, LOSSY_MIN_COSINE = 0.999, 0.9
 
@@ -52,11 +53,13 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opt-cli", description="Optimize an ONNX model with graphopt passes and write the result as ONNX.",
-        epilog="Exit status: 0 done, 1 a pass, the lowering or the --check failed, 2 bad input or usage.")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    p.add_argument("--version", action="version", version=f"%(prog)s (graphopt) {_version()}")
     p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model to optimize (never modified)")
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="where to write the optimized model")
     p.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="PASS",
-                   help='a pass to run, in order; options as "name:opt=value,opt2=value" (repeatable)')
+                   help='a pass to run, in order (repeatable); options as "name:opt=value,opt2=value", a list '
+                        'as a,b or [a,b], a mapping as {key:value,key2:value2}')
     p.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
     p.add_argument("--explain", metavar="PASS", help="show a pass's options and what it rewrites, and exit")
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: one array per model input name "
@@ -91,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data next to the output")
     g.add_argument("-q", "--quiet", action="store_true", help="print no table, only errors")
     return p
+
+
+_EPILOG = """examples:
+  opt-cli --demo --check                                  the built-in small ViT, checked in ONNX Runtime
+  opt-cli model.onnx -o out.onnx -p cse -p dce            clean up a model
+  opt-cli model.onnx -o out.onnx -p "token_merge:r=8" --check --report report.html
+  opt-cli model.onnx -o out.onnx --calib calib.npz -p integer_only
+  opt-cli model.onnx -o out.onnx -p "low_rank:ranks={blocks.0.*:16,blocks.1.*:8}"
+  opt-cli --list-passes                                   every pass, what it does
+  opt-cli --explain low_rank                              a pass's options
+
+pass options: "name:opt=value,opt2=value"; a list is a,b or [a,b]; a mapping {key:value,key2:value2}
+(quote the whole -p argument for the shell).
+
+exit status: 0 done, 1 a pass, the lowering or the --check failed, 2 bad input or usage."""
+
+
+def _version() -> str:
+    from graphopt import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +213,7 @@ def run(args) -> int:
 
     from graphopt.passes import make_spec
 
-    specs = [make_spec(p) for p in args.passes]  # bad pass names and options fail before any work
+    specs = [make_spec(p, LISTING) for p in args.passes]  # bad pass names and options fail before any work
     dims = _parse_dims(args.dim)
     inputs = [p for p in (args.model, args.calib) if p]
     output = _check_output_path(args.output, inputs, args.force, (".onnx",), "output")
@@ -270,11 +294,16 @@ def _list_passes() -> int:
     table.add_column("check", justify="right")
     for name in list_passes():
         info = get_pass(name)
-        first = info.description.splitlines()[0] if info.description else ""
+        first = _first_paragraph(info.description)
         tol = "lossy" if info.tolerance is None else f"<= {info.tolerance:g}"
         table.add_row(name, first, tol)
     Console().print(table)
     return EXIT_OK
+
+
+def _first_paragraph(description: str) -> str:
+    """A docstring's first paragraph as one line (its first line alone can stop mid-sentence)."""
+    return " ".join(description.split("\n\n")[0].split())
 
 
 def _explain(name: str) -> int:
@@ -282,7 +311,7 @@ def _explain(name: str) -> int:
 
     from graphopt.passes import get_pass, pass_help
 
-    info = get_pass(name)  # unknown names raise PassConfigError with a suggestion (exit 2)
+    info = get_pass(name, LISTING)  # unknown names raise PassConfigError with a suggestion (exit 2)
     print(pass_help(name))
     try:
         doc = importlib.import_module(info.module).__doc__

@@ -14,27 +14,38 @@ from graphopt.passes import PassManager, Report
 from graphopt.progress import showing, task
 
 
-class OptimizedModel:
-    """Called like the original model. ``.graph`` is the optimized IR, ``.report`` what each pass did,
-    ``.executable`` what the backend made of the graph."""
+class OptimizedModel(torch.nn.Module):
+    """Called like the original model (a ``torch.nn.Module``, so it drops into code that expects one).
+    ``.graph`` is the optimized IR, ``.report`` what each pass did, ``.executable`` what the backend
+    made of the graph. It is for inference: it holds no parameters (the weights are constants of the
+    graph, run by the backend), so ``.parameters()`` is empty and ``.to()``/``.half()`` change nothing;
+    ``forward`` runs without autograd."""
 
     def __init__(self, graph: Graph, report: Report, backend: str, backend_options: dict | None = None):
         from graphopt.backends.registry import lower
 
+        super().__init__()
         self.graph = graph
         self.report = report
         self.backend = backend
         with task(f"lowering to the {backend} backend"):
-            self.executable = lower(graph, backend, **(backend_options or {}))
+            self.__dict__["executable"] = lower(graph, backend, **(backend_options or {}))  # not a submodule: no parameters
+        self.eval()
 
-    def __call__(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         check_inputs(self.graph, _flat_tensors(self.graph, args, kwargs), dtypes=False)
         with torch.no_grad():
             return self.executable(*args, **kwargs)
 
     def save(self, path: str) -> None:
         """``.onnx`` writes an ONNX model (when the ONNX backend is available); anything else the IR."""
+        import os
+
         from graphopt.backends.registry import save
+
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot save {os.fspath(path)!r}: folder {folder!r} does not exist; create it first")
         save(self.graph, path)
 
 
@@ -61,6 +72,8 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     ``progress=False`` turns off the progress display (also ``GRAPHOPT_PROGRESS=0``); off a terminal
     it is one line per step on stderr.
     """
+    if isinstance(passes, str):  # one pass ("cse" or "low_rank:ratio=0.5"), not its letters
+        passes = [passes]
     report = Report()
     args, kwargs = _split_inputs(example_inputs)
     if _is_onnx(model):
@@ -81,8 +94,7 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
             graph = from_torch(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
         report.capture_seconds = time.perf_counter() - start
     else:
-        raise TypeError(f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
-                        f"not {type(model).__name__}")
+        raise TypeError(_not_a_model(model))
     flat = None
     if example_inputs is not None:
         try:
@@ -226,5 +238,28 @@ def _flat_tensors(graph: Graph, args, kwargs) -> tuple[torch.Tensor, ...]:
     if graph.meta.get("in_spec") is None:
         return tuple(bind_by_name([v.name for v in graph.inputs], args, kwargs))
 
+    _check_structure(graph.meta["in_spec"], args, kwargs)
     flat = flatten_inputs(graph.meta["in_spec"], args, kwargs)
     return tuple(flat[i] for i, slot in enumerate(graph.meta["user_inputs"]) if slot is not None)
+
+
+def _check_structure(in_spec, args, kwargs) -> None:
+    """Name the positional count and keyword names the capture expects, not a TreeSpec dump."""
+    if in_spec.num_children != 2:
+        return
+    positional, keywords = in_spec.child(0).num_children, list(in_spec.child(1).context or [])
+    if len(args) != positional or sorted(kwargs) != sorted(keywords):
+        def describe(n, keys):
+            return f"{n} positional input(s) and keywords {sorted(keys)}" if keys else f"{n} positional input(s)"
+        raise TypeError(f"the model was captured with {describe(positional, keywords)}, got "
+                        f"{describe(len(args), list(kwargs))}; give inputs the way example_inputs were given")
+
+
+def _not_a_model(model) -> str:
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        return (f"optimize got the path {os.fspath(model)!r}: a path must name an .onnx file; load a torch model "
+                "yourself and pass the module, and load a saved graphopt IR file with graphopt.load_graph(path)")
+    return (f"optimize takes a torch.nn.Module, a graphopt Graph, an .onnx path or an onnx.ModelProto, "
+            f"not {type(model).__name__}")

@@ -20,7 +20,9 @@ reference implementations. Every kernel computes the reference's integers (tests
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 import graphopt.backends.cpu_integer_ops  # noqa: F401  (registers the cpu.* ops)
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.registry import register_backend
-from graphopt.backends.torch_backend import TorchExecutable
+from graphopt.backends.torch_backend import LoweringError, TorchExecutable
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.ops.integer import requant, shift_pow2, shiftgelu
 from graphopt.ir.verifier import verify
@@ -93,10 +95,27 @@ def _gelu_table(first: Node, gelu: Node, second: Node | None) -> torch.Tensor:
     return table.to(I32).contiguous()
 
 
+class Lowered(NamedTuple):
+    """One report entry: ``kernel`` is the cpu.* op made (or "reference"), ``nodes`` what it replaced (or why not)."""
+    kernel: str
+    nodes: str
+
+
+class KernelReport(list):
+    """What became which kernel and what stayed on the reference ops; prints as a short summary."""
+
+    def __str__(self) -> str:
+        made = Counter(e.kernel for e in self if e.kernel != "reference")
+        kept = [e.nodes for e in self if e.kernel == "reference"]
+        lines = [f"cpu_integer: {sum(made.values())} kernel(s)" + (": " + ", ".join(f"{k} x{n}" for k, n in sorted(made.items())) if made else "")]
+        lines += [f"left on the reference ops: {len(kept)}"] + [f"  {why}" for why in kept] if kept else []
+        return "\n".join(lines)
+
+
 class _Lowering:
     def __init__(self, graph: Graph, threads: int):
         self.graph, self.threads = graph, threads
-        self.report: list[tuple[str, str]] = []
+        self.report = KernelReport()
         self._erased: set[int] = set()
 
     def const(self, tensor: torch.Tensor, name: str) -> Value:
@@ -107,7 +126,7 @@ class _Lowering:
         for node in reversed(old_nodes):
             self.graph.erase_node(node)
             self._erased.add(id(node))
-        self.report.append((new.producer.op, " -> ".join(n.label() for n in old_nodes)))
+        self.report.append(Lowered(new.producer.op, " -> ".join(n.label() for n in old_nodes)))
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
@@ -117,7 +136,7 @@ class _Lowering:
             if handler is not None:
                 reason = handler(node)
                 if reason:
-                    self.report.append(("reference", f"{node.label()}: {reason}"))
+                    self.report.append(Lowered("reference", f"{node.label()}: {reason}"))
         self.graph.remove_unused_constants()
 
     # ---- epilogues ------------------------------------------------------------------------------
@@ -293,8 +312,13 @@ class _Lowering:
         return shift_pow2(torch.arange(0, n * X + 1, dtype=I32), X, n).to(I32).contiguous()
 
 
-def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, list[tuple[str, str]]]:
-    """A copy of ``graph`` with its integer chains replaced by cpu.* kernel ops, and the report."""
+def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, KernelReport]:
+    """A copy of ``graph`` with its integer chains replaced by cpu.* kernel ops, and the report.
+    A graph without integer ops is refused: running it here would silently be the float model."""
+    if not any(n.op.startswith("int.") for n in graph.nodes):
+        raise LoweringError(f"backend 'cpu_integer': graph {graph.name!r} has no integer ops, so nothing would be "
+                            "lowered to the integer kernels; run the 'integer_only' pass first (it needs calibration "
+                            "data), or use backend='torch' for a float graph")
     lowering = _Lowering(graph.clone(), threads or torch.get_num_threads())
     lowering.run()
     verify(lowering.graph)
@@ -305,8 +329,8 @@ class CpuIntegerExecutable(TorchExecutable):
     """Called like the source model; ``.report`` says which nodes became which kernel."""
 
     def __init__(self, graph: Graph, *, threads: int | None = None):
+        lowered, self.report = lower_to_kernels(graph, threads)  # a float graph is refused before any build
         kernels.library()                    # build the kernels now: a missing compiler fails here
-        lowered, self.report = lower_to_kernels(graph, threads)
         super().__init__(lowered)
 
 

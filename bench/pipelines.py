@@ -2,7 +2,7 @@
 
 A later pass adds its pipeline here (or from its own module, imported by ``bench/run.py``)::
 
-    register_pipeline("tome r=8", ["tome:r=8", "cse", "dce"], backend="onnxruntime",
+    register_pipeline("token_merge r=8", ["token_merge:r=8", "cse", "dce"], backend="onnxruntime",
                       description="token merging, 8 tokens per block")
 
 A pipeline whose passes are not registered in this checkout is listed as skipped, not run.

@@ -134,6 +134,28 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
     return f"node '{node.name}' ({op})" if node.name else f"node #{index} ({op})"
 
 
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The torch module a node came from, as the torch.onnx (dynamo) exporter records it in the node's
+    metadata (``pkg.torch.onnx.name_scopes`` ['', 'blocks.0', 'blocks.0.fc1', 'linear'], or the
+    ``namespace`` string): its value names (``val_28``) say nothing, but ``layers=`` patterns need it."""
+    import ast
+
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = None
+        if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):
+            return names[-2] or None
+    namespace = props.get("namespace")
+    if namespace:  # ": pkg.M/blocks.0: pkg.Block/blocks.0.fc1: Linear/linear: aten.linear.default"
+        paths = [part.split(":")[0].strip() for part in namespace.split("/")]
+        return paths[-2] or None if len(paths) >= 2 else None
+    return None
+
+
 def subgraph_free_names(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names read by the node's subgraphs (If/Loop/Scan bodies)."""
     free: set[str] = set()
@@ -689,11 +711,14 @@ class _Converter:
 
     def _adopt(self, node, outs, values, mark):
         created = set()
+        module = module_path(node)
         n = mark.next if mark is not None else self.graph._head
         while n is not None:
             created.add(id(n))
             n.meta.setdefault("onnx_name", node.name)
             n.meta.setdefault("source", node.name or node.op_type)
+            if module:
+                n.meta.setdefault("module", module)
             n = n.next
         for name, value in zip(outs, values):
             if not name or value is None:

@@ -690,6 +690,8 @@ def propagate(cv, node: onnx.NodeProto, ins) -> list | None:
         return [_canon(_elementwise(_ELEMENTWISE[op], k[0], k[1]))]
     if op == "Div":
         return [_canon(_elementwise(_floordiv, k[0], k[1]))] if not ins[0].type.dtype.is_floating_point else None
+    if op == "Mod":  # integer Mod (fmod=0) takes the divisor's sign, as Python's %; the legacy exporter's axis arithmetic
+        return [_canon(_elementwise(lambda x, y: x % y, k[0], k[1]))] if not a.get("fmod", 0) else None
     if op == "Not":
         return [_elementwise(lambda v: not v, k[0])]
     if op == "Where":
@@ -762,4 +764,4 @@ def propagate(cv, node: onnx.NodeProto, ins) -> list | None:
 
 
 _NEEDS_ATTRS = {"Shape", "Cast", "Gather", "Concat", "Unsqueeze", "Squeeze", "Reshape", "ConstantOfShape", "ReduceProd",
-                "ReduceSum"}
+                "ReduceSum", "Mod"}

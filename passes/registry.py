@@ -2,8 +2,10 @@
 
 A pass is a function ``fn(graph, ctx, *, opt=option(default, "doc"), ...)`` that rewrites the
 graph in place (or returns a new one). Options are keyword-only parameters; their annotations
-give the type, so ``"tome:r=8"`` strings and ``("tome", {"r": 8})`` objects are both checked
-and converted the same way. Pass authors register from their own package; a name can only be
+give the type, so ``"token_merge:r=8"`` strings and ``("token_merge", {"r": 8})`` objects are both
+checked and converted the same way. In the string form a list is ``a,b`` or ``[a,b]`` and a mapping
+``{key:value,key2:value2}`` (quotes optional; the last ``:`` splits a key from its value, so
+``{re:blocks\\.[0-3]\\..*:16}`` works). Pass authors register from their own package; a name can only be
 taken once, so plugins cannot silently replace each other.
 """
 from __future__ import annotations
@@ -68,15 +70,24 @@ class OptionSpec:
                 except PassConfigError:
                     continue
             fail("does not fit any of the allowed types")
-        if origin in (list, tuple):
-            items = value.split(",") if isinstance(value, str) else value
+        if origin in (list, tuple) or self.type in (list, tuple):
+            if isinstance(value, str):
+                text = value.strip()
+                if text.startswith("[") != text.endswith("]"):
+                    fail("has an unclosed '['; write [a,b] or a,b")
+                text = text[1:-1] if text.startswith("[") else text
+                items = [v.strip() for v in text.split(",")] if text else []
+            else:
+                items = value
             if not isinstance(items, (list, tuple)):
                 fail("must be a list")
             inner = OptionSpec(self.name, args[0] if args else str, self.default, self.doc)
             return [inner.convert(v, pass_name) for v in items]
-        if origin is dict:
+        if origin is dict or self.type is dict:
+            if isinstance(value, str):
+                value = _parse_mapping(value, fail)
             if not isinstance(value, dict):
-                fail("must be a mapping")
+                fail("must be a mapping, written {key:value,key2:value2}")
             return dict(value)
         if self.type is bool:
             if isinstance(value, bool):
@@ -165,11 +176,13 @@ def register_pass(name: str, *, tolerance: float | None = 1e-5, requires=None, e
     return wrap
 
 
-def get_pass(name: str) -> PassInfo:
+def get_pass(name: str, listing: str = "graphopt.list_passes()") -> PassInfo:
+    """``listing``: what the error tells the user to run to see every pass (the CLI names its flag)."""
     _load_builtin_passes()
     if name not in _PASSES:
-        raise PassConfigError(f"unknown pass {name!r}{_did_you_mean(name, _PASSES)}; "
-                              "graphopt.list_passes() shows them all")
+        several = "; a pass name has no ',': give several passes as a list" if "," in name else ""
+        raise PassConfigError(f"unknown pass {name!r}{_did_you_mean(name, _PASSES)}{several}; "
+                              f"{listing} shows them all")
     return _PASSES[name]
 
 
@@ -182,7 +195,7 @@ def pass_help(name: str) -> str:
     return get_pass(name).help()
 
 
-def make_spec(item) -> PassSpec:
+def make_spec(item, listing: str = "graphopt.list_passes()") -> PassSpec:
     """Accepts ``"name"``, ``"name:k=v,k2=v2"``, ``("name", {"k": v})`` or a PassSpec."""
     if isinstance(item, PassSpec):
         return item
@@ -198,7 +211,7 @@ def make_spec(item) -> PassSpec:
         name, raw = item
     else:
         raise PassConfigError(f"cannot read a pass from {item!r}; use 'name', 'name:k=v' or ('name', {{k: v}})")
-    info = get_pass(name.strip())
+    info = get_pass(name.strip(), listing)
     options = {}
     for key, value in raw.items():
         if key not in info.options:
@@ -214,14 +227,47 @@ def make_spec(item) -> PassSpec:
 
 
 def _split_options(text: str) -> list[str]:
-    """Split on commas that start a new ``key=``; commas inside a list value stay."""
+    """Split on commas that start a new ``key=``; commas inside a list or ``{...}``/``[...]`` value stay."""
     parts: list[str] = []
+    depth = 0
     for piece in text.split(","):
-        if parts and "=" not in piece:
+        if parts and (depth > 0 or "=" not in piece):
             parts[-1] += "," + piece
         else:
             parts.append(piece)
+        depth += piece.count("{") + piece.count("[") - piece.count("}") - piece.count("]")
     return parts
+
+
+def _parse_mapping(text: str, fail) -> dict:
+    """``{key:value,...}`` as written on a command line: quotes optional, numbers become numbers."""
+    import ast
+
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        fail("must be a mapping, written {key:value,key2:value2}")
+    try:
+        value = ast.literal_eval(text)
+        if isinstance(value, dict):
+            return value
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not Python: read it as key:value
+        pass
+    mapping = {}
+    for item in filter(str.strip, text[1:-1].split(",")):
+        key, colon, raw = item.rpartition(":")
+        if not colon or not key.strip():
+            fail(f"entry {item.strip()!r} is not key:value")
+        mapping[key.strip().strip("'\"")] = _scalar(raw.strip().strip("'\""))
+    return mapping
+
+
+def _scalar(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _did_you_mean(name: str, choices) -> str:

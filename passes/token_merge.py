@@ -89,6 +89,10 @@ def token_merge(graph: Graph, ctx, *,
         protect = len(special)
     for b in blocks:
         _check_block(b)
+    first = blocks[0].input.type.shape[1]
+    if isinstance(first, int) and max(rs) > (first - protect) // 2:  # later blocks clamp r, as ToMe does
+        raise TokenPassError(f"token_merge: r={max(rs)} is too large for {first} tokens ({protect} protected): a block "
+                             f"merges at most half of the unprotected tokens, so r is at most {(first - protect) // 2}")
     trivial = set()
     for b in blocks:
         mask = b.attention.mask
