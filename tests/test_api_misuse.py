@@ -52,7 +52,7 @@ def test_numpy_example_inputs_are_taken_as_tensors(mlp):
                            r"\(input 0 of 1\)"),
     ((torch.randn(3, 8).double(),), r"is \(3, 8\) torch.float64, the graph expects f32\[batch,8\]"),
     ((torch.randn(3, 8, 1),), r"is \(3, 8, 1\) torch.float32, the graph expects f32\[batch,8\]"),
-    ((torch.randn(3, 8), torch.randn(3, 8)), "example_inputs: input structure differs"),
+    ((torch.randn(3, 8), torch.randn(3, 8)), r"example_inputs: the model was captured with 1 positional input\(s\), got 2"),
 ])
 def test_example_inputs_that_do_not_fit_the_graph_are_named(mlp, inputs, message):
     _, _, graph = mlp
