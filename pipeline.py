@@ -5,6 +5,7 @@ import functools
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -216,6 +217,8 @@ def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "", 
     sizes: dict = {}
     for position, (value, tensor) in enumerate(zip(graph.inputs, flat)):
         t, which = value.type, f" (input {position} of {len(flat)})"
+        if isinstance(tensor, np.ndarray) and tensor.dtype != object:  # the ONNX Runtime backend takes arrays
+            tensor = torch.from_numpy(tensor)
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{prefix}input %{value.name} is a {type(tensor).__name__}, the graph expects a "
                              f"tensor {t}{which}")
