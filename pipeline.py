@@ -125,8 +125,6 @@ def _is_onnx(model) -> bool:
 def _split_inputs(example_inputs, what: str = "example_inputs") -> tuple[tuple, dict]:
     """(args, kwargs) from the accepted forms, numpy arrays as tensors; a TypeError naming the position
     of anything that cannot be a model input."""
-    import numpy as np
-
     if example_inputs is None:
         return (), {}
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
