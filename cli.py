@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every pass numerically against the graph before it (torch reference backend)")
     g.add_argument("--opset", type=int, default=None, help="ai.onnx opset to write (default: the input's)")
     g.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data next to the output")
-    g.add_argument("-q", "--quiet", action="store_true", help="print no table, only errors")
+    g.add_argument("-q", "--quiet", action="store_true", help="print no table or progress, only errors")
+    g.add_argument("-v", "--verbose", action="store_true", help="every pass note in full (the table shows a summary)")
     return p
 
 
@@ -159,27 +160,31 @@ def _one_line(error: BaseException) -> str:
 # Progress
 # =============================================================================================
 class Progress:
-    """Spinner and a done line per step on a terminal; silent otherwise. Records step times."""
+    """A spinner and a done line per step on a terminal (stderr); off a terminal a plain line per finished
+    step on stdout, so stderr keeps the one-line error contract. Records step times."""
 
     def __init__(self, enabled: bool):
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self.enabled = enabled and self.console.is_terminal
+        self.enabled = enabled
+        self.terminal = self.console.is_terminal
         self.timings: dict[str, float] = {}
 
     @contextmanager
     def step(self, text: str, key: str | None = None):
         start = time.perf_counter()
-        if self.enabled:
+        if self.enabled and self.terminal:
             with self.console.status(text + " ..."):
                 yield
         else:
             yield
         seconds = time.perf_counter() - start
         self.timings[key or text] = round(self.timings.get(key or text, 0.0) + seconds, 4)
-        if self.enabled:
+        if self.enabled and self.terminal:
             self.console.print(f"[green]done[/green] {text} [dim]({seconds:.1f} s)[/dim]", highlight=False)
+        elif self.enabled:
+            print(f"opt-cli: {text}: done ({seconds:.1f} s)", flush=True)
 
 
 # =============================================================================================
@@ -263,11 +268,12 @@ def run(args) -> int:
 
         check = None
         if args.check:
-            check = _check(before, proto_out, staged_model, feeds, args, specs, progress)
+            check = _check(before, proto_out, staged_model, feeds, args, specs, progress,
+                           graph.meta.get("leading_tokens_kept"))
 
         summary = {"source": source, "input": before, "output": after, "passes": [str(s) for s in specs],
                    "pipeline": pipeline, "check": check, "inputs": input_note, "timings": progress.timings,
-                   "written": written}
+                   "written": written, "verbose": args.verbose}
         if not args.quiet:
             _print_summary(summary)
         if check is not None and not check["passed"]:
@@ -797,7 +803,25 @@ def check_limits(specs, atol, min_cosine) -> tuple[float, float, bool]:
     return atol, min_cosine, lossy
 
 
-def _check(before: ModelSide, proto_out, staged_model, feeds, args, specs, progress) -> dict:
+def _comparable(name: str, a, b, leading: int | None):
+    """The parts of one output pair that can be compared element-wise, and why the rest cannot. A token pass
+    changes the token axis' length: only the leading tokens it keeps in place (CLS) still line up."""
+    if a.shape == b.shape:
+        return a, b, None
+    changed = [i for i in range(a.ndim) if a.ndim == b.ndim and a.shape[i] != b.shape[i]]
+    why = f"shape {list(a.shape)} -> {list(b.shape)}"
+    if len(changed) != 1 or leading is None:
+        return None, None, f"{why}: not comparable element-wise"
+    axis = changed[0]
+    why += f" (tokens merged or dropped along axis {axis})"
+    if not leading:
+        return None, None, f"{why}: no token stays in place to compare (no leading special token)"
+    index = (slice(None),) * axis + (slice(0, leading),)
+    return a[index], b[index], f"{why}: compared on the {leading} leading token(s) kept in place (CLS); the rest " \
+                               "are merged or dropped"
+
+
+def _check(before: ModelSide, proto_out, staged_model, feeds, args, specs, progress, leading_tokens=None) -> dict:
     import numpy as np
 
     with progress.step(f"ONNX Runtime: both models, {args.warmup} warm-up + {args.runs} timed runs each", "check"):
@@ -815,10 +839,10 @@ def _check(before: ModelSide, proto_out, staged_model, feeds, args, specs, progr
             pairs.append((name, np.asarray(ref[i]), np.asarray(got[j])))
     per_output, worst, scale = {}, 0.0, 1.0
     dots = norm_a = norm_b = 0.0
-    for name, a, b in pairs:
-        if a.shape != b.shape:
-            per_output[name] = {"max_abs_error": float("inf"), "shape_before": list(a.shape), "shape_after": list(b.shape)}
-            worst = float("inf")
+    for name, a_full, b_full in pairs:
+        a, b, why = _comparable(name, a_full, b_full, leading_tokens)
+        if a is None:
+            per_output[name] = {"max_abs_error": None, "compared": why}
             continue
         a64, b64 = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
         nan_a, nan_b = np.isnan(a64), np.isnan(b64)
@@ -826,7 +850,7 @@ def _check(before: ModelSide, proto_out, staged_model, feeds, args, specs, progr
         diff[nan_a & nan_b] = 0.0
         diff[nan_a != nan_b] = np.inf
         err = float(np.max(diff)) if diff.size else 0.0
-        per_output[name] = {"max_abs_error": err}
+        per_output[name] = {"max_abs_error": err} if why is None else {"max_abs_error": err, "compared": why}
         worst = max(worst, err)
         finite = np.isfinite(a64)
         if finite.any():
@@ -839,6 +863,8 @@ def _check(before: ModelSide, proto_out, staged_model, feeds, args, specs, progr
     atol, min_cosine, lossy = check_limits(specs, args.atol, args.min_cosine)
     limit = atol * scale
     problems = []
+    if all(o["max_abs_error"] is None for o in per_output.values()):
+        problems.append("no output can be compared: " + "; ".join(f"{n}: {o['compared']}" for n, o in per_output.items()))
     if not worst <= limit:
         problems.append(f"max abs error {worst:.3g} > {limit:.3g} (--atol {atol:g} x output scale {scale:.3g})")
     if not cosine >= min_cosine:
@@ -907,6 +933,9 @@ def summary_tables(summary) -> list:
         t.add_column("value", justify="right")
         t.add_row("max abs error", f"{check['max_abs_error']:.3e}")
         t.add_row("cosine similarity", f"{check['cosine']:.6f}")
+        for name, o in check["outputs"].items():
+            if "compared" in o:
+                t.add_row(f"output {name}", o["compared"])
         t.add_row("latency before", f"{check['latency_before_ms']:.2f} ms")
         t.add_row("latency after", f"{check['latency_after_ms']:.2f} ms")
         t.add_row("latency ratio (after / before)", f"{check['latency_ratio']:.3f}x")
@@ -914,7 +943,7 @@ def summary_tables(summary) -> list:
         tables.append(t)
     pipeline = summary["pipeline"]
     if pipeline.passes:
-        tables.insert(0, pipeline.table())
+        tables.insert(0, pipeline.table(verbose=summary.get("verbose", False)))
     return tables
 
 

@@ -789,6 +789,8 @@ class _Converter:
             gdtype, gdims = self.onnx_type(name)
             dtype = ldtype or gdtype
             dims = ldims if ldims is not None else gdims if gdims is not None else _reduction_dims(node, ins)
+            if dims is None:
+                dims = _loop_dims(node, ins, list(node.output).index(name))
             if dtype is None or dims is None:
                 what = "dtype" if dtype is None else "rank"
                 raise OnnxLoadError(f"{self.where}: cannot tell the {what} of output '{name}' of "
@@ -912,6 +914,23 @@ def _reduction_dims(node: onnx.NodeProto, ins: list) -> list | None:
     if not isinstance(count, int) or count == 0:  # no axes reduces everything, or nothing (noop_with_empty_axes)
         return None
     return [None] * (rank - count)
+
+
+def _loop_dims(node: onnx.NodeProto, ins: list, k: int) -> list | None:
+    """The rank of a Loop's output ``k``, which shape inference leaves unknown for carried values (their
+    sizes may change between iterations): a carried value keeps the rank that its initial value and the
+    body's declared output agree on; a scan output has one more axis, the iterations. Sizes stay unknown."""
+    if node.op_type != "Loop" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    body = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "body"), None)
+    if body is None or k + 1 >= len(body.output) or not body.output[k + 1].type.tensor_type.HasField("shape"):
+        return None
+    rank = len(body.output[k + 1].type.tensor_type.shape.dim)
+    carried = len(node.input) - 2
+    if k >= carried:
+        return [None] * (rank + 1)
+    initial = ins[2 + k] if 2 + k < len(ins) else None
+    return [None] * rank if initial is not None and initial.type.rank == rank else None
 
 
 def _ort_session(model: onnx.ModelProto, strict: bool = False):

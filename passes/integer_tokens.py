@@ -119,6 +119,7 @@ def merge_integer_graph(graph: Graph, ctx, rs_of, prop_attn: bool, protect: int,
         return
     if protect < 0:
         protect = _leading_special_tokens(graph, blocks[0][1])
+    graph.meta["leading_tokens_kept"] = protect
     sizes, counts, total = None, [], None
     for (shiftmax, stream, keys), r_i in zip(blocks, rs):
         n = stream.type.shape[1]

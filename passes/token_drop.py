@@ -93,6 +93,7 @@ def _drop_in_vision(graph, ctx, s, keep, count, layer, rank):
     if special != list(range(p)):
         raise TokenPassError(f"token_drop: the special tokens {special} found by the structure analysis are not the "
                              "leading positions")
+    graph.meta["leading_tokens_kept"] = p  # dropping keeps the leading special tokens in place
     if rank == "auto":
         rank = "cls" if p else "mean"
     if rank not in ("cls", "mean"):

@@ -89,6 +89,7 @@ def token_merge(graph: Graph, ctx, *,
         protect = len(special)
     for b in blocks:
         _check_block(b)
+    graph.meta["leading_tokens_kept"] = protect  # outputs that keep the token axis agree on these positions
     first = blocks[0].input.type.shape[1]
     if isinstance(first, int) and max(rs) > (first - protect) // 2:  # later blocks clamp r, as ToMe does
         raise TokenPassError(f"token_merge: r={max(rs)} is too large for {first} tokens ({protect} protected): a block "

@@ -138,6 +138,27 @@ def test_loop_with_scan_outputs_runs_alone():
     assert_matches_onnxruntime(model, {"n": np.array(4, np.int64), "start": np.array([1.0, 2.0], np.float32)})
 
 
+
+def test_loop_outputs_nobody_declares_take_the_bodys_ranks():
+    """Shape inference leaves a Loop's carried values untyped (their sizes may change between iterations):
+    the rank comes from the body's declared outputs and the initial value; a scan output adds one axis."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["acc", "step"], ["acc_out"]),
+         helper.make_node("Identity", ["acc"], ["seen"])],
+        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc", F, [2])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", F, [2]),
+         helper.make_tensor_value_info("seen", F, [2])])
+    model = model_of([helper.make_node("Loop", ["n", "", "start"], ["last", "all"], body=body),
+                      helper.make_node("Mul", ["last", "start"], ["y"]), helper.make_node("ReduceSum", ["all"], ["z"])],
+                     [helper.make_tensor_value_info("n", I64, []), helper.make_tensor_value_info("start", F, [2])],
+                     [helper.make_tensor_value_info("y", F, None), helper.make_tensor_value_info("z", F, None)],
+                     [numpy_helper.from_array(np.array([0.5, -1.0], np.float32), "step")])
+    graph = assert_matches_onnxruntime(model, {"n": np.array(3, np.int64), "start": np.array([1.0, 2.0], np.float32)})
+    loop_outputs = [v for n in graph.nodes if n.op == "onnx_opaque" and n.attrs["op_type"] == "Loop" for v in n.outputs]
+    assert [v.type.rank for v in loop_outputs] == [1, 2]
+
+
 # ---- the exporters' Linear ------------------------------------------------------------------------
 @pytest.mark.parametrize("form", ["matmul_add", "matmul_transpose_add", "gemm", "matmul_shared_weight"])
 def test_matmul_with_a_constant_weight_reads_as_linear(form):
