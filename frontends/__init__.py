@@ -1,4 +1,10 @@
 """Frontends: PyTorch (torch.export) and ONNX into the IR."""
-from graphopt.frontends.torch_export import ExportError, FrontendError, capture, from_exported_program, from_torch
+
+
+class FrontendError(Exception):
+    """The model holds something the IR cannot represent (or the file cannot be read)."""
+
+
+from graphopt.frontends.torch_export import ExportError, capture, from_exported_program, from_torch  # noqa: E402
 
 __all__ = ["ExportError", "FrontendError", "capture", "from_exported_program", "from_torch"]

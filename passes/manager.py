@@ -119,7 +119,7 @@ class PassManager:
         return work, reference
 
     def _outputs(self, graph: Graph):
-        from graphopt.backends.torch_backend import run
+        from graphopt.ir.interpreter import run
         return run(graph, *self.example_inputs)
 
 
