@@ -28,13 +28,13 @@ import sympy
 import torch
 from onnx import helper
 
-from graphopt.ir.onnx_common import (ONNX_TO_TORCH, onnx_dtype, parse_dim_param, sanitize_symbol_name,
-                                            tensor_from_proto, torch_dtype)
+from graphopt.frontends import FrontendError
 from graphopt.frontends.onnx_load import (OnnxLoadError, densify_sparse_initializers, read_model_bytes,
                                           tensor_byte_size, validate_model)
 from graphopt.frontends.onnx_ops import HANDLERS, Unsupported, propagate
-from graphopt.frontends import FrontendError
 from graphopt.ir import Graph, OpError, TensorType, Value, verify
+from graphopt.ir.onnx_common import (ONNX_TO_TORCH, onnx_dtype, parse_dim_param, sanitize_symbol_name,
+                                     tensor_from_proto, torch_dtype)
 from graphopt.ir.ops.onnx_opaque import OP as OPAQUE, OnnxAttributes
 from graphopt.ir.types import dims_equal, format_dim, symbol
 
@@ -616,21 +616,23 @@ class _Converter:
                 if self._fold(node, outs):
                     return
         handler = HANDLERS.get(node.op_type) if domain == "" and not subgraph_free_names(node) else None
+        mark = self.graph.checkpoint()
         reason = "no IR op for this ONNX op" if domain == "" else f"op of domain {domain}"
         if handler is not None:
-            with self.graph.checkpoint() as mark:
-                try:
-                    result = handler(self, node, ins)
-                    values = list(result) if isinstance(result, (list, tuple)) else [result]
-                    values += [None] * (len(outs) - len(values))
-                    problem = self._check_result(node, outs, values)
-                    if problem is None:
-                        self._adopt(node, outs, values, mark)
-                        return
-                    reason = problem
-                except Exception as e:  # a handler is best effort: whatever it cannot do stays an opaque node
-                    reason = str(e) if isinstance(e, (Unsupported, OpError)) else f"{type(e).__name__}: {e}"
-                mark.rollback()
+            try:
+                result = handler(self, node, ins)
+                values = list(result) if isinstance(result, (list, tuple)) else [result]
+                values += [None] * (len(outs) - len(values))
+                problem = self._check_result(node, outs, values)
+                if problem is None:
+                    self._adopt(node, outs, values, mark)
+                    mark.release()
+                    return
+                reason = problem
+            except Exception as e:  # a handler is best effort: whatever it cannot do stays an opaque node
+                reason = str(e) if isinstance(e, (Unsupported, OpError)) else f"{type(e).__name__}: {e}"
+            mark.rollback()
+        mark.release()
         self._opaque(node, index, domain, ins, reason)
 
     def _fold(self, node, outs) -> bool:
