@@ -20,40 +20,31 @@ Start = Union[Value, Node, Iterable[Union[Value, Node]]]
 def ancestors(start: Start, *, through: Callable[[Node], bool] | None = None,
               limit: int | None = None) -> Iterator[Node]:
     """The nodes ``start`` is computed from."""
-    queue = deque(v for item in _items(start) for v in (item.inputs if isinstance(item, Node) else [item]))
-    seen: set[int] = set()
-    while queue:
-        node = _producer(queue.popleft())
-        if node is None or id(node) in seen:
-            continue
-        if limit is not None and len(seen) >= limit:
-            return
-        seen.add(id(node))
-        yield node
-        if through is None or through(node):
-            queue.extend(node.inputs)
+    return _breadth_first(start, _producers, lambda node: node.inputs, through, limit)
 
 
 def descendants(start: Start, *, through: Callable[[Node], bool] | None = None,
                 limit: int | None = None) -> Iterator[Node]:
     """The nodes computed from ``start``."""
-    queue = deque(v for item in _items(start) for v in (item.outputs if isinstance(item, Node) else [item]))
+    return _breadth_first(start, lambda value: value.users, lambda node: node.outputs, through, limit)
+
+
+def _breadth_first(start: Start, neighbours, onward, through, limit) -> Iterator[Node]:
+    """``neighbours(value)``: the nodes one step away; ``onward(node)``: the values to go on from."""
+    items = [start] if isinstance(start, (Value, Node)) else list(start)
+    queue = deque(v for item in items for v in (onward(item) if isinstance(item, Node) else [item]))
     seen: set[int] = set()
     while queue:
-        for user in queue.popleft().users:
-            if id(user) in seen:
+        for node in neighbours(queue.popleft()):
+            if id(node) in seen:
                 continue
             if limit is not None and len(seen) >= limit:
                 return
-            seen.add(id(user))
-            yield user
-            if through is None or through(user):
-                queue.extend(user.outputs)
+            seen.add(id(node))
+            yield node
+            if through is None or through(node):
+                queue.extend(onward(node))
 
 
-def _items(start: Start) -> list:
-    return [start] if isinstance(start, (Value, Node)) else list(start)
-
-
-def _producer(value: Value | None) -> Node | None:
-    return value.producer if value is not None else None
+def _producers(value: Value | None) -> list[Node]:
+    return [value.producer] if value is not None and value.producer is not None else []
