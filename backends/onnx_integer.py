@@ -22,8 +22,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from graphopt.backends.onnx_lowering import register_lowering
 from graphopt.backends import LoweringError
+from graphopt.backends.onnx_lowering import register_lowering
 from graphopt.ir.onnx_common import onnx_dtype
 from graphopt.ir.ops.integer import INT_DTYPES
 
