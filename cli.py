@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _classify(error: BaseException) -> tuple[int, str]:
-    from graphopt.backends.torch_backend import LoweringError
-    from graphopt.frontends.torch_export import ExportError, FrontendError
+    from graphopt.backends import LoweringError
+    from graphopt.frontends import ExportError, FrontendError
+    from graphopt.ir.interpreter import InterpreterError
     from graphopt.passes import PassConfigError, PassError
 
     text = _one_line(error)
@@ -146,7 +147,7 @@ def _classify(error: BaseException) -> tuple[int, str]:
         return EXIT_USAGE, text
     if isinstance(error, PassError):
         return EXIT_FAILED, text
-    if isinstance(error, (LoweringError, ExportError)):
+    if isinstance(error, (LoweringError, ExportError, InterpreterError)):
         return EXIT_FAILED, text
     return EXIT_FAILED, f"internal error: {type(error).__name__}: {text} (run with --debug for the traceback)"
 
@@ -429,7 +430,7 @@ def _sha256_file(path) -> str:
 # ---- loading -----------------------------------------------------------------------------------
 def _load(args, progress):
     from graphopt.frontends.onnx_frontend import check_external_data, from_onnx, load_external, load_model
-    from graphopt.frontends.torch_export import FrontendError
+    from graphopt.frontends import FrontendError
 
     if args.demo:
         return _load_demo(progress)

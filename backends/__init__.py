@@ -1,4 +1,10 @@
 """Backends lower the IR to something that runs."""
-from graphopt.backends.torch_backend import LoweringError, TorchExecutable, to_fx
 
-__all__ = ["LoweringError", "TorchExecutable", "to_fx"]
+
+class LoweringError(Exception):
+    """The graph cannot be lowered to this backend."""
+
+
+from graphopt.backends.torch_backend import TorchExecutable  # noqa: E402  (needs LoweringError above)
+
+__all__ = ["LoweringError", "TorchExecutable"]

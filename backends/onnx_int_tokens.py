@@ -12,7 +12,7 @@ import torch
 
 from graphopt.backends.onnx_lowering import register_lowering
 from graphopt.backends.onnx_tokens import _reduce, _rows, _slice, bipartite_plan
-from graphopt.frontends.onnx_common import onnx_dtype
+from graphopt.ir.onnx_common import onnx_dtype
 from graphopt.ir.ops.integer_tokens import SCORE_BITS
 from graphopt.ir.ops.tokens import effective_r
 

@@ -22,9 +22,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from graphopt.backends import LoweringError
 from graphopt.backends.onnx_lowering import register_lowering
-from graphopt.backends.torch_backend import LoweringError
-from graphopt.frontends.onnx_common import onnx_dtype
+from graphopt.ir.onnx_common import onnx_dtype
 from graphopt.ir.ops.integer import INT_DTYPES
 
 I32 = torch.int32

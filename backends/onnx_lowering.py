@@ -24,9 +24,9 @@ import sympy
 import torch
 from onnx import TensorProto, helper
 
-from graphopt.backends.torch_backend import LoweringError
-from graphopt.frontends.onnx_common import INT64_MAX, dim_to_param, onnx_dtype, tensor_to_proto
+from graphopt.backends import LoweringError
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir.onnx_common import INT64_MAX, dim_to_param, onnx_dtype, tensor_to_proto
 from graphopt.ir.ops.onnx_opaque import OP as ONNX_OPAQUE
 from graphopt.ir.ops.opaque import TensorArg
 from graphopt.ir.ops.rules import result_dtype

@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto
 
 from graphopt.backends.onnx_lowering import register_lowering
-from graphopt.frontends.onnx_common import INT64_MAX
+from graphopt.ir.onnx_common import INT64_MAX
 from graphopt.ir.ops.tokens import EPS, effective_r
 from graphopt.ir.types import canonical_dim
 
@@ -100,7 +100,7 @@ def _token_merge(em, node):
 
 
 def _onnx_float(dtype):
-    from graphopt.frontends.onnx_common import onnx_dtype
+    from graphopt.ir.onnx_common import onnx_dtype
     return onnx_dtype(dtype)
 
 

@@ -14,11 +14,12 @@ import onnx
 import torch
 import torch.utils._pytree as pytree
 
+from graphopt.backends import LoweringError
 from graphopt.backends.onnx_lowering import DEFAULT_OPSET, register_aten_lowering, register_lowering, to_onnx  # noqa: F401
 from graphopt.backends.registry import register_backend, register_saver
-from graphopt.backends.torch_backend import LoweringError, bind_by_name, flatten_inputs
-from graphopt.frontends.onnx_common import to_numpy
+from graphopt.backends.torch_backend import bind_by_name, flatten_inputs
 from graphopt.ir import Graph
+from graphopt.ir.onnx_common import to_numpy
 
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                        "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}

@@ -125,7 +125,7 @@ DIGITS_VARIANTS = {f"r={r}": [f"token_merge:r={r}"] if r else [] for r in (0, 2,
 def tokens_at_run_time(graph, x) -> list[int]:
     """Tokens each attention really sees (the keys' length in a run); raises if they differ from
     the graph's types, which the pass derived from the schedule."""
-    from graphopt.backends.torch_backend import collect
+    from graphopt.ir.interpreter import collect
     taps = [(n.inputs[1], -2) for n in graph.find_nodes("sdpa")] or \
         [(n.output, -1) for n in graph.nodes if n.op == "softmax" and n.output.type.rank == 4]  # keys / probs
     got = next(collect(graph, [(x,)], [v for v, _ in taps]))

@@ -1,6 +1,12 @@
 """Frontends: PyTorch (torch.export) and ONNX into the IR."""
-from graphopt.frontends.torch_export import ExportError, FrontendError, capture, from_exported_program, from_torch
-from graphopt.frontends.onnx_frontend import OnnxLoadError, from_onnx
+
+
+class FrontendError(Exception):
+    """The model holds something the IR cannot represent (or the file cannot be read)."""
+
+
+from graphopt.frontends.torch_export import ExportError, capture, from_exported_program, from_torch  # noqa: E402
+from graphopt.frontends.onnx_frontend import OnnxLoadError, from_onnx  # noqa: E402
 
 __all__ = ["ExportError", "FrontendError", "OnnxLoadError", "capture", "from_exported_program", "from_onnx",
            "from_torch"]

@@ -28,13 +28,13 @@ import sympy
 import torch
 from onnx import helper
 
-from graphopt.frontends.onnx_common import (ONNX_TO_TORCH, onnx_dtype, parse_dim_param, sanitize_symbol_name,
-                                            tensor_from_proto, torch_dtype)
+from graphopt.frontends import FrontendError
 from graphopt.frontends.onnx_load import (OnnxLoadError, densify_sparse_initializers, read_model_bytes,
                                           tensor_byte_size, validate_model)
 from graphopt.frontends.onnx_ops import HANDLERS, Unsupported, propagate
-from graphopt.frontends.torch_export import FrontendError
 from graphopt.ir import Graph, OpError, TensorType, Value, verify
+from graphopt.ir.onnx_common import (ONNX_TO_TORCH, onnx_dtype, parse_dim_param, sanitize_symbol_name,
+                                     tensor_from_proto, torch_dtype)
 from graphopt.ir.ops.onnx_opaque import OP as OPAQUE, OnnxAttributes
 from graphopt.ir.types import dims_equal, format_dim, symbol
 
@@ -578,7 +578,7 @@ class _Converter:
             outputs.append(self.env[out.name])
             names.append(out.name)
         self.graph.set_outputs(outputs)
-        self._remove_dead()
+        self.graph.remove_dead(keep_impure=False)
         self._record_meta(names)
         try:
             verify(self.graph)
@@ -638,7 +638,7 @@ class _Converter:
                 if self._fold(node, outs):
                     return
         handler = HANDLERS.get(node.op_type) if domain == "" and not subgraph_free_names(node) else None
-        mark = self.graph._tail
+        mark = self.graph.checkpoint()
         reason = "no IR op for this ONNX op" if domain == "" else f"op of domain {domain}"
         if handler is not None:
             try:
@@ -648,11 +648,13 @@ class _Converter:
                 problem = self._check_result(node, outs, values)
                 if problem is None:
                     self._adopt(node, outs, values, mark)
+                    mark.release()
                     return
                 reason = problem
             except Exception as e:  # a handler is best effort: whatever it cannot do stays an opaque node
                 reason = str(e) if isinstance(e, (Unsupported, OpError)) else f"{type(e).__name__}: {e}"
-            self._discard_after(mark)
+            mark.rollback()
+        mark.release()
         self._opaque(node, index, domain, ins, reason)
 
     def _fold(self, node, outs) -> bool:
@@ -712,30 +714,19 @@ class _Converter:
     def _adopt(self, node, outs, values, mark):
         created = set()
         module = module_path(node)
-        n = mark.next if mark is not None else self.graph._head
-        while n is not None:
+        for n in mark.created_nodes():
             created.add(id(n))
             n.meta.setdefault("onnx_name", node.name)
             n.meta.setdefault("source", node.name or node.op_type)
             if module:
                 n.meta.setdefault("module", module)
-            n = n.next
         for name, value in zip(outs, values):
             if not name or value is None:
                 continue
             if value.producer is not None and id(value.producer) in created and value.name != name \
-                    and name not in self.graph._names:
-                self.graph._names.discard(value.name)
-                value.name = name
-                self.graph._names.add(name)
+                    and not self.graph.has_name(name):
+                self.graph.rename(value, name)
             self.env[name] = value
-
-    def _discard_after(self, mark):
-        while self.graph._tail is not mark:
-            n = self.graph._tail
-            for v in n.outputs:
-                v.uses.clear()
-            self.graph.erase_node(n)
 
     # ---- opaque nodes ------------------------------------------------------------------------
     def _opaque(self, node: onnx.NodeProto, index: int, domain: str, ins: list, reason: str) -> None:
@@ -880,20 +871,6 @@ class _Converter:
             types[vi.name] = vi.type
         return types
 
-    def _remove_dead(self) -> None:
-        live: set[int] = {id(v) for v in self.graph.outputs}
-        node = self.graph._tail
-        while node is not None:
-            prev = node.prev
-            if any(id(v) in live for v in node.outputs):
-                live.update(id(v) for v in node.inputs if v is not None)
-            else:
-                for v in node.outputs:
-                    v.uses.clear()
-                self.graph.erase_node(node)
-            node = prev
-        self.graph.remove_unused_constants()
-
 
 _INFERENCE_LABEL = re.compile(r"unk__\d+")
 
@@ -1017,7 +994,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _tensor_proto(tensor: torch.Tensor, name: str) -> onnx.TensorProto:
-    from graphopt.frontends.onnx_common import tensor_to_proto
+    from graphopt.ir.onnx_common import tensor_to_proto
 
     return tensor_to_proto(tensor, name)
 

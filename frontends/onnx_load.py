@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from graphopt.frontends.torch_export import FrontendError
+from graphopt.frontends import FrontendError
 
 MAX_FILE_BYTES = 2 ** 31 - 1  # protobuf cannot parse a larger message
 MAX_RANK = 64                 # torch, numpy and ONNX Runtime hold at most this many dims

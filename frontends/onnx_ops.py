@@ -15,7 +15,7 @@ import onnx
 import sympy
 import torch
 
-from graphopt.frontends.onnx_common import INT64_MAX, torch_dtype
+from graphopt.ir.onnx_common import INT64_MAX, torch_dtype
 from graphopt.ir.ops.rules import broadcast_shapes
 from graphopt.ir.ops.shape import BIG
 from graphopt.ir.types import canonical_dim, dims_equal, normalize_axis
@@ -177,7 +177,7 @@ def _constant(cv, node, ins):
     if a is None:
         raise Unsupported("Constant without exactly one value attribute")
     if a.name == "value":
-        from graphopt.frontends.onnx_common import tensor_from_proto
+        from graphopt.ir.onnx_common import tensor_from_proto
         tensor = tensor_from_proto(a.t, node.output[0])
     elif a.name == "value_float":
         tensor = torch.tensor(a.f, dtype=torch.float32)
@@ -583,7 +583,7 @@ def _constant_of_shape(cv, node, ins):
     if value is None:
         dtype, fill = torch.float32, 0.0
     else:
-        from graphopt.frontends.onnx_common import tensor_from_proto
+        from graphopt.ir.onnx_common import tensor_from_proto
         t = tensor_from_proto(value)
         dtype, fill = t.dtype, t.reshape(-1)[0].item()
     return cv.op.full(shape=tuple(shape), value=fill, dtype=dtype)

@@ -12,6 +12,7 @@ import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
+from graphopt.frontends import FrontendError
 from graphopt.frontends.aten_ops import DROPPED, HANDLERS, IDENTITY, Unsupported
 from graphopt.frontends.symbols import SymbolTable
 from graphopt.ir import Graph, OpError, TensorType, Value
@@ -21,10 +22,6 @@ from graphopt.ir.types import DTYPE_NAMES
 
 class ExportError(Exception):
     """torch.export could not capture the model."""
-
-
-class FrontendError(Exception):
-    """The captured graph holds something the IR cannot represent."""
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
@@ -176,7 +173,8 @@ class _Converter:
         if dtype is None:
             dtype = torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.float32
         key = (type(value), value, dtype)
-        if key not in self.scalars:
+        cached = self.scalars.get(key)
+        if cached is None or self.graph.constants.get(cached.name) is not cached:  # or rolled back
             self.scalars[key] = self.graph.add_constant(torch.tensor(value, dtype=dtype), "scalar")
         return self.scalars[key]
 
@@ -303,22 +301,22 @@ class _Converter:
             self.env[node] = args[0]
             return
         handler = HANDLERS.get(node.target)
-        mark = self.graph._tail
-        if handler is not None:
-            try:
-                result = handler(self, node, args, kwargs)
-                if self._matches_meta(result, val):
-                    self._annotate(mark, node)
-                    self.env[node] = result
-                    return
-                reason = "translation does not reproduce the captured type"
-            except (Unsupported, OpError) as e:
-                reason = str(e)
-            self._discard_after(mark)
-        else:
-            reason = "no IR op for this ATen op"
-        self.env[node] = self._opaque(node, args, kwargs, reason)
-        self._annotate(mark, node)
+        with self.graph.checkpoint() as mark:
+            if handler is not None:
+                try:
+                    result = handler(self, node, args, kwargs)
+                    if self._matches_meta(result, val):
+                        self._annotate(mark, node)
+                        self.env[node] = result
+                        return
+                    reason = "translation does not reproduce the captured type"
+                except (Unsupported, OpError) as e:
+                    reason = str(e)
+                mark.rollback()
+            else:
+                reason = "no IR op for this ATen op"
+            self.env[node] = self._opaque(node, args, kwargs, reason)
+            self._annotate(mark, node)
 
     def _matches_meta(self, result, val) -> bool:
         if isinstance(val, torch.Tensor):
@@ -328,22 +326,13 @@ class _Converter:
                 self._matches_meta(r, v) for r, v in zip(result, val))
         return False
 
-    def _discard_after(self, mark):
-        while self.graph._tail is not mark:
-            node = self.graph._tail
-            for v in node.outputs:
-                v.uses.clear()
-            self.graph.erase_node(node)
-
     def _annotate(self, mark, fx_node):
         module = fx_node.meta.get("nn_module_stack") or {}
         path, cls = next(reversed(module.values())) if module else ("", "")
-        node = mark.next if mark is not None else self.graph._head
-        while node is not None:
+        for node in mark.created_nodes():
             node.meta.setdefault("module", path if isinstance(path, str) else str(path))
             node.meta.setdefault("module_type", cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls)))
             node.meta.setdefault("source", fx_node.name)
-            node = node.next
 
     def _opaque(self, node, args, kwargs, reason):
         inputs: list[Value] = []

@@ -7,7 +7,7 @@ with a tensor and no producer; the tensor is shared, never copied, by clones of 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -97,23 +97,54 @@ class Graph:
         self._names: set[str] = set()
         self._next_id = 0
         self._insert_before: Node | None = None  # None means append at the end
+        self._journal: list[Callable[[], None]] | None = None  # undo steps while a checkpoint is open
+        self._created: list[Node] = []  # nodes created while a checkpoint is open
+        self._checkpoints: list[Checkpoint] = []
 
     # ---- names ---------------------------------------------------------------------------
     def fresh_name(self, base: str | None = None) -> str:
         if base is not None and base not in self._names:
-            self._names.add(base)
+            self._take_name(base)
             return base
         while True:
             name = f"{base}_{self._next_id}" if base else str(self._next_id)
             self._next_id += 1
             if name not in self._names:
-                self._names.add(name)
+                self._take_name(name)
                 return name
+
+    def has_name(self, name: str) -> bool:
+        return name in self._names
+
+    def rename(self, value: Value, name: str) -> None:
+        """Give ``value`` a name no other value of the graph has."""
+        if name == value.name:
+            return
+        if name in self._names:
+            raise GraphError(f"cannot rename %{value.name} to %{name}: the name is taken")
+        old = value.name
+        self._take_name(name)
+        self._names.discard(old)
+        value.name = name
+        if self.constants.get(old) is value:
+            self.constants = {name if k == old else k: v for k, v in self.constants.items()}
+
+        def undo():
+            if self.constants.get(name) is value:
+                self.constants = {old if k == name else k: v for k, v in self.constants.items()}
+            value.name = old
+            self._names.add(old)
+        self._record(undo)
+
+    def _take_name(self, name: str) -> None:
+        self._names.add(name)
+        self._record(lambda: self._names.discard(name))
 
     # ---- building ------------------------------------------------------------------------
     def add_input(self, name: str, type: TensorType) -> Value:
         value = Value(self.fresh_name(name), type)
         self.inputs.append(value)
+        self._record(lambda: self.inputs.remove(value))
         return value
 
     def add_constant(self, tensor: torch.Tensor, name: str | None = None) -> Value:
@@ -122,9 +153,12 @@ class Graph:
             raise GraphError(f"constant {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
         value = Value(self.fresh_name(name or "c"), TensorType.of(tensor), const=tensor)
         self.constants[value.name] = value
+        self._record(lambda: self.constants.pop(value.name))
         return value
 
     def set_outputs(self, values: Sequence[Value]) -> None:
+        if self._journal is not None:
+            self._record(self._restorer(outputs=True))
         self.outputs = list(values)
 
     def create_node(self, op: str, inputs: Sequence[Value | None], attrs: dict[str, Any] | None = None, *,
@@ -151,6 +185,15 @@ class Graph:
             if v is not None:
                 v.uses.append((node, i))
         self._link(node, self._insert_before)
+        if self._journal is not None:
+            self._created.append(node)
+
+            def undo():
+                for i, v in enumerate(inputs):
+                    if v is not None:
+                        v.uses.remove((node, i))
+                self._unlink(node)
+            self._record(undo)
         return node
 
     def call(self, op: str, *inputs: Value | None, **attrs) -> Value | tuple[Value, ...]:
@@ -181,6 +224,15 @@ class Graph:
             return
         if check_type and not old.type.matches(new.type):
             raise GraphError(f"cannot replace %{old.name}: {old.type} with %{new.name}: {new.type}")
+        if self._journal is not None:
+            old_uses = list(old.uses)
+            restore = self._restorer(uses=[old, new], outputs=True)
+
+            def undo():
+                for node, i in old_uses:
+                    node.inputs[i] = old
+                restore()
+            self._record(undo)
         for node, i in old.uses:
             node.inputs[i] = new
             new.uses.append((node, i))
@@ -189,6 +241,13 @@ class Graph:
 
     def set_input(self, node: Node, index: int, value: Value) -> None:
         old = node.inputs[index]
+        if self._journal is not None:
+            restore = self._restorer(uses=[old, value])
+
+            def undo():
+                node.inputs[index] = old
+                restore()
+            self._record(undo)
         if old is not None:
             old.uses.remove((node, index))
         node.inputs[index] = value
@@ -199,22 +258,86 @@ class Graph:
             if v.uses or any(o is v for o in self.outputs):
                 users = ", ".join(u.label() for u in v.users) or "graph output"
                 raise GraphError(f"cannot erase {node.label()}: %{v.name} is still used by {users}")
+        if self._journal is not None:
+            after, insert_point = node.next, self._insert_before
+            restore = self._restorer(uses=node.inputs)
+
+            def undo():
+                self._link(node, after)
+                self._insert_before = insert_point
+                restore()
+            self._record(undo)
         for i, v in enumerate(node.inputs):
             if v is not None:
                 v.uses.remove((node, i))
         self._unlink(node)
 
     def move_before(self, node: Node, anchor: Node | None) -> None:
+        after = node.next
         self._unlink(node)
         self._link(node, anchor)
+
+        def undo():
+            self._unlink(node)
+            self._link(node, after)
+        self._record(undo)
 
     def remove_unused_constants(self) -> int:
         used = {v.name for v in self.outputs}
         dead = [n for n, v in self.constants.items() if not v.uses and n not in used]
+        if dead and self._journal is not None:
+            self._record(self._restorer(constants=True))
         for name in dead:
             del self.constants[name]
             self._names.discard(name)
+            self._record(lambda name=name: self._names.add(name))
         return len(dead)
+
+    def remove_dead(self, *, keep_impure: bool = True) -> int:
+        """Erase the nodes whose outputs nothing uses (walking backwards, so dead chains go in one
+        sweep), then the unused constants; returns the number of nodes erased. Nodes with side
+        effects or randomness stay unless ``keep_impure=False``."""
+        from graphopt.ir.ops.opaque import is_pure
+
+        outputs = {id(v) for v in self.outputs}
+        node, removed = self._tail, 0
+        while node is not None:
+            prev = node.prev
+            if all(not v.uses and id(v) not in outputs for v in node.outputs) \
+                    and (not keep_impure or is_pure(node)):
+                self.erase_node(node)
+                removed += 1
+            node = prev
+        self.remove_unused_constants()
+        return removed
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self) -> "Checkpoint":
+        """Start recording edits so that ``rollback()`` can undo them (see ``Checkpoint``)."""
+        if self._journal is None:
+            self._journal, self._created = [], []
+        checkpoint = Checkpoint(self, len(self._journal), len(self._created), self._next_id)
+        self._checkpoints.append(checkpoint)
+        return checkpoint
+
+    def _record(self, undo: Callable[[], None]) -> None:
+        if self._journal is not None:
+            self._journal.append(undo)
+
+    def _restorer(self, *, uses: Sequence[Value | None] = (), outputs: bool = False, constants: bool = False):
+        """A function putting back the current use lists of ``uses``, the outputs, the constants."""
+        saved_uses = [(v, list(v.uses)) for v in dict.fromkeys(v for v in uses if v is not None)]
+        saved_outputs = list(self.outputs) if outputs else None
+        saved_constants = dict(self.constants) if constants else None
+
+        def restore():
+            for v, u in saved_uses:
+                v.uses = list(u)
+            if saved_outputs is not None:
+                self.outputs = list(saved_outputs)
+            if saved_constants is not None:
+                self.constants = dict(saved_constants)
+        return restore
 
     # ---- traversal -----------------------------------------------------------------------
     @property
@@ -274,6 +397,10 @@ class Graph:
 
         for n in pending:
             visit(n)
+        self._record(lambda: self._relink(pending))
+        self._relink(order)
+
+    def _relink(self, order: list[Node]) -> None:
         self._head = self._tail = None
         self._count = 0
         for n in order:
@@ -370,6 +497,59 @@ class Graph:
         node.prev = node.next = None
         node.graph = None
         self._count -= 1
+
+
+class Checkpoint:
+    """A point a graph can return to. Between ``graph.checkpoint()`` and ``release()`` the graph
+    records its edits (nodes created, erased or moved, inputs rewired, values renamed, inputs,
+    outputs and constants changed); ``rollback()`` undoes them and keeps recording. Only edits made
+    through ``Graph``'s methods are undone: a pass that sets ``value.type`` or ``node.attrs``
+    directly restores them itself. As a context manager it rolls back when the block raises.
+    Checkpoints nest; release the inner one first."""
+
+    def __init__(self, graph: Graph, start: int, created: int, next_id: int):
+        self.graph = graph
+        self._start = start
+        self._created_start = created
+        self._next_id = next_id
+
+    def created_nodes(self) -> list[Node]:
+        """The nodes created since the checkpoint that are still in the graph, in creation order."""
+        g = self.graph
+        self._check_open()
+        return [n for n in g._created[self._created_start:] if n.graph is g]
+
+    def rollback(self) -> None:
+        g = self.graph
+        self._check_open()
+        journal, g._journal = g._journal, None  # undoing records nothing
+        try:
+            while len(journal) > self._start:
+                journal.pop()()
+        finally:
+            g._journal = journal
+        del g._created[self._created_start:]
+        g._next_id = self._next_id
+
+    def release(self) -> None:
+        """Keep the edits and stop recording for this checkpoint (and any opened after it)."""
+        g = self.graph
+        self._check_open()
+        del g._checkpoints[g._checkpoints.index(self):]
+        if not g._checkpoints:
+            g._journal, g._created = None, []
+
+    def _check_open(self) -> None:
+        if not any(c is self for c in self.graph._checkpoints):
+            raise GraphError("this checkpoint was released")
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is not None:
+            self.rollback()
+        self.release()
 
 
 class OpBuilder:

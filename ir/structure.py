@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.traversal import ancestors
 from graphopt.ir.types import canonical_dim, dims_equal
 
 # ops a value passes through without changing what it "is" (a token stream, a head layout)
@@ -427,15 +428,7 @@ def _conv_name(conv: Node) -> str:
 
 def _ancestors(value: Value, stop: Value) -> list[Node]:
     """The nodes between ``stop`` and ``value`` (``value``'s producers up to ``stop``)."""
-    found, queue, seen = [], deque([value]), set()
-    while queue and len(seen) < 64:
-        v = queue.popleft()
-        if v is stop or id(v) in seen or v.producer is None:
-            continue
-        seen.add(id(v))
-        found.append(v.producer)
-        queue.extend(i for i in v.producer.inputs if i is not None and not i.is_constant)
-    return found
+    return [n for n in ancestors(value, through=lambda n: stop not in n.outputs, limit=64) if stop not in n.outputs]
 
 
 def _residual_path(found: list[Node]):
@@ -585,17 +578,8 @@ def _is_causal_mask(mask: Value) -> bool:
     that blocks exactly the future positions (exporters fold static causal masks)."""
     if mask.is_constant:
         return _constant_causal(mask.const)
-    seen, queue = set(), deque([mask])
-    while queue and len(seen) < 200:
-        v = queue.popleft()
-        if id(v) in seen or v.producer is None:
-            continue
-        seen.add(id(v))
-        node = v.producer
-        if node.op in ("le", "ge", "lt", "gt") and all(_from_arange(i) for i in node.inputs):
-            return True
-        queue.extend(i for i in node.inputs if i is not None)
-    return False
+    return any(node.op in ("le", "ge", "lt", "gt") and all(_from_arange(i) for i in node.inputs)
+               for node in ancestors(mask, limit=200))
 
 
 def _constant_causal(tensor) -> bool:
@@ -609,16 +593,7 @@ def _constant_causal(tensor) -> bool:
 
 
 def _from_arange(value: Value) -> bool:
-    seen, queue = set(), deque([value])
-    while queue and len(seen) < 50:
-        v = queue.popleft()
-        if id(v) in seen or v.producer is None:
-            continue
-        seen.add(id(v))
-        if v.producer.op == "arange":
-            return True
-        queue.extend(i for i in v.producer.inputs if i is not None)
-    return False
+    return any(node.op == "arange" for node in ancestors(value, limit=50))
 
 
 def _stacks(blocks: list[Block]) -> list[list[Block]]:
@@ -634,13 +609,8 @@ def _stacks(blocks: list[Block]) -> list[list[Block]]:
 def _special_tokens(first: Block) -> list[int]:
     """Token positions that come from parameters (CLS, distillation) rather than the input:
     found at the ``cat`` along the token axis that builds the first block's input."""
-    seen, queue = set(), deque([first.input])
-    while queue and len(seen) < 64:
-        v = queue.popleft()
-        if id(v) in seen or v.producer is None:
-            continue
-        seen.add(id(v))
-        node = v.producer
+    through = ("add", "cast", "reshape", "layer_norm", "opaque")
+    for node in ancestors(first.input, through=lambda n: n.op in through, limit=64):
         if node.op == "cat" and node.attrs["dim"] % node.output.type.rank == first.token_axis:
             positions, offset = [], 0
             for piece in node.inputs:
@@ -651,42 +621,24 @@ def _special_tokens(first: Block) -> list[int]:
                     break
                 offset += size
             return positions
-        if node.op in ("add", "cast", "reshape", "layer_norm") or node.op == "opaque":
-            queue.extend(i for i in node.inputs if i is not None and not i.is_constant)
     return []
 
 
 def constant_derived(value: Value) -> bool:
     """True when value is computed from constants only (no graph input reaches it)."""
-    seen, queue = set(), deque([value])
-    while queue:
-        v = queue.popleft()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if v.is_constant:
-            continue
-        if v.producer is None:
-            return False
-        queue.extend(i for i in v.producer.inputs if i is not None)
-    return True
+    if value.producer is None:
+        return value.is_constant
+    return all(v.is_constant or v.producer is not None
+               for node in ancestors(value) for v in node.inputs if v is not None)
 
 
 def _connector(structure: Structure) -> None:
     """Projections on the way from the vision stack's features into the language stack."""
     vision, language = structure.stacks[0], structure.stacks[-1]
     target = language[0].input
-    ancestors: set[int] = set()
-    queue = deque([target])
-    while queue:
-        v = queue.popleft()
-        if id(v) in ancestors:
-            continue
-        ancestors.add(id(v))
-        if v.producer is not None:
-            queue.extend(i for i in v.producer.inputs if i is not None)
+    upstream = {id(target)} | {id(v) for node in ancestors(target) for v in node.inputs if v is not None}
     for block in reversed(vision):
-        if id(block.output) not in ancestors:
+        if id(block.output) not in upstream:
             continue
         chain, v = [], block.output
         frontier = deque([v])
@@ -694,7 +646,7 @@ def _connector(structure: Structure) -> None:
         while frontier:
             cur = frontier.popleft()
             for user in cur.users:
-                if id(user) in seen or not any(id(o) in ancestors for o in user.outputs):
+                if id(user) in seen or not any(id(o) in upstream for o in user.outputs):
                     continue
                 seen.add(id(user))
                 proj = projection_at(user)

@@ -30,7 +30,7 @@ class Stats:
 
 
 def collect_stats(graph, batches, values, *, seed: int = 0) -> dict[str, Stats]:
-    from graphopt.backends.torch_backend import collect
+    from graphopt.ir.interpreter import collect
 
     gen = torch.Generator().manual_seed(seed)
     stats = {v.name: Stats() for v in values}

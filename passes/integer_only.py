@@ -23,13 +23,13 @@ import functools
 import itertools
 from collections import Counter
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from graphopt.ir import Graph, Value
 from graphopt.passes.calibration import Stats, clip_range, collect_stats
+from graphopt.passes.integer_form import Q
 from graphopt.passes.integer_tokens import CONVERTERS
 from graphopt.passes.registry import register_pass, option
 
@@ -42,22 +42,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 class IntegerConversionError(ValueError):
     """The graph (or its calibration data) cannot be converted as asked."""
-
-
-@dataclass
-class Q:
-    """An integer representation of a float value: real = (stored - zp) * scale (+ offset).
-    ``scale``/``offset`` are float64 tensors broadcastable against the value (0-d when per tensor)."""
-    value: Value
-    scale: torch.Tensor
-    offset: torch.Tensor | None
-    zp: int
-    bound: int          # max |stored - zp|, guaranteed statically
-    kind: str           # u8 | i8 | i32 | acc | prob
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.scale.numel() == 1 and (self.offset is None or self.offset.numel() == 1)
 
 
 def _is_float(v: Value | None) -> bool:
@@ -388,7 +372,7 @@ class _Converter:
             if id(v) in self.q:
                 with self.g.inserting_before(None):
                     self.g.outputs[i] = self.float_of(v)
-        self._dce()
+        self.g.remove_dead()
 
     def _fall_back(self, node, reason: str) -> None:
         self.fallback.append(f"{node.op} ({node.label()})")
@@ -400,17 +384,6 @@ class _Converter:
                         self.g.set_input(node, i, self.float_of(v))
                     elif v is not None and id(v) in self.masked:
                         raise IntegerConversionError(f"{node.label()} uses a masked score tensor outside softmax")
-
-    def _dce(self) -> None:
-        from graphopt.ir.ops.opaque import is_pure
-        node = self.g._tail
-        while node is not None:
-            prev = node.prev
-            if is_pure(node) and all(not v.uses for v in node.outputs) and \
-                    not any(v is o for v in node.outputs for o in self.g.outputs):
-                self.g.erase_node(node)
-            node = prev
-        self.g.remove_unused_constants()
 
     def _ranges(self, node) -> str:
         """The calibrated [min, max] of the node's float inputs, for error messages."""

@@ -21,7 +21,9 @@ from graphopt.ir import Graph, Value
 from graphopt.ir.ops.integer_tokens import SCORE_BITS
 from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import constant_derived
-from graphopt.passes.token_common import TokenPassError, remove_dead, retype
+from graphopt.ir.traversal import descendants
+from graphopt.passes.integer_form import Q
+from graphopt.passes.token_common import TokenPassError, retype
 
 I32 = torch.int32
 KEY_BOUNDS = {torch.int8: 128, torch.int32: 2 ** 15}  # integer_only's i8 keys; 16-bit i32 tensors
@@ -99,7 +101,6 @@ def _token_merge(conv, node) -> bool:
 
 
 def _q(conv, value: Value, scale: float, bound: int):
-    from graphopt.passes.integer_only import Q
     return Q(value, torch.tensor(scale, dtype=torch.float64), None, 0, int(bound), "i32")
 
 
@@ -144,7 +145,7 @@ def merge_integer_graph(graph: Graph, ctx, rs_of, prop_attn: bool, protect: int,
         graph.outputs = [merged if v is stream else v for v in graph.outputs]
         retype(graph, {id(merged): stream.type})
         ctx.count("blocks_merged")
-    remove_dead(graph)
+    graph.remove_dead()
     ctx.note(f"integer graph: r per block {rs}; tokens entering each block {[str(c) for c in counts]}, leaving the "
              f"last {merged_count(counts[-1], rs[-1], protect)}")
 
@@ -159,16 +160,7 @@ def _int_block(graph: Graph, shiftmax) -> tuple:
         raise TokenPassError(f"token_merge: integer attention {where} is not int.shiftmax(int.requant(int.matmul(q, "
                              "permute(k)))); run token_merge before integer_only")
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    frontier, seen, adds = [shiftmax.output], set(), []
-    while frontier:
-        for user in frontier.pop().users:
-            if id(user) in seen:
-                continue
-            seen.add(id(user))
-            if user.op == "int.add":
-                adds.append(user)
-            else:
-                frontier.extend(user.outputs)
+    adds = [n for n in descendants(shiftmax.output, through=lambda n: n.op != "int.add") if n.op == "int.add"]
     if not adds:
         raise TokenPassError(f"token_merge: no residual int.add after integer attention {where}")
     residual = min(adds, key=lambda n: order[id(n)])

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from graphopt.backends.torch_backend import to_fx
 from graphopt.ir import Graph, Value
+from graphopt.ir.interpreter import to_fx
 from graphopt.passes.low_rank_layers import Layer, rows_of
 
 

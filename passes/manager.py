@@ -133,7 +133,7 @@ class PassManager:
         return work, reference
 
     def _outputs(self, graph: Graph):
-        from graphopt.backends.torch_backend import run
+        from graphopt.ir.interpreter import run
         return run(graph, *self.example_inputs)
 
     def _outputs_after(self, spec: PassSpec, work: Graph, done):
@@ -149,7 +149,7 @@ class PassManager:
 
 def _failing_node(graph: Graph, inputs):
     """The IR node whose computation raises when the graph runs on ``inputs``, or None."""
-    from graphopt.backends.torch_backend import to_fx
+    from graphopt.ir.interpreter import to_fx
 
     failed = []
 

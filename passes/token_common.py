@@ -19,6 +19,7 @@ import torch
 from graphopt.ir import Graph, Node, OpError, Value, get_op
 from graphopt.ir.ops.opaque import is_pure
 from graphopt.ir.structure import Attention, StructureError, Structure, analyze, reshape_groups
+from graphopt.ir.traversal import ancestors
 from graphopt.ir.types import TensorType, canonical_dim, dims_equal, normalize_axis
 
 
@@ -207,35 +208,16 @@ def set_type(value: Value, new: TensorType, changed: dict[int, TensorType]) -> N
     value.type = new
 
 
-def remove_dead(graph: Graph) -> int:
-    node, removed = graph._tail, 0
-    outputs = {id(v) for v in graph.outputs}
-    while node is not None:
-        prev = node.prev
-        if is_pure(node) and all(not v.uses and id(v) not in outputs for v in node.outputs):
-            graph.erase_node(node)
-            removed += 1
-        node = prev
-    graph.remove_unused_constants()
-    return removed
-
-
 # ---- masks --------------------------------------------------------------------------------
 def mask_verdict(mask: Value) -> str:
     """"trivial" when the mask keeps every position equally (all True / all zero), "masks" when
     it blocks some positions (False / -inf), "bias" when it adds other values (a relative position
     bias), "inputs" when it depends on the model's inputs (a padding mask), "unknown" when an
     impure op computes it."""
-    nodes, seen, stack = [], set(), [mask]
-    while stack:
-        v = stack.pop()
-        if id(v) in seen or v.is_constant:
-            continue
-        seen.add(id(v))
-        if v.producer is None:
-            return "inputs"
-        nodes.append(v.producer)
-        stack.extend(i for i in v.producer.inputs if i is not None)
+    nodes = list(ancestors(mask))
+    if any(v.producer is None and not v.is_constant
+           for v in [mask, *(i for n in nodes for i in n.inputs if i is not None)]):
+        return "inputs"
     graph = mask.producer.graph if mask.producer is not None else None
     order = {id(n): i for i, n in enumerate(graph.nodes)} if graph is not None else {}
     nodes = sorted(set(nodes), key=lambda n: order.get(id(n), 0))

@@ -23,7 +23,7 @@ import torch
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.types import dims_equal
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, refuse_grid_bound, remove_dead,
+from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, refuse_grid_bound,
                                           retype, structure_of)
 
 
@@ -77,7 +77,7 @@ def token_drop(graph: Graph, ctx, *,
                                  f"connector and a language stack); found {len(s.stacks)} stack(s)"
                                  + ("" if len(s.stacks) < 2 else " and no connector"))
         _drop_in_language(graph, ctx, s, keep, count, layer, where, positions)
-    remove_dead(graph)
+    graph.remove_dead()
 
 
 def _drop_in_vision(graph, ctx, s, keep, count, layer, rank):
@@ -200,7 +200,7 @@ def _replace_stream(graph: Graph, stream: Value, kept: Value, idx: Value, positi
             key = (id(v), mode, tuple(axes))
             if key not in cache:
                 g = v
-                anchor = v.producer.next if v.producer is not None else graph._head
+                anchor = v.producer.next if v.producer is not None else next(graph.nodes, None)
                 anchor = idx.producer.next if _before(graph, anchor, idx.producer) else anchor
                 with graph.inserting_before(anchor):
                     for a in axes:

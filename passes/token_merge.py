@@ -21,7 +21,7 @@ from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import Attention, Block
 from graphopt.passes.integer_tokens import merge_integer_graph
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import (TokenPassError, mask_verdict, refuse_grid_bound, remove_dead, retype,
+from graphopt.passes.token_common import (TokenPassError, mask_verdict, refuse_grid_bound, retype,
                                           structure_of)
 
 
@@ -166,7 +166,7 @@ def token_merge(graph: Graph, ctx, *,
         ctx.count("blocks_merged")
     if keep_order and source is not None:
         _unmerge(graph, blocks[-1], source)
-    remove_dead(graph)
+    graph.remove_dead()
     final = merged_count(counts[-1], rs[-1], protect)
     ctx.note(f"stack {stack}: r per block {rs}; tokens entering each block {[str(c) for c in counts]}, "
              f"leaving the last {final}")

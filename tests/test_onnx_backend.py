@@ -12,7 +12,8 @@ import torch
 import graphopt
 from graphopt.backends.onnxruntime_backend import (OnnxRuntimeExecutable, create_session, default_providers,
                                                    model_bytes, register_lowering, to_onnx, write_model)
-from graphopt.backends.torch_backend import LoweringError, run
+from graphopt.backends import LoweringError
+from graphopt.backends.torch_backend import run
 from graphopt.frontends.onnx_frontend import from_onnx
 from graphopt.ir import Graph, TensorType, register_op, same_as_input
 from graphopt.ir.types import symbol

@@ -384,7 +384,7 @@ def test_torch_backend_accepts_inputs_by_name():
 
 
 def test_symbolic_dim_expressions_are_parsed_safely():
-    from graphopt.frontends.onnx_common import parse_dim_param
+    from graphopt.ir.onnx_common import parse_dim_param
 
     b, s = symbol("batch"), symbol("seq")
     assert parse_dim_param("batch*197") == b * 197

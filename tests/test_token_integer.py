@@ -6,7 +6,8 @@ import torch
 
 import graphopt
 from graphopt import zoo
-from graphopt.backends.torch_backend import collect, run
+from graphopt.backends.torch_backend import run
+from graphopt.ir.interpreter import collect
 from graphopt.ir import Graph, TensorType
 from graphopt.ir.ops.integer_tokens import int_token_merge, lookup
 from graphopt.passes import PassError, PassManager

@@ -111,7 +111,7 @@ def test_token_merge_r_too_large_names_the_token_count(tiny_vit_case):
 
 def test_cpu_integer_refuses_a_float_graph_and_reports_what_it_lowered(stack):
     from graphopt.backends.cpu_integer import lower_to_kernels
-    from graphopt.backends.torch_backend import LoweringError
+    from graphopt.backends import LoweringError
     from graphopt.ir import Graph, TensorType
 
     model, x, graph = stack

@@ -7,10 +7,9 @@ each tile of ``h`` columns ``T = act(P U1_tileᵀ + b1_tile)`` and ``Q += T V2_t
 and finally ``y = Q U2ᵀ + b2``. Peak extra memory is ``rows * (r1 + tile + r2)`` instead of
 ``rows * h``. With ``activation="none"`` it is two consecutive factor pairs fused the same way.
 
-On CUDA tensors the reference implementation runs the Triton kernel in
-``graphopt.backends.triton_low_rank`` (when triton imports); on CPU it runs the tiled torch loop
-below, which is also the torch backend's CPU path. The ONNX lowering (``backends/onnx_low_rank``)
-writes the unfused MatMuls.
+The reference implementation is the tiled torch loop below (the torch backend's CPU path); the
+torch backend runs the Triton kernel ``graphopt.backends.triton_low_rank`` on CUDA tensors, and the
+ONNX lowering (``backends/onnx_low_rank``) writes the unfused MatMuls.
 """
 from __future__ import annotations
 
@@ -91,10 +90,6 @@ def unfused_mlp(x, v1, u1, b1, v2, u2, b2, activation: str = "gelu") -> torch.Te
              infer=_type, tags=["gemm", "fused"])
 def low_rank_mlp(x, v1, u1, b1, v2, u2, b2, *, activation, tile):
     """act(x V1ᵀ U1ᵀ + b1) V2ᵀ U2ᵀ + b2 without materialising the hidden layer."""
-    if x.is_cuda:
-        from graphopt.backends import triton_low_rank
-        if triton_low_rank.available():
-            return triton_low_rank.low_rank_mlp(x, v1, u1, b1, v2, u2, b2, activation=activation)
     return tiled_mlp(x, v1, u1, b1, v2, u2, b2, activation, tile)
 
 

@@ -130,7 +130,7 @@ def onnx_opaque(*inputs, domain, op_type, attributes, opsets, out_types, skip_ou
     signature = tuple((t.dtype, tuple(t.shape) if shaped else None) if t is not None else None for t in inputs)
     session, input_names = _session(domain, op_type, attributes, opsets, out_types, skip_outputs, captures,
                                     functions, signature)
-    from graphopt.frontends.onnx_common import to_numpy
+    from graphopt.ir.onnx_common import to_numpy
 
     feeds = {name: to_numpy(t) for name, t in zip(input_names, inputs) if name}
     results = session.run(None, feeds)
@@ -167,7 +167,7 @@ def _build_session(domain, op_type, attributes, opsets, out_types, skip_outputs,
     import onnxruntime as ort
     from onnx import helper
 
-    from graphopt.frontends.onnx_common import onnx_dtype
+    from graphopt.ir.onnx_common import onnx_dtype
 
     n_own = len(signature) - len(captures)
     input_names, graph_inputs = [], []
@@ -232,7 +232,7 @@ def _declare_body_outputs(node, n_inputs: int, out_types, skip_outputs) -> None:
     lacks what inferred it in the whole model (captured constant axes)."""
     from onnx import helper
 
-    from graphopt.frontends.onnx_common import onnx_dtype
+    from graphopt.ir.onnx_common import onnx_dtype
 
     present = [i for i in range(len(out_types) + len(skip_outputs)) if i not in set(skip_outputs)]
     types = dict(zip(present, out_types))

@@ -1,4 +1,4 @@
-"""What the ONNX frontend and the ONNX Runtime backend share: dtype tables, tensor conversion,
+"""What the ONNX frontend, the ONNX Runtime backend and ``onnx_opaque`` nodes share: dtype tables, tensor conversion,
 and symbolic dim names.
 
 ONNX ``dim_param`` strings become IR dims: a plain name (``batch``) is a symbol of that name, and

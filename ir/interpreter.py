@@ -1,0 +1,190 @@
+"""The reference interpreter: IR -> an executable ``torch.fx.GraphModule``.
+
+Every node calls its op's reference implementation (opaque nodes call their ATen target), so
+this is the semantics every backend is compared against, and what passes run for calibration
+and numerical checks. Symbolic dims in attributes (a reshape to ``[batch*197, 384]``) are
+computed at run time from the input sizes. A backend may swap in its own kernels for some ops.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, Iterator, Mapping, Sequence
+
+import sympy
+import torch
+import torch.fx
+
+from graphopt.ir.graph import Graph, GraphError, Value
+from graphopt.ir.opdef import get_op
+from graphopt.ir.ops.opaque import fill_template, resolve_target
+
+
+class InterpreterError(GraphError):
+    """The graph cannot be turned into an executable module (a dim not computable at run time)."""
+
+
+def _size(x: torch.Tensor, axis: int) -> int:
+    return x.shape[axis]
+
+
+def _floordiv(a, b):
+    return a // b
+
+
+def _ceildiv(a, b):
+    return -(-a // b)
+
+
+def to_fx(graph: Graph, taps: Sequence[Value] = (),
+          kernels: Mapping[str, Callable] | None = None) -> torch.fx.GraphModule:
+    """``taps``: extra values to return after the graph outputs (for calibration); ``kernels``: op
+    name -> a callable with the op's reference signature, used instead of the reference."""
+    root = torch.nn.Module()
+    fx = torch.fx.Graph()
+    env: dict[int, torch.fx.Node] = {}
+    placeholders = []
+    for i, v in enumerate(graph.inputs):
+        node = fx.placeholder(_py_name(v.name, f"input_{i}"))
+        env[id(v)] = node
+        placeholders.append((v, node))
+    for i, v in enumerate(graph.constants.values()):
+        attr = f"c{i}"
+        root.register_buffer(attr, v.const, persistent=False)  # the same tensor object: no copy
+        env[id(v)] = fx.get_attr(attr)
+
+    sizes: dict[sympy.Symbol, torch.fx.Node] = {}
+
+    def bind(symbol: sympy.Symbol) -> torch.fx.Node:
+        if symbol not in sizes:
+            for v, ph in placeholders:
+                for axis, d in enumerate(v.type.shape):
+                    if d == symbol:
+                        sizes[symbol] = fx.call_function(_size, (ph, axis))
+                        return sizes[symbol]
+            raise InterpreterError(f"dim symbol {symbol} is not the size of any graph input axis, so it "
+                                "cannot be computed at run time")
+        return sizes[symbol]
+
+    def emit(expr):
+        """A sympy dim -> an int or an fx node computing it."""
+        if isinstance(expr, (int, bool, float, str)) or expr is None:
+            return expr
+        if isinstance(expr, sympy.Integer):
+            return int(expr)
+        if isinstance(expr, sympy.Symbol):
+            return bind(expr)
+        if isinstance(expr, sympy.Add):
+            return _fold(operator.add, [emit(a) for a in expr.args])
+        if isinstance(expr, sympy.Mul):
+            nums, dens = [], []
+            for a in expr.args:
+                if isinstance(a, sympy.Pow) and a.exp.is_Integer and a.exp < 0:
+                    dens.append(emit(a.base ** -a.exp))
+                elif isinstance(a, sympy.Rational) and not a.is_Integer:
+                    nums.append(int(a.p))
+                    dens.append(int(a.q))
+                else:
+                    nums.append(emit(a))
+            num = _fold(operator.mul, nums)
+            return _call(_floordiv, num, _fold(operator.mul, dens)) if dens else num
+        if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp > 0:
+            return _fold(operator.mul, [emit(expr.base)] * int(expr.exp))
+        if isinstance(expr, sympy.floor) and isinstance(expr.args[0], sympy.Mul):
+            return emit(expr.args[0])  # integer-dividing Mul already floors
+        if isinstance(expr, sympy.ceiling):
+            num, den = sympy.fraction(sympy.together(expr.args[0]))
+            return _call(_ceildiv, emit(num), emit(den))
+        raise InterpreterError(f"cannot compute dim expression {expr} at run time")
+
+    def _call(fn, a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return fn(a, b)
+        return fx.call_function(fn, (a, b))
+
+    def _fold(fn, items):
+        result = items[0]
+        for item in items[1:]:
+            result = _call(fn, result, item)
+        return result
+
+    def materialize(value):
+        if isinstance(value, sympy.Expr):
+            return emit(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(materialize(v) for v in value)
+        if isinstance(value, dict):
+            return {k: materialize(v) for k, v in value.items()}
+        return value
+
+    for node in graph.nodes:
+        inputs = [env[id(v)] if v is not None else None for v in node.inputs]
+        if node.op == "opaque":
+            target = resolve_target(node.attrs["target"])
+            call = fx.call_function(target, fill_template(materialize(node.attrs["args"]), inputs),
+                                    fill_template(materialize(node.attrs["kwargs"] or {}), inputs))
+        else:
+            target, attrs = _bind_unprintable((kernels or {}).get(node.op) or get_op(node.op).reference,
+                                             materialize(node.attrs))
+            call = fx.call_function(target, tuple(inputs), attrs)
+        call.meta["ir_node"] = node.label()
+        if len(node.outputs) == 1 and node.op != "opaque":
+            env[id(node.outputs[0])] = call
+        elif len(node.outputs) == 1 and not isinstance(node.attrs.get("out_types"), tuple):
+            env[id(node.outputs[0])] = call
+        else:
+            multi = node.op != "opaque" or _returns_sequence(node)
+            for i, out in enumerate(node.outputs):
+                env[id(out)] = fx.call_function(operator.getitem, (call, i)) if multi else call
+    fx.output(tuple(env[id(v)] for v in list(graph.outputs) + list(taps)))
+    return torch.fx.GraphModule(root, fx, class_name=f"graphopt_{_py_name(graph.name, 'graph')}")
+
+
+_PRINTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.fx.Node)
+
+
+def _printable(value) -> bool:
+    """Whether fx can write ``value`` into generated code (its repr is valid Python there)."""
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return all(_printable(v) for v in value)
+    return isinstance(value, _PRINTABLE)
+
+
+def _bind_unprintable(fn, attrs: dict):
+    """Attributes fx cannot print (TensorTypes, plugin objects) are bound into a wrapper instead."""
+    fixed = {k: v for k, v in attrs.items() if not _printable(v)}
+    if not fixed:
+        return fn, attrs
+
+    def bound(*args, **kwargs):
+        return fn(*args, **kwargs, **fixed)
+
+    bound.__name__ = bound.__qualname__ = f"{getattr(fn, '__name__', 'op')}_bound"
+    bound.__module__ = getattr(fn, "__module__", __name__)
+    return bound, {k: v for k, v in attrs.items() if k not in fixed}
+
+
+def _returns_sequence(node) -> bool:
+    schema = resolve_target(node.attrs["target"])._schema
+    return len(schema.returns) > 1 or str(schema.returns[0].type).startswith(("Tensor[]", "List"))
+
+
+def _py_name(name: str, fallback: str) -> str:
+    clean = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return clean if clean and not clean[0].isdigit() else fallback
+
+
+def run(graph: Graph, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run the graph on flat input tensors (one per graph input), returning flat outputs."""
+    with torch.no_grad():
+        return to_fx(graph)(*tensors)
+
+
+def collect(graph: Graph, batches: Sequence[Sequence[torch.Tensor]], values: Sequence[Value]) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the graph on each batch of flat inputs and yield ``{value name: tensor}`` for ``values``
+    (intermediate activations, for calibration). The module is built once."""
+    module = to_fx(graph, taps=values)
+    n = len(graph.outputs)
+    with torch.no_grad():
+        for batch in batches:
+            out = module(*batch)
+            yield {v.name: t for v, t in zip(values, out[n:])}
