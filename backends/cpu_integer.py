@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import graphopt.backends.cpu_integer_ops  # noqa: F401  (registers the cpu.* ops)
+from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.registry import register_backend
-from graphopt.backends import LoweringError
 from graphopt.backends.torch_backend import TorchExecutable
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.ops.integer import requant, shift_pow2, shiftgelu

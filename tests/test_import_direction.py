@@ -27,8 +27,8 @@ def _modules(under: str | None = None):
     base = ROOT / under if under else ROOT
     for path in sorted(base.rglob("*.py")):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] == "tests" or "__pycache__" in rel.parts:
-            continue
+        if rel.parts[0] in ("tests", "build", "dist") or rel.parts[0].startswith(".") or "__pycache__" in rel.parts:
+            continue  # the project's sources only, not build copies, virtual environments or caches
         yield rel, ast.parse(path.read_text(), filename=str(path))
 
 
