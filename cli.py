@@ -233,6 +233,7 @@ def run(args) -> int:
     _refuse_input_overlap([output, output + ".data" if output else None, report_path], before.data_files)
 
     feeds, input_note, calibration = _inputs(args, graph, dims, before.example)
+    graph_before = graph
     graph, pipeline = _run_passes(graph, specs, feeds, calibration, args.verify_passes, progress)
     if args.why_not:
         from graphopt.ir.rewrite import get_rule, why_not
@@ -274,7 +275,8 @@ def run(args) -> int:
 
         summary = {"source": source, "input": before, "output": after, "passes": [str(s) for s in specs],
                    "pipeline": pipeline, "check": check, "inputs": input_note, "timings": progress.timings,
-                   "written": written, "verbose": args.verbose}
+                   "written": written, "verbose": args.verbose, "graph_before": graph_before, "graph_after": graph,
+                   "dims": dims}
         if not args.quiet:
             _print_summary(summary)
         if check is not None and not check["passed"]:
@@ -973,27 +975,28 @@ def report_dict(summary) -> dict:
 
 def _write_report(path, summary) -> None:
     from graphopt.backends.onnxruntime_backend import _atomic_write
+    from graphopt.passes.report import json_safe
 
     data = report_dict(summary)
     if path.lower().endswith(".json"):
-        text = json.dumps(data, indent=2, default=_json_default)
+        text = json.dumps(json_safe(data), indent=2, allow_nan=False, default=str)
     else:
         text = _html_report(summary, data)
     _atomic_write(path, text.encode())
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
-
-
 def _html_report(summary, data) -> str:
+    """The HTML page: the pipeline's report plus the cost model's figures and a block drawing, before and after."""
+    from graphopt.ir.cost import graph_cost
     from graphopt.passes.report_html import render_html
 
-    return render_html(summary["pipeline"], title=f"graphopt report: {data['source']}",
+    pipeline = summary["pipeline"]
+    pipeline.cost_before, pipeline.cost_after = graph_cost(summary["graph_before"]), graph_cost(summary["graph_after"])
+    return render_html(pipeline, title=f"graphopt report: {data['source']}",
                        intro=f"passes: {', '.join(data['passes']) or '(none)'}; inputs: {data['inputs'].get('source')}",
                        check=summary["check"], models={"input": data["input"], "output": data["output"]},
+                       graph_before=summary["graph_before"], graph_after=summary["graph_after"],
+                       cost_dims=summary["dims"] or None,
                        files={"output model": data["output"]["path"]} if data["output"]["path"] else None)
 
 

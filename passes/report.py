@@ -83,7 +83,7 @@ class Report:
         if self.cost_before is not None:
             cost = {"flops_before": str(self.cost_before.total.flops), "flops_after": str(self.cost_after.total.flops),
                     "parameters_before": self.cost_before.parameters, "parameters_after": self.cost_after.parameters}
-        return _finite({"capture_seconds": self.capture_seconds, "passes": [asdict(r) for r in self.passes],
+        return json_safe({"capture_seconds": self.capture_seconds, "passes": [asdict(r) for r in self.passes],
                         "cost": cost, "curves": [asdict(c) for c in self.curves], "tables": self.tables})
 
     def to_json(self) -> str:
@@ -127,12 +127,12 @@ def tokens_per_block(graph) -> list:
     return counts
 
 
-def _finite(value):
+def json_safe(value):
     """JSON-safe: non-finite floats become null (standard JSON has no Infinity or NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
