@@ -227,7 +227,7 @@ def run(args) -> int:
     if output is not None and args.external_data:
         _check_output_path(output + ".data", inputs, args.force, (".data",), "external data")
     _refuse_same_target([output, output + ".data" if output and args.external_data else None, report_path])
-    progress = Progress(enabled=not args.quiet)
+    progress = Progress(enabled=not args.quiet and not args.why_not)  # --why-not prints its answer only
 
     before, graph, source = _load(args, progress)
     _refuse_input_overlap([output, output + ".data" if output else None, report_path], before.data_files)
