@@ -974,7 +974,7 @@ def report_dict(summary) -> dict:
 
 
 def _write_report(path, summary) -> None:
-    from graphopt.backends.onnxruntime_backend import _atomic_write
+    from graphopt.ir.files import atomic_write
     from graphopt.passes.report import json_safe
 
     data = report_dict(summary)
@@ -982,7 +982,7 @@ def _write_report(path, summary) -> None:
         text = json.dumps(json_safe(data), indent=2, allow_nan=False, default=str)
     else:
         text = _html_report(summary, data)
-    _atomic_write(path, text.encode())
+    atomic_write(path, text.encode())
 
 
 def _html_report(summary, data) -> str:

@@ -18,6 +18,7 @@ from graphopt.backends import LoweringError
 from graphopt.backends.onnx_lowering import DEFAULT_OPSET, register_aten_lowering, register_lowering, to_onnx  # noqa: F401
 from graphopt.backends.registry import register_backend, register_saver
 from graphopt.backends.torch_backend import bind_by_name, flatten_inputs
+from graphopt.ir.files import atomic_write
 from graphopt.ir import Graph
 from graphopt.ir.onnx_common import to_numpy
 
@@ -166,7 +167,7 @@ def write_model(model: onnx.ModelProto, path: str, *, external_data: bool | None
     if external_data is None:
         external_data = weights > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        _atomic_write(path, model_bytes(model))
+        atomic_write(path, model_bytes(model))
         return [path]
     data_name = os.path.basename(path) + ".data"
     staged = onnx.ModelProto()
@@ -189,38 +190,11 @@ def write_model(model: onnx.ModelProto, path: str, *, external_data: bool | None
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
                 offset += len(raw)
-        _atomic_write(path, model_bytes(staged), before_rename=lambda: os.replace(tmp_data, os.path.join(directory, data_name)))
+        atomic_write(path, model_bytes(staged), before_rename=lambda: os.replace(tmp_data, os.path.join(directory, data_name)))
     finally:
         if os.path.exists(tmp_data):
             os.unlink(tmp_data)
     return [path, os.path.join(directory, data_name)]
-
-
-def _atomic_write(path: str, data: bytes, before_rename=None) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".graphopt-", suffix=".onnx.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_UMASK)
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 __all__ = ["DEFAULT_OPSET", "OnnxRuntimeExecutable", "create_session", "default_providers", "model_bytes",

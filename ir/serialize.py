@@ -14,7 +14,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from typing import Any
 
 import sympy
@@ -22,6 +21,7 @@ import torch
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
+from graphopt.ir.files import atomic_write
 from graphopt.ir.graph import Graph
 from graphopt.ir.opdef import OpError
 from graphopt.ir.types import TensorType, symbol
@@ -245,7 +245,7 @@ def _import_model_output(name: str):
 
 # ---- files ---------------------------------------------------------------------------------------
 def save_graph(graph: Graph, path: str) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     structure = {
         "format": FORMAT, "name": graph.name, "meta": _encode(graph.meta),
@@ -261,15 +261,7 @@ def save_graph(graph: Graph, path: str) -> None:
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         tensors[name] = t.clone() if key in storages else t  # safetensors refuses shared storage
         storages.add(key)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_KEY: json.dumps(structure, allow_nan=False, separators=(",", ":"))})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, save(tensors, metadata={_KEY: json.dumps(structure, allow_nan=False, separators=(",", ":"))}))
 
 
 def load_graph(path: str) -> Graph:

@@ -10,6 +10,7 @@ import io
 import re
 from collections import Counter
 
+from graphopt.ir.files import atomic_write
 from graphopt.passes.report import Report
 
 _STYLE = """
@@ -59,20 +60,9 @@ def render_html(report: Report, *, title: str = "graphopt report", intro: str = 
 
 
 def write_html(path: str, report: Report, **options) -> str:
-    """Write :func:`render_html`'s page to ``path`` (a temporary file renamed into place, so a reader
-    never sees half a page) and return the path."""
-    import os
-    import tempfile
-
-    text = render_html(report, **options)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write :func:`render_html`'s page to ``path`` atomically (a reader never sees half a page) and
+    return the path."""
+    atomic_write(path, render_html(report, **options).encode("utf-8"))
     return path
 
 
