@@ -1,42 +1,50 @@
-"""Backend registry: a backend turns a graph into something callable like the original model."""
+"""Backend registry: a backend turns a graph into something callable like the original model.
+
+Backends and savers are ``Registry`` tables: the built-ins register when their module imports
+(a missing dependency of one is an error, not a silently missing backend), plugins through the ``graphopt.backends`` and
+``graphopt.savers`` entry-point groups.
+"""
 from __future__ import annotations
 
-import difflib
+import importlib
 from typing import Callable
 
 from graphopt.ir import Graph
+from graphopt.ir.registry import Registry
 
-_BACKENDS: dict[str, Callable[..., Callable]] = {}
-_SAVERS: dict[str, Callable[[Graph, str], None]] = {}
-
-
-def register_backend(name: str):
-    def wrap(fn):
-        _BACKENDS[name] = fn
-        return fn
-    return wrap
+OPTIONAL_BACKENDS = ("graphopt.backends.onnxruntime_backend", "graphopt.backends.cpu_integer")
 
 
-def register_saver(suffix: str):
+def _load_builtins() -> None:
+    for module in OPTIONAL_BACKENDS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+BACKENDS: Registry[Callable[..., Callable]] = Registry("backend", group="graphopt.backends", error=ValueError,
+                                                       builtins=_load_builtins)
+SAVERS: Registry[Callable[[Graph, str], None]] = Registry("saver", group="graphopt.savers", error=ValueError,
+                                                          builtins=_load_builtins)
+
+
+def register_backend(name: str, *, replace: bool = False):
+    return BACKENDS.decorator(name, replace=replace)
+
+
+def register_saver(suffix: str, *, replace: bool = False):
     """Register a writer for files ending in ``suffix`` (e.g. ``.onnx``)."""
-    def wrap(fn):
-        _SAVERS[suffix] = fn
-        return fn
-    return wrap
+    return SAVERS.decorator(suffix, replace=replace)
 
 
 def lower(graph: Graph, backend: str, **options) -> Callable:
-    _load()
-    if backend not in _BACKENDS:
-        close = difflib.get_close_matches(backend, list(_BACKENDS), n=2)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown backend {backend!r}{hint}; available: {sorted(_BACKENDS)}")
-    return _BACKENDS[backend](graph, **options)
+    return BACKENDS.get(backend)(graph, **options)
 
 
 def save(graph: Graph, path: str) -> None:
-    _load()
-    for suffix, saver in _SAVERS.items():
+    for suffix, saver in SAVERS.items():
         if str(path).endswith(suffix):
             return saver(graph, path)
     from graphopt.ir.serialize import save_graph
@@ -44,23 +52,10 @@ def save(graph: Graph, path: str) -> None:
 
 
 def list_backends() -> list[str]:
-    _load()
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 @register_backend("torch")
 def _torch(graph: Graph):
     from graphopt.backends.torch_backend import TorchExecutable
     return TorchExecutable(graph).eval()
-
-
-def _load() -> None:
-    """Optional backends register themselves when their module imports cleanly."""
-    import importlib
-
-    for module in ("graphopt.backends.onnxruntime_backend", "graphopt.backends.cpu_integer"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise

@@ -15,19 +15,16 @@ import sympy
 
 from graphopt.ir.graph import Graph, Node
 from graphopt.ir.opdef import get_op
+from graphopt.ir.registry import Registry
 from graphopt.ir.types import Dim, TensorType
 
-_COSTS: dict[str, Callable[[Node], sympy.Expr]] = {}
+COSTS: Registry[Callable[[Node], sympy.Expr]] = Registry("cost formula", group="graphopt.costs")
 VIEWS = {"reshape", "expand"}
 
 
-def register_cost(*ops: str):
+def register_cost(*ops: str, replace: bool = False):
     """Register the FLOP formula of ops: ``fn(node) -> sympy expression``."""
-    def wrap(fn):
-        for op in ops:
-            _COSTS[op] = fn
-        return fn
-    return wrap
+    return COSTS.decorator(*ops, replace=replace)
 
 
 def register_elementwise_cost(flops_per_element: int, *ops: str) -> None:
@@ -79,8 +76,9 @@ register_elementwise_cost(8, "layer_norm")
 
 
 def _flops(node: Node) -> sympy.Expr | None:
-    if node.op in _COSTS:
-        return sympy.sympify(_COSTS[node.op](node))
+    formula = COSTS.find(node.op)
+    if formula is not None:
+        return sympy.sympify(formula(node))
     tags = get_op(node.op).tags
     if "elementwise" in tags:
         return sum((_n(o.type) for o in node.outputs), sympy.Integer(0))

@@ -9,13 +9,13 @@ Pass authors add ops from their own package with the same decorator the built-in
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import sympy
 import torch
 
+from graphopt.ir.registry import Registry
 from graphopt.ir.types import TensorType
 
 REQUIRED = object()
@@ -104,7 +104,8 @@ class OpSchema:
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
-_REGISTRY: dict[str, OpSchema] = {}
+OPS: Registry[OpSchema] = Registry("op", group="graphopt.ops", error=OpError,
+                                   hint=" (register it with graphopt.ir.register_op)")
 
 
 def register_op(name: str, *, inputs: Sequence[str], attrs: dict[str, Attr] | None = None,
@@ -117,23 +118,15 @@ def register_op(name: str, *, inputs: Sequence[str], attrs: dict[str, Attr] | No
     plugins cannot silently clobber each other.
     """
     def wrap(fn):
-        if name in _REGISTRY and not replace:
-            raise OpError(f"op {name!r} is already registered (by {getattr(_REGISTRY[name].reference, '__module__', '?')}); "
-                          f"pass replace=True to override it on purpose")
-        _REGISTRY[name] = OpSchema(name, tuple(inputs), dict(attrs or {}), infer, fn,
-                                   (fn.__doc__ or "").strip(), pure, frozenset(tags))
+        OPS.register(name, OpSchema(name, tuple(inputs), dict(attrs or {}), infer, fn, (fn.__doc__ or "").strip(),
+                                    pure, frozenset(tags)), replace=replace, owner=fn.__module__)
         return fn
     return wrap
 
 
 def get_op(name: str) -> OpSchema:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise OpError(f"unknown op {name!r}{hint} (register it with graphopt.ir.register_op)") from None
+    return OPS.get(name)
 
 
 def list_ops() -> list[str]:
-    return sorted(_REGISTRY)
+    return OPS.names()

@@ -10,13 +10,13 @@ taken once, so plugins cannot silently replace each other.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from graphopt.ir import Graph
+from graphopt.ir.registry import Registry, did_you_mean
 
 _NO_DEFAULT = object()
 
@@ -152,7 +152,12 @@ class PassSpec:
         return f"{self.name}:{opts}" if opts else self.name
 
 
-_PASSES: dict[str, PassInfo] = {}
+def _load_builtin_passes() -> None:
+    import graphopt.passes.builtin  # noqa: F401  (registers the built-in passes)
+
+
+PASSES: Registry[PassInfo] = Registry("pass", group="graphopt.passes", error=PassConfigError,
+                                      builtins=_load_builtin_passes)
 
 
 def register_pass(name: str, *, tolerance: float | None = 1e-5, requires=None, ensures=None, replace: bool = False):
@@ -160,9 +165,6 @@ def register_pass(name: str, *, tolerance: float | None = 1e-5, requires=None, e
     when the manager checks it numerically (None: the pass is lossy and its error is only reported).
     ``requires``/``ensures`` take the graph and return None or the reason the condition fails."""
     def wrap(fn):
-        if name in _PASSES and not replace:
-            raise PassConfigError(f"pass {name!r} is already registered by {_PASSES[name].module}; "
-                                  "choose another name or pass replace=True")
         hints = typing.get_type_hints(fn)
         options = {}
         for p in inspect.signature(fn).parameters.values():
@@ -170,25 +172,24 @@ def register_pass(name: str, *, tolerance: float | None = 1e-5, requires=None, e
                 continue
             spec = p.default if isinstance(p.default, Option) else Option(p.default if p.default is not p.empty else _NO_DEFAULT)
             options[p.name] = OptionSpec(p.name, hints.get(p.name, str), spec.default, spec.doc)
-        _PASSES[name] = PassInfo(name, fn, options, inspect.cleandoc(fn.__doc__ or ""), tolerance,
-                                 requires, ensures, fn.__module__)
+        PASSES.register(name, PassInfo(name, fn, options, inspect.cleandoc(fn.__doc__ or ""), tolerance,
+                                       requires, ensures, fn.__module__), replace=replace, owner=fn.__module__)
         return fn
     return wrap
 
 
 def get_pass(name: str, listing: str = "graphopt.list_passes()") -> PassInfo:
     """``listing``: what the error tells the user to run to see every pass (the CLI names its flag)."""
-    _load_builtin_passes()
-    if name not in _PASSES:
+    info = PASSES.find(name)
+    if info is None:
         several = "; a pass name has no ',': give several passes as a list" if "," in name else ""
-        raise PassConfigError(f"unknown pass {name!r}{_did_you_mean(name, _PASSES)}{several}; "
+        raise PassConfigError(f"unknown pass {name!r}{did_you_mean(name, PASSES.names())}{several}; "
                               f"{listing} shows them all")
-    return _PASSES[name]
+    return info
 
 
 def list_passes() -> list[str]:
-    _load_builtin_passes()
-    return sorted(_PASSES)
+    return PASSES.names()
 
 
 def pass_help(name: str) -> str:
@@ -215,7 +216,7 @@ def make_spec(item, listing: str = "graphopt.list_passes()") -> PassSpec:
     options = {}
     for key, value in raw.items():
         if key not in info.options:
-            raise PassConfigError(f"pass {info.name!r} has no option {key!r}{_did_you_mean(key, info.options)}; "
+            raise PassConfigError(f"pass {info.name!r} has no option {key!r}{did_you_mean(key, info.options)}; "
                                   f"it takes {sorted(info.options) or 'no options'}")
         options[key] = info.options[key].convert(value, info.name)
     for key, spec in info.options.items():
@@ -268,26 +269,6 @@ def _scalar(text: str):
         except ValueError:
             pass
     return text
-
-
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-
-
-_loaded = False
-
-
-def _load_builtin_passes() -> None:
-    """Built-in passes, plus those of installed packages that declare a ``graphopt.passes`` entry point."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        import importlib.metadata
-
-        import graphopt.passes.builtin  # noqa: F401  (registers the built-in passes)
-        for entry in importlib.metadata.entry_points(group="graphopt.passes"):
-            entry.load()
 
 
 def register_rule_set(rule_set, *, name: str | None = None, tolerance: float | None = 1e-5):
