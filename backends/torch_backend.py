@@ -1,25 +1,24 @@
 """Reference backend: IR -> an executable ``torch.fx.GraphModule`` (``graphopt.ir.interpreter``),
-called like the captured model. Ops with a faster kernel on some device run it there: the fused
-low-rank MLP runs the Triton kernel on CUDA tensors (when triton imports).
+called like the captured model. Each node runs the first ``torch`` kernel of the kernel table that
+supports it (``backends/kernels.py``), else its op's reference implementation: the fused low-rank
+MLP, for one, runs the Triton kernel on CUDA tensors when triton imports.
 """
 from __future__ import annotations
 
 import torch
 import torch.utils._pytree as pytree
 
-from graphopt.backends import LoweringError, triton_low_rank
-from graphopt.ir import Graph
+import graphopt.backends.triton_low_rank  # noqa: F401  (registers its kernels)
+from graphopt.backends import LoweringError
+from graphopt.backends.kernels import select
+from graphopt.ir import Graph, Node
 from graphopt.ir.interpreter import InterpreterError, to_fx
-from graphopt.ir.ops.low_rank import OP as LOW_RANK_MLP, low_rank_mlp
 
 
-def _low_rank_mlp(x, v1, u1, b1, v2, u2, b2, *, activation, tile):
-    if x.is_cuda and triton_low_rank.available():
-        return triton_low_rank.low_rank_mlp(x, v1, u1, b1, v2, u2, b2, activation=activation)
-    return low_rank_mlp(x, v1, u1, b1, v2, u2, b2, activation=activation, tile=tile)
-
-
-KERNELS = {LOW_RANK_MLP: _low_rank_mlp}
+def torch_kernel(node: Node):
+    """The implementation of the first ``torch`` kernel that supports ``node`` (None: the reference)."""
+    kernel, _ = select("torch", node)
+    return kernel.fn if kernel is not None else None
 
 
 class TorchExecutable(torch.nn.Module):
@@ -28,7 +27,7 @@ class TorchExecutable(torch.nn.Module):
     def __init__(self, graph: Graph):
         super().__init__()
         try:
-            self.graph_module = to_fx(graph, kernels=KERNELS)
+            self.graph_module = to_fx(graph, kernel_for=torch_kernel)
         except InterpreterError as e:
             raise LoweringError(str(e)) from e
         self._in_spec = graph.meta.get("in_spec")

@@ -15,6 +15,9 @@ import os
 
 import torch
 
+from graphopt.backends.kernels import register_kernel
+from graphopt.ir.ops.low_rank import OP as LOW_RANK_MLP, low_rank_mlp as reference
+
 _ACT_CODE = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
@@ -119,3 +122,18 @@ def low_rank_mlp(x, v1, u1, b1, v2, u2, b2, *, activation: str = "gelu", block_m
                     ACT=_ACT_CODE[activation], BLOCK_M=block_m, BLOCK_K=32, BLOCK_R1=_pow2(r1),
                     BLOCK_H=block_h, BLOCK_R2=_pow2(r2), BLOCK_O=64, PRECISION=precision)
     return y.reshape(*lead, o)
+
+
+def _needs_triton(node) -> str | None:
+    return None if available() else "triton does not import on this machine"
+
+
+register_kernel("triton", LOW_RANK_MLP, supports=_needs_triton)(low_rank_mlp)
+
+
+@register_kernel("torch", LOW_RANK_MLP)
+def low_rank_mlp_on_device(x, v1, u1, b1, v2, u2, b2, *, activation, tile):
+    """The Triton kernel on CUDA tensors (when triton imports), the tiled reference elsewhere."""
+    if x.is_cuda and available():
+        return low_rank_mlp(x, v1, u1, b1, v2, u2, b2, activation=activation)
+    return reference(x, v1, u1, b1, v2, u2, b2, activation=activation, tile=tile)

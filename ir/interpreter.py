@@ -8,13 +8,13 @@ computed at run time from the input sizes. A backend may swap in its own kernels
 from __future__ import annotations
 
 import operator
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import sympy
 import torch
 import torch.fx
 
-from graphopt.ir.graph import Graph, GraphError, Value
+from graphopt.ir.graph import Graph, GraphError, Node, Value
 from graphopt.ir.opdef import get_op
 from graphopt.ir.ops.opaque import fill_template, resolve_target
 
@@ -36,9 +36,9 @@ def _ceildiv(a, b):
 
 
 def to_fx(graph: Graph, taps: Sequence[Value] = (),
-          kernels: Mapping[str, Callable] | None = None) -> torch.fx.GraphModule:
-    """``taps``: extra values to return after the graph outputs (for calibration); ``kernels``: op
-    name -> a callable with the op's reference signature, used instead of the reference."""
+          kernel_for: Callable[[Node], Callable | None] | None = None) -> torch.fx.GraphModule:
+    """``taps``: extra values to return after the graph outputs (for calibration); ``kernel_for(node)``:
+    a callable with the op's reference signature to run instead of the reference, or None."""
     root = torch.nn.Module()
     fx = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
@@ -123,7 +123,7 @@ def to_fx(graph: Graph, taps: Sequence[Value] = (),
             call = fx.call_function(target, fill_template(materialize(node.attrs["args"]), inputs),
                                     fill_template(materialize(node.attrs["kwargs"] or {}), inputs))
         else:
-            target, attrs = _bind_unprintable((kernels or {}).get(node.op) or get_op(node.op).reference,
+            target, attrs = _bind_unprintable((kernel_for and kernel_for(node)) or get_op(node.op).reference,
                                              materialize(node.attrs))
             call = fx.call_function(target, tuple(inputs), attrs)
         call.meta["ir_node"] = node.label()

@@ -95,6 +95,11 @@ class Registry(Generic[T]):
         self.load()
         return sorted(self._entries.items())
 
+    def values(self) -> list[T]:
+        """The entries in registration order (an order that can mean priority, as for kernels)."""
+        self.load()
+        return list(self._entries.values())
+
     def __contains__(self, name: object) -> bool:
         self.load()
         return name in self._entries
