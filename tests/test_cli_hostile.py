@@ -136,12 +136,12 @@ def test_failing_check_exits_1_and_writes_nothing(tmp_path, capsys):
 
 
 def test_failing_report_writes_nothing(tmp_path, capsys, monkeypatch):
-    import graphopt.cli
+    import graphopt.cli.report
 
     def disk_full(path, summary):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(graphopt.cli, "_write_report", disk_full)
+    monkeypatch.setattr(graphopt.cli.report, "write_report", disk_full)
     path = tmp_path / "model.onnx"
     path.write_bytes(add_model(numpy_helper.from_array(np.ones(4, np.float32), "w")).SerializeToString())
     code, _, err = cli(capsys, path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json", "-q")
@@ -150,7 +150,7 @@ def test_failing_report_writes_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_check_defaults_follow_the_passes_tolerances():
-    from graphopt.cli import check_limits
+    from graphopt.cli.check import check_limits
     from graphopt.passes import make_spec
 
     assert check_limits([make_spec("dce")], None, None) == (1e-4, 0.999, False)
