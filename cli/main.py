@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                    help="size of a symbolic input dim for random inputs, e.g. --dim batch=8 --dim sequence=128")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    g.add_argument("--runs", type=int, default=20, help="timed runs per model for --check (default 20)")
+    g.add_argument("--runs", type=int, default=20, help="timed runs per model for --check, the two models in turn, "
+                   "each timed run after an untimed one (default 20)")
     g.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs per model for --check (default 3)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own choice)")
     g.add_argument("--opt-level", default="all", choices=["disable", "basic", "extended", "all"],
