@@ -70,7 +70,6 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto | bytes, *, name: str |
     return _Converter(proto, name or default_name or "main", where).run()
 
 
-
 def module_path(node: onnx.NodeProto) -> str | None:
     """The torch module a node came from, as the torch.onnx (dynamo) exporter records it in the node's
     metadata (``pkg.torch.onnx.name_scopes`` ['', 'blocks.0', 'blocks.0.fc1', 'linear'], or the
@@ -89,7 +88,6 @@ def module_path(node: onnx.NodeProto) -> str | None:
         paths = [part.split(":")[0].strip() for part in namespace.split("/")]
         return paths[-2] or None if len(paths) >= 2 else None
     return None
-
 
 
 class _Converter:
@@ -426,7 +424,6 @@ def _fits(entry: int, dtype: torch.dtype) -> bool:
     return info.min <= int(entry) <= info.max
 
 
-
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its large initializers (they become typed inputs), for fast shape inference."""
     g = model.graph
@@ -450,7 +447,6 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     m.functions.extend(model.functions)
     m.graph.CopyFrom(skeleton_graph)
     return m
-
 
 
 __all__ = ["KNOWN_LIMIT", "from_onnx", "module_path"]

@@ -35,7 +35,7 @@ def _check_bound(cv, dims, what):
         raise Unsupported(f"{what} {[str(d) for d in dims]} depends on sizes that are not graph input dims")
 
 
-
+# ---- data movement ------------------------------------------------------------------------
 @handles("Identity", "Dropout")
 def _identity(cv, node, ins):
     if node.op_type == "Dropout" and len(node.output) > 1 and cv.is_used(node.output[1]):
@@ -43,30 +43,6 @@ def _identity(cv, node, ins):
     return ins[0]
 
 
-@handles("Constant")
-def _constant(cv, node, ins):
-    a = node.attribute[0] if len(node.attribute) == 1 else None
-    if a is None:
-        raise Unsupported("Constant without exactly one value attribute")
-    if a.name == "value":
-        tensor = tensor_from_proto(a.t, node.output[0])
-    elif a.name == "value_float":
-        tensor = torch.tensor(a.f, dtype=torch.float32)
-    elif a.name == "value_floats":
-        tensor = torch.tensor(list(a.floats), dtype=torch.float32)
-    elif a.name == "value_int":
-        tensor = torch.tensor(a.i, dtype=torch.int64)
-    elif a.name == "value_ints":
-        tensor = torch.tensor(list(a.ints), dtype=torch.int64)
-    else:
-        raise Unsupported(f"Constant {a.name}")
-    value = cv.tensor_const(tensor, node.output[0])
-    cv.remember(node.output[0], tensor)
-    return value
-
-
-
-# ---- data movement ------------------------------------------------------------------------
 @handles("Transpose")
 def _transpose(cv, node, ins):
     x = ins[0]
@@ -294,6 +270,28 @@ def _from_start(cv, idx, size):
 
 
 # ---- factories ----------------------------------------------------------------------------
+@handles("Constant")
+def _constant(cv, node, ins):
+    a = node.attribute[0] if len(node.attribute) == 1 else None
+    if a is None:
+        raise Unsupported("Constant without exactly one value attribute")
+    if a.name == "value":
+        tensor = tensor_from_proto(a.t, node.output[0])
+    elif a.name == "value_float":
+        tensor = torch.tensor(a.f, dtype=torch.float32)
+    elif a.name == "value_floats":
+        tensor = torch.tensor(list(a.floats), dtype=torch.float32)
+    elif a.name == "value_int":
+        tensor = torch.tensor(a.i, dtype=torch.int64)
+    elif a.name == "value_ints":
+        tensor = torch.tensor(list(a.ints), dtype=torch.int64)
+    else:
+        raise Unsupported(f"Constant {a.name}")
+    value = cv.tensor_const(tensor, node.output[0])
+    cv.remember(node.output[0], tensor)
+    return value
+
+
 @handles("Range")
 def _range(cv, node, ins):
     values = [cv.known_ints(n) for n in node.input]

@@ -18,12 +18,14 @@ from graphopt.frontends.onnx.handlers import attributes
 from graphopt.ir.onnx_common import INT64_MAX, torch_dtype
 from graphopt.ir.types import canonical_dim, dims_equal, normalize_axis
 
+# ops whose results, once fully known (static shapes), become constants
 FOLDABLE = {"Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Slice", "Cast", "Add", "Sub",
             "Mul", "Div", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Max", "Min", "Not", "And",
             "Or", "Where", "Range", "ConstantOfShape", "Expand", "Identity", "ReduceProd", "ReduceSum"}
 
 
 def as_object_array(value) -> np.ndarray:
+    """``propagate``'s result as an object array of Python ints, bools and sympy dims."""
     if isinstance(value, np.ndarray) and value.dtype == object:
         return value
     out = np.empty((), dtype=object) if not isinstance(value, np.ndarray) else np.empty(value.shape, dtype=object)
@@ -33,7 +35,6 @@ def as_object_array(value) -> np.ndarray:
     else:
         out[()] = value
     return out
-
 
 
 def _obj(values, shape=None) -> np.ndarray:

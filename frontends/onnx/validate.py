@@ -106,8 +106,6 @@ def validate_model(model: onnx.ModelProto, where: str = "model") -> None:
                                     f"{dims[0]} dims or axes; a tensor has at most {MAX_RANK} dims")
 
 
-
-
 def _graphs(graph: onnx.GraphProto, label: str):
     """The graph and every subgraph in it (If/Loop/Scan bodies), with a label naming where each is."""
     pending = [(graph, label)]
@@ -120,8 +118,6 @@ def _graphs(graph: onnx.GraphProto, label: str):
                     pending.append((attr.g, f"body '{attr.name}' of {node_label(node, i, where)}"))
                 for k, sub in enumerate(attr.graphs):
                     pending.append((sub, f"body '{attr.name}'[{k}] of {node_label(node, i, where)}"))
-
-
 
 
 def _check_strings(message, where: str) -> None:
@@ -283,8 +279,6 @@ def node_label(node: onnx.NodeProto, index: int, graph_label: str = "graph") -> 
     return f"{name} ({op}){inside}"
 
 
-
-
 def subgraph_free_names(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names read by the node's subgraphs (If/Loop/Scan bodies)."""
     free: set[str] = set()
@@ -354,7 +348,6 @@ def _find_cycle(stuck: list[int], deps: list[set[int]]) -> list[int]:
         node = min(d for d in deps[node] if d in stuck_set)
     cycle = path[seen[node]:]
     return list(reversed(cycle[:4])) + ([cycle[-1]] if len(cycle) > 4 else [])
-
 
 
 __all__ = ["DEFAULT_DOMAINS", "MAX_OPSET", "MAX_RANK", "MIN_OPSET", "check_model_structure", "node_label",
