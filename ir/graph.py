@@ -101,6 +101,13 @@ class Graph:
         self._created: list[Node] = []  # nodes created while a checkpoint is open
         self._checkpoints: list[Checkpoint] = []
 
+    @classmethod
+    def parse(cls, text: str, constants: dict[str, torch.Tensor] | None = None) -> "Graph":
+        """The graph written in the printer's text form (``str(graph)``); constants printed by name
+        take their tensors from ``constants``. See ``graphopt.ir.parser``."""
+        from graphopt.ir.parser import parse_graph
+        return parse_graph(text, constants)
+
     # ---- names ---------------------------------------------------------------------------
     def fresh_name(self, base: str | None = None) -> str:
         if base is not None and base not in self._names:
