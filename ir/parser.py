@@ -35,6 +35,7 @@ from graphopt.ir.verifier import verify
 _DIM_FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max, "Min": sympy.Min,
                   "Mod": sympy.Mod}
 _TORCH_ENUMS = (torch.layout, torch.memory_format)
+_BINARY_LEVELS = (("+", "-"), ("*", "/"))
 _MAX_EXPONENT = 64  # x**n in a dim: larger powers are not dims, and building them could take long
 _TOKEN = re.compile(r"""
     (?P<space>[ \t\r]+|\#[^\n]*)
@@ -306,7 +307,7 @@ class _Parser:
 
     def dim(self):
         token = self.peek
-        value = self.sum()
+        value = self.expression()
         if isinstance(value, float) or (isinstance(value, sympy.Expr) and value.is_integer is False):
             self.fail(f"a dim must be an integer expression, got {value}", token)
         return canonical_dim(value)
@@ -354,23 +355,19 @@ class _Parser:
                     self.fail(f"{token.text} is not a torch layout or memory format", token)
                 return enum
         if token.kind in ("word", "number") or self.at("-") or self.at("("):
-            value = self.sum()
+            value = self.expression()
             return canonical_dim(value) if isinstance(value, sympy.Expr) else value
         self.fail(f"expected an attribute value, found {token.describe()}")
 
     # ---- numbers and dims: + - * / ** over ints, floats, symbols and floor/ceiling/Max/Min/Mod ----
-    def sum(self):
-        value = self.product()
-        while self.at("+") or self.at("-"):
-            op, rhs = self.next().text, self.product()
-            value = self.arith(op, value, rhs)
-        return value
-
-    def product(self):
-        value = self.unary()
-        while self.at("*") or self.at("/"):
-            op, rhs = self.next().text, self.unary()
-            value = self.arith(op, value, rhs)
+    def expression(self, level: int = 0):
+        """Binary operators by precedence: ``+ -`` (level 0) bind looser than ``* /`` (level 1)."""
+        if level == len(_BINARY_LEVELS):
+            return self.unary()
+        value = self.expression(level + 1)
+        while self.peek.kind == "punct" and self.peek.text in _BINARY_LEVELS[level]:
+            op = self.next().text
+            value = self.arith(op, value, self.expression(level + 1))
         return value
 
     def unary(self):
@@ -388,16 +385,16 @@ class _Parser:
         if token.kind == "number":
             return int(token.text) if token.text.isdigit() else float(token.text)
         if token.kind == "punct" and token.text == "(":
-            value = self.sum()
+            value = self.expression()
             self.expect(")", "')' closing the parenthesis")
             return value
         if token.kind == "word" and token.text in ("inf", "nan"):
             return math.inf if token.text == "inf" else math.nan
         if token.kind == "word" and token.text in _DIM_FUNCTIONS and self.at("("):
             self.next()
-            args = [self.sum()]
+            args = [self.expression()]
             while self.accept(","):
-                args.append(self.sum())
+                args.append(self.expression())
             self.expect(")", f"')' closing {token.text}(...)")
             return _DIM_FUNCTIONS[token.text](*[sympy.sympify(a) for a in args])
         if token.kind == "word" and token.text.isidentifier():

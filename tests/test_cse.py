@@ -36,16 +36,16 @@ def test_equal_nodes_and_constants_merge():
 
 DIFFERENT = """
 graph main(%x: f32[batch,6]) {
-  %two: f32[] = constant(2.0)
-  %three: f32[] = constant(3.0)
-  %two64: f64[] = constant(2.0)
-  %a: f32[batch,2,3] = reshape(%x, shape=[batch,2,3])
-  %b: f32[batch,3,2] = reshape(%x, shape=[batch,3,2])
-  %ma: f32[batch,2,3] = mul(%a, %two)
-  %mb: f32[batch,2,3] = mul(%a, %three)
-  %mc: f32[batch,2,3] = mul(%a, %two64)
   %r1: f32[batch,6] = opaque(%x, target="aten::rand_like", args=[$0], kwargs={}, out_types=[f32[batch,6]])
   %r2: f32[batch,6] = opaque(%x, target="aten::rand_like", args=[$0], kwargs={}, out_types=[f32[batch,6]])
+  %a: f32[batch,2,3] = reshape(%x, shape=[batch,2,3])
+  %b: f32[batch,3,2] = reshape(%x, shape=[batch,3,2])
+  %two: f32[] = constant(2.0)
+  %ma: f32[batch,2,3] = mul(%a, %two)
+  %three: f32[] = constant(3.0)
+  %mb: f32[batch,2,3] = mul(%a, %three)
+  %two64: f64[] = constant(2.0)
+  %mc: f32[batch,2,3] = mul(%a, %two64)
   return %ma, %mb, %mc, %b, %r1, %r2
 }"""
 

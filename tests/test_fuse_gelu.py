@@ -24,18 +24,18 @@ graph main(%x: f32[batch,8]) {
 
 TANH = """
 graph main(%x: f32[batch,8]) {
-  %three: f32[] = constant(3.0)
-  %k: f32[] = constant(0.044715)
-  %s: f32[] = constant(0.7978846)
-  %one: f32[] = constant(1.0)
   %half: f32[] = constant(0.5)
+  %h: f32[batch,8] = mul(%half, %x)
+  %three: f32[] = constant(3.0)
   %cube: f32[batch,8] = pow(%x, %three)
+  %k: f32[] = constant(0.044715)
   %c: f32[batch,8] = mul(%cube, %k)
   %a: f32[batch,8] = add(%x, %c)
+  %s: f32[] = constant(0.7978846)
   %i: f32[batch,8] = mul(%a, %s)
   %t: f32[batch,8] = tanh(%i)
+  %one: f32[] = constant(1.0)
   %p: f32[batch,8] = add(%t, %one)
-  %h: f32[batch,8] = mul(%half, %x)
   %y: f32[batch,8] = mul(%p, %h)
   return %y
 }"""
