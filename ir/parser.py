@@ -238,6 +238,10 @@ class _Parser:
             schema = get_op(op_token.text)
         except OpError as e:
             self.fail(str(e), op_token)
+        if op_token.text == "onnx_opaque":
+            self.fail("onnx_opaque nodes are printed for reading only: their attributes are ONNX protobuf bytes "
+                      "the text does not hold; load the model with from_onnx (or save the graph with save_graph)",
+                      op_token)
         self.expect("(", f"'(' after {op_token.text}")
         inputs: list[Value | None] = []
         attrs: dict = {}

@@ -173,3 +173,32 @@ def test_named_constant_tensors_are_not_overwritten():
     graph = Graph.parse("graph main() {\n  %w: f32[2] = constant\n  return %w\n}", constants={"w": w})
     assert graph.constants["w"].const is w and w.tolist() == [1.0, 1.0]
     assert graph.inputs == [] and graph.outputs[0].type == TensorType(torch.float32, (2,))
+
+
+def onnx_model(with_topk: bool):
+    """ONNX value names are not identifiers ('onnx::MatMul_0', '/block/Add_output_0'): the text quotes them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_0"], ["/block/MatMul_output_0"]),
+             helper.make_node("Relu", ["/block/MatMul_output_0"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    if with_topk:
+        nodes.append(helper.make_node("TopK", ["y", "k"], ["values", "indices"], axis=1))
+        outputs = [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["N", 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])], outputs,
+                              [numpy_helper.from_array(torch.randn(3, 4).numpy(), "onnx::MatMul_0"),
+                               numpy_helper.from_array(torch.tensor([2]).numpy(), "k")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+
+
+def test_onnx_import_round_trips_and_onnx_opaque_nodes_are_refused_by_name():
+    from graphopt.frontends import from_onnx
+
+    graph = from_onnx(onnx_model(with_topk=False))
+    assert '%"onnx::MatMul_0' in str(graph)  # quoted, a small weight inline
+    assert_round_trips(graph, [torch.randn(5, 3)])
+    opaque = from_onnx(onnx_model(with_topk=True))
+    assert "onnx_opaque" in opaque.op_counts()
+    with pytest.raises(ParseError, match=r"column \d+: onnx_opaque nodes are printed for reading only.*from_onnx"):
+        Graph.parse(str(opaque))
