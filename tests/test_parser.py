@@ -48,6 +48,16 @@ def test_optimized_graph_round_trips_with_inline_constants(tiny_vit_case):
     assert_round_trips(graph, _flat_tensors(graph, tuple(case.args), dict(case.kwargs)))
 
 
+def test_integer_only_graph_round_trips_bit_exactly(tiny_vit_case):
+    """int.* ops: requantization attributes, string dtypes, int8 / int32 constants."""
+    case = tiny_vit_case
+    graph = from_torch(case.model, tuple(case.args), dict(case.kwargs))
+    calibration = [(torch.randn_like(case.args[0]),) for _ in range(2)]
+    graph, _ = PassManager(["integer_only"], calibration=calibration).run(graph)
+    assert "int.requant" in graph.op_counts()
+    assert_round_trips(graph, list(case.args))
+
+
 HANDWRITTEN = """\
 graph "hand written"(%x: f32[batch,tokens,8], %mask: bool[batch,1,1,tokens]) {
   %w: f32[8,8] = constant
