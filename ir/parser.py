@@ -36,6 +36,7 @@ _DIM_FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.M
                   "Mod": sympy.Mod}
 _TORCH_ENUMS = (torch.layout, torch.memory_format)
 _BINARY_LEVELS = (("+", "-"), ("*", "/"))
+_SHOWN_CHARS = 120  # of a long source line, an error shows this many characters around the column
 _MAX_EXPONENT = 64  # x**n in a dim: larger powers are not dims, and building them could take long
 _TOKEN = re.compile(r"""
     (?P<space>[ \t\r]+|\#[^\n]*)
@@ -54,7 +55,9 @@ class ParseError(ValueError):
 
     def __init__(self, message: str, line: int, column: int, source_line: str = ""):
         self.line, self.column = line, column
-        where = f"\n  {source_line}\n  {' ' * (column - 1)}^" if source_line else ""
+        start = max(0, column - 1 - _SHOWN_CHARS // 2) if len(source_line) > _SHOWN_CHARS else 0
+        shown = source_line[start:start + _SHOWN_CHARS]
+        where = f"\n  {shown}\n  {' ' * (column - 1 - start)}^" if shown else ""
         super().__init__(f"line {line}, column {column}: {message}{where}")
 
 
@@ -88,7 +91,11 @@ def _tokens(text: str) -> list[_Token]:
 def parse_graph(text: str, constants: Mapping[str, torch.Tensor] | None = None) -> Graph:
     """The graph ``text`` describes (the form ``print(graph)`` writes). Constants printed by name
     (``%w: f32[16,8] = constant``) take their tensors from ``constants``, which must name no other."""
-    return _Parser(text, dict(constants or {})).graph()
+    parser = _Parser(text, dict(constants or {}))
+    try:
+        return parser.graph()
+    except RecursionError:
+        parser.fail("brackets or parentheses nest too deeply")
 
 
 class _Parser:
