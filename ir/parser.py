@@ -156,7 +156,7 @@ class _Parser:
         token = self.next()
         if token.kind not in ("word", "string", "number"):
             self.fail(f"expected the graph's name, found {token.describe()}", token)
-        g = Graph(json.loads(token.text) if token.kind == "string" else token.text)
+        g = Graph(self.string(token.text, token) if token.kind == "string" else token.text)
         self.expect("(")
         while not self.accept(")"):
             if g.inputs:
@@ -290,7 +290,14 @@ class _Parser:
     # ---- values --------------------------------------------------------------------------------
     def value_name(self, token: _Token) -> str:
         text = token.text[1:]
-        return json.loads(text) if text.startswith('"') else text
+        return self.string(text, token) if text.startswith('"') else text
+
+    def string(self, literal: str, token: _Token) -> str:
+        """A quoted string, with JSON's escapes (what the printer writes)."""
+        try:
+            return json.loads(literal)
+        except ValueError as e:
+            self.fail(f"bad string {literal}: {e.msg}", token)
 
     def define(self, name: str, value: Value, where: _Token) -> None:
         if name in self.values or value.name != name:
@@ -345,7 +352,7 @@ class _Parser:
             return items
         if token.kind == "string":
             self.next()
-            return json.loads(token.text)
+            return self.string(token.text, token)
         if token.kind == "slot":
             from graphopt.ir.ops.opaque import TensorArg
             self.next()

@@ -164,6 +164,8 @@ def test_symbolic_dim_expressions_keep_their_meaning():
     ("graph main(%x: f32[4]) {\n  %0: f32[4] = relu(%x, dim=1)\n  return %0\n}", None,
      r"line 2, column 16: relu: op relu has no attribute \['dim'\]"),
     ("graph main(%x: q8[4]) {\n  return %x\n}", None, r"line 1, column 16: unknown dtype 'q8'"),
+    ('graph main(%x: f32[4]) {\n  %0: f32[4] = gelu(%x, approximate="\\q")\n  return %0\n}', None,
+     r'line 2, column 37: bad string "\\q": Invalid \\escape'),
     ("graph main(%x: f32[4]) {\n  %0: f32[4] = relu(%x) ?\n  return %0\n}", None,
      r"line 2, column 25: unexpected character '\?'"),
     ("graph main(%x: f32[4]) {\n  %0: f32[4] = relu(%x)\n", None,
