@@ -193,7 +193,6 @@ def test_named_constant_tensors_are_not_overwritten():
 
 def onnx_model(with_topk: bool):
     """ONNX value names are not identifiers ('onnx::MatMul_0', '/block/Add_output_0'): the text quotes them."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_0"], ["/block/MatMul_output_0"]),

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.rules import broadcast, compare, float_result, same_as_input
-from graphopt.ir.types import TensorType
 
 BINARY = ["a", "b"]
 
