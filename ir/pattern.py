@@ -94,30 +94,25 @@ class Pattern:
             return set()
         return ops(self.root)
 
-    def ops(self) -> set[str]:
-        """Every op the pattern names, at any depth."""
-        found: set[str] = set()
-
-        def walk(p):
-            if isinstance(p, PNode):
-                found.add(p.op)
-            for child in (p.inputs if isinstance(p, PNode) else p.alternatives if isinstance(p, PEither)
-                          else [p.node] if isinstance(p, POptional) else []):
-                walk(child)
-        walk(self.root)
-        return found
-
-    def size(self) -> int:
-        seen: set[int] = set()
+    def values(self) -> list[PValue]:
+        """Every distinct pattern value (nodes, variables, alternatives), each once."""
+        seen: dict[int, PValue] = {}
 
         def walk(p):
             if id(p) in seen:
                 return
-            seen.add(id(p))
+            seen[id(p)] = p
             for child in (p.inputs if isinstance(p, PNode) else p.alternatives if isinstance(p, PEither) else []):
                 walk(child)
         walk(self.root)
-        return sum(1 for _ in seen)
+        return list(seen.values())
+
+    def ops(self) -> set[str]:
+        """Every op the pattern names, at any depth."""
+        return {p.op for p in self.values() if isinstance(p, PNode)}
+
+    def size(self) -> int:
+        return len(self.values())
 
 
 @dataclass
