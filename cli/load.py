@@ -28,7 +28,7 @@ class ModelSide:
 
 def load(args):
     """(the input side, its graph, where it came from): MODEL.onnx read and converted, or the demo."""
-    from graphopt.frontends.onnx_frontend import check_external_data, from_onnx, load_external, load_model
+    from graphopt.frontends.onnx import check_external_data, from_onnx, load_external, load_model
     from graphopt.frontends import FrontendError
 
     if args.demo:
@@ -50,7 +50,7 @@ def load(args):
         except FrontendError:
             raise
         except Exception as e:  # a model onnx's own checker refuses is malformed input, not our bug
-            from graphopt.frontends.onnx_load import diagnose
+            from graphopt.frontends.onnx.load import diagnose
 
             problem = diagnose(proto)
             if problem is None:
