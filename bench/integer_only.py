@@ -70,7 +70,7 @@ def _interleaved(fns: dict, runs: int, block: int = 3) -> dict:
 
 
 def speed(args) -> dict:
-    from graphopt.backends.onnx_lowering import to_onnx
+    from graphopt.backends.onnx import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
     from graphopt.backends.cpu_integer_library import limit_isa
     from graphopt.backends.registry import lower
