@@ -307,6 +307,16 @@ def test_plugin_ops_lower_through_registered_lowerings():
         register_lowering("test_onnx.swish")(_swish_onnx)
 
 
+def test_a_kernel_that_refuses_a_node_names_the_node_and_its_reason():
+    g = Graph("sdpa")
+    head = symbol("head")
+    q, k, v = (g.add_input(name, TensorType(f32, (B, 2, 5, head))) for name in "qkv")
+    g.set_outputs([g.op.sdpa(q, k, v)])
+    with pytest.raises(LoweringError, match=r"no ONNX lowering takes node %\S+ \(sdpa\): .*a symbolic head size head "
+                                            "needs an explicit scale"):
+        to_onnx(g)
+
+
 def test_emission_is_deterministic():
     torch.manual_seed(0)
     model = TwoHeads().eval()

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 
 from graphopt.backends import LoweringError
 from graphopt.backends.kernels import kernels, register_kernel, select
-from graphopt.backends.onnx import dims
+from graphopt.backends.onnx import dims as symbolic_dims
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.onnx_common import dim_to_param, onnx_dtype, tensor_to_proto
 from graphopt.ir.ops.onnx_opaque import OP as ONNX_OPAQUE
@@ -213,15 +213,15 @@ class Emitter:
     # ---- symbolic dims (dims.py) ------------------------------------------------------------------
     def dim1(self, expr) -> str:
         """A 1-D int64 tensor [expr], computed from the graph inputs' shapes when symbolic."""
-        return dims.dim1(self, expr)
+        return symbolic_dims.dim1(self, expr)
 
     def dims(self, shape: Sequence) -> str:
         """A 1-D int64 tensor holding ``shape`` (literal where static)."""
-        return dims.shape_tensor(self, shape)
+        return symbolic_dims.shape_tensor(self, shape)
 
     def scalar(self, expr, dtype: torch.dtype = torch.int64) -> str:
         """A 0-D tensor holding a (possibly symbolic) dim."""
-        return dims.scalar(self, expr, dtype)
+        return symbolic_dims.scalar(self, expr, dtype)
 
     def where(self) -> str:
         """The node being written, for errors."""

@@ -17,10 +17,7 @@ times slower per element.
 """
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 from graphopt.backends import LoweringError
 from graphopt.backends.onnx.emitter import register_lowering
