@@ -185,10 +185,9 @@ def _aten_binary(op_type: str):
     return lower
 
 
-register_aten_lowering("aten::min.other")(_aten_binary("Min"))
-register_aten_lowering("aten::max.other")(_aten_binary("Max"))
-register_aten_lowering("aten::minimum.default")(_aten_binary("Min"))
-register_aten_lowering("aten::maximum.default")(_aten_binary("Max"))
+for _target, _op_type in (("aten::min.other", "Min"), ("aten::max.other", "Max"), ("aten::minimum.default", "Min"),
+                          ("aten::maximum.default", "Max")):
+    register_aten_lowering(_target)(_aten_binary(_op_type))
 
 
 @register_aten_lowering("aten::cumsum")
