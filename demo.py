@@ -62,7 +62,7 @@ def run(case, out: Path, *, batch: int = 64, rounds: int = 10, threads: int = 2,
         token_merge_rs=TOKEN_MERGE_RS, low_rank_kept=LOW_RANK_KEPT) -> dict:
     """The demo on ``case`` (a ``graphopt.zoo.DigitsCase``-like object: ``model``, ``train_images``,
     ``test_images``, ``test_labels``, ``accuracy``); writes into ``out``; returns the figures."""
-    from graphopt.backends.onnx_lowering import to_onnx
+    from graphopt.backends.onnx import to_onnx
     from graphopt.backends.onnxruntime_backend import create_session, write_model
     from graphopt.passes.report_html import write_html
 

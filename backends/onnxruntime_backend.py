@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphopt.backends import LoweringError
-from graphopt.backends.onnx_lowering import DEFAULT_OPSET, register_aten_lowering, register_lowering, to_onnx  # noqa: F401
+from graphopt.backends.onnx import DEFAULT_OPSET, register_aten_lowering, register_lowering, to_onnx  # noqa: F401
 from graphopt.backends.registry import register_backend, register_saver
 from graphopt.backends.torch_backend import bind_by_name, flatten_inputs
 from graphopt.ir.files import atomic_write

@@ -47,7 +47,7 @@ def quantize_dynamic_session(onnx_path: str, threads: int, per_channel: bool = F
 
 
 def speed(args) -> dict:
-    from graphopt.backends.onnx_lowering import to_onnx
+    from graphopt.backends.onnx import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
     from graphopt.backends.cpu_integer_library import limit_isa
     from graphopt.backends.registry import lower

@@ -64,7 +64,7 @@ def _load_demo():
         from graphopt.zoo import tiny_vit
     except ImportError as e:
         raise CliError(f"--demo needs graphopt.zoo.tiny_vit, which is not available: {e}", EXIT_FAILED) from None
-    from graphopt.backends.onnx_lowering import to_onnx
+    from graphopt.backends.onnx import to_onnx
     from graphopt.frontends import from_torch
 
     from graphopt.pipeline import _flat_tensors

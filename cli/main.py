@@ -198,7 +198,7 @@ def _why_not(graph, name: str) -> str:
 def _lower(graph, args, output, inputs, staging):
     """(the ONNX model, its side, the files written, the staged model path): the graph lowered to ONNX
     and, with -o, written to a staged file (a side data file past the 2 GB limit checked like the output)."""
-    from graphopt.backends.onnx_lowering import to_onnx
+    from graphopt.backends.onnx import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
 
     with task("writing ONNX" if output else "lowering to ONNX", key="lower"):

@@ -14,6 +14,7 @@ import sympy
 import torch
 import torch.fx
 
+from graphopt.ir.dim_lowering import lower_dim
 from graphopt.ir.graph import Graph, GraphError, Node, Value
 from graphopt.ir.opdef import get_op
 from graphopt.ir.ops.opaque import fill_template, resolve_target
@@ -27,12 +28,45 @@ def _size(x: torch.Tensor, axis: int) -> int:
     return x.shape[axis]
 
 
-def _floordiv(a, b):
-    return a // b
+class _FxDims:
+    """The ``lower_dim`` algebra of fx: python ints where both operands are known, else nodes
+    computing the size from the graph inputs at run time."""
 
+    def __init__(self, fx: torch.fx.Graph, placeholders: Sequence[tuple[Value, torch.fx.Node]]):
+        self.fx, self.placeholders = fx, placeholders
+        self.sizes: dict[sympy.Symbol, torch.fx.Node] = {}
 
-def _ceildiv(a, b):
-    return -(-a // b)
+    def const(self, value: int) -> int:
+        return value
+
+    def symbol(self, symbol: sympy.Symbol) -> torch.fx.Node | None:
+        if symbol not in self.sizes:
+            for v, ph in self.placeholders:
+                for axis, d in enumerate(v.type.shape):
+                    if d == symbol:
+                        self.sizes[symbol] = self.fx.call_function(_size, (ph, axis))
+                        return self.sizes[symbol]
+        return self.sizes.get(symbol)
+
+    def _call(self, fn, a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return fn(a, b)
+        return self.fx.call_function(fn, (a, b))
+
+    def add(self, a, b):
+        return self._call(operator.add, a, b)
+
+    def mul(self, a, b):
+        return self._call(operator.mul, a, b)
+
+    def floordiv(self, a, b):
+        return self._call(operator.floordiv, a, b)
+
+    def max(self, a, b):
+        return self._call(max, a, b)
+
+    def min(self, a, b):
+        return self._call(min, a, b)
 
 
 def to_fx(graph: Graph, taps: Sequence[Value] = (),
@@ -52,79 +86,26 @@ def to_fx(graph: Graph, taps: Sequence[Value] = (),
         root.register_buffer(attr, v.const, persistent=False)  # the same tensor object: no copy
         env[id(v)] = fx.get_attr(attr)
 
-    sizes: dict[sympy.Symbol, torch.fx.Node] = {}
+    dims, memo = _FxDims(fx, placeholders), {}
 
-    def bind(symbol: sympy.Symbol) -> torch.fx.Node:
-        if symbol not in sizes:
-            for v, ph in placeholders:
-                for axis, d in enumerate(v.type.shape):
-                    if d == symbol:
-                        sizes[symbol] = fx.call_function(_size, (ph, axis))
-                        return sizes[symbol]
-            raise InterpreterError(f"dim symbol {symbol} is not the size of any graph input axis, so it "
-                                "cannot be computed at run time")
-        return sizes[symbol]
-
-    def emit(expr):
-        """A sympy dim -> an int or an fx node computing it."""
-        if isinstance(expr, (int, bool, float, str)) or expr is None:
-            return expr
-        if isinstance(expr, sympy.Integer):
-            return int(expr)
-        if isinstance(expr, sympy.Symbol):
-            return bind(expr)
-        if isinstance(expr, sympy.Add):
-            return _fold(operator.add, [emit(a) for a in expr.args])
-        if isinstance(expr, sympy.Mul):
-            nums, dens = [], []
-            for a in expr.args:
-                if isinstance(a, sympy.Pow) and a.exp.is_Integer and a.exp < 0:
-                    dens.append(emit(a.base ** -a.exp))
-                elif isinstance(a, sympy.Rational) and not a.is_Integer:
-                    nums.append(int(a.p))
-                    dens.append(int(a.q))
-                else:
-                    nums.append(emit(a))
-            num = _fold(operator.mul, nums)
-            return _call(_floordiv, num, _fold(operator.mul, dens)) if dens else num
-        if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp > 0:
-            return _fold(operator.mul, [emit(expr.base)] * int(expr.exp))
-        if isinstance(expr, sympy.floor) and isinstance(expr.args[0], sympy.Mul):
-            return emit(expr.args[0])  # integer-dividing Mul already floors
-        if isinstance(expr, sympy.ceiling):
-            num, den = sympy.fraction(sympy.together(expr.args[0]))
-            return _call(_ceildiv, emit(num), emit(den))
-        raise InterpreterError(f"cannot compute dim expression {expr} at run time")
-
-    def _call(fn, a, b):
-        if isinstance(a, int) and isinstance(b, int):
-            return fn(a, b)
-        return fx.call_function(fn, (a, b))
-
-    def _fold(fn, items):
-        result = items[0]
-        for item in items[1:]:
-            result = _call(fn, result, item)
-        return result
-
-    def materialize(value):
+    def materialize(value, node: Node):
         if isinstance(value, sympy.Expr):
-            return emit(value)
+            return lower_dim(value, dims, where=node.label(), memo=memo, error=InterpreterError)
         if isinstance(value, (list, tuple)):
-            return type(value)(materialize(v) for v in value)
+            return type(value)(materialize(v, node) for v in value)
         if isinstance(value, dict):
-            return {k: materialize(v) for k, v in value.items()}
+            return {k: materialize(v, node) for k, v in value.items()}
         return value
 
     for node in graph.nodes:
         inputs = [env[id(v)] if v is not None else None for v in node.inputs]
         if node.op == "opaque":
             target = resolve_target(node.attrs["target"])
-            call = fx.call_function(target, fill_template(materialize(node.attrs["args"]), inputs),
-                                    fill_template(materialize(node.attrs["kwargs"] or {}), inputs))
+            call = fx.call_function(target, fill_template(materialize(node.attrs["args"], node), inputs),
+                                    fill_template(materialize(node.attrs["kwargs"] or {}, node), inputs))
         else:
             target, attrs = _bind_unprintable((kernel_for and kernel_for(node)) or get_op(node.op).reference,
-                                             materialize(node.attrs))
+                                             materialize(node.attrs, node))
             call = fx.call_function(target, tuple(inputs), attrs)
         call.meta["ir_node"] = node.label()
         if len(node.outputs) == 1 and node.op != "opaque":

@@ -111,7 +111,7 @@ def test_triton_kernel_equals_unfused_reference_in_the_interpreter(act):
 
 def test_onnx_runtime_runs_the_lowered_fused_op():
     pytest.importorskip("onnxruntime")
-    from graphopt.backends.onnx_lowering import to_onnx
+    from graphopt.backends.onnx import to_onnx
     from graphopt.backends.registry import lower
     f = factors()
     out, _ = PassManager(["fuse_low_rank"]).run(factorised_graph(f, "gelu"))

@@ -16,6 +16,7 @@ from graphopt.backends import LoweringError
 from graphopt.backends.torch_backend import run
 from graphopt.frontends import from_onnx
 from graphopt.ir import Graph, TensorType, register_op, same_as_input
+from graphopt.ir.registry import RegistryError
 from graphopt.ir.types import symbol
 
 B = symbol("batch")
@@ -273,7 +274,8 @@ def test_aten_opaque_without_lowering_is_a_clear_error():
     om = graphopt.optimize(Flip(), [], (torch.randn(2, 3),))
     opaque = om.graph.find_nodes("opaque")
     assert opaque, om.graph.op_counts()
-    with pytest.raises(LoweringError, match=r"no ONNX lowering for aten::flip.* \(node %"):
+    with pytest.raises(LoweringError, match=r"no ONNX lowering takes node %\S+ \(opaque\): .*no ONNX lowering for "
+                                            r"aten::flip.*register_aten_lowering"):
         to_onnx(om.graph)
 
 
@@ -301,8 +303,18 @@ def test_plugin_ops_lower_through_registered_lowerings():
     g2.set_outputs([g2.op("test_onnx.unlowered", y)])
     with pytest.raises(LoweringError, match="no ONNX lowering for IR op 'test_onnx.unlowered'.*register_lowering"):
         to_onnx(g2)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(RegistryError, match="already registered"):
         register_lowering("test_onnx.swish")(_swish_onnx)
+
+
+def test_a_kernel_that_refuses_a_node_names_the_node_and_its_reason():
+    g = Graph("sdpa")
+    head = symbol("head")
+    q, k, v = (g.add_input(name, TensorType(f32, (B, 2, 5, head))) for name in "qkv")
+    g.set_outputs([g.op.sdpa(q, k, v)])
+    with pytest.raises(LoweringError, match=r"no ONNX lowering takes node %\S+ \(sdpa\): .*a symbolic head size head "
+                                            "needs an explicit scale"):
+        to_onnx(g)
 
 
 def test_emission_is_deterministic():

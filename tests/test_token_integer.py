@@ -87,7 +87,7 @@ def test_onnxruntime_bit_exact_on_integer_ops():
     merged, sizes = g.create_node("int.token_merge", [x, k, s], {"r": 7, "protected": 1, "shift": 2}).outputs
     table = g.add_constant(torch.tensor([0, 3, 5, 8, 11], dtype=I32), "table")
     g.set_outputs([merged, sizes, g.op("int.lookup", sizes, table)])
-    from graphopt.backends.onnx_int_tokens import _sums_fit_int32
+    from graphopt.backends.onnx.tokens import _sums_fit_int32
     assert not _sums_fit_int32(merged.producer)    # x and sizes unbounded graph inputs: the int64 merge
     ort = graphopt.pipeline.OptimizedModel(g, None, "onnxruntime")
     for key_range in (2, 3000):  # 3000: squared norms whose product exceeds 2^31
@@ -131,7 +131,7 @@ def test_both_orders_integer_only_on_digits(digits, integer_first):
     acc = case.accuracy(om)
     assert abs(acc - float_tome_acc) <= 0.01, (acc, float_tome_acc)
     pytest.importorskip("onnxruntime")
-    from graphopt.backends.onnx_int_tokens import _sums_fit_int32
+    from graphopt.backends.onnx.tokens import _sums_fit_int32
     assert all(_sums_fit_int32(n) for n in g.find_nodes("int.token_merge"))   # the int32 merge is checked here
     ort = graphopt.pipeline.OptimizedModel(g, None, "onnxruntime")
     x = case.test_images[:64]

@@ -9,7 +9,7 @@ and finally ``y = Q U2ᵀ + b2``. Peak extra memory is ``rows * (r1 + tile + r2)
 
 The reference implementation is the tiled torch loop below (the torch backend's CPU path); the
 torch backend runs the Triton kernel ``graphopt.backends.triton_low_rank`` on CUDA tensors, and the
-ONNX lowering (``backends/onnx_low_rank``) writes the unfused MatMuls.
+ONNX lowering (``backends/onnx/low_rank.py``) writes the unfused MatMuls.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ The type rules give token counts as expressions of the input count and the sched
 (``N - r``), so a graph with a symbolic token count keeps a symbolic, schedule-dependent count.
 The reference implementations use only operations with a direct ONNX counterpart (sort/TopK,
 ArgMax, slicing, Equal-built one-hot matrices and MatMul); there is no scatter in them, and
-``backends/onnx_tokens.py`` writes the same computation as standard ONNX ops.
+``backends/onnx/tokens.py`` writes the same computation as standard ONNX ops.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ peak memory. Transposed factors are written as initializers once (no run-time Tr
 """
 from __future__ import annotations
 
-from graphopt.backends.onnx_lowering import emit_gelu, register_lowering
+from graphopt.backends.onnx.elementwise import emit_gelu
+from graphopt.backends.onnx.emitter import register_lowering
 from graphopt.ir.ops.low_rank import OP
 
 

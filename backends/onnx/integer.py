@@ -17,13 +17,10 @@ times slower per element.
 """
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 from graphopt.backends import LoweringError
-from graphopt.backends.onnx_lowering import register_lowering
+from graphopt.backends.onnx.emitter import register_lowering
 from graphopt.ir.onnx_common import onnx_dtype
 from graphopt.ir.ops.integer import INT_DTYPES
 
@@ -89,11 +86,15 @@ def _gelu_fusable(node) -> bool:
             and node.inputs[2].is_constant and node.inputs[2].const.numel() == 1)
 
 
-@register_lowering("int.requant")
+def _constant_offset(index: int):
+    def supports(node) -> str | None:
+        return None if node.inputs[index].is_constant else "the offset c must be a constant"
+    return supports
+
+
+@register_lowering("int.requant", supports=_constant_offset(2))
 def _requant(em, node):
     a = node.attrs
-    if not node.inputs[2].is_constant:
-        raise LoweringError(f"{node.label()}: the offset c must be a constant")
     src = node.inputs[0].producer
     if _gelu_fusable(node):
         # requant(shiftgelu(x)) is a function of the 16-bit x: one table, one lookup (the shiftgelu
@@ -108,11 +109,9 @@ def _requant(em, node):
                    zero_point=a["zero_point"], dtype=a["dtype"])
 
 
-@register_lowering("int.add")
+@register_lowering("int.add", supports=_constant_offset(4))
 def _add(em, node):
     a = node.attrs
-    if not node.inputs[4].is_constant:
-        raise LoweringError(f"{node.label()}: the offset c must be a constant")
     ta = _scaled(em, node, 0, a["pa"], 2)
     tb = _scaled(em, node, 1, a["pb"], 3)
     s = em.one("Add", [ta, tb])
@@ -127,11 +126,13 @@ def _zp(em, value, zp: int):
     return em.literal(zp, dtype)
 
 
-@register_lowering("int.linear")
+def _constant_weight(node) -> str | None:
+    return None if node.inputs[1].is_constant else "the weight must be a constant"
+
+
+@register_lowering("int.linear", supports=_constant_weight)
 def _linear(em, node):
     x, w = node.inputs[0], node.inputs[1]
-    if not w.is_constant:
-        raise LoweringError(f"{node.label()}: int.linear needs a constant weight")
     wt = em.constant(w, transform="T")
     zp = _zp(em, x, node.attrs["x_zp"])
     inputs = [em.input(node, 0), wt] + ([zp] if zp else [])
@@ -260,7 +261,11 @@ def _gelu_domain(node) -> torch.Tensor:
     return torch.cat([torch.arange(0, 2 ** (b - 1), dtype=I32), torch.arange(-2 ** (b - 1), 0, dtype=I32)])
 
 
-@register_lowering("int.shiftgelu")
+def _table_sized(node) -> str | None:
+    return None if node.attrs["in_bits"] <= 16 else f"in_bits {node.attrs['in_bits']} > 16 (a table of 2^in_bits values)"
+
+
+@register_lowering("int.shiftgelu", supports=_table_sized)
 def _shiftgelu(em, node):
     """ShiftGELU of a 16-bit input is a table of 2^16 int32 values: one lookup (bit-identical)."""
     from graphopt.ir.ops.integer import shiftgelu
@@ -270,8 +275,6 @@ def _shiftgelu(em, node):
         # every reader lowers requant(shiftgelu(x)) as its own table of x: nothing to compute here
         # (the name is never read in the ONNX graph)
         return em.input(node, 0)
-    if a["in_bits"] > 16:
-        raise LoweringError(f"{node.label()}: in_bits {a['in_bits']} > 16 is not lowered")
     table = shiftgelu(_gelu_domain(node), X=a["X"], n=a["n"], bits=a["bits"], in_bits=a["in_bits"])
     return _lookup(em, em.literal(table.tolist(), I32), _gelu_index(em, node), em.out(node))
 
