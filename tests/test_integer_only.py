@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.passes.manager import PassError, PassManager
+from graphopt.passes import PassError, PassManager
 
 FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.frontends.onnx_frontend import from_onnx
 from graphopt.passes.integer_only import float_ops
-from graphopt.passes.manager import PassError
+from graphopt.passes import PassError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) needs it
