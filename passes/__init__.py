@@ -1,10 +1,7 @@
 """Passes: the registry, the pass manager, and the built-in passes."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:
-    from graphopt.passes.registry import PassSpec
+from typing import Sequence
 
 
 class PassError(Exception):
