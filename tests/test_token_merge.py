@@ -1,5 +1,7 @@
 """token_merge (ToMe): the matching against a hand-worked example, the schedule in the graph's
 types and the cost model, numerics against the original model, ONNX Runtime against torch."""
+import copy
+
 import pytest
 import torch
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
@@ -232,6 +234,20 @@ def _eager_tome_vit(model, x, rs, prop_attn=True, protected=1):
                 h = torch.stack([o[0] for o in outs]); s = torch.stack([o[1] for o in outs])
             h = layer.mlp(layer.layernorm_after(h)) + h
         return model.classifier(vit.layernorm(h)[:, 0])
+
+
+def test_token_merge_after_low_rank_equals_eager_tome_on_the_factorised_weights(vit):
+    """low_rank writes each linear as linear(linear(x, A), B): the structure analysis still sees those
+    projections, and the merged graph computes eager ToMe on the model whose weights are B A."""
+    model, x, graph = vit
+    factorised, _ = apply(graph, "low_rank:method=svd,ratio=0.3")
+    after, _ = apply(factorised, "token_merge:r=8")
+    reconstructed = copy.deepcopy(model)
+    for node in factorised.nodes:
+        if node.meta.get("low_rank_part") == "b":
+            a = node.inputs[0].producer.inputs[1].const
+            reconstructed.get_submodule(node.meta["low_rank"]["layer"]).weight.data = node.inputs[1].const @ a
+    torch.testing.assert_close(run(after, x)[0], _eager_tome_vit(reconstructed, x, [8] * 4), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pass_spec,rs,prop_attn", [("token_merge:r=8", [8] * 4, True),
