@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir.traversal import ancestors
 from graphopt.ir.types import dims_equal
 from graphopt.passes.registry import option, register_pass
 from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, refuse_grid_bound,
@@ -158,14 +159,11 @@ def _drop_in_language(graph, ctx, s, keep, count, layer, where, positions):
 
 
 def _image_scatter(seq: Value) -> Node:
-    v = seq
-    for _ in range(6):
-        p = v.producer
-        if p is None:
-            break
-        if p.op == "opaque" and p.attrs["target"].startswith("aten::masked_scatter"):
-            return p
-        v = p.inputs[0]
+    """The masked_scatter (at most six steps above the language model's input) that places the image
+    features at the image token positions."""
+    for node in ancestors(seq, depth=6):
+        if node.op == "opaque" and node.attrs["target"].startswith("aten::masked_scatter"):
+            return node
     raise TokenPassError(f"token_drop: no masked_scatter placing the image features into the language model's "
                          f"input %{seq.name} was found, so the image token positions are unknown")
 

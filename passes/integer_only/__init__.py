@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from graphopt.ir import Graph, Value
+from graphopt.ir.traversal import descendants
 from graphopt.passes.registry import option, register_pass
 
 
@@ -112,10 +113,7 @@ def _by_op(fallback: list[dict]) -> str:
 def _static_masks(graph: Graph) -> list[Value]:
     """Bool attention masks (``where`` conditions) that depend on no graph input's data (only on
     shapes); when they are all True on the calibration set they are dropped (ViT's all-true mask)."""
-    dependent: set[int] = {id(v) for v in graph.inputs}
-    for n in graph.nodes:
-        if any(v is not None and id(v) in dependent for v in n.inputs):
-            dependent.update(id(o) for o in n.outputs)
+    dependent = {id(v) for v in graph.inputs} | {id(o) for n in descendants(graph.inputs) for o in n.outputs}
     out = {}
     for n in graph.find_nodes("where"):
         cond = n.inputs[0]
