@@ -31,6 +31,7 @@ import torch
 
 from graphopt.ir import Graph, Value
 from graphopt.ir.traversal import descendants
+from graphopt.passes.calibration import collect_stats
 from graphopt.passes.registry import option, register_pass
 
 
@@ -39,7 +40,6 @@ class IntegerConversionError(ValueError):
 
 
 # the modules below raise IntegerConversionError
-from graphopt.passes.calibration import collect_stats  # noqa: E402
 from graphopt.passes.integer_only.bias_folding import fold_biases  # noqa: E402
 from graphopt.passes.integer_only.convert import Converter  # noqa: E402
 from graphopt.passes.integer_only.form import is_float  # noqa: E402
