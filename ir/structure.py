@@ -9,40 +9,25 @@ guessed. Blocks chained through the residual stream form a stack; a graph with t
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import sympy
 
 from graphopt.ir.graph import Graph, Node, Value
-from graphopt.ir.traversal import ancestors
+from graphopt.ir.projection import Projection, projection_at, projection_producing
+from graphopt.ir.traversal import ancestors, descendants
 from graphopt.ir.types import canonical_dim, dims_equal
 
 # ops a value passes through without changing what it "is" (a token stream, a head layout)
 TRANSPARENT = {"reshape", "permute", "cast", "slice", "select", "expand", "mul", "div", "add", "sub", "neg", "cat",
                "contiguous"}
 NORM_OPS = {"layer_norm"}
+RMS_NORM_OPS = {"mul", "rsqrt", "add", "mean", "pow", "cast", "sqrt", "div", "reciprocal"}
 MAX_WALK = 24
 
 
 class StructureError(Exception):
     """No transformer block could be recognised; the message says what was looked for and why it failed."""
-
-
-@dataclass
-class Projection:
-    """A learned linear map: ``linear(x, W, b)`` or ``matmul(x, W)`` (+ ``add(·, b)``) with constant W."""
-    nodes: list[Node]
-    input: Value
-    output: Value
-    weight: Value
-    bias: Value | None
-    in_features: int
-    out_features: int
-
-    @property
-    def name(self) -> str:
-        return self.weight.name
 
 
 @dataclass
@@ -165,31 +150,6 @@ class _NotABlock(Exception):
 
 
 # ---- building blocks ------------------------------------------------------------------------
-def projection_at(node: Node) -> Projection | None:
-    if node.op == "linear" and node.inputs[1].is_constant:
-        w = node.inputs[1]
-        return Projection([node], node.inputs[0], node.output, w, node.inputs[2] if len(node.inputs) > 2 else None,
-                          int(w.type.shape[1]), int(w.type.shape[0]))
-    if node.op == "matmul":
-        w = node.inputs[1]
-        nodes = [node]
-        if not w.is_constant and w.producer is not None and w.producer.op == "permute" and w.producer.inputs[0].is_constant:
-            nodes.insert(0, w.producer)
-            w = w.producer.inputs[0]
-        if not w.is_constant or w.type.rank != 2:
-            return None
-        in_f, out_f = node.inputs[1].type.shape
-        out, bias = node.output, None
-        users = out.users
-        if len(users) == 1 and users[0].op == "add":
-            other = [v for v in users[0].inputs if v is not out]
-            if other and other[0].is_constant and other[0].type.rank == 1:
-                nodes.append(users[0])
-                out, bias = users[0].output, other[0]
-        return Projection(nodes, node.inputs[0], out, w, bias, int(in_f), int(out_f))
-    return None
-
-
 def norm_at(value: Value) -> Norm | None:
     """A norm producing ``value``: layer_norm, or an RMSNorm written out (x * rsqrt(mean(x²) + eps) * w)."""
     node = value.producer
@@ -200,23 +160,11 @@ def norm_at(value: Value) -> Norm | None:
     if node.op in NORM_OPS:
         return Norm("layer_norm", [node], node.inputs[0], node.output)
     if node.op == "mul":
-        nodes, seen_rsqrt, frontier = [node], False, [node]
-        source = None
-        for _ in range(8):
-            nxt = []
-            for n in frontier:
-                for v in n.inputs:
-                    p = v.producer if v is not None else None
-                    if p is None or p in nodes:
-                        continue
-                    if p.op in ("mul", "rsqrt", "add", "mean", "pow", "cast", "sqrt", "div", "reciprocal"):
-                        nodes.append(p)
-                        nxt.append(p)
-                        seen_rsqrt |= p.op in ("rsqrt", "sqrt")
-                        if p.op == "pow":
-                            source = p.inputs[0]
-            frontier = nxt
-        if seen_rsqrt and source is not None and any(n.op == "mean" for n in nodes):
+        nodes = [node] + [n for n in ancestors(node, through=lambda n: n.op in RMS_NORM_OPS, depth=8)
+                          if n.op in RMS_NORM_OPS and n is not node]
+        powers = [n for n in nodes if n.op == "pow"]
+        if powers and any(n.op in ("rsqrt", "sqrt") for n in nodes) and any(n.op == "mean" for n in nodes):
+            source = powers[-1].inputs[0]
             while source.producer is not None and source.producer.op == "cast":
                 source = source.producer.inputs[0]
             return Norm("rms_norm", nodes, source, value)
@@ -239,16 +187,15 @@ def _norm_below(value: Value) -> Norm:
 def _softmax_core(node: Node):
     """(scores matmul, output matmul) around a softmax, else None. Exporters may guard the
     probabilities (``where(isnan(p), 0, p)``) or cast them on the way to the second matmul."""
-    out_users, frontier = [], [node.output]
-    for _ in range(3):
-        nxt = []
-        for v in frontier:
-            for u in v.users:
-                if u.op == "matmul" and u.inputs[0] is v:
-                    out_users.append(u)
-                elif u.op in ("where", "cast") and v in u.inputs[1:]:
-                    nxt.extend(u.outputs)
-        frontier = nxt
+    probabilities = {id(node.output)}
+
+    def guard(user: Node) -> bool:
+        if user.op in ("where", "cast") and any(id(v) in probabilities for v in user.inputs[1:]):
+            probabilities.update(id(v) for v in user.outputs)
+            return True
+        return False
+    out_users = [u for u in descendants(node, through=guard, depth=3)
+                 if u.op == "matmul" and id(u.inputs[0]) in probabilities]
     if len(out_users) != 1:
         return None
     scores = node.inputs[0]
@@ -267,24 +214,15 @@ def _softmax_core(node: Node):
 def _walk_up_to_projection(value: Value, what: str) -> Projection:
     """The one projection that ``value`` is computed from through transparent ops."""
     found: dict[int, Projection] = {}
-    queue, seen, steps = deque([value]), set(), 0
-    while queue and steps < MAX_WALK:
-        v = queue.popleft()
-        if id(v) in seen or v.producer is None:
-            continue
-        seen.add(id(v))
-        steps += 1
-        node = v.producer
-        proj = projection_at(node)
-        if proj is None and node.op == "add" and node.inputs[0].producer is not None:
-            proj = projection_at(node.inputs[0].producer)
-            if proj is not None and proj.output is not v:
-                proj = None
+
+    def onward(node: Node) -> bool:
+        proj = next(filter(None, (projection_producing(v) for v in node.outputs)), None)
         if proj is not None:
             found[id(proj.weight)] = proj
-            continue
-        if node.op in TRANSPARENT or node.op == "opaque":
-            queue.extend(i for i in node.inputs if i is not None and not i.is_constant)
+            return False
+        return node.op in TRANSPARENT or node.op == "opaque"
+    for _ in ancestors(value, through=onward, limit=MAX_WALK):
+        pass
     if len(found) != 1:
         raise _NotABlock(f"{what}: expected one projection feeding %{value.name}, found "
                          f"{len(found)} ({', '.join(p.name for p in found.values()) or 'none'})")
@@ -292,20 +230,19 @@ def _walk_up_to_projection(value: Value, what: str) -> Projection:
 
 
 def _walk_down(value: Value, accept, what: str, through=TRANSPARENT):
-    """The first node below ``value`` (through ``through`` ops) that ``accept`` returns truthy for."""
-    queue, seen, steps = deque([value]), set(), 0
-    while queue and steps < MAX_WALK:
-        v = queue.popleft()
-        for user in v.users:
-            if id(user) in seen:
-                continue
-            seen.add(id(user))
-            steps += 1
-            hit = accept(user, v)
-            if hit:
-                return hit
-            if through(user) if callable(through) else user.op in through:
-                queue.extend(user.outputs)
+    """The first node below ``value`` (through ``through`` ops) that ``accept(node, the value it was
+    reached by)`` returns truthy for."""
+    reached = {id(value)}
+
+    def onward(user: Node) -> bool:
+        if through(user) if callable(through) else user.op in through:
+            reached.update(id(v) for v in user.outputs)
+            return True
+        return False
+    for user in descendants(value, through=onward, limit=MAX_WALK):
+        hit = accept(user, next(v for v in user.inputs if v is not None and id(v) in reached))
+        if hit:
+            return hit
     raise _NotABlock(f"{what}: nothing suitable below %{value.name}")
 
 
@@ -333,8 +270,7 @@ def _block(core: Node) -> Block:
 
     def is_out_projection(user, _):
         proj = projection_at(user)
-        return proj if proj is not None and user.inputs[0] is not None and proj.nodes[-1 if user.op != "matmul" else 0] is not None \
-            and proj.input is _input_of(user) else None
+        return proj if proj is not None and proj.input is user.inputs[0] else None
 
     out = _walk_down(out_value, is_out_projection, "output projection", through={"reshape", "permute", "cast"})
     stream_in, partition = _window_partition(q.input)
@@ -502,19 +438,9 @@ def _axis_above(value: Value, axis: int, target: Value, budget: int, seen: set) 
     return None
 
 
-def _input_of(node: Node) -> Value:
-    return node.inputs[0]
-
-
 def _mlp(mlp_in: Value) -> MLP:
-    readers, frontier = [], [mlp_in]
-    while frontier:
-        v = frontier.pop()
-        for u in v.users:
-            if u.op in ("reshape", "cast"):
-                frontier.extend(u.outputs)
-            else:
-                readers.append(u)
+    layout = ("reshape", "cast")
+    readers = [u for u in descendants(mlp_in, through=lambda u: u.op in layout) if u.op not in layout]
     firsts = [p for p in (projection_at(u) for u in readers) if p is not None]
     if not firsts:
         raise _NotABlock(f"MLP: no projection reads the MLP input %{mlp_in.name}")
@@ -640,21 +566,10 @@ def _connector(structure: Structure) -> None:
     for block in reversed(vision):
         if id(block.output) not in upstream:
             continue
-        chain, v = [], block.output
-        frontier = deque([v])
-        seen = set()
-        while frontier:
-            cur = frontier.popleft()
-            for user in cur.users:
-                if id(user) in seen or not any(id(o) in upstream for o in user.outputs):
-                    continue
-                seen.add(id(user))
-                proj = projection_at(user)
-                if proj is not None and proj.input is cur:
-                    chain.append(proj)
-                frontier.extend(user.outputs)
-                if user.outputs[0] is target:
-                    break
+        def on_the_way(node: Node) -> bool:
+            return any(id(o) in upstream for o in node.outputs)
+        chain = [proj for node in descendants(block.output, through=on_the_way) if on_the_way(node)
+                 for proj in [projection_at(node)] if proj is not None and proj.reader is node]
         structure.connector = chain
         structure.connector_input = block.output
         structure.connector_output = chain[-1].output if chain else None

@@ -3,8 +3,9 @@
     B2(A2(act(B1(A1(x)) + b1))) + b2  ->  low_rank_mlp(x, A1, B1, b1, A2, B2, b2, activation=act)
     B2(A2(B1(A1(x)) + b1)) + b2       ->  low_rank_mlp(..., activation="none")   (consecutive pairs)
 
-A factor pair is ``linear(linear(x, A), B, b)`` or the ONNX form ``matmul(matmul(x, Aᵀ), Bᵀ)`` (+
-bias ``add``) with constant weights whose inner width r is below both outer widths. The fused op
+A factor pair is a factorised projection (``graphopt.ir.projection``): ``linear(linear(x, A), B, b)``,
+or the same with captured ``matmul``s and a bias ``add``, whose inner width r is below both outer
+widths. The fused op
 never materialises the full-width hidden layer (see ``graphopt.ir.ops.low_rank``). Intermediate
 values used outside the chain block the fusion (reported, with the reason).
 
@@ -13,84 +14,23 @@ the ``fuse_gelu`` rule set, so graphs from the ONNX frontend fuse like captured 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from graphopt.ir import Graph, Node, Value
+from graphopt.ir import Graph, Value
 from graphopt.ir.ops.low_rank import OP
+from graphopt.ir.projection import Projection, projection_producing
 from graphopt.passes.fuse_gelu import FUSE_GELU
 from graphopt.passes.registry import option, register_pass
 
 ACTIVATION_OPS = {"relu": "relu", "silu": "silu"}
 
 
-@dataclass
-class _Pair:
-    x: Value
-    a: torch.Tensor          # [r, n]
-    b: torch.Tensor          # [m, r]
-    bias: Value | None
-    nodes: list[Node]
-    output: Value
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-
-def _const2d(v: Value | None) -> bool:
-    return v is not None and v.is_constant and v.type.rank == 2
-
-
-def _proj(node: Node | None):
-    """(input, W as [out, in], bias Value or None) of a linear / constant matmul node."""
-    if node is None:
+def factor_pair(value: Value) -> Projection | None:
+    """The factorised projection producing ``value``, with a constant bias (or none)."""
+    pair = projection_producing(value)
+    if pair is None or pair.factors is None or (pair.bias is not None and not pair.bias.is_constant):
         return None
-    if node.op == "linear" and _const2d(node.inputs[1]):
-        return node.inputs[0], node.inputs[1].const, node.inputs[2] if len(node.inputs) > 2 else None
-    if node.op == "matmul" and _const2d(node.inputs[1]) and not node.inputs[0].is_constant:
-        return node.inputs[0], node.inputs[1].const.t(), None
-    return None
-
-
-def factor_pair(value: Value) -> _Pair | None:
-    nodes: list[Node] = []
-    node = value.producer
-    bias = None
-    if node is not None and node.op == "add":  # matmul + bias
-        for i in (0, 1):
-            c, inner = node.inputs[i], node.inputs[1 - i]
-            if c.is_constant and c.type.rank == 1 and inner.producer is not None and inner.producer.op == "matmul" \
-                    and inner.sole_user is not None:
-                nodes.append(node)
-                bias, node = c, inner.producer
-                break
-    second = _proj(node)
-    if second is None or (bias is not None and second[2] is not None):
-        return None
-    mid, b, own_bias = second
-    bias = bias if bias is not None else own_bias
-    nodes.append(node)
-    first = _proj(mid.producer)
-    if first is None or first[2] is not None or mid.sole_user is None:
-        return None
-    x, a, _ = first
-    nodes.append(mid.producer)
-    r, n = a.shape
-    m = b.shape[0]
-    if not (r < n and r < m):
-        return None
-    return _Pair(x, a, b, bias, nodes, value)
-
-
-def _feeds_bias_add(value: Value) -> bool:
-    """``value`` is a matmul output whose only use adds a constant bias: fuse from that add instead."""
-    if value.sole_user is None:
-        return False
-    user = value.uses[0][0]
-    other = user.inputs[1 - value.uses[0][1]] if user.op == "add" and len(user.inputs) == 2 else None
-    return other is not None and other.is_constant and other.type.rank == 1
+    return pair
 
 
 def _activation(value: Value):
@@ -105,8 +45,8 @@ def _activation(value: Value):
     return None
 
 
-def _bias_tensor(pair: _Pair, dtype) -> torch.Tensor:
-    return pair.bias.const if pair.bias is not None else torch.zeros(pair.b.shape[0], dtype=dtype)
+def _bias_tensor(pair: Projection, dtype) -> torch.Tensor:
+    return pair.bias.const if pair.bias is not None else torch.zeros(pair.out_features, dtype=dtype)
 
 
 def fuse(graph: Graph, tile: int, ctx=None) -> int:
@@ -114,12 +54,12 @@ def fuse(graph: Graph, tile: int, ctx=None) -> int:
     for node in list(graph.nodes):
         if node.graph is not graph:
             continue
-        if node.op not in ("linear", "add", "matmul") or (node.op == "matmul" and _feeds_bias_add(node.output)):
+        if node.op not in ("linear", "add", "matmul"):
             continue
         outer = factor_pair(node.output)
         if outer is None:
             continue
-        hidden = outer.x
+        hidden = outer.input
         act = _activation(hidden)
         if act is not None:
             name, pre, act_node = act
@@ -136,20 +76,21 @@ def fuse(graph: Graph, tile: int, ctx=None) -> int:
             if ctx is not None:
                 ctx.count("skipped_hidden_used_elsewhere")
             continue
-        dtype = outer.b.dtype
+        dtype = outer.weight.const.dtype
+        (a1, b1), (a2, b2) = ((p.matrix for p in pair.factors) for pair in (inner, outer))
         with graph.inserting_before(node):
             consts = [graph.add_constant(t.contiguous(), f"lr_mlp.{k}") for k, t in
-                      (("a1", inner.a), ("b1", inner.b), ("bias1", _bias_tensor(inner, dtype)),
-                       ("a2", outer.a), ("b2", outer.b), ("bias2", _bias_tensor(outer, dtype)))]
-            new = graph.create_node(OP, [inner.x] + consts, {"activation": name, "tile": tile})
+                      (("a1", a1), ("b1", b1), ("bias1", _bias_tensor(inner, dtype)),
+                       ("a2", a2), ("b2", b2), ("bias2", _bias_tensor(outer, dtype)))]
+            new = graph.create_node(OP, [inner.input] + consts, {"activation": name, "tile": tile})
         graph.replace_all_uses_with(node.output, new.output)
-        dead = outer.nodes + ([act_node] if act_node is not None else []) + inner.nodes
+        dead = outer.nodes[::-1] + ([act_node] if act_node is not None else []) + inner.nodes[::-1]
         for n in dead:
             if n.graph is graph and not any(v.uses for v in n.outputs):
                 graph.erase_node(n)
         if ctx is not None:
-            ctx.note(f"fused {name} MLP {inner.x.type} -> ranks {inner.rank}/{outer.rank}, hidden "
-                     f"{inner.b.shape[0]} -> {new.output.type}")
+            ctx.note(f"fused {name} MLP {inner.input.type} -> ranks {inner.factors[0].out_features}/"
+                     f"{outer.factors[0].out_features}, hidden {inner.out_features} -> {new.output.type}")
         fused += 1
     graph.remove_unused_constants()
     return fused

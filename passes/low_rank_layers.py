@@ -1,7 +1,8 @@
 """Which layers ``low_rank`` can factorise, their names and structure roles, and the rewrite.
 
-A layer is ``linear(x, W, b)`` with constant W, ``matmul(x, W)`` with a constant 2-D W (the ONNX
-frontend's MatMul; its bias ``add`` stays as it is) or a 1x1 ``conv2d`` without groups. Its name
+A layer is a projection that reads its constant weight directly (``graphopt.ir.projection``:
+``linear(x, W, b)``, or a captured ``matmul(x, W)`` whose bias ``add`` stays as it is) or a 1x1
+``conv2d`` without groups. Its name
 is the module path the frontend recorded (``encoder.layer.0.attention.self.query``), or the path
 in an ONNX value name (``/a/base/MatMul_output_0`` -> ``a.base``), else the weight's name.
 """
@@ -16,6 +17,7 @@ import torch
 
 from graphopt.ir import Graph, Node, TensorType, Value
 from graphopt.ir.cost import graph_cost
+from graphopt.ir.projection import Projection, projection_at
 
 ROLE_GROUPS = {
     "attention": {"q", "k", "v", "out"}, "qkv": {"q", "k", "v"}, "mlp": {"fc1", "fc2", "gate"},
@@ -31,15 +33,14 @@ class Layer:
     name: str
     weight: Value
     role: str = "other"
+    projection: Projection | None = None  # None for a 1x1 conv2d
 
     @property
     def matrix(self) -> torch.Tensor:
         """W as [out, in]."""
+        if self.projection is not None:
+            return self.projection.matrix
         w = self.weight.const
-        if self.kind == "linear":
-            return w
-        if self.kind == "matmul":
-            return w.t()
         return w.reshape(w.shape[0], w.shape[1])
 
     @property
@@ -65,11 +66,10 @@ def layer_name(node: Node, weight: Value) -> str:
 def find_layers(graph: Graph) -> list[Layer]:
     layers = []
     for node in graph.nodes:
-        if node.op == "linear" and node.inputs[1].is_constant and node.inputs[1].type.rank == 2:
-            layers.append(Layer(node, "linear", layer_name(node, node.inputs[1]), node.inputs[1]))
-        elif node.op == "matmul" and node.inputs[1].is_constant and node.inputs[1].type.rank == 2 \
-                and node.inputs[0].type.rank >= 2 and not node.inputs[0].is_constant:
-            layers.append(Layer(node, "matmul", layer_name(node, node.inputs[1]), node.inputs[1]))
+        proj = projection_at(node, factored=False)
+        if proj is not None and node.inputs[1] is proj.weight and (not proj.transposed or proj.input.type.rank >= 2):
+            layers.append(Layer(node, "matmul" if proj.transposed else "linear", layer_name(node, proj.weight),
+                                proj.weight, projection=proj))
         elif node.op == "conv2d" and node.inputs[1].is_constant and tuple(node.inputs[1].type.shape[2:]) == (1, 1) \
                 and node.attrs["groups"] == 1:
             layers.append(Layer(node, "conv1x1", layer_name(node, node.inputs[1]), node.inputs[1]))
@@ -192,9 +192,12 @@ def rewrite(graph: Graph, layer: Layer, a: torch.Tensor, b: torch.Tensor) -> Non
 def replace_weight(graph: Graph, layer: Layer, matrix: torch.Tensor) -> None:
     """Give the layer the weight ``matrix`` ([out, in]) as a new constant in the layer's own layout
     (the old one may be shared with other nodes)."""
+    name = f"{layer.weight.name}.corrected"
+    if layer.projection is not None:
+        layer.projection.set_matrix(graph, matrix, name)
+        return
     w = layer.weight.const
-    t = matrix if layer.kind == "linear" else matrix.t() if layer.kind == "matmul" else matrix.reshape(w.shape)
-    graph.set_input(layer.node, 1, graph.add_constant(t.to(w.dtype).contiguous(), f"{layer.weight.name}.corrected"))
+    graph.set_input(layer.node, 1, graph.add_constant(matrix.reshape(w.shape).to(w.dtype).contiguous(), name))
 
 
 def rows_of(tensor: torch.Tensor, kind: str) -> torch.Tensor:

@@ -16,19 +16,10 @@ from typing import Any, Sequence
 import torch
 
 from graphopt.ir import Graph, VerificationError, verify
+from graphopt.passes import PassError
 from graphopt.passes.registry import PassSpec, make_spec
 from graphopt.passes.report import PassRecord, Report, tokens_per_block
 from graphopt.progress import task
-
-
-class PassError(Exception):
-    """A pass failed; the graph was left as it was before the pass."""
-
-    def __init__(self, spec: PassSpec, message: str, earlier: Sequence[str], node=None):
-        self.pass_name = spec.name
-        self.node = node
-        ran = f"; passes before it: {', '.join(earlier)}" if earlier else ""
-        super().__init__(f"pass {spec}: {message} (graph restored to its state before this pass{ran})")
 
 
 @dataclass

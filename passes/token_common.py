@@ -35,6 +35,14 @@ def structure_of(graph: Graph, pass_name: str) -> Structure:
                              f"and none were recognised: {e}") from None
 
 
+def refused_after(ops: tuple[str, ...], reason: str) -> Callable[[Graph], str | None]:
+    """A pass's ``requires`` check: ``reason`` when the graph has a node of one of ``ops`` (what an
+    earlier token pass inserted), else None."""
+    def check(graph: Graph) -> str | None:
+        return reason if any(graph.find_nodes(op) for op in ops) else None
+    return check
+
+
 def refuse_grid_bound(blocks, pass_name: str, action: str) -> None:
     """Token reduction needs blocks whose attention and MLP see a free set of tokens; a block that
     lays its tokens out on the image grid (Swin's windows, SegFormer's strided K/V conv and Mix-FFN

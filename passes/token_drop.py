@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir.traversal import ancestors
 from graphopt.ir.types import dims_equal
 from graphopt.passes.registry import option, register_pass
 from graphopt.passes.token_common import (TokenPassError, aligned_axes, attention_row, refuse_grid_bound,
-                                          retype, structure_of)
+                                          refused_after, retype, structure_of)
 
 
 def keep_count(pool: int, keep: float, count: int) -> int:
@@ -37,15 +38,11 @@ def keep_count(pool: int, keep: float, count: int) -> int:
     return max(1, int(round(pool * keep)))
 
 
-def _not_after_token_merge(graph: Graph) -> str | None:
-    if graph.find_nodes("token_merge") or graph.find_nodes("int.token_merge"):
-        return ("the graph already merges tokens (token_merge ran): token_drop ranks a block's tokens by its attention, "
-                "which sees the tokens before that block's merge, and would gather the ranked indices from the merged "
-                "(shorter) output; use token_merge or token_drop, not both")
-    return None
-
-
-@register_pass("token_drop", tolerance=None, requires=_not_after_token_merge)
+@register_pass("token_drop", tolerance=None, requires=refused_after(
+    ("token_merge", "int.token_merge"),
+    "the graph already merges tokens (token_merge ran): token_drop ranks a block's tokens by its attention, which sees "
+    "the tokens before that block's merge, and would gather the ranked indices from the merged (shorter) output; use "
+    "token_merge or token_drop, not both"))
 def token_drop(graph: Graph, ctx, *,
                keep: float = option(0.25, "fraction of the candidate (patch / image) tokens kept"),
                count: int = option(0, "number of candidate tokens kept (overrides keep when > 0)"),
@@ -119,7 +116,6 @@ def _drop_in_language(graph, ctx, s, keep, count, layer, where, positions):
     seq = language[0].input
     scatter = _image_scatter(seq)
     is_img = scatter.inputs[1]
-    features = scatter.inputs[2]
     op = graph.op
     bsz, t = seq.type.shape[0], seq.type.shape[1]
     n_feat = s.connector[0].input.type.shape[1] if s.connector else None
@@ -163,14 +159,11 @@ def _drop_in_language(graph, ctx, s, keep, count, layer, where, positions):
 
 
 def _image_scatter(seq: Value) -> Node:
-    v = seq
-    for _ in range(6):
-        p = v.producer
-        if p is None:
-            break
-        if p.op == "opaque" and p.attrs["target"].startswith("aten::masked_scatter"):
-            return p
-        v = p.inputs[0]
+    """The masked_scatter (at most six steps above the language model's input) that places the image
+    features at the image token positions."""
+    for node in ancestors(seq, depth=6):
+        if node.op == "opaque" and node.attrs["target"].startswith("aten::masked_scatter"):
+            return node
     raise TokenPassError(f"token_drop: no masked_scatter placing the image features into the language model's "
                          f"input %{seq.name} was found, so the image token positions are unknown")
 

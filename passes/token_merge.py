@@ -9,7 +9,7 @@ next blocks and proportional attention (``log(size)`` added to the attention log
 ``sdpa`` mask, or an add before the softmax of decomposed attention). Protected leading tokens
 (CLS, distillation) never merge and keep their positions. The token count of every later value
 is re-derived from the op type rules, so the cost model sees the schedule before anything runs.
-On a graph integer_only produced, ``passes/integer_tokens.py`` inserts ``int.token_merge`` instead
+On a graph integer_only produced, ``passes/integer_only/tokens.py`` inserts ``int.token_merge`` instead
 (integer matching and merging, proportional attention as an integer Shiftmax bias).
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from graphopt.ir import Graph, Node, Value
 from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import Attention, Block
-from graphopt.passes.integer_tokens import merge_integer_graph
+from graphopt.passes.integer_only.tokens import merge_integer_graph
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import (TokenPassError, mask_verdict, refuse_grid_bound, retype,
-                                          structure_of)
+from graphopt.passes.token_common import (TokenPassError, mask_verdict, refuse_grid_bound, refused_after,
+                                          retype, structure_of)
 
 
 def schedule_r(num_blocks: int, r: int, schedule: str, r_list: list[int] | None) -> list[int]:
@@ -45,15 +45,11 @@ def schedule_r(num_blocks: int, r: int, schedule: str, r_list: list[int] | None)
     raise TokenPassError(f"token_merge: schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
-def _not_after_token_drop(graph: Graph) -> str | None:
-    if graph.find_nodes("token_topk_index"):
-        return ("the graph already drops tokens (token_drop ran): token_drop ranks a block's tokens by its attention "
-                "and gathers them from the block's output, and a merge inside the block in between would make its "
-                "indices point at the wrong (or missing) tokens; use token_merge or token_drop, not both")
-    return None
-
-
-@register_pass("token_merge", tolerance=None, requires=_not_after_token_drop)
+@register_pass("token_merge", tolerance=None, requires=refused_after(
+    ("token_topk_index",),
+    "the graph already drops tokens (token_drop ran): token_drop ranks a block's tokens by its attention and gathers "
+    "them from the block's output, and a merge inside the block in between would make its indices point at the wrong "
+    "(or missing) tokens; use token_merge or token_drop, not both"))
 def token_merge(graph: Graph, ctx, *,
                 r: int = option(8, "tokens merged away in each block"),
                 schedule: str = option("constant", "constant: r in every block; linear: 2r in the first block "

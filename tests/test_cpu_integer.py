@@ -7,6 +7,7 @@ import torch
 import graphopt
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.ir import Graph, TensorType
+from tests.tiny_models import padded_ids, tiny_bert
 
 I32, U8, I8 = torch.int32, torch.uint8, torch.int8
 
@@ -228,16 +229,11 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_bert_with_padding_mask_identical_to_reference():
     """Masked Shiftmax inside the fused attention kernel; integer embeddings and post-norm residuals."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=16)
-    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    model = tiny_bert(64, layers=2)
     g = _gen(6)
 
     def batch(n):
-        ids = torch.randint(1, 50, (n, 12), generator=g)
-        mask = (torch.arange(12) < torch.randint(3, 13, (n, 1), generator=g)).long()
+        ids, mask = padded_ids(g, n, 12)
         return (), {"input_ids": ids, "attention_mask": mask}
 
     calib = [batch(4) for _ in range(3)]

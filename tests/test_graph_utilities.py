@@ -190,6 +190,13 @@ def test_limit_bounds_the_nodes_visited():
     assert ops(descendants(x, limit=3)) == ["relu", "exp", "neg"]
 
 
+def test_depth_bounds_the_steps_from_the_start():
+    g, x, a, b, c, d, e = diamond()
+    assert ops(ancestors(e, depth=2)) == ["sigmoid", "add"]
+    assert ops(ancestors(e.producer, depth=2)) == ["add", "exp", "neg"]  # a node's producers are one step
+    assert ops(descendants(x, depth=3)) == ["relu", "exp", "neg", "add"]
+
+
 def test_descendants_mirror_ancestors():
     g, x, a, b, c, d, e = diamond()
     assert ops(descendants(x)) == ["relu", "exp", "neg", "add", "sigmoid"]

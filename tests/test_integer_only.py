@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.passes.manager import PassError, PassManager
+from graphopt.passes import PassError, PassManager
+from tests.tiny_models import TanhMLP, padded_ids, tiny_bert
 
 FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -94,18 +95,9 @@ def test_block_converts_to_integer_only_and_ort_is_bit_identical(sdpa, blocks):
     assert torch.equal(ort(x), out)
 
 
-class WithTanh(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
 def test_unconvertible_op_stays_float_and_is_reported():
     torch.manual_seed(0)
-    model = WithTanh().eval()
+    model = TanhMLP().eval()
     calib = [(torch.randn(4, 8),) for _ in range(3)]
     om = _convert(model, calib)
     fallback = om.graph.meta["integer_only"]["fallback"]
@@ -195,16 +187,11 @@ def _ref(om, images):
 
 def test_bert_encoder_with_padding_mask_is_integer_only_and_ort_identical():
     """BERT-style: integer embedding tables, the padding mask inside Shiftmax, post-norm residuals."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=16)
-    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    model = tiny_bert(32, layers=1)
     g = torch.Generator().manual_seed(0)
 
     def batch(n):
-        ids = torch.randint(1, 50, (n, 8), generator=g)
-        mask = (torch.arange(8) < torch.randint(3, 9, (n, 1), generator=g)).long()
+        ids, mask = padded_ids(g, n, 8)
         return (), {"input_ids": ids, "attention_mask": mask}
 
     calib = [batch(4) for _ in range(3)]

@@ -218,7 +218,7 @@ def test_ort_nonlinear_ops_bit_identical():
 def test_int_add_vs_float_with_pass_parameters():
     """The pass's dyadic choice for a residual add (two branches, different scales) stays within one
     output unit of the exact float rescale, and never overflows int32 on worst-case inputs."""
-    from graphopt.passes.integer_only import choose_dyadic
+    from graphopt.passes.integer_only.dyadic import choose_dyadic
     ra, rb = torch.tensor(0.8137, dtype=torch.float64), torch.tensor([3.1e-3, 7.7e-4, 1.9e-3], dtype=torch.float64)
     ba, bb = 2 ** 15, 2 ** 24
     (pa, pb), k, (ma, mb) = choose_dyadic([(ra, ba), (rb, bb)], 0.0, 2 ** 15, 2 ** 15)

@@ -43,6 +43,15 @@ def _merge(graph):
     return out, report["lora_merge"]
 
 
+def _merged_like(graph, model, x, merged: int):
+    """lora_merge on ``graph`` merges ``merged`` adapters and still computes what ``model`` does on ``x``."""
+    out, rec = _merge(graph)
+    assert rec.counters["merged"] == merged
+    with torch.no_grad():
+        torch.testing.assert_close(run(out, x)[0], model(x), atol=1e-5, rtol=1e-5)
+    return out
+
+
 def _no_adapters(graph):
     names = [v.name for v in graph.constants.values()]
     assert not any("lora" in n.lower() for n in names), names
@@ -54,14 +63,10 @@ def test_merge_torch_frontend_equals_unmerged_and_removes_adapters():
     model = Model().eval()
     x = torch.randn(3, 5, 16)
     g = from_torch(model, (x,))
-    out, rec = _merge(g)
-    assert rec.counters["merged"] == 2
+    out = _merged_like(g, model, torch.randn(4, 5, 16), merged=2)
     assert out.op_counts() == {"linear": 3, "relu": 1}
     _no_adapters(out)
-    xs = torch.randn(4, 5, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(run(out, xs)[0], model(xs), atol=1e-5, rtol=1e-5)
-        # independent reference: the merged weight is W + scale * B A
+    with torch.no_grad():  # independent reference: the merged weight is W + scale * B A
         q = model.q
         expected = q.base_layer.weight + q.scaling * q.lora_B.weight @ q.lora_A.weight
     merged = [n for n in out.nodes if n.op == "linear"][0].inputs[1].const
@@ -77,11 +82,8 @@ def test_merge_onnx_frontend_equals_unmerged():
     torch.onnx.export(model, (x,), buf, input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
     g = from_onnx(buf.getvalue())
     assert g.op_counts()["linear"] == 7  # the exporter's MatMul(x, Wᵀ) (+ Add) is read as linear
-    out, rec = _merge(g)
-    assert rec.counters["merged"] == 2
+    out = _merged_like(g, model, x, merged=2)
     assert out.op_counts()["linear"] == 3 and "mul" not in out.op_counts()
-    with torch.no_grad():
-        torch.testing.assert_close(run(out, x)[0], model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_stacked_adapters_and_scale_before_b():
@@ -99,10 +101,8 @@ def test_stacked_adapters_and_scale_before_b():
     torch.manual_seed(2)
     model = Two().eval()
     x = torch.randn(2, 8)
-    out, rec = _merge(from_torch(model, (x,)))
-    assert rec.counters["merged"] == 2 and out.op_counts() == {"linear": 1}
-    with torch.no_grad():
-        torch.testing.assert_close(run(out, x)[0], model(x), atol=1e-5, rtol=1e-5)
+    out = _merged_like(from_torch(model, (x,)), model, x, merged=2)
+    assert out.op_counts() == {"linear": 1}
 
 
 def test_adapter_whose_intermediate_is_used_elsewhere_is_kept():

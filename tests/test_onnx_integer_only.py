@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.frontends import from_onnx
 from graphopt.passes.integer_only import float_ops
-from graphopt.passes.manager import PassError
+from graphopt.passes import PassError
+from tests.tiny_models import padded_ids, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) needs it
@@ -38,9 +39,8 @@ def n_linears(model):
     return sum(isinstance(m, torch.nn.Linear) for m in model.modules())
 
 
-def text_batch(generator, n=2, length=8, vocab=50):
-    ids = torch.randint(1, vocab, (n, length), generator=generator)
-    mask = (torch.arange(length) < torch.randint(3, length + 1, (n, 1), generator=generator)).long()
+def text_batch(generator, n=2, length=8):
+    ids, mask = padded_ids(generator, n, length)
     mask[0] = 1  # one full row, one padded
     return ids, mask
 
@@ -58,10 +58,7 @@ def vit():
 
 @pytest.fixture(scope="module")
 def bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=16)
-    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    model = tiny_bert(32, layers=1)
     g = torch.Generator().manual_seed(0)
     return model, [text_batch(g) for _ in range(4)], text_batch(g)
 

@@ -14,6 +14,7 @@ import torch
 import graphopt
 from graphopt.passes.report import PassRecord, Report
 from graphopt.passes.report_html import first_block, render_html, write_html
+from tests.tiny_models import TanhMLP
 
 SECTIONS = ["pipeline", "table-accuracy-and-speed", "trade-offs", "cost", "check", "pass-1", "pass-2", "pass-3",
             "graph", "files"]
@@ -70,17 +71,9 @@ def test_integer_coverage_counts_every_converted_op(optimized):
 
 
 def test_fallbacks_are_counted_by_op_and_reason():
-    class WithTanh(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
     torch.manual_seed(0)
     calib = [(torch.randn(4, 8),) for _ in range(2)]
-    om = graphopt.optimize(WithTanh().eval(), ["integer_only"], calib[0], calibration=calib, progress=False)
+    om = graphopt.optimize(TanhMLP().eval(), ["integer_only"], calib[0], calibration=calib, progress=False)
     record = om.report["integer_only"]
     left = record.details["integer_coverage"]["left_in_float"]
     assert [(f["op"], f["reason"]) for f in left] == [("tanh", "no integer form of this op")]

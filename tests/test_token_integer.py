@@ -12,7 +12,7 @@ from graphopt.ir import Graph, TensorType
 from graphopt.ir.ops.integer_tokens import int_token_merge, lookup
 from graphopt.passes import PassError, PassManager
 from graphopt.passes.integer_only import float_ops
-from graphopt.passes.integer_tokens import key_shift
+from graphopt.passes.integer_only.tokens import key_shift
 
 I32 = torch.int32
 

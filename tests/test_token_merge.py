@@ -1,5 +1,7 @@
 """token_merge (ToMe): the matching against a hand-worked example, the schedule in the graph's
 types and the cost model, numerics against the original model, ONNX Runtime against torch."""
+import copy
+
 import pytest
 import torch
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
@@ -12,6 +14,7 @@ from graphopt.ir.cost import graph_cost
 from graphopt.ir.ops.tokens import bipartite_plan, token_merge
 from graphopt.passes import PassError, PassManager
 from graphopt.passes.token_merge import schedule_r
+from tests.tome_reference import merge_one_image
 
 F32 = torch.float32
 
@@ -210,33 +213,6 @@ def test_keep_order_restores_every_position():
 
 # ---- against an independent ToMe on the eager HF model -------------------------------------------
 
-def _merge_one_image(h, k, s, r, protected):
-    """ToMe on one image written as plain loops (an independent reference for the op and the pass);
-    the remaining tokens keep their order."""
-    n = h.shape[0]
-    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a_pos = list(range(protected, n, 2)); b_pos = list(range(protected + 1, n, 2))
-    r = max(0, min(r, (n - protected) // 2))
-    edges = []
-    for ai in a_pos:
-        sc = [float(kn[ai] @ kn[bi]) for bi in b_pos]
-        best = max(range(len(sc)), key=lambda j: (sc[j], -j))
-        edges.append((sc[best], ai, b_pos[best]))
-    edges.sort(key=lambda e: (-e[0], e[1]))
-    into = {}
-    for _, ai, bi in edges[:r]:
-        into.setdefault(bi, []).append(ai)
-    gone = {ai for _, ai, _ in edges[:r]}
-    rows, sizes = [], []
-    for t in range(n):
-        if t in gone:
-            continue
-        members = [t] + into.get(t, [])
-        tot = sum(float(s[m]) for m in members)
-        rows.append(sum(h[m] * s[m] for m in members) / tot)
-        sizes.append(tot)
-    return torch.stack(rows), torch.tensor(sizes).unsqueeze(-1)
-
 def _eager_tome_vit(model, x, rs, prop_attn=True, protected=1):
     """An HF ViT run module by module with ToMe after each attention residual (logits)."""
     vit = model.vit
@@ -254,10 +230,24 @@ def _eager_tome_vit(model, x, rs, prop_attn=True, protected=1):
             h = att.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)) + h
             if r:
                 km = k.mean(1)
-                outs = [_merge_one_image(h[b], km[b], s[b], r, protected) for b in range(B)]
+                outs = [merge_one_image(h[b], km[b], s[b], r, protected) for b in range(B)]
                 h = torch.stack([o[0] for o in outs]); s = torch.stack([o[1] for o in outs])
             h = layer.mlp(layer.layernorm_after(h)) + h
         return model.classifier(vit.layernorm(h)[:, 0])
+
+
+def test_token_merge_after_low_rank_equals_eager_tome_on_the_factorised_weights(vit):
+    """low_rank writes each linear as linear(linear(x, A), B): the structure analysis still sees those
+    projections, and the merged graph computes eager ToMe on the model whose weights are B A."""
+    model, x, graph = vit
+    factorised, _ = apply(graph, "low_rank:method=svd,ratio=0.3")
+    after, _ = apply(factorised, "token_merge:r=8")
+    reconstructed = copy.deepcopy(model)
+    for node in factorised.nodes:
+        if node.meta.get("low_rank_part") == "b":
+            a = node.inputs[0].producer.inputs[1].const
+            reconstructed.get_submodule(node.meta["low_rank"]["layer"]).weight.data = node.inputs[1].const @ a
+    torch.testing.assert_close(run(after, x)[0], _eager_tome_vit(reconstructed, x, [8] * 4), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pass_spec,rs,prop_attn", [("token_merge:r=8", [8] * 4, True),

@@ -22,7 +22,7 @@ from graphopt.ir.ops.integer_tokens import SCORE_BITS
 from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import constant_derived
 from graphopt.ir.traversal import descendants
-from graphopt.passes.integer_form import Q
+from graphopt.passes.integer_only.form import Q
 from graphopt.passes.token_common import TokenPassError, retype
 
 I32 = torch.int32

@@ -1,5 +1,5 @@
-"""``Q``: how ``integer_only`` represents a float value as integers (shared with the converters of
-``integer_tokens``, which ``integer_only`` calls for the ops token_merge inserts)."""
+"""``Q``: how ``integer_only`` represents a float value as integers (shared by the conversion and the
+converters of ``tokens``, which it calls for the ops token_merge inserts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from graphopt.ir import Value
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def is_float(v: Value | None) -> bool:
+    return v is not None and v.type.dtype in FLOAT_DTYPES
 
 
 @dataclass

@@ -1,238 +1,26 @@
-"""``integer_only``: post-training conversion of a transformer to integer-only arithmetic (I-ViT).
-
-    linear/conv2d(x, W, b)      -> int.linear/int.conv2d(u8 x, i8 W per-channel, i32 b)   (int32 acc)
-    matmul(a, b) (activations)  -> int.matmul(u8 a, i8 b)
-    mul/div(x, positive scalar) -> folded into x's scale (no op)
-    where(mask, s, -inf); softmax -> int.requant; int.shiftmax(s, mask)
-    gelu(x)                     -> int.requant; int.shiftgelu
-    layer_norm(x, g, b)         -> int.layernorm (g and b go into the next requant)
-    add(a, b)                   -> int.add (per-branch dyadic multipliers, 16-bit residual stream)
-    embedding(W, ids)           -> embedding(int W, ids)
-    reshape/permute/index_select/... -> the same op on the integer tensor
-    graph inputs / outputs      -> int.quantize / int.dequantize (the only float ops left)
-
-Every scale change is a dyadic ``int.requant`` (m / 2^k, chosen at compile time). Ops that
-cannot be converted stay in float between an ``int.dequantize`` and an ``int.quantize``; the
-report lists them and ``strict=True`` makes them an error. Calibration: per-tensor ranges by
-min/max, percentile or MSE-optimal clipping for the 8-bit GEMM inputs (16-bit tensors use min/max);
-``smoothquant=alpha`` migrates per-channel outliers of GEMM inputs into the weights (in the requant, no extra op).
-"""
+"""The conversion: each float node in order gets an integer form (a ``Q``), or stays in float
+between an ``int.dequantize`` and an ``int.quantize`` with the reason recorded."""
 from __future__ import annotations
 
 import functools
-import itertools
-from collections import Counter
 import math
-from typing import Literal
+from collections import Counter
 
 import torch
 
 from graphopt.ir import Graph, Value
-from graphopt.passes.calibration import Stats, clip_range, collect_stats
-from graphopt.passes.integer_form import Q
-from graphopt.passes.integer_tokens import CONVERTERS
-from graphopt.passes.registry import register_pass, option
+from graphopt.passes.calibration import Stats, clip_range
+from graphopt.passes.integer_only import IntegerConversionError
+from graphopt.passes.integer_only.dyadic import INT32_LIMIT, choose_dyadic
+from graphopt.passes.integer_only.form import Q, is_float
+from graphopt.passes.integer_only.tokens import CONVERTERS
 
 LAYOUT = {"reshape", "permute", "expand", "slice", "select", "index_select"}
-INT32_LIMIT = 2 ** 31 - 1
 MASK_NEGATIVE = 1e4  # an additive attention mask blocks with -inf or a value at least this negative
 LOG2E = 1.0 / math.log(2.0)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-class IntegerConversionError(ValueError):
-    """The graph (or its calibration data) cannot be converted as asked."""
-
-
-def _is_float(v: Value | None) -> bool:
-    return v is not None and v.type.dtype in FLOAT_DTYPES
-
-
-@register_pass("integer_only", tolerance=None)
-def integer_only(graph: Graph, ctx, *,
-                 method: Literal["minmax", "percentile", "mse"] = option("mse", "clipping of 8-bit GEMM inputs"),
-                 percentile: float = option(99.99, "percentile for method=percentile"),
-                 act_bits: int = option(8, "bits of GEMM inputs (<= 8: ONNX MatMulInteger)"),
-                 resid_bits: int = option(16, "bits of the residual stream, embeddings and other int32 tensors"),
-                 attn_bits: int = option(8, "bits of attention probabilities (Shiftmax output, <= 8)"),
-                 smoothquant: float = option(0.0, "SmoothQuant alpha: per-channel migration of GEMM-input outliers into the weights (0 = off)"),
-                 strict: bool = option(False, "fail instead of leaving unconvertible ops in float"),
-                 max_tokens: int = option(512, "softmax length assumed when it is symbolic")) -> None:
-    """Convert the graph to integer-only arithmetic (I-ViT: dyadic requant, Shiftmax, ShiftGELU, I-LayerNorm)."""
-    if not 2 <= act_bits <= 8:
-        raise IntegerConversionError(f"act_bits must be 2..8 (GEMM inputs are 8-bit integers), got {act_bits}")
-    if not 8 <= resid_bits <= 16:
-        raise IntegerConversionError(f"resid_bits must be 8..16, got {resid_bits}")
-    if not 2 <= attn_bits <= 8:
-        raise IntegerConversionError(f"attn_bits must be 2..8, got {attn_bits}")
-    batches = ctx.require_calibration()
-    _check_batches(graph, batches)
-    if graph.find_nodes("sdpa"):
-        from graphopt.passes.decompose_attention import decompose_attention
-        decompose_attention(graph, ctx)
-    _drop_nan_guards(graph)
-    values = [v for v in graph.inputs if _is_float(v)] + [o for n in graph.nodes for o in n.outputs if _is_float(o)]
-    masks = _static_masks(graph)
-    stats = collect_stats(graph, batches, values + masks)
-    conv = _Converter(graph, stats, dict(method=method, percentile=percentile, act_bits=act_bits,
-                                         resid_bits=resid_bits, attn_bits=attn_bits, max_tokens=max_tokens,
-                                         smoothquant=smoothquant))
-    conv.all_true = {id(m) for m in masks if stats[m.name].lo == 1.0}
-    conv.run()
-    _fold_biases(graph)
-    if conv.fallback:
-        listing = ", ".join(conv.fallback)
-        if strict:
-            raise IntegerConversionError(f"strict=True: these ops cannot be converted to integer arithmetic: {listing}")
-        ctx.note(f"left in float (between int.dequantize and int.quantize): {_by_op(conv.fallback_reasons)}")
-    ctx.count("converted", conv.converted)
-    ctx.details["integer_coverage"] = {"converted": dict(conv.converted_ops), "left_in_float": conv.fallback_reasons}
-    ctx.count("float_fallback", len(conv.fallback))
-    graph.meta["integer_only"] = {"fallback": list(conv.fallback), "float_ops": float_ops(graph)}
-
-
-def _drop_nan_guards(graph: Graph) -> None:
-    """``where(IsNaN(p), c, p)`` after a softmax over the last axis (the ONNX exporter's guard for fully
-    masked rows) is ``p`` once that softmax is Shiftmax, whose integer probabilities are never NaN."""
-    for node in graph.find_nodes("where"):
-        cond, fill, p = node.inputs
-        check = cond.producer
-        if check is None or check.op != "onnx_opaque" or (check.attrs["domain"], check.attrs["op_type"]) != ("", "IsNaN") \
-                or check.inputs[0] is not p or p.producer is None or p.producer.op != "softmax" \
-                or p.producer.attrs["dim"] not in (-1, p.type.rank - 1) or not fill.is_constant:
-            continue
-        graph.replace_all_uses_with(node.output, p)
-        graph.erase_node(node)
-        if not check.output.uses:
-            graph.erase_node(check)
-
-
-def _by_op(fallback: list[dict]) -> str:
-    """'tanh x2 (no integer form of this op), ...': the fallbacks counted by op and reason."""
-    counts = Counter((f["op"], f["reason"]) for f in fallback)
-    return ", ".join(f"{op} x{n} ({reason})" for (op, reason), n in counts.items())
-
-
-def _static_masks(graph: Graph) -> list[Value]:
-    """Bool attention masks (``where`` conditions) that depend on no graph input's data (only on
-    shapes); when they are all True on the calibration set they are dropped (ViT's all-true mask)."""
-    dependent: set[int] = {id(v) for v in graph.inputs}
-    for n in graph.nodes:
-        if any(v is not None and id(v) in dependent for v in n.inputs):
-            dependent.update(id(o) for o in n.outputs)
-    out = {}
-    for n in graph.find_nodes("where"):
-        cond = n.inputs[0]
-        if cond.type.dtype == torch.bool and id(cond) not in dependent and not cond.is_constant:
-            out[id(cond)] = cond
-    return list(out.values())
-
-
-def _fold_biases(graph: Graph) -> None:
-    """int.linear's bias moves into the requantizations that read it: c += b * m when the requant has no
-    pre-shift (exact), c += round(b / 2^pre) * m after a pre-shift (an error below one pre-shifted unit,
-    the size of the pre-shift's own truncation). One int32 Add fewer per GEMM at run time; only done
-    when the int32 bound of the requant still holds without the bias in its input."""
-    for node in graph.find_nodes("int.linear"):
-        if len(node.inputs) < 3 or node.inputs[2] is None or not node.inputs[1].is_constant:
-            continue
-        users = node.output.uses
-        if not users or not all(u.op == "int.requant" and i == 0 and u.inputs[1].is_constant
-                                and u.inputs[2].is_constant for u, i in users):
-            continue
-        x_zp = node.attrs["x_zp"]
-        x_max = max(x_zp, 255 - x_zp) if node.inputs[0].type.dtype == torch.uint8 else 128
-        acc_bound = int(node.inputs[1].const.to(torch.int64).abs().sum(1).max().item()) * x_max
-        b = node.inputs[2].const.to(torch.int64)
-        folded = []
-        for u, _ in users:
-            a = u.attrs
-            m, c = u.inputs[1].const.to(torch.int64), u.inputs[2].const.to(torch.int64)
-            bs = b if a["pre"] == 0 else torch.round(b.double() / 2 ** a["pre"]).to(torch.int64)
-            c2 = c + bs * m
-            worst = -(-acc_bound // 2 ** a["pre"]) * m.abs().max().item() + (c2 + (-a["lo"]) * 2 ** a["k"]).abs().max().item()
-            if worst >= 2 ** 31 - 1:
-                break
-            folded.append((u, c2))
-        else:
-            for u, c2 in folded:
-                graph.set_input(u, 2, graph.add_constant(c2.to(torch.int32), "rq_cb"))
-            bias = node.inputs[2]
-            bias.uses.remove((node, 2))
-            node.inputs = node.inputs[:2]
-    graph.remove_unused_constants()
-
-
-def _check_batches(graph: Graph, batches) -> None:
-    for i, batch in enumerate(batches):
-        if len(batch) != len(graph.inputs):
-            raise IntegerConversionError(f"calibration item {i} has {len(batch)} tensors; the graph takes "
-                                         f"{len(graph.inputs)} ({', '.join(v.name for v in graph.inputs)})")
-        for v, t in zip(graph.inputs, batch):
-            if not isinstance(t, torch.Tensor) or t.dim() != v.type.rank or t.dtype != v.type.dtype or any(
-                    isinstance(d, int) and t.shape[a] != d for a, d in enumerate(v.type.shape)):
-                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise IntegerConversionError(f"calibration item {i}: input %{v.name} is {got}, the graph expects {v.type}")
-
-
-def float_ops(graph: Graph) -> list[str]:
-    """Nodes computing in floating point other than the edge quantizers (empty for an integer-only graph)."""
-    found = []
-    for n in graph.nodes:
-        if n.op in ("int.quantize", "int.dequantize"):
-            continue
-        if any(_is_float(v) for v in n.outputs) or any(_is_float(v) for v in n.inputs):
-            found.append(n.label())
-    return found
-
-
-# =============================================================================================
-# dyadic parameters
-# =============================================================================================
-def choose_dyadic(branches, cmax: float, K: int, out_max: int, allow_pre: bool = True):
-    """Pick pre-shifts (one per branch), a common shift k and multipliers so that int32 never overflows:
-    sum_i ceil(B_i / 2^pre_i) * max|m_i| + max|c| + K * 2^k < 2^31. ``branches``: (r, bound) with r the
-    float64 rescale tensor. Minimises (truncation error of the pre-shifts) + (multiplier rounding error)."""
-    infos = []
-    for r, bound in branches:
-        ra = r.abs()
-        rmax = ra.max().item()
-        nz = ra[ra > 0]
-        rmin = nz.min().item() if nz.numel() else 0.0
-        infos.append((rmax, rmin, max(int(bound), 1)))
-    best = None
-    ranges = [range(0, 25 if allow_pre else 1) for _ in infos]
-    for pres in itertools.product(*ranges):
-        # total(k) = 2^k (K + cmax + 1 + sum_i B_i' rmax_i 2^p_i) + sum_i B_i' must stay below the limit
-        bsum = sum(-(-b // 2 ** p) for (_, _, b), p in zip(infos, pres))
-        per = K + cmax + 1 + sum(-(-b // 2 ** p) * rmax * 2 ** p for (rmax, _, b), p in zip(infos, pres))
-        room = INT32_LIMIT - 16 - bsum
-        if room <= per:
-            continue
-        k_best = min(40, int(math.floor(math.log2(room / per))))
-        while k_best > 0 and 2 ** k_best * per + bsum >= INT32_LIMIT - 16:
-            k_best -= 1
-        err = 0.0
-        for (rmax, rmin, _), p in zip(infos, pres):
-            if p:
-                err += rmax * 2 ** p
-            if rmin > 0:
-                err += out_max / (2 * max(rmin * 2 ** (p + k_best), 1e-9))
-        if best is None or err < best[0] - 1e-12:
-            best = (err, pres, k_best)
-    if best is None:
-        listing = ", ".join(f"rescale up to {rmax:.3g} of values up to {b}" for rmax, _, b in infos)
-        raise IntegerConversionError(f"no int32-safe dyadic rescale exists for these ranges ({listing}; "
-                                     f"constant term {cmax:.3g})")
-    _, pres, k = best
-    ms = [torch.round(r * 2.0 ** (p + k)).to(torch.int64) for (r, _), p in zip(branches, pres)]
-    return list(pres), k, ms
-
-
-# =============================================================================================
-# the converter
-# =============================================================================================
-class _Converter:
+class Converter:
     def __init__(self, graph: Graph, stats: dict[str, Stats], opts: dict):
         self.g = graph
         self.stats = stats
@@ -310,7 +98,7 @@ class _Converter:
                 q = torch.clamp(torch.floor(v.const.double() / target + 0.5), lo, hi).to(torch.int64) + zp
                 cv = self.const(q.to({"u8": torch.uint8, "i8": torch.int8, "i32": torch.int32}[dtype]), v.name + "_q")
                 out = Q(cv, torch.tensor(target, dtype=torch.float64), None, zp, max(-lo, hi), kind)
-            elif _is_float(v):
+            elif is_float(v):
                 qv = self.g.op("int.quantize", v, inv_scale=float(1.0 / target), zero_point=zp, lo=lo, hi=hi, dtype=dtype)
                 out = Q(qv, torch.tensor(target, dtype=torch.float64), None, zp, max(-lo, hi), kind)
             else:
@@ -348,7 +136,7 @@ class _Converter:
     # ---- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
         for node in list(self.g.nodes):
-            if not any(_is_float(o) for o in node.outputs):
+            if not any(is_float(o) for o in node.outputs):
                 if any(v is not None and (id(v) in self.q or id(v) in self.masked) for v in node.inputs):
                     self._fall_back(node, "non-float result from converted inputs")
                 continue
@@ -358,8 +146,6 @@ class _Converter:
                     if handler is None and node.op in CONVERTERS:  # what token_merge inserted
                         handler = functools.partial(CONVERTERS[node.op], self)
                     ok = handler(node) if handler is not None else False
-                except _Skip:
-                    ok = False
                 except IntegerConversionError as e:  # name the node and the calibrated ranges it meets
                     raise IntegerConversionError(f"{node.label()}: {e}; {self._ranges(node)}") from None
             if ok:
@@ -377,13 +163,12 @@ class _Converter:
     def _fall_back(self, node, reason: str) -> None:
         self.fallback.append(f"{node.op} ({node.label()})")
         self.fallback_reasons.append({"node": node.label(), "op": node.op, "reason": reason})
-        if True:
-            with self.g.inserting_before(node):
-                for i, v in enumerate(node.inputs):
-                    if v is not None and id(v) in self.q:
-                        self.g.set_input(node, i, self.float_of(v))
-                    elif v is not None and id(v) in self.masked:
-                        raise IntegerConversionError(f"{node.label()} uses a masked score tensor outside softmax")
+        with self.g.inserting_before(node):
+            for i, v in enumerate(node.inputs):
+                if v is not None and id(v) in self.q:
+                    self.g.set_input(node, i, self.float_of(v))
+                elif v is not None and id(v) in self.masked:
+                    raise IntegerConversionError(f"{node.label()} uses a masked score tensor outside softmax")
 
     def _ranges(self, node) -> str:
         """The calibrated [min, max] of the node's float inputs, for error messages."""
@@ -415,7 +200,7 @@ class _Converter:
         return wq, s
 
     def _gemm(self, node, x: Value, w: Value, b: Value | None, conv: bool) -> bool:
-        if not w.is_constant or (b is not None and not b.is_constant) or not _is_float(x):
+        if not w.is_constant or (b is not None and not b.is_constant) or not is_float(x):
             return False
         smooth = self.smoothing(x) if not conv else None
         if smooth is not None:
@@ -480,7 +265,7 @@ class _Converter:
 
     def c_matmul(self, node) -> bool:
         a, b = node.inputs
-        if a.is_constant or b.is_constant or not (self.has_q(a) or _is_float(a)):
+        if a.is_constant or b.is_constant or not (self.has_q(a) or is_float(a)):
             return False
         k = a.type.shape[-1]
         if not isinstance(k, int):
@@ -547,7 +332,7 @@ class _Converter:
         mask = None
         if id(x) in self.masked:
             base, mask = self.masked[id(x)]
-        elif id(x) in self.q or _is_float(x):
+        elif id(x) in self.q or is_float(x):
             base = None
         else:
             return False
@@ -599,7 +384,7 @@ class _Converter:
 
     def c_add(self, node) -> bool:
         a, b = node.inputs
-        if not (_is_float(a) and _is_float(b)) or a.type.dtype != b.type.dtype:
+        if not (is_float(a) and is_float(b)) or a.type.dtype != b.type.dtype:
             return False
         for scores, mask in ((a, b), (b, a)):
             if id(mask) in self.mask_bias:  # scores + additive mask: a masked softmax input
@@ -677,6 +462,3 @@ class _Converter:
         out = self.g.op("cat", *parts, dim=node.attrs["dim"])
         return self.set(node, Q(out, torch.tensor(s, dtype=torch.float64), None, 0, max(-lo, hi), "i32"))
 
-
-class _Skip(Exception):
-    pass
