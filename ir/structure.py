@@ -515,6 +515,11 @@ def _mlp(mlp_in: Value) -> MLP:
                 frontier.extend(u.outputs)
             else:
                 readers.append(u)
+    acm = next((u for u in readers if u.op == "acm"), None)
+    if acm is not None:  # an MLP the acm pass made conditional: one op stands for both projections
+        whole = Projection([acm], mlp_in, acm.output, acm.inputs[4], acm.inputs[5], int(mlp_in.type.shape[-1]),
+                           int(acm.output.type.shape[-1]))
+        return MLP(whole, whole, [acm.attrs["activation"]])
     firsts = [p for p in (projection_at(u) for u in readers) if p is not None]
     if not firsts:
         raise _NotABlock(f"MLP: no projection reads the MLP input %{mlp_in.name}")
