@@ -26,6 +26,8 @@ from graphopt.ir.ops.acm import GATE, OP
 from graphopt.passes.acm_gate import calibrate, choices, fit_classifier, labels
 from graphopt.passes.acm_learners import ACMError, Module, build_learners, find_modules, prefix_errors, refit
 from graphopt.passes.fuse_gelu import FUSE_GELU
+from graphopt.passes.integer_only import IntegerConversionError
+from graphopt.passes.integer_tokens import CONVERTERS
 from graphopt.passes.low_rank import _split_holdout
 from graphopt.passes.registry import PassConfigError, option, register_pass
 
@@ -150,5 +152,15 @@ def _rewrite(graph: Graph, m: Module, w: torch.Tensor, b: torch.Tensor, fraction
         node.meta["module"] = m.name
     graph.replace_all_uses_with(m.y, node.output)
 
+
+def _no_integer_acm(converter, node):
+    raise IntegerConversionError(
+        f"{node.op} (an ACM made by the acm pass) has no integer form: its learners would need integer GEMMs over "
+        "groups of tokens with a requantisation per learner and its gate an integer argmax, and there is no such "
+        "kernel; run integer_only on the model without acm, or acm without integer_only")
+
+
+CONVERTERS.setdefault(OP, _no_integer_acm)  # integer_only refuses an ACM graph, naming the reason
+CONVERTERS.setdefault(GATE, _no_integer_acm)
 
 __all__ = ["ACMError", "acm"]
