@@ -44,6 +44,24 @@ def test_k_n_reproduces_the_original_model(vit):
         torch.testing.assert_close(run(out, x)[0], model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_projections_too_at_k_n_and_never_below_one_learner(vit):
+    """q/k/v (one fused qkv linear here) and the output projection as ACMs of SVD-LLM factor groups. Full-rank
+    factors cost more than the dense layer, so a budget of 1 does not reach k = N: the gates are forced there."""
+    model, graph = vit
+    options = {"budget": 0.4, "modules": ["mlp", "q", "k", "v", "out"], "n": 2, "max_rows": 512}
+    out, _ = PassManager([("acm", options)], calibration=images(3, 1)).run(graph)
+    gates = out.find_nodes("acm_gate")
+    assert out.op_counts().get("acm") == 6 and out.op_counts().get("linear") == 1  # only the classifier head
+    assert sorted(n.attrs["min_k"] for n in gates) == [0, 0, 1, 1, 1, 1]
+    x = images(1, 9)[0][0]
+    for found in collect(out, [(x,)], [n.output for n in gates]):
+        for gate in gates:
+            assert found[gate.output.name].min() >= gate.attrs["min_k"]
+    for gate in gates:
+        out.set_input(gate, 2, out.add_constant(torch.tensor([0, 0, 1e4]), "force_k_n"))
+    torch.testing.assert_close(run(out, x)[0], model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_k_0_gives_the_residual_stream_only(vit, half):
     """Every gate forced to k = 0: the model equals the original with its MLPs' outputs zeroed."""
     model, _ = vit
