@@ -80,9 +80,8 @@ def acm(graph: Graph, ctx, *,
         measured = float((hist * cost.double()).sum())
         _rewrite(graph, m, w, b, fractions)
         dist = " ".join(f"{i}:{p:.0%}" for i, p in enumerate(hist.tolist()))
-        ctx.note(f"{m.name}: budget {per_module[id(m)]:.2f}, fit {fit_mean:.3f}, measured {measured:.3f} of its FLOPs "
-                 f"on {where}; k = {dist} (mean {sum(fractions):.2f} of {n})"
-                 + ("; " + "; ".join(m.notes) if m.notes else ""))
+        ctx.note(f"{m.name}: k = {dist} (mean {sum(fractions):.2f} of {n}): {measured:.2f} of its FLOPs "
+                 f"(budget {per_module[id(m)]:.2f})" + ("; " + "; ".join(m.notes) if m.notes else ""))
         details[m.name] = {"block": m.block, "role": m.role, "budget": per_module[id(m)], "fit_fraction": fit_mean,
                            "measured_fraction": measured, "k_distribution": hist.tolist(), "splits": list(m.splits),
                            "label_distribution": (torch.bincount(y, minlength=n + 1).double() / y.numel()).tolist()}
@@ -94,7 +93,8 @@ def acm(graph: Graph, ctx, *,
     graph.remove_unused_constants()
     total = sum(f for f, _ in summary)
     kept = sum(f * r for f, r in summary) / total if total else 1.0
-    ctx.note(f"{len(todo)} modules, N = {n}: {kept:.3f} of their FLOPs run on {where} (requested {budget:g})")
+    ctx.notes.insert(0, f"{len(todo)} modules, N = {n}: {kept:.3f} of their FLOPs run on {where} (requested {budget:g}); "
+             "k per module measured there")
     graph.meta["acm_kept_fraction"] = kept
 
 

@@ -102,7 +102,7 @@ def find_modules(graph: Graph, roles: list[str], blocks: list[int] | None) -> li
         if "mlp" in roles:
             if b.mlp.fc1.nodes[0].op == "acm":
                 raise ACMError(f"acm: block {b.index}'s MLP is already an ACM (acm ran before)")
-            modules.append(_mlp_module(b.index, b.module, b.mlp))
+            modules.append(_mlp_module(b.index, b.mlp))
         seen = set()
         for role in ("q", "k", "v", "out"):
             if role in roles:
@@ -112,14 +112,14 @@ def find_modules(graph: Graph, roles: list[str], blocks: list[int] | None) -> li
                 seen.add(id(p.weight))
                 w = matrix(p)
                 dt = w.dtype
-                modules.append(Module(f"block {b.index} {role}" + (f" ({p.name})" if p.name else ""), b.index, role,
+                modules.append(Module(f"block {b.index} {role}", b.index, role,
                                       p.input, p.output, w.float(), torch.zeros(0), torch.zeros(0),
                                       bias(p, w.shape[0], dt).float(), "none", dtype=dt, min_k=1))
     return modules
 
 
-def _mlp_module(index: int, module: str, mlp: MLP) -> Module:
-    where = f"block {index} MLP" + (f" ({module})" if module else "")
+def _mlp_module(index: int, mlp: MLP) -> Module:
+    where = f"block {index} MLP"
     acts = [a for a in mlp.activation if a not in ("mul",)] if mlp.gate is not None else list(mlp.activation)
     if mlp.convs:
         raise ACMError(f"acm: {where} has a conv2d between fc1 and fc2 (Mix-FFN); its hidden neurons are not "
