@@ -18,12 +18,14 @@ integer_only refuses an ACM graph for the same reason.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from graphopt.ir import Graph
 from graphopt.ir.interpreter import collect
 from graphopt.ir.ops.acm import GATE, OP
-from graphopt.passes.acm_gate import calibrate, choices, fit_classifier, labels
+from graphopt.passes.acm_gate import calibrate, choices, fit_classifier, fit_error_regression, labels
 from graphopt.passes.acm_learners import ACMError, Module, build_learners, find_modules, prefix_errors, refit
 from graphopt.passes.fuse_gelu import FUSE_GELU
 from graphopt.passes.integer_only import IntegerConversionError
@@ -45,6 +47,8 @@ def acm(graph: Graph, ctx, *,
         ridge: float = option(0.05, "ridge of the refit (x mean Gram diagonal), pulling toward the original"),
         label_ratio: float = option(1.2, "gate label: the smallest k after which the next learner improves the "
                                          "error by less than this factor"),
+        gate: Literal["labels", "errors"] = option("labels", "labels: a classifier on the paper's labels; errors: a linear regression of "
+                                     "each prefix's error, k = argmin(error + lambda cost)"),
         holdout: float = option(0.25, "fraction of calibration batches held out to measure k and the budget"),
         max_rows: int = option(16384, "calibration tokens used per module (evenly sampled)")):
     """ACM: per-token adaptive width from the module's own weights, a fitted gate, executed grouped by k."""
@@ -71,8 +75,9 @@ def acm(graph: Graph, ctx, *,
         if refit_prefixes and n > 1:
             refit(m, x, ridge)
         cost = torch.tensor([s * m.unit_flops / m.dense_flops_per_row for s in m.splits], dtype=torch.float32)
-        y = labels(prefix_errors(m, x), label_ratio, m.min_k)
-        w, b = fit_classifier(x, y, n + 1)
+        errors = prefix_errors(m, x)
+        y = labels(errors, label_ratio, m.min_k)
+        w, b = fit_classifier(x, y, n + 1) if gate == "labels" else fit_error_regression(x, errors)
         b, fit_mean = calibrate(x, w, b, cost, per_module[id(m)], m.min_k)
         k = choices(xh, w, b, m.min_k)
         hist = torch.bincount(k, minlength=n + 1).double() / max(1, k.numel())

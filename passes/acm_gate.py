@@ -50,6 +50,21 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay:
     return (w / sd).float(), (b - (w / sd) @ mu).float()
 
 
+def fit_error_regression(x: torch.Tensor, errors: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear predictor of each prefix's squared error (scaled by its mean over rows), as gate logits
+    (the negated prediction): with beta * cost added, argmax picks argmin_k(predicted error + lambda cost)."""
+    target = errors.double() ** 2
+    target = target / target[:, 0].mean().clamp_min(1e-30)
+    x64 = x.double()
+    mu = x64.mean(0)
+    xc = x64 - mu
+    g = xc.t() @ xc
+    lam = ridge * float(torch.diagonal(g).mean().clamp_min(1e-30))
+    w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=torch.float64), xc.t() @ (target - target.mean(0)))
+    b = target.mean(0) - mu @ w
+    return (-w.t()).float().contiguous(), (-b).float()
+
+
 def choices(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, min_k: int) -> torch.Tensor:
     from graphopt.ir.ops.acm import gate_choice
     return gate_choice(x, w, b, min_k)
