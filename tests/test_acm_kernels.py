@@ -132,3 +132,23 @@ def test_onnx_runtime_runs_the_lowered_acm_with_data_dependent_sizes(variant):
     x1 = torch.randn(1, 9, D)
     torch.testing.assert_close(run(graph, x1)[0], run_op(acm, x1, gate_choice(x1, gate_w, torch.zeros(N + 1), 1), w),
                                atol=1e-6, rtol=1e-5)  # the graph runs the op on the gate's k
+
+
+def test_gate_labels_follow_the_paper_rule_on_a_hand_computed_table():
+    from graphopt.passes.acm_gate import labels
+    errors = torch.tensor([[8.0, 4.0, 3.9, 1.0, 0.0],    # 4 -> 3.9 improves < 1.2x: label 1
+                           [8.0, 7.0, 2.0, 1.0, 0.0],    # 8 -> 7 < 1.2x: label 0
+                           [8.0, 4.0, 2.0, 1.0, 0.0]])   # always >= 1.2x: label N
+    assert labels(errors, 1.2, 0).tolist() == [1, 0, 4]
+    assert labels(errors, 1.2, 1).tolist() == [1, 4, 4]  # from k = 1 on (projections): the second row never flattens
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_gate_calibration_meets_the_budget_on_its_rows(budget):
+    from graphopt.passes.acm_gate import calibrate, choices
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2000, 8, generator=g), torch.randn(N + 1, 8, generator=g), torch.randn(N + 1, generator=g)
+    cost = torch.tensor(SPLITS, dtype=torch.float32) / SPLITS[-1]
+    bias, reached = calibrate(x, w, b, cost, budget, 0)
+    achieved = float(cost[choices(x, w, bias, 0)].mean())
+    assert achieved <= budget + 1e-6 and budget - achieved < 0.02 and abs(achieved - reached) < 1e-3
