@@ -155,7 +155,7 @@ def test_a_llama_style_model_beyond_the_zoo_matches_at_k_n():
 def digits(digits_case):
     graph = from_torch(digits_case.model, (), digits_case.kwargs)
     imgs = digits_case.train_images
-    return graph, [(imgs[i:i + 32],) for i in range(0, 96, 32)], (digits_case.test_images[:8],)
+    return graph, [(imgs[i:i + 16],) for i in range(0, 32, 16)], (digits_case.test_images[:8],)
 
 
 @pytest.mark.parametrize("other", [("token_merge", {"r": 8}), ("token_drop", {"keep": 0.5, "layer": 1}),
@@ -165,7 +165,7 @@ def test_composes_with_token_and_low_rank_passes_in_either_order(digits, other):
     the structure analysis does not recognise a block whose attention projections are factorised.)"""
     graph, calib, x = digits
     alone, _ = PassManager([other], calibration=calib).run(graph)
-    quick = {"n": 2, "max_rows": 512}
+    quick = {"n": 2, "max_rows": 256, "holdout": 0.0}
     orders = [[("acm", dict(quick, budget=1.0)), other]]
     if other[0] != "low_rank":
         orders.append([other, ("acm", dict(quick, budget=1.0))])
@@ -173,8 +173,9 @@ def test_composes_with_token_and_low_rank_passes_in_either_order(digits, other):
         out, _ = PassManager(order, calibration=calib).run(graph)
         assert out.op_counts().get("acm") == 4, order
         torch.testing.assert_close(run(out, *x)[0], run(alone, *x)[0], atol=1e-4, rtol=1e-4)
-    reduced, _ = PassManager([("acm", dict(quick, budget=0.5)), other], calibration=calib).run(graph)
-    assert reduced.op_counts().get("acm") == 4 and run(reduced, *x)[0].shape == (8, 10)
+    if other[0] == "token_merge":  # a real budget: the merged graph's MLPs run grouped on fewer tokens
+        reduced, _ = PassManager([other, ("acm", dict(quick, budget=0.5))], calibration=calib).run(graph)
+        assert reduced.op_counts().get("acm") == 4 and run(reduced, *x)[0].shape == (8, 10)
 
 
 def test_integer_only_refuses_either_order_naming_the_reason(vit, half):
