@@ -190,48 +190,50 @@ def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None
     m.splits = split_points(m.w1.shape[0], n, split)
 
 
-def contributions(m: Module, x: torch.Tensor, w2: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Each learner's output on the rows of ``x`` (learner 0 with the output bias)."""
-    out = []
-    w2 = m.w2 if w2 is None else w2
+def _hidden(m: Module, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    up = torch.addmm(m.b1[lo:hi], x, m.w1[lo:hi].t())
+    if m.wg is not None:
+        return activate(torch.addmm(m.bg[lo:hi], x, m.wg[lo:hi].t()), m.activation) * up
+    return activate(up, m.activation)
+
+
+def contributions(m: Module, x: torch.Tensor, *w2s: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per output weight set (default the module's own): each learner's output on the rows of ``x``
+    (learner 0 with the output bias); each learner's hidden activations are computed once."""
+    w2s = w2s or (m.w2,)
+    out: list[list[torch.Tensor]] = [[] for _ in w2s]
     for i, (lo, hi) in enumerate(zip(m.splits[:-1], m.splits[1:])):
-        up = torch.addmm(m.b1[lo:hi], x, m.w1[lo:hi].t())
-        if m.wg is not None:
-            h = activate(torch.addmm(m.bg[lo:hi], x, m.wg[lo:hi].t()), m.activation) * up
-        else:
-            h = activate(up, m.activation)
-        c = h @ w2[:, lo:hi].t()
-        out.append(c + m.b2 if i == 0 else c)
+        h = _hidden(m, x, lo, hi)
+        for parts, w2 in zip(out, w2s):
+            c = h @ w2[:, lo:hi].t()
+            parts.append(c + m.b2 if i == 0 else c)
     return out
 
 
 def refit(m: Module, x: torch.Tensor, ridge: float) -> None:
     """Stagewise closed-form refit of the output weights for truncated prefixes (``w2r``)."""
-    target = sum(contributions(m, x))
+    target = sum(contributions(m, x)[0])
     w2r = m.w2.clone()
     done = torch.zeros_like(target)
     n = len(m.splits) - 1
     for i, (lo, hi) in enumerate(zip(m.splits[:-1], m.splits[1:])):
         if i == n - 1:
             break  # the last learner runs only for k = N, which keeps the original weights
-        up = torch.addmm(m.b1[lo:hi], x, m.w1[lo:hi].t())
-        h = (activate(torch.addmm(m.bg[lo:hi], x, m.wg[lo:hi].t()), m.activation) * up if m.wg is not None
-             else activate(up, m.activation)).double()
-        rest = (target - done - (m.b2 if i == 0 else 0)).double()
-        g = h.t() @ h
+        h = _hidden(m, x, lo, hi)
+        rest = target - done - (m.b2 if i == 0 else 0)
+        g = (h.t() @ h).double()
         lam = ridge * float(torch.diagonal(g).mean().clamp_min(1e-12))
         w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=torch.float64),
-                               h.t() @ rest + lam * m.w2[:, lo:hi].t().double()).t().float()
+                               (h.t() @ rest).double() + lam * m.w2[:, lo:hi].t().double()).t().float()
         w2r[:, lo:hi] = w
-        done = done + h.float() @ w.t() + (m.b2 if i == 0 else 0)
+        done = done + h @ w.t() + (m.b2 if i == 0 else 0)
     m.w2r = w2r
 
 
 def prefix_errors(m: Module, x: torch.Tensor) -> torch.Tensor:
     """[rows, N + 1]: ||prefix_k(x) - module(x)|| per row for k = 0..N (with the refitted weights below N)."""
-    exact = contributions(m, x)
+    exact, approx = contributions(m, x, m.w2, m.w2r if m.w2r is not None else m.w2)
     target = sum(exact)
-    approx = contributions(m, x, m.w2r) if m.w2r is not None else exact
     errs = [target.norm(dim=-1)]
     acc = torch.zeros_like(target)
     for c in approx[:-1]:
