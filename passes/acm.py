@@ -12,9 +12,11 @@ projections have no bypass and run at least one learner. The report gives, per m
 distribution of k measured on calibration batches held out from fitting, and the op's cost formula
 charges the expected FLOPs at those fractions.
 
-Composes with token_merge / token_drop in either order and with low_rank on the attention
-(roles=attention); on an integer-only graph it refuses (there is no integer ACM kernel), and
-integer_only refuses an ACM graph for the same reason.
+Composes with token_merge / token_drop in either order, and with low_rank run after it (low_rank
+first leaves factorised layers the structure analysis does not see through: acm then refuses, saying
+so); on an integer-only graph it refuses (there is no integer ACM kernel), and integer_only refuses an
+ACM graph for the same reason. Full-rank projection learners cost (m + n) / m·n per component, more
+than the dense layer at k = N: projections only save at low k.
 """
 from __future__ import annotations
 

@@ -89,8 +89,12 @@ def find_modules(graph: Graph, roles: list[str], blocks: list[int] | None) -> li
     try:
         structure = analyze(graph)
     except StructureError as e:
+        factorised = any(n.op == "linear" and n.inputs[0].producer is not None and n.inputs[0].producer.op == "linear"
+                         for n in graph.nodes)
+        hint = ("; the graph has factorised layers (linear -> linear: low_rank ran), which the structure analysis does "
+                "not see through: run acm before low_rank") if factorised else ""
         raise ACMError(f"acm needs transformer MLPs (fc1 -> activation -> fc2 with a residual add) and found none: "
-                       f"{e}") from None
+                       f"{e}{hint}") from None
     if not structure.blocks:
         raise ACMError("acm found no transformer block with an MLP")
     chosen = structure.blocks if blocks is None else [b for b in structure.blocks if b.index in set(blocks)]
