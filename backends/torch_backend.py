@@ -9,6 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import graphopt.backends.triton_low_rank  # noqa: F401  (registers its kernels)
+import graphopt.backends.triton_acm  # noqa: F401  (registers the grouped acm kernels)
 from graphopt.backends import LoweringError
 from graphopt.backends.kernels import select
 from graphopt.ir import Graph, Node

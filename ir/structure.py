@@ -441,6 +441,11 @@ def _axis_above(value: Value, axis: int, target: Value, budget: int, seen: set) 
 def _mlp(mlp_in: Value) -> MLP:
     layout = ("reshape", "cast")
     readers = [u for u in descendants(mlp_in, through=lambda u: u.op in layout) if u.op not in layout]
+    acm = next((u for u in readers if u.op == "acm"), None)
+    if acm is not None:  # an MLP the acm pass made conditional: one op stands for both projections
+        whole = Projection([acm], mlp_in, acm.output, acm.inputs[4], acm.inputs[5], int(mlp_in.type.shape[-1]),
+                           int(acm.output.type.shape[-1]))
+        return MLP(whole, whole, [acm.attrs["activation"]])
     firsts = [p for p in (projection_at(u) for u in readers) if p is not None]
     if not firsts:
         raise _NotABlock(f"MLP: no projection reads the MLP input %{mlp_in.name}")
