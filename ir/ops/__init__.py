@@ -5,3 +5,4 @@ from graphopt.ir.ops import integer  # noqa: F401  (integer-only ops, passes/int
 from graphopt.ir.ops import low_rank  # noqa: F401  (the fused low-rank MLP op)
 from graphopt.ir.ops import tokens  # noqa: F401  (token merging / dropping ops)
 from graphopt.ir.ops import integer_tokens  # noqa: F401  (integer token merging, passes/integer_tokens.py)
+from graphopt.ir.ops import sparse  # noqa: F401  (the sparse-weight linear op, passes/sparsify.py)
