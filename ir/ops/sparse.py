@@ -20,11 +20,21 @@ import torch.nn.functional as F
 
 from graphopt.ir.cost import register_cost
 from graphopt.ir.opdef import Attr, OpError, register_op
+from graphopt.ir.registry import Registry
 from graphopt.ir.ops.rules import result_dtype
 from graphopt.ir.types import TensorType, dims_equal
 
 OP = "sparse_linear"
 FORMATS = ("csr", "block1x4")
+
+# target -> timer(weight [N, K] pruned float32, format, rows, threads) -> (dense ms, sparse ms): the
+# micro-benchmark ``sparsify`` calibrates its substitution decisions with. Backends register theirs
+# (``backends/sparse_kernels.py`` for ``torch``); ``timer.machine`` names what it measured on.
+SPMM_TIMERS: Registry = Registry("SpMM timer", group="graphopt.kernels")
+
+
+def register_spmm_timer(target: str, *, replace: bool = False):
+    return SPMM_TIMERS.decorator(target, replace=replace)
 
 
 def to_csr(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,4 +112,4 @@ def _cost(node):
     return 2 * rows * nnz + bias
 
 
-__all__ = ["FORMATS", "OP", "densify", "sparse_linear", "to_block1x4", "to_csr"]
+__all__ = ["FORMATS", "OP", "SPMM_TIMERS", "densify", "register_spmm_timer", "sparse_linear", "to_block1x4", "to_csr"]

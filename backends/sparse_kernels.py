@@ -1,0 +1,71 @@
+"""What the ``torch`` backend runs for ``sparse_linear``: the C SpMM kernel (``cpu_sparse_library``) on
+CPU float32 tensors, the Triton kernel on CUDA tensors, the densifying reference elsewhere; and the
+micro-benchmark (``time_spmm``) that ``sparsify`` decides its substitutions with.
+
+The C kernel, not ``torch.sparse.mm``: measured on the 2-core AMD EPYC (1576 x 384 -> 1536, 2 threads),
+torch's CSR matmul ran 2-5x slower than this kernel at 50-95% sparsity and only caught up with the
+dense GEMM at about 95% (``bench/sparse.py`` prints both).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from graphopt.backends import cpu_sparse_library, triton_sparse
+from graphopt.backends.kernels import register_kernel
+from graphopt.ir.ops.sparse import OP, register_spmm_timer, sparse_linear as reference, to_block1x4, to_csr
+
+
+def _on_cpu_float(node) -> str | None:
+    if node.inputs[0].type.dtype != torch.float32 or node.inputs[3].type.dtype != torch.float32:
+        return f"the C SpMM kernel takes float32 (got {node.inputs[0].type.dtype} x {node.inputs[3].type.dtype})"
+    return None
+
+
+@register_kernel("torch", OP, supports=_on_cpu_float, name="cpu_spmm")
+def sparse_linear_cpu(x, row_ptr, col, values, bias=None, *, format, out_features, in_features):
+    """The C kernel on CPU tensors (Triton on CUDA tensors when it imports), else the reference."""
+    if x.is_cuda and triton_sparse.available():
+        return triton_sparse.sparse_linear(x, row_ptr, col, values, bias, format=format, out_features=out_features,
+                                           in_features=in_features)
+    if x.device.type == "cpu" and cpu_sparse_library.available():
+        return cpu_sparse_library.spmm_f32(x.to(torch.float32), row_ptr, col, values.reshape(-1), out_features,
+                                           bias, block=format == "block1x4").to(x.dtype)
+    return reference(x, row_ptr, col, values, bias, format=format, out_features=out_features,
+                     in_features=in_features)
+
+
+def _best_ms(fn, repeats: int) -> float:
+    """Best of ``repeats`` runs (on a shared machine the best is the least disturbed)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+@register_spmm_timer("torch")
+def time_spmm(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: int = 5) -> tuple[float, float]:
+    """Dense ``F.linear`` against this backend's SpMM for one pruned weight at ``rows`` input rows,
+    best of ``repeats`` in ms (the micro-benchmark ``sparsify`` calibrates its decisions with)."""
+    n, k = weight.shape
+    x = torch.randn(rows, k)
+    w = weight.to(torch.float32).contiguous()
+    packed = (to_csr if fmt == "csr" else to_block1x4)(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dense = _best_ms(lambda: torch.nn.functional.linear(x, w), repeats)
+        sparse = _best_ms(lambda: sparse_linear_cpu(x, *packed, format=fmt, out_features=n, in_features=k), repeats)
+    finally:
+        torch.set_num_threads(before)
+    return dense, sparse
+
+
+time_spmm.machine = f"{platform.machine()} {platform.processor()} {os.cpu_count()} cpus " + \
+    ("C SpMM" if cpu_sparse_library.available() else "reference")
