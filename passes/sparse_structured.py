@@ -25,7 +25,7 @@ from graphopt.ir.traversal import ancestors
 @dataclass
 class Group:
     kind: str                    # "neurons" | "heads"
-    name: str
+    name: str                    # blocks.<index>.<kind>, blocks in the structure analysis's order
     sources: list[Projection]    # output rows sliced per unit
     sink: Projection             # input columns sliced per unit
     units: int                   # neurons, or heads
@@ -54,23 +54,23 @@ def find_groups(graph: Graph, kinds: set[str]) -> tuple[list[Group], list[str]]:
         raise ValueError(f"structured pruning needs transformer blocks: {e}") from None
     groups, skipped = [], []
     for block in structure.blocks:
-        name = block.module or f"block{block.index}"
+        name = f"blocks.{block.index}"
         mlp, att = block.mlp, block.attention
         if "neurons" in kinds:
             sources = [mlp.fc1] + ([mlp.gate] if mlp.gate is not None else [])
             if mlp.convs:
-                skipped.append(f"{name}.mlp: convolutions between fc1 and fc2 (Mix-FFN) are not pruned")
+                skipped.append(f"{name}.neurons: convolutions between fc1 and fc2 (Mix-FFN) are not pruned")
             elif not all(_plain(p) for p in sources + [mlp.fc2]):
-                skipped.append(f"{name}.mlp: a projection reads a transposed weight")
+                skipped.append(f"{name}.neurons: a projection reads a transposed weight")
             else:
-                groups.append(Group("neurons", f"{name}.mlp", sources, mlp.fc2, mlp.fc1.out_features, 1))
+                groups.append(Group("neurons", f"{name}.neurons", sources, mlp.fc2, mlp.fc1.out_features, 1))
         if "heads" in kinds:
             if att.fused_qkv or att.num_kv_heads != att.num_heads:
-                skipped.append(f"{name}.attention: fused qkv or grouped kv heads are not pruned")
+                skipped.append(f"{name}.heads: fused qkv or grouped kv heads are not pruned")
             elif not all(_plain(p) for p in (att.q, att.k, att.v, att.out)):
-                skipped.append(f"{name}.attention: a projection reads a transposed weight")
+                skipped.append(f"{name}.heads: a projection reads a transposed weight")
             else:
-                groups.append(Group("heads", f"{name}.attention", [att.q, att.k, att.v], att.out, att.num_heads,
+                groups.append(Group("heads", f"{name}.heads", [att.q, att.k, att.v], att.out, att.num_heads,
                                     att.head_size))
     return groups, skipped
 

@@ -170,13 +170,15 @@ def _allocate_weights(ctx, chosen: list[Layer], criterion, pattern, sparsity, ca
     for l in chosen:
         m, n = l.shape
         s_ = scores(l.matrix.detach(), trial, grams.get(id(l.input)))
-        measured = []
+        measured, kept = [], []
         for c in cands:
-            probe.set_matrix(l, l.matrix.masked_fill(mask_from_scores(s_, pattern, c), 0))
+            pruned = l.matrix.masked_fill(mask_from_scores(s_, pattern, c), 0)
+            kept.append(int((pruned != 0).sum()))          # what the per-row rounding really keeps
+            probe.set_matrix(l, pruned)
             measured.append(row_error(reference, probe.outputs(batches)))
         probe.set_matrix(l, None)
-        opts = [_Choice(0.0, m * n, 0.0)]
-        opts += [_Choice(c, round((1 - c) * m * n), e) for c, e in zip(cands, monotone(measured))]
+        opts = [_Choice(0.0, int((l.matrix != 0).sum()), 0.0)]
+        opts += [_Choice(c, k, e) for c, k, e in zip(cands, kept, monotone(measured))]
         table.append(opts)
         ctx.count("sensitivity_trials", len(cands))
     total = sum(l.shape[0] * l.shape[1] for l in chosen)
