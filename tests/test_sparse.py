@@ -200,3 +200,15 @@ def test_bad_options_are_clear_errors():
         run_sparsify(graph, batches, pattern="2:4", allocation="sensitivity")
     with pytest.raises((PassError, PassConfigError), match="calibration"):
         run_sparsify(graph, None, criterion="wanda")
+
+
+def test_onnx_lowering_writes_the_pruned_weights_dense():
+    """ONNX Runtime densifies sparse initialisers: the lowering writes the dense matrix, same outputs."""
+    from graphopt.backends.onnxruntime_backend import OnnxRuntimeExecutable
+
+    _, graph, batches = tiny_vit(seed=4)
+    out, _ = run_sparsify(graph, batches, criterion="magnitude", sparsity=0.8, substitute="always", roles=["mlp"])
+    assert out.find_nodes("sparse_linear")
+    for b in batches[:1]:
+        torch.testing.assert_close(OnnxRuntimeExecutable(out).run_flat(*b), reference_run(out, *b), atol=1e-4,
+                                   rtol=1e-4)
