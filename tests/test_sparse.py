@@ -212,3 +212,29 @@ def test_onnx_lowering_writes_the_pruned_weights_dense():
     for b in batches[:1]:
         torch.testing.assert_close(OnnxRuntimeExecutable(out).run_flat(*b), reference_run(out, *b), atol=1e-4,
                                    rtol=1e-4)
+
+
+def test_measured_times_come_from_the_target_timer_and_are_cached(tmp_path):
+    """A registered timer is called once per layer shape and sparsity; a second run reads the cache."""
+    from graphopt.ir.ops.sparse import SPMM_TIMERS, register_spmm_timer
+
+    calls = []
+
+    def fake_timer(weight, fmt, rows, threads):
+        calls.append((tuple(weight.shape), fmt, rows, threads))
+        return (1.0, 0.5) if weight.shape[0] > weight.shape[1] else (1.0, 2.0)   # fc1 faster sparse, fc2 not
+
+    fake_timer.machine = "test machine"
+    if "test-fake" not in SPMM_TIMERS:
+        register_spmm_timer("test-fake")(fake_timer)
+    else:
+        register_spmm_timer("test-fake", replace=True)(fake_timer)
+    _, graph, batches = tiny_bert(seed=5)
+    cache = str(tmp_path / "timings.json")
+    options = dict(criterion="magnitude", sparsity=0.9, roles=["mlp"], target="test-fake", timing_cache=cache,
+                   rows=20, threads=1)
+    out, record = PassManager([("sparsify", options)], calibration=batches).run(graph)
+    assert len(calls) == 2 and {c[2:] for c in calls} == {(20, 1)}   # two distinct shapes, measured once each
+    assert {n.attrs["out_features"] for n in out.find_nodes("sparse_linear")} == {64}
+    again, record = PassManager([("sparsify", options)], calibration=batches).run(graph)
+    assert len(calls) == 2 and "cached" in record["sparsify"].details["layers"]["encoder.layer.0.output.dense"]["why"]
