@@ -431,7 +431,7 @@ def _sha256_file(path) -> str:
 
 # ---- loading -----------------------------------------------------------------------------------
 def _load(args, progress):
-    from graphopt.frontends.onnx_frontend import check_external_data, from_onnx, load_external, load_model
+    from graphopt.frontends.onnx import check_external_data, from_onnx, load_external, load_model
     from graphopt.frontends import FrontendError
 
     if args.demo:
@@ -453,7 +453,7 @@ def _load(args, progress):
         except FrontendError:
             raise
         except Exception as e:  # a model onnx's own checker refuses is malformed input, not our bug
-            from graphopt.frontends.onnx_load import diagnose
+            from graphopt.frontends.onnx.load import diagnose
 
             problem = diagnose(proto)
             if problem is None:

@@ -78,7 +78,7 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     report = Report()
     args, kwargs = _split_inputs(example_inputs)
     if _is_onnx(model):
-        from graphopt.frontends.onnx_frontend import from_onnx
+        from graphopt.frontends import from_onnx
 
         start = time.perf_counter()
         graph = from_onnx(model)

@@ -16,19 +16,22 @@ from graphopt.ir import Graph, Node
 from graphopt.ir.interpreter import InterpreterError, to_fx
 
 
-def torch_kernel(node: Node):
-    """The implementation of the first ``torch`` kernel that supports ``node`` (None: the reference)."""
-    kernel, _ = select("torch", node)
-    return kernel.fn if kernel is not None else None
+def kernel_for(target: str):
+    """node -> the implementation of the first ``target`` kernel that supports it (None: the reference)."""
+    def pick(node: Node):
+        kernel, _ = select(target, node)
+        return kernel.fn if kernel is not None else None
+    return pick
 
 
 class TorchExecutable(torch.nn.Module):
-    """Called like the captured model: same argument structure in, same output structure out."""
+    """Called like the captured model: same argument structure in, same output structure out.
+    ``target``: whose kernels replace the reference implementations (a plugin backend passes its own)."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, target: str = "torch"):
         super().__init__()
         try:
-            self.graph_module = to_fx(graph, kernel_for=torch_kernel)
+            self.graph_module = to_fx(graph, kernel_for=kernel_for(target))
         except InterpreterError as e:
             raise LoweringError(str(e)) from e
         self._in_spec = graph.meta.get("in_spec")

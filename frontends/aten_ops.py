@@ -4,18 +4,26 @@ Each handler gets the converter and the fx node's arguments (fx nodes already re
 Values, SymInts by sympy dims) and returns the IR Value(s), or raises ``Unsupported`` to make the
 node opaque. Shapes of view-like ops are read from the node's fake tensor, so they are exact
 and symbolic.
+
+Handlers are registered in ``HANDLERS`` under the target's name (``target_name``: ``aten::add.Tensor``,
+as opaque nodes and the ONNX backend's ATen lowerings spell it); a plugin adds its own from a module
+named in the entry-point group ``graphopt.aten_handlers``. A target that has a handler already is
+refused unless ``replace=True``.
 """
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 
+from graphopt.frontends import Unsupported
 from graphopt.ir import Value
 from graphopt.ir.ops.shape import BIG
+from graphopt.ir.registry import Registry
 
 aten = torch.ops.aten
-HANDLERS: dict = {}
+HANDLERS: Registry[Callable] = Registry("ATen handler", group="graphopt.aten_handlers")
 
 # eval-mode no-ops and metadata asserts: the value passes through (or nothing is produced)
 IDENTITY = {aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
@@ -26,16 +34,16 @@ DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten._assert_async.msg}
 
 
-class Unsupported(Exception):
-    """This node has no faithful IR translation; it becomes an opaque node."""
+def target_name(target) -> str:
+    """``aten::linear`` / ``aten::add.Tensor`` for an ATen overload, ``operator.getitem`` for a Python function."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name()
+    return f"{getattr(target, '__module__', '').lstrip('_')}.{getattr(target, '__qualname__', target)}"
 
 
-def handles(*targets):
-    def wrap(fn):
-        for t in targets:
-            HANDLERS[t] = fn
-        return fn
-    return wrap
+def handles(*targets, replace: bool = False):
+    """``@handles(aten.add.Tensor, aten.add.Scalar)``: register the handler under each target's name."""
+    return HANDLERS.decorator(*(target_name(t) for t in targets), replace=replace)
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -90,7 +98,7 @@ for _t, _op in [(aten.add.Tensor, "add"), (aten.add.Scalar, "add"), (aten.sub.Te
                 (aten.lt.Tensor, "lt"), (aten.lt.Scalar, "lt"), (aten.le.Tensor, "le"), (aten.le.Scalar, "le"),
                 (aten.gt.Tensor, "gt"), (aten.gt.Scalar, "gt"), (aten.ge.Tensor, "ge"), (aten.ge.Scalar, "ge"),
                 (aten.logical_and.default, "logical_and"), (aten.logical_or.default, "logical_or")]:
-    HANDLERS[_t] = _binary(_op)
+    HANDLERS.register(target_name(_t), _binary(_op))
 
 
 @handles(aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.__or__.Tensor, aten.bitwise_or.Tensor)
@@ -131,7 +139,7 @@ _UNARY = {aten.relu.default: "relu", aten.silu.default: "silu", aten.tanh.defaul
           aten.sin.default: "sin", aten.cos.default: "cos", aten.floor.default: "floor",
           aten.round.default: "round", aten.sign.default: "sign"}
 for _t, _op in _UNARY.items():
-    HANDLERS[_t] = (lambda op_name: lambda cv, node, args, kwargs: cv.op(op_name, args[0]))(_op)
+    HANDLERS.register(target_name(_t), (lambda op_name: lambda cv, node, args, kwargs: cv.op(op_name, args[0]))(_op))
 
 
 @handles(aten.gelu.default)
@@ -270,7 +278,7 @@ def _reduce(ir_op):
 
 for _t, _op in [(aten.mean.dim, "mean"), (aten.mean.default, "mean"), (aten.sum.dim_IntList, "sum"),
                 (aten.sum.default, "sum"), (aten.amax.default, "amax")]:
-    HANDLERS[_t] = _reduce(_op)
+    HANDLERS.register(target_name(_t), _reduce(_op))
 
 
 @handles(aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default,

@@ -12,16 +12,12 @@ import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
-from graphopt.frontends import FrontendError
-from graphopt.frontends.aten_ops import DROPPED, HANDLERS, IDENTITY, Unsupported
+from graphopt.frontends import ExportError, FrontendError, Unsupported
+from graphopt.frontends.aten_ops import DROPPED, HANDLERS, IDENTITY, target_name
 from graphopt.frontends.symbols import SymbolTable
 from graphopt.ir import Graph, OpError, TensorType, Value
 from graphopt.ir.ops.opaque import TensorArg
 from graphopt.ir.types import DTYPE_NAMES
-
-
-class ExportError(Exception):
-    """torch.export could not capture the model."""
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
@@ -300,7 +296,7 @@ class _Converter:
         if node.target in IDENTITY:
             self.env[node] = args[0]
             return
-        handler = HANDLERS.get(node.target)
+        handler = HANDLERS.find(target_name(node.target))
         with self.graph.checkpoint() as mark:
             if handler is not None:
                 try:

@@ -566,3 +566,7 @@ class OpBuilder:
             raise AttributeError(name)
         get_op(name)
         return lambda *inputs, **attrs: self._graph.call(name, *inputs, **attrs)
+
+    def add_constant(self, tensor, name: str | None = None) -> Value:
+        """A constant of the graph (for rewrites that build weights, tables or packed operands)."""
+        return self._graph.add_constant(tensor, name)

@@ -100,6 +100,19 @@ class Pattern:
             return set()
         return ops(self.root)
 
+    def ops(self) -> set[str]:
+        """Every op the pattern names, at any depth."""
+        found: set[str] = set()
+
+        def walk(p):
+            if isinstance(p, PNode):
+                found.add(p.op)
+            for child in (p.inputs if isinstance(p, PNode) else p.alternatives if isinstance(p, PEither)
+                          else [p.node] if isinstance(p, POptional) else []):
+                walk(child)
+        walk(self.root)
+        return found
+
     def size(self) -> int:
         seen: set[int] = set()
 

@@ -6,16 +6,18 @@
 
 ``check(ctx, **variables)`` returns True/None to accept, or ``ctx.fail("why")``. ``rewrite(op,
 **variables)`` builds the replacement with the graph's op builder (inserted before the matched
-root) and returns the value that replaces the root's output. A match whose inner values are also
+root) and returns the value that replaces the root's output; a rewrite that declares a ``nodes``
+parameter also gets the matched nodes, root first (to read their attributes). A match whose inner values are also
 used outside the match is refused: rewriting it would cut them.
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from graphopt.ir.graph import Graph, Node
+from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.pattern import Binding, Pattern, Progress, match, variables_of
 
 
@@ -51,6 +53,7 @@ class Rule:
 
     def __post_init__(self):
         self.pattern = Pattern.from_function(self.pattern_fn)
+        self._wants_nodes = "nodes" in inspect.signature(self.rewrite_fn).parameters
         doc = (self.rewrite_fn.__doc__ or self.pattern_fn.__doc__ or "").strip()
         self.doc = doc.splitlines()[0] if doc else ""
 
@@ -82,10 +85,13 @@ class Rule:
                 return f"check failed: {getattr(verdict, 'reason', 'returned False')}"
         return None
 
-    def apply_at(self, graph: Graph, node: Node, binding: Binding) -> None:
+    def apply_at(self, graph: Graph, node: Node, binding: Binding) -> Value:
         root_value = next(v for v in node.outputs if any(n is node for n in binding.matched_nodes))
+        variables = variables_of(self.pattern, binding)
+        if self._wants_nodes:
+            variables["nodes"] = binding.matched_nodes
         with graph.inserting_before(node):
-            replacement = self.rewrite_fn(graph.op, **variables_of(self.pattern, binding))
+            replacement = self.rewrite_fn(graph.op, **variables)
         graph.replace_all_uses_with(root_value, replacement)
         pending = [n for n in binding.matched_nodes if n.graph is graph]
         outputs = {id(v) for v in graph.outputs}
@@ -96,6 +102,7 @@ class Rule:
             for n in dead:
                 graph.erase_node(n)
             pending = [n for n in pending if n.graph is graph]
+        return replacement
 
 
 _RULES: dict[str, Rule] = {}
@@ -110,7 +117,9 @@ class RuleSet:
         for rule in self.rules:
             _RULES.setdefault(rule.name, rule)
 
-    def apply(self, graph: Graph, max_sweeps: int = 8) -> dict[str, int]:
+    def apply(self, graph: Graph, max_sweeps: int = 8,
+              on_fire: Callable[[Rule, list[Node], Value], None] | None = None) -> dict[str, int]:
+        """Counts of firings per rule; ``on_fire(rule, matched nodes, replacement)`` hears each one."""
         counts = {rule.name: 0 for rule in self.rules}
         for _ in range(max_sweeps):
             fired = 0
@@ -124,7 +133,10 @@ class RuleSet:
                             continue  # erased by an earlier rewrite in this sweep
                         binding = rule.try_node(graph, node, Progress())
                         if binding is not None:
-                            rule.apply_at(graph, node, binding)
+                            matched = binding.matched_nodes
+                            replacement = rule.apply_at(graph, node, binding)
+                            if on_fire is not None:
+                                on_fire(rule, matched, replacement)
                             counts[rule.name] += 1
                             fired += 1
             if not fired:
@@ -164,3 +176,18 @@ def why_not(graph: Graph, rule: Rule | str) -> str:
     return (f"rule {rule.name}: did not match. Best partial match rooted at {best_node.label()} "
             f"matched {max(best.matched, 0)} node(s) of the pattern ({total} pattern values); "
             f"it failed{where}: {best.reason}")
+
+
+def why_not_at(graph: Graph, node: Node, rules: Sequence[Rule]) -> str | None:
+    """Why no rule rooted at ``node``'s op fires there (the deepest partial match's reason), or None
+    when one would. Rules later in the list win ties: they are the more general ones."""
+    best = None
+    for rule in rules:
+        if node.op not in rule.pattern.root_ops():
+            continue
+        progress = Progress()
+        if rule.try_node(graph, node, progress) is not None:
+            return None
+        if best is None or progress.matched >= best[0]:
+            best = (progress.matched, f"{rule.name}: {progress.reason}")
+    return best[1] if best else None

@@ -184,13 +184,18 @@ def test_standalone_requant_and_patch_conv(isa):
 
 
 # ---- whole models ---------------------------------------------------------------------------------
+def _left_on_reference(report) -> set[str]:
+    """The ops of the report's reference entries ("%12 (int.quantize): why")."""
+    return {e.nodes.split("(", 1)[1].split(")", 1)[0] for e in report if e.kernel == "reference"}
+
+
 def test_tiny_vit_identical_to_reference_and_onnxruntime(tiny_vit_case, isa):
     case = tiny_vit_case
     g = _gen(5)
     calib = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(3)]
     om = graphopt.optimize(case.model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib,
                            backend="cpu_integer", backend_options={"threads": 2})
-    assert [r for r in om.executable.report if r[0] == "reference"] == []
+    assert _left_on_reference(om.executable.report) == {"int.quantize", "int.dequantize"}
     x = torch.randn(5, 3, 32, 32, generator=g)
     from graphopt.backends.registry import lower
     got = om.executable.run_flat(x)[0]
@@ -239,7 +244,7 @@ def test_bert_with_padding_mask_identical_to_reference():
     om = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib,
                            backend="cpu_integer", backend_options={"threads": 2})
     assert any(op == "cpu.int_bmm" for op, _ in om.executable.report)
-    assert [r for r in om.executable.report if r[0] == "reference"] == []
+    assert _left_on_reference(om.executable.report) <= {"int.quantize", "int.dequantize"}
     _, kw = batch(5)
     from graphopt.backends.registry import lower
     assert torch.equal(om(**kw).last_hidden_state, lower(om.graph, "torch")(**kw).last_hidden_state)

@@ -126,7 +126,7 @@ def test_low_rank_then_fuse_on_an_onnx_imported_mlp_with_erf_gelu():
     """The legacy exporter writes GELU as Div/Erf/Add/Mul/Mul and Linear as MatMul + Add."""
     pytest.importorskip("onnx")
     import io
-    from graphopt.frontends.onnx_frontend import from_onnx
+    from graphopt.frontends import from_onnx
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
     buf = io.BytesIO()

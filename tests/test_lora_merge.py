@@ -69,7 +69,7 @@ def test_merge_torch_frontend_equals_unmerged_and_removes_adapters():
 
 
 def test_merge_onnx_frontend_equals_unmerged():
-    from graphopt.frontends.onnx_frontend import from_onnx
+    from graphopt.frontends import from_onnx
     torch.manual_seed(1)
     model = Model().eval()
     x = torch.randn(3, 5, 16)

@@ -14,7 +14,7 @@ from graphopt.backends.onnxruntime_backend import (OnnxRuntimeExecutable, create
                                                    model_bytes, register_lowering, to_onnx, write_model)
 from graphopt.backends import LoweringError
 from graphopt.backends.torch_backend import run
-from graphopt.frontends.onnx_frontend import from_onnx
+from graphopt.frontends import from_onnx
 from graphopt.ir import Graph, TensorType, register_op, same_as_input
 from graphopt.ir.types import symbol
 

@@ -19,7 +19,7 @@ import torch
 
 from graphopt.backends.onnxruntime_backend import to_onnx
 from graphopt.backends.torch_backend import run
-from graphopt.frontends.onnx_frontend import OnnxLoadError, from_onnx
+from graphopt.frontends.onnx import OnnxLoadError, from_onnx
 from graphopt.ir import OpError
 
 # clean refusals: what the IR does not hold (element types, non-tensor values), a rank no shape

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.backends.onnxruntime_backend import model_bytes, to_onnx
 from graphopt.backends.torch_backend import run
-from graphopt.frontends.onnx_frontend import MAX_OPSET, OnnxLoadError, from_onnx, load_model
+from graphopt.frontends.onnx import MAX_OPSET, OnnxLoadError, from_onnx, load_model
 from graphopt.ir import verify
 from graphopt.ir.types import symbol
 

@@ -11,7 +11,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.backends.torch_backend import run
-from graphopt.frontends.onnx_frontend import OnnxLoadError, _ort_is_scalar, from_onnx
+from graphopt.frontends.onnx import OnnxLoadError, from_onnx
+from graphopt.frontends.onnx.opaque import _ort_is_scalar
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.frontends.onnx_frontend import from_onnx
+from graphopt.frontends import from_onnx
 from graphopt.passes.integer_only import float_ops
 from graphopt.passes.manager import PassError
 

@@ -14,7 +14,7 @@ import torch
 
 import graphopt
 from graphopt.cli import main
-from graphopt.frontends.onnx_frontend import from_onnx
+from graphopt.frontends import from_onnx
 
 pytestmark = pytest.mark.slow
 

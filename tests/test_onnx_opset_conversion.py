@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.backends.torch_backend import run
-from graphopt.frontends.onnx_frontend import CONVERT_TO_OPSET, OnnxLoadError, OpsetConverted, from_onnx
+from graphopt.frontends.onnx import CONVERT_TO_OPSET, OnnxLoadError, OpsetConverted, from_onnx
 
 F = TensorProto.FLOAT
 

@@ -66,7 +66,7 @@ def test_torch_export_graphs(fixture, request):
 # exports take minutes on 2 cores, so the ONNX path is checked on the other models.
 @pytest.mark.parametrize("fixture", ["tiny_vit_case", "clip_case", "digits_case"] + TEXT)
 def test_onnx_exported_graphs(fixture, request, tmp_path):
-    from graphopt.frontends.onnx_frontend import from_onnx
+    from graphopt.frontends import from_onnx
     case = request.getfixturevalue(fixture)
     program = torch.onnx.export(case.model, tuple(case.args), kwargs=dict(case.kwargs), dynamo=True, verbose=False)
     path = tmp_path / "model.onnx"
@@ -112,7 +112,7 @@ def test_llava_exported_to_onnx(llava_case, tmp_path):
     from onnxscript import BOOL, INT64
     from onnxscript import opset18 as op
 
-    from graphopt.frontends.onnx_frontend import from_onnx
+    from graphopt.frontends import from_onnx
 
     def is_all_true(x: BOOL) -> BOOL:
         return op.Cast(op.ReduceMin(op.Cast(x, to=INT64.dtype), keepdims=0), to=BOOL.dtype)

@@ -196,7 +196,7 @@ def _export(cls, folder, dynamo):
 
 
 def test_layer_patterns_match_module_paths_of_a_dynamo_export(tmp_path):
-    from graphopt.frontends.onnx_frontend import from_onnx
+    from graphopt.frontends import from_onnx
     from graphopt.passes.low_rank_layers import find_layers
 
     path = _export(Stack, tmp_path, dynamo=True)

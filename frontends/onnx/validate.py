@@ -1,69 +1,35 @@
-"""Reading an ONNX file safely: bounded reads, and checks that run before anything hands the model to
-C++ (onnx shape inference, ONNX Runtime) or allocates what the file declares.
+"""Checks that an ONNX model is well formed, run before anything hands it to C++ (onnx shape
+inference, ONNX Runtime) or allocates what the file declares.
 
-A hostile or broken file must end in one ``OnnxLoadError`` line that names the tensor, value or
-node, never in an abort inside onnx, an unbounded read, or memory sized by a number in the file:
+A hostile or broken model must end in one ``OnnxLoadError`` line that names the tensor, value or
+node, never in an abort inside onnx or memory sized by a number in the file:
 
-* only regular files are read (a FIFO would block, ``/dev/zero`` never ends), up to protobuf's 2 GB;
 * every tensor's data matches its dims and element type (raw, typed or external), with no
   ``segment`` field, no NUL byte in an external location, and an element count that fits in int64;
 * dims are non-negative and ranks at most ``MAX_RANK``; a 1-D shape operand (``Reshape``'s shape,
   ``ConstantOfShape``'s input, ...) cannot declare more entries than a tensor can have dims;
 * every string the frontend reads (op types, names, domains) is valid UTF-8;
-* sparse initializers become dense ones (ONNX Runtime runs them; the IR holds dense constants).
+* the ai.onnx opset is one graphopt reads (``MIN_OPSET`` to ``MAX_OPSET``; older ones are converted,
+  see ``opset``), every value is defined once and before it is read, and the graph has no cycle.
 """
 from __future__ import annotations
 
+import heapq
 import math
-import os
-import stat
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
-from graphopt.frontends import FrontendError
+from graphopt.frontends import OnnxLoadError
 
-MAX_FILE_BYTES = 2 ** 31 - 1  # protobuf cannot parse a larger message
 MAX_RANK = 64                 # torch, numpy and ONNX Runtime hold at most this many dims
 MAX_ELEMENTS = 2 ** 62        # element counts must fit in int64 with room for byte sizes
+MIN_OPSET = 13
+MAX_OPSET = onnx.defs.onnx_opset_version()
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-class OnnxLoadError(FrontendError):
-    """The file is not a usable ONNX model; the message is one line naming the problem."""
-
-
-# ---- reading ---------------------------------------------------------------------------------
-def read_model_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
-    """The file's bytes: a regular file only, and never more than ``limit`` of them."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise OnnxLoadError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise OnnxLoadError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise OnnxLoadError(f"{path}: is a directory, not an ONNX file")
-    if not stat.S_ISREG(info.st_mode):
-        raise OnnxLoadError(f"{path}: is not a regular file (a device, pipe or socket); give the path of an "
-                            ".onnx file")
-    if info.st_size > limit:
-        raise OnnxLoadError(f"{path}: is {info.st_size} bytes, more than the {limit} an ONNX protobuf can hold")
-    try:
-        # O_NONBLOCK: should the path become a FIFO after the stat, opening it does not wait for a writer
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise OnnxLoadError(f"{path}: is not a regular file")
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise OnnxLoadError(f"{path}: cannot read: {e.strerror or e}") from None
-    if len(data) > limit:
-        raise OnnxLoadError(f"{path}: is more than {limit} bytes, more than an ONNX protobuf can hold")
-    return data
-
-
-# ---- validation ------------------------------------------------------------------------------
+# ---- tensors, types and strings ------------------------------------------------------------
 _ITEM_BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16,
               TensorProto.INT16: 16, TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8,
               TensorProto.FLOAT16: 16, TensorProto.DOUBLE: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64,
@@ -116,18 +82,18 @@ def validate_model(model: onnx.ModelProto, where: str = "model") -> None:
             _check_sparse(sparse, f"{where}: sparse initializer '{sparse.values.name}'")
             declared[sparse.values.name] = list(sparse.dims)
         for i, node in enumerate(graph.node):
-            label = _node_label(node, i, label)
+            node_where = node_label(node, i, label)
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR or attr.HasField("t"):
-                    _check_tensor(attr.t, f"{where}: attribute '{attr.name}' of {label}")
+                    _check_tensor(attr.t, f"{where}: attribute '{attr.name}' of {node_where}")
                 for t in attr.tensors:
-                    _check_tensor(t, f"{where}: attribute '{attr.name}' of {label}")
+                    _check_tensor(t, f"{where}: attribute '{attr.name}' of {node_where}")
                 if attr.HasField("sparse_tensor"):
-                    _check_sparse(attr.sparse_tensor, f"{where}: attribute '{attr.name}' of {label}")
+                    _check_sparse(attr.sparse_tensor, f"{where}: attribute '{attr.name}' of {node_where}")
                 for s in attr.sparse_tensors:
-                    _check_sparse(s, f"{where}: attribute '{attr.name}' of {label}")
+                    _check_sparse(s, f"{where}: attribute '{attr.name}' of {node_where}")
                 if attr.HasField("tp"):
-                    _check_type(attr.tp, f"{where}: attribute '{attr.name}' of {label}")
+                    _check_type(attr.tp, f"{where}: attribute '{attr.name}' of {node_where}")
     for i, node in enumerate(model.graph.node):
         rule = _SHAPE_OPERANDS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
@@ -136,7 +102,7 @@ def validate_model(model: onnx.ModelProto, where: str = "model") -> None:
         for p in positions:
             dims = declared.get(node.input[p]) if p < len(node.input) and node.input[p] else None
             if dims is not None and len(dims) == 1 and dims[0] is not None and dims[0] > limit:
-                raise OnnxLoadError(f"{where}: {_node_label(node, i, 'graph')} reads '{node.input[p]}' as a list of "
+                raise OnnxLoadError(f"{where}: {node_label(node, i)} reads '{node.input[p]}' as a list of "
                                     f"{dims[0]} dims or axes; a tensor has at most {MAX_RANK} dims")
 
 
@@ -149,15 +115,9 @@ def _graphs(graph: onnx.GraphProto, label: str):
         for i, node in enumerate(g.node):
             for attr in node.attribute:
                 if attr.HasField("g"):
-                    pending.append((attr.g, f"body '{attr.name}' of {_node_label(node, i, where)}"))
+                    pending.append((attr.g, f"body '{attr.name}' of {node_label(node, i, where)}"))
                 for k, sub in enumerate(attr.graphs):
-                    pending.append((sub, f"body '{attr.name}'[{k}] of {_node_label(node, i, where)}"))
-
-
-def _node_label(node: onnx.NodeProto, index: int, graph_label: str) -> str:
-    name = f"node '{node.name}'" if node.name else f"node #{index}"
-    inside = "" if graph_label == "graph" else f" in {graph_label}"
-    return f"{name} ({node.op_type}){inside}"
+                    pending.append((sub, f"body '{attr.name}'[{k}] of {node_label(node, i, where)}"))
 
 
 def _check_strings(message, where: str) -> None:
@@ -266,52 +226,130 @@ def onnx_type_name(elem_type: int) -> str:
         return f"element type {elem_type}"
 
 
-# ---- sparse initializers ---------------------------------------------------------------------
-def densify(sparse: onnx.SparseTensorProto, label: str) -> TensorProto:
-    """A sparse initializer as the dense initializer it stands for (indices checked)."""
-    values = onnx.numpy_helper.to_array(sparse.values).reshape(-1)
-    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
-    shape = tuple(int(d) for d in sparse.dims)
-    numel = math.prod(shape)
-    if indices.ndim == 2:
-        if indices.size and ((indices < 0).any() or (indices >= np.array(shape)).any()):
-            raise OnnxLoadError(f"{label}: an index is outside the dims {list(shape)}")
-        flat = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices.reshape(-1)
-    else:
-        flat = indices.reshape(-1)
-        if flat.size and (flat.min() < 0 or flat.max() >= numel):
-            raise OnnxLoadError(f"{label}: an index is outside the {numel} elements of dims {list(shape)}")
-    if len(np.unique(flat)) != len(flat):
-        raise OnnxLoadError(f"{label}: an index appears twice")
-    dense = np.zeros(numel, dtype=values.dtype)
-    dense[flat] = values
-    return onnx.numpy_helper.from_array(dense.reshape(shape), sparse.values.name)
+# ---- graph structure ----------------------------------------------------------------------
+def opsets_of(model: onnx.ModelProto) -> dict[str, int]:
+    return {("" if imp.domain in DEFAULT_DOMAINS else imp.domain): int(imp.version) for imp in model.opset_import}
 
 
-def densify_sparse_initializers(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
-    """The model with its top-level sparse initializers as dense ones (a copy when there are any)."""
+def check_model_structure(model: onnx.ModelProto, where: str = "model") -> None:
+    """Well-formed tensors, types and strings (``validate_model``), opset range, single
+    definitions, no reads of undefined values, no cycles."""
+    validate_model(model, where)
+    opsets = opsets_of(model)
+    uses_default = any((n.domain or "") in DEFAULT_DOMAINS for n in model.graph.node)
+    if "" not in opsets and uses_default:
+        raise OnnxLoadError(f"{where}: the model imports no ai.onnx opset but uses ai.onnx ops")
+    version = opsets.get("")
+    if version is not None and not 1 <= version <= MAX_OPSET:  # below MIN_OPSET: converted by from_onnx
+        raise OnnxLoadError(f"{where}: ai.onnx opset {version} is not supported (graphopt reads opsets "
+                            f"{MIN_OPSET} to {MAX_OPSET}, and converts older ones); this onnx {onnx.__version__} "
+                            f"knows opsets up to {MAX_OPSET}")
     graph = model.graph
-    if not len(graph.sparse_initializer):
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    dense = [densify(s, f"{where}: sparse initializer '{s.values.name}'") for s in out.graph.sparse_initializer]
-    del out.graph.sparse_initializer[:]
-    out.graph.initializer.extend(dense)
-    return out
+    defined: dict[str, str] = {}
+    for vi in graph.input:
+        defined.setdefault(vi.name, "graph input")
+    for init in graph.initializer:
+        defined[init.name] = "initializer"
+    for sparse in graph.sparse_initializer:
+        defined[sparse.values.name] = "initializer"
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if not out:
+                continue
+            if out in producer or defined.get(out) == "initializer":
+                raise OnnxLoadError(f"{where}: value '{out}' is defined twice ({node_label(node, i)} redefines it)")
+            producer[out] = i
+    for i, node in enumerate(graph.node):
+        for name in list(node.input) + sorted(subgraph_free_names(node)):
+            if name and name not in defined and name not in producer:
+                raise OnnxLoadError(f"{where}: {node_label(node, i)} reads '{name}', which no node, graph input or "
+                                    "initializer defines (missing initializer?)")
+    for out in graph.output:
+        if out.name not in defined and out.name not in producer:
+            raise OnnxLoadError(f"{where}: graph output '{out.name}' is not produced by any node")
+    topological_order(graph, where, producer)
 
 
-def diagnose(model: onnx.ModelProto) -> str | None:
-    """What onnx's own full checker (strict shape inference included) finds wrong with a model, or None.
-
-    Used after the conversion failed unexpectedly: a model the checker refuses is malformed input."""
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # onnx's ValidationError, InferenceError and friends
-        text = " ".join(str(e).split())
-        return text[:400] or type(e).__name__
-    return None
+def node_label(node: onnx.NodeProto, index: int, graph_label: str = "graph") -> str:
+    """``node 'name' (Op)`` or ``node #3 (domain::Op) in body 'then_branch' of ...``: what errors name."""
+    op = f"{node.domain}::{node.op_type}" if node.domain and node.domain not in DEFAULT_DOMAINS else node.op_type
+    name = f"node '{node.name}'" if node.name else f"node #{index}"
+    inside = "" if graph_label == "graph" else f" in {graph_label}"
+    return f"{name} ({op}){inside}"
 
 
-__all__ = ["MAX_FILE_BYTES", "MAX_RANK", "OnnxLoadError", "densify", "densify_sparse_initializers", "diagnose",
-           "read_model_bytes", "tensor_byte_size", "validate_model"]
+def subgraph_free_names(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read by the node's subgraphs (If/Loop/Scan bodies)."""
+    free: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            free |= _graph_free_names(g)
+    return free
+
+
+def _graph_free_names(graph: onnx.GraphProto) -> set[str]:
+    local = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    local |= {s.values.name for s in graph.sparse_initializer}
+    free: set[str] = set()
+    for node in graph.node:
+        for name in list(node.input) + sorted(subgraph_free_names(node)):
+            if name and name not in local:
+                free.add(name)
+        local.update(o for o in node.output if o)
+    free |= {o.name for o in graph.output if o.name not in local}
+    return free
+
+
+def topological_order(graph: onnx.GraphProto, where: str = "model", producer: dict[str, int] | None = None) -> list[int]:
+    """Node indices in an order where every value is defined before use (the file order when it is one)."""
+    if producer is None:
+        producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    deps: list[set[int]] = []
+    for i, node in enumerate(graph.node):
+        names = list(node.input) + sorted(subgraph_free_names(node))
+        deps.append({producer[n] for n in names if n in producer and producer[n] != i})
+    self_loops = [i for i, node in enumerate(graph.node) if any(producer.get(n) == i for n in node.input if n)]
+    if self_loops:
+        i = self_loops[0]
+        raise OnnxLoadError(f"{where}: the graph has a cycle: {node_label(graph.node[i], i)} reads its own output")
+    users: list[list[int]] = [[] for _ in graph.node]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    pending = [len(ds) for ds in deps]
+    ready = [i for i, n in enumerate(pending) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(graph.node):
+        stuck = [i for i in range(len(graph.node)) if pending[i] > 0]
+        cycle = _find_cycle(stuck, deps)
+        path = " -> ".join(node_label(graph.node[i], i) for i in cycle)
+        raise OnnxLoadError(f"{where}: the graph has a cycle: {path}")
+    return order
+
+
+def _find_cycle(stuck: list[int], deps: list[set[int]]) -> list[int]:
+    stuck_set = set(stuck)
+    node = stuck[0]
+    seen: dict[int, int] = {}
+    path: list[int] = []
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = min(d for d in deps[node] if d in stuck_set)
+    cycle = path[seen[node]:]
+    return list(reversed(cycle[:4])) + ([cycle[-1]] if len(cycle) > 4 else [])
+
+
+__all__ = ["DEFAULT_DOMAINS", "MAX_OPSET", "MAX_RANK", "MIN_OPSET", "check_model_structure", "node_label",
+           "onnx_type_name", "opsets_of", "subgraph_free_names", "tensor_byte_size", "topological_order",
+           "validate_model"]

@@ -1,0 +1,356 @@
+"""``cpu_integer``'s fusions: chains of ``int.*`` ops become one fused kernel op (``cpu_integer_ops``).
+
+Each is a rewrite rule (pattern / check that fails with a reason / rewrite), registered on the
+kernel layer in priority order, longest chains first, so ``why_not`` says why a chain stayed unfused:
+
+    int.requant(int.shiftgelu(int.requant(int.linear(x, w[, b]), m, c)), m2, c2) -> cpu.int_gemm(kind=table | table_requant)
+    int.requant(int.linear(x, w[, b]), m, c)                                   -> cpu.int_gemm(kind=requant)
+    int.add(int.linear(x, w[, b]), res, ma, mb, c)  (either operand order)     -> cpu.int_gemm(kind=add)
+    int.linear(x, w[, b])                                                      -> cpu.int_gemm(kind=raw)
+    the same epilogues (not add) after int.conv2d with stride == kernel        -> im2col reshape + cpu.int_gemm
+    int.shiftmax(int.requant(int.matmul(a, bm), m, c)[, mask])                 -> cpu.int_bmm(kind=requant, + Shiftmax)
+    int.requant(int.matmul(a, bm), m, c) ; int.matmul(a, bm)                   -> cpu.int_bmm(kind=requant | raw)
+    int.requant(int.layernorm(x), m, c) ; int.layernorm(x)                     -> cpu.int_layernorm
+    int.shiftmax(x[, mask]) ; int.requant(x, m, c) ; int.add(a, b, ma, mb, c)  -> cpu.int_shiftmax / int_requant / int_add
+
+Epilogue constants must vary at most along the output's column axis (per-column vectors). The
+kernels read ``threads`` from their attribute, which the backend sets after fusing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import graphopt.backends.cpu_integer_ops  # noqa: F401  (registers the cpu.* ops)
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends.kernels import register_fusion
+from graphopt.ir import Node, Value
+from graphopt.ir.ops.integer import requant, shift_pow2, shiftgelu
+from graphopt.ir.pattern import either
+from graphopt.ir.rewrite import Rule
+
+TARGET = "cpu_integer"
+I32 = torch.int32
+MAX_TABLE = 1 << 20   # entries of a requant(shiftgelu(.)) table folded into a GEMM epilogue
+
+
+def _wrap_i32(t: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 modulo 2^32 (the int32 arithmetic every backend does)."""
+    return (((t.to(torch.int64) + 2 ** 31) % 2 ** 32) - 2 ** 31).to(I32)
+
+
+def _per_column(v: Value | None, n: int, axis: int = -1) -> torch.Tensor | None:
+    """A constant that varies at most along ``axis`` (of its broadcast), as an int32 vector of n."""
+    if v is None or not v.is_constant:
+        return None
+    t = v.const
+    if t.numel() == 1:
+        return t.reshape(1).to(I32).expand(n).contiguous()
+    if t.dim() < -axis or t.shape[axis] != n or t.numel() != n:
+        return None
+    return t.reshape(n).to(I32).contiguous()
+
+
+def _requant_attrs(node: Node) -> dict:
+    a = node.attrs
+    return {"pre": a["pre"], "k": a["k"], "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}
+
+
+def _pow2_table(X: int, n: int) -> torch.Tensor:
+    return shift_pow2(torch.arange(0, n * X + 1, dtype=I32), X, n).to(I32).contiguous()
+
+
+@dataclass
+class Epilogue:
+    """What a GEMM finishes in its epilogue: kernel attributes and per-column constants / residual."""
+    attrs: dict = field(default_factory=lambda: {"kind": "raw", "out": "i32"})
+    m: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    res: Value | None = None
+    mb: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    c2: torch.Tensor | None = None
+
+
+def epilogue(chain: list[Node], n: int, axis: int, tables: bool) -> Epilogue | str:
+    """The epilogue of ``chain`` (the producer, then the matched ops after it, in order), or why it
+    cannot be one. ``tables=False`` skips building the Shiftgelu table (a check only needs to know
+    that it can be built)."""
+    produced, chain = chain[0].output, chain[1:]
+    ops = tuple(node.op for node in chain)
+    if not ops:
+        return Epilogue()
+    first = chain[0]
+    if ops[0] == "int.add":
+        mine = 0 if first.inputs[0] is produced else 1
+        other = first.inputs[1 - mine]
+        ma, mb, c = _per_column(first.inputs[2 + mine], n), _per_column(first.inputs[3 - mine], n), \
+            _per_column(first.inputs[4], n)
+        if axis != -1:
+            return "the residual add is fused only after a linear layer"
+        if other.type.shape != first.inputs[mine].type.shape:
+            return f"{first.label()}: the residual operand is broadcast"
+        if None in (ma, mb, c):
+            return f"{first.label()}: ma, mb and c are not constants along the last axis"
+        a = first.attrs
+        return Epilogue({"kind": "add", "pre": a["pb" if mine else "pa"], "pb": a["pa" if mine else "pb"], "k": a["k"],
+                         "lo": a["lo"], "hi": a["hi"], "zp": a["zero_point"], "out": a["dtype"]}, ma, c, res=other, mb=mb)
+    m, c = _per_column(first.inputs[1], n, axis), _per_column(first.inputs[2], n, axis)
+    if m is None or c is None:
+        return f"{first.label()}: m and c are not constants along the output's column axis"
+    attrs = {"kind": "requant", **_requant_attrs(first)}
+    if ops == ("int.requant",):
+        return Epilogue(attrs, m, c)
+    _, gelu, second = chain
+    if first.attrs["hi"] - first.attrs["lo"] >= MAX_TABLE:
+        return f"{first.label()}: its range has {first.attrs['hi'] - first.attrs['lo'] + 1} values, too many for a table"
+    m2, c2 = _per_column(second.inputs[1], n, axis), _per_column(second.inputs[2], n, axis)
+    if m2 is None or c2 is None:
+        return f"{second.label()}: m and c are not constants along the output's column axis"
+    per_tensor = second.inputs[1].const.numel() == 1 and second.inputs[2].const.numel() == 1
+    table = _gelu_table(first, gelu, second if per_tensor else None) if tables else None
+    if per_tensor:
+        return Epilogue(dict(attrs, kind="table", out=second.attrs["dtype"]), m, c, table)
+    b = _requant_attrs(second)
+    attrs.update(kind="table_requant", out=b.pop("out"), **{k + "2": v for k, v in b.items()})
+    return Epilogue(attrs, m, c, table, m2=m2, c2=c2)
+
+
+def _gelu_table(first: Node, gelu: Node, second: Node | None) -> torch.Tensor:
+    """shiftgelu(y + zp1) for every y in [lo1, hi1] of the first requant, then the second requant if given."""
+    a, g = first.attrs, gelu.attrs
+    domain = torch.arange(a["lo"], a["hi"] + 1, dtype=I32) + a["zero_point"]
+    table = shiftgelu(domain, X=g["X"], n=g["n"], bits=g["bits"], in_bits=g["in_bits"])
+    if second is not None:
+        table = requant(table, second.inputs[1].const, second.inputs[2].const, **second.attrs)
+    return table.to(I32).contiguous()
+
+
+def _optional(op, name: str, *inputs):
+    """``name(*inputs)`` with or without its last (optional) input."""
+    return either(op(name, *inputs[:-1]), op(name, *inputs))
+
+
+# ---- GEMMs: int.linear and patch int.conv2d, with their epilogues ------------------------------------
+def _patch_conv_problem(conv: Node) -> str | None:
+    o, cin, kh, kw = conv.inputs[1].type.shape
+    _, _, h, wd = conv.inputs[0].type.shape
+    if tuple(conv.attrs["stride"]) != (kh, kw) or not (isinstance(h, int) and isinstance(wd, int)) or h % kh or wd % kw:
+        return f"{conv.label()}: only non-overlapping patch convolutions (stride == kernel, static size) are fused"
+    return None
+
+
+def _gemm_check(axis: int):
+    def check(ctx, x, w, b=None, **_):
+        chain = ctx.nodes[::-1]
+        source = chain[0]
+        if not w.is_constant:
+            return ctx.fail(f"{source.label()}: the weight is not a constant")
+        if b is not None and not b.is_constant:
+            return ctx.fail(f"{source.label()}: the bias is not a constant")
+        problem = _patch_conv_problem(source) if source.op == "int.conv2d" else None
+        spec = problem or epilogue(chain, w.type.shape[0], axis, tables=False)
+        return ctx.fail(spec) if isinstance(spec, str) else True
+    return check
+
+
+def _gemm_rewrite(axis: int):
+    def rewrite(op, nodes, x, w, b=None, **_):
+        chain = nodes[::-1]
+        source = chain[0]
+        weight = w.const.reshape(w.type.shape[0], -1)
+        n, k = weight.shape
+        cols = x
+        if source.op == "int.conv2d":
+            bsz, cin, h, wd = x.type.shape
+            kh, kw = w.type.shape[2:]
+            cols = op.reshape(x, shape=(bsz, cin, h // kh, kh, wd // kw, kw))
+            cols = op.permute(cols, dims=(0, 2, 4, 1, 3, 5))
+            cols = op.reshape(cols, shape=(bsz, (h // kh) * (wd // kw), cin * kh * kw))
+        ep = epilogue(chain, n, axis, tables=True)
+        flip = x.type.dtype == torch.int8
+        a_zp = source.attrs["x_zp"] + (128 if flip else 0)
+        k_padded = -(-k // 4) * 4
+        packed, colsum = kernels.pack_b(F.pad(weight, (0, k_padded - k)))
+        bias = (b.const.to(torch.int64) if b is not None else 0) - a_zp * colsum.to(torch.int64)
+        const = lambda t, name: None if t is None else op.add_constant(t, name)  # noqa: E731
+        y = op("cpu.int_gemm", cols, const(packed, "packed"), const(_wrap_i32(bias.expand(n)).contiguous(), "bias"),
+               const(ep.m, "m"), const(ep.c, "c"), const(ep.table, "table"), ep.res, const(ep.mb, "mb"),
+               const(ep.m2, "m2"), const(ep.c2, "c2"), **dict(ep.attrs, n=n, k_padded=k_padded, flip=flip))
+        if source.op == "int.conv2d":
+            bsz, _, h, wd = x.type.shape
+            kh, kw = w.type.shape[2:]
+            y = op.reshape(op.permute(y, dims=(0, 2, 1)), shape=(bsz, n, h // kh, wd // kw))
+        return y
+    return rewrite
+
+
+def _gemm_rules(prefix: str, source_op: str, axis: int, with_add: bool) -> list[Rule]:
+    def source(op, x, w, b):
+        return _optional(op, source_op, x, w, b)
+
+    def gelu_table(op, x, w, b, m, c, m2, c2):
+        return op("int.requant", op("int.shiftgelu", op("int.requant", source(op, x, w, b), m, c)), m2, c2)
+
+    def requant_(op, x, w, b, m, c):
+        return op("int.requant", source(op, x, w, b), m, c)
+
+    def residual_add(op, x, w, b, res, ma, mb, c):
+        y = source(op, x, w, b)
+        return either(op("int.add", y, res, ma, mb, c), op("int.add", res, y, mb, ma, c))
+
+    def raw(op, x, w, b):
+        return source(op, x, w, b)
+
+    check, rewrite = _gemm_check(axis), _gemm_rewrite(axis)
+    patterns = [("gelu_table", gelu_table), ("requant", requant_)] + ([("add", residual_add)] if with_add else [])
+    return [Rule(f"{prefix}_{name}", pattern, rewrite, check) for name, pattern in patterns + [("raw", raw)]]
+
+
+# ---- attention matmuls: int.matmul [-> int.requant [-> int.shiftmax]] -----------------------------------
+def _bmm_check(ctx, a, bm, m=None, c=None, **_):
+    chain = ctx.nodes[::-1]
+    node = chain[0]
+    zb = node.attrs["b_zp"]
+    if a.type.rank not in (3, 4) or bm.type.rank != a.type.rank or a.type.shape[:-2] != bm.type.shape[:-2]:
+        return ctx.fail(f"{node.label()}: only 3-D/4-D matmuls with equal batch dims are fused")
+    if bm.type.dtype == torch.uint8 and zb != 128 or bm.type.dtype == torch.int8 and zb != 0:
+        return ctx.fail(f"{node.label()}: the right operand ({bm.type}, zero point {zb}) is not an int8 range")
+    n = bm.type.shape[-1]
+    if not isinstance(n, int):
+        return ctx.fail(f"{node.label()}: the output width is symbolic")
+    spec = epilogue(chain[:2], n, -1, tables=False)
+    return ctx.fail(spec) if isinstance(spec, str) else True
+
+
+def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
+    chain = nodes[::-1]
+    node, n = chain[0], bm.type.shape[-1]
+    ep = epilogue(chain[:2], n, -1, tables=True)
+    flip_a = a.type.dtype == torch.int8
+    extra, pow2 = {}, None
+    if chain[-1].op == "int.shiftmax":
+        s = chain[-1].attrs
+        pow2 = op.add_constant(_pow2_table(s["X"], s["n"]), "pow2")
+        extra = {"X": s["X"], "n_pow": s["n"], "bits": s["bits"]}
+    consts = [None if t is None else op.add_constant(t, name) for name, t in (("m", ep.m), ("c", ep.c))]
+    return op("cpu.int_bmm", a, bm, op.add_constant(torch.zeros(n, dtype=I32), "bias"), *consts, pow2, mask,
+              a_zp=node.attrs["a_zp"] + (128 if flip_a else 0), flip_a=flip_a, flip_b=bm.type.dtype == torch.uint8,
+              **ep.attrs, **extra)
+
+
+def _bmm_softmax(op, a, bm, m, c, mask):
+    scores = op("int.requant", op("int.matmul", a, bm), m, c)
+    return _optional(op, "int.shiftmax", scores, mask)
+
+
+def _bmm_requant(op, a, bm, m, c):
+    return op("int.requant", op("int.matmul", a, bm), m, c)
+
+
+def _bmm_raw(op, a, bm):
+    return op("int.matmul", a, bm)
+
+
+# ---- LayerNorm [-> requant], and the single ops -------------------------------------------------------------
+def _layernorm_check(ctx, x, m=None, c=None):
+    chain = ctx.nodes[::-1]
+    n = x.type.shape[-1]
+    if not isinstance(n, int):
+        return ctx.fail(f"{chain[0].label()}: the normalized width is symbolic")
+    spec = epilogue(chain, n, -1, tables=False)
+    return ctx.fail(spec) if isinstance(spec, str) else True
+
+
+def _layernorm_rewrite(op, nodes, x, m=None, c=None):
+    chain = nodes[::-1]
+    attrs = {k: chain[0].attrs[k] for k in ("C", "sh", "F", "iters")}
+    ep = epilogue(chain, x.type.shape[-1], -1, tables=True)
+    consts = [op.add_constant(ep.m, "m"), op.add_constant(ep.c, "c")] if len(chain) > 1 else []
+    return op("cpu.int_layernorm", x, *consts, **attrs, **(ep.attrs if consts else {}))
+
+
+def _layernorm_requant(op, x, m, c):
+    return op("int.requant", op("int.layernorm", x), m, c)
+
+
+def _layernorm(op, x):
+    return op("int.layernorm", x)
+
+
+def _shiftmax_check(ctx, x, mask=None):
+    return ctx.fail("Shiftmax over more than 4 dims") if x.type.rank > 4 else True
+
+
+def _shiftmax_rewrite(op, nodes, x, mask=None):
+    s = nodes[0].attrs
+    return op("cpu.int_shiftmax", x, op.add_constant(_pow2_table(s["X"], s["n"]), "pow2"), mask,
+              X=s["X"], n_pow=s["n"], bits=s["bits"])
+
+
+def _shiftmax(op, x, mask):
+    return _optional(op, "int.shiftmax", x, mask)
+
+
+def _last_axis(x: Value) -> int | None:
+    n = x.type.shape[-1] if x.type.rank else None
+    return n if isinstance(n, int) else None
+
+
+def _requant_check(ctx, x, m, c):
+    n = _last_axis(x)
+    if n is None:
+        return ctx.fail("the last axis is symbolic or missing")
+    if _per_column(m, n) is None or _per_column(c, n) is None:
+        return ctx.fail("m and c are not constants along the last axis")
+    return True
+
+
+def _requant_rewrite(op, nodes, x, m, c):
+    n = _last_axis(x)
+    return op("cpu.int_requant", x, op.add_constant(_per_column(m, n), "m"), op.add_constant(_per_column(c, n), "c"),
+              kind="requant", **_requant_attrs(nodes[0]))
+
+
+def _requant(op, x, m, c):
+    return op("int.requant", x, m, c)
+
+
+def _add_check(ctx, a, b, ma, mb, c):
+    out = ctx.nodes[0].output
+    n = _last_axis(out)
+    if n is None or a.type.shape != out.type.shape:
+        return ctx.fail("the first operand is broadcast or the last axis is symbolic")
+    if None in (_per_column(ma, n), _per_column(mb, n), _per_column(c, n)):
+        return ctx.fail("ma, mb and c are not constants along the last axis")
+    return True
+
+
+def _add_rewrite(op, nodes, a, b, ma, mb, c):
+    at, n = nodes[0].attrs, _last_axis(nodes[0].output)
+    consts = [op.add_constant(_per_column(v, n), name) for name, v in (("ma", ma), ("mb", mb), ("c", c))]
+    return op("cpu.int_add", a, b, *consts, kind="add", pre=at["pa"], pb=at["pb"], k=at["k"], lo=at["lo"], hi=at["hi"],
+              zp=at["zero_point"], out=at["dtype"])
+
+
+def _add(op, a, b, ma, mb, c):
+    return op("int.add", a, b, ma, mb, c)
+
+
+RULES = [
+    *_gemm_rules("gemm", "int.linear", -1, with_add=True),
+    *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
+    Rule("bmm_requant_shiftmax", _bmm_softmax, _bmm_rewrite, _bmm_check),
+    Rule("bmm_requant", _bmm_requant, _bmm_rewrite, _bmm_check),
+    Rule("bmm_raw", _bmm_raw, _bmm_rewrite, _bmm_check),
+    Rule("layernorm_requant", _layernorm_requant, _layernorm_rewrite, _layernorm_check),
+    Rule("layernorm", _layernorm, _layernorm_rewrite, _layernorm_check),
+    Rule("shiftmax", _shiftmax, _shiftmax_rewrite, _shiftmax_check),
+    Rule("requant", _requant, _requant_rewrite, _requant_check),
+    Rule("residual_add", _add, _add_rewrite, _add_check),
+]
+for _rule in RULES:
+    register_fusion(TARGET, _rule)
