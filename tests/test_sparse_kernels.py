@@ -126,3 +126,30 @@ def test_sparse_linear_cost_counts_stored_weights():
     packed = [g.add_constant(t) for t in to_csr(w)]
     g.set_outputs([g.op.sparse_linear(x, *packed, format="csr", out_features=8, in_features=16)])
     assert int(graph_cost(g).total.flops) == 2 * 10 * int((w != 0).sum())
+
+
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("sparsity,kernel", [(0.9, "cpu.int_spmm"), (0.3, "cpu.int_gemm")])
+def test_cpu_integer_runs_block_sparse_int8_gemms_on_the_spmm_kernel(x_dtype, sparsity, kernel):
+    """int.linear -> int.requant with a mostly-zero 1x4-block weight becomes cpu.int_spmm (bit-identical to
+    the reference ops); a denser weight stays on the dense GEMM and the report says why."""
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    from graphopt.backends.torch_backend import run
+
+    g = torch.Generator().manual_seed(3)
+    k, n = 30, 40
+    graph = Graph("int")
+    x = graph.add_input("x", TensorType(x_dtype, (3, 11, k)))
+    w = graph.add_constant(_pruned(n, k, sparsity, True, torch.int8, seed=3))
+    b = graph.add_constant(torch.randint(-5000, 5000, (n,), generator=g, dtype=torch.int32))
+    y = graph.call("int.linear", x, w, b, x_zp=128 if x_dtype == torch.uint8 else 0)
+    m = graph.add_constant(torch.randint(1, 511, (n,), generator=g, dtype=torch.int32))
+    c = graph.add_constant(torch.randint(-99, 99, (n,), generator=g, dtype=torch.int32))
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=12, lo=-128, hi=127, zero_point=128, dtype="u8"),
+                       graph.call("int.linear", x, w, b, x_zp=128 if x_dtype == torch.uint8 else 0)])
+    lowered, report = lower_to_kernels(graph, threads=2)
+    assert lowered.op_counts().get(kernel) == 2 and not [op for op in lowered.op_counts() if op.startswith("int.")]
+    info = torch.iinfo(x_dtype)
+    inp = torch.randint(info.min, info.max + 1, (3, 11, k), generator=g, dtype=x_dtype)
+    for want, got in zip(run(graph, inp), run(lowered, inp)):
+        assert want.dtype == got.dtype and torch.equal(want, got)
