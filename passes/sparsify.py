@@ -18,6 +18,7 @@ ranks. The report ends with the output cosine against the dense model on the cal
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -52,10 +53,11 @@ def sparsify(graph, ctx, *,
                                                    "heads, structured (both)"),
              sparsity: float = option(0.5, "fraction removed: of each layer's weights (uniform), of the selected "
                                            "weights (allocation=sensitivity), or of the units (structured)"),
-             layers: list[str] = option(None, "layer name globs (or 're:REGEX') to prune; default all"),
+             layers: list[str] = option(None, "layer name globs (or 're:REGEX') to prune; structured: group globs "
+                                              "(blocks.3.heads) or the next layer's name; default all"),
              exclude: list[str] = option(None, "layer name globs to leave alone"),
-             roles: list[str] = option(None, "structure roles to prune: attention, qkv, q, k, v, out, mlp, fc1, fc2, "
-                                             "gate, other"),
+             roles: list[str] = option(None, "structure roles to prune (weight patterns): attention, qkv, q, k, v, "
+                                             "out, mlp, fc1, fc2, gate, other"),
              allocation: Literal["uniform", "sensitivity"] = option("uniform", "same sparsity everywhere, or the "
                                                                                 "budget spread by sensitivity"),
              candidates: list[float] = option(None, "sparsities tried per layer (or unit fractions per block) by "
@@ -104,7 +106,7 @@ def sparsify(graph, ctx, *,
 
     if structured:
         _structured(graph, ctx, STRUCTURED[pattern], criterion, sparsity, allocation, cands, batches,
-                    sensitivity_batches, reform, ridge)
+                    sensitivity_batches, reform, ridge, list(layers or []), list(exclude or []))
     else:
         _weights(graph, ctx, criterion, pattern, nm, sparsity, layers, exclude, roles, allocation, cands, batches,
                  sensitivity_batches, damp, dict(substitute=substitute, format=format, target=target, rows=rows,
@@ -252,11 +254,12 @@ def _rows_per_batch(probe: Probe | None, batches, layers: list[Layer], tokens: i
 
 # ---- structured pruning -------------------------------------------------------------------------------
 def _structured(graph: Graph, ctx, kinds: set[str], criterion, sparsity, allocation, cands, batches,
-                sensitivity_batches, reform, ridge) -> None:
+                sensitivity_batches, reform, ridge, patterns: list[str], exclude: list[str]) -> None:
     try:
         groups, skipped = find_groups(graph, kinds)
     except ValueError as e:
         raise PassConfigError(f"pass 'sparsify': {e}") from None
+    groups = _select_groups(groups, patterns, exclude)
     for why in skipped:
         ctx.note(f"skipped {why}")
     if not groups:
@@ -284,6 +287,24 @@ def _structured(graph: Graph, ctx, kinds: set[str], criterion, sparsity, allocat
         ctx.count(f"{g.kind}_removed", g.units - len(keep))
     ctx.note(f"structured: kept {after}/{before} units; the GEMMs are smaller dense GEMMs on every backend")
     graph.meta["sparsify_units_kept"] = after / max(before, 1)
+
+
+def _select_groups(groups, patterns: list[str], exclude: list[str]):
+    """Groups by glob on their name (``blocks.3.heads``) or their sink layer's name; a pattern matching
+    nothing is an error listing the groups."""
+    def hits(pattern, g):
+        sink = g.sink.nodes[0].meta.get("module", g.sink.weight.name)
+        return fnmatch.fnmatchcase(g.name, pattern) or fnmatch.fnmatchcase(str(sink), pattern)
+
+    for p in patterns + exclude:
+        if not any(hits(p, g) for g in groups):
+            raise PassConfigError(f"pass 'sparsify': pattern {p!r} matches no prunable group; the groups are: "
+                                  + ", ".join(g.name for g in groups))
+    chosen = [g for g in groups if (not patterns or any(hits(p, g) for p in patterns))
+              and not any(hits(p, g) for p in exclude)]
+    if not chosen:
+        raise PassConfigError("pass 'sparsify': the layer selection leaves no group to prune")
+    return chosen
 
 
 def _sink_grams(graph: Graph, groups, batches) -> dict[str, torch.Tensor]:

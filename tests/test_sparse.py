@@ -238,3 +238,12 @@ def test_measured_times_come_from_the_target_timer_and_are_cached(tmp_path):
     assert {n.attrs["out_features"] for n in out.find_nodes("sparse_linear")} == {64}
     again, record = PassManager([("sparsify", options)], calibration=batches).run(graph)
     assert len(calls) == 2 and "cached" in record["sparsify"].details["layers"]["encoder.layer.0.output.dense"]["why"]
+
+
+def test_structured_groups_are_selected_by_name():
+    _, graph, batches = tiny_bert(seed=6)
+    out, record = run_sparsify(graph, batches, criterion="magnitude", pattern="structured", sparsity=0.5,
+                               layers=["blocks.1.*"], exclude=["blocks.1.heads"], reform=False)
+    assert set(record.details["groups"]) == {"blocks.1.neurons"}
+    with pytest.raises((PassError, PassConfigError), match="blocks.0.heads"):
+        run_sparsify(graph, batches, pattern="heads", layers=["blocks.9.*"], reform=False, criterion="magnitude")
