@@ -126,6 +126,13 @@ def minilm(args) -> dict:
             out["weights"].append(row)
             print(f"minilm {criterion:9s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f}",
                   flush=True)
+    g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
+                                      "exclude": ["*pooler*"], "substitute": "never"})], calibration=calib).run(graph)
+    row = {"criterion": "wanda", "pattern": "unstructured", "sparsity": 0.5, "allocation": "sensitivity",
+           "cosine": cosine(g)}
+    out["weights"].append(row)
+    print(f"minilm wanda     unstructured 50% allocated by sensitivity: embedding cosine {row['cosine']:.4f}",
+          flush=True)
     for fraction in (0.25, 0.5):
         for reform in (False, True):
             g, _ = PassManager([("sparsify", {"criterion": "wanda", "pattern": "neurons", "sparsity": fraction,
