@@ -213,11 +213,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "sparse.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
     for part in args.only.split(","):
-        results[part] = {"kernel": kernel, "minilm": minilm, "digits": digits, "deit": deit}[part](args)
-        results[part]["machine_note"] = ("measured on a shared machine (other jobs running): times are noise, "
-                                         "re-run on a quiet machine")
+        result = {"kernel": kernel, "minilm": minilm, "digits": digits, "deit": deit}[part](args)
+        result["machine_note"] = ("measured on a shared machine (other jobs running): times are noise, "
+                                  "re-run on a quiet machine")
+        results = json.loads(path.read_text()) if path.exists() else {}   # parts may run in separate processes
+        results[part] = result
         path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
 
