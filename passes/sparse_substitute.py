@@ -76,7 +76,8 @@ class TimingSource:
     def times(self, layer: str, weight: torch.Tensor, fmt: str, rows: int) -> tuple[float | None, float | None, str]:
         """(dense ms, sparse ms, where they came from)."""
         if layer in self.injected:
-            d, s = self.injected[layer]
+            given = self.injected[layer]
+            d, s = given.split("/") if isinstance(given, str) else given
             return float(d), float(s), "given"
         if self.timer is None:
             return None, None, "none"

@@ -74,7 +74,8 @@ def sparsify(graph, ctx, *,
              rows: int = option(0, "input rows the decision is measured at (0: a calibration batch's)"),
              threads: int = option(0, "threads of the measurement (0: torch's current setting)"),
              margin: float = option(0.1, "sparse must beat dense by this fraction of the dense time"),
-             timings: dict = option(None, "measured {layer: [dense_ms, sparse_ms]} to decide with (no measuring)"),
+             timings: dict = option(None, "measured {layer: [dense_ms, sparse_ms]} to decide with, no measuring "
+                                            "(in a pass string: {layer:dense/sparse})"),
              timing_cache: str = option("", "JSON cache of measurements ('' : ~/.cache/graphopt/"
                                             "sparse_timings.json, 'none': no cache)"),
              ):

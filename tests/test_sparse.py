@@ -167,7 +167,7 @@ def test_substitution_uses_the_given_timings_and_keeps_the_outputs():
     _, graph, batches = tiny_bert(seed=3)
     pruned, _ = run_sparsify(graph, batches, criterion="magnitude", sparsity=0.8, roles=["mlp"], substitute="never")
     names = [f"encoder.layer.{i}.{p}" for i in range(2) for p in ("intermediate.dense", "output.dense")]
-    timings = {names[0]: [2.0, 1.0], names[1]: [1.0, 4.0], names[2]: [3.0, 1.0], names[3]: [1.0, 0.95]}
+    timings = {names[0]: [2.0, 1.0], names[1]: [1.0, 4.0], names[2]: [3.0, 1.0], names[3]: "1.0/0.95"}
     out, record = run_sparsify(graph, batches, criterion="magnitude", sparsity=0.8, roles=["mlp"], timings=timings)
     layers = record.details["layers"]
     assert [layers[n]["decision"] for n in names] == ["sparse", "dense", "sparse", "dense"]
