@@ -101,6 +101,13 @@ class Graph:
         self._created: list[Node] = []  # nodes created while a checkpoint is open
         self._checkpoints: list[Checkpoint] = []
 
+    @classmethod
+    def parse(cls, text: str, constants: dict[str, torch.Tensor] | None = None) -> "Graph":
+        """The graph written in the printer's text form (``str(graph)``); constants printed by name
+        take their tensors from ``constants``. See ``graphopt.ir.parser``."""
+        from graphopt.ir.parser import parse_graph
+        return parse_graph(text, constants)
+
     # ---- names ---------------------------------------------------------------------------
     def fresh_name(self, base: str | None = None) -> str:
         if base is not None and base not in self._names:
@@ -462,23 +469,19 @@ class Graph:
     def _link(self, node: Node, before: Node | None) -> None:
         if node.graph is not None:
             raise GraphError(f"{node.label()} already belongs to a graph")
+        if before is not None and before.graph is not self:
+            raise GraphError(f"insertion point {before.label()} is not in this graph")
         node.graph = self
-        if before is None:
-            node.prev, node.next = self._tail, None
-            if self._tail is not None:
-                self._tail.next = node
-            else:
-                self._head = node
-            self._tail = node
+        prev = self._tail if before is None else before.prev
+        node.prev, node.next = prev, before
+        if prev is not None:
+            prev.next = node
         else:
-            if before.graph is not self:
-                raise GraphError(f"insertion point {before.label()} is not in this graph")
-            node.prev, node.next = before.prev, before
-            if before.prev is not None:
-                before.prev.next = node
-            else:
-                self._head = node
+            self._head = node
+        if before is not None:
             before.prev = node
+        else:
+            self._tail = node
         self._count += 1
 
     def _unlink(self, node: Node) -> None:

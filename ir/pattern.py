@@ -47,19 +47,15 @@ class PEither(PValue):
     alternatives: list
 
 
-@dataclass(eq=False)
-class POptional(PValue):
-    node: PNode
-
-
 def either(*alternatives) -> PEither:
     return PEither(list(alternatives))
 
 
-def optional(node: PNode) -> POptional:
+def optional(node: PNode) -> PEither:
+    """The node, or (skipping it) its first input."""
     if not isinstance(node, PNode) or not node.inputs:
         raise TypeError("optional() takes an op application with at least one input, e.g. optional(op.cast(x))")
-    return POptional(node)
+    return PEither([node, node.inputs[0]])
 
 
 class PatternBuilder:
@@ -95,36 +91,28 @@ class Pattern:
                 return {p.op}
             if isinstance(p, PEither):
                 return set().union(*(ops(a) for a in p.alternatives))
-            if isinstance(p, POptional):
-                return ops(p.node)
             return set()
         return ops(self.root)
 
-    def ops(self) -> set[str]:
-        """Every op the pattern names, at any depth."""
-        found: set[str] = set()
-
-        def walk(p):
-            if isinstance(p, PNode):
-                found.add(p.op)
-            for child in (p.inputs if isinstance(p, PNode) else p.alternatives if isinstance(p, PEither)
-                          else [p.node] if isinstance(p, POptional) else []):
-                walk(child)
-        walk(self.root)
-        return found
-
-    def size(self) -> int:
-        seen: set[int] = set()
+    def values(self) -> list[PValue]:
+        """Every distinct pattern value (nodes, variables, alternatives), each once."""
+        seen: dict[int, PValue] = {}
 
         def walk(p):
             if id(p) in seen:
                 return
-            seen.add(id(p))
-            for child in (p.inputs if isinstance(p, PNode) else p.alternatives if isinstance(p, PEither)
-                          else [p.node] if isinstance(p, POptional) else []):
+            seen[id(p)] = p
+            for child in (p.inputs if isinstance(p, PNode) else p.alternatives if isinstance(p, PEither) else []):
                 walk(child)
         walk(self.root)
-        return sum(1 for _ in seen)
+        return list(seen.values())
+
+    def ops(self) -> set[str]:
+        """Every op the pattern names, at any depth."""
+        return {p.op for p in self.values() if isinstance(p, PNode)}
+
+    def size(self) -> int:
+        return len(self.values())
 
 
 @dataclass
@@ -175,10 +163,6 @@ def match(pattern: PValue, value: Value, binding: Binding, progress: Progress, s
     if isinstance(pattern, PEither):
         for alternative in pattern.alternatives:
             yield from match(alternative, value, binding, progress, site)
-        return
-    if isinstance(pattern, POptional):
-        yield from match(pattern.node, value, binding, progress, site)
-        yield from match(pattern.node.inputs[0], value, binding, progress, site)
         return
     assert isinstance(pattern, PNode)
     node = value.producer

@@ -6,24 +6,16 @@ import torch.nn.functional as F
 
 from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.rules import broadcast, compare, float_result, same_as_input
-from graphopt.ir.types import TensorType
 
 BINARY = ["a", "b"]
 
 
-@register_op("add", inputs=BINARY, infer=broadcast, tags=["elementwise", "commutative"])
-def add(a, b):
-    return torch.add(a, b)
-
-
-@register_op("sub", inputs=BINARY, infer=broadcast, tags=["elementwise"])
-def sub(a, b):
-    return torch.sub(a, b)
-
-
-@register_op("mul", inputs=BINARY, infer=broadcast, tags=["elementwise", "commutative"])
-def mul(a, b):
-    return torch.mul(a, b)
+# name -> (reference, commutative): the broadcasting arithmetic ops
+_ARITHMETIC = {"add": (torch.add, True), "sub": (torch.sub, False), "mul": (torch.mul, True),
+               "pow": (torch.pow, False), "maximum": (torch.maximum, True), "minimum": (torch.minimum, True)}
+for _name, (_fn, _commutative) in _ARITHMETIC.items():
+    register_op(_name, inputs=BINARY, infer=broadcast,
+                tags=["elementwise", "commutative"] if _commutative else ["elementwise"])(_fn)
 
 
 def _div_type(a, b, *, rounding_mode):
@@ -35,21 +27,6 @@ def _div_type(a, b, *, rounding_mode):
              infer=_div_type, tags=["elementwise"])
 def div(a, b, *, rounding_mode):
     return torch.div(a, b, rounding_mode=None if rounding_mode == "none" else rounding_mode)
-
-
-@register_op("pow", inputs=BINARY, infer=broadcast, tags=["elementwise"])
-def pow_(a, b):
-    return torch.pow(a, b)
-
-
-@register_op("maximum", inputs=BINARY, infer=broadcast, tags=["elementwise", "commutative"])
-def maximum(a, b):
-    return torch.maximum(a, b)
-
-
-@register_op("minimum", inputs=BINARY, infer=broadcast, tags=["elementwise", "commutative"])
-def minimum(a, b):
-    return torch.minimum(a, b)
 
 
 def _where_type(cond, a, b):
