@@ -134,12 +134,18 @@ def test_structured_removal_equals_the_model_with_those_units_zeroed():
 
 def test_reformation_lowers_the_calibration_error():
     _, graph, batches = tiny_bert(seed=1)
+    batches = batches + [(torch.randint(0, 60, (2, 10)), torch.ones(2, 10, dtype=torch.long)) for _ in range(10)]
     dense = [list(reference_run(graph, *b)) for b in batches]
     errors = {}
     for reform in (False, True):
-        out, _ = run_sparsify(graph, batches, criterion="wanda", pattern="neurons", sparsity=0.5, reform=reform)
+        out, record = run_sparsify(graph, batches, criterion="wanda", pattern="neurons", sparsity=0.5, reform=reform)
+        assert all(g["reformed"] == reform for g in record.details["groups"].values())
         errors[reform] = row_error(dense, [list(reference_run(out, *b)) for b in batches])
     assert errors[True] < 0.7 * errors[False]
+    # too few calibration rows for the kept columns: reformation is skipped, not overfitted
+    _, record = run_sparsify(graph, batches[:3], criterion="wanda", pattern="neurons", sparsity=0.5)
+    assert not any(g["reformed"] for g in record.details["groups"].values())
+    assert any("would overfit" in n for n in record.notes)
 
 
 def test_sensitivity_allocation_meets_the_budget_with_uneven_layers():
