@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import graphopt
 from graphopt.pipeline import OptimizedModel
 from graphopt.progress import showing, task
+from graphopt.timing import interleaved
 
 PIPELINE = ["token_merge:r=8", "integer_only"]
 TOKEN_MERGE_RS = (0, 8, 16)
@@ -130,17 +130,9 @@ def run(case, out: Path, *, batch: int = 64, rounds: int = 10, threads: int = 2,
 
 
 def medians(fns: dict, rounds: int) -> dict[str, float]:
-    """Milliseconds per call: each round calls every variant in turn (an untimed call first, so the
-    previous variant's threads settle), and the median over rounds is kept, so load drift hits all alike."""
-    times = {k: [] for k in fns}
+    """Milliseconds per call, timed with graphopt.timing's policy (round-robin in one process)."""
     with torch.inference_mode():
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                fn()
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        return {k: 1e3 * t.median for k, t in interleaved(fns, rounds).items()}
 
 
 def _curve(case, graph, xb, rounds, variants: dict) -> list[tuple[float, float, str]]:

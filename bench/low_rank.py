@@ -18,7 +18,6 @@ import base64
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from graphopt import zoo  # noqa: E402
 from graphopt.backends.torch_backend import run  # noqa: E402
 from graphopt.passes import PassManager  # noqa: E402
 from graphopt.pipeline import calibration_batches  # noqa: E402
+from graphopt.timing import interleaved  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5]
@@ -227,15 +227,10 @@ def speed(args) -> dict:
                 hidden = got["last_hidden_state"] if isinstance(got, dict) else got[0]
                 if "dense" in k:
                     torch.testing.assert_close(hidden, ref, atol=1e-3, rtol=1e-3)
-            times = {k: [] for k in variants}
-            for backend in ("torch", "onnxruntime"):  # one backend at a time: the other's idle threads
-                order = [(k, v) for k, v in variants.items() if k.startswith(backend)]  # must not spin meanwhile
-                for rep in range(args.reps + 1):
-                    for k, v in (order if rep % 2 == 0 else order[::-1]):  # interleaved, alternating order
-                        start = time.perf_counter()
-                        v(**inputs)
-                        if rep:  # the first round warms up after the other backend's block
-                            times[k].append(time.perf_counter() - start)
+            times = {}
+            for backend in ("torch", "onnxruntime"):  # one backend at a time: the other's threads must not spin
+                group = {k: (lambda v=v: v(**inputs)) for k, v in variants.items() if k.startswith(backend)}
+                times.update({k: t.times for k, t in interleaved(group, args.reps).items()})
         med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
         ratios = {name: statistics.median(d / f for d, f in zip(times[dense], times[fact]))
                   for name, (dense, fact) in SPEED_PAIRS.items()}

@@ -4,8 +4,8 @@ pipelines of ``bench/pipelines.py``, in one process, on the same inputs.
     python -m bench.run --model deit_small --batch 8            # from the repository root
     python bench/run.py --model minilm --batch 8 --seq 128 --runs 30
 
-Every runner is prepared first (export, quantization, graphopt passes), then timed in blocks (warm-up
-calls, then timed calls), half the runs in forward and half in reverse runner order, so drift in the
+Every runner is prepared first (export, quantization, graphopt passes), then timed with graphopt.timing
+(warm-up rounds, then rounds that visit every runner in turn, alternating the order), so drift in the
 load of a shared machine hits every runner alike.
 The table shows medians and ratios to the first baseline (torch eager); the JSON in bench/results/
 keeps every timing. Ratios from one run are comparable; absolute times on a busy machine are not.
@@ -17,16 +17,17 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from graphopt.timing import Timing, interleaved
 
 if __package__:  # python -m bench.run (or graphopt.bench.run)
     from .models import MODELS, primary_output
@@ -45,7 +46,7 @@ class Runner:
     kind: str  # "baseline" or "graphopt"
     call: object = None
     prepare_seconds: float = 0.0
-    times: list = field(default_factory=list)
+    timing: Timing | None = None
     output: object = None
     skipped: str | None = None
     note: str = ""
@@ -97,17 +98,9 @@ def main(argv=None) -> int:
         active = [r for r in runners if r.skipped is None]
         for r in active:  # the first call gives the output to compare
             r.output = _to_numpy(primary_output(r.call()))
-        # runners are timed in blocks (a runner's idle thread pools must not slow the next one down),
-        # in forward then reverse order, so drift in machine load hits every runner alike
-        first = (args.runs + 1) // 2
-        for order, count in ((active, first), (list(reversed(active)), args.runs - first)):
-            for r in order:
-                for _ in range(args.warmup):
-                    r.call()
-                for _ in range(count):
-                    start = time.perf_counter()
-                    r.call()
-                    r.times.append(time.perf_counter() - start)
+        timings = interleaved({r.name: r.call for r in active}, args.runs, args.warmup) if active else {}
+        for r in active:
+            r.timing = timings[r.name]
 
     result = _result(args, runners, call_args, call_kwargs)
     path = args.out or os.path.join(RESULTS, f"{args.model}-b{args.batch}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -266,18 +259,18 @@ def _result(args, runners, call_args, call_kwargs) -> dict:
     import onnx
     import onnxruntime
 
-    base = next((r for r in runners if r.times), None)
-    base_median = statistics.median(base.times) if base else None
+    base = next((r for r in runners if r.timing), None)
+    base_median = base.timing.median if base else None
     rows = []
     for r in runners:
         row = {"name": r.name, "kind": r.kind, "note": r.note, "prepare_seconds": round(r.prepare_seconds, 3),
                "skipped": r.skipped}
-        if r.times:
-            median = statistics.median(r.times)
-            qs = np.quantile(r.times, [0.1, 0.9])
+        if r.timing:
+            median = r.timing.median
             error, cosine = _compare(base.output if base else None, r.output)
-            row.update(median_ms=median * 1e3, p10_ms=float(qs[0]) * 1e3, p90_ms=float(qs[1]) * 1e3,
-                       mean_ms=statistics.fmean(r.times) * 1e3, times_ms=[t * 1e3 for t in r.times],
+            row.update(median_ms=median * 1e3, p10_ms=r.timing.p10 * 1e3, p90_ms=r.timing.p90 * 1e3,
+                       mean_ms=sum(r.timing.times) / len(r.timing.times) * 1e3,
+                       times_ms=[t * 1e3 for t in r.timing.times],
                        time_ratio=median / base_median, speedup=base_median / median,
                        max_abs_error_vs_baseline=error, cosine_vs_baseline=cosine)
         rows.append(row)

@@ -21,13 +21,13 @@ import base64
 import io
 import json
 import os
-import statistics
-import time
 
 import torch
 
 import graphopt
+from graphopt import zoo
 from graphopt.ir.cost import graph_cost
+from graphopt.timing import interleaved
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -35,52 +35,22 @@ RESULTS = os.path.join(HERE, "results")
 
 # ---- models ---------------------------------------------------------------------------------
 def deit_s():
-    """DeiT-S/16 shape (HF ViTForImageClassification, random weights) from graphopt.zoo."""
-    from graphopt import zoo
-    return zoo.deit_small().model.eval()
+    """DeiT-S/16 shape (HF ViTForImageClassification, random weights)."""
+    return zoo.deit_small().model
 
 
-def llava(vision_layers=2, text_layers=4, hidden=256, image=64, patch=8, seed=0):
-    """A LLaVA-style model (CLIP vision tower + projector + Llama) from transformers configs, random weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    torch.manual_seed(seed)
-    vc = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=vision_layers,
-                          num_attention_heads=4, image_size=image, patch_size=patch)
-    tc = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
-                     num_attention_heads=4, num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=999, vision_feature_layer=-2)
-    return LlavaForConditionalGeneration(cfg).eval()
-
-
-def llava_inputs(model, batch=1, text=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    vc = model.config.vision_config
-    n_img = (vc.image_size // vc.patch_size) ** 2
-    ids = torch.randint(0, 998, (batch, text + n_img), generator=g)
-    ids[:, 4:4 + n_img] = model.config.image_token_index
-    px = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
-    return {"input_ids": ids, "pixel_values": px, "use_cache": False}
-
-
-def digits_vit():
-    """The zoo's digits-trained ViT with its data split (a ``graphopt.zoo.DigitsCase``; trained once, cached)."""
-    from graphopt import zoo
-    return zoo.digits_vit()
+def llava():
+    """The zoo's LLaVA-style model at the size of these figures: CLIP tower 2x128 (64px, patch 8: 64
+    visual tokens), Llama 4x256, 96 tokens per prompt (the image's among them), batch 1."""
+    return zoo.llava(96, batch=1, image=64, vision_hidden=128, text_hidden=256, text_layers=4, vocab=1000,
+                     vision_feature_layer=-2, max_positions=512)
 
 
 # ---- timing ---------------------------------------------------------------------------------
-def interleaved(fns: dict, reps: int, warmup: int = 3) -> dict:
-    times = {k: [] for k in fns}
+def medians(fns: dict, reps: int) -> dict:
+    """Median seconds per variant, timed with graphopt.timing's policy, without autograd."""
     with torch.no_grad():
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-        for _ in range(reps):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+        return {k: t.median for k, t in interleaved(fns, reps).items()}
 
 
 def flops(graph, **dims):
@@ -101,7 +71,7 @@ def bench_deit(reps, rs=(8, 13, 16, 18, 20, 24)):
     # one interleaved block per backend: ONNX Runtime's spinning workers would otherwise slow the torch call after them
     t = {}
     for be in ("torch", "onnxruntime"):
-        t.update(interleaved({k: f for k, f in fns.items() if k[0] == be}, reps))
+        t.update(medians({k: f for k, f in fns.items() if k[0] == be}, reps))
     base_flops = flops(oms["none"].graph, batch=8)
     rows = []
     for k, om in oms.items():
@@ -139,12 +109,12 @@ def tokens_at_run_time(graph, x) -> list[int]:
 def bench_digits(reps, case=None, batch=256):
     """Accuracy on the 450 test images and throughput at ``batch`` for each variant (the digits ViT
     has 65 tokens and 4 blocks, so r is clamped to 32, 16, 8, 4 at most in its blocks)."""
-    case = case if case is not None else digits_vit()
+    case = case if case is not None else zoo.digits_vit()
     xs, xb = case.test_images, case.test_images[:batch]
     oms = {k: graphopt.optimize(case.model, p, (xs[:8],)) for k, p in DIGITS_VARIANTS.items()}
     with torch.no_grad():
         base_logits = case.model(xs).logits
-    t = interleaved({k: (lambda om=om: om(xb)) for k, om in oms.items()}, reps)
+    t = medians({k: (lambda om=om: om(xb)) for k, om in oms.items()}, reps)
     rows = []
     for k, om in oms.items():
         counts = tokens_at_run_time(om.graph, xs[:2])
@@ -172,13 +142,13 @@ def bench_digits(reps, case=None, batch=256):
 
 
 def bench_vlm(reps):
-    model = llava()
-    inputs = llava_inputs(model)
+    case = llava()
+    model, inputs = case.model, case.kwargs
     kw = ((), inputs)
     variants = {"full": [], "connector keep=0.25": ["token_drop:keep=0.25"],
                 "fastv K=2 keep=0.25": ["token_drop:where=language,layer=2,keep=0.25"]}
     oms = {k: graphopt.optimize(model, p, kw, dynamic_batch=False) for k, p in variants.items()}
-    t = interleaved({k: (lambda om=om: om(**inputs)) for k, om in oms.items()}, reps)
+    t = medians({k: (lambda om=om: om(**inputs)) for k, om in oms.items()}, reps)
     base_flops = flops(oms["full"].graph)
     rows = []
     for k, om in oms.items():
@@ -194,7 +164,7 @@ def bench_compose(reps, case=None, batch=256, rs=(8, 16)):
     test accuracy, whether the run-time graph is integer-only, and speed against integer_only alone
     (torch and ONNX Runtime, interleaved)."""
     from graphopt.passes.integer_only import float_ops
-    case = case if case is not None else digits_vit()
+    case = case if case is not None else zoo.digits_vit()
     xs, xb = case.test_images, case.test_images[:batch]
     calib = [(case.train_images[i:i + 32],) for i in range(0, 64, 32)]
     variants = {"float": [], "integer_only": ["integer_only"]}
@@ -213,7 +183,7 @@ def bench_compose(reps, case=None, batch=256, rs=(8, 16)):
             raise AssertionError(f"{k}: ONNX Runtime and the torch reference differ on an integer graph")
     t = {}
     for be in ("torch", "onnxruntime"):
-        t.update(interleaved({k: f for k, f in fns.items() if k[0] == be}, reps))
+        t.update(medians({k: f for k, f in fns.items() if k[0] == be}, reps))
     rows = []
     for k, om in oms.items():
         g = om.graph
@@ -281,7 +251,7 @@ def main(argv=None):
 
     def digits_model():
         if not digits:
-            digits.append(digits_vit())
+            digits.append(zoo.digits_vit())
         return digits[0]
 
     for name in args.only.split(","):

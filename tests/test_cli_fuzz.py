@@ -1,11 +1,14 @@
 """A seeded mutator against opt-cli's contract: whatever the file, exit 0 or 2, one line and no
 traceback on stderr, no hang, bounded memory, the input untouched, and a written output that ONNX
 accepts. Mutations act on the protobuf structure (dims, types, data, attributes, names, edges) and
-on the raw bytes. Most cases call main() in-process; a sample runs in a child under RLIMIT_AS."""
+on the raw bytes. Most cases call main() in-process; a sample runs in a child under RLIMIT_AS, as do
+tiny files that declare huge work (a 30000x30000 input, a FIFO, /dev/zero)."""
 import json
+import os
 import random
 import resource
 import signal
+import stat
 import subprocess
 import sys
 
@@ -18,7 +21,7 @@ from graphopt.cli import main
 CASES = 300
 PER_CASE_SECONDS = 20
 MEMORY_LIMIT = int(4.5 * 2 ** 30)
-F = TensorProto.FLOAT
+F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
 def seed_models() -> list[onnx.ModelProto]:
@@ -218,19 +221,28 @@ def test_mutated_files_hold_the_exit_status_contract(tmp_path, capsys):
     assert grown_mb < 1024, f"peak memory grew by {grown_mb:.0f} MB while fuzzing"
 
 
+# ---- bounded memory: opt-cli in a child under RLIMIT_AS ------------------------------------------------
 _LIMITED = """
 import json, resource, sys
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from graphopt.cli import main
 codes = []
-for path in json.loads(sys.argv[2]):
+for argv in json.loads(sys.argv[2]):
     try:
-        codes.append(main([path, "-q", "-p", "constant_folding", "--check", "--runs", "1", "--warmup", "0"]))
+        codes.append(main(argv))
     except SystemExit as e:
         codes.append(e.code)
 print(json.dumps(codes))
 """
+
+
+def run_limited(runs: list[list[str]]) -> tuple[list[int], list[str]]:
+    """opt-cli once per argv in ``runs``, in one child limited to MEMORY_LIMIT: (exit codes, stderr lines)."""
+    done = subprocess.run([sys.executable, "-c", _LIMITED, str(MEMORY_LIMIT), json.dumps(runs)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr.strip().splitlines()
 
 
 def test_mutated_files_under_a_memory_limit_with_check(tmp_path):
@@ -240,12 +252,36 @@ def test_mutated_files_under_a_memory_limit_with_check(tmp_path):
         path = tmp_path / f"m{i}.onnx"
         path.write_bytes(data)
         paths.append(str(path))
-    done = subprocess.run([sys.executable, "-c", _LIMITED, str(MEMORY_LIMIT), json.dumps(paths)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    codes, errors = run_limited([[p, "-q", "-p", "constant_folding", "--check", "--runs", "1", "--warmup", "0"]
+                                 for p in paths])
     assert len(codes) == len(paths)
     # 1 is allowed here: --check may find ONNX Runtime itself crashing or refusing a model
     assert set(codes) <= {0, 1, 2}, codes
-    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr[-3000:]
-    assert len(done.stderr.strip().splitlines()) == sum(1 for c in codes if c != 0)
+    assert not any("Traceback" in e or "internal error" in e for e in errors), errors[-20:]
+    assert len(errors) == sum(1 for c in codes if c != 0)
+
+
+def test_tiny_files_with_huge_declarations_stay_within_a_memory_limit(tmp_path):
+    vi = helper.make_tensor_value_info
+    expand = model([helper.make_node("Expand", ["c", "s"], ["e"]), helper.make_node("Add", ["x", "e"], ["y"])],
+                   [vi("x", I64, [1])], [vi("y", I64, None)],
+                   [numpy_helper.from_array(np.array([1], np.int64), "c"),
+                    numpy_helper.from_array(np.array([30000, 30000], np.int64), "s")])
+    square = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", F, [30000, 30000])], [vi("y", F, None)])
+    (tmp_path / "expand.onnx").write_bytes(expand.SerializeToString())
+    (tmp_path / "square.onnx").write_bytes(square.SerializeToString())
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    runs = [[str(tmp_path / "expand.onnx"), "-q", "-p", "constant_folding", "-o", str(tmp_path / "e.onnx")],
+            [str(tmp_path / "square.onnx"), "-q", "-o", str(tmp_path / "s.onnx")],  # no --check: no random input
+            [str(tmp_path / "square.onnx"), "-q", "--check"],                      # refused by size, before allocating
+            ["/dev/zero", "-q"], [str(fifo), "-q"]]
+    codes, errors = run_limited(runs)
+    assert codes == [0, 0, 2, 2, 2], errors
+    assert "random inputs for --check / --verify-passes would take 3.6 GB (input 'x' is [30000, 30000])" in errors[0]
+    assert errors[1:] == ["opt-cli: error: /dev/zero: is not a regular file (a device, pipe or socket); give the path "
+                          "of an .onnx file",
+                          f"opt-cli: error: {fifo}: is not a regular file (a device, pipe or socket); give the path "
+                          "of an .onnx file"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node] == ["Expand", "Add"]  # not folded

@@ -1,12 +1,10 @@
 """opt-cli on hostile and unusual files (issue 13): never write over an input, write nothing when the
-command fails, one exit-2 line naming the tensor or node for malformed input, bounded time and
-memory for tiny files that declare huge work (run in a child under RLIMIT_AS), ONNX Runtime crashes
-contained, valid-but-unusual models (sparse initializers, broadcasting GELU constants) accepted."""
+command fails, one exit-2 line naming the file, tensor or node for malformed input, bounded time for
+files that declare huge work (bounded memory: tests/test_cli_fuzz.py), ONNX Runtime crashes contained,
+valid-but-unusual models (sparse initializers, broadcasting GELU constants) accepted."""
 import json
 import os
-import stat
-import subprocess
-import sys
+import re
 
 import numpy as np
 import onnx
@@ -18,7 +16,6 @@ from graphopt.cli import main
 from graphopt.passes import list_passes, register_pass
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
-MEMORY_LIMIT = int(4.5 * 2 ** 30)  # a small opt-cli run peaks at ~2.8 GB of address space (torch + onnxruntime)
 
 
 def model(nodes, inputs, outputs, initializers=(), opset=18):
@@ -136,12 +133,12 @@ def test_failing_check_exits_1_and_writes_nothing(tmp_path, capsys):
 
 
 def test_failing_report_writes_nothing(tmp_path, capsys, monkeypatch):
-    import graphopt.cli
+    import graphopt.cli.report
 
     def disk_full(path, summary):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(graphopt.cli, "_write_report", disk_full)
+    monkeypatch.setattr(graphopt.cli.report, "write_report", disk_full)
     path = tmp_path / "model.onnx"
     path.write_bytes(add_model(numpy_helper.from_array(np.ones(4, np.float32), "w")).SerializeToString())
     code, _, err = cli(capsys, path, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json", "-q")
@@ -150,7 +147,7 @@ def test_failing_report_writes_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_check_defaults_follow_the_passes_tolerances():
-    from graphopt.cli import check_limits
+    from graphopt.cli.check import check_limits
     from graphopt.passes import make_spec
 
     assert check_limits([make_spec("dce")], None, None) == (1e-4, 0.999, False)
@@ -163,7 +160,7 @@ def test_check_defaults_follow_the_passes_tolerances():
 def test_onnxruntime_crash_in_check_is_one_line(tmp_path, capsys):
     """ORT 1.32 segfaults on a valid LayerNormalization without its optional bias; opt-cli must survive it."""
     scale = numpy_helper.from_array(np.ones(4, np.float32), "scale")
-    m = model([helper.make_node("LayerNormalization", ["x", "scale", ""], ["y"], axis=-1, name="ln")],
+    m = model([helper.make_node("LayerNormalization", ["x", "scale", ""], ["y"], axis=-1)],
               [vi("x", F, [2, 4])], [vi("y", F, [2, 4])], [scale])
     path = tmp_path / "ln.onnx"
     path.write_bytes(m.SerializeToString())
@@ -177,8 +174,36 @@ def test_onnxruntime_crash_in_check_is_one_line(tmp_path, capsys):
 
 
 # ---- malformed files: exit 2, one line naming the tensor or node -----------------------------------
+def _layer_norm_model(opset=18):
+    ln = [numpy_helper.from_array(np.ones(4, np.float32), "scale"),
+          numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    return model([helper.make_node("LayerNormalization", ["x", "scale", "b"], ["y"], axis=-1)],
+                 [vi("x", F, [2, 4])], [vi("y", F, [2, 4])], ln, opset)
+
+
 def _malformed(kind, folder):
+    """The file's bytes (or a model to serialise); None for the kinds that are no file: a folder, a missing path."""
     x4, y4 = [vi("x", F, [4])], [vi("y", F, [4])]
+    if kind in ("directory", "missing-file"):
+        return None
+    if kind == "not-onnx":
+        return b"this is a text file, not a model\n" * 20
+    if kind == "empty":
+        return b""
+    if kind == "truncated":
+        data = _layer_norm_model().SerializeToString()
+        return data[: len(data) * 6 // 10]
+    if kind == "cyclic":
+        return model([helper.make_node("Add", ["x", "b"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["b"]),
+                      helper.make_node("Neg", ["a"], ["y"])], x4, y4)
+    if kind == "missing-initializer":
+        return model([helper.make_node("MatMul", ["x", "weight"], ["y"], name="mm")], x4, y4)
+    if kind in ("opset-7", "opset-future"):
+        return _layer_norm_model(opset=7 if kind == "opset-7" else 99)
+    if kind in ("external-parent", "external-absolute"):
+        (folder.parent / "secret.bin").write_bytes(b"\0" * 16)
+        location = "../secret.bin" if kind == "external-parent" else "/etc/passwd"
+        return add_model(external(numpy_helper.from_array(np.ones(4, np.float32), "w"), location, 16))
     if kind == "raw-data-size":
         w = numpy_helper.from_array(np.ones(4, np.float32), "w")
         w.raw_data = w.raw_data[:6]
@@ -222,6 +247,17 @@ def _malformed(kind, folder):
 
 
 MALFORMED = {
+    "not-onnx": "not an ONNX model",
+    "empty": "the file is empty",
+    "truncated": "truncated or corrupt",
+    "cyclic": "the graph has a cycle",
+    "missing-initializer": "reads 'weight', which no node, graph input or initializer defines",
+    "opset-7": "opset 7 is older than 13 and onnx.version_converter cannot convert node #0 (LayerNormalization)",
+    "opset-future": "opset 99 is not supported",
+    "external-parent": "outside the model's folder",
+    "external-absolute": "absolute path '/etc/passwd'",
+    "directory": "is a directory",
+    "missing-file": "no such file",
     "raw-data-size": "initializer 'w' has 6 bytes of raw data, its dims [4] and type float need 16",
     "typed-data-count": "initializer 'w' has 3 entries in float_data, its dims [4] need 4",
     "segment": "initializer 'w' uses the 'segment' field",
@@ -238,15 +274,29 @@ MALFORMED = {
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_malformed_file_exits_2_naming_the_tensor_or_node(kind, tmp_path, capsys):
-    data = _malformed(kind, tmp_path)
-    path = tmp_path / "bad.onnx"
-    path.write_bytes(data if isinstance(data, bytes) else data.SerializeToString())
-    before = snapshot(tmp_path)
-    code, stdout, err = cli(capsys, path, "-o", tmp_path / "out.onnx", "-p", "constant_folding", "-p", "dce")
+    """One error line (exit 2), only progress lines on stdout, nothing written, the folder byte-identical."""
+    folder = tmp_path / "models"  # external data may point at its parent: a file outside the model's folder
+    folder.mkdir()
+    path = folder / "bad.onnx"
+    data = _malformed(kind, folder)
+    if kind == "directory":
+        path.mkdir()
+    elif data is not None:
+        path.write_bytes(data if isinstance(data, bytes) else data.SerializeToString())
+    before = snapshot(folder)
+    code, stdout, err = cli(capsys, path, "-o", folder / "out.onnx", "-p", "constant_folding", "-p", "dce", "--check")
     assert code == 2, err
     assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err and "internal error" not in err
-    assert MALFORMED[kind] in err, err
-    assert snapshot(tmp_path) == before
+    assert err.startswith("opt-cli: error: ") and MALFORMED[kind] in err, err
+    assert all(re.fullmatch(r"opt-cli: .*(: done \(\d+\.\d s\)| \.\.\.)", line) for line in stdout.splitlines()), stdout
+    assert snapshot(folder) == before
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    path = tmp_path / "cyclic.onnx"
+    path.write_bytes(_malformed("cyclic", tmp_path).SerializeToString())
+    code, _, stderr = cli(capsys, path, "--debug")
+    assert code == 2 and "Traceback" in stderr and stderr.strip().splitlines()[-1].startswith("opt-cli: error:")
 
 
 # ---- valid but unusual models are accepted ----------------------------------------------------------
@@ -305,50 +355,6 @@ def test_constant_loop_is_not_folded(tmp_path, capsys):
     code, _, err = cli(capsys, path, "-o", out, "-p", "constant_folding", "-q")
     assert code == 0, err
     assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Loop", "Add"]
-
-
-# ---- bounded memory: tiny files that declare huge work, in a child under RLIMIT_AS -------------------
-_LIMITED = """
-import json, resource, sys
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from graphopt.cli import main
-codes = []
-for argv in json.loads(sys.argv[2]):
-    try:
-        codes.append(main(argv))
-    except SystemExit as e:
-        codes.append(e.code)
-print(json.dumps(codes))
-"""
-
-
-def test_tiny_files_with_huge_declarations_stay_within_a_memory_limit(tmp_path):
-    expand = model([helper.make_node("Expand", ["c", "s"], ["e"]), helper.make_node("Add", ["x", "e"], ["y"])],
-                   [vi("x", I64, [1])], [vi("y", I64, None)],
-                   [numpy_helper.from_array(np.array([1], np.int64), "c"),
-                    numpy_helper.from_array(np.array([30000, 30000], np.int64), "s")])
-    square = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", F, [30000, 30000])], [vi("y", F, None)])
-    (tmp_path / "expand.onnx").write_bytes(expand.SerializeToString())
-    (tmp_path / "square.onnx").write_bytes(square.SerializeToString())
-    fifo = tmp_path / "fifo.onnx"
-    os.mkfifo(fifo)
-    runs = [[str(tmp_path / "expand.onnx"), "-q", "-p", "constant_folding", "-o", str(tmp_path / "e.onnx")],
-            [str(tmp_path / "square.onnx"), "-q", "-o", str(tmp_path / "s.onnx")],  # no --check: no random input
-            [str(tmp_path / "square.onnx"), "-q", "--check"],                      # refused by size, before allocating
-            ["/dev/zero", "-q"], [str(fifo), "-q"]]
-    done = subprocess.run([sys.executable, "-c", _LIMITED, str(MEMORY_LIMIT), json.dumps(runs)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, 0, 2, 2, 2], done.stderr
-    errors = done.stderr.strip().splitlines()
-    assert "random inputs for --check / --verify-passes would take 3.6 GB (input 'x' is [30000, 30000])" in errors[0]
-    assert errors[1:] == ["opt-cli: error: /dev/zero: is not a regular file (a device, pipe or socket); give the path "
-                          "of an .onnx file",
-                          f"opt-cli: error: {fifo}: is not a regular file (a device, pipe or socket); give the path "
-                          "of an .onnx file"]
-    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
-    assert [n.op_type for n in onnx.load(str(tmp_path / "e.onnx")).graph.node] == ["Expand", "Add"]  # not folded
 
 
 def test_constant_folding_caps_the_flops_of_one_fold():

@@ -379,7 +379,7 @@ def test_digits_vit_loses_at_most_one_point_at_half_the_linear_parameters(digits
     calib = [(case.train_images[i:i + 64],) for i in range(0, 512, 64)]
     out, rec = run_low_rank(g, calib, method="svd_llm", ratio=0.5, allocation="sensitivity", sequential=True,
                             correct=True, sensitivity_batches=4,
-                            sensitivity_file=str(zoo._cache_dir() / "digits_vit-low_rank-sensitivity.json"))
+                            sensitivity_file=str(zoo.cache_dir() / "digits_vit-low_rank-sensitivity.json"))
     assert out.meta["low_rank_kept_fraction"] <= 0.5 and rec.counters["factorised"] > 0
     dense = case.accuracy(case.model)
     assert case.accuracy(lambda x: run(out, x)[0]) >= dense - 0.01

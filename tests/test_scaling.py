@@ -49,7 +49,7 @@ def _python_calls_to_make_inputs(n: int) -> int:
     import argparse
     import sys
 
-    from graphopt.cli import _inputs
+    from graphopt.cli.inputs import model_inputs
 
     g = Graph()
     values = [g.add_input(f"x{i}", TensorType(torch.float32, (f"d{i}", 2))) for i in range(n)]
@@ -64,7 +64,7 @@ def _python_calls_to_make_inputs(n: int) -> int:
 
     sys.setprofile(count)
     try:
-        feeds, _, _ = _inputs(args, g, {})
+        feeds, _, _ = model_inputs(args, g, {})
     finally:
         sys.setprofile(None)
     assert [feeds[f"x{i}"].shape for i in (0, n - 1)] == [(16, 2), (16, 2)]
