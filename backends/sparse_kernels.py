@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 
 import torch
 
 from graphopt.backends import cpu_sparse_library, triton_sparse
 from graphopt.backends.kernels import register_kernel
 from graphopt.ir.ops.sparse import OP, register_spmm_timer, sparse_linear as reference, to_block1x4, to_csr
+from graphopt.timing import interleaved
 
 
 def _on_cpu_float(node) -> str | None:
@@ -38,21 +38,10 @@ def sparse_linear_cpu(x, row_ptr, col, values, bias=None, *, format, out_feature
                      in_features=in_features)
 
 
-def _best_ms(fn, repeats: int) -> float:
-    """Best of ``repeats`` runs (on a shared machine the best is the least disturbed)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
 @register_spmm_timer("torch")
 def time_spmm(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: int = 5) -> tuple[float, float]:
-    """Dense ``F.linear`` against this backend's SpMM for one pruned weight at ``rows`` input rows,
-    best of ``repeats`` in ms (the micro-benchmark ``sparsify`` calibrates its decisions with)."""
+    """Dense ``F.linear`` against this backend's SpMM for one pruned weight at ``rows`` input rows: median
+    ms of ``repeats`` interleaved rounds (graphopt.timing); the micro-benchmark ``sparsify`` decides with."""
     n, k = weight.shape
     x = torch.randn(rows, k)
     w = weight.to(torch.float32).contiguous()
@@ -60,11 +49,12 @@ def time_spmm(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        dense = _best_ms(lambda: torch.nn.functional.linear(x, w), repeats)
-        sparse = _best_ms(lambda: sparse_linear_cpu(x, *packed, format=fmt, out_features=n, in_features=k), repeats)
+        t = interleaved({"dense": lambda: torch.nn.functional.linear(x, w),
+                         "sparse": lambda: sparse_linear_cpu(x, *packed, format=fmt, out_features=n, in_features=k)},
+                        runs=repeats, warmup=1)
     finally:
         torch.set_num_threads(before)
-    return dense, sparse
+    return 1e3 * t["dense"].median, 1e3 * t["sparse"].median
 
 
 time_spmm.machine = f"{platform.machine()} {platform.processor()} {os.cpu_count()} cpus " + \

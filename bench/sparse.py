@@ -6,15 +6,14 @@
     python bench/sparse.py --only digits      # digits ViT accuracy vs speed, structured pruning
     python bench/sparse.py --only deit        # DeiT-S-shaped ViT, batch 8, end to end on the torch backend
 
-Results go to bench/results/sparse.json. Times are the best of interleaved repeats in one process
-(``--repeats``); on a shared machine they are noise: re-run when it is quiet. Nothing is downloaded.
+Results go to bench/results/sparse.json. Times are medians of interleaved rounds in one process
+(``graphopt.timing.interleaved``, ``--repeats`` rounds); on a shared machine they are noise: re-run when it is quiet. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +27,7 @@ from graphopt.backends import cpu_sparse_library as slib  # noqa: E402
 from graphopt.backends.torch_backend import TorchExecutable, run  # noqa: E402
 from graphopt.ir.ops.sparse import to_block1x4, to_csr  # noqa: E402
 from graphopt.passes import PassManager  # noqa: E402
+from graphopt.timing import interleaved  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
@@ -35,16 +35,8 @@ SHAPES = [(1576, 384, 1536), (1576, 1536, 384)]       # rows, in, out: DeiT-S ML
 
 
 def best_ms(fns: dict, repeats: int) -> dict:
-    """Best time of each callable in ms, runs interleaved (one of each per round)."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            start = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - start)
-    return {k: 1e3 * min(v) for k, v in times.items()}
+    """Median ms of each callable, timed by graphopt.timing.interleaved (the project's one policy)."""
+    return {k: 1e3 * t.median for k, t in interleaved(fns, runs=repeats).items()}
 
 
 def _break_even(rows: list[dict], sparse_key: str, dense_key: str) -> float | None:
