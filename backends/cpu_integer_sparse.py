@@ -6,7 +6,8 @@
 The weight (constant int8, e.g. ``sparsify:pattern=block1x4`` before ``integer_only``) is stored as
 1x4 blocks along K (``gs_spmm_s8`` in ``cpu_sparse_kernels.c``: one vpdpbusd per block and 16 rows);
 the requant epilogue computes ``int.requant``'s integers exactly. A weight with fewer than
-``MIN_BLOCK_SPARSITY`` zero blocks (a fixed threshold, not yet a per-shape measurement) stays on the dense GEMM rules, and ``why_not`` says so. These rules
+``MIN_BLOCK_SPARSITY`` zero blocks, or a reduction shorter than ``MIN_K``, stays on the dense GEMM rules
+(fixed thresholds from bench/sparse.py, not yet a per-shape measurement), and ``why_not`` says so. These rules
 register before the dense ones (``cpu_integer.py`` imports this module first), so they are tried first.
 """
 from __future__ import annotations
@@ -23,9 +24,11 @@ from graphopt.ir.rewrite import Rule
 from graphopt.ir.types import TensorType
 
 TARGET = "cpu_integer"
-# Intel reports int8 1x4 sparse GEMM gains from 70%; ours (bench/sparse.py, DeiT-S MLP shapes, 2 threads) beat the dense
-# VNNI GEMM from 70% at K=1536 but only at 95% at K=384 (its scalar epilogue dominates): below 90% the dense GEMM stays
+# Intel reports int8 1x4 sparse GEMM gains from 70%; ours (bench/sparse.py, DeiT-S MLP shapes, 2 threads) beats the
+# dense VNNI GEMM from 80% at K=1536 (1.4x at 90%, 1.7x at 95%) and never at K=384 (its scalar requant epilogue
+# dominates when each output sums few blocks): the rule takes K >= MIN_K at >= MIN_BLOCK_SPARSITY only
 MIN_BLOCK_SPARSITY = 0.9
+MIN_K = 1024
 
 
 def _spmm_type(x, row_ptr, col, val, bias, m=None, c=None, *, n, flip, kind, out, pre, k, lo, hi, zp, threads):
@@ -65,6 +68,8 @@ def _check(ctx, x, w, b=None, m=None, c=None):
     linear = next(node for node in ctx.nodes if node.op == "int.linear")
     if not w.is_constant or w.type.rank != 2 or (b is not None and not b.is_constant):
         return ctx.fail(f"{linear.label()}: the weight and bias must be constants")
+    if w.type.shape[1] < MIN_K:
+        return ctx.fail(f"{linear.label()}: K = {w.type.shape[1]} < {MIN_K}: the dense VNNI GEMM is faster at this depth")
     s = _block_sparsity(w.const)
     if s < MIN_BLOCK_SPARSITY:
         return ctx.fail(f"{linear.label()}: {s:.0%} of its 1x4 weight blocks are zero (< {MIN_BLOCK_SPARSITY:.0%}): "

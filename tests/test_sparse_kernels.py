@@ -137,7 +137,7 @@ def test_cpu_integer_runs_block_sparse_int8_gemms_on_the_spmm_kernel(x_dtype, sp
     from graphopt.backends.torch_backend import run
 
     g = torch.Generator().manual_seed(3)
-    k, n = 30, 40
+    k, n = 1030, 40
     graph = Graph("int")
     x = graph.add_input("x", TensorType(x_dtype, (3, 11, k)))
     w = graph.add_constant(_pruned(n, k, sparsity, True, torch.int8, seed=3))
