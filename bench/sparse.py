@@ -5,6 +5,7 @@
     python bench/sparse.py --only minilm      # all-MiniLM-L6-v2 (real weights) embedding cosine per criterion
     python bench/sparse.py --only digits      # digits ViT accuracy vs speed, structured pruning
     python bench/sparse.py --only deit        # DeiT-S-shaped ViT, batch 8, end to end on the torch backend
+    python bench/sparse.py --only int8        # DeiT-S batch 8 on cpu_integer: integer_only vs + 1x4-block fc2
 
 Results go to bench/results/sparse.json. Times are medians of interleaved rounds in one process
 (``graphopt.timing.interleaved``, ``--repeats`` rounds); on a shared machine they are noise: re-run when it is quiet. Nothing is downloaded.
@@ -195,9 +196,35 @@ def deit(args) -> dict:
     return out
 
 
+def int8(args) -> dict:
+    """DeiT-S batch 8 on the cpu_integer kernels: integer_only alone, and after 1x4-block pruning of the fc2
+    layers (K = 1536, 90%) so they run on the sparse int8 kernel (cpu.int_spmm)."""
+    from graphopt.backends.cpu_integer import CpuIntegerExecutable
+    from graphopt.frontends import from_torch
+
+    torch.set_num_threads(args.threads)
+    case = zoo.deit_small(batch=8)
+    graph = from_torch(case.model, case.args, case.kwargs)
+    x = case.args[0] if case.args else next(iter(case.kwargs.values()))
+    calib = [(torch.randn(8, 3, 224, 224),) for _ in range(2)]
+    dense, _ = PassManager(["integer_only"], calibration=calib).run(graph)
+    pruned, _ = PassManager([("sparsify", {"criterion": "magnitude", "pattern": "block1x4", "sparsity": 0.9,
+                                           "roles": ["fc2"], "substitute": "never"}), "integer_only"],
+                            calibration=calib).run(graph)
+    execs = {"integer_only": CpuIntegerExecutable(dense, threads=args.threads),
+             "block1x4 90% fc2 + integer_only": CpuIntegerExecutable(pruned, threads=args.threads)}
+    times = best_ms({k: (lambda e=e: e.run_flat(x)) for k, e in execs.items()}, args.repeats)
+    spmm = str(execs["block1x4 90% fc2 + integer_only"].report).count("cpu.int_spmm")
+    out = {"batch": 8, "threads": args.threads, "rows": [{"variant": k, "ms": v, "speedup": times["integer_only"] / v}
+                                                          for k, v in times.items()], "report_mentions_spmm": spmm}
+    for row in out["rows"]:
+        print(f"int8 deit {row['variant']:34s} {row['ms']:.0f} ms ({row['speedup']:.2f}x)", flush=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="kernel,minilm,digits,deit")
+    p.add_argument("--only", default="kernel,minilm,digits,deit,int8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--calib", type=int, default=128, help="MiniLM calibration sentences")
@@ -206,7 +233,7 @@ def main(argv=None):
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "sparse.json"
     for part in args.only.split(","):
-        result = {"kernel": kernel, "minilm": minilm, "digits": digits, "deit": deit}[part](args)
+        result = {"kernel": kernel, "minilm": minilm, "digits": digits, "deit": deit, "int8": int8}[part](args)
         result["machine_note"] = ("measured on a shared machine (other jobs running): times are noise, "
                                   "re-run on a quiet machine")
         results = json.loads(path.read_text()) if path.exists() else {}   # parts may run in separate processes
