@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+import graphopt.backends.cpu_integer_sparse  # noqa: F401  (sparse int8 GEMM rules, priority over the dense ones)
 import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusion rules)
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels

@@ -46,7 +46,7 @@ class Kernel:
 
 
 KERNELS: Registry[Kernel] = Registry("kernel", group="graphopt.kernels")
-FUSIONS: Registry[tuple[str, Rule]] = Registry("fusion", group="graphopt.kernels")
+FUSIONS: Registry[tuple[str, Rule, int]] = Registry("fusion", group="graphopt.kernels")
 
 
 def register_kernel(target: str, op: str, *, supports: Callable[[Node], str | None] | None = None,
@@ -61,9 +61,10 @@ def register_kernel(target: str, op: str, *, supports: Callable[[Node], str | No
     return wrap
 
 
-def register_fusion(target: str, rule: Rule, *, replace: bool = False) -> Rule:
-    """A rewrite rule the ``target`` backend applies before selecting kernels (order = priority)."""
-    FUSIONS.register(f"{target}:{rule.name}", (target, rule), replace=replace,
+def register_fusion(target: str, rule: Rule, *, priority: int = 0, replace: bool = False) -> Rule:
+    """A rewrite rule the ``target`` backend applies before selecting kernels. Higher ``priority``
+    rules are tried first (a special case before the general one); equal ones in registration order."""
+    FUSIONS.register(f"{target}:{rule.name}", (target, rule, priority), replace=replace,
                      owner=getattr(rule.rewrite_fn, "__module__", None))
     return rule
 
@@ -89,4 +90,5 @@ def select(target: str, node: Node) -> tuple[Kernel | None, list[str]]:
 
 
 def fusion_rules(target: str) -> RuleSet:
-    return RuleSet(f"{target} fusions", [rule for t, rule in FUSIONS.values() if t == target])
+    chosen = [(priority, rule) for t, rule, priority in FUSIONS.values() if t == target]
+    return RuleSet(f"{target} fusions", [rule for _, rule in sorted(chosen, key=lambda pr: -pr[0])])

@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 
 import graphopt.backends.triton_low_rank  # noqa: F401  (registers its kernels)
 import graphopt.backends.triton_acm  # noqa: F401  (registers the grouped acm kernels)
+import graphopt.backends.sparse_kernels  # noqa: F401  (sparse_linear: C SpMM on CPU, Triton on CUDA)
 from graphopt.backends import LoweringError
 from graphopt.backends.kernels import select
 from graphopt.ir import Graph, Node

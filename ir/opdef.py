@@ -9,6 +9,7 @@ Pass authors add ops from their own package with the same decorator the built-in
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -117,9 +118,11 @@ def register_op(name: str, *, inputs: Sequence[str], attrs: dict[str, Attr] | No
     inputs do not fit. Registering a name twice is an error unless ``replace=True``, so two
     plugins cannot silently clobber each other.
     """
+    owner = sys._getframe(1).f_globals.get("__name__", "?")  # the registering module (fn may be torch's own)
+
     def wrap(fn):
         OPS.register(name, OpSchema(name, tuple(inputs), dict(attrs or {}), infer, fn, (fn.__doc__ or "").strip(),
-                                    pure, frozenset(tags)), replace=replace, owner=fn.__module__)
+                                    pure, frozenset(tags)), replace=replace, owner=owner)
         return fn
     return wrap
 

@@ -4,3 +4,4 @@ from graphopt.passes import fuse_low_rank, lora_merge, low_rank  # noqa: F401  (
 from graphopt.passes import token_drop, token_merge  # noqa: F401  (token reduction: ToMe, HiRED/FastV)
 from graphopt.passes import integer_only  # noqa: F401  (integer-only transformers, I-ViT)
 from graphopt.passes import acm  # noqa: F401  (adaptive computation modules)
+from graphopt.passes import sparsify  # noqa: F401  (pruning: magnitude / Wanda / SparseGPT, structured, sparse_linear)

@@ -1,0 +1,246 @@
+"""Sparse benchmark (issue 17): SpMM kernels against dense GEMMs, pruning quality, structured speed.
+
+    python bench/sparse.py                    # everything (about 10-20 min on a busy 2-core machine)
+    python bench/sparse.py --only kernel      # SpMM vs dense on the DeiT-S MLP shapes, 2 threads, break-even
+    python bench/sparse.py --only minilm      # all-MiniLM-L6-v2 (real weights) embedding cosine per criterion
+    python bench/sparse.py --only digits      # digits ViT accuracy vs speed, structured pruning
+    python bench/sparse.py --only deit        # DeiT-S-shaped ViT, batch 8, end to end on the torch backend
+    python bench/sparse.py --only int8        # DeiT-S batch 8 on cpu_integer: integer_only vs + 1x4-block fc2
+
+Results go to bench/results/sparse.json. Times are medians of interleaved rounds in one process
+(``graphopt.timing.interleaved``, ``--repeats`` rounds); on a shared machine they are noise: re-run when it is quiet. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from graphopt import zoo  # noqa: E402
+from graphopt.backends import cpu_integer_library as ilib  # noqa: E402
+from graphopt.backends import cpu_sparse_library as slib  # noqa: E402
+from graphopt.backends.torch_backend import TorchExecutable, run  # noqa: E402
+from graphopt.ir.ops.sparse import to_block1x4, to_csr  # noqa: E402
+from graphopt.passes import PassManager  # noqa: E402
+from graphopt.timing import interleaved  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
+SHAPES = [(1576, 384, 1536), (1576, 1536, 384)]       # rows, in, out: DeiT-S MLP fc1 and fc2 at batch 8
+
+
+def best_ms(fns: dict, repeats: int) -> dict:
+    """Median ms of each callable, timed by graphopt.timing.interleaved (the project's one policy)."""
+    return {k: 1e3 * t.median for k, t in interleaved(fns, runs=repeats).items()}
+
+
+def _break_even(rows: list[dict], sparse_key: str, dense_key: str) -> float | None:
+    for r in rows:
+        if r[sparse_key] < r[dense_key]:
+            return r["sparsity"]
+    return None
+
+
+# ---- kernels ----------------------------------------------------------------------------------------
+def kernel(args) -> dict:
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    out = {"threads": args.threads, "shapes": []}
+    for rows, k, n in SHAPES:
+        x = torch.randn(rows, k, generator=g)
+        w = torch.randn(n, k, generator=g)
+        xq = torch.randint(0, 256, (rows, k), generator=g, dtype=torch.uint8)
+        wq = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        packed_dense, _ = ilib.pack_b(wq)
+        raw = ilib.epilogue("raw", torch.int32, torch.zeros(n, dtype=torch.int32))
+        yq = torch.empty(rows, n, dtype=torch.int32)
+        table = []
+        for s in SPARSITIES:
+            ws = w.masked_fill(torch.rand(n, k, generator=g) < s, 0)
+            csr = to_csr(ws)
+            blk_f = to_block1x4(w.masked_fill((torch.rand(n, k // 4, generator=g) < s).repeat_interleave(4, 1), 0))
+            wqs = wq.masked_fill((torch.rand(n, k // 4, generator=g) < s).repeat_interleave(4, 1), 0)
+            rp, cb, vb = to_block1x4(wqs)
+            vb = vb.contiguous().view(torch.int32).reshape(-1)
+            wt = ws.to_sparse_csr()
+            t = best_ms({
+                "dense_f32": lambda: torch.nn.functional.linear(x, ws),
+                "csr_f32_c": lambda: slib.spmm_f32(x, *csr, n, None, block=False, threads=args.threads),
+                "block1x4_f32_c": lambda: slib.spmm_f32(x, *blk_f[:2], blk_f[2].reshape(-1), n, None, block=True,
+                                                        threads=args.threads),
+                "csr_f32_torch": lambda: torch.sparse.mm(wt, x.t()),
+                "dense_int8_vnni": lambda: ilib.gemm(xq, packed_dense, n, raw, yq, args.threads),
+                "block1x4_int8_vnni": lambda: slib.spmm_s8(xq, rp, cb, vb, n, None, threads=args.threads),
+            }, args.repeats)
+            row = {"sparsity": s, **{key: round(v, 3) for key, v in t.items()}}
+            table.append(row)
+            print(f"kernel {rows}x{k}->{n} {s:.0%}: " + ", ".join(f"{key} {v:.2f} ms" for key, v in t.items()),
+                  flush=True)
+        out["shapes"].append({
+            "rows": rows, "in": k, "out": n, "table": table,
+            "break_even_csr_f32": _break_even(table, "csr_f32_c", "dense_f32"),
+            "break_even_block1x4_f32": _break_even(table, "block1x4_f32_c", "dense_f32"),
+            "break_even_torch_csr": _break_even(table, "csr_f32_torch", "dense_f32"),
+            "break_even_int8_block1x4": _break_even(table, "block1x4_int8_vnni", "dense_int8_vnni")})
+        print(f"break-even (lowest sparsity measured faster than dense): "
+              f"{ {k_: v for k_, v in out['shapes'][-1].items() if k_.startswith('break')} }", flush=True)
+    return out
+
+
+# ---- MiniLM -----------------------------------------------------------------------------------------
+def minilm(args) -> dict:
+    from graphopt.bench.low_rank import calibration_sentences, minilm_graph, token_batches
+    from graphopt.pipeline import calibration_batches
+
+    torch.set_num_threads(args.threads)
+    model, tok, graph = minilm_graph()
+    calib = calibration_batches(graph, [((), b) for b in token_batches(tok, calibration_sentences(args.calib), 16)])
+    evalb = calibration_batches(graph, [((), b) for b in token_batches(tok, zoo.sentences(args.eval), 25)])
+    reference = [run(graph, *b)[0] for b in evalb]
+
+    def cosine(g):
+        outs = [run(g, *b)[0] for b in evalb]
+        return torch.cat([torch.nn.functional.cosine_similarity(a, r, dim=-1)
+                          for a, r in zip(outs, reference)]).mean().item()
+
+    out = {"calibration_sentences": args.calib, "eval_sentences": args.eval, "weights": [], "structured": []}
+    for pattern, sparsity in (("unstructured", 0.5), ("2:4", 0.5)):
+        for criterion in ("magnitude", "wanda", "sparsegpt"):
+            g, _ = PassManager([("sparsify", {"criterion": criterion, "pattern": pattern, "sparsity": sparsity,
+                                              "exclude": ["*pooler*"], "substitute": "never"})],
+                               calibration=calib).run(graph)
+            row = {"criterion": criterion, "pattern": pattern, "sparsity": sparsity, "cosine": cosine(g)}
+            out["weights"].append(row)
+            print(f"minilm {criterion:9s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f}",
+                  flush=True)
+    g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
+                                      "exclude": ["*pooler*"], "substitute": "never"})], calibration=calib).run(graph)
+    row = {"criterion": "wanda", "pattern": "unstructured", "sparsity": 0.5, "allocation": "sensitivity",
+           "cosine": cosine(g)}
+    out["weights"].append(row)
+    print(f"minilm wanda     unstructured 50% allocated by sensitivity: embedding cosine {row['cosine']:.4f}",
+          flush=True)
+    for fraction in (0.25, 0.5):
+        for reform in (False, True):
+            g, _ = PassManager([("sparsify", {"criterion": "wanda", "pattern": "neurons", "sparsity": fraction,
+                                              "reform": reform})], calibration=calib).run(graph)
+            row = {"pattern": "neurons", "removed": fraction, "reform": reform, "cosine": cosine(g)}
+            out["structured"].append(row)
+            print(f"minilm neurons -{fraction:.0%} reform={reform}: embedding cosine {row['cosine']:.4f}", flush=True)
+    return out
+
+
+# ---- digits ViT ---------------------------------------------------------------------------------------
+def digits(args) -> dict:
+    from graphopt.frontends import from_torch
+
+    torch.set_num_threads(args.threads)
+    case = zoo.digits_vit()
+    graph = from_torch(case.model, (), case.kwargs)
+    imgs = case.train_images[:512]
+    calib = [(imgs[i:i + 64],) for i in range(0, len(imgs), 64)]
+    test = case.test_images
+
+    def acc(g):
+        return case.accuracy(lambda x: run(g, x)[0])
+
+    variants = {"dense": graph}
+    for pattern in ("neurons", "structured"):
+        for fraction in (0.25, 0.5):
+            variants[f"{pattern} -{fraction:.0%} reformed"] = PassManager(
+                [("sparsify", {"criterion": "wanda", "pattern": pattern, "sparsity": fraction})],
+                calibration=calib).run(graph)[0]
+    execs = {k: TorchExecutable(g) for k, g in variants.items()}
+    times = best_ms({k: (lambda e=e: e.run_flat(test)) for k, e in execs.items()}, args.repeats)
+    out = {"test_images": len(test), "rows": []}
+    for k, g in variants.items():
+        row = {"variant": k, "accuracy": acc(g), "ms": times[k], "speedup": times["dense"] / times[k]}
+        out["rows"].append(row)
+        print(f"digits {k:28s} accuracy {row['accuracy']:.4f} time {row['ms']:.1f} ms ({row['speedup']:.2f}x)",
+              flush=True)
+    return out
+
+
+# ---- DeiT-S-shaped ViT, batch 8 ----------------------------------------------------------------------------
+def deit(args) -> dict:
+    from graphopt.frontends import from_torch
+
+    torch.set_num_threads(args.threads)
+    case = zoo.deit_small(batch=8)
+    graph = from_torch(case.model, case.args, case.kwargs)
+    calib = [(torch.randn(8, 3, 224, 224),) for _ in range(2)]
+    x = case.args[0] if case.args else next(iter(case.kwargs.values()))
+    variants = {"dense": graph}
+    structured, _ = PassManager([("sparsify", {"criterion": "wanda", "pattern": "structured", "sparsity": 0.5})],
+                                calibration=calib).run(graph)
+    variants["structured 50%"] = structured
+    unstructured, rep = PassManager([("sparsify", {"criterion": "magnitude", "sparsity": 0.9, "rows": 1576,
+                                                   "threads": args.threads})], calibration=calib[:1]).run(graph)
+    variants["unstructured 90% (measured substitution)"] = unstructured
+    execs = {k: TorchExecutable(g) for k, g in variants.items()}
+    times = best_ms({k: (lambda e=e: e.run_flat(x)) for k, e in execs.items()}, args.repeats)
+    out = {"batch": 8, "threads": args.threads, "rows": [],
+           "substitution": rep["sparsify"].details.get("decisions", [])}
+    for k in variants:
+        row = {"variant": k, "ms": times[k], "speedup": times["dense"] / times[k],
+               "sparse_linear_layers": len(variants[k].find_nodes("sparse_linear"))}
+        out["rows"].append(row)
+        print(f"deit {k:42s} {row['ms']:.0f} ms ({row['speedup']:.2f}x), {row['sparse_linear_layers']} sparse layers",
+              flush=True)
+    return out
+
+
+def int8(args) -> dict:
+    """DeiT-S batch 8 on the cpu_integer kernels: integer_only alone, and after 1x4-block pruning of the fc2
+    layers (K = 1536, 90%) so they run on the sparse int8 kernel (cpu.int_spmm)."""
+    from graphopt.backends.cpu_integer import CpuIntegerExecutable
+    from graphopt.frontends import from_torch
+
+    torch.set_num_threads(args.threads)
+    case = zoo.deit_small(batch=8)
+    graph = from_torch(case.model, case.args, case.kwargs)
+    x = case.args[0] if case.args else next(iter(case.kwargs.values()))
+    calib = [(torch.randn(8, 3, 224, 224),) for _ in range(2)]
+    dense, _ = PassManager(["integer_only"], calibration=calib).run(graph)
+    pruned, _ = PassManager([("sparsify", {"criterion": "magnitude", "pattern": "block1x4", "sparsity": 0.9,
+                                           "roles": ["fc2"], "substitute": "never"}), "integer_only"],
+                            calibration=calib).run(graph)
+    execs = {"integer_only": CpuIntegerExecutable(dense, threads=args.threads),
+             "block1x4 90% fc2 + integer_only": CpuIntegerExecutable(pruned, threads=args.threads)}
+    times = best_ms({k: (lambda e=e: e.run_flat(x)) for k, e in execs.items()}, args.repeats)
+    spmm = str(execs["block1x4 90% fc2 + integer_only"].report).count("cpu.int_spmm")
+    out = {"batch": 8, "threads": args.threads, "rows": [{"variant": k, "ms": v, "speedup": times["integer_only"] / v}
+                                                          for k, v in times.items()], "report_mentions_spmm": spmm}
+    for row in out["rows"]:
+        print(f"int8 deit {row['variant']:34s} {row['ms']:.0f} ms ({row['speedup']:.2f}x)", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="kernel,minilm,digits,deit,int8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--calib", type=int, default=128, help="MiniLM calibration sentences")
+    p.add_argument("--eval", type=int, default=100, help="MiniLM evaluation sentences")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "sparse.json"
+    for part in args.only.split(","):
+        result = {"kernel": kernel, "minilm": minilm, "digits": digits, "deit": deit, "int8": int8}[part](args)
+        result["machine_note"] = ("measured on a shared machine (other jobs running): times are noise, "
+                                  "re-run on a quiet machine")
+        results = json.loads(path.read_text()) if path.exists() else {}   # parts may run in separate processes
+        results[part] = result
+        path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""``sparsify``: prune weights, and run the pruned layers sparse only where that is measured faster.
+
+Weight-level patterns (``unstructured``, ``N:M`` such as 2:4 / 4:8, ``block1x4``) zero weights of the
+selected linear / matmul / 1x1-conv layers by ``criterion`` (magnitude, Wanda, SparseGPT:
+``passes/sparse_criteria.py``); then each pruned ``linear`` layer becomes a ``sparse_linear`` op
+(CSR, or 1x4 blocks) only when the target's SpMM beats its dense GEMM at that shape and sparsity
+(``passes/sparse_substitute.py``: measured by a micro-benchmark on this machine and cached, or given
+as ``timings``). Below break-even the layer keeps its (pruned) dense weight and the report says why.
+
+Structured patterns (``neurons``: MLP hidden units; ``heads``: attention heads; ``structured``: both)
+remove whole units and rebuild the block with smaller dense GEMMs, real speed on every backend; with
+``reform=true`` the next layer is refitted by least squares on the calibration activations
+(``passes/sparse_structured.py``).
+
+``allocation=sensitivity`` spreads the global budget (``sparsity`` of the selected weights, or of the
+units) over layers by measured sensitivity on calibration batches, the way ``low_rank`` allocates
+ranks. The report ends with the output cosine against the dense model on the calibration batches.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from graphopt.ir import Graph
+from graphopt.passes.low_rank_calib import Probe, allocate, monotone, row_cosine, row_error
+from graphopt.passes.low_rank_layers import Layer, find_layers, replace_weight, rows_of, select_layers
+from graphopt.passes.registry import PassConfigError, option, register_pass
+from graphopt.passes.sparse_criteria import CRITERIA, parse_nm, prune, scores, mask_from_scores
+from graphopt.passes.sparse_structured import (find_groups, kept_units, columns, reformed_sink, remove_units,
+                                               unit_scores)
+from graphopt.passes.sparse_substitute import TimingSource, decide, default_cache, substitute
+
+STRUCTURED = {"neurons": {"neurons"}, "heads": {"heads"}, "structured": {"neurons", "heads"}}
+DEFAULT_CANDIDATES = [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+DEFAULT_UNIT_CANDIDATES = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+# reformation solves one least squares per output over the kept columns: with fewer calibration rows than
+# this many per column it fits the calibration set, not the model (MiniLM, -25% neurons, ~1000 rows for
+# 1152 columns: embedding cosine 0.903 unreformed, 0.879 reformed)
+MIN_ROWS_PER_COLUMN = 4
+
+
+@dataclass
+class _Choice:          # one allocation option: a layer (or group) at one sparsity
+    sparsity: float
+    params: int
+    sensitivity: float
+
+
+@register_pass("sparsify", tolerance=None)
+def sparsify(graph, ctx, *,
+             criterion: Literal["magnitude", "wanda", "sparsegpt"] = option(
+                 "wanda", "magnitude: |W|; wanda: |W| x input-channel norm; sparsegpt: Hessian-based with updates"),
+             pattern: str = option("unstructured", "unstructured, N:M (2:4, 4:8), block1x4, or structured: neurons, "
+                                                   "heads, structured (both)"),
+             sparsity: float = option(0.5, "fraction removed: of each layer's weights (uniform), of the selected "
+                                           "weights (allocation=sensitivity), or of the units (structured)"),
+             layers: list[str] = option(None, "layer name globs (or 're:REGEX') to prune; structured: group globs "
+                                              "(blocks.3.heads) or the next layer's name; default all"),
+             exclude: list[str] = option(None, "layer name globs to leave alone"),
+             roles: list[str] = option(None, "structure roles to prune (weight patterns): attention, qkv, q, k, v, "
+                                             "out, mlp, fc1, fc2, gate, other"),
+             allocation: Literal["uniform", "sensitivity"] = option("uniform", "same sparsity everywhere, or the "
+                                                                                "budget spread by sensitivity"),
+             candidates: list[float] = option(None, "sparsities tried per layer (or unit fractions per block) by "
+                                                    "the sensitivity search"),
+             sensitivity_batches: int = option(4, "calibration batches used to measure sensitivity"),
+             reform: bool = option(True, "structured: refit the next layer by least squares on calibration data"),
+             damp: float = option(0.01, "sparsegpt: Hessian damping (x mean diagonal)"),
+             ridge: float = option(1e-3, "reformation: ridge (x mean Gram diagonal)"),
+             substitute: Literal["auto", "never", "always"] = option(
+                 "auto", "sparse_linear where measured faster (auto), nowhere, or everywhere"),
+             format: Literal["auto", "csr", "block1x4"] = option("auto", "storage of substituted layers (auto: "
+                                                                         "block1x4 for pattern=block1x4, else csr)"),
+             target: str = option("torch", "backend whose SpMM timer decides the substitution"),
+             rows: int = option(0, "input rows the decision is measured at (0: a calibration batch's)"),
+             threads: int = option(0, "threads of the measurement (0: torch's current setting)"),
+             margin: float = option(0.1, "sparse must beat dense by this fraction of the dense time"),
+             timings: dict = option(None, "measured {layer: [dense_ms, sparse_ms]} to decide with, no measuring "
+                                            "(in a pass string: {layer:dense/sparse})"),
+             timing_cache: str = option("", "JSON cache of measurements ('' : ~/.cache/graphopt/"
+                                            "sparse_timings.json, 'none': no cache)"),
+             ):
+    """Pruning (magnitude / Wanda / SparseGPT; unstructured, N:M, 1x4 blocks, neurons, heads) and
+    measured sparse_linear substitution."""
+    if not 0.0 <= sparsity < 1.0:
+        raise PassConfigError(f"pass 'sparsify': option sparsity={sparsity!r} must be in [0, 1)")
+    if criterion not in CRITERIA:
+        raise PassConfigError(f"pass 'sparsify': unknown criterion {criterion!r}; use one of {CRITERIA}")
+    structured = pattern in STRUCTURED
+    try:
+        nm = None if structured else parse_nm(pattern)
+    except ValueError as e:
+        raise PassConfigError(f"pass 'sparsify': {e}") from None
+    if not structured and nm is None and pattern not in ("unstructured", "block1x4"):
+        raise PassConfigError(f"pass 'sparsify': unknown pattern {pattern!r}; use unstructured, N:M (2:4, 4:8), "
+                              f"block1x4, neurons, heads or structured")
+    if nm is not None and allocation != "uniform":
+        raise PassConfigError(f"pass 'sparsify': pattern {pattern} fixes the sparsity; allocation=sensitivity "
+                              "applies to unstructured, block1x4 and structured patterns")
+    cands = sorted(set(candidates or (DEFAULT_UNIT_CANDIDATES if structured else DEFAULT_CANDIDATES)))
+    if any(not 0.0 < c < 1.0 for c in cands):
+        raise PassConfigError(f"pass 'sparsify': option candidates={cands} must lie in (0, 1)")
+
+    needs_calibration = criterion != "magnitude" or allocation == "sensitivity" or (structured and reform)
+    batches = list(ctx.require_calibration()) if needs_calibration else list(ctx.calibration or [])
+    judged = batches[:sensitivity_batches]
+    dense_outputs = Probe(graph, []).outputs(judged) if judged else None
+
+    if structured:
+        _structured(graph, ctx, STRUCTURED[pattern], criterion, sparsity, allocation, cands, batches,
+                    sensitivity_batches, reform, ridge, list(layers or []), list(exclude or []))
+    else:
+        _weights(graph, ctx, criterion, pattern, nm, sparsity, layers, exclude, roles, allocation, cands, batches,
+                 sensitivity_batches, damp, dict(substitute=substitute, format=format, target=target, rows=rows,
+                                                   threads=threads, margin=margin, timings=timings,
+                                                   timing_cache=timing_cache))
+    if dense_outputs is not None:
+        after = Probe(graph, []).outputs(judged)
+        cosine, err = row_cosine(dense_outputs, after), row_error(dense_outputs, after)
+        ctx.note(f"output on {len(judged)} calibration batches: mean row cosine {cosine:.4f}, "
+                 f"mean relative squared error {err:.3g} against the dense model")
+        graph.meta["sparsify_output_cosine"] = cosine
+
+
+# ---- weight-level pruning ----------------------------------------------------------------------------
+def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclude, roles, allocation, cands, batches,
+             sensitivity_batches, damp, sub: dict) -> None:
+    try:
+        chosen = select_layers(find_layers(graph), list(layers or []), list(exclude or []), list(roles or []))
+    except ValueError as e:
+        raise PassConfigError(f"pass 'sparsify': {e}") from None
+    probe = Probe(graph, chosen) if batches else None
+    grams: dict[int, torch.Tensor] = {}
+    tokens = 0
+    if batches and (criterion != "magnitude"):
+        grams, _, tokens = probe.grams(batches)
+        ctx.note(f"calibration: {len(batches)} batches, {tokens} rows per layer input")
+
+    level: dict[int, float] = {id(l): (1.0 - nm[0] / nm[1]) if nm else sparsity for l in chosen}
+    if allocation == "sensitivity":
+        level = _allocate_weights(ctx, chosen, criterion, pattern, sparsity, cands, probe, grams,
+                                  batches[:sensitivity_batches])
+
+    detail = ctx.details.setdefault("layers", {})
+    pruned: dict[int, torch.Tensor] = {}
+    total = kept = 0
+    for l in chosen:
+        s = level[id(l)]
+        w = l.matrix
+        new = prune(w.detach(), criterion, pattern, s, grams.get(id(l.input)), damp) if s > 0 else w
+        pruned[id(l)] = new
+        m, n = l.shape
+        nz = int((new != 0).sum())
+        total += m * n
+        kept += nz
+        detail[l.name] = {"shape": [m, n], "role": l.role, "sparsity": 1 - nz / (m * n), "target_sparsity": s}
+        if s > 0:
+            replace_weight(graph, l, new)
+            ctx.count("pruned_layers")
+    ctx.note(f"{criterion} {pattern}: kept {kept}/{total} weights ({1 - kept / max(total, 1):.1%} removed) in "
+             f"{len(chosen)} layers" + ("" if criterion == "magnitude" else " (one shot, on the dense model's "
+                                                                            "activations)"))
+    graph.meta["sparsify_sparsity"] = 1 - kept / max(total, 1)
+    _substitute(graph, ctx, [l for l in find_layers(graph) if any(l.name == c.name for c in chosen)], pattern, sub,
+                probe, batches, tokens)
+
+
+def _allocate_weights(ctx, chosen: list[Layer], criterion, pattern, sparsity, cands, probe: Probe, grams, batches
+                      ) -> dict[int, float]:
+    """Per-layer sparsity minimising summed output error with the kept weights within the budget."""
+    reference = probe.outputs(batches)
+    table = []
+    trial = "wanda" if criterion == "sparsegpt" else criterion   # SparseGPT per trial would cost a solve each
+    for l in chosen:
+        m, n = l.shape
+        s_ = scores(l.matrix.detach(), trial, grams.get(id(l.input)))
+        measured, kept = [], []
+        for c in cands:
+            pruned = l.matrix.masked_fill(mask_from_scores(s_, pattern, c), 0)
+            kept.append(int((pruned != 0).sum()))          # what the per-row rounding really keeps
+            probe.set_matrix(l, pruned)
+            measured.append(row_error(reference, probe.outputs(batches)))
+        probe.set_matrix(l, None)
+        opts = [_Choice(0.0, int((l.matrix != 0).sum()), 0.0)]
+        opts += [_Choice(c, k, e) for c, k, e in zip(cands, kept, monotone(measured))]
+        table.append(opts)
+        ctx.count("sensitivity_trials", len(cands))
+    total = sum(l.shape[0] * l.shape[1] for l in chosen)
+    choice, reached = allocate(table, (1 - sparsity) * total)
+    if not reached:
+        ctx.note(f"budget {sparsity:g} cannot be met with candidates up to {max(cands):g}; using the sparsest")
+    if criterion == "sparsegpt":
+        ctx.note("sensitivity measured with Wanda masks; the chosen sparsities are then pruned with SparseGPT")
+    for l, o in zip(chosen, choice):
+        ctx.note(f"{l.name}: sparsity {o.sparsity:.2f} (sensitivity {o.sensitivity:.3g})")
+    return {id(l): o.sparsity for l, o in zip(chosen, choice)}
+
+
+def _substitute(graph: Graph, ctx, layers: list[Layer], pattern, sub: dict, probe, batches, tokens) -> None:
+    mode = sub["substitute"]
+    detail = ctx.details["layers"]
+    if mode == "never":
+        ctx.note("substitute=never: every pruned layer stays a dense GEMM (its zeros cost as much as before)")
+        return
+    fmt = sub["format"] if sub["format"] != "auto" else ("block1x4" if pattern == "block1x4" else "csr")
+    rows = sub["rows"] or _rows_per_batch(probe, batches, layers, tokens)
+    threads = sub["threads"] or torch.get_num_threads()
+    cache = "" if sub["timing_cache"] == "none" else (sub["timing_cache"] or default_cache())
+    source = TimingSource(sub["target"], threads, sub["timings"], cache, measure=mode == "auto")
+    if mode == "auto" and source.timer is None and not source.injected:
+        ctx.note(f"no SpMM timer registered for target {sub['target']!r} (import graphopt.backends, or give "
+                 "timings=...): every layer stays dense")
+    decisions = []
+    for l in layers:
+        w = l.matrix
+        m, n = l.shape
+        s = 1 - int((w != 0).sum()) / (m * n)
+        if l.kind != "linear" or not w.dtype.is_floating_point:
+            detail[l.name].update(decision="dense", why=f"a {l.kind} layer: sparse_linear replaces linear layers only")
+            continue
+        if s == 0:
+            continue
+        if mode == "always":
+            d = decide(l.name, (m, n), rows, s, fmt, None, None, sub["margin"])
+            d.sparse, d.why = True, "substitute=always (not measured)"
+        else:
+            dense_ms, sparse_ms, where = source.times(l.name, w.detach(), fmt, rows)
+            d = decide(l.name, (m, n), rows, s, fmt, dense_ms, sparse_ms, sub["margin"])
+            if where in ("given", "cached", "measured"):
+                d.why += f"; times {where}"
+        decisions.append(d)
+        detail[l.name].update({k: v for k, v in asdict(d).items() if k in ("dense_ms", "sparse_ms", "why", "rows",
+                                                                            "format")},
+                              decision="sparse" if d.sparse else "dense")
+        ctx.note(d.line())
+        if d.sparse:
+            substitute(graph, l, w.detach(), fmt)
+            ctx.count("sparse_linear")
+        else:
+            ctx.count("kept_dense")
+    source.save()
+    ctx.details["decisions"] = [asdict(d) for d in decisions]
+    graph.remove_unused_constants()
+
+
+def _rows_per_batch(probe: Probe | None, batches, layers: list[Layer], tokens: int) -> int:
+    if tokens and batches:
+        return max(1, tokens // len(batches))
+    if probe is not None and batches and layers:
+        _, taps = probe.run(batches[0])
+        t = taps.get(id(layers[0].input))
+        if t is not None:
+            return int(rows_of(t, layers[0].kind).shape[0])
+    return 256
+
+
+# ---- structured pruning -------------------------------------------------------------------------------
+def _structured(graph: Graph, ctx, kinds: set[str], criterion, sparsity, allocation, cands, batches,
+                sensitivity_batches, reform, ridge, patterns: list[str], exclude: list[str]) -> None:
+    try:
+        groups, skipped = find_groups(graph, kinds)
+    except ValueError as e:
+        raise PassConfigError(f"pass 'sparsify': {e}") from None
+    groups = _select_groups(groups, patterns, exclude)
+    for why in skipped:
+        ctx.note(f"skipped {why}")
+    if not groups:
+        raise PassConfigError(f"pass 'sparsify': no {'/'.join(sorted(kinds))} to prune in this graph")
+    grams, tokens = _sink_grams(graph, groups, batches) if batches else ({}, 0)
+    fraction = {g.name: sparsity for g in groups}
+    if allocation == "sensitivity":
+        fraction = _allocate_units(ctx, graph, groups, criterion, sparsity, cands, grams, batches[:sensitivity_batches])
+    detail = ctx.details.setdefault("groups", {})
+    before = after = 0
+    for g in groups:
+        s = unit_scores(g, criterion, grams.get(g.name))
+        keep = kept_units(s, fraction[g.name])
+        before += g.units
+        after += len(keep)
+        detail[g.name] = {"kind": g.kind, "units": g.units, "kept": len(keep), "kept_units": keep, "reformed": False}
+        if len(keep) == g.units:
+            continue
+        weight = bias = None
+        width = len(keep) * g.unit_width
+        if reform and g.name in grams and tokens < MIN_ROWS_PER_COLUMN * width:
+            ctx.note(f"{g.name}: not reformed: {tokens} calibration rows for {width} kept columns would overfit "
+                     f"(needs {MIN_ROWS_PER_COLUMN * width}); give more calibration data")
+            ctx.count("reformation_skipped")
+        elif reform and g.name in grams:
+            weight, bias = reformed_sink(g, columns(g, keep), grams[g.name], ridge)
+        detail[g.name]["reformed"] = weight is not None
+        remove_units(graph, g, keep, weight, bias)
+        ctx.note(f"{g.name}: kept {len(keep)}/{g.units} {g.kind}" + (" (next layer reformed)" if weight is not None
+                                                                     else ""))
+        ctx.count(f"{g.kind}_removed", g.units - len(keep))
+    ctx.note(f"structured: kept {after}/{before} units; the GEMMs are smaller dense GEMMs on every backend")
+    graph.meta["sparsify_units_kept"] = after / max(before, 1)
+
+
+def _select_groups(groups, patterns: list[str], exclude: list[str]):
+    """Groups by glob on their name (``blocks.3.heads``) or their sink layer's name; a pattern matching
+    nothing is an error listing the groups."""
+    def hits(pattern, g):
+        sink = g.sink.nodes[0].meta.get("module", g.sink.weight.name)
+        return fnmatch.fnmatchcase(g.name, pattern) or fnmatch.fnmatchcase(str(sink), pattern)
+
+    for p in patterns + exclude:
+        if not any(hits(p, g) for g in groups):
+            raise PassConfigError(f"pass 'sparsify': pattern {p!r} matches no prunable group; the groups are: "
+                                  + ", ".join(g.name for g in groups))
+    chosen = [g for g in groups if (not patterns or any(hits(p, g) for p in patterns))
+              and not any(hits(p, g) for p in exclude)]
+    if not chosen:
+        raise PassConfigError("pass 'sparsify': the layer selection leaves no group to prune")
+    return chosen
+
+
+def _sink_grams(graph: Graph, groups, batches) -> tuple[dict[str, torch.Tensor], int]:
+    """E[[h;1][h;1]ᵀ] of each group's sink input h (float64), on the dense model, and the row count."""
+    from graphopt.ir.interpreter import collect
+
+    values = list({id(g.sink_input): g.sink_input for g in groups}.values())
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for found in collect(graph, batches, values):
+        first = True
+        for v in values:
+            h = found[v.name].reshape(-1, v.type.shape[-1]).double()
+            if first:
+                count += h.shape[0]
+                first = False
+            h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=torch.float64)], 1)
+            g = h.t() @ h
+            sums[v.name] = sums[v.name] + g if v.name in sums else g
+    return {grp.name: sums[grp.sink_input.name] / max(count, 1) for grp in groups}, count
+
+
+def _allocate_units(ctx, graph, groups, criterion, sparsity, cands, grams, batches) -> dict[str, float]:
+    """Per-block unit fractions by sensitivity (removing units = zeroing their sink columns, measured)."""
+    sinks = {id(l.weight): l for l in find_layers(graph)}
+    layers = [sinks[id(g.sink.weight)] for g in groups]
+    probe = Probe(graph, layers)
+    reference = probe.outputs(batches)
+    table = []
+    for g, l in zip(groups, layers):
+        s = unit_scores(g, criterion, grams.get(g.name))
+        measured = []
+        for c in cands:
+            keep = kept_units(s, c)
+            w = l.matrix.clone()
+            cut = torch.ones(w.shape[1], dtype=torch.bool)
+            cut[columns(g, keep)] = False
+            w[:, cut] = 0
+            probe.set_matrix(l, w)
+            measured.append(row_error(reference, probe.outputs(batches)))
+        probe.set_matrix(l, None)
+        width = g.units
+        table.append([_Choice(0.0, width, 0.0)] + [_Choice(c, width - min(round(c * width), width - 1), e)
+                                                   for c, e in zip(cands, monotone(measured))])
+    choice, reached = allocate(table, (1 - sparsity) * sum(g.units for g in groups))
+    if not reached:
+        ctx.note(f"budget {sparsity:g} cannot be met with fractions up to {max(cands):g}; using the largest")
+    for g, o in zip(groups, choice):
+        ctx.note(f"{g.name}: remove {o.sparsity:.0%} of its {g.kind} (sensitivity {o.sensitivity:.3g})")
+    return {g.name: o.sparsity for g, o in zip(groups, choice)}
