@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from graphopt.progress import task
+from graphopt.backends.c_build import KernelBuildError, load  # noqa: F401  (KernelBuildError: callers catch it here)
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4}
-
-
-class KernelBuildError(RuntimeError):
-    pass
 
 
 class Epilogue(ctypes.Structure):
@@ -57,45 +46,9 @@ def softmax(pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, mask: torch
     return sm
 
 
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
-    except OSError:
-        return platform.processor()
-
-
-def _compiler() -> str:
-    if os.environ.get("CC"):
-        cc = shutil.which(os.environ["CC"])
-        if not cc:
-            raise KernelBuildError(f"CC={os.environ['CC']} is not a C compiler on this machine; the cpu_integer backend "
-                                   "compiles its kernels with one (unset CC to use cc/gcc/clang from PATH)")
-        return cc
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise KernelBuildError("the cpu_integer backend compiles its kernels with a C compiler, and none was found "
-                               "(install gcc or set CC); the onnxruntime backend runs the same integer graph")
-    return cc
-
-
 @functools.cache
 def library() -> ctypes.CDLL:
-    cc = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc] + FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt")) / "cpu_integer"
-    path = cache / f"kernels-{key}.so"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = Path(tmp) / path.name
-            with task(f"compiling the cpu_integer kernels with {Path(cc).name} (once; cached in {cache})"):
-                proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if proc.returncode:
-                raise KernelBuildError(f"compiling {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
-            os.replace(out, path)
-    lib = ctypes.CDLL(str(path))
+    lib = load(SOURCE, "cpu_integer", "the cpu_integer kernels")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.go_packed_size.restype = i64
     lib.go_packed_size.argtypes = [i64, i64]

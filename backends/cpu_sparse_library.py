@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from graphopt.backends.cpu_integer_library import KernelBuildError, _compiler, _cpu_id
-from graphopt.progress import task
+from graphopt.backends.c_build import KernelBuildError, load
 
 SOURCE = Path(__file__).with_name("cpu_sparse_kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 
 
@@ -34,20 +28,7 @@ class Requant(ctypes.Structure):
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    cc = _compiler()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc] + FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt")) / "cpu_sparse"
-    path = cache / f"kernels-{key}.so"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = Path(tmp) / path.name
-            with task(f"compiling the sparse kernels with {Path(cc).name} (once; cached in {cache})"):
-                proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if proc.returncode:
-                raise KernelBuildError(f"compiling {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
-            os.replace(out, path)
-    lib = ctypes.CDLL(str(path))
+    lib = load(SOURCE, "cpu_sparse", "the sparse kernels")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.gs_spmm_f32.argtypes = [p, i64, i64, i64, p, p, p, ctypes.c_int, i64, p, p, i64, ctypes.c_int]
     lib.gs_spmm_s8.argtypes = [p, i64, i64, i64, p, p, p, i64, ctypes.POINTER(Requant), p, i64, ctypes.c_int]

@@ -76,3 +76,14 @@ def gpt2_case():
 @pytest.fixture(scope="session")
 def llava_case():
     return _build("llava", "transformers")
+
+
+@pytest.fixture
+def one_thread():
+    """Calibration runs many small forwards: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -17,13 +17,7 @@ from graphopt.passes.low_rank_layers import find_layers, rewrite
 F32 = torch.float32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Calibration runs many small forwards: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_low_rank(graph, calibration=None, **options):

@@ -17,12 +17,7 @@ from graphopt.passes.sparse_substitute import decide
 W = torch.tensor([[1.0, -3.0, 2.0, 0.5], [4.0, -1.0, 0.2, 3.0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_sparsify(graph, calibration=None, **options):

@@ -8,8 +8,8 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from graphopt import zoo
 from graphopt.backends.torch_backend import run
-from graphopt.bench.token_reduction import llava, llava_inputs
 from graphopt.frontends import from_torch
 from graphopt.ir import Graph, TensorType
 from graphopt.passes import PassError, PassManager
@@ -80,8 +80,9 @@ def test_vit_drop_runs_in_onnxruntime(vit):
 
 @pytest.fixture(scope="module")
 def vlm():
-    model = llava(vision_layers=2, text_layers=3, hidden=64, image=32, patch=8)
-    inputs = llava_inputs(model, batch=2, text=8)  # 16 image tokens at positions 4..19, 24 in all
+    case = zoo.llava(24, batch=2, image=32, patch=8, vision_hidden=64, text_hidden=64, vision_layers=2, text_layers=3,
+                     vocab=1000, vision_feature_layer=-2)   # 16 image tokens at positions 1..16, 24 in all
+    model, inputs = case.model, case.kwargs
     graph = from_torch(model, (), inputs, dynamic_batch=False)
     return model, inputs, graph
 

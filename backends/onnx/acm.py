@@ -14,19 +14,9 @@ weight slices are ``Slice`` nodes on the initializers, which ONNX Runtime folds 
 from __future__ import annotations
 
 from graphopt.backends import LoweringError
-from graphopt.backends.onnx.elementwise import emit_gelu
+from graphopt.backends.onnx.elementwise import emit_activation
 from graphopt.backends.onnx.emitter import register_lowering
 from graphopt.ir.ops.acm import GATE, OP, learners
-
-
-def _activation(em, x, activation, dtype):
-    if activation == "none":
-        return x
-    if activation == "relu":
-        return em.one("Relu", [x])
-    if activation == "silu":
-        return em.one("Mul", [x, em.one("Sigmoid", [x])])
-    return emit_gelu(em, x, dtype, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def _transposed(em, node, i, dtype):
@@ -81,9 +71,9 @@ def _acm(em, node):
     def hidden(xs, lo, hi):
         up = em.one("Add", [em.one("MatMul", [xs, _cols(em, w1t, lo, hi)]), _slice1(em, b1, lo, hi)])
         if not gated:
-            return _activation(em, up, activation, dtype)
+            return emit_activation(em, up, activation, dtype)
         g = em.one("Add", [em.one("MatMul", [xs, _cols(em, wgt, lo, hi)]), _slice1(em, bg, lo, hi)])
-        return em.one("Mul", [_activation(em, g, activation, dtype), up])
+        return em.one("Mul", [emit_activation(em, g, activation, dtype), up])
 
     def rows_where(condition):
         index = em.one("Transpose", [em.one("NonZero", [condition])], perm=[1, 0])      # [n_i, 1]

@@ -161,6 +161,17 @@ def emit_gelu(em, x: str, dtype, approximate: str, output: str | None = None) ->
     return em.one("Mul", [em.one("Mul", [x, half]), em.one("Add", [t, one])], output)
 
 
+def emit_activation(em, x: str, activation: str, dtype) -> str:
+    """One of the fused ops' activations (none, relu, silu, gelu, gelu_tanh) on ONNX tensor ``x``."""
+    if activation == "none":
+        return x
+    if activation == "relu":
+        return em.one("Relu", [x])
+    if activation == "silu":
+        return em.one("Mul", [x, em.one("Sigmoid", [x])])
+    return emit_gelu(em, x, dtype, "tanh" if activation == "gelu_tanh" else "none")
+
+
 @register_lowering("gelu")
 def _gelu(em, node):
     dtype = out_dtype(node)

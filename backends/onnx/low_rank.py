@@ -7,19 +7,9 @@ peak memory. Transposed factors are written as initializers once (no run-time Tr
 """
 from __future__ import annotations
 
-from graphopt.backends.onnx.elementwise import emit_gelu
+from graphopt.backends.onnx.elementwise import emit_activation
 from graphopt.backends.onnx.emitter import register_lowering
 from graphopt.ir.ops.low_rank import OP
-
-
-def _activation(em, x, activation, dtype):
-    if activation == "none":
-        return x
-    if activation == "relu":
-        return em.one("Relu", [x])
-    if activation == "silu":
-        return em.one("Mul", [x, em.one("Sigmoid", [x])])
-    return emit_gelu(em, x, dtype, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def _factor(em, node, i, dtype):
@@ -35,7 +25,7 @@ def _low_rank_mlp(em, node):
     x = em.input(node, 0, dtype)
     p = em.one("MatMul", [x, _factor(em, node, 1, dtype)])
     hidden = em.one("Add", [em.one("MatMul", [p, _factor(em, node, 2, dtype)]), em.input(node, 3, dtype)])
-    hidden = _activation(em, hidden, node.attrs["activation"], dtype)
+    hidden = emit_activation(em, hidden, node.attrs["activation"], dtype)
     q = em.one("MatMul", [hidden, _factor(em, node, 4, dtype)])
     y = em.one("MatMul", [q, _factor(em, node, 5, dtype)])
     return em.one("Add", [y, em.input(node, 6, dtype)], em.out(node))

@@ -1,0 +1,62 @@
+"""Compiling the C kernels (``cpu_integer_kernels.c``, ``cpu_sparse_kernels.c``) with the system C
+compiler: once per source, flags, compiler and CPU, cached under ``~/.cache/graphopt/<name>``
+(``GRAPHOPT_CACHE`` moves it), built in a temporary file and moved into place, so a crashed or
+concurrent build never leaves a half-written library behind."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from graphopt.progress import task
+
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def compiler() -> str:
+    if os.environ.get("CC"):
+        cc = shutil.which(os.environ["CC"])
+        if not cc:
+            raise KernelBuildError(f"CC={os.environ['CC']} is not a C compiler on this machine; graphopt's CPU "
+                                   "kernels are compiled with one (unset CC to use cc/gcc/clang from PATH)")
+        return cc
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise KernelBuildError("graphopt's CPU kernels (cpu_integer, sparse) are compiled with a C compiler, and none "
+                               "was found (install gcc or set CC); the onnxruntime backend runs the same graphs")
+    return cc
+
+
+def load(source: Path, name: str, what: str, flags: list[str] = FLAGS) -> ctypes.CDLL:
+    """``source`` compiled (or taken from the cache) and loaded; ``what`` names it in progress and errors."""
+    cc = compiler()
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc] + flags).encode() + _cpu_id().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt")) / name
+    path = cache / f"kernels-{key}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / path.name
+            with task(f"compiling {what} with {Path(cc).name} (once; cached in {cache})"):
+                proc = subprocess.run([cc, *flags, str(source), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode:
+                raise KernelBuildError(f"compiling {source.name} with {cc} failed:\n{proc.stderr[-2000:]}")
+            os.replace(out, path)
+    return ctypes.CDLL(str(path))
