@@ -25,8 +25,13 @@ def test_wheel_installs_graphopt_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"graphopt", next(t for t in tops if t.endswith(".dist-info"))}
-    for sub in ("ir", "ir/ops", "passes", "backends", "frontends"):
-        assert f"graphopt/{sub}/__init__.py" in names
+    packages = [p.parent.relative_to(ROOT).as_posix() for p in ROOT.rglob("__init__.py")
+                if p.parent != ROOT and p.relative_to(ROOT).parts[0] not in ("tests", "bench", "tools", "build")
+                and not p.relative_to(ROOT).parts[0].startswith(".")]
+    assert {"ir/ops", "backends/onnx", "frontends/onnx", "passes/integer_only", "cli", "zoo"} <= set(packages)
+    missing = [sub for sub in packages if f"graphopt/{sub}/__init__.py" not in names]
+    assert missing == [], f"packages missing from pyproject.toml's [tool.setuptools] packages: {missing}"
+    assert {"graphopt/backends/cpu_integer_kernels.c", "graphopt/backends/cpu_sparse_kernels.c"} <= set(names)
     assert not any(n.startswith(("graphopt/tests/", "graphopt/bench/")) for n in names)
 
 
