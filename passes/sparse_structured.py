@@ -99,10 +99,12 @@ def columns(group: Group, keep: list[int]) -> torch.Tensor:
     return torch.tensor([k * u + t for k in keep for t in range(u)], dtype=torch.long)
 
 
-def reformed_sink(group: Group, cols: torch.Tensor, gram_aug: torch.Tensor, ridge: float
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reformed_sink(group: Group, cols: torch.Tensor, gram_aug: torch.Tensor, ridge: float,
+                  cross_aug: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares sink weight [out, kept] (and bias) reproducing the dense sink output on the
-    calibration activations; ``gram_aug`` = E[[h;1][h;1]ᵀ] of the sink input."""
+    calibration activations; ``gram_aug`` = E[[h;1][h;1]ᵀ] of the sink input. With ``cross_aug`` =
+    E[[h_dense;1][h;1]ᵀ], h is what the sink receives in the already-pruned model and the target is
+    the dense model's sink output."""
     w = matrix(group.sink).double()
     bias = group.sink.bias.const.double() if group.sink.bias is not None else None
     n = w.shape[1]
@@ -111,7 +113,8 @@ def reformed_sink(group: Group, cols: torch.Tensor, gram_aug: torch.Tensor, ridg
     g = gram_aug.double() if bias is not None else gram_aug[:n, :n].double()
     sub = g[idx][:, idx]
     sub = sub + ridge * sub.diagonal().mean().clamp_min(1e-12) * torch.eye(len(idx), dtype=torch.float64)
-    rhs = full @ g[:, idx] if bias is not None else full @ g[:n][:, idx]
+    c = g if cross_aug is None else cross_aug.double()
+    rhs = full @ c[:, idx] if bias is not None else full @ c[:n][:, idx]
     solved = torch.linalg.solve(sub, rhs.t()).t()
     if bias is not None:
         return solved[:, :-1], solved[:, -1]

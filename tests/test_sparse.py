@@ -143,6 +143,31 @@ def test_reformation_lowers_the_calibration_error():
     assert any("would overfit" in n for n in record.notes)
 
 
+def test_sequential_reformation_is_the_least_squares_fit_to_the_dense_output():
+    """Block 1's fc2, after block 0 lost half its neurons: the refitted [W b] equals torch's lstsq of the dense
+    model's fc2 output (hooked in the original HF model) on [h 1], h the pruned graph's kept fc2 inputs.
+    (sequential=false, fitted on the dense model's own fc2 inputs, is 3e-4 off.)"""
+    from graphopt.ir.interpreter import collect
+    from graphopt.passes.low_rank_layers import find_layers
+
+    model, graph, batches = tiny_bert(seed=1)
+    batches = batches + [(torch.randint(0, 60, (2, 10)), torch.ones(2, 10, dtype=torch.long)) for _ in range(10)]
+    out, record = run_sparsify(graph, batches, criterion="wanda", pattern="neurons", sparsity=0.5, ridge=0.0)
+    assert all(g["reformed"] for g in record.details["groups"].values())
+    sink = next(l for l in find_layers(out) if l.name == "encoder.layer.1.output.dense")
+    h = torch.cat([found[sink.input.name].reshape(-1, 32) for found in collect(out, batches, [sink.input])])
+    targets = []
+    hook = model.encoder.layer[1].output.dense.register_forward_hook(lambda m, i, o: targets.append(o.reshape(-1, 32)))
+    with torch.no_grad():
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    h1 = torch.cat([h, torch.ones(h.shape[0], 1)], 1).double()
+    expected = torch.linalg.lstsq(h1, torch.cat(targets).double()).solution.t()
+    bias = next(n for n in sink.node.inputs[2:] if n is not None).const
+    torch.testing.assert_close(torch.cat([sink.matrix, bias[:, None]], 1).double(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_sensitivity_allocation_meets_the_budget_with_uneven_layers():
     _, graph, batches = tiny_bert(seed=2)
     out, record = run_sparsify(graph, batches, criterion="magnitude", sparsity=0.6, allocation="sensitivity",
