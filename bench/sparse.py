@@ -153,16 +153,17 @@ def digits(args) -> dict:
     variants = {"dense": graph}
     for pattern in ("neurons", "structured"):
         for fraction in (0.25, 0.5):
-            variants[f"{pattern} -{fraction:.0%} reformed"] = PassManager(
-                [("sparsify", {"criterion": "wanda", "pattern": pattern, "sparsity": fraction})],
-                calibration=calib).run(graph)[0]
+            for allocation in ("uniform", "sensitivity"):
+                name = f"{pattern} -{fraction:.0%} reformed" + (", allocated" if allocation == "sensitivity" else "")
+                options = {"criterion": "wanda", "pattern": pattern, "sparsity": fraction, "allocation": allocation}
+                variants[name] = PassManager([("sparsify", options)], calibration=calib).run(graph)[0]
     execs = {k: TorchExecutable(g) for k, g in variants.items()}
     times = best_ms({k: (lambda e=e: e.run_flat(test)) for k, e in execs.items()}, args.repeats)
     out = {"test_images": len(test), "rows": []}
     for k, g in variants.items():
         row = {"variant": k, "accuracy": acc(g), "ms": times[k], "speedup": times["dense"] / times[k]}
         out["rows"].append(row)
-        print(f"digits {k:28s} accuracy {row['accuracy']:.4f} time {row['ms']:.1f} ms ({row['speedup']:.2f}x)",
+        print(f"digits {k:39s} accuracy {row['accuracy']:.4f} time {row['ms']:.1f} ms ({row['speedup']:.2f}x)",
               flush=True)
     return out
 
