@@ -163,8 +163,9 @@ def _gemm_rewrite(axis: int):
         source = chain[0]
         weight = w.const.reshape(w.type.shape[0], -1)
         n, k = weight.shape
+        patch = source.op == "int.conv2d"
         cols = x
-        if source.op == "int.conv2d":
+        if patch:  # im2col of a non-overlapping patch conv is a reshape: [B, C, H, W] -> [B, OH*OW, C*kh*kw]
             bsz, cin, h, wd = x.type.shape
             kh, kw = w.type.shape[2:]
             cols = op.reshape(x, shape=(bsz, cin, h // kh, kh, wd // kw, kw))
@@ -180,9 +181,7 @@ def _gemm_rewrite(axis: int):
         y = op("cpu.int_gemm", cols, const(packed, "packed"), const(_wrap_i32(bias.expand(n)).contiguous(), "bias"),
                const(ep.m, "m"), const(ep.c, "c"), const(ep.table, "table"), ep.res, const(ep.mb, "mb"),
                const(ep.m2, "m2"), const(ep.c2, "c2"), **dict(ep.attrs, n=n, k_padded=k_padded, flip=flip))
-        if source.op == "int.conv2d":
-            bsz, _, h, wd = x.type.shape
-            kh, kw = w.type.shape[2:]
+        if patch:
             y = op.reshape(op.permute(y, dims=(0, 2, 1)), shape=(bsz, n, h // kh, wd // kw))
         return y
     return rewrite
