@@ -1,0 +1,131 @@
+"""The ``cpu_integer`` kernels as ONNX Runtime custom ops: an integer graph written as ONNX with the
+fused ``cpu.*`` ops that backend runs, each one node of domain ``ai.graphopt.cpu_integer``, run by the
+custom-op library ``backends/ort_custom_ops.c`` (same C kernels, so bit-identical outputs).
+
+    to_onnx_custom_ops(graph, threads=0)   # an integer graph (integer_only) -> ModelProto
+
+This is opt-in: the portable ONNX of an integer graph (``to_onnx``) writes its ``int.*`` ops as standard
+ai.onnx ops and runs in any ONNX Runtime. Here the graph goes through ``cpu_integer``'s fusions first;
+what they leave (quantize, dequantize, layout ops) stays standard. The lowerings are kernels of their
+own target (``TARGET``), so the default ONNX emitter never writes a custom op, and a ``cpu.*`` op with
+no custom op in the library (a kernel added later) is an error naming the node and the op.
+
+A node is op type ``<Op>_<output dtype>`` (ONNX Runtime takes a custom op's output type from its
+registration), the ``cpu.*`` node's inputs and attributes (bools as ints; ``out`` is in the op type).
+IntGemm's weight is written unpacked, [N, K padded] int8, and packed by the library at the first run,
+so the file does not depend on the kernels' packed layout.
+"""
+from __future__ import annotations
+
+import onnx
+import torch
+
+from graphopt.backends import LoweringError
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends.kernels import register_kernel, select
+from graphopt.backends.onnx.emitter import Emitter
+from graphopt.ir import Graph, Node
+from graphopt.ir.onnx_common import tensor_to_proto
+from graphopt.ir.ops.integer import INT_DTYPES
+
+TARGET = "onnx_ort_custom_ops"
+DOMAIN = "ai.graphopt.cpu_integer"
+OP_TYPES = {"cpu.int_gemm": "IntGemm", "cpu.int_bmm": "IntBmm", "cpu.int_layernorm": "IntLayerNorm",
+            "cpu.int_shiftmax": "IntShiftmax", "cpu.int_requant": "IntRequant", "cpu.int_add": "IntAdd"}
+_DTYPE_NAMES = {dtype: name for name, dtype in INT_DTYPES.items()}
+
+
+def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = None) -> onnx.ModelProto:
+    """``graph`` (with int.* ops) lowered to cpu_integer's kernels and written with them as custom ops.
+    ``threads``: the kernels' thread count, written into each node; 0 leaves it to the library (its
+    ``go_ort_set_threads``, else OpenMP's default)."""
+    from graphopt.backends.cpu_integer import lower_to_kernels
+
+    lowered, _ = lower_to_kernels(graph, threads=1)
+    for node in lowered.nodes:
+        if node.op.startswith("cpu."):
+            node.attrs["threads"] = int(threads)
+    return CustomOpsEmitter(lowered, opset).build()
+
+
+class CustomOpsEmitter(Emitter):
+    """The ONNX emitter with the ``cpu.*`` ops written as custom ops of ``DOMAIN``."""
+
+    def __init__(self, graph: Graph, opset: int | None):
+        super().__init__(graph, opset)
+        self.opsets[DOMAIN] = 1
+
+    def _lower(self, node: Node) -> list[str]:
+        if not node.op.startswith("cpu."):
+            return super()._lower(node)
+        kernel, reasons = select(TARGET, node)
+        if kernel is None:
+            raise LoweringError(f"node {node.label()} is cpu_integer kernel {node.op!r}, which has no ONNX Runtime "
+                                "custom op in backends/ort_custom_ops.c ({}); write the portable standard-op ONNX "
+                                "instead (opt-cli without --ort-custom-ops)".format("; ".join(reasons)))
+        return [kernel.fn(self, node)]
+
+
+def _attributes(node: Node) -> dict:
+    return {k: int(v) if isinstance(v, bool) else v for k, v in node.attrs.items() if k != "out"}
+
+
+def _custom_node(em: Emitter, node: Node, inputs: list[str]) -> str:
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    op_type = f"{OP_TYPES[node.op]}_{_DTYPE_NAMES[node.outputs[0].type.dtype]}"
+    return em.node(op_type, inputs, [em.out(node)], domain=DOMAIN, name=node.outputs[0].name,
+                   **_attributes(node))[0]
+
+
+def _lower_plain(em: Emitter, node: Node) -> str:
+    return _custom_node(em, node, [em.input(node, i) for i in range(len(node.inputs))])
+
+
+def _lower_gemm(em: Emitter, node: Node) -> str:
+    inputs = [em.input(node, i) for i in range(len(node.inputs))]
+    inputs[1] = _unpacked_weight(em, node)
+    return _custom_node(em, node, inputs)
+
+
+def _unpacked_weight(em: Emitter, node: Node) -> str:
+    packed = node.inputs[1]
+    if not packed.is_constant:
+        raise LoweringError(f"node {node.label()} (cpu.int_gemm): its packed weight is not a constant")
+    key = ("unpacked", id(packed))
+    if key not in em.cache:
+        weight = unpack_b(packed.const, node.attrs["n"], node.attrs["k_padded"])
+        name = em.fresh(f"{packed.name}_weight")
+        em.initializers.append(tensor_to_proto(weight, name))
+        em.cache[key] = name
+    return em.cache[key]
+
+
+def unpack_b(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [n, k] int8 matrix that ``cpu_integer_library.pack_b`` packed into ``packed``, whatever the packed
+    layout: pack_b only moves bytes (padding is zero), so packing each element's position code (base-127
+    digits of its index, plus 1 so that no code is 0) says where every element went."""
+    count = n * k
+    digits = 1
+    while 127 ** digits < count:
+        digits += 1
+    index = torch.arange(count, dtype=torch.int64)
+    where = torch.zeros(packed.numel(), dtype=torch.int64)
+    filled = None
+    for d in range(digits):
+        code = kernels.pack_b((index // 127 ** d % 127 + 1).to(torch.int8).reshape(n, k))[0].to(torch.int64)
+        if code.numel() != packed.numel():
+            raise LoweringError(f"a packed [{n}, {k}] weight has {packed.numel()} bytes, pack_b makes {code.numel()}")
+        filled = code != 0 if filled is None else filled
+        where += (code - 1).clamp(min=0) * 127 ** d
+    source = where[filled]
+    if source.numel() != count or not torch.equal(source.sort().values, index):
+        raise LoweringError("cpu_integer_library.pack_b does more than move bytes, so a packed weight cannot be "
+                            "unpacked for the ONNX Runtime custom ops")
+    weight = torch.empty(count, dtype=torch.int8)
+    weight[source] = packed.reshape(-1)[filled]
+    return weight.reshape(n, k)
+
+
+for _op in OP_TYPES:
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}")(_lower_gemm if _op == "cpu.int_gemm" else _lower_plain)

@@ -1,0 +1,652 @@
+/* ONNX Runtime custom ops that run graphopt's cpu_integer kernels, so an ONNX user gets the same fused
+ * integer kernels as the ``cpu_integer`` backend (same source: cpu_integer_kernels.c is included here).
+ *
+ * Domain ai.graphopt.cpu_integer; one op per fused cpu.* op and output type (ONNX Runtime infers a custom
+ * op's output type from its registration, so the type is part of the name):
+ *   IntGemm_{u8,i8,i32}       x, w [N, Kp] (unpacked int8; packed once, at the first run), bias, m?, c?,
+ *                             table?, res?, mb?, m2?, c2?
+ *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?
+ *   IntLayerNorm_{u8,i8,i32}  x, m?, c?
+ *   IntShiftmax_u8            x, pow2, mask?
+ *   IntRequant_{u8,i8,i32}    x, m, c
+ *   IntAdd_{u8,i8,i32}        a, b, ma, mb, c
+ * Each calls the kernel exactly as backends/cpu_integer_ops.py does (same epilogue record, same
+ * operand layout), so outputs are bit-identical to the cpu_integer backend and the reference ops.
+ *
+ * ONNX Runtime's C ABI, declared here rather than included: the pip wheel ships no C headers. The ABI
+ * is stable and append-only: OrtApiBase, the OrtApi table of function pointers (a slot never moves once
+ * released) and the versioned OrtCustomOp struct. Only the slots this file calls are named, at their
+ * indices in ORT's public include/onnxruntime/core/session/onnxruntime_c_api.h; the rest is padding.
+ * Target: ORT_API_VERSION 16 (ONNX Runtime >= 1.16, where OrtCustomOp gained CreateKernelV2 and
+ * KernelComputeV2, which report errors as statuses). RegisterCustomOps refuses an older runtime with
+ * its version string.
+ */
+#include "cpu_integer_kernels.c"
+
+#include <omp.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+
+/* ---- the ONNX Runtime C ABI (the parts used) ---------------------------------------------------------- */
+#define GO_ORT_API_VERSION 16
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+struct OrtCustomOp;
+
+enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };                      /* OrtErrorCode */
+enum { T_UNDEFINED = 0, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_BOOL = 9 };  /* ONNXTensorElementDataType */
+enum { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };        /* OrtCustomOpInputOutputCharacteristic */
+
+typedef struct OrtApi {
+    OrtStatus *(*CreateStatus)(int code, const char *msg);                                             /* 0 */
+    void *pad1_[25];
+    OrtStatus *(*CreateCustomOpDomain)(const char *domain, OrtCustomOpDomain **out);                  /* 26 */
+    OrtStatus *(*CustomOpDomain_Add)(OrtCustomOpDomain *domain, const struct OrtCustomOp *op);         /* 27 */
+    OrtStatus *(*AddCustomOpDomain)(OrtSessionOptions *options, OrtCustomOpDomain *domain);           /* 28 */
+    void *pad2_[22];
+    OrtStatus *(*GetTensorMutableData)(OrtValue *value, void **out);                                   /* 51 */
+    void *pad3_[8];
+    OrtStatus *(*GetTensorElementType)(const OrtTensorTypeAndShapeInfo *info, int *out);              /* 60 */
+    OrtStatus *(*GetDimensionsCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);             /* 61 */
+    OrtStatus *(*GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t n);     /* 62 */
+    void *pad4_[2];
+    OrtStatus *(*GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);      /* 65 */
+    void *pad5_[20];
+    OrtStatus *(*KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out); /* 86 */
+    OrtStatus *(*KernelInfoGetAttribute_string)(const OrtKernelInfo *info, const char *name, char *out,
+                                                size_t *size);                                          /* 87 */
+    OrtStatus *(*KernelContext_GetInputCount)(const OrtKernelContext *ctx, size_t *out);               /* 88 */
+    void *pad6_[1];
+    OrtStatus *(*KernelContext_GetInput)(const OrtKernelContext *ctx, size_t index, const OrtValue **out); /* 90 */
+    OrtStatus *(*KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t n,
+                                          OrtValue **out);                                             /* 91 */
+    void *pad7_[1];
+    void (*ReleaseStatus)(OrtStatus *status);                                                          /* 93 */
+    void *pad8_[5];
+    void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);                           /* 99 */
+} OrtApi;
+
+#define SLOT(name, index) _Static_assert(offsetof(OrtApi, name) == (index) * sizeof(void *), #name " slot")
+SLOT(CreateCustomOpDomain, 26); SLOT(AddCustomOpDomain, 28); SLOT(GetTensorMutableData, 51);
+SLOT(GetTensorElementType, 60); SLOT(GetDimensions, 62); SLOT(GetTensorTypeAndShape, 65);
+SLOT(KernelInfoGetAttribute_int64, 86); SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
+SLOT(KernelContext_GetOutput, 91); SLOT(ReleaseStatus, 93); SLOT(ReleaseTensorTypeAndShapeInfo, 99);
+
+typedef struct OrtApiBase {
+    const OrtApi *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+typedef struct OrtCustomOp {            /* fields up to ReleaseAliasMap; ORT reads those of `version` only */
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info);
+    const char *(*GetName)(const struct OrtCustomOp *op);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *op);
+    int (*GetInputType)(const struct OrtCustomOp *op, size_t index);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *op);
+    int (*GetOutputType)(const struct OrtCustomOp *op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *op);
+    void (*KernelCompute)(void *kernel, OrtKernelContext *ctx);
+    void (*KernelDestroy)(void *kernel);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *op, size_t index);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *op, size_t index);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *op, size_t index);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *op);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *op);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *op);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *op);
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                                 void **kernel);
+    OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *ctx);
+    void *InferOutputShapeFn, *GetStartVersion, *GetEndVersion, *GetMayInplace, *ReleaseMayInplace, *GetAliasMap,
+        *ReleaseAliasMap;
+} OrtCustomOp;
+
+/* ---- the ops ------------------------------------------------------------------------------------------ */
+enum { OP_GEMM, OP_BMM, OP_LAYERNORM, OP_SHIFTMAX, OP_REQUANT, OP_ADD, N_OPS };
+
+typedef struct {
+    const char *name;
+    int inputs, required;
+    const char *attrs[16];              /* int attributes the op reads (besides the string `kind`) */
+} op_spec_t;
+
+static const op_spec_t SPECS[N_OPS] = {
+    [OP_GEMM] = {"IntGemm", 10, 3, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2", "k2", "lo2",
+                                    "hi2", "zp2", "threads"}},
+    [OP_BMM] = {"IntBmm", 7, 3, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi", "zp",
+                                 "threads"}},
+    [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_SHIFTMAX] = {"IntShiftmax", 3, 2, {"X", "n_pow", "bits", "threads"}},
+    [OP_REQUANT] = {"IntRequant", 3, 3, {"pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_ADD] = {"IntAdd", 5, 5, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
+};
+
+static const char *const KINDS[] = {[EPI_RAW] = "raw", [EPI_REQUANT] = "requant", [EPI_TABLE] = "table",
+                                    [EPI_ADD] = "add", [EPI_TABLE_REQUANT] = "table_requant"};
+static const char *const OUT_NAMES[] = {[OUT_U8] = "u8", [OUT_I8] = "i8", [OUT_I32] = "i32"};
+static const int OUT_ONNX[] = {[OUT_U8] = T_UINT8, [OUT_I8] = T_INT8, [OUT_I32] = T_INT32};
+
+typedef struct {
+    OrtCustomOp base;                   /* first: ORT hands back &base */
+    int op, out_type;
+    char name[32];
+} custom_op_t;
+
+typedef struct {
+    const OrtApi *api;
+    int op, out_type, kind;
+    int64_t attr[16];
+    pthread_mutex_t lock;
+    int8_t *packed;                     /* IntGemm: w packed for the kernels, and the w it was packed from */
+    const void *packed_from;
+} kernel_t;
+
+static int default_threads;            /* go_ort_set_threads; 0: OpenMP's default */
+
+/* The thread count for kernels whose node says 0 (opt-cli writes 0 unless --threads is given). */
+void go_ort_set_threads(int threads) { default_threads = threads; }
+
+int go_ort_api_version(void) { return GO_ORT_API_VERSION; }
+
+static int64_t attr(const kernel_t *kn, const char *name) {
+    const char *const *names = SPECS[kn->op].attrs;
+    for (int i = 0; names[i]; i++)
+        if (!strcmp(names[i], name)) return kn->attr[i];
+    abort();                            /* a name not in SPECS: a bug in this file */
+}
+
+static int threads_of(const kernel_t *kn) {
+    int t = (int)attr(kn, "threads");
+    return t > 0 ? t : default_threads > 0 ? default_threads : omp_get_max_threads();
+}
+
+static OrtStatus *fail(const OrtApi *api, const kernel_t *kn, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static OrtStatus *fail(const OrtApi *api, const kernel_t *kn, const char *fmt, ...) {
+    char msg[512];
+    int n = snprintf(msg, sizeof msg, "graphopt %s_%s: ", SPECS[kn->op].name, OUT_NAMES[kn->out_type]);
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, args);
+    va_end(args);
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, msg);
+}
+
+#define TRY(call) do { OrtStatus *status_ = (call); if (status_) return status_; } while (0)
+
+static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+    const custom_op_t *op = (const custom_op_t *)base;
+    kernel_t *kn = calloc(1, sizeof *kn);
+    if (!kn) return api->CreateStatus(ORT_FAIL, "graphopt custom op: out of memory");
+    kn->api = api;
+    kn->op = op->op;
+    kn->out_type = op->out_type;
+    kn->kind = EPI_RAW;
+    pthread_mutex_init(&kn->lock, NULL);
+    *out = kn;                          /* ORT destroys it even when this fails */
+    const char *const *names = SPECS[op->op].attrs;
+    for (int i = 0; names[i]; i++) {
+        OrtStatus *s = api->KernelInfoGetAttribute_int64(info, names[i], &kn->attr[i]);
+        if (s) {
+            api->ReleaseStatus(s);
+            return fail(api, kn, "the node has no int attribute '%s' (write it with graphopt's ONNX lowering of the "
+                        "cpu.* ops)", names[i]);
+        }
+    }
+    if (op->op != OP_SHIFTMAX) {
+        char kind[32];
+        size_t size = sizeof kind;
+        OrtStatus *s = api->KernelInfoGetAttribute_string(info, "kind", kind, &size);
+        if (s) {
+            api->ReleaseStatus(s);
+            return fail(api, kn, "the node has no string attribute 'kind' (or a longer one than any kind)");
+        }
+        int found = -1;
+        for (int k = 0; k < (int)(sizeof KINDS / sizeof *KINDS); k++)
+            if (!strcmp(kind, KINDS[k])) found = k;
+        if (found < 0) return fail(api, kn, "unknown epilogue kind '%s'", kind);
+        kn->kind = found;
+    }
+    return NULL;
+}
+
+static void destroy_kernel(void *p) {
+    kernel_t *kn = p;
+    if (!kn) return;
+    pthread_mutex_destroy(&kn->lock);
+    free(kn->packed);
+    free(kn);
+}
+
+/* ---- operands ----------------------------------------------------------------------------------------- */
+typedef struct {
+    void *data;                         /* NULL: an absent optional input */
+    int type;
+    size_t rank;
+    int64_t dims[8], numel;
+} tensor_t;
+
+static OrtStatus *input(const kernel_t *kn, OrtKernelContext *ctx, size_t count, size_t i, tensor_t *t) {
+    const OrtApi *api = kn->api;
+    memset(t, 0, sizeof *t);
+    const OrtValue *v = NULL;
+    if (i < count) TRY(api->KernelContext_GetInput(ctx, i, &v));
+    if (!v) {
+        if ((int)i < SPECS[kn->op].required) return fail(api, kn, "input %zu is missing", i);
+        return NULL;
+    }
+    OrtTensorTypeAndShapeInfo *info;
+    TRY(api->GetTensorTypeAndShape(v, &info));
+    OrtStatus *s = api->GetTensorElementType(info, &t->type);
+    if (!s) s = api->GetDimensionsCount(info, &t->rank);
+    if (!s && t->rank > 8) s = fail(api, kn, "input %zu has rank %zu (at most 8)", i, t->rank);
+    if (!s) s = api->GetDimensions(info, t->dims, t->rank);
+    api->ReleaseTensorTypeAndShapeInfo(info);
+    TRY(s);
+    t->numel = 1;
+    for (size_t d = 0; d < t->rank; d++) t->numel *= t->dims[d];
+    return api->GetTensorMutableData((OrtValue *)v, &t->data);
+}
+
+static OrtStatus *output(const kernel_t *kn, OrtKernelContext *ctx, const int64_t *dims, size_t rank, void **data) {
+    OrtValue *v;
+    TRY(kn->api->KernelContext_GetOutput(ctx, 0, dims, rank, &v));
+    return kn->api->GetTensorMutableData(v, data);
+}
+
+static const char *type_name(int type) {
+    return type == T_UINT8 ? "uint8" : type == T_INT8 ? "int8" : type == T_INT32 ? "int32" : type == T_BOOL ? "bool"
+                                                                                                         : "another type";
+}
+
+/* An int32 vector of at least n values (a per-column constant, a table), or absent when allowed. */
+static OrtStatus *vector(const kernel_t *kn, const tensor_t *t, const char *what, int64_t n, int needed) {
+    if (!t->data) return needed ? fail(kn->api, kn, "%s is missing (epilogue kind '%s' needs it)", what,
+                                       KINDS[kn->kind]) : NULL;
+    if (t->type != T_INT32) return fail(kn->api, kn, "%s must be int32, got %s", what, type_name(t->type));
+    if (t->numel < n) return fail(kn->api, kn, "%s has %lld values, needs %lld", what, (long long)t->numel,
+                                  (long long)n);
+    return NULL;
+}
+
+static int out_code(int type) { return type == T_UINT8 ? OUT_U8 : type == T_INT8 ? OUT_I8 : OUT_I32; }
+
+/* 8-bit activations as the u8 the kernels read (i8 v -> v + 128, as cpu_integer_ops._as_u8), rows of k values
+ * zero-padded to kp; NULL when the input can be read as it is. */
+static uint8_t *as_u8_rows(const void *x, int64_t rows, int64_t k, int64_t kp, int flip, int threads) {
+    if (!flip && k == kp) return NULL;
+    uint8_t *a = malloc((size_t)(rows * kp)), x80 = flip ? 0x80 : 0;
+    if (!a) return NULL;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * kp > (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *src = (const uint8_t *)x + r * k;
+        uint8_t *dst = a + r * kp;
+        for (int64_t j = 0; j < k; j++) dst[j] = src[j] ^ x80;
+        memset(dst + k, 0, (size_t)(kp - k));
+    }
+    return a;
+}
+
+/* ---- IntGemm: cpu_integer_ops.int_gemm ---------------------------------------------------------------- */
+static OrtStatus *packed_weights(kernel_t *kn, const tensor_t *w, int64_t n, int64_t kp, const int8_t **out) {
+    /* w is an initializer (the lowering writes it as one): packed at the first run, again only if it moves */
+    pthread_mutex_lock(&kn->lock);
+    if (kn->packed_from != w->data) {
+        int8_t *p = malloc((size_t)go_packed_size(n, kp));
+        int32_t *colsum = malloc(sizeof(int32_t) * (size_t)n);
+        if (p && colsum) go_pack_b(w->data, n, kp, p, colsum);
+        free(colsum);
+        if (!p || !colsum) {
+            free(p);
+            pthread_mutex_unlock(&kn->lock);
+            return kn->api->CreateStatus(ORT_FAIL, "graphopt IntGemm: out of memory packing the weights");
+        }
+        free(kn->packed);
+        kn->packed = p;
+        kn->packed_from = w->data;
+    }
+    *out = kn->packed;
+    pthread_mutex_unlock(&kn->lock);
+    return NULL;
+}
+
+static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    const OrtApi *api = kn->api;
+    tensor_t in[10];
+    for (size_t i = 0; i < 10; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    const tensor_t *x = &in[0], *w = &in[1];
+    int64_t n = attr(kn, "n"), kp = attr(kn, "k_padded"), flip = attr(kn, "flip");
+    int kind = kn->kind;
+    if (x->type != (flip ? T_INT8 : T_UINT8) || x->rank < 1)
+        return fail(api, kn, "x must be %s with at least one axis (flip=%lld), got %s of rank %zu",
+                    flip ? "int8" : "uint8", (long long)flip, type_name(x->type), x->rank);
+    int64_t k = x->dims[x->rank - 1], rows = k ? x->numel / k : 0;
+    if (k > kp || kp % 4) return fail(api, kn, "x has %lld columns, k_padded is %lld", (long long)k, (long long)kp);
+    if (w->type != T_INT8 || w->rank != 2 || w->dims[0] != n || w->dims[1] != kp)
+        return fail(api, kn, "w must be int8 [%lld, %lld], got %s of rank %zu", (long long)n, (long long)kp,
+                    type_name(w->type), w->rank);
+    int requant = kind != EPI_RAW, table = kind == EPI_TABLE || kind == EPI_TABLE_REQUANT;
+    TRY(vector(kn, &in[2], "bias", n, 1));
+    TRY(vector(kn, &in[3], "m", n, requant));
+    TRY(vector(kn, &in[4], "c", n, requant));
+    TRY(vector(kn, &in[5], "table", attr(kn, "hi") - attr(kn, "lo") + 1, table));
+    TRY(vector(kn, &in[6], "res", rows * n, kind == EPI_ADD));
+    TRY(vector(kn, &in[7], "mb", n, kind == EPI_ADD));
+    TRY(vector(kn, &in[8], "m2", n, kind == EPI_TABLE_REQUANT));
+    TRY(vector(kn, &in[9], "c2", n, kind == EPI_TABLE_REQUANT));
+    const int8_t *packed = NULL;
+    TRY(packed_weights(kn, w, n, kp, &packed));
+    int64_t dims[8];
+    memcpy(dims, x->dims, sizeof dims);
+    dims[x->rank - 1] = n;
+    void *y;
+    TRY(output(kn, ctx, dims, x->rank, &y));
+    if (!rows) return NULL;
+    epilogue_t e = {.kind = kind, .out_type = kn->out_type, .bias = in[2].data, .pre = (int32_t)attr(kn, "pre"),
+                    .k = (int32_t)attr(kn, "k"), .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"),
+                    .zp = (int32_t)attr(kn, "zp"), .m = in[3].data, .c = in[4].data, .table = in[5].data,
+                    .res = in[6].data, .ldr = n, .pb = (int32_t)attr(kn, "pb"), .mb = in[7].data, .m2 = in[8].data,
+                    .c2 = in[9].data, .pre2 = (int32_t)attr(kn, "pre2"), .k2 = (int32_t)attr(kn, "k2"),
+                    .lo2 = (int32_t)attr(kn, "lo2"), .hi2 = (int32_t)attr(kn, "hi2"), .zp2 = (int32_t)attr(kn, "zp2")};
+    int threads = threads_of(kn);
+    uint8_t *a = as_u8_rows(x->data, rows, k, kp, (int)flip, threads);
+    if (!a && (flip || k != kp)) return api->CreateStatus(ORT_FAIL, "graphopt IntGemm: out of memory");
+    go_gemm(a ? a : x->data, kp, rows, kp, packed, n, &e, y, n, threads);
+    free(a);
+    return NULL;
+}
+
+/* ---- Shiftmax parameters with a mask broadcast to [D0, D1, R, L] (cpu_integer_library.softmax) --------- */
+static OrtStatus *softmax_params(const kernel_t *kn, const tensor_t *pow2, const tensor_t *mask, const int64_t *shape,
+                                 softmax_t *sm, uint8_t **owned) {
+    int64_t X = attr(kn, "X"), n = attr(kn, "n_pow");
+    TRY(vector(kn, pow2, "pow2", n * X + 1, 1));
+    *sm = (softmax_t){.pow2 = pow2->data, .X = (int32_t)X, .n = (int32_t)n, .bits = (int32_t)attr(kn, "bits")};
+    *owned = NULL;
+    if (!mask->data) return NULL;
+    if (mask->type != T_BOOL && mask->type != T_UINT8)
+        return fail(kn->api, kn, "mask must be bool, got %s", type_name(mask->type));
+    if (mask->rank > 4) return fail(kn->api, kn, "mask has rank %zu (at most 4)", mask->rank);
+    int64_t md[4], stride[4], s = 1;
+    for (int d = 3; d >= 0; d--) {
+        int src = d - (4 - (int)mask->rank);
+        md[d] = src >= 0 ? mask->dims[src] : 1;
+        if (md[d] != shape[d] && md[d] != 1)
+            return fail(kn->api, kn, "the mask does not broadcast to the scores (axis %d: %lld vs %lld)", d,
+                        (long long)md[d], (long long)shape[d]);
+        stride[d] = md[d] == shape[d] ? s : 0;
+        s *= md[d];
+    }
+    const uint8_t *m = mask->data;
+    if (shape[3] > 1 && md[3] == 1) {   /* each row's one value over L columns: materialized, as torch does */
+        int64_t total = shape[0] * shape[1] * shape[2] * shape[3];
+        uint8_t *full = malloc((size_t)total);
+        if (!full) return kn->api->CreateStatus(ORT_FAIL, "graphopt: out of memory");
+        for (int64_t i = 0; i < total / shape[3]; i++) {
+            int64_t i2 = i % shape[2], i1 = i / shape[2] % shape[1], i0 = i / (shape[2] * shape[1]);
+            memset(full + i * shape[3], m[i0 * stride[0] + i1 * stride[1] + i2 * stride[2]], (size_t)shape[3]);
+        }
+        *owned = full;
+        m = full;
+        stride[0] = shape[1] * shape[2] * shape[3];
+        stride[1] = shape[2] * shape[3];
+        stride[2] = shape[3];
+    }
+    sm->mask = m;
+    sm->m0 = stride[0];
+    sm->m1 = stride[1];
+    sm->mr = stride[2];
+    return NULL;
+}
+
+/* ---- IntBmm: cpu_integer_ops.int_bmm ------------------------------------------------------------------ */
+static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    const OrtApi *api = kn->api;
+    tensor_t in[7];
+    for (size_t i = 0; i < 7; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    const tensor_t *a = &in[0], *b = &in[1];
+    int64_t flip_a = attr(kn, "flip_a"), flip_b = attr(kn, "flip_b");
+    if (a->rank < 3 || a->rank > 4 || b->rank != a->rank)
+        return fail(api, kn, "a and b must both be 3-D or 4-D, got ranks %zu and %zu", a->rank, b->rank);
+    if (a->type != (flip_a ? T_INT8 : T_UINT8) || b->type != (flip_b ? T_UINT8 : T_INT8))
+        return fail(api, kn, "a must be %s and b %s (flip_a=%lld, flip_b=%lld), got %s and %s",
+                    flip_a ? "int8" : "uint8", flip_b ? "uint8" : "int8", (long long)flip_a, (long long)flip_b,
+                    type_name(a->type), type_name(b->type));
+    size_t r = a->rank;
+    int64_t B1 = r == 4 ? a->dims[0] : 1, B2 = a->dims[r - 3], M = a->dims[r - 2], K = a->dims[r - 1],
+            N = b->dims[r - 1];
+    if (b->dims[r - 2] != K || (r == 4 && b->dims[0] != B1) || b->dims[r - 3] != B2)
+        return fail(api, kn, "b's batch dims or K (%lld) do not match a's", (long long)b->dims[r - 2]);
+    int softmax = in[5].data != NULL, requant = kn->kind == EPI_REQUANT;
+    if (kn->kind != EPI_RAW && !requant) return fail(api, kn, "epilogue kind '%s' is not one of a bmm", KINDS[kn->kind]);
+    if (softmax && kn->out_type != OUT_U8) return fail(api, kn, "with pow2 (Shiftmax) the output is u8");
+    TRY(vector(kn, &in[2], "bias", N, 1));
+    TRY(vector(kn, &in[3], "m", N, requant));
+    TRY(vector(kn, &in[4], "c", N, requant));
+    int64_t shape[4] = {B1, B2, M, N}, dims[4];
+    memcpy(dims, a->dims, sizeof(int64_t) * r);
+    dims[r - 1] = N;
+    softmax_t sm;
+    uint8_t *mask = NULL;
+    if (softmax) TRY(softmax_params(kn, &in[5], &in[6], shape, &sm, &mask));
+    void *y;
+    OrtStatus *s = output(kn, ctx, dims, r, &y);
+    if (s || B1 * B2 * M * N == 0) {
+        free(mask);
+        return s;
+    }
+    epilogue_t e = {.kind = kn->kind, .out_type = softmax ? OUT_I32 : kn->out_type, .bias = in[2].data,
+                    .pre = (int32_t)attr(kn, "pre"), .k = (int32_t)attr(kn, "k"), .lo = (int32_t)attr(kn, "lo"),
+                    .hi = (int32_t)attr(kn, "hi"), .zp = (int32_t)attr(kn, "zp"), .m = in[3].data, .c = in[4].data};
+    int threads = threads_of(kn);
+    uint8_t *au = as_u8_rows(a->data, B1 * B2 * M, K, K, (int)flip_a, threads);
+    if (!au && flip_a) {
+        free(mask);
+        return api->CreateStatus(ORT_FAIL, "graphopt IntBmm: out of memory");
+    }
+    go_bmm(au ? au : a->data, B2 * M * K, M * K, K, b->data, B2 * K * N, K * N, N, 1, (int32_t)flip_b, B1, B2, M, K, N,
+           (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, threads);
+    free(au);
+    free(mask);
+    return NULL;
+}
+
+/* ---- IntLayerNorm, IntShiftmax, IntRequant, IntAdd ------------------------------------------------------ */
+static epilogue_t requant_epilogue(const kernel_t *kn, int kind, const void *m, const void *c) {
+    return (epilogue_t){.kind = kind, .out_type = kn->out_type, .pre = (int32_t)attr(kn, "pre"),
+                        .k = (int32_t)attr(kn, "k"), .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"),
+                        .zp = (int32_t)attr(kn, "zp"), .m = m, .c = c};
+}
+
+static OrtStatus *rows_of(const kernel_t *kn, const tensor_t *x, int type, int64_t *rows, int64_t *cols) {
+    if (type != T_UNDEFINED && x->type != type)
+        return fail(kn->api, kn, "x must be %s, got %s", type_name(type), type_name(x->type));
+    if (x->rank < 1) return fail(kn->api, kn, "x must have at least one axis");
+    *cols = x->dims[x->rank - 1];
+    *rows = *cols ? x->numel / *cols : 0;
+    return NULL;
+}
+
+static OrtStatus *layernorm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    tensor_t in[3];
+    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    int64_t rows = 0, C = 0;
+    TRY(rows_of(kn, &in[0], T_INT32, &rows, &C));
+    int rq = kn->kind != EPI_RAW;
+    if (rq && kn->kind != EPI_REQUANT) return fail(kn->api, kn, "epilogue kind '%s' is not one of a layernorm",
+                                                   KINDS[kn->kind]);
+    if (!rq && kn->out_type != OUT_I32) return fail(kn->api, kn, "without a requant the output is int32");
+    TRY(vector(kn, &in[1], "m", C, rq));
+    TRY(vector(kn, &in[2], "c", C, rq));
+    void *y;
+    TRY(output(kn, ctx, in[0].dims, in[0].rank, &y));
+    epilogue_t e = requant_epilogue(kn, EPI_REQUANT, in[1].data, in[2].data);
+    if (rows) go_layernorm(in[0].data, rows, C, (int32_t)attr(kn, "sh"), (int32_t)attr(kn, "F"),
+                           (int32_t)attr(kn, "iters"), rq ? &e : NULL, y, threads_of(kn));
+    return NULL;
+}
+
+static OrtStatus *shiftmax(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    tensor_t in[3];
+    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    const tensor_t *x = &in[0];
+    if (x->type != T_INT32 || x->rank < 1 || x->rank > 4)
+        return fail(kn->api, kn, "x must be int32 of rank 1 to 4, got %s of rank %zu", type_name(x->type), x->rank);
+    int64_t shape[4];
+    for (int d = 0; d < 4; d++) shape[d] = d < 4 - (int)x->rank ? 1 : x->dims[d - (4 - (int)x->rank)];
+    softmax_t sm;
+    uint8_t *mask;
+    TRY(softmax_params(kn, &in[1], &in[2], shape, &sm, &mask));
+    void *y;
+    OrtStatus *s = output(kn, ctx, x->dims, x->rank, &y);
+    if (!s && x->numel) go_shiftmax(x->data, shape[0], shape[1], shape[2], shape[3], &sm, y, threads_of(kn));
+    free(mask);
+    return s;
+}
+
+static OrtStatus *requant(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    tensor_t in[3];
+    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    const tensor_t *x = &in[0];
+    if (x->type != T_UINT8 && x->type != T_INT8 && x->type != T_INT32)
+        return fail(kn->api, kn, "x must be uint8, int8 or int32, got %s", type_name(x->type));
+    int64_t rows = 0, C = 0;
+    TRY(rows_of(kn, x, T_UNDEFINED, &rows, &C));
+    TRY(vector(kn, &in[1], "m", C, 1));
+    TRY(vector(kn, &in[2], "c", C, 1));
+    void *y;
+    TRY(output(kn, ctx, x->dims, x->rank, &y));
+    epilogue_t e = requant_epilogue(kn, EPI_REQUANT, in[1].data, in[2].data);
+    if (rows) go_requant(x->data, out_code(x->type), rows, C, &e, y, threads_of(kn));
+    return NULL;
+}
+
+/* b broadcast to a's shape (numpy rules), as int32; NULL when it already has that shape. */
+static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_t *b, int32_t **out) {
+    *out = NULL;
+    if (b->rank == a->rank && !memcmp(a->dims, b->dims, sizeof(int64_t) * a->rank)) return NULL;
+    if (b->rank > a->rank) return fail(kn->api, kn, "b has more axes than a");
+    int64_t stride[8], s = 1;
+    for (int d = (int)a->rank - 1; d >= 0; d--) {
+        int src = d - (int)(a->rank - b->rank);
+        int64_t bd = src >= 0 ? b->dims[src] : 1;
+        if (bd != a->dims[d] && bd != 1)
+            return fail(kn->api, kn, "b does not broadcast to a (axis %d: %lld vs %lld)", d, (long long)bd,
+                        (long long)a->dims[d]);
+        stride[d] = bd == 1 ? 0 : s;
+        s *= bd;
+    }
+    int32_t *full = malloc(sizeof(int32_t) * (size_t)(a->numel ? a->numel : 1));
+    if (!full) return kn->api->CreateStatus(ORT_FAIL, "graphopt: out of memory");
+    const int32_t *src = b->data;
+    for (int64_t i = 0; i < a->numel; i++) {
+        int64_t rem = i, off = 0;
+        for (int d = (int)a->rank - 1; d >= 0; d--) {
+            off += rem % a->dims[d] * stride[d];
+            rem /= a->dims[d];
+        }
+        full[i] = src[off];
+    }
+    *out = full;
+    return NULL;
+}
+
+static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    tensor_t in[5];
+    for (size_t i = 0; i < 5; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    int64_t rows = 0, C = 0;
+    TRY(rows_of(kn, &in[0], T_INT32, &rows, &C));
+    if (in[1].type != T_INT32) return fail(kn->api, kn, "b must be int32, got %s", type_name(in[1].type));
+    TRY(vector(kn, &in[2], "ma", C, 1));
+    TRY(vector(kn, &in[3], "mb", C, 1));
+    TRY(vector(kn, &in[4], "c", C, 1));
+    int32_t *b;
+    TRY(broadcast(kn, &in[0], &in[1], &b));
+    void *y;
+    OrtStatus *s = output(kn, ctx, in[0].dims, in[0].rank, &y);
+    if (!s && rows) {
+        epilogue_t e = requant_epilogue(kn, EPI_ADD, in[2].data, in[4].data);
+        e.mb = in[3].data;
+        e.pb = (int32_t)attr(kn, "pb");
+        go_add(in[0].data, b ? b : in[1].data, rows, C, &e, y, threads_of(kn));
+    }
+    free(b);
+    return s;
+}
+
+static OrtStatus *compute(void *p, OrtKernelContext *ctx) {
+    kernel_t *kn = p;
+    size_t count;
+    TRY(kn->api->KernelContext_GetInputCount(ctx, &count));
+    switch (kn->op) {
+    case OP_GEMM: return gemm(kn, ctx, count);
+    case OP_BMM: return bmm(kn, ctx, count);
+    case OP_LAYERNORM: return layernorm(kn, ctx, count);
+    case OP_SHIFTMAX: return shiftmax(kn, ctx, count);
+    case OP_REQUANT: return requant(kn, ctx, count);
+    default: return add(kn, ctx, count);
+    }
+}
+
+/* ---- registration ------------------------------------------------------------------------------------- */
+static const char *op_name(const OrtCustomOp *op) { return ((const custom_op_t *)op)->name; }
+static const char *op_provider(const OrtCustomOp *op) { (void)op; return NULL; }     /* the CPU provider */
+static int op_input_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_UNDEFINED; }
+static size_t op_input_count(const OrtCustomOp *op) { return (size_t)SPECS[((const custom_op_t *)op)->op].inputs; }
+static int op_output_type(const OrtCustomOp *op, size_t i) { (void)i; return OUT_ONNX[((const custom_op_t *)op)->out_type]; }
+static size_t op_output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static int op_input_characteristic(const OrtCustomOp *op, size_t i) {
+    return (int)i < SPECS[((const custom_op_t *)op)->op].required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+static int op_output_characteristic(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return INPUT_OUTPUT_REQUIRED; }
+static int op_input_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }   /* OrtMemTypeDefault */
+
+static custom_op_t VARIANTS[N_OPS * 3];
+static int n_variants;
+static pthread_once_t variants_once = PTHREAD_ONCE_INIT;
+
+static void make_variants(void) {
+    for (int op = 0; op < N_OPS; op++)
+        for (int out = 0; out < 3; out++) {
+            if (op == OP_SHIFTMAX && out != OUT_U8) continue;      /* Shiftmax writes u8 only */
+            custom_op_t *v = &VARIANTS[n_variants++];
+            v->op = op;
+            v->out_type = out;
+            snprintf(v->name, sizeof v->name, "%s_%s", SPECS[op].name, OUT_NAMES[out]);
+            v->base = (OrtCustomOp){.version = GO_ORT_API_VERSION, .GetName = op_name,
+                                    .GetExecutionProviderType = op_provider, .GetInputType = op_input_type,
+                                    .GetInputTypeCount = op_input_count, .GetOutputType = op_output_type,
+                                    .GetOutputTypeCount = op_output_count, .KernelDestroy = destroy_kernel,
+                                    .GetInputCharacteristic = op_input_characteristic,
+                                    .GetOutputCharacteristic = op_output_characteristic,
+                                    .GetInputMemoryType = op_input_memory, .CreateKernelV2 = create_kernel,
+                                    .KernelComputeV2 = compute};
+        }
+}
+
+/* The entry point SessionOptions.register_custom_ops_library calls. */
+OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    const OrtApi *api = base->GetApi(GO_ORT_API_VERSION);
+    if (!api) {                         /* every runtime has version 1's CreateStatus at slot 0 */
+        const OrtApi *old = base->GetApi(1);
+        char msg[256];
+        snprintf(msg, sizeof msg, "graphopt's cpu_integer custom ops need ONNX Runtime >= 1.%d (C API version %d); "
+                 "this is onnxruntime %s", GO_ORT_API_VERSION, GO_ORT_API_VERSION, base->GetVersionString());
+        return old ? old->CreateStatus(ORT_FAIL, msg) : NULL;
+    }
+    pthread_once(&variants_once, make_variants);
+    OrtCustomOpDomain *domain;          /* lives as long as the process: sessions keep using it */
+    TRY(api->CreateCustomOpDomain("ai.graphopt.cpu_integer", &domain));
+    for (int i = 0; i < n_variants; i++) TRY(api->CustomOpDomain_Add(domain, &VARIANTS[i].base));
+    return api->AddCustomOpDomain(options, domain);
+}
