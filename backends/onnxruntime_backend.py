@@ -5,6 +5,8 @@ callable taking the model's inputs (positional tensors or keyword names; torch o
 returning torch tensors, in the original output structure when the graph came from PyTorch.
 Providers default to CUDA when this onnxruntime build has it, then CPU. ``.onnx`` paths given to
 ``OptimizedModel.save`` are written by ``save_onnx`` (atomically: temp file + rename).
+``custom_ops_session(path)`` opens a model written with graphopt's cpu_integer custom ops (opt-cli
+--ort-custom-ops) with their library registered.
 """
 from __future__ import annotations
 
@@ -103,6 +105,14 @@ def _session_via_files(model, options, providers):
         return ort.InferenceSession(path, options, providers=providers)
 
 
+def custom_ops_session(model, *, threads: int | None = None, optimization_level: str = "all"):
+    """An InferenceSession for a model with graphopt's cpu_integer custom ops (``opt-cli --ort-custom-ops``,
+    ``to_onnx_custom_ops``): their library is built if needed and registered (``ort_custom_ops.session``)."""
+    from graphopt.backends import ort_custom_ops
+
+    return ort_custom_ops.session(model, threads=threads, optimization_level=optimization_level)
+
+
 class OnnxRuntimeExecutable:
     """Called like the source model; ``.model`` is the ONNX ModelProto, ``.session`` the ORT session."""
 
@@ -197,6 +207,6 @@ def write_model(model: onnx.ModelProto, path: str, *, external_data: bool | None
     return [path, os.path.join(directory, data_name)]
 
 
-__all__ = ["DEFAULT_OPSET", "OnnxRuntimeExecutable", "create_session", "default_providers", "model_bytes",
+__all__ = ["DEFAULT_OPSET", "OnnxRuntimeExecutable", "create_session", "custom_ops_session", "default_providers", "model_bytes",
            "register_aten_lowering", "register_lowering", "resolve_providers", "save_onnx", "session_options",
            "to_onnx", "write_model"]

@@ -34,8 +34,11 @@ def stage(text):
     with open(folder + "/stage.txt", "w") as f:
         f.write(text)
 
-def session(path):
+def session(path, custom_ops=None):
     options = ort.SessionOptions()
+    if custom_ops:  # as graphopt's custom_ops_session: no idle spinning against the kernels' OpenMP threads
+        options.register_custom_ops_library(custom_ops)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if cfg["threads"] is not None:
         options.intra_op_num_threads = cfg["threads"]
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg["level"])
@@ -46,7 +49,7 @@ try:
     stage("loading the input model")
     s_in = session(cfg["input"])
     stage("loading the output model")
-    s_out = session(cfg["output"])
+    s_out = session(cfg["output"], cfg["custom_ops"])
     with np.load(folder + "/feeds.npz", allow_pickle=False) as data:
         feeds = {k: data[k] for k in data.files}
     sides = {}
@@ -81,8 +84,9 @@ _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
                "all": "ORT_ENABLE_ALL"}
 
 
-def _run_ort_child(before: ModelSide, proto_out, staged_model, feeds, args) -> dict:
-    """Run and time both models in a child process; returns its result (outputs as numpy lists)."""
+def _run_ort_child(before: ModelSide, proto_out, staged_model, feeds, args, custom_ops=None) -> dict:
+    """Run and time both models in a child process; returns its result (outputs as numpy lists).
+    ``custom_ops``: the custom-op library the output model needs (--ort-custom-ops)."""
     import numpy as np
 
     from graphopt.backends.onnxruntime_backend import write_model
@@ -98,7 +102,7 @@ def _run_ort_child(before: ModelSide, proto_out, staged_model, feeds, args) -> d
             write_model(proto_out, target)
         config = {"input": source, "output": target, "threads": args.threads, "level": _ORT_LEVELS[args.opt_level],
                   "runs": args.runs, "warmup": args.warmup,
-                  "timing": timing.__file__}
+                  "timing": timing.__file__, "custom_ops": custom_ops}
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f)
         np.savez(os.path.join(folder, "feeds.npz"), **feeds)
@@ -158,12 +162,14 @@ def _comparable(name: str, a, b, leading: int | None):
                                "are merged or dropped"
 
 
-def check(before: ModelSide, proto_out, staged_model, feeds, args, specs, leading_tokens=None) -> dict:
-    """Run both models in ONNX Runtime on ``feeds``: errors, cosine, latencies, and whether the limits hold."""
+def check(before: ModelSide, proto_out, staged_model, feeds, args, specs, leading_tokens=None,
+          custom_ops=None) -> dict:
+    """Run both models in ONNX Runtime on ``feeds``: errors, cosine, latencies, and whether the limits hold.
+    ``custom_ops``: the custom-op library the output model needs (--ort-custom-ops)."""
     import numpy as np
 
     with task(f"ONNX Runtime: both models, {args.warmup} warm-up + {args.runs} timed runs each", key="check"):
-        result = _run_ort_child(before, proto_out, staged_model, feeds, args)
+        result = _run_ort_child(before, proto_out, staged_model, feeds, args, custom_ops)
     ref, got = result["ref"], result["got"]
     out_names_in, out_names_out = result["names_in"], result["names_out"]
     t_in, t_out = Timing(result["times"]["in"]), Timing(result["times"]["out"])

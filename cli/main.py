@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import traceback
 
@@ -15,6 +16,8 @@ from graphopt.cli.outputs import Staging, check_output_path, refuse_input_overla
 from graphopt.progress import showing, task
 
 LISTING = "opt-cli --list-passes"  # what an unknown-pass error tells a CLI user to run
+CUSTOM_DOMAIN = "ai.graphopt.cpu_integer"  # backends/onnx/cpu_integer_ops.DOMAIN (not imported: --help stays light)
+LIBRARY_SUFFIX = ".graphopt_ops.so"  # --ort-custom-ops: OUT.onnx -> OUT.graphopt_ops.so
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every pass numerically against the graph before it (torch reference backend)")
     g.add_argument("--opset", type=int, default=None, help="ai.onnx opset to write (default: the input's)")
     g.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data next to the output")
+    g.add_argument("--ort-custom-ops", action="store_true",
+                   help="write the integer graph (-p integer_only) with graphopt's fused cpu_integer kernels as ONNX "
+                        f"Runtime custom ops (domain {CUSTOM_DOMAIN}) and their compiled library next to the output "
+                        f"(OUT{LIBRARY_SUFFIX}): load it with SessionOptions.register_custom_ops_library, or open the "
+                        "model with graphopt.backends.onnxruntime_backend.custom_ops_session. Such a model runs only "
+                        "where that library loads; the default output uses standard ONNX ops only and runs in any "
+                        "ONNX Runtime")
     g.add_argument("-q", "--quiet", action="store_true", help="print no table or progress, only errors")
     g.add_argument("-v", "--verbose", action="store_true", help="every pass note in full (the table shows a summary)")
     return p
@@ -70,6 +80,9 @@ _EPILOG = """examples:
   opt-cli model.onnx -o out.onnx -p cse -p dce            clean up a model
   opt-cli model.onnx -o out.onnx -p "token_merge:r=8" --check --report report.html
   opt-cli model.onnx -o out.onnx --calib calib.npz -p integer_only
+  opt-cli model.onnx -o out.onnx --calib calib.npz -p integer_only --ort-custom-ops
+                                                          the same, with graphopt's integer kernels as ONNX Runtime
+                                                          custom ops (library written to out.graphopt_ops.so)
   opt-cli model.onnx -o out.onnx -p "low_rank:ranks={blocks.0.*:16,blocks.1.*:8}"
   opt-cli --list-passes                                   every pass, what it does
   opt-cli --explain low_rank                              a pass's options
@@ -135,13 +148,20 @@ def run(args) -> int:
     from graphopt.passes import make_spec
 
     specs = [make_spec(p, LISTING) for p in args.passes]  # bad pass names and options fail before any work
+    if args.ort_custom_ops and "integer_only" not in [s.name for s in specs]:
+        raise CliError("--ort-custom-ops writes the fused kernels of an integer graph: add -p integer_only (calibrated "
+                       "with --calib)")
     dims = parse_dims(args.dim)
     inputs = [p for p in (args.model, args.calib) if p]
     output = check_output_path(args.output, inputs, args.force, (".onnx",), "output")
     report_path = check_output_path(args.report, inputs, args.force, (".json", ".html", ".htm"), "report")
     if output is not None and args.external_data:
         check_output_path(output + ".data", inputs, args.force, (".data",), "external data")
-    refuse_same_target([output, output + ".data" if output and args.external_data else None, report_path])
+    library = None
+    if output is not None and args.ort_custom_ops:
+        library = check_output_path(os.path.splitext(output)[0] + LIBRARY_SUFFIX, inputs, args.force, (".so",),
+                                    "custom-op library")
+    refuse_same_target([output, output + ".data" if output and args.external_data else None, report_path, library])
     with Staging() as staging:
         with showing(not args.quiet and not args.why_not, _progress_console(), name="opt-cli") as timings:
             before, graph, source = load(args)
@@ -153,14 +173,15 @@ def run(args) -> int:
                 print(_why_not(graph, args.why_not))
                 return EXIT_OK
             proto_out, after, written, staged_model = _lower(graph, args, output, inputs + before.data_files, staging)
+            custom_ops = _custom_ops_library(library, staging, written) if args.ort_custom_ops else None
             check_result = None
             if args.check:
                 check_result = check.check(before, proto_out, staged_model, feeds, args, specs,
-                                           graph.meta.get("leading_tokens_kept"))
+                                           graph.meta.get("leading_tokens_kept"), custom_ops)
         summary = {"source": source, "input": before, "output": after, "passes": [str(s) for s in specs],
                    "pipeline": pipeline, "check": check_result, "inputs": input_note, "timings": timings,
                    "written": written, "verbose": args.verbose, "graph_before": graph_before, "graph_after": graph,
-                   "dims": dims}
+                   "dims": dims, "custom_ops_library": library or custom_ops}
         if not args.quiet:
             report.print_summary(summary)
         if check_result is not None and not check_result["passed"]:
@@ -202,7 +223,12 @@ def _lower(graph, args, output, inputs, staging):
     from graphopt.backends.onnxruntime_backend import write_model
 
     with task("writing ONNX" if output else "lowering to ONNX", key="lower"):
-        proto_out = to_onnx(graph, opset=args.opset)
+        if args.ort_custom_ops:
+            from graphopt.backends.onnx.cpu_integer_ops import to_onnx_custom_ops
+
+            proto_out = to_onnx_custom_ops(graph, threads=args.threads or 0, opset=args.opset)
+        else:
+            proto_out = to_onnx(graph, opset=args.opset)
         after = describe(proto_out)
         written, staged_model = [], None
         if output is not None:
@@ -218,6 +244,19 @@ def _lower(graph, args, output, inputs, staging):
         else:
             after.file_bytes = proto_out.ByteSize()
     return proto_out, after, written, staged_model
+
+
+def _custom_ops_library(final, staging, written) -> str:
+    """The custom-op library (built, or taken from the cache); with -o a copy is staged to go next to the
+    output. Returns the cached library's path (what --check loads)."""
+    from graphopt.backends import ort_custom_ops
+
+    with task("building the ONNX Runtime custom-op library", key="custom_ops"):
+        cached = ort_custom_ops.library_path()
+    if final is not None:
+        shutil.copyfile(cached, staging.stage(final))
+        written.append(final)
+    return cached
 
 
 # ---- pass listing ------------------------------------------------------------------------------

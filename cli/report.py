@@ -81,6 +81,9 @@ def print_summary(summary) -> None:
         console = Console(width=120)  # piped or captured: wide enough that no column is cut
     for table in summary_tables(summary):
         console.print(table)
+    if summary.get("custom_ops_library"):
+        console.print(f"ONNX Runtime custom-op library: {summary['custom_ops_library']} (load it with "
+                      "SessionOptions.register_custom_ops_library)", highlight=False)
 
 
 def report_dict(summary) -> dict:
@@ -93,7 +96,8 @@ def report_dict(summary) -> dict:
     return {"tool": "opt-cli", "graphopt_version": __version__, "source": summary["source"],
             "input": side(summary["input"]), "output": side(summary["output"]), "passes": summary["passes"],
             "pipeline": summary["pipeline"].to_dict(), "check": summary["check"], "inputs": summary["inputs"],
-            "timings_seconds": summary["timings"], "files_written": summary["written"]}
+            "timings_seconds": summary["timings"], "files_written": summary["written"],
+            "custom_ops_library": summary.get("custom_ops_library")}
 
 
 def write_report(path, summary) -> None:
