@@ -1,0 +1,335 @@
+"""cpu_integer's kernels as ONNX Runtime custom ops: each fused kernel, written as a custom-domain node and
+run by the custom-op library in ONNX Runtime, gives exactly the integers of the reference ops (torch
+backend) and of cpu_integer; whole integer models (tiny ViT, a BERT with padding masks) at batch 1 and
+more; opt-cli --ort-custom-ops; the portable output stays standard-op only; clear errors."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.backends import LoweringError
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.ir import Graph, TensorType
+from tests.tiny_models import padded_ids, tiny_bert
+
+ort = pytest.importorskip("onnxruntime")
+try:
+    kernels.library()
+except kernels.KernelBuildError as e:       # no C compiler on this machine
+    pytest.skip(str(e), allow_module_level=True)
+
+from graphopt.backends.onnx.cpu_integer_ops import DOMAIN, to_onnx_custom_ops, unpack_b  # noqa: E402
+from graphopt.backends.onnxruntime_backend import custom_ops_session  # noqa: E402
+from graphopt.backends.registry import lower  # noqa: E402
+
+I32, U8, I8 = torch.int32, torch.uint8, torch.int8
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape, dtype, g, lo=None, hi=None):
+    info = torch.iinfo(dtype)
+    lo = info.min if lo is None else lo
+    hi = info.max if hi is None else hi
+    return torch.randint(lo, hi + 1, shape, generator=g).to(dtype)
+
+
+def _run(session, graph: Graph, inputs) -> list[torch.Tensor]:
+    names = [i.name for i in session.get_inputs()]
+    assert names == [v.name for v in graph.inputs]
+    return [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
+
+
+def _check(graph: Graph, inputs, custom_ops: dict[str, int], threads=1):
+    """The graph as custom ops: the expected custom nodes, no integer op left as standard ops, outputs equal
+    (dtype and value) to the reference backend's and cpu_integer's."""
+    model = to_onnx_custom_ops(graph, threads=threads)
+    ops = [n.op_type for n in model.graph.node if n.domain == DOMAIN]
+    assert {op: ops.count(op) for op in custom_ops} == custom_ops and len(ops) == sum(custom_ops.values()), ops
+    assert not {"MatMulInteger", "ConvInteger", "GatherElements"} & {n.op_type for n in model.graph.node}
+    got = _run(custom_ops_session(model, threads=threads), graph, inputs)
+    want = lower(graph, "torch").run_flat(*inputs)
+    also = lower(graph, "cpu_integer", threads=2).run_flat(*inputs)
+    for w, a, o in zip(want, also, got, strict=True):
+        assert o.dtype == w.dtype and torch.equal(o, w) and torch.equal(a, w)
+    return model
+
+
+# ---- each kernel --------------------------------------------------------------------------------------
+def _linear_graph(k=64, n=40, rows=(3, 11), x_dtype=U8, bias=False, seed=0):
+    g = _gen(seed)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(x_dtype, rows + (k,)))
+    w = graph.add_constant(_rand((n, k), I8, g))
+    b = graph.add_constant(_rand((n,), I32, g, -5000, 5000)) if bias else None
+    y = graph.call("int.linear", x, w, b, x_zp=128 if x_dtype == U8 else 0)
+    return graph, y, _rand(rows + (k,), x_dtype, g), g
+
+
+@pytest.mark.parametrize("x_dtype,k", [(U8, 64), (I8, 36), (U8, 30)])
+def test_linear_requant_and_raw(x_dtype, k):
+    """Both 8-bit input types (i8 read as u8 + 128) and a K padded to a multiple of 4."""
+    graph, y, x, g = _linear_graph(k=k, x_dtype=x_dtype, bias=True)
+    m, c = graph.add_constant(_rand((40,), I32, g, 1, 511)), graph.add_constant(_rand((40,), I32, g, -99, 99))
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=16, lo=-128, hi=127, zero_point=128, dtype="u8")])
+    _check(graph, [x], {"IntGemm_u8": 1})
+    graph, y, x, _ = _linear_graph(k=k, x_dtype=x_dtype)
+    graph.set_outputs([y])
+    _check(graph, [x], {"IntGemm_i32": 1})
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_shiftgelu_table_epilogues(per_channel):
+    graph, y, x, g = _linear_graph()
+    m1, c1 = graph.add_constant(_rand((40,), I32, g, 1, 63)), graph.add_constant(torch.tensor(512, dtype=I32))
+    h = graph.call("int.requant", y, m1, c1, pre=0, k=10, lo=-32768, hi=32767, zero_point=0, dtype="i32")
+    h = graph.call("int.shiftgelu", h, X=128, n=10, bits=12, in_bits=16)
+    shape = (40,) if per_channel else ()
+    m2, c2 = graph.add_constant(_rand(shape, I32, g, 1, 255)), graph.add_constant(_rand(shape, I32, g, -999, 999))
+    graph.set_outputs([graph.call("int.requant", h, m2, c2, pre=8, k=18, lo=-128, hi=127, zero_point=128, dtype="u8")])
+    model = _check(graph, [x], {"IntGemm_u8": 1})
+    kind = next(a.s for n in model.graph.node for a in n.attribute if a.name == "kind")
+    assert kind == (b"table_requant" if per_channel else b"table")
+
+
+@pytest.mark.parametrize("gemm_first", [True, False])
+def test_linear_residual_add(gemm_first):
+    graph, y, x, g = _linear_graph(bias=True)
+    res = graph.add_input("res", TensorType(I32, (3, 11, 40)))
+    ma, mb = graph.add_constant(torch.tensor(37, dtype=I32)), graph.add_constant(_rand((40,), I32, g, 1, 255))
+    c = graph.add_constant(torch.tensor(-77, dtype=I32))
+    args = (y, res, ma, mb) if gemm_first else (res, y, mb, ma)
+    pa, pb = (4, 1) if gemm_first else (1, 4)
+    graph.set_outputs([graph.call("int.add", *args, c, pa=pa, pb=pb, k=10, lo=-32768, hi=32767, zero_point=0,
+                                  dtype="i32")])
+    _check(graph, [x, _rand((3, 11, 40), I32, g, -32768, 32767)], {"IntGemm_i32": 1})
+
+
+@pytest.mark.parametrize("k,masked,rank", [(64, False, 4), (20, True, 4), (24, False, 3)])
+def test_attention_bmm_with_shiftmax(k, masked, rank):
+    g = _gen(1)
+    lead = (2, 3) if rank == 4 else (6,)
+    graph = Graph("before")
+    q = graph.add_input("q", TensorType(U8, lead + (17, k)))
+    kt = graph.add_input("kt", TensorType(I8, lead + (k, 19)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
+    s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
+    s = graph.call("int.requant", s, graph.add_constant(torch.tensor(5, dtype=I32)),
+                   graph.add_constant(torch.tensor(1 << 14, dtype=I32)), pre=7, k=15, lo=-32768, hi=32767,
+                   zero_point=0, dtype="i32")
+    p = graph.call("int.shiftmax", s, mask, X=128, n=14, bits=8)
+    v = graph.add_input("v", TensorType(I8, lead + (19, 8)))
+    o = graph.call("int.matmul", p, v, a_zp=0, b_zp=0)
+    graph.set_outputs([graph.call("int.requant", o, graph.add_constant(torch.tensor(3, dtype=I32)),
+                                  graph.add_constant(torch.tensor(0, dtype=I32)), pre=0, k=9, lo=-128, hi=127,
+                                  zero_point=128, dtype="u8")])
+    inputs = [_rand(lead + (17, k), U8, g), _rand(lead + (k, 19), I8, g)]
+    inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
+    inputs += [_rand(lead + (19, 8), I8, g)]
+    _check(graph, inputs, {"IntBmm_u8": 2})
+
+
+@pytest.mark.parametrize("X", [96, 128])
+def test_masked_shiftmax_row_broadcast_and_fully_masked(X):
+    """X = 2^k (shift path) or not (table); the mask broadcasts over rows, or over columns (a [.., R, 1] mask
+    the library materializes), and masks a whole batch."""
+    g = _gen(2)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (2, 3, 5, 33)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 33)))
+    rows = graph.add_input("rows", TensorType(torch.bool, (5, 1)))
+    graph.set_outputs([graph.call("int.shiftmax", x, mask, X=X, n=12, bits=8),
+                       graph.call("int.shiftmax", x, X=X, n=12, bits=8),
+                       graph.call("int.shiftmax", x, rows, X=X, n=12, bits=8)])
+    keep = torch.rand(2, 1, 1, 33, generator=g) > 0.3
+    keep[1] = False
+    _check(graph, [_rand((2, 3, 5, 33), I32, g, -3000, 3000), keep, torch.tensor([[True], [False]] * 2 + [[True]])],
+           {"IntShiftmax_u8": 3})
+
+
+def test_layernorm_with_and_without_requant():
+    g = _gen(3)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (4, 10, 48)))
+    y = graph.call("int.layernorm", x, C=48, sh=5, F=13, iters=20)
+    m, c = graph.add_constant(_rand((48,), I32, g, 1, 1023)), graph.add_constant(_rand((48,), I32, g, -999, 999))
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=20, lo=-128, hi=127, zero_point=128, dtype="u8"),
+                       graph.call("int.layernorm", x, C=48, sh=0, F=13, iters=3)])
+    inputs = [_rand((4, 10, 48), I32, g, -32768, 32767)]
+    inputs[0][0, 0] = 7                                   # a constant row: variance 0
+    _check(graph, inputs, {"IntLayerNorm_u8": 1, "IntLayerNorm_i32": 1})
+
+
+def test_standalone_add_with_a_broadcast_operand():
+    g = _gen(7)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (3, 5, 16)))
+    pos = graph.add_constant(_rand((1, 5, 16), I32, g, -32768, 32767))
+    ma, mb = graph.add_constant(_rand((16,), I32, g, 1, 255)), graph.add_constant(torch.tensor(77, dtype=I32))
+    c = graph.add_constant(torch.tensor(3, dtype=I32))
+    graph.set_outputs([graph.call("int.add", x, pos, ma, mb, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,
+                                  dtype="i32")])
+    _check(graph, [_rand((3, 5, 16), I32, g, -32768, 32767)], {"IntAdd_i32": 1})
+
+
+def test_patch_conv_and_standalone_requant():
+    """The patch convolution's im2col and the transpose back stay standard ops around the custom GEMM."""
+    g = _gen(4)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(U8, (2, 3, 16, 16)))
+    w, b = graph.add_constant(_rand((8, 3, 4, 4), I8, g)), graph.add_constant(_rand((8,), I32, g, -999, 999))
+    y = graph.call("int.conv2d", x, w, b, stride=(4, 4), x_zp=128)
+    m, c = graph.add_constant(_rand((8, 1, 1), I32, g, 1, 255)), graph.add_constant(_rand((8, 1, 1), I32, g, -99, 99))
+    y = graph.call("int.requant", y, m, c, pre=2, k=12, lo=-128, hi=127, zero_point=0, dtype="i8")
+    m2, c2 = graph.add_constant(_rand((4,), I32, g, 1, 255)), graph.add_constant(_rand((4,), I32, g, -99, 99))
+    graph.set_outputs([graph.call("int.requant", y, m2, c2, pre=0, k=6, lo=-32768, hi=32767, zero_point=0, dtype="i32")])
+    _check(graph, [_rand((2, 3, 16, 16), U8, g)], {"IntGemm_i8": 1, "IntRequant_i32": 1})
+
+
+@pytest.mark.parametrize("n,k", [(1, 4), (45, 36), (3, 30), (70, 192)])
+def test_unpack_b_inverts_pack_b(n, k):
+    w = _rand((n, k), I8, _gen(n + k))
+    packed, _ = kernels.pack_b(w)
+    assert torch.equal(unpack_b(packed, n, k), w)
+
+
+# ---- whole models -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_graph(tiny_vit_case):
+    g = _gen(5)
+    calib = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(3)]
+    return graphopt.optimize(tiny_vit_case.model, [("integer_only", {"smoothquant": 0.7})], calib[0],
+                             calibration=calib).graph
+
+
+@pytest.mark.parametrize("batch,threads", [(1, 1), (5, 2)])
+def test_tiny_vit_bit_identical_to_reference_and_cpu_integer(vit_graph, batch, threads):
+    x = torch.randn(batch, 3, 32, 32, generator=_gen(batch))
+    session = custom_ops_session(to_onnx_custom_ops(vit_graph), threads=threads)
+    got = _run(session, vit_graph, [x])[0]
+    assert torch.equal(got, lower(vit_graph, "torch").run_flat(x)[0])
+    assert torch.equal(got, lower(vit_graph, "cpu_integer", threads=2).run_flat(x)[0])
+
+
+def test_the_default_onnx_of_an_integer_graph_stays_standard_ops(vit_graph):
+    from graphopt.backends.onnx import to_onnx
+
+    model = to_onnx(vit_graph)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert "MatMulInteger" in {n.op_type for n in model.graph.node}
+
+
+def test_bert_with_padding_masks_bit_identical():
+    model = tiny_bert(64, layers=2)
+    g = _gen(6)
+
+    def batch(n):
+        ids, mask = padded_ids(g, n, 12)
+        return (), {"input_ids": ids, "attention_mask": mask}
+
+    calib = [batch(4) for _ in range(3)]
+    graph = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib).graph
+    onnx_model = to_onnx_custom_ops(graph)
+    assert "IntBmm_u8" in {n.op_type for n in onnx_model.graph.node}
+    session = custom_ops_session(onnx_model, threads=2)
+    for n in (1, 5):
+        _, kw = batch(n)
+        inputs = [kw[v.name] for v in graph.inputs]
+        want = lower(graph, "torch").run_flat(*inputs)
+        for w, o in zip(want, _run(session, graph, inputs), strict=True):
+            assert o.dtype == w.dtype and torch.equal(o, w)
+
+
+# ---- opt-cli ------------------------------------------------------------------------------------------
+def test_opt_cli_writes_the_model_and_library_and_checks_it(tmp_path, capsys):
+    from graphopt.cli import main
+    from graphopt.zoo import tiny_vit
+
+    x = tiny_vit().args[0].numpy()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((3,) + x.shape).astype(np.float32))
+    common = ["--demo", "--calib", str(tmp_path / "calib.npz"), "-p", "integer_only", "-q"]
+    assert main(common + ["-o", str(tmp_path / "portable.onnx")]) == 0
+    code = main(common + ["-o", str(tmp_path / "out.onnx"), "--ort-custom-ops", "--check", "--runs", "1",
+                          "--warmup", "0", "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    library = tmp_path / "out.graphopt_ops.so"
+    assert library.is_file()
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["check"]["passed"] and str(library) in report["files_written"]
+    # the library next to the model is all a user needs; the outputs are those of the portable model
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    custom = ort.InferenceSession(str(tmp_path / "out.onnx"), options, providers=["CPUExecutionProvider"])
+    assert any(n.domain == DOMAIN for n in onnx.load(str(tmp_path / "out.onnx")).graph.node)
+    portable = ort.InferenceSession(str(tmp_path / "portable.onnx"), providers=["CPUExecutionProvider"])
+    feed = {portable.get_inputs()[0].name: rng.standard_normal(x.shape).astype(np.float32)}
+    assert np.array_equal(custom.run(None, feed)[0], portable.run(None, feed)[0])
+
+
+def test_opt_cli_refuses_custom_ops_without_an_integer_graph(tmp_path, capsys):
+    from graphopt.cli import main
+
+    code = main(["--demo", "-o", str(tmp_path / "out.onnx"), "--ort-custom-ops", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "integer_only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+def test_a_float_graph_is_refused():
+    graph = Graph("float")
+    x = graph.add_input("x", TensorType(torch.float32, (2, 4)))
+    graph.set_outputs([graph.call("relu", x)])
+    with pytest.raises(LoweringError, match="no integer ops"):
+        to_onnx_custom_ops(graph)
+
+
+def test_a_kernel_without_a_custom_op_is_an_error_naming_it():
+    from graphopt.backends.onnx.cpu_integer_ops import CustomOpsEmitter
+    from graphopt.ir.opdef import register_op
+
+    register_op("cpu.test_only_kernel", inputs=["x"], infer=lambda x: x)(lambda x: x)
+    graph = Graph("g")
+    x = graph.add_input("x", TensorType(I32, (2, 4)))
+    graph.set_outputs([graph.call("cpu.test_only_kernel", x)])
+    with pytest.raises(LoweringError, match=r"cpu\.test_only_kernel.*no ONNX Runtime custom op"):
+        CustomOpsEmitter(graph, None).build()
+
+
+def _custom_model(op_type, inputs, x_type, y_type=TensorProto.INT32, **attrs):
+    x = helper.make_tensor_value_info("x", x_type, [2, 4])
+    y = helper.make_tensor_value_info("y", y_type, None)
+    m = helper.make_tensor("m", TensorProto.INT32, [4], [1, 1, 1, 1])
+    node = helper.make_node(op_type, ["x"] + inputs, ["y"], name="my_node", domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], "g", [x], [y], [m, helper.make_tensor("c", TensorProto.INT32, [4], [0] * 4)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+
+
+def test_bad_nodes_are_errors_naming_node_and_op():
+    attrs = dict(kind="requant", pre=0, k=0, lo=-100, hi=100, zp=0, threads=1)
+    with pytest.raises(LoweringError, match="IntRequant_i32.*no int attribute 'zp'"):
+        custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.INT32,
+                                         **{k: v for k, v in attrs.items() if k != "zp"}))
+    with pytest.raises(LoweringError, match="unknown epilogue kind 'fancy'"):
+        custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.INT32, **dict(attrs, kind="fancy")))
+    session = custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.FLOAT, **attrs))
+    with pytest.raises(Exception, match="my_node.*IntRequant_i32: x must be uint8, int8 or int32"):
+        session.run(None, {"x": np.zeros((2, 4), np.float32)})
+    session = custom_ops_session(_custom_model("IntLayerNorm_u8", [], TensorProto.INT32, TensorProto.UINT8,
+                                               sh=0, F=13, iters=3, **attrs))
+    with pytest.raises(Exception, match=r"my_node.*IntLayerNorm_u8: m is missing \(epilogue kind 'requant' needs"):
+        session.run(None, {"x": np.zeros((2, 4), np.int32)})
+    with pytest.raises(LoweringError, match=r"my_node.*IntRequant_i32.*input size 2"):   # ONNX Runtime's own check
+        custom_ops_session(_custom_model("IntRequant_i32", ["m"], TensorProto.INT32, **attrs))
+
+
+def test_an_old_onnxruntime_is_refused_with_its_version(monkeypatch):
+    monkeypatch.setattr(ort, "__version__", "1.15.1")
+    with pytest.raises(LoweringError, match=r"onnxruntime >= 1\.16.*1\.15\.1"):
+        custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.INT32))
