@@ -21,6 +21,7 @@ from graphopt import zoo
 from graphopt.timing import interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INTEGER_ONLY = {"smoothquant": 0.7}  # as bench/integer_only.py's int_only
 
 
 def run(args) -> dict:
@@ -35,7 +36,7 @@ def run(args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224, generator=g)
     calib = [(torch.randn(args.batch, 3, 224, 224, generator=g),) for _ in range(args.calib)]
-    graph = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], (x,), calibration=calib).graph
+    graph = graphopt.optimize(model, [("integer_only", INTEGER_ONLY)], (x,), calibration=calib).graph
     kernels = lower(graph, "cpu_integer", threads=args.threads)
     custom = ort_custom_ops.session(to_onnx_custom_ops(graph), threads=args.threads)
     standard = create_session(to_onnx(graph), threads=args.threads)
