@@ -29,6 +29,10 @@
 #include <stddef.h>
 #include <stdio.h>
 
+/* Built with -fvisibility=hidden (ort_custom_ops.py): only what is marked EXPORT is visible, so this copy of the
+ * kernels never interposes on (or is interposed by) the cpu_integer library loaded in the same process. */
+#define EXPORT __attribute__((visibility("default")))
+
 /* ---- the ONNX Runtime C ABI (the parts used) ---------------------------------------------------------- */
 #define GO_ORT_API_VERSION 16
 
@@ -153,9 +157,9 @@ typedef struct {
 static int default_threads;            /* go_ort_set_threads; 0: OpenMP's default */
 
 /* The thread count for kernels whose node says 0 (opt-cli writes 0 unless --threads is given). */
-void go_ort_set_threads(int threads) { default_threads = threads; }
+EXPORT void go_ort_set_threads(int threads) { default_threads = threads; }
 
-int go_ort_api_version(void) { return GO_ORT_API_VERSION; }
+EXPORT int go_ort_api_version(void) { return GO_ORT_API_VERSION; }
 
 static int64_t attr(const kernel_t *kn, const char *name) {
     const char *const *names = SPECS[kn->op].attrs;
@@ -635,7 +639,7 @@ static void make_variants(void) {
 }
 
 /* The entry point SessionOptions.register_custom_ops_library calls. */
-OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(GO_ORT_API_VERSION);
     if (!api) {                         /* every runtime has version 1's CreateStatus at slot 0 */
         const OrtApi *old = base->GetApi(1);

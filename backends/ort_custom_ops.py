@@ -24,7 +24,7 @@ def library() -> ctypes.CDLL:
     build cache keys on the flags), so a change to the kernels rebuilds it."""
     kernels_key = hashlib.sha256(KERNELS.read_bytes()).hexdigest()[:16]
     lib = load(SOURCE, "ort_custom_ops", "the ONNX Runtime custom-op library",
-               FLAGS + [f"-DGO_KERNELS_SOURCE={kernels_key}"])
+               FLAGS + ["-fvisibility=hidden", f"-DGO_KERNELS_SOURCE={kernels_key}"])
     lib.go_ort_set_threads.argtypes = [ctypes.c_int]
     lib.go_ort_api_version.restype = ctypes.c_int
     return lib

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runs", type=int, default=20, help="timed runs per model for --check, the two models in turn, "
                    "each timed run after an untimed one (default 20)")
     g.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs per model for --check (default 3)")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own choice)")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own choice); with "
+                   "--ort-custom-ops also the kernels' threads, written into the model (default: the library's)")
     g.add_argument("--opt-level", default="all", choices=["disable", "basic", "extended", "all"],
                    help="ONNX Runtime graph optimization level for --check (default all)")
     g.add_argument("--verify-passes", action="store_true",
