@@ -290,14 +290,42 @@ def test_a_float_graph_is_refused():
         to_onnx_custom_ops(graph)
 
 
-def test_a_kernel_without_a_custom_op_is_an_error_naming_it():
-    from graphopt.backends.onnx.cpu_integer_ops import CustomOpsEmitter
+@pytest.fixture(scope="module")
+def kernel_without_custom_op():
+    """A cpu.* kernel op the custom-op library does not have (as a kernel added to cpu_integer later)."""
     from graphopt.ir.opdef import register_op
 
-    register_op("cpu.test_only_kernel", inputs=["x"], infer=lambda x: x)(lambda x: x)
+    register_op("cpu.test_only_kernel", inputs=["x"], infer=lambda x: x.with_dtype(U8))(lambda x: x.to(U8))
+    return "cpu.test_only_kernel"
+
+
+def test_a_fusion_to_a_kernel_without_a_custom_op_keeps_the_standard_lowering(kernel_without_custom_op):
+    from graphopt.backends.kernels import fusion_rules
+    from graphopt.backends.onnx.cpu_integer_ops import CustomOpsEmitter, kernel_graph
+    from graphopt.ir.rewrite import Rule
+
+    new_rule = Rule("test_only_requant", lambda op, x, m, c: op("int.requant", x, m, c),
+                    lambda op, nodes, x, m, c: op(kernel_without_custom_op, x))
+    graph, y, x, g = _linear_graph()
+    m, c = graph.add_constant(_rand((40,), I32, g, 1, 511)), graph.add_constant(_rand((40,), I32, g, -99, 99))
+    h = graph.call("int.requant", graph.call("relu", y), m, c, pre=0, k=16, lo=-128, hi=127, zero_point=128,
+                   dtype="u8")
+    graph.set_outputs([h])
+    want = lower(graph, "torch").run_flat(x)[0]
+    for rules, expected in [([new_rule], "int.requant"), ([new_rule] + fusion_rules("cpu_integer").rules,
+                                                          "cpu.int_requant")]:   # the next rule that has one
+        lowered = kernel_graph(graph, rules)
+        assert lowered.op_counts().get(expected) == 1 and kernel_without_custom_op not in lowered.op_counts()
+        session = custom_ops_session(CustomOpsEmitter(lowered, None).build(), threads=1)
+        assert torch.equal(_run(session, graph, [x])[0], want)
+
+
+def test_a_kernel_without_a_custom_op_is_an_error_naming_it(kernel_without_custom_op):
+    from graphopt.backends.onnx.cpu_integer_ops import CustomOpsEmitter
+
     graph = Graph("g")
     x = graph.add_input("x", TensorType(I32, (2, 4)))
-    graph.set_outputs([graph.call("cpu.test_only_kernel", x)])
+    graph.set_outputs([graph.call(kernel_without_custom_op, x)])
     with pytest.raises(LoweringError, match=r"cpu\.test_only_kernel.*no ONNX Runtime custom op"):
         CustomOpsEmitter(graph, None).build()
 

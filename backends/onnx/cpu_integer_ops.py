@@ -6,9 +6,10 @@ custom-op library ``backends/ort_custom_ops.c`` (same C kernels, so bit-identica
 
 This is opt-in: the portable ONNX of an integer graph (``to_onnx``) writes its ``int.*`` ops as standard
 ai.onnx ops and runs in any ONNX Runtime. Here the graph goes through ``cpu_integer``'s fusions first;
-what they leave (quantize, dequantize, layout ops) stays standard. The lowerings are kernels of their
-own target (``TARGET``), so the default ONNX emitter never writes a custom op, and a ``cpu.*`` op with
-no custom op in the library (a kernel added later) is an error naming the node and the op.
+what they leave (quantize, dequantize, layout ops) stays standard. A fusion making a ``cpu.*`` kernel the
+library has no custom op for (one added later) is skipped, so its chain keeps the standard lowering. The
+lowerings are kernels of their own target (``TARGET``), so the default ONNX emitter never writes a
+custom op; given a ``cpu.*`` node without a custom op, this emitter names the node and the op.
 
 A node is op type ``<Op>_<output dtype>`` (ONNX Runtime takes a custom op's output type from its
 registration), the ``cpu.*`` node's inputs and attributes (bools as ints; ``out`` is in the op type).
@@ -22,11 +23,13 @@ import torch
 
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
-from graphopt.backends.kernels import register_kernel, select
+from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
-from graphopt.ir import Graph, Node
+from graphopt.ir import Graph, Node, Value
 from graphopt.ir.onnx_common import tensor_to_proto
 from graphopt.ir.ops.integer import INT_DTYPES
+from graphopt.ir.rewrite import Rule, RuleSet
+from graphopt.ir.verifier import verify
 
 TARGET = "onnx_ort_custom_ops"
 DOMAIN = "ai.graphopt.cpu_integer"
@@ -39,13 +42,39 @@ def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = No
     """``graph`` (with int.* ops) lowered to cpu_integer's kernels and written with them as custom ops.
     ``threads``: the kernels' thread count, written into each node; 0 leaves it to the library (its
     ``go_ort_set_threads``, else OpenMP's default)."""
-    from graphopt.backends.cpu_integer import lower_to_kernels
+    import graphopt.backends.cpu_integer  # noqa: F401  (registers cpu_integer's fusion rules)
 
-    lowered, _ = lower_to_kernels(graph, threads=1)
+    lowered = kernel_graph(graph, fusion_rules("cpu_integer").rules)
     for node in lowered.nodes:
         if node.op.startswith("cpu."):
             node.attrs["threads"] = int(threads)
     return CustomOpsEmitter(lowered, opset).build()
+
+
+def kernel_graph(graph: Graph, rules: list[Rule]) -> Graph:
+    """A copy of ``graph`` with the fusion ``rules`` applied, except those that make a kernel op with no custom
+    op here: those rules are dropped and the fusions redone, so their chains stay int.* ops."""
+    if not any(n.op.startswith("int.") for n in graph.nodes):
+        raise LoweringError(f"graph {graph.name!r} has no integer ops: the ONNX Runtime custom ops are graphopt's "
+                            "integer kernels; run the 'integer_only' pass first (it needs calibration data)")
+    while True:
+        lowered, made = graph.clone(), []
+        RuleSet("cpu_integer fusions", rules).apply(lowered, on_fire=lambda rule, nodes, new: made.append((rule, new)))
+        dropped = {rule.name for rule, new in made if _kernel_op(new) not in (None, *OP_TYPES)}
+        if not dropped:
+            break
+        rules = [rule for rule in rules if rule.name not in dropped]
+    lowered.remove_unused_constants()
+    verify(lowered)
+    return lowered
+
+
+def _kernel_op(value: Value) -> str | None:
+    """The cpu.* op behind a fusion's replacement (it may end in layout ops: a patch convolution's reshape)."""
+    node = value.producer
+    while node is not None and not node.op.startswith("cpu."):
+        node = node.inputs[0].producer if node.inputs and node.inputs[0] is not None else None
+    return None if node is None else node.op
 
 
 class CustomOpsEmitter(Emitter):
