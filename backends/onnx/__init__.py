@@ -18,7 +18,8 @@ from graphopt.backends.onnx.opaque import ATEN_LOWERINGS, register_aten_lowering
 
 # IR op -> why it has no ONNX lowering (tests/test_onnx_coverage.py keeps this table and the kernels in step)
 NOT_LOWERED: dict[str, str] = {
-    **{op: "a fused kernel of the cpu_integer backend, which alone runs it (ONNX gets the int.* chain it replaces)"
+    **{op: "a fused kernel of the cpu_integer backend (the standard-op ONNX gets the int.* chain it replaces; "
+           "to_onnx_custom_ops writes it as a custom op of graphopt's ONNX Runtime library)"
        for op in ("cpu.int_gemm", "cpu.int_bmm", "cpu.int_layernorm", "cpu.int_shiftmax", "cpu.int_requant",
                   "cpu.int_add", "cpu.int_spmm")},
 }
