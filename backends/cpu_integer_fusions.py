@@ -12,6 +12,7 @@ kernel layer in priority order, longest chains first, so ``why_not`` says why a 
     int.requant(int.matmul(a, bm), m, c) ; int.matmul(a, bm)                   -> cpu.int_bmm(kind=requant | raw)
     int.requant(int.layernorm(x), m, c) ; int.layernorm(x)                     -> cpu.int_layernorm
     int.shiftmax(x[, mask]) ; int.requant(x, m, c) ; int.add(a, b, ma, mb, c)  -> cpu.int_shiftmax / int_requant / int_add
+    int.token_merge(x, keys, sizes)                                            -> cpu.int_token_merge
 
 Epilogue constants must vary at most along the output's column axis (per-column vectors). The
 kernels read ``threads`` from their attribute, which the backend sets after fusing.
@@ -339,6 +340,27 @@ def _add(op, a, b, ma, mb, c):
     return op("int.add", a, b, ma, mb, c)
 
 
+# ---- integer token merging ---------------------------------------------------------------------------------
+def _token_merge_check(ctx, x, keys, sizes):
+    node = ctx.nodes[0]
+    if keys.type.dtype not in (torch.int8, torch.uint8, I32):
+        return ctx.fail(f"{node.label()}: keys {keys.type} are not 8- or 32-bit")
+    if node.attrs["shift"] < 0:
+        return ctx.fail(f"{node.label()}: negative key shift {node.attrs['shift']}")
+    return True
+
+
+def _token_merge_rewrite(op, nodes, x, keys, sizes):
+    node = nodes[0]
+    merged, new_sizes = op("cpu.int_token_merge", x, keys, sizes, **{a: node.attrs[a] for a in ("r", "protected", "shift")})
+    node.graph.replace_all_uses_with(node.outputs[1], new_sizes)   # the rule replaces the first output only
+    return merged
+
+
+def _token_merge(op, x, keys, sizes):
+    return op("int.token_merge", x, keys, sizes)
+
+
 RULES = [
     *_gemm_rules("gemm", "int.linear", -1, with_add=True),
     *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
@@ -350,6 +372,7 @@ RULES = [
     Rule("shiftmax", _shiftmax, _shiftmax_rewrite, _shiftmax_check),
     Rule("requant", _requant, _requant_rewrite, _requant_check),
     Rule("residual_add", _add, _add_rewrite, _add_check),
+    Rule("token_merge", _token_merge, _token_merge_rewrite, _token_merge_check),
 ]
 for _rule in RULES:
     register_fusion(TARGET, _rule)

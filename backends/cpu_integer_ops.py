@@ -8,6 +8,7 @@ integers of the chain it replaces:
     cpu.int_shiftmax   int.shiftmax
     cpu.int_requant    int.requant (m, c constant along the last axis)
     cpu.int_add        int.add (ma, mb, c constant along the last axis)
+    cpu.int_token_merge  int.token_merge (``cpu_integer_tokens.c``)
 
 Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c), ``table`` (requant,
 then ``table[y - lo]``: a per-tensor requant(shiftgelu(.)) folded into a table over the requant's
@@ -20,9 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends import cpu_integer_tokens as tokens
 from graphopt.ir.cost import _n, register_cost, register_elementwise_cost
 from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.integer import INT_DTYPES
+from graphopt.ir.ops.integer_tokens import _int_token_merge_type
+from graphopt.ir.ops.tokens import _token_merge_cost, effective_r
 from graphopt.ir.types import TensorType
 
 _EPILOGUE = {"kind": Attr("str", "raw"), "out": Attr("str", "i32"), "pre": Attr("int", 0), "k": Attr("int", 0),
@@ -165,6 +169,22 @@ def int_add(a, b, ma, mb, c, *, pb, kind, out, pre, k, lo, hi, zp, threads):
     kernels.add(a, b, _epilogue("add", out, None, ma, c, None, mb=mb, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb), y,
                 threads)
     return y
+
+
+def _token_merge_type(x, keys, sizes, *, r, protected, shift, threads):
+    return _int_token_merge_type(x, keys, sizes, r=r, protected=protected, shift=shift)
+
+
+@register_op("cpu.int_token_merge", inputs=["x", "keys", "sizes"],
+             attrs={"r": Attr("int"), "protected": Attr("int", 0), "shift": Attr("int", 0), "threads": Attr("int", 1)},
+             infer=_token_merge_type, tags=["integer", "tokens"])
+def int_token_merge(x, keys, sizes, *, r, protected, shift, threads):
+    """int.token_merge: scores, matching and size-weighted merge in one kernel, threaded over the batch."""
+    r = effective_r(x.shape[1], r, protected)
+    return (x, sizes) if r == 0 else tokens.token_merge(x, keys, sizes, r, protected, shift, threads)
+
+
+register_cost("cpu.int_token_merge")(_token_merge_cost)
 
 
 @register_cost("cpu.int_gemm")
