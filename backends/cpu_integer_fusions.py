@@ -9,9 +9,11 @@ kernel layer in priority order, longest chains first, so ``why_not`` says why a 
     int.linear(x, w[, b])                                                      -> cpu.int_gemm(kind=raw)
     the same epilogues (not add) after int.conv2d with stride == kernel        -> im2col reshape + cpu.int_gemm
     int.shiftmax(int.requant(int.matmul(a, bm), m, c)[, mask])                 -> cpu.int_bmm(kind=requant, + Shiftmax)
+    the same with add(scores, int.lookup(sizes, table)) before int.shiftmax    -> cpu.int_bmm(+ proportional attention)
     int.requant(int.matmul(a, bm), m, c) ; int.matmul(a, bm)                   -> cpu.int_bmm(kind=requant | raw)
     int.requant(int.layernorm(x), m, c) ; int.layernorm(x)                     -> cpu.int_layernorm
-    int.shiftmax(x[, mask]) ; int.requant(x, m, c) ; int.add(a, b, ma, mb, c)  -> cpu.int_shiftmax / int_requant / int_add
+    int.shiftmax([add(x, int.lookup(sizes, table)) | x][, mask])                -> cpu.int_shiftmax
+    int.requant(x, m, c) ; int.add(a, b, ma, mb, c)                            -> cpu.int_requant / int_add
     int.token_merge(x, keys, sizes)                                            -> cpu.int_token_merge
 
 Epilogue constants must vary at most along the output's column axis (per-column vectors). The
@@ -210,9 +212,28 @@ def _gemm_rules(prefix: str, source_op: str, axis: int, with_add: bool) -> list[
     return [Rule(f"{prefix}_{name}", pattern, rewrite, check) for name, pattern in patterns + [("raw", raw)]]
 
 
-# ---- attention matmuls: int.matmul [-> int.requant [-> int.shiftmax]] -----------------------------------
-def _bmm_check(ctx, a, bm, m=None, c=None, **_):
-    chain = ctx.nodes[::-1]
+# ---- attention matmuls: int.matmul [-> int.requant [-> (add int.lookup ->) int.shiftmax]] -------------------
+def _size_bias_problem(scores: Value, add: Node, sizes: Value, table: Value) -> str | None:
+    """Why add(scores, int.lookup(sizes, table)) cannot be the proportional-attention term of a Shiftmax kernel."""
+    if scores.type.dtype != I32 or add.output.type.dtype != I32 or scores.type.shape != add.output.type.shape:
+        return f"{add.label()}: the logits are not int32 or the size term broadcasts them"
+    if sizes.type.dtype != I32 or table.type.dtype != I32 or sizes.type.rank > 4:
+        return f"{add.label()}: the size lookup is not int32 sizes [<= 4-D] into an int32 table"
+    return None
+
+
+def _chain(nodes: list[Node]) -> list[Node]:
+    """The matched nodes from the producer on, without the proportional-attention term (add, int.lookup)."""
+    return [n for n in nodes[::-1] if n.op not in ("add", "int.lookup")]
+
+
+def _bmm_check(ctx, a, bm, m=None, c=None, sizes=None, table=None, **_):
+    chain = _chain(ctx.nodes)
+    if sizes is not None:
+        add = next(n for n in ctx.nodes if n.op == "add")
+        problem = _size_bias_problem(chain[1].output, add, sizes, table)
+        if problem:
+            return ctx.fail(problem)
     node = chain[0]
     zb = node.attrs["b_zp"]
     if a.type.rank not in (3, 4) or bm.type.rank != a.type.rank or a.type.shape[:-2] != bm.type.shape[:-2]:
@@ -226,8 +247,8 @@ def _bmm_check(ctx, a, bm, m=None, c=None, **_):
     return ctx.fail(spec) if isinstance(spec, str) else True
 
 
-def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
-    chain = nodes[::-1]
+def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None, sizes=None, table=None):
+    chain = _chain(nodes)
     node, n = chain[0], bm.type.shape[-1]
     ep = epilogue(chain[:2], n, -1, tables=True)
     flip_a = a.type.dtype == torch.int8
@@ -237,7 +258,7 @@ def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
         pow2 = op.add_constant(_pow2_table(s["X"], s["n"]), "pow2")
         extra = {"X": s["X"], "n_pow": s["n"], "bits": s["bits"]}
     consts = [None if t is None else op.add_constant(t, name) for name, t in (("m", ep.m), ("c", ep.c))]
-    return op("cpu.int_bmm", a, bm, op.add_constant(torch.zeros(n, dtype=I32), "bias"), *consts, pow2, mask,
+    return op("cpu.int_bmm", a, bm, op.add_constant(torch.zeros(n, dtype=I32), "bias"), *consts, pow2, mask, sizes, table,
               a_zp=node.attrs["a_zp"] + (128 if flip_a else 0), flip_a=flip_a, flip_b=bm.type.dtype == torch.uint8,
               **ep.attrs, **extra)
 
@@ -245,6 +266,11 @@ def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
 def _bmm_softmax(op, a, bm, m, c, mask):
     scores = op("int.requant", op("int.matmul", a, bm), m, c)
     return _optional(op, "int.shiftmax", scores, mask)
+
+
+def _bmm_size_bias_softmax(op, a, bm, m, c, sizes, table, mask):
+    scores = op("int.requant", op("int.matmul", a, bm), m, c)
+    return _optional(op, "int.shiftmax", op("add", scores, op("int.lookup", sizes, table)), mask)
 
 
 def _bmm_requant(op, a, bm, m, c):
@@ -281,14 +307,24 @@ def _layernorm(op, x):
     return op("int.layernorm", x)
 
 
-def _shiftmax_check(ctx, x, mask=None):
-    return ctx.fail("Shiftmax over more than 4 dims") if x.type.rank > 4 else True
+def _shiftmax_check(ctx, x, mask=None, sizes=None, table=None):
+    if x.type.rank > 4:
+        return ctx.fail("Shiftmax over more than 4 dims")
+    if sizes is not None:
+        problem = _size_bias_problem(x, next(n for n in ctx.nodes if n.op == "add"), sizes, table)
+        if problem:
+            return ctx.fail(problem)
+    return True
 
 
-def _shiftmax_rewrite(op, nodes, x, mask=None):
+def _shiftmax_rewrite(op, nodes, x, mask=None, sizes=None, table=None):
     s = nodes[0].attrs
-    return op("cpu.int_shiftmax", x, op.add_constant(_pow2_table(s["X"], s["n"]), "pow2"), mask,
+    return op("cpu.int_shiftmax", x, op.add_constant(_pow2_table(s["X"], s["n"]), "pow2"), mask, sizes, table,
               X=s["X"], n_pow=s["n"], bits=s["bits"])
+
+
+def _shiftmax_size_bias(op, x, sizes, table, mask):
+    return _optional(op, "int.shiftmax", op("add", x, op("int.lookup", sizes, table)), mask)
 
 
 def _shiftmax(op, x, mask):
@@ -364,11 +400,13 @@ def _token_merge(op, x, keys, sizes):
 RULES = [
     *_gemm_rules("gemm", "int.linear", -1, with_add=True),
     *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
+    Rule("bmm_requant_size_bias_shiftmax", _bmm_size_bias_softmax, _bmm_rewrite, _bmm_check),
     Rule("bmm_requant_shiftmax", _bmm_softmax, _bmm_rewrite, _bmm_check),
     Rule("bmm_requant", _bmm_requant, _bmm_rewrite, _bmm_check),
     Rule("bmm_raw", _bmm_raw, _bmm_rewrite, _bmm_check),
     Rule("layernorm_requant", _layernorm_requant, _layernorm_rewrite, _layernorm_check),
     Rule("layernorm", _layernorm, _layernorm_rewrite, _layernorm_check),
+    Rule("shiftmax_size_bias", _shiftmax_size_bias, _shiftmax_rewrite, _shiftmax_check),
     Rule("shiftmax", _shiftmax, _shiftmax_rewrite, _shiftmax_check),
     Rule("requant", _requant, _requant_rewrite, _requant_check),
     Rule("residual_add", _add, _add_rewrite, _add_check),
