@@ -15,6 +15,7 @@ kernel layer in priority order, longest chains first, so ``why_not`` says why a 
     int.shiftmax([add(x, int.lookup(sizes, table)) | x][, mask])                -> cpu.int_shiftmax
     int.requant(x, m, c) ; int.add(a, b, ma, mb, c)                            -> cpu.int_requant / int_add
     int.token_merge(x, keys, sizes)                                            -> cpu.int_token_merge
+    int.quantize(x) ; int.dequantize(x, scale[, offset])                       -> cpu.int_quantize / int_dequantize
 
 Epilogue constants must vary at most along the output's column axis (per-column vectors). The
 kernels read ``threads`` from their attribute, which the backend sets after fusing.
@@ -397,6 +398,47 @@ def _token_merge(op, x, keys, sizes):
     return op("int.token_merge", x, keys, sizes)
 
 
+# ---- the float edges: int.quantize, int.dequantize ---------------------------------------------------------
+def _float_column(v: Value | None, n: int) -> torch.Tensor | None:
+    """A float32 constant that varies at most along the last axis, as a float32 vector of n."""
+    if v is None or not v.is_constant or v.const.dtype != torch.float32:
+        return None
+    t = v.const
+    if t.numel() == 1:
+        return t.reshape(1).expand(n).contiguous()
+    return t.reshape(n).contiguous() if t.dim() >= 1 and t.shape[-1] == n and t.numel() == n else None
+
+
+def _quantize_rewrite(op, nodes, x):
+    a = nodes[0].attrs
+    return op("cpu.int_quantize", x, **{k: a[k] for k in ("inv_scale", "zero_point", "lo", "hi", "dtype")})
+
+
+def _quantize(op, x):
+    return op("int.quantize", x)
+
+
+def _dequantize_check(ctx, x, scale, offset=None):
+    node = ctx.nodes[0]
+    n = _last_axis(x)
+    if n is None or x.type.shape != node.output.type.shape or x.type.dtype not in (torch.uint8, torch.int8, I32):
+        return ctx.fail(f"{node.label()}: the input is broadcast, has a symbolic last axis or is not 8/32-bit")
+    if _float_column(scale, n) is None or offset is not None and _float_column(offset, n) is None:
+        return ctx.fail(f"{node.label()}: scale and offset are not float32 constants along the last axis")
+    return True
+
+
+def _dequantize_rewrite(op, nodes, x, scale, offset=None):
+    n = _last_axis(x)
+    consts = [None if v is None else op.add_constant(_float_column(v, n), name) for name, v in (("scale", scale),
+                                                                                               ("offset", offset))]
+    return op("cpu.int_dequantize", x, *consts, zero_point=nodes[0].attrs["zero_point"])
+
+
+def _dequantize(op, x, scale, offset):
+    return _optional(op, "int.dequantize", x, scale, offset)
+
+
 RULES = [
     *_gemm_rules("gemm", "int.linear", -1, with_add=True),
     *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
@@ -411,6 +453,8 @@ RULES = [
     Rule("requant", _requant, _requant_rewrite, _requant_check),
     Rule("residual_add", _add, _add_rewrite, _add_check),
     Rule("token_merge", _token_merge, _token_merge_rewrite, _token_merge_check),
+    Rule("quantize", _quantize, _quantize_rewrite),
+    Rule("dequantize", _dequantize, _dequantize_rewrite, _dequantize_check),
 ]
 for _rule in RULES:
     register_fusion(TARGET, _rule)

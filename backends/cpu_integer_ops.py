@@ -9,6 +9,7 @@ integers of the chain it replaces:
     cpu.int_requant    int.requant (m, c constant along the last axis)
     cpu.int_add        int.add (ma, mb, c constant along the last axis)
     cpu.int_token_merge  int.token_merge (``cpu_integer_tokens.c``)
+    cpu.int_quantize / cpu.int_dequantize  int.quantize / int.dequantize (``cpu_integer_edges.c``)
 
 Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c), ``table`` (requant,
 then ``table[y - lo]``: a per-tensor requant(shiftgelu(.)) folded into a table over the requant's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from graphopt.backends import cpu_integer_edges as edges
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends import cpu_integer_tokens as tokens
 from graphopt.ir.cost import _n, register_cost, register_elementwise_cost
@@ -190,6 +192,35 @@ def int_token_merge(x, keys, sizes, *, r, protected, shift, threads):
 register_cost("cpu.int_token_merge")(_token_merge_cost)
 
 
+def _quantize_type(x, *, inv_scale, zero_point, lo, hi, dtype, threads):
+    if not x.dtype.is_floating_point or dtype not in INT_DTYPES:
+        raise OpError(f"cpu.int_quantize: expects a float input and an integer dtype, got {x}, {dtype!r}")
+    return x.with_dtype(INT_DTYPES[dtype])
+
+
+@register_op("cpu.int_quantize", inputs=["x"],
+             attrs={"inv_scale": Attr("float"), "zero_point": Attr("int", 0), "lo": Attr("int"), "hi": Attr("int"),
+                    "dtype": Attr("str", "i32"), "threads": Attr("int", 1)},
+             infer=_quantize_type, tags=["quant", "integer"])
+def int_quantize(x, *, inv_scale, zero_point, lo, hi, dtype, threads):
+    """int.quantize: clamp(floor(x * inv_scale + 0.5), lo, hi) + zero_point in float32."""
+    return edges.quantize(x, inv_scale, lo, hi, zero_point, INT_DTYPES[dtype], threads)
+
+
+def _dequantize_type(x, scale, offset=None, *, zero_point, threads):
+    if x.dtype not in (torch.uint8, torch.int8, torch.int32) or scale.dtype != torch.float32 or scale.rank != 1:
+        raise OpError(f"cpu.int_dequantize: expects an 8/32-bit input and a float32 vector scale, got {x}, {scale}")
+    return x.with_dtype(torch.float32)
+
+
+@register_op("cpu.int_dequantize", inputs=["x", "scale", "offset?"],
+             attrs={"zero_point": Attr("int", 0), "threads": Attr("int", 1)},
+             infer=_dequantize_type, tags=["quant", "integer"])
+def int_dequantize(x, scale, offset=None, *, zero_point, threads):
+    """int.dequantize: (x - zero_point) * scale (+ offset), scale and offset given per column of the last axis."""
+    return edges.dequantize(x, zero_point, scale, offset, threads)
+
+
 @register_cost("cpu.int_gemm")
 def _gemm_cost(node):
     x = node.inputs[0].type
@@ -205,3 +236,4 @@ register_elementwise_cost(20, "cpu.int_shiftmax")
 register_elementwise_cost(10, "cpu.int_layernorm")
 register_elementwise_cost(5, "cpu.int_requant")
 register_elementwise_cost(7, "cpu.int_add")
+register_elementwise_cost(3, "cpu.int_quantize", "cpu.int_dequantize")
