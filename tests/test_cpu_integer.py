@@ -301,6 +301,63 @@ def test_digits_vit_identical_to_reference(digits_case):
                        lower(graph, "torch").run_flat(images)[0])
 
 
+@pytest.fixture(scope="module")
+def deit_shaped_vit():
+    """A DeiT-S-shaped HF ViT (384 wide, 6 heads of 64, MLP 1536), 2 blocks on 36x36 images: 81 patches + CLS;
+    its integer_only graph."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=1536,
+                                 image_size=36, patch_size=4, num_labels=10)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    g = _gen(9)
+    calib = [(torch.randn(4, 3, 36, 36, generator=g),) for _ in range(2)]
+    return graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib).graph
+
+
+def _kernels(report) -> set[str]:
+    return {e.kernel for e in report if e.kernel != "reference"}
+
+
+@pytest.mark.parametrize("r", [7, 100])      # 100: more than half the tokens, clamped in every block
+def test_deit_shaped_vit_with_token_merge_identical_to_reference(deit_shaped_vit, r):
+    from graphopt.backends.registry import lower
+    from graphopt.passes import PassManager
+    graph, _ = PassManager([f"token_merge:r={r}"]).run(deit_shaped_vit)
+    assert graph.op_counts()["int.lookup"] == 1                    # proportional attention in block 2
+    ex = lower(graph, "cpu_integer", threads=2)
+    assert _left_on_reference(ex.report) == set(), str(ex.report)
+    assert {"cpu.int_token_merge", "cpu.int_quantize", "cpu.int_dequantize"} <= _kernels(ex.report)
+    assert "cpu.int_shiftmax" not in _kernels(ex.report)           # every Shiftmax stays inside its attention kernel
+    reference = lower(graph, "torch")
+    g = _gen(10)
+    for batch in (1, 3, 1):                                        # batch 1 and > 1, repeated calls
+        x = torch.randn(batch, 3, 36, 36, generator=g)
+        assert torch.equal(ex.run_flat(x)[0], reference.run_flat(x)[0])
+
+
+@pytest.mark.parametrize("integer_first", [True, False])
+def test_digits_vit_with_token_merge_identical_to_reference(digits_case, integer_first):
+    """integer_only then token_merge fuses everything; token_merge first leaves the size lookup (it reaches the
+    logits through an int.add) on its reference op, and the report says so."""
+    from graphopt.backends.registry import lower
+    from graphopt.passes import PassManager
+    case = digits_case
+    calib = [(case.train_images[i:i + 32],) for i in range(0, 64, 32)]
+    example = (case.test_images[:8],)
+    if integer_first:
+        base = graphopt.optimize(case.model, ["integer_only"], example, calibration=calib).graph
+        graph, _ = PassManager(["token_merge:r=8"]).run(base)
+    else:
+        graph = graphopt.optimize(case.model, ["token_merge:r=8", "integer_only"], example, calibration=calib).graph
+    ex = lower(graph, "cpu_integer", threads=2)
+    assert _left_on_reference(ex.report) == (set() if integer_first else {"int.lookup"}), str(ex.report)
+    assert "cpu.int_token_merge" in _kernels(ex.report)
+    reference = lower(graph, "torch")
+    for images in (case.test_images[:64], case.test_images[64:65], case.test_images[:64]):
+        assert torch.equal(ex.run_flat(images)[0], reference.run_flat(images)[0])
+
+
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path))
