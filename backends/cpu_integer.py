@@ -31,11 +31,10 @@ from graphopt.ir.verifier import verify
 
 # Integer ops no cpu_integer rule starts from, and why they stay on their reference implementation.
 NOT_FUSED = {
-    "int.quantize": "float -> 8-bit at the graph's inputs: one elementwise pass, run by its reference op",
-    "int.dequantize": "8/32-bit -> float at the graph's outputs: one elementwise pass, run by its reference op",
     "int.shiftgelu": "fused only as a table inside a GEMM epilogue (gemm_gelu_table, patch_conv_gelu_table)",
-    "int.lookup": "the proportional-attention size lookup of integer token merging has no kernel yet",
-    "int.token_merge": "integer token merging (scores, matching, merge) has no kernel yet",
+    "int.lookup": "fused only as the proportional-attention term added to the logits of a Shiftmax kernel "
+                  "(bmm_requant_size_bias_shiftmax, shiftmax_size_bias); elsewhere (e.g. token_merge before "
+                  "integer_only, where it reaches the scores through an int.add) it runs by its reference op",
 }
 
 

@@ -9,9 +9,13 @@ kernel layer in priority order, longest chains first, so ``why_not`` says why a 
     int.linear(x, w[, b])                                                      -> cpu.int_gemm(kind=raw)
     the same epilogues (not add) after int.conv2d with stride == kernel        -> im2col reshape + cpu.int_gemm
     int.shiftmax(int.requant(int.matmul(a, bm), m, c)[, mask])                 -> cpu.int_bmm(kind=requant, + Shiftmax)
+    the same with add(scores, int.lookup(sizes, table)) before int.shiftmax    -> cpu.int_bmm(+ proportional attention)
     int.requant(int.matmul(a, bm), m, c) ; int.matmul(a, bm)                   -> cpu.int_bmm(kind=requant | raw)
     int.requant(int.layernorm(x), m, c) ; int.layernorm(x)                     -> cpu.int_layernorm
-    int.shiftmax(x[, mask]) ; int.requant(x, m, c) ; int.add(a, b, ma, mb, c)  -> cpu.int_shiftmax / int_requant / int_add
+    int.shiftmax([add(x, int.lookup(sizes, table)) | x][, mask])                -> cpu.int_shiftmax
+    int.requant(x, m, c) ; int.add(a, b, ma, mb, c)                            -> cpu.int_requant / int_add
+    int.token_merge(x, keys, sizes)                                            -> cpu.int_token_merge
+    int.quantize(x) ; int.dequantize(x, scale[, offset])                       -> cpu.int_quantize / int_dequantize
 
 Epilogue constants must vary at most along the output's column axis (per-column vectors). The
 kernels read ``threads`` from their attribute, which the backend sets after fusing.
@@ -209,9 +213,28 @@ def _gemm_rules(prefix: str, source_op: str, axis: int, with_add: bool) -> list[
     return [Rule(f"{prefix}_{name}", pattern, rewrite, check) for name, pattern in patterns + [("raw", raw)]]
 
 
-# ---- attention matmuls: int.matmul [-> int.requant [-> int.shiftmax]] -----------------------------------
-def _bmm_check(ctx, a, bm, m=None, c=None, **_):
-    chain = ctx.nodes[::-1]
+# ---- attention matmuls: int.matmul [-> int.requant [-> (add int.lookup ->) int.shiftmax]] -------------------
+def _size_bias_problem(scores: Value, add: Node, sizes: Value, table: Value) -> str | None:
+    """Why add(scores, int.lookup(sizes, table)) cannot be the proportional-attention term of a Shiftmax kernel."""
+    if scores.type.dtype != I32 or add.output.type.dtype != I32 or scores.type.shape != add.output.type.shape:
+        return f"{add.label()}: the logits are not int32 or the size term broadcasts them"
+    if sizes.type.dtype != I32 or table.type.dtype != I32 or sizes.type.rank > 4:
+        return f"{add.label()}: the size lookup is not int32 sizes [<= 4-D] into an int32 table"
+    return None
+
+
+def _chain(nodes: list[Node]) -> list[Node]:
+    """The matched nodes from the producer on, without the proportional-attention term (add, int.lookup)."""
+    return [n for n in nodes[::-1] if n.op not in ("add", "int.lookup")]
+
+
+def _bmm_check(ctx, a, bm, m=None, c=None, sizes=None, table=None, **_):
+    chain = _chain(ctx.nodes)
+    if sizes is not None:
+        add = next(n for n in ctx.nodes if n.op == "add")
+        problem = _size_bias_problem(chain[1].output, add, sizes, table)
+        if problem:
+            return ctx.fail(problem)
     node = chain[0]
     zb = node.attrs["b_zp"]
     if a.type.rank not in (3, 4) or bm.type.rank != a.type.rank or a.type.shape[:-2] != bm.type.shape[:-2]:
@@ -225,8 +248,8 @@ def _bmm_check(ctx, a, bm, m=None, c=None, **_):
     return ctx.fail(spec) if isinstance(spec, str) else True
 
 
-def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
-    chain = nodes[::-1]
+def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None, sizes=None, table=None):
+    chain = _chain(nodes)
     node, n = chain[0], bm.type.shape[-1]
     ep = epilogue(chain[:2], n, -1, tables=True)
     flip_a = a.type.dtype == torch.int8
@@ -236,7 +259,7 @@ def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
         pow2 = op.add_constant(_pow2_table(s["X"], s["n"]), "pow2")
         extra = {"X": s["X"], "n_pow": s["n"], "bits": s["bits"]}
     consts = [None if t is None else op.add_constant(t, name) for name, t in (("m", ep.m), ("c", ep.c))]
-    return op("cpu.int_bmm", a, bm, op.add_constant(torch.zeros(n, dtype=I32), "bias"), *consts, pow2, mask,
+    return op("cpu.int_bmm", a, bm, op.add_constant(torch.zeros(n, dtype=I32), "bias"), *consts, pow2, mask, sizes, table,
               a_zp=node.attrs["a_zp"] + (128 if flip_a else 0), flip_a=flip_a, flip_b=bm.type.dtype == torch.uint8,
               **ep.attrs, **extra)
 
@@ -244,6 +267,11 @@ def _bmm_rewrite(op, nodes, a, bm, m=None, c=None, mask=None):
 def _bmm_softmax(op, a, bm, m, c, mask):
     scores = op("int.requant", op("int.matmul", a, bm), m, c)
     return _optional(op, "int.shiftmax", scores, mask)
+
+
+def _bmm_size_bias_softmax(op, a, bm, m, c, sizes, table, mask):
+    scores = op("int.requant", op("int.matmul", a, bm), m, c)
+    return _optional(op, "int.shiftmax", op("add", scores, op("int.lookup", sizes, table)), mask)
 
 
 def _bmm_requant(op, a, bm, m, c):
@@ -280,14 +308,24 @@ def _layernorm(op, x):
     return op("int.layernorm", x)
 
 
-def _shiftmax_check(ctx, x, mask=None):
-    return ctx.fail("Shiftmax over more than 4 dims") if x.type.rank > 4 else True
+def _shiftmax_check(ctx, x, mask=None, sizes=None, table=None):
+    if x.type.rank > 4:
+        return ctx.fail("Shiftmax over more than 4 dims")
+    if sizes is not None:
+        problem = _size_bias_problem(x, next(n for n in ctx.nodes if n.op == "add"), sizes, table)
+        if problem:
+            return ctx.fail(problem)
+    return True
 
 
-def _shiftmax_rewrite(op, nodes, x, mask=None):
+def _shiftmax_rewrite(op, nodes, x, mask=None, sizes=None, table=None):
     s = nodes[0].attrs
-    return op("cpu.int_shiftmax", x, op.add_constant(_pow2_table(s["X"], s["n"]), "pow2"), mask,
+    return op("cpu.int_shiftmax", x, op.add_constant(_pow2_table(s["X"], s["n"]), "pow2"), mask, sizes, table,
               X=s["X"], n_pow=s["n"], bits=s["bits"])
+
+
+def _shiftmax_size_bias(op, x, sizes, table, mask):
+    return _optional(op, "int.shiftmax", op("add", x, op("int.lookup", sizes, table)), mask)
 
 
 def _shiftmax(op, x, mask):
@@ -339,17 +377,84 @@ def _add(op, a, b, ma, mb, c):
     return op("int.add", a, b, ma, mb, c)
 
 
+# ---- integer token merging ---------------------------------------------------------------------------------
+def _token_merge_check(ctx, x, keys, sizes):
+    node = ctx.nodes[0]
+    if keys.type.dtype not in (torch.int8, torch.uint8, I32):
+        return ctx.fail(f"{node.label()}: keys {keys.type} are not 8- or 32-bit")
+    if node.attrs["shift"] < 0:
+        return ctx.fail(f"{node.label()}: negative key shift {node.attrs['shift']}")
+    return True
+
+
+def _token_merge_rewrite(op, nodes, x, keys, sizes):
+    node = nodes[0]
+    merged, new_sizes = op("cpu.int_token_merge", x, keys, sizes, **{a: node.attrs[a] for a in ("r", "protected", "shift")})
+    node.graph.replace_all_uses_with(node.outputs[1], new_sizes)   # the rule replaces the first output only
+    return merged
+
+
+def _token_merge(op, x, keys, sizes):
+    return op("int.token_merge", x, keys, sizes)
+
+
+# ---- the float edges: int.quantize, int.dequantize ---------------------------------------------------------
+def _float_column(v: Value | None, n: int) -> torch.Tensor | None:
+    """A float32 constant that varies at most along the last axis, as a float32 vector of n."""
+    if v is None or not v.is_constant or v.const.dtype != torch.float32:
+        return None
+    t = v.const
+    if t.numel() == 1:
+        return t.reshape(1).expand(n).contiguous()
+    return t.reshape(n).contiguous() if t.dim() >= 1 and t.shape[-1] == n and t.numel() == n else None
+
+
+def _quantize_rewrite(op, nodes, x):
+    a = nodes[0].attrs
+    return op("cpu.int_quantize", x, **{k: a[k] for k in ("inv_scale", "zero_point", "lo", "hi", "dtype")})
+
+
+def _quantize(op, x):
+    return op("int.quantize", x)
+
+
+def _dequantize_check(ctx, x, scale, offset=None):
+    node = ctx.nodes[0]
+    n = _last_axis(x)
+    if n is None or x.type.shape != node.output.type.shape or x.type.dtype not in (torch.uint8, torch.int8, I32):
+        return ctx.fail(f"{node.label()}: the input is broadcast, has a symbolic last axis or is not 8/32-bit")
+    if _float_column(scale, n) is None or offset is not None and _float_column(offset, n) is None:
+        return ctx.fail(f"{node.label()}: scale and offset are not float32 constants along the last axis")
+    return True
+
+
+def _dequantize_rewrite(op, nodes, x, scale, offset=None):
+    n = _last_axis(x)
+    consts = [None if v is None else op.add_constant(_float_column(v, n), name) for name, v in (("scale", scale),
+                                                                                               ("offset", offset))]
+    return op("cpu.int_dequantize", x, *consts, zero_point=nodes[0].attrs["zero_point"])
+
+
+def _dequantize(op, x, scale, offset):
+    return _optional(op, "int.dequantize", x, scale, offset)
+
+
 RULES = [
     *_gemm_rules("gemm", "int.linear", -1, with_add=True),
     *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
+    Rule("bmm_requant_size_bias_shiftmax", _bmm_size_bias_softmax, _bmm_rewrite, _bmm_check),
     Rule("bmm_requant_shiftmax", _bmm_softmax, _bmm_rewrite, _bmm_check),
     Rule("bmm_requant", _bmm_requant, _bmm_rewrite, _bmm_check),
     Rule("bmm_raw", _bmm_raw, _bmm_rewrite, _bmm_check),
     Rule("layernorm_requant", _layernorm_requant, _layernorm_rewrite, _layernorm_check),
     Rule("layernorm", _layernorm, _layernorm_rewrite, _layernorm_check),
+    Rule("shiftmax_size_bias", _shiftmax_size_bias, _shiftmax_rewrite, _shiftmax_check),
     Rule("shiftmax", _shiftmax, _shiftmax_rewrite, _shiftmax_check),
     Rule("requant", _requant, _requant_rewrite, _requant_check),
     Rule("residual_add", _add, _add_rewrite, _add_check),
+    Rule("token_merge", _token_merge, _token_merge_rewrite, _token_merge_check),
+    Rule("quantize", _quantize, _quantize_rewrite),
+    Rule("dequantize", _dequantize, _dequantize_rewrite, _dequantize_check),
 ]
 for _rule in RULES:
     register_fusion(TARGET, _rule)

@@ -4,8 +4,9 @@
  * (int32 arithmetic with the pass's no-overflow guarantees; no floating point anywhere):
  *   go_gemm       u8 x s8 GEMM, int32 accumulation, with a fused epilogue: raw int32, dyadic requant,
  *                 requant + ShiftGELU table (+ a second requant), or the residual add (int.add)
- *   go_bmm        batched GEMM of two activations (attention), optionally straight into Shiftmax
- *   go_shiftmax   (masked) Shiftmax over rows
+ *   go_bmm        batched GEMM of two activations (attention), optionally straight into Shiftmax (with the
+ *                 proportional-attention term of token merging added to the logits)
+ *   go_shiftmax   (masked) Shiftmax over rows, optionally with the proportional-attention term
  *   go_layernorm  integer LayerNorm over rows, optionally followed by a per-channel requant
  *   go_requant    a per-column requant of 8- or 32-bit data
  *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
@@ -358,16 +359,22 @@ void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *
 }
 
 /* Shiftmax parameters: pow2[u] = shift_pow2(u, X, n) for u in [0, n X]; mask (NULL: none) holds bools
- * at mask + i0 m0 + i1 m1 + row mr + j for batch (i0, i1), row, column j; masked-out columns get e = 0. */
+ * at mask + i0 m0 + i1 m1 + row mr + j for batch (i0, i1), row, column j; masked-out columns get e = 0.
+ * sizes (NULL: none) adds proportional attention (int.lookup of token sizes, then add) to the logits before
+ * Shiftmax: x += table[clamp(sizes[i0 s0 + i1 s1 + row sr + j], 0, tlen - 1)] (int32 wrap-around). */
 typedef struct {
     const int32_t *pow2;
     int32_t X, n, bits, pad_;
     const uint8_t *mask;
     int64_t m0, m1, mr;
+    const int32_t *sizes;
+    int64_t s0, s1, sr;
+    const int32_t *table;
+    int32_t tlen, pad2_;
 } softmax_t;
 
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
-                         int64_t L, int32_t *e, uint8_t *out);
+                         int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out);
 
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
  * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
@@ -387,6 +394,8 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
         int32_t *colsum = malloc(sizeof(int32_t) * (size_t)N), *bias = malloc(sizeof(int32_t) * (size_t)N);
         int32_t *scores = sm ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
         int32_t *erow = sm ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+        int32_t *xb = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+        int32_t *brow = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
         epilogue_t eb = *e;
         eb.bias = bias;
         if (sm) eb.out_type = OUT_I32;
@@ -408,10 +417,10 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
             char *o = (char *)out + i * M * N * osize;
             int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
             gemm_blocks(isa, a, la, M, padk, bp, N, &eb, sm ? (void *)scores : (void *)o, N, 0, blocks, tail);
-            if (sm) softmax_rows(sm, scores, i1, i2, 0, M, N, erow, (uint8_t *)o);
+            if (sm) softmax_rows(sm, scores, i1, i2, 0, M, N, erow, xb, brow, (uint8_t *)o);
         }
         if (isa == 2) amx_release();
-        free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores); free(erow);
+        free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores); free(erow); free(xb); free(brow);
     }
 }
 
@@ -494,13 +503,26 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uin
     }
 }
 
+/* bias[j] = table[clamp(sizes[j], 0, tlen - 1)] for one row of the proportional-attention term */
+static void size_bias(const softmax_t *sm, int64_t i0, int64_t i1, int64_t row, int64_t L, int32_t *bias) {
+    const int32_t *sz = sm->sizes + i0 * sm->s0 + i1 * sm->s1 + row * sm->sr;
+    for (int64_t j = 0; j < L; j++) bias[j] = sm->table[clamp32(sz[j], 0, sm->tlen - 1)];
+}
+
+/* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e, and with sizes xb and bias, are L-entry scratch rows. */
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
-                         int64_t L, int32_t *e, uint8_t *out) {
+                         int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
     int vec = isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *mask = sm->mask ? sm->mask + i0 * sm->m0 + i1 * sm->m1 + (r0 + r) * sm->mr : NULL;
-        if (vec) shiftmax_row_avx512(x + r * L, L, mask, sm, e, out + r * L);
-        else shiftmax_row_portable(x + r * L, L, mask, sm, e, out + r * L);
+        const int32_t *xr = x + r * L;
+        if (sm->sizes) {                        /* the bias row is the same for every row unless sr != 0 */
+            if (r == 0 || sm->sr) size_bias(sm, i0, i1, r0 + r, L, bias);
+            for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
+            xr = xb;
+        }
+        if (vec) shiftmax_row_avx512(xr, L, mask, sm, e, out + r * L);
+        else shiftmax_row_portable(xr, L, mask, sm, e, out + r * L);
     }
 }
 
@@ -509,10 +531,10 @@ void go_shiftmax(const int32_t *x, int64_t D0, int64_t D1, int64_t R, int64_t L,
                  int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        int32_t *e = malloc(sizeof(int32_t) * (size_t)L);
+        int32_t *e = malloc(sizeof(int32_t) * (size_t)L * 3);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < D0 * D1 * R; i++)
-            softmax_rows(sm, x + i * L, i / (D1 * R), i / R % D1, i % R, 1, L, e, out + i * L);
+            softmax_rows(sm, x + i * L, i / (D1 * R), i / R % D1, i % R, 1, L, e, e + L, e + 2 * L, out + i * L);
         free(e);
     }
 }

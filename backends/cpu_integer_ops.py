@@ -3,26 +3,33 @@ lowering (``cpu_integer.py``) puts in place of chains of ``int.*`` ops. Each com
 integers of the chain it replaces:
 
     cpu.int_gemm       int.linear [-> int.requant [-> int.shiftgelu -> int.requant] | -> int.add]
-    cpu.int_bmm        int.matmul [-> int.requant [-> int.shiftmax]]
+    cpu.int_bmm        int.matmul [-> int.requant [-> (add int.lookup ->) int.shiftmax]]
     cpu.int_layernorm  int.layernorm [-> int.requant]
-    cpu.int_shiftmax   int.shiftmax
+    cpu.int_shiftmax   [add int.lookup ->] int.shiftmax
     cpu.int_requant    int.requant (m, c constant along the last axis)
     cpu.int_add        int.add (ma, mb, c constant along the last axis)
+    cpu.int_token_merge  int.token_merge (``cpu_integer_tokens.c``)
+    cpu.int_quantize / cpu.int_dequantize  int.quantize / int.dequantize (``cpu_integer_edges.c``)
 
 Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c), ``table`` (requant,
 then ``table[y - lo]``: a per-tensor requant(shiftgelu(.)) folded into a table over the requant's
 range), ``table_requant`` (requant, the shiftgelu table, then a per-column requant m2, c2) and ``add``
-(the residual ``int.add`` with the accumulator as one branch and ``res`` as the other).
+(the residual ``int.add`` with the accumulator as one branch and ``res`` as the other). Shiftmax takes the
+proportional attention of token merging (``sizes``, ``table``: logits + table[clamp(sizes)]) inside its row loop.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from graphopt.backends import cpu_integer_edges as edges
 from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends import cpu_integer_tokens as tokens
 from graphopt.ir.cost import _n, register_cost, register_elementwise_cost
 from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.integer import INT_DTYPES
+from graphopt.ir.ops.integer_tokens import _int_token_merge_type
+from graphopt.ir.ops.tokens import _token_merge_cost, effective_r
 from graphopt.ir.types import TensorType
 
 _EPILOGUE = {"kind": Attr("str", "raw"), "out": Attr("str", "i32"), "pre": Attr("int", 0), "k": Attr("int", 0),
@@ -71,7 +78,7 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=
     return y.reshape(lead + (n,))
 
 
-def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi,
+def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi,
               zp, threads):
     if a.rank not in (3, 4) or b.rank != a.rank:
         raise OpError(f"cpu.int_bmm: expects 3-D or 4-D operands of the same rank, got {a}, {b}")
@@ -79,13 +86,14 @@ def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, *, a_zp, flip_a,
     return TensorType(torch.uint8 if pow2 is not None else INT_DTYPES[out], shape)
 
 
-@register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?"],
+@register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?"],
              attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
                     "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), **_EPILOGUE},
              infer=_bmm_type, tags=["gemm", "integer"])
-def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre,
-            k, lo, hi, zp, threads):
-    """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then (masked) Shiftmax rows when pow2 is given."""
+def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, *, a_zp, flip_a, flip_b, X, n_pow,
+            bits, kind, out, pre, k, lo, hi, zp, threads):
+    """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then (masked) Shiftmax rows when pow2 is given,
+    with table[clamp(sizes)] added to the logits first when sizes is given."""
     squeeze = a.dim() == 3
     if squeeze:
         a, b = a.unsqueeze(0), b.unsqueeze(0)
@@ -95,7 +103,7 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, *, a_zp, flip_a, f
     dtype = torch.uint8 if pow2 is not None else INT_DTYPES[out]
     y = torch.empty(a.shape[:-1] + (b.shape[-1],), dtype=dtype)
     epi = _epilogue(kind, out, bias, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
-    sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape))
+    sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape), sizes, table)
     kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, sm)
     return y.squeeze(0) if squeeze else y
 
@@ -118,20 +126,21 @@ def int_layernorm(x, m=None, c=None, *, C, sh, F, iters, kind, out, pre, k, lo, 
     return y
 
 
-def _shiftmax_type(x, pow2, mask=None, *, X, n_pow, bits, threads):
+def _shiftmax_type(x, pow2, mask=None, sizes=None, table=None, *, X, n_pow, bits, threads):
     if x.dtype != torch.int32 or not 1 <= x.rank <= 4:
         raise OpError(f"cpu.int_shiftmax: expects int32 of rank 1 to 4, got {x}")
     return x.with_dtype(torch.uint8)
 
 
-@register_op("cpu.int_shiftmax", inputs=["x", "pow2", "mask?"], attrs={"X": Attr("int"), "n_pow": Attr("int"),
+@register_op("cpu.int_shiftmax", inputs=["x", "pow2", "mask?", "sizes?", "table?"], attrs={"X": Attr("int"), "n_pow": Attr("int"),
                                                                "bits": Attr("int"), "threads": Attr("int", 1)},
              infer=_shiftmax_type, tags=["integer"])
-def int_shiftmax(x, pow2, mask=None, *, X, n_pow, bits, threads):
-    """int.shiftmax over the last axis; pow2[u] = shift_pow2(u, X, n_pow) for u in [0, n_pow X]."""
+def int_shiftmax(x, pow2, mask=None, sizes=None, table=None, *, X, n_pow, bits, threads):
+    """int.shiftmax over the last axis; pow2[u] = shift_pow2(u, X, n_pow) for u in [0, n_pow X]; with sizes,
+    table[clamp(sizes)] is added to x first (proportional attention)."""
     x4 = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape)).contiguous()
     y = torch.empty(x4.shape, dtype=torch.uint8)
-    kernels.shiftmax(x4, kernels.softmax(pow2, X, n_pow, bits, mask, tuple(x4.shape)), y, threads)
+    kernels.shiftmax(x4, kernels.softmax(pow2, X, n_pow, bits, mask, tuple(x4.shape), sizes, table), y, threads)
     return y.reshape(x.shape)
 
 
@@ -167,6 +176,51 @@ def int_add(a, b, ma, mb, c, *, pb, kind, out, pre, k, lo, hi, zp, threads):
     return y
 
 
+def _token_merge_type(x, keys, sizes, *, r, protected, shift, threads):
+    return _int_token_merge_type(x, keys, sizes, r=r, protected=protected, shift=shift)
+
+
+@register_op("cpu.int_token_merge", inputs=["x", "keys", "sizes"],
+             attrs={"r": Attr("int"), "protected": Attr("int", 0), "shift": Attr("int", 0), "threads": Attr("int", 1)},
+             infer=_token_merge_type, tags=["integer", "tokens"])
+def int_token_merge(x, keys, sizes, *, r, protected, shift, threads):
+    """int.token_merge: scores, matching and size-weighted merge in one kernel, threaded over the batch."""
+    r = effective_r(x.shape[1], r, protected)
+    return (x, sizes) if r == 0 else tokens.token_merge(x, keys, sizes, r, protected, shift, threads)
+
+
+register_cost("cpu.int_token_merge")(_token_merge_cost)
+
+
+def _quantize_type(x, *, inv_scale, zero_point, lo, hi, dtype, threads):
+    if not x.dtype.is_floating_point or dtype not in INT_DTYPES:
+        raise OpError(f"cpu.int_quantize: expects a float input and an integer dtype, got {x}, {dtype!r}")
+    return x.with_dtype(INT_DTYPES[dtype])
+
+
+@register_op("cpu.int_quantize", inputs=["x"],
+             attrs={"inv_scale": Attr("float"), "zero_point": Attr("int", 0), "lo": Attr("int"), "hi": Attr("int"),
+                    "dtype": Attr("str", "i32"), "threads": Attr("int", 1)},
+             infer=_quantize_type, tags=["quant", "integer"])
+def int_quantize(x, *, inv_scale, zero_point, lo, hi, dtype, threads):
+    """int.quantize: clamp(floor(x * inv_scale + 0.5), lo, hi) + zero_point in float32."""
+    return edges.quantize(x, inv_scale, lo, hi, zero_point, INT_DTYPES[dtype], threads)
+
+
+def _dequantize_type(x, scale, offset=None, *, zero_point, threads):
+    if x.dtype not in (torch.uint8, torch.int8, torch.int32) or scale.dtype != torch.float32 or scale.rank != 1:
+        raise OpError(f"cpu.int_dequantize: expects an 8/32-bit input and a float32 vector scale, got {x}, {scale}")
+    return x.with_dtype(torch.float32)
+
+
+@register_op("cpu.int_dequantize", inputs=["x", "scale", "offset?"],
+             attrs={"zero_point": Attr("int", 0), "threads": Attr("int", 1)},
+             infer=_dequantize_type, tags=["quant", "integer"])
+def int_dequantize(x, scale, offset=None, *, zero_point, threads):
+    """int.dequantize: (x - zero_point) * scale (+ offset), scale and offset given per column of the last axis."""
+    return edges.dequantize(x, zero_point, scale, offset, threads)
+
+
 @register_cost("cpu.int_gemm")
 def _gemm_cost(node):
     x = node.inputs[0].type
@@ -182,3 +236,4 @@ register_elementwise_cost(20, "cpu.int_shiftmax")
 register_elementwise_cost(10, "cpu.int_layernorm")
 register_elementwise_cost(5, "cpu.int_requant")
 register_elementwise_cost(7, "cpu.int_add")
+register_elementwise_cost(3, "cpu.int_quantize", "cpu.int_dequantize")

@@ -184,6 +184,92 @@ def test_standalone_requant_and_patch_conv(isa):
     _check(graph, [_rand((2, 3, 16, 16), U8, g)], {"cpu.int_gemm": 1, "cpu.int_requant": 1})
 
 
+# ---- token merging: the merge, proportional attention inside the attention kernel ------------------------
+@pytest.mark.parametrize("batch,n,r,protected,shift,key_range,key_dtype", [
+    (1, 19, 5, 1, 0, 1, I32),        # odd token count, keys in {-1, 0, 1}: many tied scores
+    (3, 24, 9, 2, 0, 120, I8),       # even count, two protected tokens, int8 keys
+    (2, 17, 100, 1, 3, 3000, I32),   # r larger than half: clamped to (n - protected) // 2; shifted keys
+    (2, 16, 3, 0, 0, 2 ** 15, I32),  # |a.b| >= 2^21: the scores' exact int64 path
+    (2, 9, 0, 1, 0, 5, I32),         # r = 0: unchanged
+])
+def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range, key_dtype):
+    g = _gen(n + r)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (batch, n, 6)))
+    k = graph.add_input("k", TensorType(key_dtype, (batch, n, 5)))
+    s = graph.add_input("s", TensorType(I32, (batch, n, 1)))
+    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": r, "protected": protected, "shift": shift}).outputs
+    graph.set_outputs([merged, sizes])
+    lo = -min(key_range, 128) if key_dtype == I8 else -key_range
+    inputs = [_rand((batch, n, 6), I32, g, -32768, 32767), _rand((batch, n, 5), key_dtype, g, lo, min(key_range, 127)),
+              _rand((batch, n, 1), I32, g, 1, 7)]
+    _check(graph, inputs, {"cpu.int_token_merge": 1})
+
+
+def test_token_merge_kernel_refuses_sizes_below_one():
+    from graphopt.backends.cpu_integer_tokens import token_merge
+    x, keys, sizes = torch.zeros(1, 5, 2, dtype=I32), torch.ones(1, 5, 3, dtype=I32), torch.ones(1, 5, 1, dtype=I32)
+    sizes[0, 1] = 0
+    with pytest.raises(ValueError, match="size is below 1"):
+        token_merge(x, keys, sizes, 2, 1, 0, 1)
+
+
+def _size_lookup(graph, batch, n, g):
+    """The proportional-attention term of integer token merging: int.lookup(sizes [B, 1, 1, N], log2 table)."""
+    sizes = graph.add_input("sizes", TensorType(I32, (batch, 1, 1, n)))
+    table = graph.add_constant(torch.round(128 * torch.log2(torch.arange(12, dtype=torch.float64).clamp_min(1))).to(I32))
+    return sizes, graph.call("int.lookup", sizes, table), _rand((batch, 1, 1, n), I32, g, -2, 14)  # clamped both ends
+
+
+@pytest.mark.parametrize("masked,lookup_first", [(False, False), (True, True)])
+def test_attention_with_proportional_attention_stays_one_bmm(isa, masked, lookup_first):
+    g = _gen(11)
+    graph = Graph("before")
+    q = graph.add_input("q", TensorType(U8, (2, 3, 17, 64)))
+    kt = graph.add_input("kt", TensorType(I8, (2, 3, 64, 19)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
+    sizes, bias, size_values = _size_lookup(graph, 2, 19, g)
+    s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
+    s = graph.call("int.requant", s, graph.add_constant(torch.tensor(5, dtype=I32)),
+                   graph.add_constant(torch.tensor(1 << 14, dtype=I32)), pre=7, k=15, lo=-32768, hi=32767,
+                   zero_point=0, dtype="i32")
+    p = graph.call("int.shiftmax", graph.op.add(*((bias, s) if lookup_first else (s, bias))), mask, X=128, n=14, bits=8)
+    v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
+    graph.set_outputs([graph.call("int.matmul", p, v, a_zp=0, b_zp=0)])
+    inputs = [_rand((2, 3, 17, 64), U8, g), _rand((2, 3, 64, 19), I8, g)]
+    inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
+    _check(graph, inputs + [size_values, _rand((2, 3, 19, 8), I8, g)], {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
+
+
+def test_shiftmax_with_a_per_row_size_term():
+    """Alone (no matmul before it), and with sizes varying along the rows as well."""
+    g = _gen(12)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (2, 3, 5, 33)))
+    sizes = graph.add_input("sizes", TensorType(I32, (2, 1, 5, 33)))
+    table = graph.add_constant(torch.tensor([0, 0, 128, 203, 256], dtype=I32))
+    graph.set_outputs([graph.call("int.shiftmax", graph.op.add(x, graph.call("int.lookup", sizes, table)), X=96, n=12,
+                                  bits=8)])
+    _check(graph, [_rand((2, 3, 5, 33), I32, g, -3000, 3000), _rand((2, 1, 5, 33), I32, g, -1, 7)],
+           {"cpu.int_shiftmax": 1})
+
+
+# ---- the float edges -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,zp,lo,hi", [("u8", 128, -128, 127), ("i8", 0, -127, 127), ("i32", 0, -32768, 32767)])
+def test_quantize_and_dequantize_become_kernels(dtype, zp, lo, hi):
+    g = _gen(13)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(torch.float32, (3, 7, 37)))
+    q = graph.call("int.quantize", x, inv_scale=1 / 0.037, zero_point=zp, lo=lo, hi=hi, dtype=dtype)
+    scale = graph.add_constant(torch.rand(37, generator=g) * 0.1)
+    offset = graph.add_constant(torch.randn(1, 37, generator=g))
+    graph.set_outputs([q, graph.call("int.dequantize", q, scale, offset, zero_point=zp),
+                       graph.call("int.dequantize", q, graph.add_constant(torch.tensor(0.037)), zero_point=zp)])
+    values = torch.randn(3, 7, 37, generator=g) * 3
+    values[0, 0, :8] = torch.tensor([0.0185, -0.0185, 0.0555, -4.7, 1e6, -1e6, 0.0, -0.0])  # halves, clamping
+    _check(graph, [values * (2000 if dtype == "i32" else 1)], {"cpu.int_quantize": 1, "cpu.int_dequantize": 2})
+
+
 # ---- whole models ---------------------------------------------------------------------------------
 def _left_on_reference(report) -> set[str]:
     """The ops of the report's reference entries ("%12 (int.quantize): why")."""
@@ -196,7 +282,7 @@ def test_tiny_vit_identical_to_reference_and_onnxruntime(tiny_vit_case, isa):
     calib = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(3)]
     om = graphopt.optimize(case.model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib,
                            backend="cpu_integer", backend_options={"threads": 2})
-    assert _left_on_reference(om.executable.report) == {"int.quantize", "int.dequantize"}
+    assert _left_on_reference(om.executable.report) == set()
     x = torch.randn(5, 3, 32, 32, generator=g)
     from graphopt.backends.registry import lower
     got = om.executable.run_flat(x)[0]
@@ -213,6 +299,63 @@ def test_digits_vit_identical_to_reference(digits_case):
     images = case.test_images[:128]
     assert torch.equal(lower(graph, "cpu_integer", threads=2).run_flat(images)[0],
                        lower(graph, "torch").run_flat(images)[0])
+
+
+@pytest.fixture(scope="module")
+def deit_shaped_vit():
+    """A DeiT-S-shaped HF ViT (384 wide, 6 heads of 64, MLP 1536), 2 blocks on 36x36 images: 81 patches + CLS;
+    its integer_only graph."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=1536,
+                                 image_size=36, patch_size=4, num_labels=10)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    g = _gen(9)
+    calib = [(torch.randn(4, 3, 36, 36, generator=g),) for _ in range(2)]
+    return graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib).graph
+
+
+def _kernels(report) -> set[str]:
+    return {e.kernel for e in report if e.kernel != "reference"}
+
+
+@pytest.mark.parametrize("r", [7, 100])      # 100: more than half the tokens, clamped in every block
+def test_deit_shaped_vit_with_token_merge_identical_to_reference(deit_shaped_vit, r):
+    from graphopt.backends.registry import lower
+    from graphopt.passes import PassManager
+    graph, _ = PassManager([f"token_merge:r={r}"]).run(deit_shaped_vit)
+    assert graph.op_counts()["int.lookup"] == 1                    # proportional attention in block 2
+    ex = lower(graph, "cpu_integer", threads=2)
+    assert _left_on_reference(ex.report) == set(), str(ex.report)
+    assert {"cpu.int_token_merge", "cpu.int_quantize", "cpu.int_dequantize"} <= _kernels(ex.report)
+    assert "cpu.int_shiftmax" not in _kernels(ex.report)           # every Shiftmax stays inside its attention kernel
+    reference = lower(graph, "torch")
+    g = _gen(10)
+    for batch in (1, 3, 1):                                        # batch 1 and > 1, repeated calls
+        x = torch.randn(batch, 3, 36, 36, generator=g)
+        assert torch.equal(ex.run_flat(x)[0], reference.run_flat(x)[0])
+
+
+@pytest.mark.parametrize("integer_first", [True, False])
+def test_digits_vit_with_token_merge_identical_to_reference(digits_case, integer_first):
+    """integer_only then token_merge fuses everything; token_merge first leaves the size lookup (it reaches the
+    logits through an int.add) on its reference op, and the report says so."""
+    from graphopt.backends.registry import lower
+    from graphopt.passes import PassManager
+    case = digits_case
+    calib = [(case.train_images[i:i + 32],) for i in range(0, 64, 32)]
+    example = (case.test_images[:8],)
+    if integer_first:
+        base = graphopt.optimize(case.model, ["integer_only"], example, calibration=calib).graph
+        graph, _ = PassManager(["token_merge:r=8"]).run(base)
+    else:
+        graph = graphopt.optimize(case.model, ["token_merge:r=8", "integer_only"], example, calibration=calib).graph
+    ex = lower(graph, "cpu_integer", threads=2)
+    assert _left_on_reference(ex.report) == (set() if integer_first else {"int.lookup"}), str(ex.report)
+    assert "cpu.int_token_merge" in _kernels(ex.report)
+    reference = lower(graph, "torch")
+    for images in (case.test_images[:64], case.test_images[64:65], case.test_images[:64]):
+        assert torch.equal(ex.run_flat(images)[0], reference.run_flat(images)[0])
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
@@ -240,7 +383,7 @@ def test_bert_with_padding_mask_identical_to_reference():
     om = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib,
                            backend="cpu_integer", backend_options={"threads": 2})
     assert any(op == "cpu.int_bmm" for op, _ in om.executable.report)
-    assert _left_on_reference(om.executable.report) <= {"int.quantize", "int.dequantize"}
+    assert _left_on_reference(om.executable.report) == set()
     _, kw = batch(5)
     from graphopt.backends.registry import lower
     assert torch.equal(om(**kw).last_hidden_state, lower(om.graph, "torch")(**kw).last_hidden_state)

@@ -1,0 +1,141 @@
+/* Integer token merging (int.token_merge of graphopt/ir/ops/integer_tokens.py) for the cpu_integer backend.
+ *
+ * One ToMe step per image, threaded over the batch, computing exactly the reference's integers:
+ *   scores  keys >> shift; A = even, B = odd offsets after the protected prefix;
+ *           score = sign(a.b) tdiv((a.b)^2 2^20, max(|a|^2, 1) max(|b|^2, 1))   (int64, wrapping like torch)
+ *   match   each A token's best B (the first on ties); the r A tokens with the highest scores merge
+ *           (ties: the lower A first, a stable descending sort); the other tokens keep their order
+ *   merge   round((sum x s) / (sum s)) half away from zero over each kept token and the A tokens merged
+ *           into it; sizes add. A token nothing merges into is copied (round(x s / s) = x for s >= 1).
+ * Divisions by a norm or a merged size use a multiply-shift (exact for numerators below 2^62, which the pass's
+ * key shift guarantees); anything larger takes the plain (wrapping, truncating) int64 division.
+ * Returns 0, or 1 when a size is below 1 (the reference's division would be undefined there).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SCORE_BITS 20
+
+typedef struct { int64_t score; int64_t a; } edge_t;
+
+/* Stable descending order by score: ties keep the lower A index first. */
+static int by_score(const void *p, const void *q) {
+    const edge_t *x = p, *y = q;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return x->a < y->a ? -1 : (x->a > y->a);
+}
+
+/* floor(n / d) = (n m) >> (62 + l) for 0 <= n < 2^62, m = ceil(2^(62 + l) / d) <= 2^63, l = ceil(log2 d)
+ * (Granlund-Montgomery: m d - 2^(62 + l) < d <= 2^l). */
+typedef struct { uint64_t m; int shift; } div62_t;
+#define BELOW62(n) ((uint64_t)(n) < ((uint64_t)1 << 62))
+
+static inline div62_t make_div62(uint64_t d) {
+    int l = 0;
+    while (l < 63 && ((uint64_t)1 << l) < d) l++;
+    div62_t v = {(uint64_t)((((unsigned __int128)1 << (62 + l)) + d - 1) / d), 62 + l};
+    return v;
+}
+
+static inline int64_t div62(int64_t n, div62_t d) { return (int64_t)(((unsigned __int128)n * d.m) >> d.shift); }
+
+static inline int64_t wrap_mul(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
+
+/* best[i] = index into B of A token i's most similar B token, score[i] its score. k: shifted keys [n, d]. */
+static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int64_t na, int64_t nb, int64_t *norm,
+                         div62_t *inv, int64_t *score, int64_t *best) {
+    for (int64_t t = p; t < n; t++) {
+        const int32_t *row = k + t * d;
+        int64_t s = 0;
+        for (int64_t c = 0; c < d; c++) s += (int64_t)row[c] * row[c];
+        norm[t] = s < 1 ? 1 : s;
+        inv[t] = make_div62((uint64_t)norm[t]);
+    }
+    for (int64_t i = 0; i < na; i++) {
+        const int32_t *a = k + (p + 2 * i) * d;
+        int64_t top = 0, arg = 0;
+        for (int64_t j = 0; j < nb; j++) {
+            const int32_t *b = k + (p + 1 + 2 * j) * d;
+            int64_t dot = 0;
+            for (int64_t c = 0; c < d; c++) dot += (int64_t)a[c] * b[c];
+            int64_t na2 = norm[p + 2 * i], nb2 = norm[p + 1 + 2 * j], mag;
+            if (dot > -(1 << 21) && dot < (1 << 21) && na2 < INT32_MAX && nb2 < INT32_MAX)   /* n < 2^62, no wrap */
+                mag = div62(div62((dot * dot) << SCORE_BITS, inv[p + 2 * i]), inv[p + 1 + 2 * j]);
+            else
+                mag = wrap_mul(wrap_mul(dot, dot), (int64_t)1 << SCORE_BITS) / wrap_mul(na2, nb2);
+            int64_t v = dot < 0 ? (int64_t)(0 - (uint64_t)mag) : mag;
+            if (j == 0 || v > top) { top = v; arg = j; }
+        }
+        score[i] = top;
+        best[i] = arg;
+    }
+}
+
+/* One image: x [n, C], keys [n, d] (int32, shifted here), sizes [n]; out [n - r, C], out_sizes [n - r]. */
+static int merge_one(const int32_t *x, const int32_t *keys, const int32_t *sizes, int64_t n, int64_t C, int64_t d,
+                     int64_t r, int64_t p, int shift, int32_t *out, int32_t *out_sizes) {
+    int64_t na = (n - p + 1) / 2, nb = (n - p) / 2;
+    int32_t *k = malloc(sizeof(int32_t) * (size_t)(n * d));
+    div62_t *inv = malloc(sizeof(div62_t) * (size_t)n);
+    int64_t *norm = malloc(sizeof(int64_t) * (size_t)n), *score = malloc(sizeof(int64_t) * (size_t)(na + 1));
+    int64_t *best = malloc(sizeof(int64_t) * (size_t)(na + 1)), *first = malloc(sizeof(int64_t) * (size_t)n);
+    int64_t *next = malloc(sizeof(int64_t) * (size_t)n), *acc = malloc(sizeof(int64_t) * (size_t)C);
+    edge_t *edges = malloc(sizeof(edge_t) * (size_t)(na + 1));
+    unsigned char *gone = calloc((size_t)n, 1);
+    int status = 0;
+    for (int64_t i = 0; i < n * d; i++) k[i] = keys[i] >> shift;
+    match_scores(k, n, d, p, na, nb, norm, inv, score, best);
+    for (int64_t i = 0; i < na; i++) { edges[i].score = score[i]; edges[i].a = i; }
+    qsort(edges, (size_t)na, sizeof(edge_t), by_score);
+    for (int64_t t = 0; t < n; t++) first[t] = -1;
+    for (int64_t j = 0; j < r; j++) {             /* src -> dst lists, each in merge order */
+        int64_t src = p + 2 * edges[j].a, dst = p + 1 + 2 * best[edges[j].a];
+        gone[src] = 1;
+        next[src] = first[dst];
+        first[dst] = src;
+    }
+    int64_t o = 0;
+    for (int64_t t = 0; t < n; t++) {
+        if (gone[t]) continue;
+        const int32_t *xt = x + t * C;
+        int32_t *ot = out + o * C;
+        if (sizes[t] < 1) status = 1;
+        if (first[t] < 0) {                        /* nothing merges into t: round(x s / s) = x */
+            memcpy(ot, xt, sizeof(int32_t) * (size_t)C);
+            out_sizes[o++] = sizes[t];
+            continue;
+        }
+        int64_t s = sizes[t];
+        for (int64_t c = 0; c < C; c++) acc[c] = (int64_t)xt[c] * s;
+        for (int64_t u = first[t]; u >= 0; u = next[u]) {
+            const int32_t *xu = x + u * C;
+            int64_t su = sizes[u];
+            if (su < 1) status = 1;
+            s += su;
+            for (int64_t c = 0; c < C; c++) acc[c] += (int64_t)xu[c] * su;
+        }
+        if (s < 1) s = 1;                          /* only with sizes < 1, already reported */
+        div62_t twice = make_div62((uint64_t)(2 * s));
+        for (int64_t c = 0; c < C; c++) {
+            int64_t v = acc[c], num = 2 * (v < 0 ? -v : v) + s;
+            int64_t mag = BELOW62(num) ? div62(num, twice) : num / (2 * s);
+            ot[c] = (int32_t)(v < 0 ? -mag : mag);
+        }
+        out_sizes[o++] = (int32_t)s;
+    }
+    free(k); free(inv); free(norm); free(score); free(best); free(first); free(next); free(acc); free(edges); free(gone);
+    return status;
+}
+
+/* x [B, n, C], keys [B, n, d] int32, sizes [B, n] (all contiguous) -> out [B, n - r, C], out_sizes [B, n - r];
+ * r is the effective r (0 < r <= (n - p) / 2). */
+int gt_token_merge(const int32_t *x, const int32_t *keys, const int32_t *sizes, int64_t B, int64_t n, int64_t C,
+                   int64_t d, int64_t r, int64_t p, int32_t shift, int32_t *out, int32_t *out_sizes, int threads) {
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(|:status)
+    for (int64_t b = 0; b < B; b++)
+        status |= merge_one(x + b * n * C, keys + b * n * d, sizes + b * n, n, C, d, r, p, shift,
+                            out + b * (n - r) * C, out_sizes + b * (n - r));
+    return status;
+}
