@@ -215,6 +215,30 @@ def test_tiny_vit_bit_identical_to_reference_and_cpu_integer(vit_graph, batch, t
     assert torch.equal(got, lower(vit_graph, "cpu_integer", threads=2).run_flat(x)[0])
 
 
+def test_token_merged_vit_keeps_the_standard_lowering_where_the_library_lacks_a_kernel():
+    """integer token merging (cpu.int_token_merge) and its proportional-attention term (cpu.int_bmm with sizes)
+    have no custom op: those chains stay standard ops, the rest are custom ops, and the outputs are exact."""
+    transformers = pytest.importorskip("transformers")
+    from graphopt.passes import PassManager
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                 image_size=24, patch_size=4, num_labels=10)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    g = _gen(7)
+    calib = [(torch.randn(4, 3, 24, 24, generator=g),) for _ in range(2)]
+    base = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib).graph
+    graph, _ = PassManager(["token_merge:r=5"]).run(base)
+    onnx_model = to_onnx_custom_ops(graph)
+    types = {n.op_type for n in onnx_model.graph.node}
+    assert {"IntGemm_u8", "IntLayerNorm_u8"} & types and "IntBmm_u8" in types   # block 1's attention
+    assert "IntShiftmax_u8" in types and "Gather" in types    # block 2: the size lookup on standard ops breaks the
+                                                              # attention into kernels around it
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 24, 24, generator=g)
+        got = _run(custom_ops_session(onnx_model, threads=2), graph, [x])[0]
+        assert torch.equal(got, lower(graph, "torch").run_flat(x)[0])
+
+
 def test_the_default_onnx_of_an_integer_graph_stays_standard_ops(vit_graph):
     from graphopt.backends.onnx import to_onnx
 

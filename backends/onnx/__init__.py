@@ -21,7 +21,7 @@ NOT_LOWERED: dict[str, str] = {
     **{op: "a fused kernel of the cpu_integer backend (the standard-op ONNX gets the int.* chain it replaces; "
            "to_onnx_custom_ops writes it as a custom op of graphopt's ONNX Runtime library)"
        for op in ("cpu.int_gemm", "cpu.int_bmm", "cpu.int_layernorm", "cpu.int_shiftmax", "cpu.int_requant",
-                  "cpu.int_add", "cpu.int_spmm")},
+                  "cpu.int_add", "cpu.int_spmm", "cpu.int_token_merge", "cpu.int_quantize", "cpu.int_dequantize")},
 }
 
 __all__ = ["ATEN_LOWERINGS", "DEFAULT_OPSET", "Emitter", "MIN_OPSET", "NOT_LOWERED", "register_aten_lowering",

@@ -7,7 +7,7 @@ custom-op library ``backends/ort_custom_ops.c`` (same C kernels, so bit-identica
 This is opt-in: the portable ONNX of an integer graph (``to_onnx``) writes its ``int.*`` ops as standard
 ai.onnx ops and runs in any ONNX Runtime. Here the graph goes through ``cpu_integer``'s fusions first;
 what they leave (quantize, dequantize, layout ops) stays standard. A fusion making a ``cpu.*`` kernel the
-library has no custom op for (one added later) is skipped, so its chain keeps the standard lowering. The
+library has no custom op for (one added later, or a variant it lacks) is skipped, so its chain keeps the standard lowering. The
 lowerings are kernels of their own target (``TARGET``), so the default ONNX emitter never writes a
 custom op; given a ``cpu.*`` node without a custom op, this emitter names the node and the op.
 
@@ -26,6 +26,7 @@ from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
 from graphopt.ir import Graph, Node, Value
+from graphopt.ir.opdef import get_op
 from graphopt.ir.onnx_common import tensor_to_proto
 from graphopt.ir.ops.integer import INT_DTYPES
 from graphopt.ir.rewrite import Rule, RuleSet
@@ -60,7 +61,7 @@ def kernel_graph(graph: Graph, rules: list[Rule]) -> Graph:
     while True:
         lowered, made = graph.clone(), []
         RuleSet("cpu_integer fusions", rules).apply(lowered, on_fire=lambda rule, nodes, new: made.append((rule, new)))
-        dropped = {rule.name for rule, new in made if _kernel_op(new) not in (None, *OP_TYPES)}
+        dropped = {rule.name for rule, new in made if not _has_custom_op(_kernel_node(new))}
         if not dropped:
             break
         rules = [rule for rule in rules if rule.name not in dropped]
@@ -69,12 +70,16 @@ def kernel_graph(graph: Graph, rules: list[Rule]) -> Graph:
     return lowered
 
 
-def _kernel_op(value: Value) -> str | None:
-    """The cpu.* op behind a fusion's replacement (it may end in layout ops: a patch convolution's reshape)."""
+def _kernel_node(value: Value) -> Node | None:
+    """The cpu.* node behind a fusion's replacement (it may end in layout ops: a patch convolution's reshape)."""
     node = value.producer
     while node is not None and not node.op.startswith("cpu."):
         node = node.inputs[0].producer if node.inputs and node.inputs[0] is not None else None
-    return None if node is None else node.op
+    return node
+
+
+def _has_custom_op(node: Node | None) -> bool:
+    return node is None or (node.op in OP_TYPES and select(TARGET, node)[0] is not None)
 
 
 class CustomOpsEmitter(Emitter):
@@ -156,5 +161,14 @@ def unpack_b(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return weight.reshape(n, k)
 
 
+def _no_size_bias(node: Node) -> str | None:
+    """The library's Shiftmax has no proportional-attention term (token merging's sizes) yet."""
+    names = [name.rstrip("?") for name in get_op(node.op).inputs]
+    present = [name for name, value in zip(names, node.inputs) if name in ("sizes", "table") and value is not None]
+    return f"{node.op} with the proportional-attention {' and '.join(present)} input has no custom op" if present else None
+
+
 for _op in OP_TYPES:
-    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}")(_lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
+                    supports=_no_size_bias if _op in ("cpu.int_bmm", "cpu.int_shiftmax") else None)(
+        _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
