@@ -7,8 +7,8 @@ custom-op library ``backends/ort_custom_ops.c`` (same C kernels, so bit-identica
 This is opt-in: the portable ONNX of an integer graph (``to_onnx``) writes its ``int.*`` ops as standard
 ai.onnx ops and runs in any ONNX Runtime. Here the graph goes through ``cpu_integer``'s fusions first;
 what they leave (quantize, dequantize, layout ops) stays standard. A fusion making a ``cpu.*`` kernel the
-library has no custom op for (one added later, or a variant it lacks) is skipped, so its chain keeps the standard lowering. The
-lowerings are kernels of their own target (``TARGET``), so the default ONNX emitter never writes a
+library has no custom op for (token merging, attention with its size term) is skipped, so its chain keeps
+the standard lowering. The lowerings are kernels of their own target (``TARGET``), so the default ONNX emitter never writes a
 custom op; given a ``cpu.*`` node without a custom op, this emitter names the node and the op.
 
 A node is op type ``<Op>_<output dtype>`` (ONNX Runtime takes a custom op's output type from its
