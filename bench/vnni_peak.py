@@ -1,0 +1,125 @@
+"""The int8 GEMM of ``cpu_integer`` against the machine's VPDPBUSD peak (issue 18).
+
+    python -m graphopt.bench.vnni_peak [--runs 15] [--isa vnni amx] [--threads 1 2] [--under-load]
+
+Peak: ``bench/vnni_peak.c``, a loop of independent 512-bit VPDPBUSD accumulators that touches no memory,
+on 1 and on all threads at once (GOPS counts 2 ops per multiply-add). Then ``go_gemm`` (requant epilogue,
+u8 out, the weights packed once as at lowering time) on the DeiT-S GEMM shapes, batch 8 (M = 8 x 197
+rows) and batch 1 (M = 197): qkv (384 -> 1152), proj (384 -> 384), fc1 (384 -> 1536), fc2 (1536 -> 384),
+as GMAC/s of the best run (on a shared machine the best run is the one nobody preempted) and its fraction
+of the same-thread-count peak, and the median. ``--under-load`` times each GEMM again while a second process
+(numpy float matmuls on all cores) competes for the cores and reports the slowdown of the median.
+Timed with ``graphopt.timing.interleaved``; results go to bench/results/vnni_peak.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from graphopt.backends import c_build
+from graphopt.backends import cpu_integer_library as kernels
+from graphopt.timing import interleaved
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}   # (K, N)
+BUSY = "import numpy as np; a = np.random.rand(2000, 2000)\nwhile True: a @ a"
+
+
+def peak_gmacs(threads: int, seconds: float = 0.005, repeats: int = 200) -> float:
+    """Best of many short runs of the VPDPBUSD loop (short, so some run without being preempted on a shared
+    machine), in 10^9 multiply-adds per second over all threads."""
+    lib = c_build.load(Path(__file__).with_name("vnni_peak.c"), "vnni_peak", "the VNNI peak loop")
+    lib.vnni_peak.restype = lib.vnni_peak_macs_per_iter.restype = c_build.ctypes.c_int64
+    lib.vnni_peak.argtypes = [c_build.ctypes.c_int64, c_build.ctypes.c_int]
+    per_iter = lib.vnni_peak_macs_per_iter()
+    iters = 1000
+    while _timed(lambda: lib.vnni_peak(iters, 1)) < seconds:   # grow until one thread's call lasts `seconds`
+        iters *= 2
+    best = min(_timed(lambda: lib.vnni_peak(iters, threads)) for _ in range(repeats))
+    return iters * per_iter * threads / best / 1e9
+
+
+def _timed(call) -> float:
+    t = time.perf_counter()
+    call()
+    return time.perf_counter() - t
+
+
+def gemm_call(m: int, k: int, n: int, threads: int):
+    """A call of go_gemm on random data with a requant epilogue (u8 out), weights packed beforehand."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    packed, _ = kernels.pack_b(w)
+    bias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=g)
+    mul = torch.randint(1 << 14, 1 << 15, (n,), dtype=torch.int32, generator=g)
+    add = torch.zeros(n, dtype=torch.int32)
+    epi = kernels.epilogue("requant", torch.uint8, bias, pre=8, k=15, lo=-128, hi=127, zp=128, m=mul, c=add)
+    out = torch.empty(m, n, dtype=torch.uint8)
+    return lambda: kernels.gemm(a, packed, n, epi, out, threads)
+
+
+def measure(isas: list[str], threads: list[int], runs: int) -> dict:
+    rows = {}
+    for isa in isas:
+        kernels.limit_isa(isa)
+        calls = {(isa, t, batch, name): gemm_call(197 * batch, k, n, t)
+                 for t in threads for batch in (8, 1) for name, (k, n) in SHAPES.items()}
+        for key, timing in interleaved(calls, runs).items():
+            rows[key] = min(timing.times), timing.median
+    kernels.limit_isa("amx")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=15)
+    p.add_argument("--isa", nargs="+", default=["vnni"], choices=kernels.ISA_LEVELS)
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--under-load", action="store_true")
+    args = p.parse_args(argv)
+    isas = [i for i in args.isa if i in kernels.available_isas()]
+    peaks = {t: peak_gmacs(t) for t in args.threads}
+    for t, g in peaks.items():
+        print(f"VPDPBUSD peak, {t} thread(s): {g:.1f} GMAC/s = {2 * g:.1f} GOPS")
+    quiet = measure(isas, args.threads, args.runs)
+    loaded = {}
+    if args.under_load:
+        busy = subprocess.Popen([sys.executable, "-c", BUSY])
+        try:
+            time.sleep(2)
+            loaded = measure(isas, args.threads, args.runs)
+        finally:
+            busy.kill()
+            busy.wait()
+    print(f"{'isa':5} {'thr':>3} {'M':>5} {'gemm':5} {'K':>5} {'N':>5} {'best ms':>8} {'median':>8} {'GMAC/s':>7} "
+          f"{'of peak':>7}" + (f" {'loaded':>8} {'slowdown':>8}" if loaded else ""))
+    out = {"peak_gmacs": peaks, "load_average": os.getloadavg(), "gemm": []}
+    for (isa, t, batch, name), (best, median) in quiet.items():
+        k, n = SHAPES[name]
+        m = 197 * batch
+        gmacs = m * k * n / best / 1e9
+        line = (f"{isa:5} {t:3} {m:5} {name:5} {k:5} {n:5} {best * 1e3:8.3f} {median * 1e3:8.3f} {gmacs:7.1f} "
+                f"{gmacs / peaks[t]:7.1%}")
+        row = {"isa": isa, "threads": t, "M": m, "gemm": name, "K": k, "N": n, "best_seconds": best,
+               "median_seconds": median, "gmacs_best": gmacs, "fraction_of_peak": gmacs / peaks[t]}
+        if loaded:
+            loaded_median = loaded[(isa, t, batch, name)][1]
+            line += f" {loaded_median * 1e3:8.3f} {loaded_median / median:7.2f}x"
+            row["median_seconds_under_load"] = loaded_median
+        print(line)
+        out["gemm"].append(row)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vnni_peak.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
