@@ -1,6 +1,7 @@
 """The int8 GEMM of ``cpu_integer`` against the machine's VPDPBUSD peak (issue 18).
 
     python -m graphopt.bench.vnni_peak [--runs 15] [--isa vnni amx] [--threads 1 2] [--under-load]
+    python -m graphopt.bench.vnni_peak --baseline OLD.c [--batch 8] [--threads 2] [--isa vnni] [--under-load]
 
 Peak: ``bench/vnni_peak.c``, a loop of independent 512-bit VPDPBUSD accumulators that touches no memory,
 on 1 and on all threads at once (GOPS counts 2 ops per multiply-add). Then ``go_gemm`` (requant epilogue,
@@ -10,6 +11,11 @@ as GMAC/s of the best run (on a shared machine the best run is the one nobody pr
 of the same-thread-count peak, and the median. ``--under-load`` times each GEMM again while a second process
 (numpy float matmuls on all cores) competes for the cores and reports the slowdown of the median.
 Timed with ``graphopt.timing.interleaved``; results go to bench/results/vnni_peak.json.
+
+``--baseline OLD.c`` instead times the integer-only DeiT-S end to end on ``cpu_integer`` with the kernels
+built from this checkout and from OLD.c (e.g. ``git show main:backends/cpu_integer_kernels.c > old.c``),
+interleaved in one process (the lowered model is the same; only the kernel library is swapped), and
+checks both give the same integers.
 """
 from __future__ import annotations
 
@@ -78,13 +84,73 @@ def measure(isas: list[str], threads: list[int], runs: int) -> dict:
     return rows
 
 
+def end_to_end(baseline: Path, batch: int, threads: int, isa: str, runs: int, under_load: bool) -> dict:
+    """Median seconds of the lowered integer-only DeiT-S with this checkout's kernels and with baseline's."""
+    import graphopt
+    from graphopt import zoo
+    from graphopt.backends.registry import lower
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=g)
+    calib = [(torch.randn(batch, 3, 224, 224, generator=g),) for _ in range(2)]
+    graph = graphopt.optimize(zoo.deit_small(batch).model, [], (x,)).graph
+    graph = graphopt.optimize(graph, [("integer_only", {"smoothquant": 0.7})], (x,), calibration=calib).graph
+    ex = lower(graph, "cpu_integer", threads=threads)
+    libs = {"this checkout": kernels.library(), "baseline": _library_from(baseline)}
+    for lib in libs.values():
+        lib.go_limit_isa(kernels.ISA_LEVELS[isa])
+
+    def with_library(lib):
+        def call():
+            kernels.library = lambda: lib      # the lowered ops look the library up on every call
+            return ex.run_flat(x)
+        return call
+    calls = {name: with_library(lib) for name, lib in libs.items()}
+    outs = {name: call()[0] for name, call in calls.items()}
+    if not torch.equal(*outs.values()):
+        raise AssertionError("the two kernel builds disagree on the integer DeiT-S output")
+    times = {"quiet": {k: t.median for k, t in interleaved(calls, runs).items()}}
+    if under_load:
+        busy = subprocess.Popen([sys.executable, "-c", BUSY])
+        try:
+            time.sleep(2)
+            times["under_load"] = {k: t.median for k, t in interleaved(calls, runs).items()}
+        finally:
+            busy.kill()
+            busy.wait()
+    for when, med in times.items():
+        print(f"DeiT-S b{batch} {threads} thread(s) {isa} {when}: " + ", ".join(
+            f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+            + f"; baseline / this checkout {med['baseline'] / med['this checkout']:.2f}x")
+    return times
+
+
+def _library_from(source: Path):
+    """The kernel library built from another source file, with the bindings of ``library()``."""
+    saved = kernels.SOURCE
+    kernels.SOURCE = source
+    try:
+        return kernels.library.__wrapped__()
+    finally:
+        kernels.SOURCE = saved
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--isa", nargs="+", default=["vnni"], choices=kernels.ISA_LEVELS)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--under-load", action="store_true")
+    p.add_argument("--baseline", type=Path, help="kernel source to compare with end to end (DeiT-S)")
+    p.add_argument("--batch", type=int, default=8)
     args = p.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    if args.baseline:
+        times = end_to_end(args.baseline.resolve(), args.batch, args.threads[-1], args.isa[0], args.runs,
+                           args.under_load)
+        (RESULTS / "vnni_peak_end_to_end.json").write_text(json.dumps(times, indent=1))
+        return 0
     isas = [i for i in args.isa if i in kernels.available_isas()]
     peaks = {t: peak_gmacs(t) for t in args.threads}
     for t, g in peaks.items():
@@ -116,7 +182,6 @@ def main(argv=None) -> int:
             row["median_seconds_under_load"] = loaded_median
         print(line)
         out["gemm"].append(row)
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vnni_peak.json").write_text(json.dumps(out, indent=1))
     return 0
 
