@@ -11,7 +11,8 @@
  *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
  * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
- * read the same packed B.
+ * read the same packed B. go_gemm runs on its own helper threads without a barrier (see "GEMM threading");
+ * the other kernels use OpenMP.
  */
 #include <stdint.h>
 #include <string.h>

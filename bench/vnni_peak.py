@@ -1,7 +1,8 @@
 """The int8 GEMM of ``cpu_integer`` against the machine's VPDPBUSD peak (issue 18).
 
     python -m graphopt.bench.vnni_peak [--runs 15] [--isa vnni amx] [--threads 1 2] [--under-load]
-    python -m graphopt.bench.vnni_peak --baseline OLD.c [--batch 8] [--threads 2] [--isa vnni] [--under-load]
+    python -m graphopt.bench.vnni_peak --baseline OLD.c ...           # a second kernel build, side by side
+    python -m graphopt.bench.vnni_peak --end-to-end [--baseline OLD.c] [--batch 8] [--threads 2] [--under-load]
 
 Peak: ``bench/vnni_peak.c``, a loop of independent 512-bit VPDPBUSD accumulators that touches no memory,
 on 1 and on all threads at once (GOPS counts 2 ops per multiply-add). Then ``go_gemm`` (requant epilogue,
@@ -12,14 +13,14 @@ of the same-thread-count peak, and the median. ``--under-load`` times each GEMM 
 (numpy float matmuls on all cores) competes for the cores and reports the slowdown of the median.
 Timed with ``graphopt.timing.interleaved``; results go to bench/results/vnni_peak.json.
 
-``--baseline OLD.c`` instead times the integer-only DeiT-S end to end on ``cpu_integer`` with the kernels
-built from this checkout and from OLD.c (e.g. ``git show main:backends/cpu_integer_kernels.c > old.c``),
-interleaved in one process (the lowered model is the same; only the kernel library is swapped), and
-checks both give the same integers.
+``--baseline OLD.c`` adds the kernels built from OLD.c (e.g. ``git show main:backends/cpu_integer_kernels.c
+> old.c``), interleaved with this checkout's in one process (only the library is swapped). ``--end-to-end``
+times the lowered integer-only DeiT-S instead (both builds must give the same integers).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -72,20 +73,29 @@ def gemm_call(m: int, k: int, n: int, threads: int):
     return lambda: kernels.gemm(a, packed, n, epi, out, threads)
 
 
-def measure(isas: list[str], threads: list[int], runs: int) -> dict:
+def measure(libs: dict, isas: list[str], threads: list[int], runs: int) -> dict:
+    """(best, median) seconds per (build, isa, threads, batch, gemm), the builds interleaved."""
     rows = {}
     for isa in isas:
-        kernels.limit_isa(isa)
-        calls = {(isa, t, batch, name): gemm_call(197 * batch, k, n, t)
-                 for t in threads for batch in (8, 1) for name, (k, n) in SHAPES.items()}
+        calls = {(build, isa, t, batch, name): _with_library(lib, isa, gemm_call(197 * batch, k, n, t))
+                 for t in threads for batch in (8, 1) for name, (k, n) in SHAPES.items()
+                 for build, lib in libs.items()}
         for key, timing in interleaved(calls, runs).items():
             rows[key] = min(timing.times), timing.median
-    kernels.limit_isa("amx")
     return rows
 
 
-def end_to_end(baseline: Path, batch: int, threads: int, isa: str, runs: int, under_load: bool) -> dict:
-    """Median seconds of the lowered integer-only DeiT-S with this checkout's kernels and with baseline's."""
+def _with_library(lib, isa: str, call):
+    """call with the kernel library swapped to lib (the wrappers look it up on every call) at isa."""
+    def run():
+        kernels.library = lambda: lib
+        lib.go_limit_isa(kernels.ISA_LEVELS[isa])
+        return call()
+    return run
+
+
+def end_to_end(libs: dict, batch: int, threads: int, isa: str, runs: int, under_load: bool) -> dict:
+    """Median seconds of the lowered integer-only DeiT-S with each kernel build."""
     import graphopt
     from graphopt import zoo
     from graphopt.backends.registry import lower
@@ -97,33 +107,30 @@ def end_to_end(baseline: Path, batch: int, threads: int, isa: str, runs: int, un
     graph = graphopt.optimize(zoo.deit_small(batch).model, [], (x,)).graph
     graph = graphopt.optimize(graph, [("integer_only", {"smoothquant": 0.7})], (x,), calibration=calib).graph
     ex = lower(graph, "cpu_integer", threads=threads)
-    libs = {"this checkout": kernels.library(), "baseline": _library_from(baseline)}
-    for lib in libs.values():
-        lib.go_limit_isa(kernels.ISA_LEVELS[isa])
-
-    def with_library(lib):
-        def call():
-            kernels.library = lambda: lib      # the lowered ops look the library up on every call
-            return ex.run_flat(x)
-        return call
-    calls = {name: with_library(lib) for name, lib in libs.items()}
-    outs = {name: call()[0] for name, call in calls.items()}
-    if not torch.equal(*outs.values()):
-        raise AssertionError("the two kernel builds disagree on the integer DeiT-S output")
+    calls = {build: _with_library(lib, isa, lambda: ex.run_flat(x)) for build, lib in libs.items()}
+    outs = [call()[0] for call in calls.values()]
+    if any(not torch.equal(outs[0], o) for o in outs):
+        raise AssertionError("the kernel builds disagree on the integer DeiT-S output")
     times = {"quiet": {k: t.median for k, t in interleaved(calls, runs).items()}}
     if under_load:
-        busy = subprocess.Popen([sys.executable, "-c", BUSY])
-        try:
-            time.sleep(2)
+        with _busy():
             times["under_load"] = {k: t.median for k, t in interleaved(calls, runs).items()}
-        finally:
-            busy.kill()
-            busy.wait()
     for when, med in times.items():
         print(f"DeiT-S b{batch} {threads} thread(s) {isa} {when}: " + ", ".join(
-            f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
-            + f"; baseline / this checkout {med['baseline'] / med['this checkout']:.2f}x")
+            f"{k} {v * 1e3:.1f} ms" for k, v in med.items()))
     return times
+
+
+@contextlib.contextmanager
+def _busy():
+    """A second process on the cores (numpy float matmuls) while the block runs."""
+    busy = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        time.sleep(2)
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def _library_from(source: Path):
@@ -142,42 +149,40 @@ def main(argv=None) -> int:
     p.add_argument("--isa", nargs="+", default=["vnni"], choices=kernels.ISA_LEVELS)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--under-load", action="store_true")
-    p.add_argument("--baseline", type=Path, help="kernel source to compare with end to end (DeiT-S)")
+    p.add_argument("--baseline", type=Path, help="another kernel source to time side by side")
+    p.add_argument("--end-to-end", action="store_true", help="the integer-only DeiT-S instead of single GEMMs")
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
+    libs = {"this": kernels.library()}
     if args.baseline:
-        times = end_to_end(args.baseline.resolve(), args.batch, args.threads[-1], args.isa[0], args.runs,
-                           args.under_load)
+        libs["baseline"] = _library_from(args.baseline.resolve())
+    isas = [i for i in args.isa if i in kernels.available_isas()]
+    if args.end_to_end:
+        times = end_to_end(libs, args.batch, args.threads[-1], isas[0], args.runs, args.under_load)
         (RESULTS / "vnni_peak_end_to_end.json").write_text(json.dumps(times, indent=1))
         return 0
-    isas = [i for i in args.isa if i in kernels.available_isas()]
     peaks = {t: peak_gmacs(t) for t in args.threads}
     for t, g in peaks.items():
         print(f"VPDPBUSD peak, {t} thread(s): {g:.1f} GMAC/s = {2 * g:.1f} GOPS")
-    quiet = measure(isas, args.threads, args.runs)
+    quiet = measure(libs, isas, args.threads, args.runs)
     loaded = {}
     if args.under_load:
-        busy = subprocess.Popen([sys.executable, "-c", BUSY])
-        try:
-            time.sleep(2)
-            loaded = measure(isas, args.threads, args.runs)
-        finally:
-            busy.kill()
-            busy.wait()
-    print(f"{'isa':5} {'thr':>3} {'M':>5} {'gemm':5} {'K':>5} {'N':>5} {'best ms':>8} {'median':>8} {'GMAC/s':>7} "
-          f"{'of peak':>7}" + (f" {'loaded':>8} {'slowdown':>8}" if loaded else ""))
+        with _busy():
+            loaded = measure(libs, isas, args.threads, args.runs)
+    print(f"{'build':8} {'isa':5} {'thr':>3} {'M':>5} {'gemm':5} {'K':>5} {'N':>5} {'best ms':>8} {'median':>8} "
+          f"{'GMAC/s':>7} {'of peak':>7}" + (f" {'loaded':>8} {'slowdown':>8}" if loaded else ""))
     out = {"peak_gmacs": peaks, "load_average": os.getloadavg(), "gemm": []}
-    for (isa, t, batch, name), (best, median) in quiet.items():
+    for (build, isa, t, batch, name), (best, median) in quiet.items():
         k, n = SHAPES[name]
         m = 197 * batch
         gmacs = m * k * n / best / 1e9
-        line = (f"{isa:5} {t:3} {m:5} {name:5} {k:5} {n:5} {best * 1e3:8.3f} {median * 1e3:8.3f} {gmacs:7.1f} "
-                f"{gmacs / peaks[t]:7.1%}")
-        row = {"isa": isa, "threads": t, "M": m, "gemm": name, "K": k, "N": n, "best_seconds": best,
+        line = (f"{build:8} {isa:5} {t:3} {m:5} {name:5} {k:5} {n:5} {best * 1e3:8.3f} {median * 1e3:8.3f} "
+                f"{gmacs:7.1f} {gmacs / peaks[t]:7.1%}")
+        row = {"build": build, "isa": isa, "threads": t, "M": m, "gemm": name, "K": k, "N": n, "best_seconds": best,
                "median_seconds": median, "gmacs_best": gmacs, "fraction_of_peak": gmacs / peaks[t]}
         if loaded:
-            loaded_median = loaded[(isa, t, batch, name)][1]
+            loaded_median = loaded[(build, isa, t, batch, name)][1]
             line += f" {loaded_median * 1e3:8.3f} {loaded_median / median:7.2f}x"
             row["median_seconds_under_load"] = loaded_median
         print(line)
