@@ -12,7 +12,8 @@
  *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
  * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
- * read the same packed B.
+ * read the same packed B. go_gemm runs on its own helper threads without a barrier (see "GEMM threading");
+ * the other kernels use OpenMP.
  */
 #include <stdint.h>
 #include <string.h>
@@ -21,9 +22,13 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 #define NR 32                       /* columns per packed B panel */
-#define MR 8                        /* rows per micro-tile */
+#define MR 12                       /* rows per VNNI / portable micro-tile (12 x 2 zmm accumulators) */
 
 enum { OUT_U8 = 0, OUT_I8 = 1, OUT_I32 = 2 };
 enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3, EPI_TABLE_REQUANT = 4 };
@@ -116,36 +121,55 @@ void go_pack_b(const int8_t *b, int64_t N, int64_t K, int8_t *out, int32_t *cols
     pack_strided(b, K, 1, N, K, K, 0, out, colsum);
 }
 
-/* ---- micro-kernels: tile[MR][NR] = sum_k A[r][k] * B[n][k] (A as u8, B as s8) ---- */
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void tile_vnni(const uint8_t *const *rows, const int8_t *bp, int64_t K4, int32_t *tile) {
+/* ---- micro-kernels: tile[r][n] = sum_k A[r][k] * B[n][k] (A as u8, B as s8), r < mr <= MR ---- */
+/* Register blocking: ROWS x 2 zmm accumulators (24 of the 32 registers at ROWS = MR), each k4 group of the
+ * panel loaded once (two zmm) and every row's 4 A bytes broadcast as one int32. (Software prefetch of the
+ * panel and grouping row blocks per panel for L1 measured no gain: the hardware prefetcher keeps up.) */
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+static inline void tile_vnni_rows(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K4, int32_t *tile,
+                                  const int ROWS) {
     __m512i acc[MR][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     for (int64_t g = 0; g < K4; g++) {
-        __m512i b0 = _mm512_loadu_si512(bp + g * NR * 4), b1 = _mm512_loadu_si512(bp + g * NR * 4 + 64);
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) {
+        const int8_t *b = bp + g * NR * 4;
+        __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+#pragma GCC unroll 12
+        for (int r = 0; r < ROWS; r++) {
             int32_t a4;
-            memcpy(&a4, rows[r] + 4 * g, 4);
-            __m512i a = _mm512_set1_epi32(a4);
-            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, b0);
-            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, b1);
+            memcpy(&a4, a + r * lda + 4 * g, 4);
+            __m512i av = _mm512_set1_epi32(a4);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) {
-        _mm512_storeu_si512(tile + r * NR, acc[r][0]);
-        _mm512_storeu_si512(tile + r * NR + 16, acc[r][1]);
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; r++) {
+        _mm512_store_si512(tile + r * NR, acc[r][0]);
+        _mm512_store_si512(tile + r * NR + 16, acc[r][1]);
     }
 }
 
-static void tile_portable(const uint8_t *const *rows, const int8_t *bp, int64_t K4, int32_t *tile) {
-    for (int r = 0; r < MR; r++)
+/* One instance per row count, so a block's last rows cost only their own work. */
+#define TILE_VNNI(R) \
+    __attribute__((target("avx512f,avx512bw,avx512vnni"))) \
+    static void tile_vnni_##R(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K4, int32_t *tile) { \
+        tile_vnni_rows(a, lda, bp, K4, tile, R); \
+    }
+TILE_VNNI(1) TILE_VNNI(2) TILE_VNNI(3) TILE_VNNI(4) TILE_VNNI(5) TILE_VNNI(6)
+TILE_VNNI(7) TILE_VNNI(8) TILE_VNNI(9) TILE_VNNI(10) TILE_VNNI(11) TILE_VNNI(12)
+
+typedef void (*tile_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int32_t *);
+static const tile_fn tile_vnni[MR + 1] = {NULL, tile_vnni_1, tile_vnni_2, tile_vnni_3, tile_vnni_4, tile_vnni_5,
+                                          tile_vnni_6, tile_vnni_7, tile_vnni_8, tile_vnni_9, tile_vnni_10,
+                                          tile_vnni_11, tile_vnni_12};
+
+static void tile_portable(const uint8_t *a, int64_t lda, int mr, const int8_t *bp, int64_t K4, int32_t *tile) {
+    for (int r = 0; r < mr; r++)
         for (int n = 0; n < NR; n++) {
             int32_t s = 0;
             for (int64_t g = 0; g < K4; g++)
-                for (int j = 0; j < 4; j++) s += (int32_t)rows[r][4 * g + j] * (int32_t)bp[(g * NR + n) * 4 + j];
+                for (int j = 0; j < 4; j++) s += (int32_t)a[r * lda + 4 * g + j] * (int32_t)bp[(g * NR + n) * 4 + j];
             tile[r * NR + n] = s;
         }
 }
@@ -315,7 +339,7 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
     for (int64_t blk = b0; blk < b1; blk++) {
         int64_t row0 = blk * bm;
         int mr = (int)(M - row0 < bm ? M - row0 : bm);
-        const uint8_t *a = A + row0 * lda, *rows[MR];
+        const uint8_t *a = A + row0 * lda;
         int64_t la = lda;
         if (isa == 2 && mr < AMX_M) {
             memset(tail, 0, (size_t)(AMX_M * K));
@@ -323,12 +347,11 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
             a = tail;
             la = K;
         }
-        for (int r = 0; r < MR; r++) rows[r] = a + (r < mr ? r : mr - 1) * la;
         for (int64_t p = 0; p < panels; p++) {
             const int8_t *panel = bp + p * (K / 4) * NR * 4;
             if (isa == 2) block_amx(a, la, panel, K, tile);
-            else if (isa == 1) tile_vnni(rows, panel, K / 4, tile);
-            else tile_portable(rows, panel, K / 4, tile);
+            else if (isa == 1) tile_vnni[mr](a, la, panel, K / 4, tile);
+            else tile_portable(a, la, mr, panel, K / 4, tile);
             int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
             if (isa >= 1) epilogue_avx512(e, tile, row0, mr, p * NR, nr, out, ldo);
             else epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
@@ -341,21 +364,132 @@ static int pick_isa(int64_t K) {
     return isa_limit >= 1 && go_has_vnni() ? 1 : 0;
 }
 
+/* ---- GEMM threading without a barrier: a pool of helper threads claims chunks of row blocks ----
+ * The caller posts a job and works on it itself; helpers that are awake claim chunks too. The caller then
+ * waits only for chunks already claimed, never for a helper to arrive: when another process holds a core
+ * and a helper is not running, the caller does its share instead of waiting a time slice for it. Chunks
+ * are claimed one at a time from a counter, so a thread slowed by another process takes fewer of them.
+ * Helpers spin briefly for the next job (GEMMs come in runs), then sleep on a futex. One job at a time: a
+ * caller that finds the pool busy (GEMMs from several threads of its own) runs its GEMM alone. */
+typedef struct {
+    int isa;
+    const uint8_t *A;
+    int64_t lda, M, K;
+    const int8_t *bp;
+    int64_t N;
+    const epilogue_t *e;
+    void *out;
+    int64_t ldo, blocks, chunk, chunks;
+    int helpers;                             /* helpers 0 .. helpers - 1 may take part */
+} gemm_job_t;
+
+#define MAX_HELPERS 63
+#define SPIN_PAUSES 20000                   /* ~0.1-1 ms of pause before a helper sleeps */
+
+static struct {
+    pthread_mutex_t busy;
+    _Atomic uint64_t claim;                 /* job number << 32 | chunks still unclaimed */
+    _Atomic int64_t done;                   /* chunks finished */
+    _Atomic uint32_t posted;                /* jobs posted (the helpers' futex word) */
+    _Atomic int sleepers;
+    int started;
+    gemm_job_t job;
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER};
+
+static void run_chunk(const gemm_job_t *j, int64_t c, uint8_t *tail) {
+    int64_t b0 = c * j->chunk, b1 = b0 + j->chunk < j->blocks ? b0 + j->chunk : j->blocks;
+    gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, b0, b1, tail);
+}
+
+/* Claims and runs chunks of job number `number` until none is left; returns how many it ran. */
+static int64_t work_on(uint32_t number) {
+    uint8_t *tail = NULL;
+    int64_t ran = 0;
+    uint64_t s = atomic_load_explicit(&pool.claim, memory_order_acquire);
+    while ((uint32_t)(s >> 32) == number && (uint32_t)s > 0) {
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &s, s - 1, memory_order_acquire,
+                                                   memory_order_acquire))
+            continue;
+        const gemm_job_t *j = &pool.job;      /* stays valid: the caller waits for this chunk */
+        if (!ran && j->isa == 2) {
+            amx_configure();
+            tail = malloc((size_t)(AMX_M * j->K));
+        }
+        run_chunk(j, j->chunks - (int64_t)(uint32_t)s, tail);
+        ran++;
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        s = atomic_load_explicit(&pool.claim, memory_order_acquire);
+    }
+    if (tail) amx_release();
+    free(tail);
+    return ran;
+}
+
+static void *helper_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&pool.posted);
+    for (;;) {
+        uint32_t now;
+        for (int spin = 0; (now = atomic_load_explicit(&pool.posted, memory_order_acquire)) == seen; spin++) {
+            if (spin < SPIN_PAUSES) {
+                _mm_pause();
+                if (spin % 256 == 255) sched_yield();      /* gives way to a thread that has work */
+                continue;
+            }
+            atomic_fetch_add(&pool.sleepers, 1);
+            syscall(SYS_futex, &pool.posted, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            spin = 0;
+        }
+        seen = now;
+        if (id < pool.job.helpers) work_on(now);
+    }
+    return NULL;
+}
+
+static int pool_start(int helpers) {          /* under pool.busy */
+    for (; pool.started < helpers; pool.started++) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int fail = pthread_create(&t, &at, helper_main, (void *)(intptr_t)pool.started);
+        pthread_attr_destroy(&at);
+        if (fail) break;
+    }
+    return pool.started < helpers ? pool.started : helpers;
+}
+
 /* out[M, N] = epilogue(A[M, K] (u8, row stride lda, K % 4 == 0) x packed B). */
 void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
              const epilogue_t *e, void *out, int64_t ldo, int threads) {
     int isa = pick_isa(K);
-    int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
-#pragma omp parallel num_threads(threads)
-    {
+    int64_t bm = isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm;
+    int helpers = threads - 1 < MAX_HELPERS ? threads - 1 : MAX_HELPERS;
+    if (helpers < 1 || blocks < 2 || pthread_mutex_trylock(&pool.busy)) {
         uint8_t *tail = isa == 2 ? malloc((size_t)(AMX_M * K)) : NULL;
         if (isa == 2) amx_configure();
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++)
-            gemm_blocks(isa, A, lda, M, K, bp, N, e, out, ldo, blk, blk + 1, tail);
+        gemm_blocks(isa, A, lda, M, K, bp, N, e, out, ldo, 0, blocks, tail);
         if (isa == 2) amx_release();
         free(tail);
+        return;
     }
+    int64_t chunk = blocks / (8 * (int64_t)threads);   /* ~8 chunks a thread: slack for a slowed one */
+    chunk = chunk < 1 ? 1 : chunk;
+    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, out, ldo, blocks, chunk, (blocks + chunk - 1) / chunk,
+                    pool_start(helpers)};
+    pool.job = j;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    uint32_t number = atomic_load_explicit(&pool.posted, memory_order_relaxed) + 1;
+    atomic_store_explicit(&pool.claim, (uint64_t)number << 32 | (uint64_t)j.chunks, memory_order_release);
+    atomic_store_explicit(&pool.posted, number, memory_order_release);
+    if (atomic_load(&pool.sleepers)) syscall(SYS_futex, &pool.posted, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+    work_on(number);
+    for (int spin = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < j.chunks; spin++) {
+        if (spin < 64) _mm_pause();         /* a helper finishing its chunk */
+        else sched_yield();                 /* it may be waiting for this core */
+    }
+    pthread_mutex_unlock(&pool.busy);
 }
 
 /* Shiftmax parameters: pow2[u] = shift_pow2(u, X, n) for u in [0, n X]; mask (NULL: none) holds bools
