@@ -21,10 +21,11 @@ KERNELS = Path(__file__).with_name("cpu_integer_kernels.c")
 @functools.cache
 def library() -> ctypes.CDLL:
     """The library, built if needed. It includes cpu_integer_kernels.c, whose hash goes into the flags (the
-    build cache keys on the flags), so a change to the kernels rebuilds it."""
+    build cache keys on the flags), so a change to the kernels rebuilds it. Linked ``-z nodelete``: the GEMM's
+    helper threads run the library's code, so ONNX Runtime must not unmap it when a session closes."""
     kernels_key = hashlib.sha256(KERNELS.read_bytes()).hexdigest()[:16]
     lib = load(SOURCE, "ort_custom_ops", "the ONNX Runtime custom-op library",
-               FLAGS + ["-fvisibility=hidden", f"-DGO_KERNELS_SOURCE={kernels_key}"])
+               FLAGS + ["-fvisibility=hidden", "-Wl,-z,nodelete", f"-DGO_KERNELS_SOURCE={kernels_key}"])
     lib.go_ort_set_threads.argtypes = [ctypes.c_int]
     lib.go_ort_api_version.restype = ctypes.c_int
     return lib

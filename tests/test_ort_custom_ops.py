@@ -209,7 +209,10 @@ def vit_graph(tiny_vit_case):
 @pytest.mark.parametrize("batch,threads", [(1, 1), (5, 2)])
 def test_tiny_vit_bit_identical_to_reference_and_cpu_integer(vit_graph, batch, threads):
     x = torch.randn(batch, 3, 32, 32, generator=_gen(batch))
-    session = custom_ops_session(to_onnx_custom_ops(vit_graph), threads=threads)
+    model = to_onnx_custom_ops(vit_graph)
+    used = {name for n in model.graph.node for name in n.input}
+    assert [i.name for i in model.graph.initializer if i.name not in used] == []   # no packed copy left behind
+    session = custom_ops_session(model, threads=threads)
     got = _run(session, vit_graph, [x])[0]
     assert torch.equal(got, lower(vit_graph, "torch").run_flat(x)[0])
     assert torch.equal(got, lower(vit_graph, "cpu_integer", threads=2).run_flat(x)[0])

@@ -117,8 +117,7 @@ def _lower_plain(em: Emitter, node: Node) -> str:
 
 
 def _lower_gemm(em: Emitter, node: Node) -> str:
-    inputs = [em.input(node, i) for i in range(len(node.inputs))]
-    inputs[1] = _unpacked_weight(em, node)
+    inputs = [_unpacked_weight(em, node) if i == 1 else em.input(node, i) for i in range(len(node.inputs))]
     return _custom_node(em, node, inputs)
 
 
