@@ -26,8 +26,9 @@ import torch
 from graphopt.ir import Graph
 from graphopt.ir.interpreter import collect
 from graphopt.ir.ops.acm import GATE, OP
-from graphopt.passes.acm_gate import calibrate, choices, fit_classifier, fit_error_regression, labels
-from graphopt.passes.acm_learners import ACMError, Module, build_learners, find_modules, prefix_errors, refit
+from graphopt.passes.acm_gate import budget_labels, calibrate, choices, fit_classifier, fit_error_regression, labels
+from graphopt.passes.acm_learners import (ACMError, Module, build_learners, compensate, find_modules,
+                                          prefix_errors, refit)
 from graphopt.passes.fuse_gelu import FUSE_GELU
 from graphopt.passes.integer_only import IntegerConversionError
 from graphopt.passes.integer_only.tokens import CONVERTERS
@@ -44,12 +45,16 @@ def acm(graph: Graph, ctx, *,
         budgets: dict = option(None, "per-module budgets {block: b} or {'block.role': b} (role mlp, q, k, v, out)"),
         modules: list[str] = option(None, "which modules: mlp (default), q, k, v, out"),
         blocks: list[int] = option(None, "block indices to convert; default all"),
-        refit_prefixes: bool = option(True, "refit the output weights of truncated prefixes (ridge least squares)"),
+        refit_prefixes: bool = option(False, "refit the output weights of truncated prefixes (ridge least squares; "
+                                             "overfits a narrow calibration set)"),
+        compensation: bool = option(True, "add the calibration mean of what each truncated prefix misses as its bias"),
         ridge: float = option(0.05, "ridge of the refit (x mean Gram diagonal), pulling toward the original"),
         label_ratio: float = option(1.2, "gate label: the smallest k after which the next learner improves the "
                                          "error by less than this factor"),
-        gate: Literal["labels", "errors"] = option("labels", "labels: a classifier on the paper's labels; errors: a linear regression of "
-                                     "each prefix's error, k = argmin(error + lambda cost)"),
+        gate: Literal["budget", "labels", "errors"] = option(
+            "budget", "budget: a classifier on labels that meet the budget by a relative-error threshold; labels: "
+                      "a classifier on the paper's labels; errors: a linear regression of each prefix's error, "
+                      "k = argmin(error + lambda cost)"),
         holdout: float = option(0.25, "fraction of calibration batches held out to measure k and the budget"),
         max_rows: int = option(16384, "calibration tokens used per module (evenly sampled)")):
     """ACM: per-token adaptive width from the module's own weights, a fitted gate, executed grouped by k."""
@@ -75,10 +80,15 @@ def acm(graph: Graph, ctx, *,
         build_learners(m, x, n, split)
         if refit_prefixes and n > 1:
             refit(m, x, ridge)
+        if compensation:
+            compensate(m, x)
         cost = torch.tensor([s * m.unit_flops / m.dense_flops_per_row for s in m.splits], dtype=torch.float32)
         errors = prefix_errors(m, x)
-        y = labels(errors, label_ratio, m.min_k)
-        w, b = fit_classifier(x, y, n + 1) if gate == "labels" else fit_error_regression(x, errors)
+        if gate == "budget":
+            y = budget_labels(errors, errors[:, 0], cost, per_module[id(m)], m.min_k)  # errors[:, 0] = ||module(x)||
+        else:
+            y = labels(errors, label_ratio, m.min_k)
+        w, b = fit_error_regression(x, errors) if gate == "errors" else fit_classifier(x, y, n + 1)
         b, fit_mean = calibrate(x, w, b, cost, per_module[id(m)], m.min_k)
         k = choices(xh, w, b, m.min_k)
         hist = torch.bincount(k, minlength=n + 1).double() / max(1, k.numel())

@@ -1,8 +1,11 @@
 """The ACM gate: labels from the learners' errors, a linear classifier, thresholds for the budget.
 
-Labels (as the ACM paper): with ``err_k`` = ||prefix_k(x) - module(x)|| per token, the label is the
-smallest k after which the next learner improves the error by less than ``ratio``
-(``err_k / err_{k+1} < ratio``), else N. The gate is a multinomial logistic regression d -> N + 1 on
+Labels, with ``err_k`` = ||prefix_k(x) - module(x)|| per token. ``budget_labels`` (default): the
+smallest k whose relative error ``err_k / ||module(x)||`` is at most one threshold, the threshold set
+so that the labels themselves meet the budget; this spends the budget where the error is (an oracle
+gate with these choices reaches 0.99 mean cosine on all-MiniLM-L6-v2 at 0.75, the paper's labels
+under a fitted gate 0.957). ``labels`` (the ACM paper's): the smallest k after which the next learner
+improves the error by less than ``ratio`` (``err_k / err_{k+1} < ratio``), else N. The gate is a multinomial logistic regression d -> N + 1 on
 the module's input (standardised for the fit, folded back into the weights): a few dozen L-BFGS
 steps, seconds on a CPU. Budget: the gate picks ``argmax_k(logit_k + beta * cost_k)`` with cost_k the
 fraction of the module's FLOPs that k learners run; the argmax's k never decreases as beta grows, so
@@ -24,6 +27,25 @@ def labels(errors: torch.Tensor, ratio: float, min_k: int) -> torch.Tensor:
         out[small] = k
         decided |= small
     return out
+
+
+def budget_labels(errors: torch.Tensor, scale: torch.Tensor, cost: torch.Tensor, budget: float,
+                  min_k: int) -> torch.Tensor:
+    """[rows] labels: the smallest k >= min_k with ``errors[:, k] / scale <= tau`` (k = N has error 0),
+    ``tau`` bisected so that the mean cost of the labels is at most ``budget``."""
+    rel = errors[:, min_k:] / scale.clamp_min(1e-12)[:, None]
+
+    def pick(tau: float) -> torch.Tensor:
+        return (rel <= tau).to(torch.int8).argmax(1) + min_k
+
+    lo, hi = 0.0, float(rel.max()) + 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float(cost[pick(mid)].mean()) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return pick(hi)
 
 
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float = 1e-3,
