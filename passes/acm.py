@@ -77,7 +77,7 @@ def acm(graph: Graph, ctx, *,
     summary = []
     for m in todo:
         x, xh = fit_x[id(m)], held_x[id(m)]
-        build_learners(m, x, n, split)
+        build_learners(m, x, n, split, spare=compensation)
         if refit_prefixes and n > 1:
             refit(m, x, ridge)
         if compensation:

@@ -18,7 +18,8 @@ non-zero mean), a systematic error the same for every token. Each truncated pref
 calibration mean of what it misses as a bias, carried by one constant neuron appended to each learner
 (fc1 row zero, fc1 bias 1, so its activation is act(1)); its output column is zero in ``w2`` (k = N
 stays exact) and in ``w2r`` the step between consecutive prefixes' biases, so the prefix sum carries
-exactly bias_k. No kernel changes; it costs one neuron per learner.
+exactly bias_k. No kernel changes; it costs one neuron per learner (``build_learners(spare=True)`` leaves
+room for it, so the learners keep their widths).
 """
 from __future__ import annotations
 
@@ -179,8 +180,10 @@ def split_points(width: int, n: int, split: list[float] | None) -> tuple[int, ..
     return tuple(cuts)
 
 
-def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None) -> None:
-    """Order the module's units by calibration score and cut them into ``n`` learners (in place)."""
+def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None, spare: bool = False) -> None:
+    """Order the module's units by calibration score and cut them into ``n`` learners (in place). With
+    ``spare`` each learner but the last holds one unit fewer, leaving room for ``compensate``'s constant
+    neuron, so the learners' widths stay as split (GEMM-friendly) and the last takes the N - 1 units over."""
     if m.role == "mlp":
         score = m.hidden(x).std(0) * m.w2.norm(dim=0)
         order = torch.argsort(score, descending=True, stable=True)
@@ -197,7 +200,13 @@ def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None
             m.notes.append(d.fallback)
         err = float((b.double() @ a.double() - w.double()).abs().max())
         m.notes.append(f"full-rank factors reproduce the weight to {err:.1e}")
-    m.splits = split_points(m.w1.shape[0], n, split)
+    cuts = split_points(m.w1.shape[0], n, split)
+    if spare and n > 1:
+        if min(b - a for a, b in zip(cuts[:-2], cuts[1:-1])) < 2:
+            raise ACMError(f"acm: {m.name}: learners of width {list(zip(cuts[:-1], cuts[1:]))} leave no room for "
+                           "the compensation neuron; use fewer learners or compensation=False")
+        cuts = tuple(c - min(i, n - 1) for i, c in enumerate(cuts[:-1])) + (cuts[-1],)
+    m.splits = cuts
 
 
 def _hidden(m: Module, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -214,10 +214,10 @@ def test_compensation_removes_each_prefix_mean_error_and_keeps_k_n_and_k_0_exact
     build_learners(plain, x, n, None)
     before = prefixes(plain)
     comp = Module("mlp", 0, "mlp", None, None, w1, b1, w2, b2, "gelu")
-    build_learners(comp, x, n, None)
+    build_learners(comp, x, n, None, spare=True)
     compensate(comp, x)
     after = prefixes(comp)
-    assert comp.splits[-1] == hidden + n - 1  # one constant neuron per learner but the last
+    assert comp.splits == (0, 8, 16, 26)  # one constant neuron in each learner but the last, widths kept
     for k in range(1, n):
         assert (before[k] - mlp).mean(0).abs().max() > 0.5  # the systematic error compensation removes
         torch.testing.assert_close((after[k] - mlp).mean(0), torch.zeros(m_out), atol=2e-4, rtol=0)
