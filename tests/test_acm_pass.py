@@ -240,3 +240,15 @@ def test_budget_labels_spend_the_budget_where_the_relative_error_is():
     assert budget_labels(errors, scale, cost, 0.5, 0).tolist() == [1, 1, 1]
     assert budget_labels(errors, scale, cost, 0.1, 0).tolist() == [0, 0, 0]
     assert budget_labels(errors, scale, cost, 0.1, 1).tolist() == [1, 1, 1]  # min_k holds whatever the budget
+
+
+def test_learners_too_narrow_for_the_compensation_neuron_are_refused_naming_the_module():
+    from graphopt.passes.acm_learners import ACMError, Module, build_learners
+
+    g = torch.Generator().manual_seed(0)
+    m = Module("block 3 MLP", 3, "mlp", None, None, torch.randn(5, 4, generator=g), torch.zeros(5),
+               torch.randn(4, 5, generator=g), torch.zeros(4), "relu")
+    with pytest.raises(ACMError, match="block 3 MLP.*no room for the compensation neuron.*compensation=False"):
+        build_learners(m, torch.randn(16, 4, generator=g), 4, None, spare=True)
+    build_learners(m, torch.randn(16, 4, generator=g), 4, None)  # without it, width 1 learners are fine
+    assert m.splits == (0, 1, 2, 4, 5)
