@@ -227,7 +227,8 @@ def test_compensation_removes_each_prefix_mean_error_and_keeps_k_n_and_k_0_exact
 
 
 def test_budget_labels_spend_the_budget_where_the_relative_error_is():
-    """Hand-made errors: one threshold on err_k / ||output|| per row, the largest labels affordable."""
+    """Hand-made errors: per row the k minimising (err_k / ||output||)² + lam cost_k, lam the smallest that
+    meets the budget."""
     from graphopt.passes.acm_gate import budget_labels
 
     errors = torch.tensor([[10.0, 1.0, 0.0],    # relative errors 1, 0.1, 0
