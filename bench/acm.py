@@ -12,6 +12,22 @@ cosine, DeiT-S speed over dense on the grouped CPU kernel, and the conversion ti
 Results go to bench/results/acm.json and bench/results/acm.html (table + matplotlib plot embedded).
 Speed figures are medians of interleaved runs in one process; on a shared machine they are noise:
 re-run when it is quiet. Nothing is downloaded (weights come from the installed packages via graphopt.zoo).
+
+Measured 2026-12-02 on the shared 2-core machine (load average 12-27: accuracy figures are exact, the
+seconds are not), defaults (std-ordered neurons, per-prefix mean compensation, budget labels; digits with
+refit_prefixes=True):
+    digits ViT (float 97.33%), acm accuracy (MLP FLOP fraction run on held-out calibration; total FLOPs):
+        budget 1.0 97.33 (1.0; 1.008), 0.75 97.11 (0.770; 0.872), 0.5 97.33 (0.526; 0.727; target within
+        1 point: met, without refit 94.9), 0.375 96.67 (0.389; 0.646), 0.25 94.22 (0.250; 0.564). low_rank
+        (MLP) at ratio 0.75 / 0.5 / 0.375 / 0.25: 96.67 / 96.00 / 94.89 / 93.56 at about the same total
+        FLOPs; token_merge 97.33 throughout (on this small model it is the better trade).
+    all-MiniLM-L6-v2, 256 held-out sentences, mean / worst cosine (FLOP fraction the gates run on held-out
+        calibration / on the evaluation sentences): budget 0.75 0.9819 / 0.944 (0.746 / 0.763; target
+        >= 0.98, met), 0.5 0.9186 / 0.740 (0.501 / 0.511), 0.25 0.7625 / 0.493 (0.250 / 0.235); before
+        (abs-ordered neurons, refit, paper labels) 0.957 / 0.898 / 0.753.
+    DeiT-S speed, at load average ~26 (dense took 7 s a batch): acm 0.64x / 0.70x / 0.84x of dense at 0.75 /
+        0.5 / 0.25: not a measurement of the kernels; re-run on a quiet machine (this work did not change
+        the kernels, and the learners keep their widths).
 """
 from __future__ import annotations
 
@@ -73,10 +89,11 @@ def digits(args) -> dict:
     print(f"digits float accuracy {rows[0]['accuracy']:.4f}", flush=True)
     for b in DIGITS_BUDGETS:
         start = time.perf_counter()
-        g, _ = PassManager([("acm", {"budget": b})], calibration=calib).run(graph)
+        # refit on: 16k tokens of training images are enough for it (on MiniLM's narrow calibration it overfits)
+        g, _ = PassManager([("acm", {"budget": b, "refit_prefixes": True})], calibration=calib).run(graph)
         seconds = time.perf_counter() - start
         total = flops(g, batch=1) / dense_flops
-        rows.append({"method": "acm", "setting": f"budget={b}", "flops": total,
+        rows.append({"method": "acm", "setting": f"budget={b} refit", "flops": total,
                      "mlp_flops": 1 - (dense_flops - flops(g, batch=1)) / mlp_flops, "accuracy": acc(g),
                      "measured_fraction": g.meta["acm_kept_fraction"], "seconds": seconds})
         if b < 1.0:
@@ -131,12 +148,28 @@ def minilm(args) -> dict:
         seconds = time.perf_counter() - start
         cos = torch.cat([torch.nn.functional.cosine_similarity(run(g, *e)[0], r, dim=-1)
                          for e, r in zip(evalb, reference)])
-        row = {"budget": b, "measured_fraction": g.meta["acm_kept_fraction"], "mean_cosine": float(cos.mean()),
-               "worst_cosine": float(cos.min()), "seconds": seconds}
+        row = {"budget": b, "measured_fraction": g.meta["acm_kept_fraction"], "eval_fraction": _eval_fraction(g, evalb),
+               "mean_cosine": float(cos.mean()), "worst_cosine": float(cos.min()), "seconds": seconds}
         out["results"].append(row)
-        print(f"minilm budget {b}: measured {row['measured_fraction']:.3f}, cosine mean {row['mean_cosine']:.4f} "
+        print(f"minilm budget {b}: measured {row['measured_fraction']:.3f} (held-out calibration), "
+              f"{row['eval_fraction']:.3f} (eval sentences), cosine mean {row['mean_cosine']:.4f} "
               f"worst {row['worst_cosine']:.4f} ({seconds:.1f} s)", flush=True)
     return out
+
+
+def _eval_fraction(graph, batches) -> float:
+    """The mean fraction of the ACMs' FLOPs the gates choose on ``batches`` (all token rows, padding too)."""
+    from graphopt.ir.interpreter import collect
+
+    cores = {id(n.inputs[1]): n for n in graph.find_nodes("acm")}
+    gates = graph.find_nodes("acm_gate")
+    spent = {g.output.name: [] for g in gates}
+    for found in collect(graph, batches, [g.output for g in gates]):
+        for g in gates:
+            splits = cores[id(g.output)].attrs["splits"]
+            spent[g.output.name].append((torch.tensor(splits, dtype=torch.float64) / splits[-1])[found[g.output.name].reshape(-1)])
+    per = [float(torch.cat(v).mean()) for v in spent.values()]
+    return sum(per) / len(per)
 
 
 # ---- speed ----------------------------------------------------------------------------------------

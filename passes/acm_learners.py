@@ -1,8 +1,10 @@
 """Which modules ``acm`` converts, and their learners built from the module's own weights.
 
 An MLP is a sum over its hidden neurons, so N ordered groups of neurons (fc1 rows + fc2 columns) are
-N learners whose sum is the MLP exactly. Neurons are ordered by a calibration score, mean |activation|
-x ||fc2 column|| (WINA/TEAL-style), so the first learners carry most of the output. A projection
+N learners whose sum is the MLP exactly. Neurons are ordered by a calibration score, the standard
+deviation of the activation x ||fc2 column||, so the first learners carry most of the output's
+variation across tokens (what a dropped neuron's mean carried, ``compensate`` puts back; on
+all-MiniLM-L6-v2 this ordering beat mean |activation| x ||fc2 column||). A projection
 (q/k/v/o) has no hidden neurons: its learners are groups of its activation-aware SVD's components
 (SVD-LLM whitening; identity activation), ordered by singular value, all of them the layer again.
 
@@ -10,6 +12,14 @@ x ||fc2 column|| (WINA/TEAL-style), so the first learners carry most of the outp
 pulled toward the original weights) on the calibration rows, learner after learner, to the part of
 the module's output the learners before it missed. Rows that run every learner keep the original
 weights, so k = N stays the module itself.
+
+``compensate``: a prefix that drops learners also drops their mean output (GELU/SiLU outputs have a
+non-zero mean), a systematic error the same for every token. Each truncated prefix k gets the
+calibration mean of what it misses as a bias, carried by one constant neuron appended to each learner
+(fc1 row zero, fc1 bias 1, so its activation is act(1)); its output column is zero in ``w2`` (k = N
+stays exact) and in ``w2r`` the step between consecutive prefixes' biases, so the prefix sum carries
+exactly bias_k. No kernel changes; it costs one neuron per learner (``build_learners(spare=True)`` leaves
+room for it, so the learners keep their widths).
 """
 from __future__ import annotations
 
@@ -170,11 +180,12 @@ def split_points(width: int, n: int, split: list[float] | None) -> tuple[int, ..
     return tuple(cuts)
 
 
-def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None) -> None:
-    """Order the module's units by calibration score and cut them into ``n`` learners (in place)."""
+def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None, spare: bool = False) -> None:
+    """Order the module's units by calibration score and cut them into ``n`` learners (in place). With
+    ``spare`` each learner but the last holds one unit fewer, leaving room for ``compensate``'s constant
+    neuron, so the learners' widths stay as split (GEMM-friendly) and the last takes the N - 1 units over."""
     if m.role == "mlp":
-        h = m.hidden(x)
-        score = h.abs().mean(0) * m.w2.norm(dim=0)
+        score = m.hidden(x).std(0) * m.w2.norm(dim=0)
         order = torch.argsort(score, descending=True, stable=True)
         m.w1, m.b1, m.w2 = m.w1[order].contiguous(), m.b1[order].contiguous(), m.w2[:, order].contiguous()
         if m.wg is not None:
@@ -189,7 +200,13 @@ def build_learners(m: Module, x: torch.Tensor, n: int, split: list[float] | None
             m.notes.append(d.fallback)
         err = float((b.double() @ a.double() - w.double()).abs().max())
         m.notes.append(f"full-rank factors reproduce the weight to {err:.1e}")
-    m.splits = split_points(m.w1.shape[0], n, split)
+    cuts = split_points(m.w1.shape[0], n, split)
+    if spare and n > 1:
+        if min(b - a for a, b in zip(cuts[:-2], cuts[1:-1])) < 2:
+            raise ACMError(f"acm: {m.name}: learners of width {list(zip(cuts[:-1], cuts[1:]))} leave no room for "
+                           "the compensation neuron; use fewer learners or compensation=False")
+        cuts = tuple(c - min(i, n - 1) for i, c in enumerate(cuts[:-1])) + (cuts[-1],)
+    m.splits = cuts
 
 
 def _hidden(m: Module, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -230,6 +247,42 @@ def refit(m: Module, x: torch.Tensor, ridge: float) -> None:
         w2r[:, lo:hi] = w
         done = done + h @ w.t() + (m.b2 if i == 0 else 0)
     m.w2r = w2r
+
+
+def compensate(m: Module, x: torch.Tensor) -> None:
+    """Append one constant neuron to each learner but the last, whose ``w2r`` column adds the calibration
+    mean of what each truncated prefix misses (``w2`` columns zero); k = 0 stays zero (in place)."""
+    n = len(m.splits) - 1
+    if n < 2:
+        return
+    exact, approx = contributions(m, x, m.w2, m.w2r if m.w2r is not None else m.w2)
+    missing, acc, biases = sum(exact), 0, []
+    for c in approx[:-1]:
+        acc = acc + c
+        biases.append((missing - acc).mean(0))
+    steps = [biases[0]] + [b - a for a, b in zip(biases, biases[1:])]  # learner i adds bias_(i+1) - bias_i
+    d, out = m.w1.shape[1], m.b2.shape[0]
+    unit = activate(torch.ones(1), m.activation)  # the constant neuron's activation (gated: act(1) * 1)
+    parts = {"w1": [], "b1": [], "w2": [], "w2r": [], "wg": [], "bg": []}
+    w2r = m.w2r if m.w2r is not None else m.w2
+    cuts = [0]
+    for i, (lo, hi) in enumerate(zip(m.splits[:-1], m.splits[1:])):
+        parts["w1"].append(m.w1[lo:hi]); parts["b1"].append(m.b1[lo:hi])  # noqa: E702
+        parts["w2"].append(m.w2[:, lo:hi]); parts["w2r"].append(w2r[:, lo:hi])  # noqa: E702
+        if m.wg is not None:
+            parts["wg"].append(m.wg[lo:hi]); parts["bg"].append(m.bg[lo:hi])  # noqa: E702
+        if i < n - 1:
+            parts["w1"].append(torch.zeros(1, d)); parts["b1"].append(torch.ones(1))  # noqa: E702
+            parts["w2"].append(torch.zeros(out, 1)); parts["w2r"].append((steps[i] / unit).reshape(out, 1))  # noqa: E702
+            if m.wg is not None:
+                parts["wg"].append(torch.zeros(1, d)); parts["bg"].append(torch.ones(1))  # noqa: E702
+        cuts.append(cuts[-1] + hi - lo + (i < n - 1))
+    m.w1, m.b1 = torch.cat(parts["w1"]).contiguous(), torch.cat(parts["b1"]).contiguous()
+    m.w2, m.w2r = torch.cat(parts["w2"], 1).contiguous(), torch.cat(parts["w2r"], 1).contiguous()
+    if m.wg is not None:
+        m.wg, m.bg = torch.cat(parts["wg"]).contiguous(), torch.cat(parts["bg"]).contiguous()
+    m.splits = tuple(cuts)
+    m.dense_flops_per_row = cuts[-1] * m.unit_flops
 
 
 def prefix_errors(m: Module, x: torch.Tensor) -> torch.Tensor:

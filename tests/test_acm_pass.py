@@ -189,3 +189,67 @@ def test_integer_only_refuses_either_order_naming_the_reason(vit, half):
     integer, _ = PassManager(["integer_only"], calibration=calib).run(vit[1])
     with pytest.raises(PassError, match="integer-only graph"):
         PassManager(["acm"], calibration=calib).run(integer)
+
+
+def test_compensation_removes_each_prefix_mean_error_and_keeps_k_n_and_k_0_exact():
+    """A GELU MLP with a large positive fc1 bias (GELU outputs far from zero mean): after compensation the acm
+    op's reference gives, for each truncated prefix, zero mean error over the calibration rows (without it the
+    mean error is large), k = N the MLP exactly and k = 0 zero."""
+    from graphopt.ir.ops.acm import acm as acm_reference
+    from graphopt.passes.acm_learners import Module, build_learners, compensate
+
+    g = torch.Generator().manual_seed(0)
+    d, hidden, m_out, n = 8, 24, 6, 3
+    w1, b1 = torch.randn(hidden, d, generator=g), torch.randn(hidden, generator=g) + 2.0
+    w2, b2 = torch.randn(m_out, hidden, generator=g), torch.randn(m_out, generator=g)
+    x = torch.randn(500, d, generator=g)
+    mlp = F.gelu(x @ w1.t() + b1) @ w2.t() + b2  # the independent reference
+
+    def prefixes(module):
+        attrs = {"splits": module.splits, "activation": "gelu", "fractions": ()}
+        return [acm_reference(x, torch.full((x.shape[0],), k), module.w1, module.b1, module.w2, module.b2,
+                              None, None, module.w2r, **attrs) for k in range(n + 1)]
+
+    plain = Module("mlp", 0, "mlp", None, None, w1, b1, w2, b2, "gelu")
+    build_learners(plain, x, n, None)
+    before = prefixes(plain)
+    comp = Module("mlp", 0, "mlp", None, None, w1, b1, w2, b2, "gelu")
+    build_learners(comp, x, n, None, spare=True)
+    compensate(comp, x)
+    after = prefixes(comp)
+    assert comp.splits == (0, 8, 16, 26)  # one constant neuron in each learner but the last, widths kept
+    for k in range(1, n):
+        assert (before[k] - mlp).mean(0).abs().max() > 0.5  # the systematic error compensation removes
+        torch.testing.assert_close((after[k] - mlp).mean(0), torch.zeros(m_out), atol=2e-4, rtol=0)
+        assert (after[k] - mlp).norm() < (before[k] - mlp).norm()
+    torch.testing.assert_close(after[n], mlp, atol=1e-4, rtol=1e-5)
+    assert torch.equal(after[0], torch.zeros_like(mlp))
+
+
+def test_budget_labels_spend_the_budget_where_the_relative_error_is():
+    """Hand-made errors: per row the k minimising (err_k / ||output||)² + lam cost_k, lam the smallest that
+    meets the budget."""
+    from graphopt.passes.acm_gate import budget_labels
+
+    errors = torch.tensor([[10.0, 1.0, 0.0],    # relative errors 1, 0.1, 0
+                           [1.0, 0.5, 0.0],     # 1, 0.5, 0
+                           [4.0, 0.8, 0.0]])    # 1, 0.2, 0
+    cost = torch.tensor([0.0, 0.5, 1.0])
+    scale = errors[:, 0]
+    assert budget_labels(errors, scale, cost, 1.0, 0).tolist() == [2, 2, 2]
+    assert budget_labels(errors, scale, cost, 0.7, 0).tolist() == [1, 2, 1]  # the worst row gets the extra learner
+    assert budget_labels(errors, scale, cost, 0.5, 0).tolist() == [1, 1, 1]
+    assert budget_labels(errors, scale, cost, 0.1, 0).tolist() == [0, 0, 0]
+    assert budget_labels(errors, scale, cost, 0.1, 1).tolist() == [1, 1, 1]  # min_k holds whatever the budget
+
+
+def test_learners_too_narrow_for_the_compensation_neuron_are_refused_naming_the_module():
+    from graphopt.passes.acm_learners import ACMError, Module, build_learners
+
+    g = torch.Generator().manual_seed(0)
+    m = Module("block 3 MLP", 3, "mlp", None, None, torch.randn(5, 4, generator=g), torch.zeros(5),
+               torch.randn(4, 5, generator=g), torch.zeros(4), "relu")
+    with pytest.raises(ACMError, match="block 3 MLP.*no room for the compensation neuron.*compensation=False"):
+        build_learners(m, torch.randn(16, 4, generator=g), 4, None, spare=True)
+    build_learners(m, torch.randn(16, 4, generator=g), 4, None)  # without it, width 1 learners are fine
+    assert m.splits == (0, 1, 2, 4, 5)
