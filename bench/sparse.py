@@ -109,15 +109,23 @@ def minilm(args) -> dict:
         return torch.cat([torch.nn.functional.cosine_similarity(a, r, dim=-1)
                           for a, r in zip(outs, reference)]).mean().item()
 
-    out = {"calibration_sentences": args.calib, "eval_sentences": args.eval, "weights": [], "structured": []}
+    out = {"calibration_sentences": args.calib, "eval_sentences": args.eval, "weights": [], "structured": [],
+           "pruned": "the 36 linear layers of the 6 encoder blocks (q, k, v, out, fc1, fc2), each at the sparsity; "
+                     "not the embeddings, LayerNorms or the unused pooler"}
+    # plain criteria one shot (sequential=false), then the additions: update (Wanda mask refitted), bias
+    # correction (out / fc1 / fc2), sequential calibration (layer inputs from the model pruned so far)
+    variants = [(c, {"sequential": False}) for c in ("magnitude", "wanda", "sparsegpt")]
+    variants += [("wanda", {"update": True, "bias_correction": True, "sequential": True}),
+                 ("sparsegpt", {"bias_correction": True, "sequential": True})]
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", 0.5)):
-        for criterion in ("magnitude", "wanda", "sparsegpt"):
+        for criterion, extra in variants:
             g, _ = PassManager([("sparsify", {"criterion": criterion, "pattern": pattern, "sparsity": sparsity,
-                                              "exclude": ["*pooler*"], "substitute": "never"})],
+                                              "exclude": ["*pooler*"], "substitute": "never", **extra})],
                                calibration=calib).run(graph)
-            row = {"criterion": criterion, "pattern": pattern, "sparsity": sparsity, "cosine": cosine(g)}
+            row = {"criterion": criterion, "pattern": pattern, "sparsity": sparsity, **extra, "cosine": cosine(g)}
             out["weights"].append(row)
-            print(f"minilm {criterion:9s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f}",
+            label = criterion + "".join(f" {k}" for k, v in extra.items() if v is True)
+            print(f"minilm {label:45s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f}",
                   flush=True)
     g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
                                       "exclude": ["*pooler*"], "substitute": "never"})], calibration=calib).run(graph)
