@@ -6,6 +6,15 @@ selected linear / matmul / 1x1-conv layers by ``criterion`` (magnitude, Wanda, S
 (CSR, or 1x4 blocks) only when the target's SpMM beats its dense GEMM at that shape and sparsity
 (``passes/sparse_substitute.py``: measured by a micro-benchmark on this machine and cached, or given
 as ``timings``). Below break-even the layer keeps its (pruned) dense weight and the report says why.
+With calibration, ``sequential=true`` (default) prunes the layers in data-flow order, each on the inputs of
+the model pruned so far; ``update=true`` refits a magnitude / Wanda mask's kept weights with SparseGPT's
+compensation; ``bias_correction=true`` keeps each out / fc1 / fc2 output's mean over the calibration tokens
+(b + W E[x] - W' E[x'], not v: attention averages its output unevenly). all-MiniLM-L6-v2 (real weights, the 36
+encoder linears at 50%, 128 calibration / 100 held-out sentences, embedding cosine): one shot magnitude 0.765,
+Wanda 0.875, SparseGPT 0.889; Wanda + bias correction 0.885, + update 0.888, both 0.889, both sequential 0.894
+(0.964 on the calibration sentences themselves). Not the 0.95 asked: every layer alone keeps >= 0.98 but the
+36 losses add up (fc1 0.038, fc2 0.034, out 0.025, v 0.020, q / k 0.003 each); a mean shift is 21% of the
+error; q / k sparser than the rest at the same 50% is worse (0.846 at 80%).
 
 Structured patterns (``neurons``: MLP hidden units; ``heads``: attention heads; ``structured``: both)
 remove whole units and rebuild the block with smaller dense GEMMs, real speed on every backend; with
@@ -76,8 +85,9 @@ def sparsify(graph, ctx, *,
                                                     "the sensitivity search"),
              sensitivity_batches: int = option(4, "calibration batches used to measure sensitivity"),
              reform: bool = option(True, "structured: refit the next layer by least squares on calibration data"),
-             sequential: bool = option(True, "structured reformation: refit each next layer to the dense output "
-                                             "from the activations of the model with the earlier units removed"),
+             sequential: bool = option(True, "calibrate each layer on the activations of the model pruned so far "
+                                             "(weights: its Gram and mean; structured: the next layer refitted to "
+                                             "the dense output)"),
              update: bool = option(False, "magnitude / wanda: refit the kept weights to the mask (SparseGPT's "
                                           "compensation with the mask fixed)"),
              bias_correction: bool = option(False, "add W E[x_dense] - W' E[x'] to the bias of out / fc1 / fc2 "
