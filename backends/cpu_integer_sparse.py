@@ -81,7 +81,8 @@ def time_int8(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: 
     w = torch.nn.functional.pad(weight.ne(0).to(torch.int8) * 3, (0, (-k) % 4))   # the same zero pattern, int8
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (rows, w.shape[1]), generator=g, dtype=torch.uint8)
-    bias, m, c = torch.zeros(n, dtype=torch.int32), torch.full((n,), 300, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    bias, c = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    m = torch.full((n,), 300, dtype=torch.int32)
     rq = {"pre": 0, "k": 16, "lo": 0, "hi": 255, "zp": 0}
     packed, _ = dense_lib.pack_b(w)
     epi = dense_lib.epilogue("requant", torch.uint8, bias, m=m, c=c, **rq)

@@ -145,7 +145,8 @@ static inline int32_t requant1(int32_t x, const requant_t *e, int64_t n) {
    the scalar epilogue cost as much as the block products when each output sums few blocks (K = 384) */
 __attribute__((target("avx512f")))
 static void requant_column_avx512(int32_t *acc, const requant_t *e, int64_t n) {
-    const __m512i m = _mm512_set1_epi64(e->m[e->per_column ? n : 0]), c = _mm512_set1_epi64(e->c[e->per_column ? n : 0]);
+    const int64_t at = e->per_column ? n : 0;
+    const __m512i m = _mm512_set1_epi64(e->m[at]), c = _mm512_set1_epi64(e->c[at]);
     const __m512i lo = _mm512_set1_epi64(e->lo), hi = _mm512_set1_epi64(e->hi), zp = _mm512_set1_epi32(e->zp);
     const __m512i round = _mm512_set1_epi32(e->pre ? (1 << e->pre) - 1 : 0);
     const __m128i pre = _mm_cvtsi32_si128(e->pre), k = _mm_cvtsi32_si128(e->k);
@@ -154,8 +155,10 @@ static void requant_column_avx512(int32_t *acc, const requant_t *e, int64_t n) {
         x = _mm512_sra_epi32(_mm512_add_epi32(x, _mm512_and_si512(_mm512_srai_epi32(x, 31), round)), pre);
         __m512i v0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(x));
         __m512i v1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(x, 1));
-        v0 = _mm512_min_epi64(_mm512_max_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(v0, m), c), k), lo), hi);
-        v1 = _mm512_min_epi64(_mm512_max_epi64(_mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(v1, m), c), k), lo), hi);
+        v0 = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(v0, m), c), k);
+        v0 = _mm512_min_epi64(_mm512_max_epi64(v0, lo), hi);
+        v1 = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(v1, m), c), k);
+        v1 = _mm512_min_epi64(_mm512_max_epi64(v1, lo), hi);
         x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(v0)), _mm512_cvtepi64_epi32(v1), 1);
         _mm512_store_si512(acc + i, _mm512_add_epi32(x, zp));
     }

@@ -141,9 +141,9 @@ def sparsify(graph, ctx, *,
                     sensitivity_batches, reform, ridge, sequential, list(layers or []), list(exclude or []))
     else:
         _weights(graph, ctx, criterion, pattern, nm, sparsity, layers, exclude, roles, allocation, cands, batches,
-                 sensitivity_batches, damp, update, bias_correction, sequential, dict(substitute=substitute, format=format, target=target, rows=rows,
-                                                   threads=threads, margin=margin, timings=timings,
-                                                   timing_cache=timing_cache))
+                 sensitivity_batches, damp, update, bias_correction, sequential,
+                 dict(substitute=substitute, format=format, target=target, rows=rows, threads=threads, margin=margin,
+                      timings=timings, timing_cache=timing_cache))
     if dense_outputs is not None:
         after = Probe(graph, []).outputs(judged)
         cosine, err = row_cosine(dense_outputs, after), row_error(dense_outputs, after)
@@ -208,7 +208,7 @@ def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclud
     for i, b in new_bias.items():
         l = biased[i]
         graph.set_input(l.node, 2, graph.add_constant(b, f"{_bias(l).name}.corrected"))
-    how = "one shot, on the dense model's activations" if not sequential else "layer inputs from the model pruned so far"
+    how = "layer inputs from the model pruned so far" if sequential else "one shot, on the dense model's activations"
     ctx.note(f"{criterion}{' + update' if update else ''} {pattern}: kept {kept}/{total} weights "
              f"({1 - kept / max(total, 1):.1%} removed) in {len(chosen)} layers"
              + ("" if not calibrated else f" ({how})")
