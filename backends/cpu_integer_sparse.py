@@ -5,11 +5,12 @@
 
 The weight (constant int8, e.g. ``sparsify:pattern=block1x4`` before ``integer_only``) is stored as
 1x4 blocks along K (``gs_spmm_s8`` in ``cpu_sparse_kernels.c``: one vpdpbusd per block and 16 rows);
-the requant epilogue computes ``int.requant``'s integers exactly. Where the int8 SpMM beats the dense
-VNNI GEMM depends on K, the output width and the machine (bench/sparse.py, 2 threads: from 80% zero
-blocks at K=1536, never at K=384), so the rule decides per layer by measurement, like ``sparsify``'s
-fp32 substitution (``passes/sparse_substitute.py``): ``time_int8`` times both kernels with the requant
-epilogue at the layer's shape (rows x K -> N, torch's thread count) and block sparsity, cached per shape
+the requant epilogue computes ``int.requant``'s integers exactly (16 lanes per tile column). Where the
+int8 SpMM beats the dense GEMM depends on K, the output width and the machine: against a VNNI dense GEMM
+from 80% zero blocks at K=1536; against the AMX one (Xeon with amx_int8, 1 thread, 1576 rows: 0.7-0.8 ms
+at 1576x384x1536 and back) never, even at 95% (2.3 / 1.3 ms). So the rule decides per layer by measurement,
+like ``sparsify``'s fp32 substitution (``passes/sparse_substitute.py``): ``time_int8`` times both kernels
+with the requant epilogue at the layer's shape (rows x K -> N, torch's thread count) and block sparsity, cached per shape
 (``~/.cache/graphopt/sparse_timings.json``); the layer goes sparse only when faster by ``MARGIN``, and
 the report's reason for a layer left dense gives both times. Weights with under ``MIN_MEASURED`` zero
 blocks are not measured (quantised dense weights: the index per block cannot pay there). These rules
@@ -73,7 +74,7 @@ def _column_vector(v, n: int) -> torch.Tensor | None:
 
 
 def time_int8(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: int = 5) -> tuple[float, float]:
-    """Dense VNNI GEMM against the 1x4-block SpMM for this weight's zero pattern, both with a per-column
+    """The dense int8 GEMM against the 1x4-block SpMM for this weight's zero pattern, both with a per-column
     requant epilogue to u8, at ``rows`` random u8 rows: median ms of ``repeats`` interleaved rounds."""
     if fmt != "block1x4":
         raise ValueError(f"cpu_integer times int8 SpMM in 1x4 blocks only, not {fmt!r}")
@@ -96,7 +97,8 @@ def time_int8(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: 
     return 1e3 * t["dense"].median, 1e3 * t["sparse"].median
 
 
-time_int8.machine = f"int8 1x4 SpMM vs VNNI GEMM ({'vnni' if sparse.available() and sparse.has_vnni() else 'portable'})"
+time_int8.machine = "int8 1x4 SpMM vs dense int8 GEMM (" + \
+    ("vnni" if sparse.available() and sparse.has_vnni() else "portable") + ")"
 
 
 def _rows(x) -> int:
@@ -114,7 +116,7 @@ def _check(ctx, x, w, b=None, m=None, c=None):
     s = _block_sparsity(w.const)
     if s < MIN_MEASURED:
         return ctx.fail(f"{linear.label()}: {s:.0%} of its 1x4 weight blocks are zero (< {MIN_MEASURED:.0%}, not "
-                        "measured): the dense VNNI GEMM")
+                        "measured): the dense GEMM")
     d = _decision(linear, x, w, s)
     linear.meta["sparse_decision"] = d.line()     # the kernel report shows it whichever rule fires
     return True if d.sparse else ctx.fail(d.line())
