@@ -68,7 +68,8 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
     rules = fusion_rules(TARGET)
     rules.apply(lowered, on_fire=lambda rule, nodes, new: report.append(
         Lowered(new.producer.op if new.producer.op.startswith("cpu.") else _kernel_op(new),
-                " -> ".join(n.label() for n in reversed(nodes)))))
+                " -> ".join(n.label() for n in reversed(nodes))
+                + "".join(f" [{n.meta['sparse_decision']}]" for n in nodes if "sparse_decision" in n.meta))))
     for node in lowered.nodes:
         if node.op.startswith("int."):
             why = why_not_at(lowered, node, rules.rules) or NOT_FUSED.get(node.op, f"no {TARGET} rule for {node.op}")

@@ -5,15 +5,24 @@
 
 The weight (constant int8, e.g. ``sparsify:pattern=block1x4`` before ``integer_only``) is stored as
 1x4 blocks along K (``gs_spmm_s8`` in ``cpu_sparse_kernels.c``: one vpdpbusd per block and 16 rows);
-the requant epilogue computes ``int.requant``'s integers exactly. A weight with fewer than
-``MIN_BLOCK_SPARSITY`` zero blocks, or a reduction shorter than ``MIN_K``, stays on the dense GEMM rules
-(fixed thresholds from bench/sparse.py, not yet a per-shape measurement), and ``why_not`` says so. These rules
+the requant epilogue computes ``int.requant``'s integers exactly (16 lanes per tile column). Where the
+int8 SpMM beats the dense GEMM depends on K, the output width and the machine: against a VNNI dense GEMM
+from 80% zero blocks at K=1536; against the AMX one (Xeon with amx_int8, 1 thread, 1576 rows: 0.7-0.8 ms
+at 1576x384x1536 and back) never, even at 95% (2.3 / 1.3 ms). So the rule decides per layer by measurement,
+like ``sparsify``'s fp32 substitution (``passes/sparse_substitute.py``): ``time_int8`` times both kernels
+with the requant epilogue at the layer's shape (rows x K -> N, torch's thread count) and block sparsity, cached per shape
+(``~/.cache/graphopt/sparse_timings.json``); the layer goes sparse only when faster by ``MARGIN``, and
+the report's reason for a layer left dense gives both times. Weights with under ``MIN_MEASURED`` zero
+blocks are not measured (quantised dense weights: the index per block cannot pay there). These rules
 have a higher priority than the dense ones, so they are tried first.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from graphopt.backends import cpu_integer_library as dense_lib
 from graphopt.backends import cpu_sparse_library as sparse
 from graphopt.backends.kernels import register_fusion
 from graphopt.ir.opdef import Attr, OpError, register_op
@@ -22,13 +31,13 @@ from graphopt.ir.ops.sparse import to_block1x4
 from graphopt.ir.pattern import either
 from graphopt.ir.rewrite import Rule
 from graphopt.ir.types import TensorType
+from graphopt.passes.sparse_substitute import TimingSource, decide, default_cache
+from graphopt.timing import interleaved
 
 TARGET = "cpu_integer"
-# Intel reports int8 1x4 sparse GEMM gains from 70%; ours (bench/sparse.py, DeiT-S MLP shapes, 2 threads) beats the
-# dense VNNI GEMM from 80% at K=1536 (1.4x at 90%, 1.7x at 95%) and never at K=384 (its scalar requant epilogue
-# dominates when each output sums few blocks): the rule takes K >= MIN_K at >= MIN_BLOCK_SPARSITY only
-MIN_BLOCK_SPARSITY = 0.9
-MIN_K = 1024
+MIN_MEASURED = 0.5     # fewer zero 1x4 blocks than this: dense without measuring
+MARGIN = 0.1           # the SpMM must beat the dense GEMM by this fraction of its time
+DEFAULT_ROWS = 256     # rows the decision is measured at when the input's leading dims are symbolic
 
 
 def _spmm_type(x, row_ptr, col, val, bias, m=None, c=None, *, n, flip, kind, out, pre, k, lo, hi, zp, threads):
@@ -64,20 +73,65 @@ def _column_vector(v, n: int) -> torch.Tensor | None:
     return t.reshape(n).to(torch.int32).contiguous() if t.numel() == n and t.shape[-1] == n else None
 
 
+def time_int8(weight: torch.Tensor, fmt: str, rows: int, threads: int, repeats: int = 5) -> tuple[float, float]:
+    """The dense int8 GEMM against the 1x4-block SpMM for this weight's zero pattern, both with a per-column
+    requant epilogue to u8, at ``rows`` random u8 rows: median ms of ``repeats`` interleaved rounds."""
+    if fmt != "block1x4":
+        raise ValueError(f"cpu_integer times int8 SpMM in 1x4 blocks only, not {fmt!r}")
+    n, k = weight.shape
+    w = torch.nn.functional.pad(weight.ne(0).to(torch.int8) * 3, (0, (-k) % 4))   # the same zero pattern, int8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (rows, w.shape[1]), generator=g, dtype=torch.uint8)
+    bias, c = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    m = torch.full((n,), 300, dtype=torch.int32)
+    rq = {"pre": 0, "k": 16, "lo": 0, "hi": 255, "zp": 0}
+    packed, _ = dense_lib.pack_b(w)
+    epi = dense_lib.epilogue("requant", torch.uint8, bias, m=m, c=c, **rq)
+    y = torch.empty(rows, n, dtype=torch.uint8)
+    row_ptr, col, val = to_block1x4(w)
+    val = val.contiguous().view(torch.int32).reshape(-1)
+    t = interleaved({"dense": lambda: dense_lib.gemm(x, packed, n, epi, y, threads),
+                     "sparse": lambda: sparse.spmm_s8(x, row_ptr, col, val, n, bias, requant=dict(rq, m=m, c=c),
+                                                      out_dtype=torch.uint8, threads=threads)},
+                    runs=repeats, warmup=1)
+    return 1e3 * t["dense"].median, 1e3 * t["sparse"].median
+
+
+time_int8.machine = "int8 1x4 SpMM vs dense int8 GEMM (" + \
+    ("vnni" if sparse.available() and sparse.has_vnni() else "portable") + ")"
+
+
+def _rows(x) -> int:
+    lead = x.type.shape[:-1]
+    return math.prod(lead) if all(isinstance(d, int) for d in lead) else DEFAULT_ROWS
+
+
 def _check(ctx, x, w, b=None, m=None, c=None):
     linear = next(node for node in ctx.nodes if node.op == "int.linear")
     if not w.is_constant or w.type.rank != 2 or (b is not None and not b.is_constant):
         return ctx.fail(f"{linear.label()}: the weight and bias must be constants")
-    if w.type.shape[1] < MIN_K:
-        return ctx.fail(f"{linear.label()}: K = {w.type.shape[1]} < {MIN_K}: the dense VNNI GEMM is faster at this depth")
-    s = _block_sparsity(w.const)
-    if s < MIN_BLOCK_SPARSITY:
-        return ctx.fail(f"{linear.label()}: {s:.0%} of its 1x4 weight blocks are zero (< {MIN_BLOCK_SPARSITY:.0%}): "
-                        "the dense VNNI GEMM is faster")
     n = w.type.shape[0]
     if m is not None and (_column_vector(m, n) is None or _column_vector(c, n) is None):
         return ctx.fail(f"{linear.label()}: the requant constants are not per output column")
-    return True
+    s = _block_sparsity(w.const)
+    if s < MIN_MEASURED:
+        return ctx.fail(f"{linear.label()}: {s:.0%} of its 1x4 weight blocks are zero (< {MIN_MEASURED:.0%}, not "
+                        "measured): the dense GEMM")
+    d = _decision(linear, x, w, s)
+    linear.meta["sparse_decision"] = d.line()     # the kernel report shows it whichever rule fires
+    return True if d.sparse else ctx.fail(d.line())
+
+
+def _decision(linear, x, w, block_sparsity: float):
+    """The measured (or cached) decision for this layer; its line goes to the report either way."""
+    threads = torch.get_num_threads()
+    source = TimingSource(TARGET, threads, None, default_cache(), measure=True, timer=time_int8)
+    rows = _rows(x)
+    dense_ms, sparse_ms, where = source.times(linear.label(), w.const, "block1x4", rows)
+    source.save()
+    d = decide(linear.label(), tuple(w.type.shape), rows, block_sparsity, "int8 block1x4", dense_ms, sparse_ms, MARGIN)
+    d.why += f"; times {where}, {threads} threads"
+    return d
 
 
 def _rewrite(op, nodes, x, w, b=None, m=None, c=None):
@@ -96,9 +150,11 @@ def _rewrite(op, nodes, x, w, b=None, m=None, c=None):
         attrs.update(kind="requant", out=rq["dtype"], pre=rq["pre"], k=rq["k"], lo=rq["lo"], hi=rq["hi"],
                      zp=rq["zero_point"])
         extra = [op.add_constant(_column_vector(m, n), "m"), op.add_constant(_column_vector(c, n), "c")]
-    return op("cpu.int_spmm", x, op.add_constant(row_ptr, "row_ptr"), op.add_constant(col, "col"),
-              op.add_constant(val.contiguous().view(torch.int32).reshape(-1), "val"), op.add_constant(bias, "bias"),
-              *extra, **attrs)
+    out = op("cpu.int_spmm", x, op.add_constant(row_ptr, "row_ptr"), op.add_constant(col, "col"),
+             op.add_constant(val.contiguous().view(torch.int32).reshape(-1), "val"), op.add_constant(bias, "bias"),
+             *extra, **attrs)
+    out.producer.meta["sparse_decision"] = linear.meta["sparse_decision"]
+    return out
 
 
 def _linear(op, x, w, b):

@@ -141,10 +141,36 @@ static inline int32_t requant1(int32_t x, const requant_t *e, int64_t n) {
     return (int32_t)v + e->zp;
 }
 
-static inline void store(void *y, int64_t at, int type, int32_t v) {
-    if (type == OUT_U8) ((uint8_t *)y)[at] = (uint8_t)v;
-    else if (type == OUT_I8) ((int8_t *)y)[at] = (int8_t)v;
-    else ((int32_t *)y)[at] = v;
+/* requant1 on one tile column (MT accumulators of output column n) in place, 16 lanes at a time in 64 bits:
+   the scalar epilogue cost as much as the block products when each output sums few blocks (K = 384) */
+__attribute__((target("avx512f")))
+static void requant_column_avx512(int32_t *acc, const requant_t *e, int64_t n) {
+    const int64_t at = e->per_column ? n : 0;
+    const __m512i m = _mm512_set1_epi64(e->m[at]), c = _mm512_set1_epi64(e->c[at]);
+    const __m512i lo = _mm512_set1_epi64(e->lo), hi = _mm512_set1_epi64(e->hi), zp = _mm512_set1_epi32(e->zp);
+    const __m512i round = _mm512_set1_epi32(e->pre ? (1 << e->pre) - 1 : 0);
+    const __m128i pre = _mm_cvtsi32_si128(e->pre), k = _mm_cvtsi32_si128(e->k);
+    for (int i = 0; i < MT; i += 16) {
+        __m512i x = _mm512_load_si512(acc + i);
+        x = _mm512_sra_epi32(_mm512_add_epi32(x, _mm512_and_si512(_mm512_srai_epi32(x, 31), round)), pre);
+        __m512i v0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(x));
+        __m512i v1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(x, 1));
+        v0 = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(v0, m), c), k);
+        v0 = _mm512_min_epi64(_mm512_max_epi64(v0, lo), hi);
+        v1 = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mul_epi32(v1, m), c), k);
+        v1 = _mm512_min_epi64(_mm512_max_epi64(v1, lo), hi);
+        x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(v0)), _mm512_cvtepi64_epi32(v1), 1);
+        _mm512_store_si512(acc + i, _mm512_add_epi32(x, zp));
+    }
+}
+
+/* NB buffered columns (their final int32 values) -> rows of y, one output type per loop */
+static void store_rows(const int32_t (*acc)[MT], int64_t rows, int cnt, void *y, int64_t at, int64_t ldy, int type) {
+    for (int64_t i = 0; i < rows; i++, at += ldy) {
+        if (type == OUT_U8) for (int c = 0; c < cnt; c++) ((uint8_t *)y)[at + c] = (uint8_t)acc[c][i];
+        else if (type == OUT_I8) for (int c = 0; c < cnt; c++) ((int8_t *)y)[at + c] = (int8_t)acc[c][i];
+        else for (int c = 0; c < cnt; c++) ((int32_t *)y)[at + c] = acc[c][i];
+    }
 }
 
 /* xt[g][i] = the 4 bytes x[m0 + i][4g .. 4g+3] as one uint32 (K padded to a multiple of 4 with zeros) */
@@ -217,11 +243,11 @@ void gs_spmm_s8(const uint8_t *x, int64_t ldx, int64_t M, int64_t K, const int32
                     int32_t b = e->bias ? e->bias[n] : 0;
                     if (vnni) column_vnni(xt, col, val, row_ptr[n], row_ptr[n + 1], b, acc[c]);
                     else column_portable(xt, col, val, row_ptr[n], row_ptr[n + 1], b, acc[c]);
+                    if (e->raw) continue;
+                    if (vnni) requant_column_avx512(acc[c], e, n);
+                    else for (int64_t i = 0; i < rows; i++) acc[c][i] = requant1(acc[c][i], e, n);
                 }
-                for (int64_t i = 0; i < rows; i++)
-                    for (int c = 0; c < cnt; c++)
-                        store(y, (m0 + i) * ldy + nb + c, e->out_type,
-                              e->raw ? acc[c][i] : requant1(acc[c][i], e, nb + c));
+                store_rows((const int32_t (*)[MT])acc, rows, cnt, y, m0 * ldy + nb, ldy, e->out_type);
             }
         }
         free(xt);

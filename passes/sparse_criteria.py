@@ -76,20 +76,24 @@ def _lowest(s: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def prune(w: torch.Tensor, criterion: str, pattern: str, sparsity: float, gram: torch.Tensor | None = None,
-          damp: float = 0.01) -> torch.Tensor:
-    """The pruned W (same shape and dtype) for any criterion and pattern."""
-    if criterion == "sparsegpt":
+          damp: float = 0.01, update: bool = False) -> torch.Tensor:
+    """The pruned W (same shape and dtype) for any criterion and pattern; ``update``: a magnitude / Wanda
+    mask's kept weights refitted by SparseGPT's compensation (needs the Gram)."""
+    if criterion == "sparsegpt" or update:
         if gram is None:
-            raise ValueError("criterion sparsegpt needs calibration activations (the layer input's Hessian)")
-        return sparsegpt(w, gram, pattern, sparsity, damp)
+            raise ValueError(f"criterion {criterion}{' with update' if update else ''} needs calibration activations "
+                             "(the layer input's Hessian)")
+        mask = None if criterion == "sparsegpt" else mask_from_scores(scores(w, criterion, gram), pattern, sparsity)
+        return sparsegpt(w, gram, pattern, sparsity, damp, mask=mask)
     drop = mask_from_scores(scores(w, criterion, gram), pattern, sparsity)
     return w.masked_fill(drop, 0)
 
 
 def sparsegpt(w: torch.Tensor, gram: torch.Tensor, pattern: str, sparsity: float, damp: float = 0.01,
-              block: int = SPARSEGPT_BLOCK) -> torch.Tensor:
+              block: int = SPARSEGPT_BLOCK, mask: torch.Tensor | None = None) -> torch.Tensor:
     """SparseGPT: mask chosen per block of columns (per row) by w² / [chol(H⁻¹)]_jj², each removed
-    weight's error compensated on the not-yet-visited columns of its row."""
+    weight's error compensated on the not-yet-visited columns of its row. With ``mask`` (bool [out, in],
+    True = remove, e.g. Wanda's) only the compensation runs: the kept weights are refitted to that mask."""
     W = w.detach().to(torch.float64).clone()
     rows, k = W.shape
     H = gram.to(torch.float64).clone()
@@ -107,12 +111,14 @@ def sparsegpt(w: torch.Tensor, gram: torch.Tensor, pattern: str, sparsity: float
         H1 = Hinv[i1:i2, i1:i2]
         d = H1.diagonal()
         err1 = torch.zeros_like(W1)
-        if nm is None:
+        if mask is not None:
+            drop = mask[:, i1:i2]
+        elif nm is None:
             drop = mask_from_scores(W1 ** 2 / d[None, :] ** 2, pattern, sparsity)
         else:
             drop = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if mask is None and nm is not None and i % nm[1] == 0:
                 part = W1[:, i:i + nm[1]] ** 2 / d[None, i:i + nm[1]] ** 2
                 drop[:, i:i + nm[1]] = mask_from_scores(part, pattern, sparsity)
             col = W1[:, i]

@@ -60,10 +60,12 @@ def decide(layer: str, shape: tuple[int, int], rows: int, sparsity: float, fmt: 
 class TimingSource:
     """Measured (dense, sparse) ms per layer: injected, cached on disk, or measured now."""
 
-    def __init__(self, target: str, threads: int, injected: dict | None, cache: str, measure: bool):
+    def __init__(self, target: str, threads: int, injected: dict | None, cache: str, measure: bool, timer=None):
+        """``timer``: (weight, fmt, rows, threads) -> (dense ms, sparse ms); default the target's ``SPMM_TIMERS``
+        entry (a backend that decides inside its own rules, like cpu_integer's int8 SpMM, passes its own)."""
         self.target, self.threads = target, threads
         self.injected = {str(k): v for k, v in (injected or {}).items()}
-        self.timer = SPMM_TIMERS.find(target) if measure else None
+        self.timer = (timer or SPMM_TIMERS.find(target)) if measure else None
         self.path = Path(cache) if cache else None
         self.cached: dict = {}
         if self.path is not None and self.path.exists():

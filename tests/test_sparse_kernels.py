@@ -128,14 +128,32 @@ def test_sparse_linear_cost_counts_stored_weights():
     assert int(graph_cost(g).total.flops) == 2 * 10 * int((w != 0).sum())
 
 
+def _fake_int8_timer(monkeypatch, tmp_path, times: dict):
+    """cpu_integer's int8 SpMM decision reads ``times`` {(rows, k, n): (dense ms, sparse ms)} instead of
+    timing the kernels, with its cache in ``tmp_path``; returns the list of timer calls."""
+    from graphopt.backends import cpu_integer_sparse
+
+    calls = []
+
+    def timer(weight, fmt, rows, threads):
+        n, k = weight.shape
+        calls.append((rows, k, n))
+        return times[(rows, k, n)]
+
+    monkeypatch.setattr(cpu_integer_sparse, "time_int8", timer)
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path))
+    return calls
+
+
 @pytest.mark.parametrize("x_dtype", [torch.uint8, torch.int8])
-@pytest.mark.parametrize("sparsity,kernel", [(0.97, "cpu.int_spmm"), (0.5, "cpu.int_gemm")])
-def test_cpu_integer_runs_block_sparse_int8_gemms_on_the_spmm_kernel(x_dtype, sparsity, kernel):
-    """int.linear -> int.requant with a mostly-zero 1x4-block weight becomes cpu.int_spmm (bit-identical to
-    the reference ops); a denser weight stays on the dense GEMM and the report says why."""
+@pytest.mark.parametrize("sparsity,kernel", [(0.97, "cpu.int_spmm"), (0.3, "cpu.int_gemm")])
+def test_cpu_integer_runs_block_sparse_int8_gemms_on_the_spmm_kernel(x_dtype, sparsity, kernel, monkeypatch, tmp_path):
+    """int.linear -> int.requant with a mostly-zero 1x4-block weight measured faster sparse becomes cpu.int_spmm
+    (bit-identical to the reference ops); a weight with few zero blocks stays on the dense GEMM unmeasured."""
     from graphopt.backends.cpu_integer import lower_to_kernels
     from graphopt.backends.torch_backend import run
 
+    calls = _fake_int8_timer(monkeypatch, tmp_path, {(33, 1030, 40): (2.0, 1.0)})
     g = torch.Generator().manual_seed(3)
     k, n = 1030, 40
     graph = Graph("int")
@@ -148,8 +166,35 @@ def test_cpu_integer_runs_block_sparse_int8_gemms_on_the_spmm_kernel(x_dtype, sp
     graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=12, lo=-128, hi=127, zero_point=128, dtype="u8"),
                        graph.call("int.linear", x, w, b, x_zp=128 if x_dtype == torch.uint8 else 0)])
     lowered, report = lower_to_kernels(graph, threads=2)
+    assert len(calls) == (1 if kernel == "cpu.int_spmm" else 0)   # one shape, measured once
     assert lowered.op_counts().get(kernel) == 2 and not [op for op in lowered.op_counts() if op.startswith("int.")]
     info = torch.iinfo(x_dtype)
     inp = torch.randint(info.min, info.max + 1, (3, 11, k), generator=g, dtype=x_dtype)
     for want, got in zip(run(graph, inp), run(lowered, inp)):
         assert want.dtype == got.dtype and torch.equal(want, got)
+
+
+def test_cpu_integer_int8_sparse_decision_follows_the_measured_times(monkeypatch, tmp_path):
+    """Two 90%-block-sparse int8 layers: the one measured faster sparse becomes cpu.int_spmm (its decision line
+    on the node), the one measured slower stays dense with both times in the report; the times are cached per
+    shape, so a second lowering measures nothing."""
+    from graphopt.backends.cpu_integer import lower_to_kernels
+
+    calls = _fake_int8_timer(monkeypatch, tmp_path, {(10, 64, 48): (3.0, 1.0), (10, 48, 24): (1.0, 1.5)})
+    graph = Graph("int")
+    x = graph.add_input("x", TensorType(torch.uint8, (10, 64)))
+    h = graph.call("int.linear", x, graph.add_constant(_pruned(48, 64, 0.9, True, torch.int8, seed=1)), x_zp=128)
+    h = graph.call("int.requant", h, graph.add_constant(torch.tensor(300, dtype=torch.int32)),
+                   graph.add_constant(torch.tensor(0, dtype=torch.int32)), pre=0, k=16, lo=0, hi=255, zero_point=0,
+                   dtype="u8")
+    y = graph.call("int.linear", h, graph.add_constant(_pruned(24, 48, 0.9, True, torch.int8, seed=2)), x_zp=0)
+    graph.set_outputs([y])
+    for run_ in range(2):
+        lowered, report = lower_to_kernels(graph, threads=2)
+        assert lowered.op_counts().get("cpu.int_spmm") == 1 and lowered.op_counts().get("cpu.int_gemm") == 1
+        spmm = lowered.find_nodes("cpu.int_spmm")[0]
+        assert spmm.attrs["n"] == 48 and "SPARSE (dense 3 ms, int8 block1x4 1 ms" in spmm.meta["sparse_decision"]
+        dense = next(e.nodes for e in report if e.kernel == "cpu.int_gemm")
+        assert "-> 24] " in dense
+        assert "sparse: dense (dense 1 ms, int8 block1x4 1.5 ms; sparse would be 1.50x the dense time" in dense
+    assert sorted(calls) == [(10, 48, 24), (10, 64, 48)]
