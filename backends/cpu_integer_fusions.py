@@ -10,6 +10,8 @@ kernel layer in priority order, longest chains first, so ``why_not`` says why a 
     the same epilogues (not add) after int.conv2d with stride == kernel        -> im2col reshape + cpu.int_gemm
     int.shiftmax(int.requant(int.matmul(a, bm), m, c)[, mask])                 -> cpu.int_bmm(kind=requant, + Shiftmax)
     the same with add(scores, int.lookup(sizes, table)) before int.shiftmax    -> cpu.int_bmm(+ proportional attention)
+    int.shiftmax(int.requant(int.add(int.matmul(a, bm), [reshape] int.lookup(sizes, table))))
+                                                  (token_merge before integer_only) -> cpu.int_bmm(kind=add_requant)
     int.requant(int.matmul(a, bm), m, c) ; int.matmul(a, bm)                   -> cpu.int_bmm(kind=requant | raw)
     int.requant(int.layernorm(x), m, c) ; int.layernorm(x)                     -> cpu.int_layernorm
     int.shiftmax([add(x, int.lookup(sizes, table)) | x][, mask])                -> cpu.int_shiftmax
@@ -228,6 +230,18 @@ def _chain(nodes: list[Node]) -> list[Node]:
     return [n for n in nodes[::-1] if n.op not in ("add", "int.lookup")]
 
 
+def _matmul_problem(node: Node, a: Value, bm: Value) -> str | None:
+    """Why the int.matmul ``node`` cannot be the GEMM of a cpu.int_bmm."""
+    zb = node.attrs["b_zp"]
+    if a.type.rank not in (3, 4) or bm.type.rank != a.type.rank or a.type.shape[:-2] != bm.type.shape[:-2]:
+        return f"{node.label()}: only 3-D/4-D matmuls with equal batch dims are fused"
+    if bm.type.dtype == torch.uint8 and zb != 128 or bm.type.dtype == torch.int8 and zb != 0:
+        return f"{node.label()}: the right operand ({bm.type}, zero point {zb}) is not an int8 range"
+    if not isinstance(bm.type.shape[-1], int):
+        return f"{node.label()}: the output width is symbolic"
+    return None
+
+
 def _bmm_check(ctx, a, bm, m=None, c=None, sizes=None, table=None, **_):
     chain = _chain(ctx.nodes)
     if sizes is not None:
@@ -235,16 +249,10 @@ def _bmm_check(ctx, a, bm, m=None, c=None, sizes=None, table=None, **_):
         problem = _size_bias_problem(chain[1].output, add, sizes, table)
         if problem:
             return ctx.fail(problem)
-    node = chain[0]
-    zb = node.attrs["b_zp"]
-    if a.type.rank not in (3, 4) or bm.type.rank != a.type.rank or a.type.shape[:-2] != bm.type.shape[:-2]:
-        return ctx.fail(f"{node.label()}: only 3-D/4-D matmuls with equal batch dims are fused")
-    if bm.type.dtype == torch.uint8 and zb != 128 or bm.type.dtype == torch.int8 and zb != 0:
-        return ctx.fail(f"{node.label()}: the right operand ({bm.type}, zero point {zb}) is not an int8 range")
-    n = bm.type.shape[-1]
-    if not isinstance(n, int):
-        return ctx.fail(f"{node.label()}: the output width is symbolic")
-    spec = epilogue(chain[:2], n, -1, tables=False)
+    problem = _matmul_problem(chain[0], a, bm)
+    if problem:
+        return ctx.fail(problem)
+    spec = epilogue(chain[:2], bm.type.shape[-1], -1, tables=False)
     return ctx.fail(spec) if isinstance(spec, str) else True
 
 
@@ -272,6 +280,58 @@ def _bmm_softmax(op, a, bm, m, c, mask):
 def _bmm_size_bias_softmax(op, a, bm, m, c, sizes, table, mask):
     scores = op("int.requant", op("int.matmul", a, bm), m, c)
     return _optional(op, "int.shiftmax", op("add", scores, op("int.lookup", sizes, table)), mask)
+
+
+def _bmm_add_size_bias_softmax(op, a, bm, ma, mb, ca, sizes, table, m, c, mask):
+    scores = op("int.matmul", a, bm)
+    term = either(op("reshape", op("int.lookup", sizes, table)), op("int.lookup", sizes, table))
+    logits = either(op("int.add", scores, term, ma, mb, ca), op("int.add", term, scores, mb, ma, ca))
+    return _optional(op, "int.shiftmax", op("int.requant", logits, m, c), mask)
+
+
+def _bmm_add_parts(nodes: list[Node]) -> tuple[Node, Node, Node, Node | None]:
+    """The matched int.matmul, int.add, int.requant and the reshape of the size term (None without one)."""
+    by_op = {n.op: n for n in nodes}
+    return by_op["int.matmul"], by_op["int.add"], by_op["int.requant"], by_op.get("reshape")
+
+
+def _bmm_add_check(ctx, a, bm, ma, mb, ca, sizes, table, m, c, mask=None):
+    """The size term joins the int32 accumulator by the int.add's own arithmetic, then the requant: both need
+    constants per column of the scores and an int32 result in between."""
+    matmul, add, rq, _ = _bmm_add_parts(ctx.nodes)
+    problem = _matmul_problem(matmul, a, bm)
+    if problem:
+        return ctx.fail(problem)
+    n = bm.type.shape[-1]
+    if add.attrs["dtype"] != "i32" or add.output.type.shape != matmul.output.type.shape:
+        return ctx.fail(f"{add.label()}: the size term's add is not int32 or broadcasts the scores")
+    term = add.inputs[1 if add.inputs[0].producer is matmul else 0]
+    if sizes.type.dtype != I32 or table.type.dtype != I32 or table.type.rank != 1 or term.type.rank > 4:
+        return ctx.fail(f"{add.label()}: the size lookup is not int32 sizes [<= 4-D] into a 1-D int32 table")
+    if None in (_per_column(ma, n), _per_column(mb, n), _per_column(ca, n)):
+        return ctx.fail(f"{add.label()}: ma, mb and c are not constants along the last axis")
+    if _per_column(m, n) is None or _per_column(c, n) is None:
+        return ctx.fail(f"{rq.label()}: m and c are not constants along the last axis")
+    return True
+
+
+def _bmm_add_rewrite(op, nodes, a, bm, ma, mb, ca, sizes, table, m, c, mask=None):
+    matmul, add, rq, reshape = _bmm_add_parts(nodes)
+    n, s = bm.type.shape[-1], nodes[0].attrs
+    if reshape is not None:                 # the lookup is elementwise: reshape its sizes instead of its result
+        sizes = op("reshape", sizes, **reshape.attrs)
+    first = add.inputs[0].producer is matmul
+    a_attrs, r = add.attrs, _requant_attrs(rq)
+    consts = [op.add_constant(_per_column(v, n), name) for name, v in (("m", ma), ("c", ca))]
+    second = [op.add_constant(_per_column(v, n), name) for name, v in (("mb", mb), ("m2", m), ("c2", c))]
+    flip_a = a.type.dtype == torch.int8
+    return op("cpu.int_bmm", a, bm, op.add_constant(torch.zeros(n, dtype=I32), "bias"), *consts,
+              op.add_constant(_pow2_table(s["X"], s["n"]), "pow2"), mask, sizes, table, *second,
+              a_zp=matmul.attrs["a_zp"] + (128 if flip_a else 0), flip_a=flip_a, flip_b=bm.type.dtype == torch.uint8,
+              X=s["X"], n_pow=s["n"], bits=s["bits"], kind="add_requant", out="i32",
+              pre=a_attrs["pa" if first else "pb"], pb=a_attrs["pb" if first else "pa"], k=a_attrs["k"],
+              lo=a_attrs["lo"], hi=a_attrs["hi"], zp=a_attrs["zero_point"], pre2=r["pre"], k2=r["k"], lo2=r["lo"],
+              hi2=r["hi"], zp2=r["zp"])
 
 
 def _bmm_requant(op, a, bm, m, c):
@@ -442,6 +502,7 @@ def _dequantize(op, x, scale, offset):
 RULES = [
     *_gemm_rules("gemm", "int.linear", -1, with_add=True),
     *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
+    Rule("bmm_add_size_bias_requant_shiftmax", _bmm_add_size_bias_softmax, _bmm_add_rewrite, _bmm_add_check),
     Rule("bmm_requant_size_bias_shiftmax", _bmm_size_bias_softmax, _bmm_rewrite, _bmm_check),
     Rule("bmm_requant_shiftmax", _bmm_softmax, _bmm_rewrite, _bmm_check),
     Rule("bmm_requant", _bmm_requant, _bmm_rewrite, _bmm_check),

@@ -31,7 +31,8 @@
 #define MR 12                       /* rows per VNNI / portable micro-tile (12 x 2 zmm accumulators) */
 
 enum { OUT_U8 = 0, OUT_I8 = 1, OUT_I32 = 2 };
-enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3, EPI_TABLE_REQUANT = 4 };
+enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3, EPI_TABLE_REQUANT = 4,
+       EPI_ADD_REQUANT = 5 };       /* only as softmax_t.logits: EPI_ADD of the size term, then the m2, c2 requant */
 
 typedef struct {
     int32_t kind, out_type;
@@ -495,7 +496,9 @@ void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *
 /* Shiftmax parameters: pow2[u] = shift_pow2(u, X, n) for u in [0, n X]; mask (NULL: none) holds bools
  * at mask + i0 m0 + i1 m1 + row mr + j for batch (i0, i1), row, column j; masked-out columns get e = 0.
  * sizes (NULL: none) adds proportional attention (int.lookup of token sizes, then add) to the logits before
- * Shiftmax: x += table[clamp(sizes[i0 s0 + i1 s1 + row sr + j], 0, tlen - 1)] (int32 wrap-around). */
+ * Shiftmax: x += table[clamp(sizes[i0 s0 + i1 s1 + row sr + j], 0, tlen - 1)] (int32 wrap-around), or, with
+ * logits (NULL: none, else EPI_ADD_REQUANT), x = requant2(int.add(x, that term)): the order token_merge then
+ * integer_only makes, where the term joins the matmul's int32 accumulator before the scores' requant. */
 typedef struct {
     const int32_t *pow2;
     int32_t X, n, bits, pad_;
@@ -505,6 +508,7 @@ typedef struct {
     int64_t s0, s1, sr;
     const int32_t *table;
     int32_t tlen, pad2_;
+    const epilogue_t *logits;
 } softmax_t;
 
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
@@ -643,6 +647,15 @@ static void size_bias(const softmax_t *sm, int64_t i0, int64_t i1, int64_t row, 
     for (int64_t j = 0; j < L; j++) bias[j] = sm->table[clamp32(sz[j], 0, sm->tlen - 1)];
 }
 
+/* y[j] = requant(m2, c2)(int.add(x[j], b[j]) with ma = m, mb, c) per column j: the EPI_ADD_REQUANT logits */
+static void add_requant_row(const epilogue_t *g, const int32_t *x, const int32_t *b, int64_t L, int32_t *y) {
+    for (int64_t j = 0; j < L; j++) {
+        int32_t v = wrap_madd(tdiv_pow2(x[j], g->pre), g->m[j], wrap_madd(tdiv_pow2(b[j], g->pb), g->mb[j], g->c[j]));
+        v = clamp32(v >> g->k, g->lo, g->hi) + g->zp;
+        y[j] = requant1(v, g->m2[j], g->c2[j], g->pre2, g->k2, g->lo2, g->hi2) + g->zp2;
+    }
+}
+
 /* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e, and with sizes xb and bias, are L-entry scratch rows. */
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
                          int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
@@ -652,7 +665,8 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int6
         const int32_t *xr = x + r * L;
         if (sm->sizes) {                        /* the bias row is the same for every row unless sr != 0 */
             if (r == 0 || sm->sr) size_bias(sm, i0, i1, r0 + r, L, bias);
-            for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
+            if (sm->logits) add_requant_row(sm->logits, xr, bias, L, xb);
+            else for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
             xr = xb;
         }
         if (vec) shiftmax_row_avx512(xr, L, mask, sm, e, out + r * L);

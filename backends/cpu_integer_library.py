@@ -12,7 +12,7 @@ from graphopt.backends.c_build import KernelBuildError, load  # noqa: F401  (Ker
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
-EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4}
+EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5}
 
 
 class Epilogue(ctypes.Structure):
@@ -29,7 +29,8 @@ class Softmax(ctypes.Structure):
     _fields_ = [("pow2", ctypes.c_void_p), ("X", ctypes.c_int32), ("n", ctypes.c_int32), ("bits", ctypes.c_int32),
                 ("pad_", ctypes.c_int32), ("mask", ctypes.c_void_p), ("m0", ctypes.c_int64), ("m1", ctypes.c_int64),
                 ("mr", ctypes.c_int64), ("sizes", ctypes.c_void_p), ("s0", ctypes.c_int64), ("s1", ctypes.c_int64),
-                ("sr", ctypes.c_int64), ("table", ctypes.c_void_p), ("tlen", ctypes.c_int32), ("pad2_", ctypes.c_int32)]
+                ("sr", ctypes.c_int64), ("table", ctypes.c_void_p), ("tlen", ctypes.c_int32), ("pad2_", ctypes.c_int32),
+                ("logits", ctypes.c_void_p)]
 
 
 def _rows_of(t: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -40,10 +41,11 @@ def _rows_of(t: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
 
 def softmax(pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, mask: torch.Tensor | None,
             shape: tuple[int, int, int, int], sizes: torch.Tensor | None = None,
-            table: torch.Tensor | None = None) -> Softmax:
+            table: torch.Tensor | None = None, logits: Epilogue | None = None) -> Softmax:
     """Shiftmax parameters (int.shiftmax with X = x_units, n = n_pow; pow2 = shift_pow2(0 .. n X)) for rows
     of a [D0, D1, R, L] tensor; a bool mask broadcasts to that shape. With int32 ``sizes`` (broadcast to the
-    shape) and a 1-D int32 ``table``, the logits get ``table[clamp(sizes, 0, len - 1)]`` added first."""
+    shape) and a 1-D int32 ``table``, the logits get ``table[clamp(sizes, 0, len - 1)]`` added first, or with
+    ``logits`` (an add_requant epilogue) become its requant(int.add(logits, that term))."""
     if mask is not None:
         mask = _rows_of(mask, shape).view(torch.uint8)
     m0, m1, mr = mask.stride()[:3] if mask is not None else (0, 0, 0)
@@ -51,8 +53,8 @@ def softmax(pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, mask: torch
         sizes, table = _rows_of(sizes, shape), table.contiguous()
     s0, s1, sr = sizes.stride()[:3] if sizes is not None else (0, 0, 0)
     sm = Softmax(_ptr(pow2), x_units, n_pow, bits, 0, _ptr(mask), m0, m1, mr, _ptr(sizes), s0, s1, sr, _ptr(table),
-                 0 if table is None else table.shape[0], 0)
-    sm.tensors = (pow2, mask, sizes, table)
+                 0 if table is None else table.shape[0], 0, None if logits is None else ctypes.addressof(logits))
+    sm.tensors = (pow2, mask, sizes, table, logits)
     return sm
 
 

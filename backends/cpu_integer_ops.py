@@ -4,6 +4,7 @@ integers of the chain it replaces:
 
     cpu.int_gemm       int.linear [-> int.requant [-> int.shiftgelu -> int.requant] | -> int.add]
     cpu.int_bmm        int.matmul [-> int.requant [-> (add int.lookup ->) int.shiftmax]]
+                       int.matmul -> int.add(., int.lookup) -> int.requant -> int.shiftmax (kind add_requant)
     cpu.int_layernorm  int.layernorm [-> int.requant]
     cpu.int_shiftmax   [add int.lookup ->] int.shiftmax
     cpu.int_requant    int.requant (m, c constant along the last axis)
@@ -15,7 +16,9 @@ Epilogue kinds: ``raw`` (int32 accumulator + bias), ``requant`` (per-column m, c
 then ``table[y - lo]``: a per-tensor requant(shiftgelu(.)) folded into a table over the requant's
 range), ``table_requant`` (requant, the shiftgelu table, then a per-column requant m2, c2) and ``add``
 (the residual ``int.add`` with the accumulator as one branch and ``res`` as the other). Shiftmax takes the
-proportional attention of token merging (``sizes``, ``table``: logits + table[clamp(sizes)]) inside its row loop.
+proportional attention of token merging (``sizes``, ``table``: logits + table[clamp(sizes)]) inside its row loop;
+a bmm of kind ``add_requant`` instead adds that term to its int32 accumulator by the ``int.add`` (m, mb, c; pre, pb)
+and requantizes by m2, c2 before Shiftmax.
 """
 from __future__ import annotations
 
@@ -78,22 +81,27 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=
     return y.reshape(lead + (n,))
 
 
-def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi,
-              zp, threads):
+def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None, *,
+              a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
     if a.rank not in (3, 4) or b.rank != a.rank:
         raise OpError(f"cpu.int_bmm: expects 3-D or 4-D operands of the same rank, got {a}, {b}")
+    if kind == "add_requant" and None in (pow2, sizes, table, m, c, mb, m2, c2):
+        raise OpError("cpu.int_bmm: kind add_requant needs Shiftmax (pow2), the size term (sizes, table) and m, c, mb, "
+                      "m2, c2")
     shape = a.shape[:-1] + (b.shape[-1],)
     return TensorType(torch.uint8 if pow2 is not None else INT_DTYPES[out], shape)
 
 
-@register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?"],
+@register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?", "mb?", "m2?", "c2?"],
              attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
-                    "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), **_EPILOGUE},
+                    "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), "pb": Attr("int", 0),
+                    **_EPILOGUE, **_SECOND},
              infer=_bmm_type, tags=["gemm", "integer"])
-def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, *, a_zp, flip_a, flip_b, X, n_pow,
-            bits, kind, out, pre, k, lo, hi, zp, threads):
+def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None, *,
+            a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
     """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then (masked) Shiftmax rows when pow2 is given,
-    with table[clamp(sizes)] added to the logits first when sizes is given."""
+    with table[clamp(sizes)] added to the logits first when sizes is given (kind add_requant: int.add of the raw
+    accumulator and that term, then the m2, c2 requant)."""
     squeeze = a.dim() == 3
     if squeeze:
         a, b = a.unsqueeze(0), b.unsqueeze(0)
@@ -102,8 +110,13 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=
         a = a.contiguous()
     dtype = torch.uint8 if pow2 is not None else INT_DTYPES[out]
     y = torch.empty(a.shape[:-1] + (b.shape[-1],), dtype=dtype)
+    logits = None
+    if kind == "add_requant":
+        second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
+        logits = _epilogue(kind, "i32", None, m, c, None, None, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb)
+        kind, m, c = "raw", None, None
     epi = _epilogue(kind, out, bias, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
-    sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape), sizes, table)
+    sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape), sizes, table, logits)
     kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, sm)
     return y.squeeze(0) if squeeze else y
 
