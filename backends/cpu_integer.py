@@ -32,9 +32,9 @@ from graphopt.ir.verifier import verify
 # Integer ops no cpu_integer rule starts from, and why they stay on their reference implementation.
 NOT_FUSED = {
     "int.shiftgelu": "fused only as a table inside a GEMM epilogue (gemm_gelu_table, patch_conv_gelu_table)",
-    "int.lookup": "fused only as the proportional-attention term added to the logits of a Shiftmax kernel "
-                  "(bmm_requant_size_bias_shiftmax, shiftmax_size_bias); elsewhere (e.g. token_merge before "
-                  "integer_only, where it reaches the scores through an int.add) it runs by its reference op",
+    "int.lookup": "fused only as the proportional-attention term of a Shiftmax kernel's logits "
+                  "(bmm_add_size_bias_requant_shiftmax, bmm_requant_size_bias_shiftmax, shiftmax_size_bias); "
+                  "elsewhere it runs by its reference op",
 }
 
 

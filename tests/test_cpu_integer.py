@@ -241,6 +241,60 @@ def test_attention_with_proportional_attention_stays_one_bmm(isa, masked, lookup
     _check(graph, inputs + [size_values, _rand((2, 3, 19, 8), I8, g)], {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
 
 
+@pytest.mark.parametrize("masked,term_first,reshaped", [(False, False, True), (True, True, False)])
+def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped):
+    """token_merge before integer_only: the size term joins the matmul's int32 accumulator by an int.add (its own
+    multipliers), then the scores' requant, then Shiftmax: one attention kernel, per-column constants."""
+    g = _gen(14)
+    graph = Graph("before")
+    q = graph.add_input("q", TensorType(U8, (2, 3, 17, 64)))
+    kt = graph.add_input("kt", TensorType(I8, (2, 3, 64, 19)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
+    sizes = graph.add_input("sizes", TensorType(I32, (2, 19, 1) if reshaped else (2, 1, 1, 19)))
+    table = graph.add_constant(torch.round(128 * torch.log2(torch.arange(12, dtype=torch.float64).clamp_min(1))).to(I32))
+    term = graph.call("int.lookup", sizes, table)
+    term = graph.op.reshape(term, shape=(2, 1, 1, 19)) if reshaped else term
+    const = lambda lo, hi, shape=(19,): graph.add_constant(_rand(shape, I32, g, lo, hi))  # noqa: E731
+    s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
+    ma, mb, c = const(64, 255), const(256, 1023), const(-(1 << 14), 1 << 14, (1, 19))
+    s = graph.call("int.add", *((term, s, mb, ma) if term_first else (s, term, ma, mb)), c, pa=2 if term_first else 1,
+                   pb=1 if term_first else 2, k=12, lo=-32768, hi=32767, zero_point=0, dtype="i32")
+    s = graph.call("int.requant", s, const(4096, 8191), graph.add_constant(torch.tensor(1 << 14, dtype=I32)), pre=4,
+                   k=15, lo=-32768, hi=32767, zero_point=0, dtype="i32")
+    p = graph.call("int.shiftmax", s, mask, X=128, n=14, bits=8)
+    v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
+    graph.set_outputs([graph.call("int.matmul", p, v, a_zp=0, b_zp=0)])
+    inputs = [_rand((2, 3, 17, 64), U8, g), _rand((2, 3, 64, 19), I8, g)]
+    inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
+    inputs += [_rand(tuple(sizes.type.shape), I32, g, -2, 14), _rand((2, 3, 19, 8), I8, g)]   # sizes clamped both ends
+    report = _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0, "cpu.int_add": 0, "cpu.int_requant": 0})
+    assert [e.kernel for e in report] == ["cpu.int_bmm", "cpu.int_bmm"], str(report)
+
+
+def test_size_term_add_with_a_runtime_multiplier_stays_unfused_with_a_reason():
+    """The rule refuses (and says why) an int.add whose multiplier is a runtime value: no per-column constant."""
+    graph = Graph("before")
+    q = graph.add_input("q", TensorType(U8, (1, 2, 5, 8)))
+    kt = graph.add_input("kt", TensorType(I8, (1, 2, 8, 7)))
+    sizes = graph.add_input("sizes", TensorType(I32, (1, 1, 1, 7)))
+    ma = graph.add_input("ma", TensorType(I32, ()))
+    one = graph.add_constant(torch.tensor(1, dtype=I32))
+    s = graph.call("int.add", graph.call("int.matmul", q, kt, a_zp=128, b_zp=0),
+                   graph.call("int.lookup", sizes, graph.add_constant(torch.tensor([0, 128, 203], dtype=I32))), ma, one,
+                   one, pa=0, pb=0, k=0, lo=-32768, hi=32767, zero_point=0, dtype="i32")
+    s = graph.call("int.requant", s, one, one, pre=0, k=0, lo=-32768, hi=32767, zero_point=0, dtype="i32")
+    graph.set_outputs([graph.call("int.shiftmax", s, X=128, n=14, bits=8)])
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    from graphopt.backends.kernels import fusion_rules
+    from graphopt.ir.rewrite import why_not_at
+    shiftmax = graph.outputs[0].producer
+    why = why_not_at(graph, shiftmax, [r for r in fusion_rules("cpu_integer").rules
+                                       if r.name == "bmm_add_size_bias_requant_shiftmax"])
+    assert "ma, mb and c are not constants along the last axis" in why, why
+    _, report = lower_to_kernels(graph, threads=1)
+    assert _left_on_reference(report) == {"int.add", "int.lookup"}, str(report)
+
+
 def test_shiftmax_with_a_per_row_size_term():
     """Alone (no matmul before it), and with sizes varying along the rows as well."""
     g = _gen(12)
@@ -338,8 +392,8 @@ def test_deit_shaped_vit_with_token_merge_identical_to_reference(deit_shaped_vit
 
 @pytest.mark.parametrize("integer_first", [True, False])
 def test_digits_vit_with_token_merge_identical_to_reference(digits_case, integer_first):
-    """integer_only then token_merge fuses everything; token_merge first leaves the size lookup (it reaches the
-    logits through an int.add) on its reference op, and the report says so."""
+    """Either order fuses everything, and every Shiftmax stays inside its attention kernel: integer_only first
+    adds the size term to the requantized logits, token_merge first to the matmul's int32 accumulator (int.add)."""
     from graphopt.backends.registry import lower
     from graphopt.passes import PassManager
     case = digits_case
@@ -351,8 +405,9 @@ def test_digits_vit_with_token_merge_identical_to_reference(digits_case, integer
     else:
         graph = graphopt.optimize(case.model, ["token_merge:r=8", "integer_only"], example, calibration=calib).graph
     ex = lower(graph, "cpu_integer", threads=2)
-    assert _left_on_reference(ex.report) == (set() if integer_first else {"int.lookup"}), str(ex.report)
+    assert _left_on_reference(ex.report) == set(), str(ex.report)
     assert "cpu.int_token_merge" in _kernels(ex.report)
+    assert "cpu.int_shiftmax" not in _kernels(ex.report), str(ex.report)
     reference = lower(graph, "torch")
     for images in (case.test_images[:64], case.test_images[64:65], case.test_images[:64]):
         assert torch.equal(ex.run_flat(images)[0], reference.run_flat(images)[0])
