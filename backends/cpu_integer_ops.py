@@ -82,7 +82,8 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=
 
 
 def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None, *,
-              a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
+              a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2,
+              threads):
     if a.rank not in (3, 4) or b.rank != a.rank:
         raise OpError(f"cpu.int_bmm: expects 3-D or 4-D operands of the same rank, got {a}, {b}")
     if kind == "add_requant" and None in (pow2, sizes, table, m, c, mb, m2, c2):
@@ -92,7 +93,8 @@ def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, tabl
     return TensorType(torch.uint8 if pow2 is not None else INT_DTYPES[out], shape)
 
 
-@register_op("cpu.int_bmm", inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?", "mb?", "m2?", "c2?"],
+@register_op("cpu.int_bmm",
+             inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?", "mb?", "m2?", "c2?"],
              attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
                     "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), "pb": Attr("int", 0),
                     **_EPILOGUE, **_SECOND},

@@ -217,8 +217,13 @@ def test_token_merge_kernel_refuses_sizes_below_one():
 def _size_lookup(graph, batch, n, g):
     """The proportional-attention term of integer token merging: int.lookup(sizes [B, 1, 1, N], log2 table)."""
     sizes = graph.add_input("sizes", TensorType(I32, (batch, 1, 1, n)))
-    table = graph.add_constant(torch.round(128 * torch.log2(torch.arange(12, dtype=torch.float64).clamp_min(1))).to(I32))
-    return sizes, graph.call("int.lookup", sizes, table), _rand((batch, 1, 1, n), I32, g, -2, 14)  # clamped both ends
+    return sizes, graph.call("int.lookup", sizes, _log_table(graph)), _rand((batch, 1, 1, n), I32, g, -2, 14)  # clamped
+
+
+def _log_table(graph):
+    """token merging's proportional-attention table: round(128 log2(size)) for sizes 0 (as 1) to 11."""
+    sizes = torch.arange(12, dtype=torch.float64).clamp_min(1)
+    return graph.add_constant(torch.round(128 * torch.log2(sizes)).to(I32))
 
 
 @pytest.mark.parametrize("masked,lookup_first", [(False, False), (True, True)])
@@ -251,8 +256,7 @@ def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_firs
     kt = graph.add_input("kt", TensorType(I8, (2, 3, 64, 19)))
     mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
     sizes = graph.add_input("sizes", TensorType(I32, (2, 19, 1) if reshaped else (2, 1, 1, 19)))
-    table = graph.add_constant(torch.round(128 * torch.log2(torch.arange(12, dtype=torch.float64).clamp_min(1))).to(I32))
-    term = graph.call("int.lookup", sizes, table)
+    term = graph.call("int.lookup", sizes, _log_table(graph))
     term = graph.op.reshape(term, shape=(2, 1, 1, 19)) if reshaped else term
     const = lambda lo, hi, shape=(19,): graph.add_constant(_rand(shape, I32, g, lo, hi))  # noqa: E731
     s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
