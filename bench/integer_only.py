@@ -54,13 +54,17 @@ def _ort_session(path_or_model, threads):
     return create_session(path_or_model, threads=threads)
 
 
-def quantize_dynamic_session(onnx_path: str, threads: int, per_channel: bool = False):
-    """ONNX Runtime's own dynamic int8 quantization (QInt8 weights; its defaults unless per_channel)."""
+def quantize_dynamic_path(onnx_path: str, per_channel: bool = False) -> str:
+    """ONNX Runtime's own dynamic int8 quantization (QInt8 weights; its defaults unless per_channel): the file written."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = onnx_path.replace(".onnx", ".int8pc.onnx" if per_channel else ".int8.onnx")
     quantize_dynamic(onnx_path, out, weight_type=QuantType.QInt8, per_channel=per_channel)
-    return _ort_session(out, threads)
+    return out
+
+
+def quantize_dynamic_session(onnx_path: str, threads: int, per_channel: bool = False):
+    return _ort_session(quantize_dynamic_path(onnx_path, per_channel), threads)
 
 
 BASELINES = ["openvino_int8", "openvino_fp32", "ort_static_int8", "ort_dynamic_int8", "torch_eager"]
@@ -141,7 +145,7 @@ def candidates(bench: Bench, args, peers=PEERS) -> tuple[dict, dict]:
         write_model(to_onnx(float_graph), fp32_path)
     builders = {"torch_eager": lambda: (lambda: primary_output(model(**feed)).numpy()),
                 "ort_fp32": lambda: P.ort_call(fp32_path, args.threads),
-                "ort_dynamic_int8": lambda: quantize_dynamic_session(fp32_path, args.threads),
+                "ort_dynamic_int8": lambda: P.ort_call(quantize_dynamic_path(fp32_path), args.threads),
                 "ort_static_int8": lambda: P.ort_static_int8(fp32_path, np_calib, args.threads)}
     for name in peers:
         if name in builders:
@@ -175,7 +179,8 @@ def speed(args) -> dict:
     result = {"what": "speed", "model": bench.description, "batch": args.batch, "threads": args.threads,
               "runs": args.runs, "openvino_config": "INFERENCE_NUM_THREADS=threads, PERFORMANCE_HINT=LATENCY",
               "median_ms": med, "ratios": ratios(med, BASELINES), "accuracy_vs_torch_float": acc,
-              "cpu": cpu(), "isa_limit": args.isa, "load_average": os.getloadavg()} | info
+              "cpu": cpu(), "isa_limit": args.isa, "load_average": os.getloadavg(),
+              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")} | info
     if args.model == "minilm":
         result["seq"], result["real_lengths"] = args.seq, bench.mask.sum(1).tolist()
     print_table(result)
@@ -198,7 +203,7 @@ def load(args) -> dict:
               "median_ms": {f"busy_{b}": m for b, m in levels.items()},
               "slowdown": {f"busy_{b}": slowdown(levels[0], levels[b]) for b in (1, 2)},
               "ours_vs_openvino_int8": {f"busy_{b}": ratios(m, ["openvino_int8"]) for b, m in levels.items()},
-              "cpu": cpu(), "load_average": os.getloadavg()} | info
+              "cpu": cpu(), "load_average": os.getloadavg(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")} | info
     print(f"{'':16s}" + "".join(f"{'slowdown ' + str(b) + ' busy':>18s}" for b in (1, 2)))
     for k in calls:
         print(f"{k:16s}" + "".join(f"{result['slowdown'][f'busy_{b}'][k]:18.2f}" for b in (1, 2)))
@@ -211,12 +216,13 @@ def print_table(result: dict) -> None:
           f"interleaved runs; CPU {cpu_['model']} ({', '.join(cpu_['flags'])}; cpu_integer GEMM ISAs "
           f"{', '.join(cpu_['cpu_integer_isas'])}); load average {result['load_average'][0]:.1f}")
     cols = [b for b in BASELINES if b in result["median_ms"]]
-    print(f"{'':16s} {'ms':>8s}" + "".join(f"{'vs ' + b.replace('openvino', 'ov'):>16s}" for b in cols) + f"{'cos':>8s} {'agree':>6s}")
+    short = lambda b: b.replace("openvino", "ov").replace("_dynamic", "_dyn").replace("_static", "_st").replace("_eager", "")
+    print(f"{'':16s} {'ms':>8s}" + "".join(f" {'vs ' + short(b):>13s}" for b in cols) + f" {'cos':>7s} {'agree':>6s}")
     for k, v in result["median_ms"].items():
         a = result["accuracy_vs_torch_float"][k]
         agree = a.get("argmax_agreement", a.get("embedding_cosine_min"))
-        print(f"{k:16s} {v:8.1f}" + "".join(f"{result['ratios'][k]['vs_' + b]:16.2f}" for b in cols)
-              + f"{a['cosine']:8.4f} {agree:6.3f}")
+        print(f"{k:16s} {v:8.1f}" + "".join(f" {result['ratios'][k]['vs_' + b]:13.2f}" for b in cols)
+              + f" {a['cosine']:7.4f} {agree:6.3f}")
     print("agree: argmax agreement with torch float" if "argmax_agreement" in a else
           "agree: min over sentences of the masked-mean embedding cosine with torch float")
     print("cpu_integer bit-identical to the integer graph on ONNX Runtime:", result["cpu_integer_identical_to_ort"])
