@@ -99,9 +99,10 @@ def minilm_bench(args) -> Bench:
     vary from a few tokens to the full ``--seq`` and the rest is padding under the attention mask."""
     model, tok = zoo.minilm_model(add_pooling_layer=False), zoo.minilm_tokenizer()
     n_calib = -(-args.calib_samples // args.batch)
-    pool = zoo.sentences(36 * args.batch * (1 + n_calib))
+    n_rows = args.batch * (1 + n_calib)
+    pool = zoo.sentences(sum(1 + i % 8 for i in range(n_rows)))
     texts, at = [], 0
-    for i in range(args.batch * (1 + n_calib)):
+    for i in range(n_rows):
         texts.append(" ".join(pool[at:at + 1 + i % 8]))
         at += 1 + i % 8
     enc = tok(texts, padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
@@ -119,7 +120,6 @@ def candidates(bench: Bench, args, peers=PEERS) -> tuple[dict, dict]:
     from graphopt.backends.cpu_integer_library import limit_isa
     from graphopt.backends.registry import lower
     from graphopt.bench import peers as P
-    from graphopt.bench.models import primary_output
 
     model, feed = bench.model, bench.feed
     np_feed = {k: v.numpy() for k, v in feed.items()}
