@@ -158,6 +158,7 @@ def candidates(bench: Bench, args, peers=PEERS) -> tuple[dict, dict]:
         for name, c in P.openvino_runners(model, np_feed, np_calib, args.threads).items():
             if name in peers:
                 calls[name] = lambda c=c: c(np_feed)
+                info.setdefault("openvino_inference_precision", {})[name] = c.precision
         info["optimize_seconds"]["openvino (convert + nncf.quantize + compile)"] = time.perf_counter() - t0
     return calls, info
 

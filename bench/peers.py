@@ -56,6 +56,7 @@ def _openvino_call(compiled):
     def call(feed: Feed) -> np.ndarray:
         request.infer({n: feed[n] for n in names})
         return request.get_output_tensor(0).data.copy()
+    call.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))  # what the plugin runs non-int8 ops in
     return call
 
 
