@@ -4,6 +4,7 @@ slowdown under load, MiniLM and digits accuracy.
     python -m graphopt.bench.integer_only speed  [--model deit|minilm --batch 8 --seq 128 --runs 10 --threads 2
                                                   --calib-samples 32 --isa amx|vnni|portable]
     python -m graphopt.bench.integer_only speed --batch 1                      # DeiT-S batch-1 latency
+    python -m graphopt.bench.integer_only speed --ort-paths    # + ours in ONNX Runtime: standard ops, custom ops
     python -m graphopt.bench.integer_only speed --model minilm --batch 8 --seq 128
     python -m graphopt.bench.integer_only load   [--model deit --batch 8 --runs 5]
     python -m graphopt.bench.integer_only minilm [--sentences 256]
@@ -116,6 +117,7 @@ def candidates(bench: Bench, args, peers=PEERS) -> tuple[dict, dict]:
     """``name -> call()`` returning the first output as numpy, for ours on cpu_integer and each of
     ``peers``; and what was measured while building them (optimize time, kernel reports, bit-identity)."""
     from graphopt.backends.onnx import to_onnx
+    from graphopt.backends.onnx.cpu_integer_ops import to_onnx_custom_ops
     from graphopt.backends.onnxruntime_backend import write_model
     from graphopt.backends.cpu_integer_library import limit_isa
     from graphopt.backends.registry import lower
@@ -139,6 +141,10 @@ def candidates(bench: Bench, args, peers=PEERS) -> tuple[dict, dict]:
         ort = lower(graph, "onnxruntime", threads=args.threads)
         with torch.inference_mode():
             info["cpu_integer_identical_to_ort"][name] = bool(torch.equal(primary_output(ex(**feed)), ort.run_flat(*feed.values())[0]))
+        if args.ort_paths:   # what opt-cli users run: the standard-op ONNX, and --ort-custom-ops
+            calls[name + "_ort_standard_ops"] = lambda o=ort: o.run_flat(*feed.values())[0].numpy()
+            custom = P.ort_custom_ops_call(to_onnx_custom_ops(graph, threads=args.threads), args.threads)
+            calls[name + "_ort_custom_ops"] = lambda c=custom: c(np_feed)
     limit_isa(args.isa)
     fp32_path = P.temp_path("fp32.onnx")
     if {"ort_fp32", "ort_dynamic_int8", "ort_static_int8"} & set(peers):
@@ -344,6 +350,9 @@ def main(argv=None) -> None:
                    help="calibration samples (speed, load), in batches of --batch; the same for ours, NNCF and ORT static")
     p.add_argument("--isa", choices=["amx", "vnni", "portable"], default="amx",
                    help="the most capable GEMM instruction set cpu_integer may use (speed; default: the best there is)")
+    p.add_argument("--ort-paths", action="store_true",
+                   help="speed: also time our integer graphs in ONNX Runtime, as standard ops and with graphopt's "
+                        "custom-op library (opt-cli's two outputs; the library always uses the best ISA)")
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--only", default="", help="comma-separated configs (minilm)")
     args = p.parse_args(argv)

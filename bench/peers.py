@@ -92,6 +92,15 @@ def ort_call(path_or_model, threads: int) -> Callable[[Feed], np.ndarray]:
     return lambda feed: session.run(None, _by_position(feed, names))[0]
 
 
+def ort_custom_ops_call(model, threads: int) -> Callable[[Feed], np.ndarray]:
+    """Our integer model as ``opt-cli --ort-custom-ops`` writes it, in ONNX Runtime with graphopt's library."""
+    from graphopt.backends.onnxruntime_backend import custom_ops_session
+
+    session = custom_ops_session(model, threads=threads)
+    names = [i.name for i in session.get_inputs()]
+    return lambda feed: session.run(None, _by_position(feed, names))[0]
+
+
 def _ort_names(path: str) -> list[str]:
     import onnx
 
