@@ -60,7 +60,8 @@ typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 struct OrtCustomOp;
 
 enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };                      /* OrtErrorCode */
-enum { T_UNDEFINED = 0, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_BOOL = 9 };  /* ONNXTensorElementDataType */
+/* ONNXTensorElementDataType */
+enum { T_UNDEFINED = 0, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_BOOL = 9 };
 enum { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };        /* OrtCustomOpInputOutputCharacteristic */
 
 typedef struct OrtApi {
@@ -96,7 +97,8 @@ typedef struct OrtApi {
 #define SLOT(name, index) _Static_assert(offsetof(OrtApi, name) == (index) * sizeof(void *), #name " slot")
 SLOT(CreateCustomOpDomain, 26); SLOT(AddCustomOpDomain, 28); SLOT(GetTensorMutableData, 51);
 SLOT(GetTensorElementType, 60); SLOT(GetDimensions, 62); SLOT(GetTensorTypeAndShape, 65);
-SLOT(KernelInfoGetAttribute_float, 85); SLOT(KernelInfoGetAttribute_int64, 86); SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
+SLOT(KernelInfoGetAttribute_float, 85); SLOT(KernelInfoGetAttribute_int64, 86);
+SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
 SLOT(KernelContext_GetOutput, 91); SLOT(ReleaseStatus, 93); SLOT(ReleaseTensorTypeAndShapeInfo, 99);
 
 typedef struct OrtApiBase {
@@ -144,10 +146,10 @@ typedef struct {
 } op_spec_t;
 
 static const op_spec_t SPECS[N_OPS] = {
-    [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2", "k2", "lo2",
-                                    "hi2", "zp2", "threads"}},
-    [OP_BMM] = {"IntBmm", 9, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi", "zp",
-                                 "threads"}},
+    [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
+                                                "k2", "lo2", "hi2", "zp2", "threads"}},
+    [OP_BMM] = {"IntBmm", 9, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
+                                             "zp", "threads"}},
     [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
     [OP_SHIFTMAX] = {"IntShiftmax", 5, 2, 1, 1 << OUT_U8, 0, {"X", "n_pow", "bits", "threads"}},
     [OP_REQUANT] = {"IntRequant", 3, 3, 1, INTS, 1, {"pre", "k", "lo", "hi", "zp", "threads"}},
@@ -669,7 +671,8 @@ static OrtStatus *token_merge(kernel_t *kn, OrtKernelContext *ctx, size_t count)
         keys->dims[0] != B || keys->dims[1] != n)
         return fail(api, kn, "keys must be 8- or 32-bit [B, N, d] with x's B and N, got %s of rank %zu",
                     type_name(keys->type), keys->rank);
-    if (sizes->type != T_INT32 || sizes->rank < 2 || sizes->dims[0] != B || sizes->dims[1] != n || sizes->numel != B * n)
+    if (sizes->type != T_INT32 || sizes->rank < 2 || sizes->dims[0] != B || sizes->dims[1] != n ||
+        sizes->numel != B * n)
         return fail(api, kn, "sizes must be int32 [B, N, 1] with x's B and N, got %s of rank %zu",
                     type_name(sizes->type), sizes->rank);
     int64_t r = attr(kn, "r"), p = attr(kn, "protected"), shift = attr(kn, "shift"), d = keys->dims[2];

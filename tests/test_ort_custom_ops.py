@@ -457,7 +457,9 @@ def _custom_model(op_type, inputs, x_type, y_type=TensorProto.INT32, **attrs):
     y = helper.make_tensor_value_info("y", y_type, None)
     m = helper.make_tensor("m", TensorProto.INT32, [4], [1, 1, 1, 1])
     node = helper.make_node(op_type, ["x"] + inputs, ["y"], name="my_node", domain=DOMAIN, **attrs)
-    graph = helper.make_graph([node], "g", [x], [y], [m, helper.make_tensor("c", TensorProto.INT32, [4], [0] * 4)])
+    consts = [m, helper.make_tensor("c", TensorProto.INT32, [4], [0] * 4),
+              helper.make_tensor("pow2", TensorProto.INT32, [1], [1])]
+    graph = helper.make_graph([node], "g", [x], [y], consts)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
 
 
@@ -477,6 +479,22 @@ def test_bad_nodes_are_errors_naming_node_and_op():
         session.run(None, {"x": np.zeros((2, 4), np.int32)})
     with pytest.raises(LoweringError, match=r"my_node.*IntRequant_i32.*input size 2"):   # ONNX Runtime's own check
         custom_ops_session(_custom_model("IntRequant_i32", ["m"], TensorProto.INT32, **attrs))
+    with pytest.raises(LoweringError, match="IntQuantize_u8.*no float attribute 'inv_scale'"):
+        custom_ops_session(_custom_model("IntQuantize_u8", [], TensorProto.FLOAT, TensorProto.UINT8, zero_point=0,
+                                         lo=-128, hi=127, threads=1))
+    session = custom_ops_session(_custom_model("IntShiftmax_u8", ["pow2", "", "m"], TensorProto.INT32,
+                                               TensorProto.UINT8, X=1, n_pow=0, bits=8, threads=1))
+    with pytest.raises(Exception, match="my_node.*IntShiftmax_u8: sizes and table come together"):
+        session.run(None, {"x": np.zeros((2, 4), np.int32)})
+    x = helper.make_tensor_value_info("x", TensorProto.INT32, [2, 5, 3])
+    outs = [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in ("y", "s")]
+    node = helper.make_node("IntTokenMerge_i32", ["x", "x", "sizes"], ["y", "s"], name="my_node", domain=DOMAIN, r=1,
+                            protected=0, shift=0, threads=1)
+    sizes = helper.make_tensor("sizes", TensorProto.INT32, [2, 5, 1], [1] * 9 + [0])
+    session = custom_ops_session(helper.make_model(helper.make_graph([node], "g", [x], outs, [sizes]), opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
+    with pytest.raises(Exception, match="my_node.*IntTokenMerge_i32: a token size is below 1"):
+        session.run(None, {"x": np.ones((2, 5, 3), np.int32)})
 
 
 def test_an_old_onnxruntime_is_refused_with_its_version(monkeypatch):

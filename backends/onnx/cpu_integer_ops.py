@@ -163,4 +163,5 @@ def unpack_b(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 for _op in OP_TYPES:
-    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}")(_lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}")(
+        _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
