@@ -29,9 +29,10 @@ static void quantize_chunk(const void *arg, int64_t b, void **scratch) {
     const float *x = j->x;
     float inv = j->inv, lo = j->lo, hi = j->hi;
     int32_t zp = j->zp;
-    if (j->out_type == OUT_U8) for (int64_t i = i0; i < i1; i++) ((uint8_t *)j->out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
-    else if (j->out_type == OUT_I8) for (int64_t i = i0; i < i1; i++) ((int8_t *)j->out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
-    else for (int64_t i = i0; i < i1; i++) ((int32_t *)j->out)[i] = quantize1(x[i], inv, lo, hi, zp);
+    void *out = j->out;
+    if (j->out_type == OUT_U8) for (int64_t i = i0; i < i1; i++) ((uint8_t *)out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
+    else if (j->out_type == OUT_I8) for (int64_t i = i0; i < i1; i++) ((int8_t *)out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
+    else for (int64_t i = i0; i < i1; i++) ((int32_t *)out)[i] = quantize1(x[i], inv, lo, hi, zp);
 }
 
 void ge_quantize(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out,
@@ -55,12 +56,13 @@ static void dequantize_chunk(const void *arg, int64_t b, void **scratch) {
     int32_t zp = j->zp;
     int64_t C = j->C, r1 = (b + 1) * j->chunk < j->rows ? (b + 1) * j->chunk : j->rows;
     const float *scale = j->scale;
+    const void *x = j->x;
     for (int64_t r = b * j->chunk; r < r1; r++) {
         float *o = j->out + r * C;
         int64_t i0 = r * C;
-        if (j->in_type == OUT_U8) for (int64_t k = 0; k < C; k++) o[k] = (float)((int32_t)((const uint8_t *)j->x)[i0 + k] - zp) * scale[k];
-        else if (j->in_type == OUT_I8) for (int64_t k = 0; k < C; k++) o[k] = (float)((int32_t)((const int8_t *)j->x)[i0 + k] - zp) * scale[k];
-        else for (int64_t k = 0; k < C; k++) o[k] = (float)(int32_t)((uint32_t)((const int32_t *)j->x)[i0 + k] - (uint32_t)zp) * scale[k];
+        if (j->in_type == OUT_U8) for (int64_t k = 0; k < C; k++) o[k] = (float)((int32_t)((const uint8_t *)x)[i0 + k] - zp) * scale[k];
+        else if (j->in_type == OUT_I8) for (int64_t k = 0; k < C; k++) o[k] = (float)((int32_t)((const int8_t *)x)[i0 + k] - zp) * scale[k];
+        else for (int64_t k = 0; k < C; k++) o[k] = (float)(int32_t)((uint32_t)((const int32_t *)x)[i0 + k] - (uint32_t)zp) * scale[k];
         if (j->offset) for (int64_t k = 0; k < C; k++) o[k] += j->offset[k];
     }
 }

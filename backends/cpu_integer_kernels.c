@@ -653,7 +653,13 @@ static void store_row(void *out, int type, int64_t i0, const int32_t *y, int64_t
     else memcpy((int32_t *)out + i0, y, sizeof(int32_t) * (size_t)n);
 }
 
-typedef struct { const int32_t *x; int64_t C; int32_t sh, F, iters, half; const epilogue_t *rq; void *out; } layernorm_job_t;
+typedef struct {
+    const int32_t *x;
+    int64_t C;
+    int32_t sh, F, iters, half;
+    const epilogue_t *rq;
+    void *out;
+} layernorm_job_t;
 
 static void layernorm_row(const void *arg, int64_t r, int32_t *y) {
     const layernorm_job_t *job = arg;
