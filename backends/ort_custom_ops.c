@@ -5,13 +5,18 @@
  * op's output type from its registration, so the type is part of the name):
  *   IntGemm_{u8,i8,i32}       x, w [N, Kp] (unpacked int8; packed once, at the first run), bias, m?, c?,
  *                             table?, res?, mb?, m2?, c2?
- *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?
+ *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?, sizes?, table?
  *   IntLayerNorm_{u8,i8,i32}  x, m?, c?
- *   IntShiftmax_u8            x, pow2, mask?
+ *   IntShiftmax_u8            x, pow2, mask?, sizes?, table?
  *   IntRequant_{u8,i8,i32}    x, m, c
  *   IntAdd_{u8,i8,i32}        a, b, ma, mb, c
+ *   IntTokenMerge_i32         x, keys, sizes -> x', sizes'        (cpu_integer_tokens.c)
+ *   IntQuantize_{u8,i8,i32}   x (float)                           (cpu_integer_edges.c)
+ *   IntDequantize_f32         x, scale, offset?                   (cpu_integer_edges.c)
  * Each calls the kernel exactly as backends/cpu_integer_ops.py does (same epilogue record, same
  * operand layout), so outputs are bit-identical to the cpu_integer backend and the reference ops.
+ * The float edges round after the multiply and again after the add: ort_custom_ops.py builds this file with
+ * -ffp-contract=off, as cpu_integer_edges.py builds cpu_integer_edges.c (the rest has no floating point).
  *
  * ONNX Runtime's C ABI, declared here rather than included: the pip wheel ships no C headers. The ABI
  * is stable and append-only: OrtApiBase, the OrtApi table of function pointers (a slot never moves once
@@ -22,6 +27,15 @@
  * its version string.
  */
 #include "cpu_integer_kernels.c"
+#include "cpu_integer_tokens.c"
+/* cpu_integer_edges.c declares the kernels' OUT_* codes (same values) again: renamed while it is included */
+#define OUT_U8 EDGES_OUT_U8
+#define OUT_I8 EDGES_OUT_I8
+#define OUT_I32 EDGES_OUT_I32
+#include "cpu_integer_edges.c"
+#undef OUT_U8
+#undef OUT_I8
+#undef OUT_I32
 
 #include <omp.h>
 #include <pthread.h>
@@ -46,7 +60,8 @@ typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 struct OrtCustomOp;
 
 enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };                      /* OrtErrorCode */
-enum { T_UNDEFINED = 0, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_BOOL = 9 };  /* ONNXTensorElementDataType */
+/* ONNXTensorElementDataType */
+enum { T_UNDEFINED = 0, T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_BOOL = 9 };
 enum { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };        /* OrtCustomOpInputOutputCharacteristic */
 
 typedef struct OrtApi {
@@ -63,7 +78,8 @@ typedef struct OrtApi {
     OrtStatus *(*GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t n);     /* 62 */
     void *pad4_[2];
     OrtStatus *(*GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);      /* 65 */
-    void *pad5_[20];
+    void *pad5_[19];
+    OrtStatus *(*KernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name, float *out);  /* 85 */
     OrtStatus *(*KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out); /* 86 */
     OrtStatus *(*KernelInfoGetAttribute_string)(const OrtKernelInfo *info, const char *name, char *out,
                                                 size_t *size);                                          /* 87 */
@@ -81,7 +97,8 @@ typedef struct OrtApi {
 #define SLOT(name, index) _Static_assert(offsetof(OrtApi, name) == (index) * sizeof(void *), #name " slot")
 SLOT(CreateCustomOpDomain, 26); SLOT(AddCustomOpDomain, 28); SLOT(GetTensorMutableData, 51);
 SLOT(GetTensorElementType, 60); SLOT(GetDimensions, 62); SLOT(GetTensorTypeAndShape, 65);
-SLOT(KernelInfoGetAttribute_int64, 86); SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
+SLOT(KernelInfoGetAttribute_float, 85); SLOT(KernelInfoGetAttribute_int64, 86);
+SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
 SLOT(KernelContext_GetOutput, 91); SLOT(ReleaseStatus, 93); SLOT(ReleaseTensorTypeAndShapeInfo, 99);
 
 typedef struct OrtApiBase {
@@ -115,29 +132,37 @@ typedef struct OrtCustomOp {            /* fields up to ReleaseAliasMap; ORT rea
 } OrtCustomOp;
 
 /* ---- the ops ------------------------------------------------------------------------------------------ */
-enum { OP_GEMM, OP_BMM, OP_LAYERNORM, OP_SHIFTMAX, OP_REQUANT, OP_ADD, N_OPS };
+enum { OP_GEMM, OP_BMM, OP_LAYERNORM, OP_SHIFTMAX, OP_REQUANT, OP_ADD, OP_TOKEN_MERGE, OP_QUANTIZE, OP_DEQUANTIZE,
+       N_OPS };
+enum { OUT_F32 = 3, N_OUTS };           /* the kernels' OUT_U8, OUT_I8, OUT_I32, and float32 */
+#define INTS ((1 << OUT_U8) | (1 << OUT_I8) | (1 << OUT_I32))
 
 typedef struct {
     const char *name;
-    int inputs, required;
-    const char *attrs[16];              /* int attributes the op reads (besides the string `kind`) */
+    int inputs, required, outputs;
+    int out_types;                      /* bit t: a variant with output type t */
+    int kind;                           /* reads the string attribute `kind` (an epilogue) */
+    const char *attrs[16];              /* int attributes the op reads */
 } op_spec_t;
 
 static const op_spec_t SPECS[N_OPS] = {
-    [OP_GEMM] = {"IntGemm", 10, 3, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2", "k2", "lo2",
-                                    "hi2", "zp2", "threads"}},
-    [OP_BMM] = {"IntBmm", 7, 3, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi", "zp",
-                                 "threads"}},
-    [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
-    [OP_SHIFTMAX] = {"IntShiftmax", 3, 2, {"X", "n_pow", "bits", "threads"}},
-    [OP_REQUANT] = {"IntRequant", 3, 3, {"pre", "k", "lo", "hi", "zp", "threads"}},
-    [OP_ADD] = {"IntAdd", 5, 5, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
+                                                "k2", "lo2", "hi2", "zp2", "threads"}},
+    [OP_BMM] = {"IntBmm", 9, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
+                                             "zp", "threads"}},
+    [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_SHIFTMAX] = {"IntShiftmax", 5, 2, 1, 1 << OUT_U8, 0, {"X", "n_pow", "bits", "threads"}},
+    [OP_REQUANT] = {"IntRequant", 3, 3, 1, INTS, 1, {"pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_ADD] = {"IntAdd", 5, 5, 1, INTS, 1, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_TOKEN_MERGE] = {"IntTokenMerge", 3, 3, 2, 1 << OUT_I32, 0, {"r", "protected", "shift", "threads"}},
+    [OP_QUANTIZE] = {"IntQuantize", 1, 1, 1, INTS, 0, {"zero_point", "lo", "hi", "threads"}},  /* and float inv_scale */
+    [OP_DEQUANTIZE] = {"IntDequantize", 3, 2, 1, 1 << OUT_F32, 0, {"zero_point", "threads"}},
 };
 
 static const char *const KINDS[] = {[EPI_RAW] = "raw", [EPI_REQUANT] = "requant", [EPI_TABLE] = "table",
                                     [EPI_ADD] = "add", [EPI_TABLE_REQUANT] = "table_requant"};
-static const char *const OUT_NAMES[] = {[OUT_U8] = "u8", [OUT_I8] = "i8", [OUT_I32] = "i32"};
-static const int OUT_ONNX[] = {[OUT_U8] = T_UINT8, [OUT_I8] = T_INT8, [OUT_I32] = T_INT32};
+static const char *const OUT_NAMES[] = {[OUT_U8] = "u8", [OUT_I8] = "i8", [OUT_I32] = "i32", [OUT_F32] = "f32"};
+static const int OUT_ONNX[] = {[OUT_U8] = T_UINT8, [OUT_I8] = T_INT8, [OUT_I32] = T_INT32, [OUT_F32] = T_FLOAT};
 
 typedef struct {
     OrtCustomOp base;                   /* first: ORT hands back &base */
@@ -149,6 +174,7 @@ typedef struct {
     const OrtApi *api;
     int op, out_type, kind;
     int64_t attr[16];
+    float inv_scale;                    /* IntQuantize */
     pthread_mutex_t lock;
     int8_t *packed;                     /* IntGemm: w packed for the kernels, and the w it was packed from */
     const void *packed_from;
@@ -207,7 +233,14 @@ static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, cons
                         "cpu.* ops)", names[i]);
         }
     }
-    if (op->op != OP_SHIFTMAX) {
+    if (op->op == OP_QUANTIZE) {
+        OrtStatus *s = api->KernelInfoGetAttribute_float(info, "inv_scale", &kn->inv_scale);
+        if (s) {
+            api->ReleaseStatus(s);
+            return fail(api, kn, "the node has no float attribute 'inv_scale'");
+        }
+    }
+    if (SPECS[op->op].kind) {
         char kind[32];
         size_t size = sizeof kind;
         OrtStatus *s = api->KernelInfoGetAttribute_string(info, "kind", kind, &size);
@@ -262,15 +295,20 @@ static OrtStatus *input(const kernel_t *kn, OrtKernelContext *ctx, size_t count,
     return api->GetTensorMutableData((OrtValue *)v, &t->data);
 }
 
-static OrtStatus *output(const kernel_t *kn, OrtKernelContext *ctx, const int64_t *dims, size_t rank, void **data) {
+static OrtStatus *output_at(const kernel_t *kn, OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank,
+                            void **data) {
     OrtValue *v;
-    TRY(kn->api->KernelContext_GetOutput(ctx, 0, dims, rank, &v));
+    TRY(kn->api->KernelContext_GetOutput(ctx, index, dims, rank, &v));
     return kn->api->GetTensorMutableData(v, data);
+}
+
+static OrtStatus *output(const kernel_t *kn, OrtKernelContext *ctx, const int64_t *dims, size_t rank, void **data) {
+    return output_at(kn, ctx, 0, dims, rank, data);
 }
 
 static const char *type_name(int type) {
     return type == T_UINT8 ? "uint8" : type == T_INT8 ? "int8" : type == T_INT32 ? "int32" : type == T_BOOL ? "bool"
-                                                                                                         : "another type";
+           : type == T_FLOAT ? "float" : "another type";
 }
 
 /* An int32 vector of at least n values (a per-column constant, a table), or absent when allowed. */
@@ -370,54 +408,80 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     return NULL;
 }
 
-/* ---- Shiftmax parameters with a mask broadcast to [D0, D1, R, L] (cpu_integer_library.softmax) --------- */
-static OrtStatus *softmax_params(const kernel_t *kn, const tensor_t *pow2, const tensor_t *mask, const int64_t *shape,
-                                 softmax_t *sm, uint8_t **owned) {
-    int64_t X = attr(kn, "X"), n = attr(kn, "n_pow");
-    TRY(vector(kn, pow2, "pow2", n * X + 1, 1));
-    *sm = (softmax_t){.pow2 = pow2->data, .X = (int32_t)X, .n = (int32_t)n, .bits = (int32_t)attr(kn, "bits")};
-    *owned = NULL;
-    if (!mask->data) return NULL;
-    if (mask->type != T_BOOL && mask->type != T_UINT8)
-        return fail(kn->api, kn, "mask must be bool, got %s", type_name(mask->type));
-    if (mask->rank > 4) return fail(kn->api, kn, "mask has rank %zu (at most 4)", mask->rank);
-    int64_t md[4], stride[4], s = 1;
+/* ---- Shiftmax parameters (cpu_integer_library.softmax) ------------------------------------------------- */
+/* t (elements of esize bytes) broadcast to [D0, D1, R, L] as the kernels read it: strides over (D0, D1, R) and
+ * unit stride along L; a t with one value per row is materialized (*owned), as torch does. */
+static OrtStatus *rows_of4(const kernel_t *kn, const tensor_t *t, const char *what, size_t esize, const int64_t *shape,
+                           const void **data, int64_t stride[3], void **owned) {
+    if (t->rank > 4) return fail(kn->api, kn, "%s has rank %zu (at most 4)", what, t->rank);
+    int64_t td[4], st[4], s = 1;
     for (int d = 3; d >= 0; d--) {
-        int src = d - (4 - (int)mask->rank);
-        md[d] = src >= 0 ? mask->dims[src] : 1;
-        if (md[d] != shape[d] && md[d] != 1)
-            return fail(kn->api, kn, "the mask does not broadcast to the scores (axis %d: %lld vs %lld)", d,
-                        (long long)md[d], (long long)shape[d]);
-        stride[d] = md[d] == shape[d] ? s : 0;
-        s *= md[d];
+        int src = d - (4 - (int)t->rank);
+        td[d] = src >= 0 ? t->dims[src] : 1;
+        if (td[d] != shape[d] && td[d] != 1)
+            return fail(kn->api, kn, "the %s does not broadcast to the scores (axis %d: %lld vs %lld)", what, d,
+                        (long long)td[d], (long long)shape[d]);
+        st[d] = td[d] == shape[d] ? s : 0;
+        s *= td[d];
     }
-    const uint8_t *m = mask->data;
-    if (shape[3] > 1 && md[3] == 1) {   /* each row's one value over L columns: materialized, as torch does */
+    const char *m = t->data;
+    *owned = NULL;
+    if (shape[3] > 1 && td[3] == 1) {   /* each row's one value over L columns */
         int64_t total = shape[0] * shape[1] * shape[2] * shape[3];
-        uint8_t *full = malloc((size_t)total);
+        char *full = malloc((size_t)total * esize + 1);
         if (!full) return kn->api->CreateStatus(ORT_FAIL, "graphopt: out of memory");
-        for (int64_t i = 0; i < total / shape[3]; i++) {
-            int64_t i2 = i % shape[2], i1 = i / shape[2] % shape[1], i0 = i / (shape[2] * shape[1]);
-            memset(full + i * shape[3], m[i0 * stride[0] + i1 * stride[1] + i2 * stride[2]], (size_t)shape[3]);
+        for (int64_t i = 0; i < total; i++) {
+            int64_t row = i / shape[3], i2 = row % shape[2], i1 = row / shape[2] % shape[1],
+                    i0 = row / (shape[2] * shape[1]);
+            memcpy(full + i * (int64_t)esize, m + (i0 * st[0] + i1 * st[1] + i2 * st[2]) * (int64_t)esize, esize);
         }
         *owned = full;
         m = full;
-        stride[0] = shape[1] * shape[2] * shape[3];
-        stride[1] = shape[2] * shape[3];
-        stride[2] = shape[3];
+        st[0] = shape[1] * shape[2] * shape[3];
+        st[1] = shape[2] * shape[3];
+        st[2] = shape[3];
     }
-    sm->mask = m;
-    sm->m0 = stride[0];
-    sm->m1 = stride[1];
-    sm->mr = stride[2];
+    *data = m;
+    memcpy(stride, st, sizeof(int64_t) * 3);
+    return NULL;
+}
+
+/* The Shiftmax record for scores of the given shape: pow2, a bool mask, and proportional attention's int32 sizes
+ * and table (logits + table[clamp(sizes)]); owned[0..1] are buffers the caller frees (also on an error). */
+static OrtStatus *softmax_params(const kernel_t *kn, const tensor_t *pow2, const tensor_t *mask, const tensor_t *sizes,
+                                 const tensor_t *table, const int64_t *shape, softmax_t *sm, void *owned[2]) {
+    int64_t X = attr(kn, "X"), n = attr(kn, "n_pow");
+    owned[0] = owned[1] = NULL;
+    TRY(vector(kn, pow2, "pow2", n * X + 1, 1));
+    *sm = (softmax_t){.pow2 = pow2->data, .X = (int32_t)X, .n = (int32_t)n, .bits = (int32_t)attr(kn, "bits")};
+    int64_t st[3] = {0, 0, 0};
+    const void *data = NULL;
+    if (mask->data) {
+        if (mask->type != T_BOOL && mask->type != T_UINT8)
+            return fail(kn->api, kn, "mask must be bool, got %s", type_name(mask->type));
+        TRY(rows_of4(kn, mask, "mask", 1, shape, &data, st, &owned[0]));
+        sm->mask = data;
+        sm->m0 = st[0], sm->m1 = st[1], sm->mr = st[2];
+    }
+    if (!sizes->data != !table->data) return fail(kn->api, kn, "sizes and table come together");
+    if (sizes->data) {
+        if (sizes->type != T_INT32) return fail(kn->api, kn, "sizes must be int32, got %s", type_name(sizes->type));
+        if (table->rank != 1) return fail(kn->api, kn, "table must be 1-D, got rank %zu", table->rank);
+        TRY(vector(kn, table, "table", 1, 1));
+        TRY(rows_of4(kn, sizes, "sizes", sizeof(int32_t), shape, &data, st, &owned[1]));
+        sm->sizes = data;
+        sm->s0 = st[0], sm->s1 = st[1], sm->sr = st[2];
+        sm->table = table->data;
+        sm->tlen = (int32_t)table->numel;
+    }
     return NULL;
 }
 
 /* ---- IntBmm: cpu_integer_ops.int_bmm ------------------------------------------------------------------ */
 static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     const OrtApi *api = kn->api;
-    tensor_t in[7];
-    for (size_t i = 0; i < 7; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[9];
+    for (size_t i = 0; i < 9; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *a = &in[0], *b = &in[1];
     int64_t flip_a = attr(kn, "flip_a"), flip_b = attr(kn, "flip_b");
     if (a->rank < 3 || a->rank > 4 || b->rank != a->rank)
@@ -434,6 +498,8 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     int softmax = in[5].data != NULL, requant = kn->kind == EPI_REQUANT;
     if (kn->kind != EPI_RAW && !requant) return fail(api, kn, "epilogue kind '%s' is not one of a bmm", KINDS[kn->kind]);
     if (softmax && kn->out_type != OUT_U8) return fail(api, kn, "with pow2 (Shiftmax) the output is u8");
+    if (!softmax && (in[6].data || in[7].data || in[8].data))
+        return fail(api, kn, "mask, sizes and table are Shiftmax inputs: pow2 is missing");
     TRY(vector(kn, &in[2], "bias", N, 1));
     TRY(vector(kn, &in[3], "m", N, requant));
     TRY(vector(kn, &in[4], "c", N, requant));
@@ -441,12 +507,13 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     memcpy(dims, a->dims, sizeof(int64_t) * r);
     dims[r - 1] = N;
     softmax_t sm;
-    uint8_t *mask = NULL;
-    if (softmax) TRY(softmax_params(kn, &in[5], &in[6], shape, &sm, &mask));
+    void *owned[2] = {NULL, NULL};
+    OrtStatus *s = softmax ? softmax_params(kn, &in[5], &in[6], &in[7], &in[8], shape, &sm, owned) : NULL;
     void *y;
-    OrtStatus *s = output(kn, ctx, dims, r, &y);
+    if (!s) s = output(kn, ctx, dims, r, &y);
     if (s || B1 * B2 * M * N == 0) {
-        free(mask);
+        free(owned[0]);
+        free(owned[1]);
         return s;
     }
     epilogue_t e = {.kind = kn->kind, .out_type = softmax ? OUT_I32 : kn->out_type, .bias = in[2].data,
@@ -455,13 +522,15 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     int threads = threads_of(kn);
     uint8_t *au = as_u8_rows(a->data, B1 * B2 * M, K, K, (int)flip_a, threads);
     if (!au && flip_a) {
-        free(mask);
+        free(owned[0]);
+        free(owned[1]);
         return api->CreateStatus(ORT_FAIL, "graphopt IntBmm: out of memory");
     }
     go_bmm(au ? au : a->data, B2 * M * K, M * K, K, b->data, B2 * K * N, K * N, N, 1, (int32_t)flip_b, B1, B2, M, K, N,
            (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, threads);
     free(au);
-    free(mask);
+    free(owned[0]);
+    free(owned[1]);
     return NULL;
 }
 
@@ -501,20 +570,21 @@ static OrtStatus *layernorm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
 }
 
 static OrtStatus *shiftmax(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
-    tensor_t in[3];
-    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[5];
+    for (size_t i = 0; i < 5; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *x = &in[0];
     if (x->type != T_INT32 || x->rank < 1 || x->rank > 4)
         return fail(kn->api, kn, "x must be int32 of rank 1 to 4, got %s of rank %zu", type_name(x->type), x->rank);
     int64_t shape[4];
     for (int d = 0; d < 4; d++) shape[d] = d < 4 - (int)x->rank ? 1 : x->dims[d - (4 - (int)x->rank)];
     softmax_t sm;
-    uint8_t *mask;
-    TRY(softmax_params(kn, &in[1], &in[2], shape, &sm, &mask));
+    void *owned[2];
+    OrtStatus *s = softmax_params(kn, &in[1], &in[2], &in[3], &in[4], shape, &sm, owned);
     void *y;
-    OrtStatus *s = output(kn, ctx, x->dims, x->rank, &y);
+    if (!s) s = output(kn, ctx, x->dims, x->rank, &y);
     if (!s && x->numel) go_shiftmax(x->data, shape[0], shape[1], shape[2], shape[3], &sm, y, threads_of(kn));
-    free(mask);
+    free(owned[0]);
+    free(owned[1]);
     return s;
 }
 
@@ -588,6 +658,85 @@ static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     return s;
 }
 
+/* ---- IntTokenMerge: cpu_integer_ops.int_token_merge ---------------------------------------------------- */
+static OrtStatus *token_merge(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    const OrtApi *api = kn->api;
+    tensor_t in[3];
+    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    const tensor_t *x = &in[0], *keys = &in[1], *sizes = &in[2];
+    if (x->type != T_INT32 || x->rank != 3) return fail(api, kn, "x must be int32 [B, N, C], got %s of rank %zu",
+                                                        type_name(x->type), x->rank);
+    int64_t B = x->dims[0], n = x->dims[1], C = x->dims[2];
+    if ((keys->type != T_INT32 && keys->type != T_INT8 && keys->type != T_UINT8) || keys->rank != 3 ||
+        keys->dims[0] != B || keys->dims[1] != n)
+        return fail(api, kn, "keys must be 8- or 32-bit [B, N, d] with x's B and N, got %s of rank %zu",
+                    type_name(keys->type), keys->rank);
+    if (sizes->type != T_INT32 || sizes->rank < 2 || sizes->dims[0] != B || sizes->dims[1] != n ||
+        sizes->numel != B * n)
+        return fail(api, kn, "sizes must be int32 [B, N, 1] with x's B and N, got %s of rank %zu",
+                    type_name(sizes->type), sizes->rank);
+    int64_t r = attr(kn, "r"), p = attr(kn, "protected"), shift = attr(kn, "shift"), d = keys->dims[2];
+    if (shift < 0) return fail(api, kn, "negative key shift %lld", (long long)shift);
+    int64_t most = n - p < 0 ? 0 : (n - p) / 2;   /* effective_r: min(r, (n - protected) // 2), at least 0 */
+    r = r < 0 ? 0 : r < most ? r : most;
+    int64_t xd[3] = {B, n - r, C}, sd[8];
+    memcpy(sd, sizes->dims, sizeof(int64_t) * sizes->rank);
+    sd[1] = n - r;
+    void *y, *ys;
+    TRY(output_at(kn, ctx, 0, xd, 3, &y));
+    TRY(output_at(kn, ctx, 1, sd, sizes->rank, &ys));
+    if (r == 0) {                       /* nothing to merge: the reference returns its inputs */
+        memcpy(y, x->data, sizeof(int32_t) * (size_t)x->numel);
+        memcpy(ys, sizes->data, sizeof(int32_t) * (size_t)sizes->numel);
+        return NULL;
+    }
+    int32_t *k32 = keys->data;
+    if (keys->type != T_INT32) {        /* the kernel reads int32 keys (cpu_integer_tokens.token_merge) */
+        k32 = malloc(sizeof(int32_t) * (size_t)(keys->numel ? keys->numel : 1));
+        if (!k32) return api->CreateStatus(ORT_FAIL, "graphopt IntTokenMerge: out of memory");
+        for (int64_t i = 0; i < keys->numel; i++)
+            k32[i] = keys->type == T_INT8 ? ((const int8_t *)keys->data)[i] : ((const uint8_t *)keys->data)[i];
+    }
+    int status = gt_token_merge(x->data, k32, sizes->data, B, n, C, d, r, p, (int32_t)(shift < 31 ? shift : 31), y, ys,
+                                threads_of(kn));
+    if (k32 != keys->data) free(k32);
+    return status ? fail(api, kn, "a token size is below 1 (sizes are token counts)") : NULL;
+}
+
+/* ---- IntQuantize, IntDequantize: cpu_integer_ops.int_quantize / int_dequantize --------------------------- */
+static OrtStatus *quantize(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    tensor_t x;
+    TRY(input(kn, ctx, count, 0, &x));
+    if (x.type != T_FLOAT) return fail(kn->api, kn, "x must be float, got %s", type_name(x.type));
+    void *y;
+    TRY(output(kn, ctx, x.dims, x.rank, &y));
+    /* lo and hi as the float32 values torch.clamp compares with (round to nearest, as cpu_integer_edges.py) */
+    if (x.numel) ge_quantize(x.data, x.numel, kn->inv_scale, (float)attr(kn, "lo"), (float)attr(kn, "hi"),
+                             (int32_t)attr(kn, "zero_point"), kn->out_type, y, threads_of(kn));
+    return NULL;
+}
+
+static OrtStatus *dequantize(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
+    tensor_t in[3];
+    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    const tensor_t *x = &in[0];
+    if (x->type != T_UINT8 && x->type != T_INT8 && x->type != T_INT32)
+        return fail(kn->api, kn, "x must be uint8, int8 or int32, got %s", type_name(x->type));
+    int64_t C = x->rank ? x->dims[x->rank - 1] : 1, rows = C ? x->numel / C : 0;
+    for (int i = 1; i < 3; i++) {
+        const char *what = i == 1 ? "scale" : "offset";
+        if (!in[i].data) continue;
+        if (in[i].type != T_FLOAT) return fail(kn->api, kn, "%s must be float, got %s", what, type_name(in[i].type));
+        if (in[i].numel < C) return fail(kn->api, kn, "%s has %lld values, needs %lld", what,
+                                         (long long)in[i].numel, (long long)C);
+    }
+    void *y;
+    TRY(output(kn, ctx, x->dims, x->rank, &y));
+    if (rows) ge_dequantize(x->data, out_code(x->type), rows, C, (int32_t)attr(kn, "zero_point"), in[1].data,
+                            in[2].data, y, threads_of(kn));
+    return NULL;
+}
+
 static OrtStatus *compute(void *p, OrtKernelContext *ctx) {
     kernel_t *kn = p;
     size_t count;
@@ -598,7 +747,10 @@ static OrtStatus *compute(void *p, OrtKernelContext *ctx) {
     case OP_LAYERNORM: return layernorm(kn, ctx, count);
     case OP_SHIFTMAX: return shiftmax(kn, ctx, count);
     case OP_REQUANT: return requant(kn, ctx, count);
-    default: return add(kn, ctx, count);
+    case OP_ADD: return add(kn, ctx, count);
+    case OP_TOKEN_MERGE: return token_merge(kn, ctx, count);
+    case OP_QUANTIZE: return quantize(kn, ctx, count);
+    default: return dequantize(kn, ctx, count);
     }
 }
 
@@ -608,21 +760,21 @@ static const char *op_provider(const OrtCustomOp *op) { (void)op; return NULL; }
 static int op_input_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_UNDEFINED; }
 static size_t op_input_count(const OrtCustomOp *op) { return (size_t)SPECS[((const custom_op_t *)op)->op].inputs; }
 static int op_output_type(const OrtCustomOp *op, size_t i) { (void)i; return OUT_ONNX[((const custom_op_t *)op)->out_type]; }
-static size_t op_output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static size_t op_output_count(const OrtCustomOp *op) { return (size_t)SPECS[((const custom_op_t *)op)->op].outputs; }
 static int op_input_characteristic(const OrtCustomOp *op, size_t i) {
     return (int)i < SPECS[((const custom_op_t *)op)->op].required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
 }
 static int op_output_characteristic(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return INPUT_OUTPUT_REQUIRED; }
 static int op_input_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }   /* OrtMemTypeDefault */
 
-static custom_op_t VARIANTS[N_OPS * 3];
+static custom_op_t VARIANTS[N_OPS * N_OUTS];
 static int n_variants;
 static pthread_once_t variants_once = PTHREAD_ONCE_INIT;
 
 static void make_variants(void) {
     for (int op = 0; op < N_OPS; op++)
-        for (int out = 0; out < 3; out++) {
-            if (op == OP_SHIFTMAX && out != OUT_U8) continue;      /* Shiftmax writes u8 only */
+        for (int out = 0; out < N_OUTS; out++) {
+            if (!(SPECS[op].out_types >> out & 1)) continue;
             custom_op_t *v = &VARIANTS[n_variants++];
             v->op = op;
             v->out_type = out;

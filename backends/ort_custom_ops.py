@@ -15,17 +15,20 @@ from graphopt.backends import LoweringError
 from graphopt.backends.c_build import FLAGS, load
 
 SOURCE = Path(__file__).with_name("ort_custom_ops.c")
-KERNELS = Path(__file__).with_name("cpu_integer_kernels.c")
+KERNELS = [Path(__file__).with_name(f"cpu_integer_{part}.c") for part in ("kernels", "tokens", "edges")]
 
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The library, built if needed. It includes cpu_integer_kernels.c, whose hash goes into the flags (the
-    build cache keys on the flags), so a change to the kernels rebuilds it. Linked ``-z nodelete``: the GEMM's
-    helper threads run the library's code, so ONNX Runtime must not unmap it when a session closes."""
-    kernels_key = hashlib.sha256(KERNELS.read_bytes()).hexdigest()[:16]
+    """The library, built if needed. It includes the cpu_integer kernels' C files, whose hash goes into the flags
+    (the build cache keys on the flags), so a change to them rebuilds it. ``-ffp-contract=off`` as for
+    cpu_integer_edges.c: the float edges round the product before the add, as the reference does. Linked
+    ``-z nodelete``: the GEMM's helper threads run the library's code, so ONNX Runtime must not unmap it when a
+    session closes."""
+    kernels_key = hashlib.sha256(b"".join(path.read_bytes() for path in KERNELS)).hexdigest()[:16]
     lib = load(SOURCE, "ort_custom_ops", "the ONNX Runtime custom-op library",
-               FLAGS + ["-fvisibility=hidden", "-Wl,-z,nodelete", f"-DGO_KERNELS_SOURCE={kernels_key}"])
+               FLAGS + ["-ffp-contract=off", "-fvisibility=hidden", "-Wl,-z,nodelete",
+                        f"-DGO_KERNELS_SOURCE={kernels_key}"])
     lib.go_ort_set_threads.argtypes = [ctypes.c_int]
     lib.go_ort_api_version.restype = ctypes.c_int
     return lib

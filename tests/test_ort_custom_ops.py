@@ -218,28 +218,123 @@ def test_tiny_vit_bit_identical_to_reference_and_cpu_integer(vit_graph, batch, t
     assert torch.equal(got, lower(vit_graph, "cpu_integer", threads=2).run_flat(x)[0])
 
 
-def test_token_merged_vit_keeps_the_standard_lowering_where_the_library_lacks_a_kernel():
-    """integer token merging (cpu.int_token_merge) and its proportional-attention term (cpu.int_bmm with sizes)
-    have no custom op: those chains stay standard ops, the rest are custom ops, and the outputs are exact."""
+@pytest.fixture(scope="module")
+def tome_vit():
+    """A small HF ViT and its calibration data."""
     transformers = pytest.importorskip("transformers")
-    from graphopt.passes import PassManager
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                                  image_size=24, patch_size=4, num_labels=10)
     model = transformers.ViTForImageClassification(cfg).eval()
     g = _gen(7)
-    calib = [(torch.randn(4, 3, 24, 24, generator=g),) for _ in range(2)]
-    base = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib).graph
-    graph, _ = PassManager(["token_merge:r=5"]).run(base)
+    return model, [(torch.randn(4, 3, 24, 24, generator=g),) for _ in range(2)]
+
+
+@pytest.mark.parametrize("integer_first", [True, False])
+def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_first):
+    """Token merging, its proportional attention and the float edges are custom ops: the kernel graph keeps
+    exactly the int.* ops cpu_integer runs by their reference (none integer_only first; token_merge first, the
+    size lookup that reaches the logits through an int.add); outputs equal the reference's and cpu_integer's,
+    batch 1 and 3, repeated on one session."""
+    from graphopt.backends.kernels import fusion_rules
+    from graphopt.backends.onnx.cpu_integer_ops import kernel_graph
+    from graphopt.passes import PassManager
+
+    model, calib = tome_vit
+    if integer_first:
+        base = graphopt.optimize(model, [("integer_only", {"smoothquant": 0.7})], calib[0], calibration=calib).graph
+        graph, _ = PassManager(["token_merge:r=5"]).run(base)
+    else:
+        graph = graphopt.optimize(model, ["token_merge:r=5", ("integer_only", {"smoothquant": 0.7})], calib[0],
+                                  calibration=calib).graph
+    cpu = lower(graph, "cpu_integer", threads=2)
+    on_reference = {e.nodes.split("(", 1)[1].split(")", 1)[0] for e in cpu.report if e.kernel == "reference"}
+    assert on_reference == (set() if integer_first else {"int.lookup"}), str(cpu.report)
+    left = {op for op in kernel_graph(graph, fusion_rules("cpu_integer").rules).op_counts() if op.startswith("int.")}
+    assert left == on_reference
     onnx_model = to_onnx_custom_ops(graph)
-    types = {n.op_type for n in onnx_model.graph.node}
-    assert {"IntGemm_u8", "IntLayerNorm_u8"} & types and "IntBmm_u8" in types   # block 1's attention
-    assert "IntShiftmax_u8" in types and "Gather" in types    # block 2: the size lookup on standard ops breaks the
-                                                              # attention into kernels around it
-    for batch in (1, 3):
-        x = torch.randn(batch, 3, 24, 24, generator=g)
-        got = _run(custom_ops_session(onnx_model, threads=2), graph, [x])[0]
-        assert torch.equal(got, lower(graph, "torch").run_flat(x)[0])
+    custom = [n for n in onnx_model.graph.node if n.domain == DOMAIN]
+    types = {n.op_type for n in custom}
+    assert {"IntTokenMerge_i32", "IntQuantize_u8", "IntDequantize_f32", "IntBmm_u8"} <= types
+    assert all(len(n.output) == 2 for n in custom if n.op_type == "IntTokenMerge_i32")
+    with_sizes = [n for n in custom if n.op_type in ("IntBmm_u8", "IntShiftmax_u8") and len(n.input) > 7]
+    assert len(with_sizes) == (1 if integer_first else 0)      # block 2's proportional attention, in its kernel
+    assert not {"MatMulInteger", "Floor", "QuantizeLinear", "DequantizeLinear", "TopK", "ScatterElements",
+                "ArgMax"} & {n.op_type for n in onnx_model.graph.node}
+    session = custom_ops_session(onnx_model, threads=2)
+    reference = lower(graph, "torch")
+    for batch in (1, 3, 1, 3):
+        x = torch.randn(batch, 3, 24, 24, generator=_gen(batch))
+        got = _run(session, graph, [x])[0]
+        want = reference.run_flat(x)[0]
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert torch.equal(got, cpu.run_flat(x)[0])
+
+
+@pytest.mark.parametrize("sizes_shape", [(2, 1, 5, 33), (2, 1, 1, 33), (2, 3, 5, 1)])
+def test_shiftmax_with_proportional_attention(sizes_shape):
+    """sizes varying along the columns, the rows, or one per row (broadcast along the row by the library)."""
+    g = _gen(12)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (2, 3, 5, 33)))
+    sizes = graph.add_input("sizes", TensorType(I32, sizes_shape))
+    table = graph.add_constant(torch.tensor([0, 0, 128, 203, 256], dtype=I32))
+    graph.set_outputs([graph.call("int.shiftmax", graph.op.add(x, graph.call("int.lookup", sizes, table)), X=96, n=12,
+                                  bits=8)])
+    _check(graph, [_rand((2, 3, 5, 33), I32, g, -3000, 3000), _rand(sizes_shape, I32, g, -1, 7)],
+           {"IntShiftmax_u8": 1})
+
+
+def test_token_merge_alone_with_8_bit_keys_and_protected_tokens():
+    g = _gen(14)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (3, 20, 16)))
+    keys = graph.add_input("keys", TensorType(I8, (3, 20, 8)))
+    sizes = graph.add_input("sizes", TensorType(I32, (3, 20, 1)))
+    merged, new_sizes = graph.call("int.token_merge", x, keys, sizes, r=6, protected=1, shift=1)
+    graph.set_outputs([merged, new_sizes])
+    _check(graph, [_rand((3, 20, 16), I32, g, -5000, 5000), _rand((3, 20, 8), I8, g), _rand((3, 20, 1), I32, g, 1, 4)],
+           {"IntTokenMerge_i32": 1})
+
+
+def _rounding_sensitive(inv: float) -> torch.Tensor:
+    """float32 x (within 8 ulps of (k + 0.5) / inv) where floor(x * inv + 0.5) differs between rounding the product
+    first (the reference) and a fused multiply-add (one rounding); found by exact float64 arithmetic."""
+    inv32, found = np.float32(inv), []
+    for k in range(-300, 300):
+        x = down = np.float32((k + 0.5) / np.float64(inv32))
+        candidates = [x]
+        for _ in range(8):
+            x, down = np.nextafter(x, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+            candidates += [x, down]
+        for x in candidates:
+            exact = np.float64(x) * np.float64(inv32)                    # exact: 24 + 24 bits
+            if np.floor(np.float32(np.float32(exact) + np.float32(0.5))) != np.floor(np.float32(exact + 0.5)):
+                found.append(x)
+    assert found
+    return torch.tensor(np.array(found, dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype,zp,lo,hi", [("u8", 128, -128, 127), ("i8", 0, -127, 127), ("i32", 0, -32768, 32767)])
+def test_quantize_and_dequantize_round_like_the_reference(dtype, zp, lo, hi):
+    """.5 cases that a fused multiply-add would round differently, exact halves, clamping; dequantize with a
+    per-column scale and offset (multiply, then add) and with a scalar scale."""
+    g = _gen(13)
+    inv = 1 / 0.037
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(torch.float32, (3, 7, 37)))
+    q = graph.call("int.quantize", x, inv_scale=inv, zero_point=zp, lo=lo, hi=hi, dtype=dtype)
+    scale = graph.add_constant(torch.rand(37, generator=g) * 0.1)
+    offset = graph.add_constant(torch.randn(1, 37, generator=g))
+    graph.set_outputs([q, graph.call("int.dequantize", q, scale, offset, zero_point=zp),
+                       graph.call("int.dequantize", q, graph.add_constant(torch.tensor(0.037)), zero_point=zp)])
+    values = (torch.rand(3, 7, 37, generator=g) - 0.5) * 9
+    sensitive = _rounding_sensitive(inv)
+    halves = torch.tensor([(k + 0.5) / inv for k in range(-40, 40)], dtype=torch.float32)
+    special = torch.cat([sensitive, halves, torch.tensor([0.0185, -0.0185, 0.0555, -4.7, 1e6, -1e6, 0.0, -0.0])])
+    values.view(-1)[:special.numel()] = special
+    fused = {n.op_type for n in _check(graph, [values], {f"IntQuantize_{dtype}": 1, "IntDequantize_f32": 2}).graph.node}
+    assert not {"Floor", "Mul", "Add", "Clip"} & fused
 
 
 def test_the_default_onnx_of_an_integer_graph_stays_standard_ops(vit_graph):
@@ -362,7 +457,9 @@ def _custom_model(op_type, inputs, x_type, y_type=TensorProto.INT32, **attrs):
     y = helper.make_tensor_value_info("y", y_type, None)
     m = helper.make_tensor("m", TensorProto.INT32, [4], [1, 1, 1, 1])
     node = helper.make_node(op_type, ["x"] + inputs, ["y"], name="my_node", domain=DOMAIN, **attrs)
-    graph = helper.make_graph([node], "g", [x], [y], [m, helper.make_tensor("c", TensorProto.INT32, [4], [0] * 4)])
+    consts = [m, helper.make_tensor("c", TensorProto.INT32, [4], [0] * 4),
+              helper.make_tensor("pow2", TensorProto.INT32, [1], [1])]
+    graph = helper.make_graph([node], "g", [x], [y], consts)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
 
 
@@ -382,6 +479,22 @@ def test_bad_nodes_are_errors_naming_node_and_op():
         session.run(None, {"x": np.zeros((2, 4), np.int32)})
     with pytest.raises(LoweringError, match=r"my_node.*IntRequant_i32.*input size 2"):   # ONNX Runtime's own check
         custom_ops_session(_custom_model("IntRequant_i32", ["m"], TensorProto.INT32, **attrs))
+    with pytest.raises(LoweringError, match="IntQuantize_u8.*no float attribute 'inv_scale'"):
+        custom_ops_session(_custom_model("IntQuantize_u8", [], TensorProto.FLOAT, TensorProto.UINT8, zero_point=0,
+                                         lo=-128, hi=127, threads=1))
+    session = custom_ops_session(_custom_model("IntShiftmax_u8", ["pow2", "", "m"], TensorProto.INT32,
+                                               TensorProto.UINT8, X=1, n_pow=0, bits=8, threads=1))
+    with pytest.raises(Exception, match="my_node.*IntShiftmax_u8: sizes and table come together"):
+        session.run(None, {"x": np.zeros((2, 4), np.int32)})
+    x = helper.make_tensor_value_info("x", TensorProto.INT32, [2, 5, 3])
+    outs = [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in ("y", "s")]
+    node = helper.make_node("IntTokenMerge_i32", ["x", "x", "sizes"], ["y", "s"], name="my_node", domain=DOMAIN, r=1,
+                            protected=0, shift=0, threads=1)
+    sizes = helper.make_tensor("sizes", TensorProto.INT32, [2, 5, 1], [1] * 9 + [0])
+    session = custom_ops_session(helper.make_model(helper.make_graph([node], "g", [x], outs, [sizes]), opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
+    with pytest.raises(Exception, match="my_node.*IntTokenMerge_i32: a token size is below 1"):
+        session.run(None, {"x": np.ones((2, 5, 3), np.int32)})
 
 
 def test_an_old_onnxruntime_is_refused_with_its_version(monkeypatch):

@@ -6,13 +6,14 @@ custom-op library ``backends/ort_custom_ops.c`` (same C kernels, so bit-identica
 
 This is opt-in: the portable ONNX of an integer graph (``to_onnx``) writes its ``int.*`` ops as standard
 ai.onnx ops and runs in any ONNX Runtime. Here the graph goes through ``cpu_integer``'s fusions first;
-what they leave (quantize, dequantize, layout ops) stays standard. A fusion making a ``cpu.*`` kernel the
-library has no custom op for (token merging, attention with its size term) is skipped, so its chain keeps
-the standard lowering. The lowerings are kernels of their own target (``TARGET``), so the default ONNX emitter never writes a
+what they leave (layout ops, integer ops no fusion takes) stays standard. A fusion making a ``cpu.*`` kernel
+the library has no custom op for (one added to cpu_integer later) is skipped, so its chain keeps the standard
+lowering. The lowerings are kernels of their own target (``TARGET``), so the default ONNX emitter never writes a
 custom op; given a ``cpu.*`` node without a custom op, this emitter names the node and the op.
 
 A node is op type ``<Op>_<output dtype>`` (ONNX Runtime takes a custom op's output type from its
-registration), the ``cpu.*`` node's inputs and attributes (bools as ints; ``out`` is in the op type).
+registration), the ``cpu.*`` node's inputs, outputs and attributes (bools as ints; ``out`` and ``dtype`` are in
+the op type).
 IntGemm's weight is written unpacked, [N, K padded] int8, and packed by the library at the first run,
 so the file does not depend on the kernels' packed layout.
 """
@@ -26,7 +27,6 @@ from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
 from graphopt.ir import Graph, Node, Value
-from graphopt.ir.opdef import get_op
 from graphopt.ir.onnx_common import tensor_to_proto
 from graphopt.ir.ops.integer import INT_DTYPES
 from graphopt.ir.rewrite import Rule, RuleSet
@@ -35,8 +35,10 @@ from graphopt.ir.verifier import verify
 TARGET = "onnx_ort_custom_ops"
 DOMAIN = "ai.graphopt.cpu_integer"
 OP_TYPES = {"cpu.int_gemm": "IntGemm", "cpu.int_bmm": "IntBmm", "cpu.int_layernorm": "IntLayerNorm",
-            "cpu.int_shiftmax": "IntShiftmax", "cpu.int_requant": "IntRequant", "cpu.int_add": "IntAdd"}
-_DTYPE_NAMES = {dtype: name for name, dtype in INT_DTYPES.items()}
+            "cpu.int_shiftmax": "IntShiftmax", "cpu.int_requant": "IntRequant", "cpu.int_add": "IntAdd",
+            "cpu.int_token_merge": "IntTokenMerge", "cpu.int_quantize": "IntQuantize",
+            "cpu.int_dequantize": "IntDequantize"}
+_DTYPE_NAMES = {**{dtype: name for name, dtype in INT_DTYPES.items()}, torch.float32: "f32"}
 
 
 def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = None) -> onnx.ModelProto:
@@ -97,26 +99,26 @@ class CustomOpsEmitter(Emitter):
             raise LoweringError(f"node {node.label()} is cpu_integer kernel {node.op!r}, which has no ONNX Runtime "
                                 "custom op in backends/ort_custom_ops.c ({}); write the portable standard-op ONNX "
                                 "instead (opt-cli without --ort-custom-ops)".format("; ".join(reasons)))
-        return [kernel.fn(self, node)]
+        return kernel.fn(self, node)
 
 
 def _attributes(node: Node) -> dict:
-    return {k: int(v) if isinstance(v, bool) else v for k, v in node.attrs.items() if k != "out"}
+    return {k: int(v) if isinstance(v, bool) else v for k, v in node.attrs.items() if k not in ("out", "dtype")}
 
 
-def _custom_node(em: Emitter, node: Node, inputs: list[str]) -> str:
+def _custom_node(em: Emitter, node: Node, inputs: list[str]) -> list[str]:
     while inputs and not inputs[-1]:
         inputs.pop()
     op_type = f"{OP_TYPES[node.op]}_{_DTYPE_NAMES[node.outputs[0].type.dtype]}"
-    return em.node(op_type, inputs, [em.out(node)], domain=DOMAIN, name=node.outputs[0].name,
-                   **_attributes(node))[0]
+    return em.node(op_type, inputs, [em.out(node, i) for i in range(len(node.outputs))], domain=DOMAIN,
+                   name=node.outputs[0].name, **_attributes(node))
 
 
-def _lower_plain(em: Emitter, node: Node) -> str:
+def _lower_plain(em: Emitter, node: Node) -> list[str]:
     return _custom_node(em, node, [em.input(node, i) for i in range(len(node.inputs))])
 
 
-def _lower_gemm(em: Emitter, node: Node) -> str:
+def _lower_gemm(em: Emitter, node: Node) -> list[str]:
     inputs = [_unpacked_weight(em, node) if i == 1 else em.input(node, i) for i in range(len(node.inputs))]
     return _custom_node(em, node, inputs)
 
@@ -160,14 +162,6 @@ def unpack_b(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return weight.reshape(n, k)
 
 
-def _no_size_bias(node: Node) -> str | None:
-    """The library's Shiftmax has no proportional-attention term (token merging's sizes) yet."""
-    names = [name.rstrip("?") for name in get_op(node.op).inputs]
-    present = [name for name, value in zip(names, node.inputs) if name in ("sizes", "table") and value is not None]
-    return f"{node.op} with the proportional-attention {' and '.join(present)} input has no custom op" if present else None
-
-
 for _op in OP_TYPES:
-    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
-                    supports=_no_size_bias if _op in ("cpu.int_bmm", "cpu.int_shiftmax") else None)(
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}")(
         _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
