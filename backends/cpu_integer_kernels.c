@@ -414,10 +414,6 @@ typedef struct {
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
                          int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out);
 
-/* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
- * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
- * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
- * and out is u8. Parallel over the batch (one chunk an item). */
 typedef struct {
     const uint8_t *A;
     int64_t sa1, sa2, sam;
@@ -490,6 +486,10 @@ static void bmm_item(const void *arg, int64_t i, void **scratch) {
     if (sm) softmax_rows(sm, w->scores, i1, i2, 0, M, N, w->erow, w->xb, w->brow, (uint8_t *)o);
 }
 
+/* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
+ * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
+ * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
+ * and out is u8. Parallel over the batch (one chunk an item). */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
             int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, int threads) {
