@@ -1,7 +1,7 @@
 """Compiling the C kernels (``cpu_integer_kernels.c``, ``cpu_sparse_kernels.c``) with the system C
-compiler: once per source, flags, compiler and CPU, cached under ``~/.cache/graphopt/<name>``
-(``GRAPHOPT_CACHE`` moves it), built in a temporary file and moved into place, so a crashed or
-concurrent build never leaves a half-written library behind."""
+compiler: once per source (with the headers beside it), flags, compiler and CPU, cached under
+``~/.cache/graphopt/<name>`` (``GRAPHOPT_CACHE`` moves it), built in a temporary file and moved into place,
+so a crashed or concurrent build never leaves a half-written library behind."""
 from __future__ import annotations
 
 import ctypes
@@ -15,6 +15,8 @@ from pathlib import Path
 
 from graphopt.progress import task
 
+# -fopenmp stays: cpu_sparse_kernels.c, ort_custom_ops.c and bench/vnni_peak.c use OpenMP. The cpu_integer
+# sources have no OpenMP region left (they run on go_pool.h), so for them it only links an idle libgomp.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
@@ -47,7 +49,9 @@ def compiler() -> str:
 def load(source: Path, name: str, what: str, flags: list[str] = FLAGS) -> ctypes.CDLL:
     """``source`` compiled (or taken from the cache) and loaded; ``what`` names it in progress and errors."""
     cc = compiler()
-    key = hashlib.sha256(source.read_bytes() + " ".join([cc] + flags).encode() + _cpu_id().encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))   # what it may #include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([cc] + flags).encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt")) / name
     path = cache / f"kernels-{key}.so"
     if not path.exists():

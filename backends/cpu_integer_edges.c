@@ -3,9 +3,11 @@
  * after the multiply and again after the add, so a fused multiply-add would change results).
  *   ge_quantize    q = clamp(floor(x * inv + 0.5), lo, hi) + zp in float32, stored as u8 / i8 / i32
  *   ge_dequantize  y = (float)(x - zp) * scale[j] (+ offset[j]) over rows of C, per-column scale and offset
+ * Both run in chunks on the helper-thread pool of go_pool.h.
  */
 #include <math.h>
 #include <stdint.h>
+#include "go_pool.h"
 
 enum { OUT_U8 = 0, OUT_I8 = 1, OUT_I32 = 2 };
 
@@ -16,27 +18,58 @@ static inline int32_t quantize1(float x, float inv, float lo, float hi, int32_t 
     return (int32_t)((uint32_t)(int32_t)y + (uint32_t)zp);
 }
 
+#define EDGE_CHUNK (1 << 16)                 /* values per chunk: smaller tensors run on the caller alone */
+
+typedef struct { const float *x; int64_t n; float inv, lo, hi; int32_t zp; int out_type; void *out; } quantize_job_t;
+
+static void quantize_chunk(const void *arg, int64_t b, void **scratch) {
+    const quantize_job_t *j = arg;
+    (void)scratch;
+    int64_t i0 = b * EDGE_CHUNK, i1 = i0 + EDGE_CHUNK < j->n ? i0 + EDGE_CHUNK : j->n;
+    const float *x = j->x;
+    float inv = j->inv, lo = j->lo, hi = j->hi;
+    int32_t zp = j->zp;
+    void *out = j->out;
+    if (j->out_type == OUT_U8) for (int64_t i = i0; i < i1; i++) ((uint8_t *)out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
+    else if (j->out_type == OUT_I8) for (int64_t i = i0; i < i1; i++) ((int8_t *)out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
+    else for (int64_t i = i0; i < i1; i++) ((int32_t *)out)[i] = quantize1(x[i], inv, lo, hi, zp);
+}
+
 void ge_quantize(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out,
                  int threads) {
-    int64_t chunk = 1 << 16, chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1)
-    for (int64_t b = 0; b < chunks; b++) {
-        int64_t i0 = b * chunk, i1 = i0 + chunk < n ? i0 + chunk : n;
-        if (out_type == OUT_U8) for (int64_t i = i0; i < i1; i++) ((uint8_t *)out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
-        else if (out_type == OUT_I8) for (int64_t i = i0; i < i1; i++) ((int8_t *)out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
-        else for (int64_t i = i0; i < i1; i++) ((int32_t *)out)[i] = quantize1(x[i], inv, lo, hi, zp);
+    quantize_job_t j = {x, n, inv, lo, hi, zp, out_type, out};
+    pool_run(threads, (n + EDGE_CHUNK - 1) / EDGE_CHUNK, quantize_chunk, NULL, &j);
+}
+
+typedef struct {
+    const void *x;
+    int in_type;
+    int64_t rows, C, chunk;
+    int32_t zp;
+    const float *scale, *offset;
+    float *out;
+} dequantize_job_t;
+
+static void dequantize_chunk(const void *arg, int64_t b, void **scratch) {
+    const dequantize_job_t *j = arg;
+    (void)scratch;
+    int32_t zp = j->zp;
+    int64_t C = j->C, r1 = (b + 1) * j->chunk < j->rows ? (b + 1) * j->chunk : j->rows;
+    const float *scale = j->scale;
+    const void *x = j->x;
+    for (int64_t r = b * j->chunk; r < r1; r++) {
+        float *o = j->out + r * C;
+        int64_t i0 = r * C;
+        if (j->in_type == OUT_U8) for (int64_t k = 0; k < C; k++) o[k] = (float)((int32_t)((const uint8_t *)x)[i0 + k] - zp) * scale[k];
+        else if (j->in_type == OUT_I8) for (int64_t k = 0; k < C; k++) o[k] = (float)((int32_t)((const int8_t *)x)[i0 + k] - zp) * scale[k];
+        else for (int64_t k = 0; k < C; k++) o[k] = (float)(int32_t)((uint32_t)((const int32_t *)x)[i0 + k] - (uint32_t)zp) * scale[k];
+        if (j->offset) for (int64_t k = 0; k < C; k++) o[k] += j->offset[k];
     }
 }
 
 void ge_dequantize(const void *x, int in_type, int64_t rows, int64_t C, int32_t zp, const float *scale,
                    const float *offset, float *out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * C > (1 << 16))
-    for (int64_t r = 0; r < rows; r++) {
-        float *o = out + r * C;
-        int64_t i0 = r * C;
-        if (in_type == OUT_U8) for (int64_t j = 0; j < C; j++) o[j] = (float)((int32_t)((const uint8_t *)x)[i0 + j] - zp) * scale[j];
-        else if (in_type == OUT_I8) for (int64_t j = 0; j < C; j++) o[j] = (float)((int32_t)((const int8_t *)x)[i0 + j] - zp) * scale[j];
-        else for (int64_t j = 0; j < C; j++) o[j] = (float)(int32_t)((uint32_t)((const int32_t *)x)[i0 + j] - (uint32_t)zp) * scale[j];
-        if (offset) for (int64_t j = 0; j < C; j++) o[j] += offset[j];
-    }
+    int64_t chunk = pool_chunk(rows, threads, EDGE_CHUNK / (C < 1 ? 1 : C));
+    dequantize_job_t j = {x, in_type, rows, C, chunk, zp, scale, offset, out};
+    pool_run(threads, (rows + chunk - 1) / chunk, dequantize_chunk, NULL, &j);
 }

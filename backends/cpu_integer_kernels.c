@@ -12,20 +12,15 @@
  *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
  * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
- * read the same packed B. go_gemm runs on its own helper threads without a barrier (see "GEMM threading");
- * the other kernels use OpenMP.
+ * read the same packed B. Every kernel runs in chunks (row blocks, batch items, rows) on the barrier-free
+ * helper-thread pool of go_pool.h, not OpenMP (whose spinning workers compete with it on shared cores).
  */
 #include <stdint.h>
 #include <string.h>
 #include <cpuid.h>
 #include <immintrin.h>
 #include <stdlib.h>
-#include <unistd.h>
-#include <sys/syscall.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
+#include "go_pool.h"
 
 #define NR 32                       /* columns per packed B panel */
 #define MR 12                       /* rows per VNNI / portable micro-tile (12 x 2 zmm accumulators) */
@@ -365,13 +360,7 @@ static int pick_isa(int64_t K) {
     return isa_limit >= 1 && go_has_vnni() ? 1 : 0;
 }
 
-/* ---- GEMM threading without a barrier: a pool of helper threads claims chunks of row blocks ----
- * The caller posts a job and works on it itself; helpers that are awake claim chunks too. The caller then
- * waits only for chunks already claimed, never for a helper to arrive: when another process holds a core
- * and a helper is not running, the caller does its share instead of waiting a time slice for it. Chunks
- * are claimed one at a time from a counter, so a thread slowed by another process takes fewer of them.
- * Helpers spin briefly for the next job (GEMMs come in runs), then sleep on a futex. One job at a time: a
- * caller that finds the pool busy (GEMMs from several threads of its own) runs its GEMM alone. */
+/* ---- GEMM threading: chunks of row blocks on the helper-thread pool of go_pool.h ---- */
 typedef struct {
     int isa;
     const uint8_t *A;
@@ -380,117 +369,32 @@ typedef struct {
     int64_t N;
     const epilogue_t *e;
     void *out;
-    int64_t ldo, blocks, chunk, chunks;
-    int helpers;                             /* helpers 0 .. helpers - 1 may take part */
+    int64_t ldo, blocks, chunk;
 } gemm_job_t;
 
-#define MAX_HELPERS 63
-#define SPIN_PAUSES 20000                   /* ~0.1-1 ms of pause before a helper sleeps */
-
-static struct {
-    pthread_mutex_t busy;
-    _Atomic uint64_t claim;                 /* job number << 32 | chunks still unclaimed */
-    _Atomic int64_t done;                   /* chunks finished */
-    _Atomic uint32_t posted;                /* jobs posted (the helpers' futex word) */
-    _Atomic int sleepers;
-    int started;
-    gemm_job_t job;
-} pool = {.busy = PTHREAD_MUTEX_INITIALIZER};
-
-static void run_chunk(const gemm_job_t *j, int64_t c, uint8_t *tail) {
-    int64_t b0 = c * j->chunk, b1 = b0 + j->chunk < j->blocks ? b0 + j->chunk : j->blocks;
-    gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, b0, b1, tail);
-}
-
-/* Claims and runs chunks of job number `number` until none is left; returns how many it ran. */
-static int64_t work_on(uint32_t number) {
-    uint8_t *tail = NULL;
-    int64_t ran = 0;
-    uint64_t s = atomic_load_explicit(&pool.claim, memory_order_acquire);
-    while ((uint32_t)(s >> 32) == number && (uint32_t)s > 0) {
-        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &s, s - 1, memory_order_acquire,
-                                                   memory_order_acquire))
-            continue;
-        const gemm_job_t *j = &pool.job;      /* stays valid: the caller waits for this chunk */
-        if (!ran && j->isa == 2) {
-            amx_configure();
-            tail = malloc((size_t)(AMX_M * j->K));
-        }
-        run_chunk(j, j->chunks - (int64_t)(uint32_t)s, tail);
-        ran++;
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
-        s = atomic_load_explicit(&pool.claim, memory_order_acquire);
-    }
-    if (tail) amx_release();
+/* With AMX a thread's scratch is its tail buffer, and its tiles stay configured until amx_fini. */
+static void amx_fini(void *tail) {
+    amx_release();
     free(tail);
-    return ran;
 }
 
-static void *helper_main(void *arg) {
-    int id = (int)(intptr_t)arg;
-    uint32_t seen = atomic_load(&pool.posted);
-    for (;;) {
-        uint32_t now;
-        for (int spin = 0; (now = atomic_load_explicit(&pool.posted, memory_order_acquire)) == seen; spin++) {
-            if (spin < SPIN_PAUSES) {
-                _mm_pause();
-                if (spin % 256 == 255) sched_yield();      /* gives way to a thread that has work */
-                continue;
-            }
-            atomic_fetch_add(&pool.sleepers, 1);
-            syscall(SYS_futex, &pool.posted, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
-            atomic_fetch_sub(&pool.sleepers, 1);
-            spin = 0;
-        }
-        seen = now;
-        if (id < pool.job.helpers) work_on(now);
+static void gemm_chunk(const void *arg, int64_t c, void **scratch) {
+    const gemm_job_t *j = arg;
+    if (!*scratch && j->isa == 2) {
+        amx_configure();
+        *scratch = malloc((size_t)(AMX_M * j->K));
     }
-    return NULL;
-}
-
-static int pool_start(int helpers) {          /* under pool.busy */
-    for (; pool.started < helpers; pool.started++) {
-        pthread_t t;
-        pthread_attr_t at;
-        pthread_attr_init(&at);
-        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-        int fail = pthread_create(&t, &at, helper_main, (void *)(intptr_t)pool.started);
-        pthread_attr_destroy(&at);
-        if (fail) break;
-    }
-    return pool.started < helpers ? pool.started : helpers;
+    int64_t b0 = c * j->chunk, b1 = b0 + j->chunk < j->blocks ? b0 + j->chunk : j->blocks;
+    gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, b0, b1, *scratch);
 }
 
 /* out[M, N] = epilogue(A[M, K] (u8, row stride lda, K % 4 == 0) x packed B). */
 void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
              const epilogue_t *e, void *out, int64_t ldo, int threads) {
     int isa = pick_isa(K);
-    int64_t bm = isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm;
-    int helpers = threads - 1 < MAX_HELPERS ? threads - 1 : MAX_HELPERS;
-    if (helpers < 1 || blocks < 2 || pthread_mutex_trylock(&pool.busy)) {
-        uint8_t *tail = isa == 2 ? malloc((size_t)(AMX_M * K)) : NULL;
-        if (isa == 2) amx_configure();
-        gemm_blocks(isa, A, lda, M, K, bp, N, e, out, ldo, 0, blocks, tail);
-        if (isa == 2) amx_release();
-        free(tail);
-        return;
-    }
-    int64_t chunk = blocks / (8 * (int64_t)threads);   /* ~8 chunks a thread: slack for a slowed one */
-    chunk = chunk < 1 ? 1 : chunk;
-    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, out, ldo, blocks, chunk, (blocks + chunk - 1) / chunk,
-                    pool_start(helpers)};
-    pool.job = j;
-    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
-    uint32_t number = atomic_load_explicit(&pool.posted, memory_order_relaxed) + 1;
-    atomic_store_explicit(&pool.claim, (uint64_t)number << 32 | (uint64_t)j.chunks, memory_order_release);
-    atomic_store_explicit(&pool.posted, number, memory_order_release);
-    if (atomic_load(&pool.sleepers)) syscall(SYS_futex, &pool.posted, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
-    work_on(number);
-    for (int spin = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < j.chunks; spin++) {
-        if (spin < 64) _mm_pause();         /* a helper finishing its chunk */
-        else sched_yield();                 /* it may be waiting for this core */
-    }
-    pthread_mutex_unlock(&pool.busy);
+    int64_t bm = isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, chunk = pool_chunk(blocks, threads, 1);
+    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, out, ldo, blocks, chunk};
+    pool_run(threads, (blocks + chunk - 1) / chunk, gemm_chunk, amx_fini, &j);
 }
 
 /* Shiftmax parameters: pow2[u] = shift_pow2(u, X, n) for u in [0, n X]; mask (NULL: none) holds bools
@@ -514,52 +418,90 @@ typedef struct {
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
                          int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out);
 
+typedef struct {
+    const uint8_t *A;
+    int64_t sa1, sa2, sam;
+    const int8_t *B;
+    int64_t sb1, sb2, sbk, sbn;
+    int32_t b_flip, a_zp;
+    int64_t B2, M, K, N, padk, osize;
+    int isa;
+    const epilogue_t *e;
+    const softmax_t *sm;
+    void *out;
+} bmm_job_t;
+
+typedef struct {                            /* one thread's buffers for go_bmm */
+    int isa;
+    int8_t *bp;
+    uint8_t *ap, *tail;
+    int32_t *colsum, *bias, *scores, *erow, *xb, *brow;
+} bmm_scratch_t;
+
+static void bmm_fini(void *p) {
+    bmm_scratch_t *w = p;
+    if (w->isa == 2) amx_release();
+    free(w->bp); free(w->ap); free(w->tail); free(w->colsum); free(w->bias); free(w->scores); free(w->erow);
+    free(w->xb); free(w->brow); free(w);
+}
+
+static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
+    const softmax_t *sm = j->sm;
+    int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
+    bmm_scratch_t *w = malloc(sizeof(bmm_scratch_t));
+    w->isa = j->isa;
+    w->bp = malloc((size_t)go_packed_size(N, padk));
+    w->ap = malloc((size_t)(rows_padded * padk));
+    w->tail = malloc((size_t)(AMX_M * padk));
+    w->colsum = malloc(sizeof(int32_t) * (size_t)N);
+    w->bias = malloc(sizeof(int32_t) * (size_t)N);
+    w->scores = sm ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
+    w->erow = sm ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+    w->xb = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+    w->brow = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+    if (j->isa == 2) amx_configure();
+    return w;
+}
+
+/* Batch item i of go_bmm. */
+static void bmm_item(const void *arg, int64_t i, void **scratch) {
+    const bmm_job_t *j = arg;
+    const softmax_t *sm = j->sm;
+    if (!*scratch) *scratch = bmm_scratch(j);
+    bmm_scratch_t *w = *scratch;
+    int64_t M = j->M, K = j->K, N = j->N, padk = j->padk, i1 = i / j->B2, i2 = i % j->B2;
+    epilogue_t eb = *j->e;
+    eb.bias = w->bias;
+    if (sm) eb.out_type = OUT_I32;
+    const int8_t *b = j->B + i1 * j->sb1 + i2 * j->sb2;
+    pack_strided(b, j->sbn, j->sbk, N, K, padk, j->b_flip, w->bp, w->colsum);
+    for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
+    const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
+    int64_t la = j->sam;
+    if (padk != K) {                          /* zero-padded copy so every k group is inside the row */
+        memset(w->ap, 0, (size_t)(M * padk));
+        for (int64_t r = 0; r < M; r++) memcpy(w->ap + r * padk, a + r * j->sam, (size_t)K);
+        a = w->ap;
+        la = padk;
+    }
+    char *o = (char *)j->out + i * M * N * j->osize;
+    int64_t blocks = (M + (j->isa == 2 ? AMX_M : MR) - 1) / (j->isa == 2 ? AMX_M : MR);
+    gemm_blocks(j->isa, a, la, M, padk, w->bp, N, &eb, sm ? (void *)w->scores : (void *)o, N, 0, blocks, w->tail);
+    if (sm) softmax_rows(sm, w->scores, i1, i2, 0, M, N, w->erow, w->xb, w->brow, (uint8_t *)o);
+}
+
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
  * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
  * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
- * and out is u8. Parallel over the batch. */
+ * and out is u8. Parallel over the batch (one chunk an item). */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
             int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, int threads) {
-    int64_t Kp = (K + 63) / 64 * 64, osize = sm ? 1 : e->out_type == OUT_I32 ? 4 : 1;
+    int64_t Kp = (K + 63) / 64 * 64;
     int isa = pick_isa(Kp);
-    int padk = isa == 2 ? Kp : (K + 3) / 4 * 4;
-    int64_t rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
-#pragma omp parallel num_threads(threads)
-    {
-        int8_t *bp = malloc((size_t)go_packed_size(N, padk));
-        uint8_t *ap = malloc((size_t)(rows_padded * padk)), *tail = malloc((size_t)(AMX_M * padk));
-        int32_t *colsum = malloc(sizeof(int32_t) * (size_t)N), *bias = malloc(sizeof(int32_t) * (size_t)N);
-        int32_t *scores = sm ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
-        int32_t *erow = sm ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-        int32_t *xb = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-        int32_t *brow = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-        epilogue_t eb = *e;
-        eb.bias = bias;
-        if (sm) eb.out_type = OUT_I32;
-        if (isa == 2) amx_configure();
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < B1 * B2; i++) {
-            int64_t i1 = i / B2, i2 = i % B2;
-            const int8_t *b = B + i1 * sb1 + i2 * sb2;
-            pack_strided(b, sbn, sbk, N, K, padk, b_flip, bp, colsum);
-            for (int64_t n = 0; n < N; n++) bias[n] = e->bias[n] - a_zp * colsum[n];
-            const uint8_t *a = A + i1 * sa1 + i2 * sa2;
-            int64_t la = sam;
-            if (padk != K) {                  /* zero-padded copy so every k group is inside the row */
-                memset(ap, 0, (size_t)(M * padk));
-                for (int64_t r = 0; r < M; r++) memcpy(ap + r * padk, a + r * sam, (size_t)K);
-                a = ap;
-                la = padk;
-            }
-            char *o = (char *)out + i * M * N * osize;
-            int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
-            gemm_blocks(isa, a, la, M, padk, bp, N, &eb, sm ? (void *)scores : (void *)o, N, 0, blocks, tail);
-            if (sm) softmax_rows(sm, scores, i1, i2, 0, M, N, erow, xb, brow, (uint8_t *)o);
-        }
-        if (isa == 2) amx_release();
-        free(bp); free(ap); free(tail); free(colsum); free(bias); free(scores); free(erow); free(xb); free(brow);
-    }
+    bmm_job_t j = {A, sa1, sa2, sam, B, sb1, sb2, sbk, sbn, b_flip, a_zp, B2, M, K, N,
+                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, isa, e, sm, out};
+    pool_run(threads, B1 * B2, bmm_item, bmm_fini, &j);
 }
 
 /* ---- Shiftmax over rows of length L (int.shiftmax: masked columns count as -2^30, then e = 0) ---- */
@@ -674,17 +616,38 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int6
     }
 }
 
+/* ---- the row kernels: chunks of whole rows on the pool, each row with a C-entry int32 scratch row ---- */
+typedef void (*row_fn)(const void *arg, int64_t r, int32_t *y);
+typedef struct { row_fn row; const void *arg; int64_t rows, chunk, ints; } rows_job_t;
+
+static void rows_chunk(const void *p, int64_t c, void **scratch) {
+    const rows_job_t *j = p;
+    if (!*scratch) *scratch = malloc(sizeof(int32_t) * (size_t)j->ints);
+    int64_t r1 = (c + 1) * j->chunk < j->rows ? (c + 1) * j->chunk : j->rows;
+    for (int64_t r = c * j->chunk; r < r1; r++) j->row(j->arg, r, *scratch);
+}
+
+/* row(arg, r, y) for r in [0, rows), y `ints` int32 of the thread's own; chunks of >= 8192 / C rows of C. */
+static void run_rows(row_fn row, const void *arg, int64_t rows, int64_t C, int64_t ints, int threads) {
+    int64_t chunk = pool_chunk(rows, threads, (1 << 13) / (C < 1 ? 1 : C));
+    rows_job_t j = {row, arg, rows, chunk, ints};
+    pool_run(threads, (rows + chunk - 1) / chunk, rows_chunk, free, &j);
+}
+
+typedef struct { const int32_t *x; int64_t D1, R, L; const softmax_t *sm; uint8_t *out; } shiftmax_job_t;
+
+static void shiftmax_row(const void *arg, int64_t i, int32_t *e) {
+    const shiftmax_job_t *j = arg;
+    int64_t L = j->L;
+    softmax_rows(j->sm, j->x + i * L, i / (j->D1 * j->R), i / j->R % j->D1, i % j->R, 1, L, e, e + L, e + 2 * L,
+                 j->out + i * L);
+}
+
 /* Shiftmax over x [D0, D1, R, L] (contiguous); parallel over D0 x D1 x R rows. */
 void go_shiftmax(const int32_t *x, int64_t D0, int64_t D1, int64_t R, int64_t L, const softmax_t *sm, uint8_t *out,
                  int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        int32_t *e = malloc(sizeof(int32_t) * (size_t)L * 3);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < D0 * D1 * R; i++)
-            softmax_rows(sm, x + i * L, i / (D1 * R), i / R % D1, i % R, 1, L, e, e + L, e + 2 * L, out + i * L);
-        free(e);
-    }
+    shiftmax_job_t j = {x, D1, R, L, sm, out};
+    run_rows(shiftmax_row, &j, D0 * D1 * R, L, 3 * L, threads);
 }
 
 /* ---- integer LayerNorm over rows of C (see int.layernorm), then optionally a per-channel requant ---- */
@@ -704,75 +667,86 @@ static void store_row(void *out, int type, int64_t i0, const int32_t *y, int64_t
     else memcpy((int32_t *)out + i0, y, sizeof(int32_t) * (size_t)n);
 }
 
+typedef struct {
+    const int32_t *x;
+    int64_t C;
+    int32_t sh, F, iters, half;
+    const epilogue_t *rq;
+    void *out;
+} layernorm_job_t;
+
+static void layernorm_row(const void *arg, int64_t r, int32_t *y) {
+    const layernorm_job_t *job = arg;
+    const epilogue_t *rq = job->rq;
+    int64_t C = job->C;
+    int32_t sh = job->sh, F = job->F, iters = job->iters, half = job->half;
+    const int32_t *xr = job->x + r * C;
+    uint32_t s = 0;
+    for (int64_t j = 0; j < C; j++) s += (uint32_t)xr[j];
+    int32_t mean = (int32_t)s / (int32_t)C;
+    uint32_t var = 0;
+    for (int64_t j = 0; j < C; j++) {
+        int32_t v = xr[j] - mean;
+        int32_t ys = tdiv_pow2(v + (v > 0 ? half : 0) - (v < 0 ? half : 0), sh);   /* half away from 0 */
+        var += (uint32_t)ys * (uint32_t)ys;
+    }
+    int32_t v = (int32_t)var < 1 ? 1 : (int32_t)var;
+    divisor_t d = make_divisor((uint32_t)isqrt_newton(v, iters) << sh);
+    for (int64_t j = 0; j < C; j++) {
+        int32_t a = (int32_t)((uint32_t)(xr[j] - mean) << F);
+        uint32_t q = divide((uint32_t)(a < 0 ? -a : a), d);
+        y[j] = a < 0 ? -(int32_t)q : (int32_t)q;
+    }
+    if (rq) {
+        const int32_t *m = rq->m, *c = rq->c;
+        for (int64_t j = 0; j < C; j++)
+            y[j] = requant1(y[j], m[j], c[j], rq->pre, rq->k, rq->lo, rq->hi) + rq->zp;
+    }
+    store_row(job->out, rq ? rq->out_type : OUT_I32, r * C, y, C);
+}
+
 void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t F, int32_t iters,
                   const epilogue_t *rq, void *out, int threads) {
-    int32_t half = sh ? 1 << (sh - 1) : 0;
-#pragma omp parallel num_threads(threads)
-    {
-        int32_t *y = malloc(sizeof(int32_t) * (size_t)C);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const int32_t *xr = x + r * C;
-            uint32_t s = 0;
-            for (int64_t j = 0; j < C; j++) s += (uint32_t)xr[j];
-            int32_t mean = (int32_t)s / (int32_t)C;
-            uint32_t var = 0;
-            for (int64_t j = 0; j < C; j++) {
-                int32_t v = xr[j] - mean;
-                int32_t ys = tdiv_pow2(v + (v > 0 ? half : 0) - (v < 0 ? half : 0), sh);   /* half away from 0 */
-                var += (uint32_t)ys * (uint32_t)ys;
-            }
-            int32_t v = (int32_t)var < 1 ? 1 : (int32_t)var;
-            divisor_t d = make_divisor((uint32_t)isqrt_newton(v, iters) << sh);
-            for (int64_t j = 0; j < C; j++) {
-                int32_t a = (int32_t)((uint32_t)(xr[j] - mean) << F);
-                uint32_t q = divide((uint32_t)(a < 0 ? -a : a), d);
-                y[j] = a < 0 ? -(int32_t)q : (int32_t)q;
-            }
-            if (rq) {
-                const int32_t *m = rq->m, *c = rq->c;
-                for (int64_t j = 0; j < C; j++)
-                    y[j] = requant1(y[j], m[j], c[j], rq->pre, rq->k, rq->lo, rq->hi) + rq->zp;
-            }
-            store_row(out, rq ? rq->out_type : OUT_I32, r * C, y, C);
-        }
-        free(y);
-    }
+    layernorm_job_t j = {x, C, sh, F, iters, sh ? 1 << (sh - 1) : 0, rq, out};
+    run_rows(layernorm_row, &j, rows, C, C, threads);
 }
 
 /* ---- int.requant over rows of C with per-column m, c (e->kind EPI_REQUANT), any 8/32-bit input ---- */
+typedef struct { const void *x; int in_type; int64_t C; const epilogue_t *e; void *out; } requant_job_t;
+
+static void requant_row(const void *arg, int64_t r, int32_t *y) {
+    const requant_job_t *j = arg;
+    const epilogue_t *e = j->e;
+    int64_t C = j->C, i0 = r * C;
+    if (j->in_type == OUT_U8) for (int64_t k = 0; k < C; k++) y[k] = ((const uint8_t *)j->x)[i0 + k];
+    else if (j->in_type == OUT_I8) for (int64_t k = 0; k < C; k++) y[k] = ((const int8_t *)j->x)[i0 + k];
+    else memcpy(y, (const int32_t *)j->x + i0, sizeof(int32_t) * (size_t)C);
+    for (int64_t k = 0; k < C; k++)
+        y[k] = requant1(y[k], e->m[k], e->c[k], e->pre, e->k, e->lo, e->hi) + e->zp;
+    store_row(j->out, e->out_type, i0, y, C);
+}
+
 void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        int32_t *y = malloc(sizeof(int32_t) * (size_t)C);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t i0 = r * C;
-            if (in_type == OUT_U8) for (int64_t j = 0; j < C; j++) y[j] = ((const uint8_t *)x)[i0 + j];
-            else if (in_type == OUT_I8) for (int64_t j = 0; j < C; j++) y[j] = ((const int8_t *)x)[i0 + j];
-            else memcpy(y, (const int32_t *)x + i0, sizeof(int32_t) * (size_t)C);
-            for (int64_t j = 0; j < C; j++)
-                y[j] = requant1(y[j], e->m[j], e->c[j], e->pre, e->k, e->lo, e->hi) + e->zp;
-            store_row(out, e->out_type, i0, y, C);
-        }
-        free(y);
-    }
+    requant_job_t j = {x, in_type, C, e, out};
+    run_rows(requant_row, &j, rows, C, C, threads);
 }
 
 /* ---- int.add over rows of C: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c), per-column m, mb, c ---- */
-void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        int32_t *y = malloc(sizeof(int32_t) * (size_t)C);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const int32_t *ar = a + r * C, *br = b + r * C;
-            for (int64_t j = 0; j < C; j++) {
-                int32_t v = wrap_madd(tdiv_pow2(ar[j], e->pre), e->m[j], wrap_madd(tdiv_pow2(br[j], e->pb), e->mb[j], e->c[j]));
-                y[j] = clamp32(v >> e->k, e->lo, e->hi) + e->zp;
-            }
-            store_row(out, e->out_type, r * C, y, C);
-        }
-        free(y);
+typedef struct { const int32_t *a, *b; int64_t C; const epilogue_t *e; void *out; } add_job_t;
+
+static void add_row(const void *arg, int64_t r, int32_t *y) {
+    const add_job_t *j = arg;
+    const epilogue_t *e = j->e;
+    int64_t C = j->C;
+    const int32_t *ar = j->a + r * C, *br = j->b + r * C;
+    for (int64_t k = 0; k < C; k++) {
+        int32_t v = wrap_madd(tdiv_pow2(ar[k], e->pre), e->m[k], wrap_madd(tdiv_pow2(br[k], e->pb), e->mb[k], e->c[k]));
+        y[k] = clamp32(v >> e->k, e->lo, e->hi) + e->zp;
     }
+    store_row(j->out, e->out_type, r * C, y, C);
+}
+
+void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
+    add_job_t j = {a, b, C, e, out};
+    run_rows(add_row, &j, rows, C, C, threads);
 }

@@ -1,6 +1,6 @@
 /* Integer token merging (int.token_merge of graphopt/ir/ops/integer_tokens.py) for the cpu_integer backend.
  *
- * One ToMe step per image, threaded over the batch, computing exactly the reference's integers:
+ * One ToMe step per image, threaded over the batch (go_pool.h), computing exactly the reference's integers:
  *   scores  keys >> shift; A = even, B = odd offsets after the protected prefix;
  *           score = sign(a.b) tdiv((a.b)^2 2^20, max(|a|^2, 1) max(|b|^2, 1))   (int64, wrapping like torch)
  *   match   each A token's best B (the first on ties); the r A tokens with the highest scores merge
@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "go_pool.h"
 
 #define SCORE_BITS 20
 
@@ -128,14 +129,28 @@ static int merge_one(const int32_t *x, const int32_t *keys, const int32_t *sizes
     return status;
 }
 
+typedef struct {
+    const int32_t *x, *keys, *sizes;
+    int64_t n, C, d, r, p;
+    int shift;
+    int32_t *out, *out_sizes;
+    _Atomic int status;
+} merge_job_t;
+
+static void merge_image(const void *arg, int64_t b, void **scratch) {
+    merge_job_t *j = (merge_job_t *)arg;
+    (void)scratch;
+    int64_t n = j->n, C = j->C, d = j->d, r = j->r;
+    if (merge_one(j->x + b * n * C, j->keys + b * n * d, j->sizes + b * n, n, C, d, r, j->p, j->shift,
+                  j->out + b * (n - r) * C, j->out_sizes + b * (n - r)))
+        atomic_fetch_or(&j->status, 1);
+}
+
 /* x [B, n, C], keys [B, n, d] int32, sizes [B, n] (all contiguous) -> out [B, n - r, C], out_sizes [B, n - r];
- * r is the effective r (0 < r <= (n - p) / 2). */
+ * r is the effective r (0 < r <= (n - p) / 2). One image a chunk on the pool of go_pool.h. */
 int gt_token_merge(const int32_t *x, const int32_t *keys, const int32_t *sizes, int64_t B, int64_t n, int64_t C,
                    int64_t d, int64_t r, int64_t p, int32_t shift, int32_t *out, int32_t *out_sizes, int threads) {
-    int status = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(|:status)
-    for (int64_t b = 0; b < B; b++)
-        status |= merge_one(x + b * n * C, keys + b * n * d, sizes + b * n, n, C, d, r, p, shift,
-                            out + b * (n - r) * C, out_sizes + b * (n - r));
-    return status;
+    merge_job_t j = {x, keys, sizes, n, C, d, r, p, shift, out, out_sizes, 0};
+    pool_run(threads, B, merge_image, NULL, &j);
+    return atomic_load(&j.status);
 }

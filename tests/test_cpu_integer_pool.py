@@ -1,0 +1,42 @@
+"""The row kernels and float edges of cpu_integer on inputs big enough to be cut into several chunks on the
+helper-thread pool (go_pool.h; test_cpu_integer.py's small cases run on the caller alone): still bit-identical
+to the reference ops, whichever thread ran which rows."""
+import torch
+
+from graphopt.ir import Graph, TensorType
+from tests.test_cpu_integer import I32, _check, _gen, _rand, isa  # noqa: F401  (isa: the fixture)
+
+
+def test_layernorm_requant_and_add_over_many_chunks(isa):
+    g = _gen(21)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (8, 64, 48)))    # 512 rows: >= 3 chunks of >= 8192 / 48 rows
+    m, c = graph.add_constant(_rand((48,), I32, g, 1, 1023)), graph.add_constant(_rand((48,), I32, g, -999, 999))
+    y = graph.call("int.layernorm", x, C=48, sh=5, F=13, iters=20)
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=20, lo=-128, hi=127, zero_point=128, dtype="u8"),
+                       graph.call("int.requant", x, m, c, pre=3, k=16, lo=-128, hi=127, zero_point=0, dtype="i8"),
+                       graph.call("int.add", x, y, m, m, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,
+                                  dtype="i32")])
+    _check(graph, [_rand((8, 64, 48), I32, g, -32768, 32767)],
+           {"cpu.int_layernorm": 1, "cpu.int_requant": 2, "cpu.int_add": 1})   # y has two users: no fusion
+
+
+def test_masked_shiftmax_over_many_chunks(isa):
+    g = _gen(22)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (4, 3, 64, 33)))  # 768 rows: >= 3 chunks of >= 8192 / 33 rows
+    mask = graph.add_input("mask", TensorType(torch.bool, (4, 1, 1, 33)))
+    graph.set_outputs([graph.call("int.shiftmax", x, mask, X=96, n=12, bits=8)])
+    _check(graph, [_rand((4, 3, 64, 33), I32, g, -3000, 3000), torch.rand(4, 1, 1, 33, generator=g) > 0.3],
+           {"cpu.int_shiftmax": 1})
+
+
+def test_quantize_and_dequantize_over_many_chunks():
+    g = _gen(23)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(torch.float32, (3, 200, 128)))   # 76800 values: 2 chunks of 2^16
+    q = graph.call("int.quantize", x, inv_scale=1 / 0.037, zero_point=128, lo=-128, hi=127, dtype="u8")
+    scale = graph.add_constant(torch.rand(128, generator=g) * 0.1)
+    offset = graph.add_constant(torch.randn(1, 128, generator=g))
+    graph.set_outputs([q, graph.call("int.dequantize", q, scale, offset, zero_point=128)])
+    _check(graph, [torch.randn(3, 200, 128, generator=g) * 3], {"cpu.int_quantize": 1, "cpu.int_dequantize": 1})
