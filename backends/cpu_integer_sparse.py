@@ -9,7 +9,7 @@ the requant epilogue computes ``int.requant``'s integers exactly (16 lanes per t
 int8 SpMM beats the dense GEMM depends on K, the output width and the machine: against a VNNI dense GEMM
 from 80% zero blocks at K=1536; against the AMX one (Xeon with amx_int8, 1 thread, 1576 rows: 0.7-0.8 ms
 at 1576x384x1536 and back) never, even at 95% (2.3 / 1.3 ms). So the rule decides per layer by measurement,
-like ``sparsify``'s fp32 substitution (``passes/sparse_substitute.py``): ``time_int8`` times both kernels
+like ``sparsify``'s fp32 substitution (``ir/sparse_decision.py``): ``time_int8`` times both kernels
 with the requant epilogue at the layer's shape (rows x K -> N, torch's thread count) and block sparsity, cached per shape
 (``~/.cache/graphopt/sparse_timings.json``); the layer goes sparse only when faster by ``MARGIN``, and
 the report's reason for a layer left dense gives both times. Weights with under ``MIN_MEASURED`` zero
@@ -31,7 +31,7 @@ from graphopt.ir.ops.sparse import to_block1x4
 from graphopt.ir.pattern import either
 from graphopt.ir.rewrite import Rule
 from graphopt.ir.types import TensorType
-from graphopt.passes.sparse_substitute import TimingSource, decide, default_cache
+from graphopt.ir.sparse_decision import TimingSource, decide, default_cache
 from graphopt.timing import interleaved
 
 TARGET = "cpu_integer"

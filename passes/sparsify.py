@@ -4,7 +4,7 @@ Weight-level patterns (``unstructured``, ``N:M`` such as 2:4 / 4:8, ``block1x4``
 selected linear / matmul / 1x1-conv layers by ``criterion`` (magnitude, Wanda, SparseGPT:
 ``passes/sparse_criteria.py``); then each pruned ``linear`` layer becomes a ``sparse_linear`` op
 (CSR, or 1x4 blocks) only when the target's SpMM beats its dense GEMM at that shape and sparsity
-(``passes/sparse_substitute.py``: measured by a micro-benchmark on this machine and cached, or given
+(``ir/sparse_decision.py``: measured by a micro-benchmark on this machine and cached, or given
 as ``timings``). Below break-even the layer keeps its (pruned) dense weight and the report says why.
 With calibration, ``sequential=true`` (default) prunes the layers in data-flow order, each on the inputs of
 the model pruned so far; ``update=true`` refits a magnitude / Wanda mask's kept weights with SparseGPT's
@@ -45,7 +45,8 @@ from graphopt.passes.registry import PassConfigError, option, register_pass
 from graphopt.passes.sparse_criteria import CRITERIA, parse_nm, prune, scores, mask_from_scores
 from graphopt.passes.sparse_structured import (find_groups, kept_units, columns, reformed_sink, remove_units,
                                                unit_scores)
-from graphopt.passes.sparse_substitute import TimingSource, decide, default_cache, substitute
+from graphopt.ir.sparse_decision import TimingSource, decide, default_cache
+from graphopt.passes.sparse_substitute import substitute
 
 STRUCTURED = {"neurons": {"neurons"}, "heads": {"heads"}, "structured": {"neurons", "heads"}}
 # bias correction keeps a layer's output mean over tokens; a value projection's output is averaged by attention

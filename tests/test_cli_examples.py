@@ -22,8 +22,8 @@ def _from_text(text: str) -> list[str]:
     commands = "\n".join(line for line in text.splitlines() if line.strip().startswith("opt-cli "))
     found = [m.strip("\"'") for m in PASS_ARGUMENT.findall(commands)]
     found += QUOTED.findall(text)
-    for items in OPTIMIZE_LIST.findall(text):
-        found += re.findall(r"\"([^\"]*)\"", items)
+    for items in OPTIMIZE_LIST.findall(text):   # a ("name", {options}) item: the name, not the option keys
+        found += re.findall(r"\"([^\"]*)\"", re.sub(r"\{[^{}]*\}", "", items))
     return [s for s in found if not s.startswith(SYNTAX_PLACEHOLDER)]
 
 

@@ -24,7 +24,9 @@ def test_permute_of_a_constant_is_folded():
     after, report = run_pass(FOLD_BEFORE, "constant_folding")
     assert_graph(after, FOLD_EXPECTED)
     assert report.counters == {"folded": 1}
-    assert_same_numbers(FOLD_BEFORE, after, [torch.randn(4, 2)])
+    # integer-valued inputs: every product and sum is exact, so the strided and the folded (contiguous)
+    # weight give equal numbers whichever GEMM kernel the CPU picks for each layout
+    assert_same_numbers(FOLD_BEFORE, after, [torch.randint(-8, 9, (4, 2)).float()])
 
 
 KEEP = """

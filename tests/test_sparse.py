@@ -12,7 +12,7 @@ from graphopt.ir.interpreter import run as reference_run
 from graphopt.passes import PassConfigError, PassError, PassManager
 from graphopt.passes.low_rank_calib import row_error
 from graphopt.passes.sparse_criteria import mask_from_scores, prune, sparsegpt
-from graphopt.passes.sparse_substitute import decide
+from graphopt.ir.sparse_decision import decide
 
 W = torch.tensor([[1.0, -3.0, 2.0, 0.5], [4.0, -1.0, 0.2, 3.0]])
 
