@@ -462,3 +462,21 @@ def test_conv_with_a_runtime_bias_stays_on_the_reference_op():
     assert any(kind == "reference" and "bias is not a constant" in why for kind, why in report), report
     inputs = [_rand((2, 3, 8, 8), U8, g), _rand((4,), I32, g, -999, 999)]
     assert torch.equal(run(lowered, *inputs)[0], run(graph, *inputs)[0])
+
+
+def test_a_call_leaves_torch_thread_count_as_it_was(deit_shaped_vit):
+    """The executable runs torch's glue ops on one thread (so torch's workers leave the cores to the kernels'
+    pool) and restores the caller's setting, also when the call fails."""
+    from graphopt.backends.registry import lower
+    ex = lower(deit_shaped_vit, "cpu_integer", threads=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = torch.randn(2, 3, 36, 36, generator=_gen(11))
+        assert torch.equal(ex.run_flat(x)[0], lower(deit_shaped_vit, "torch").run_flat(x)[0])
+        assert torch.get_num_threads() == 2
+        with pytest.raises(Exception):
+            ex.run_flat(torch.randn(2, 3, 37, 36))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
