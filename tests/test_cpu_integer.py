@@ -146,7 +146,9 @@ def test_masked_shiftmax_with_x_a_power_of_two_or_not(isa, X):
     _check(graph, [_rand((2, 3, 5, 33), I32, g, -3000, 3000), keep], {"cpu.int_shiftmax": 2})
 
 
-def test_layernorm_requant_becomes_one_kernel(isa):
+
+def _layernorm_graph():
+    """Integer LayerNorm with a requant after it and without: the graph and an input with a constant row."""
     g = _gen(3)
     graph = Graph("before")
     x = graph.add_input("x", TensorType(I32, (4, 10, 48)))
@@ -156,10 +158,11 @@ def test_layernorm_requant_becomes_one_kernel(isa):
                        graph.call("int.layernorm", x, C=48, sh=0, F=13, iters=3)])
     inputs = [_rand((4, 10, 48), I32, g, -32768, 32767)]
     inputs[0][0, 0] = 7                                   # a constant row: variance 0 -> max(., 1)
-    _check(graph, inputs, {"cpu.int_layernorm": 2})
+    return graph, inputs
 
 
-def test_standalone_residual_add_with_a_broadcast_operand():
+def _broadcast_add_graph():
+    """A standalone int.add of an activation and a broadcast constant (a position embedding)."""
     g = _gen(7)
     graph = Graph("before")
     x = graph.add_input("x", TensorType(I32, (3, 5, 16)))
@@ -168,7 +171,15 @@ def test_standalone_residual_add_with_a_broadcast_operand():
     c = graph.add_constant(torch.tensor(3, dtype=I32))
     graph.set_outputs([graph.call("int.add", x, pos, ma, mb, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,
                                   dtype="i32")])
-    _check(graph, [_rand((3, 5, 16), I32, g, -32768, 32767)], {"cpu.int_add": 1})
+    return graph, [_rand((3, 5, 16), I32, g, -32768, 32767)]
+
+
+def test_layernorm_requant_becomes_one_kernel(isa):
+    _check(*_layernorm_graph(), {"cpu.int_layernorm": 2})
+
+
+def test_standalone_residual_add_with_a_broadcast_operand():
+    _check(*_broadcast_add_graph(), {"cpu.int_add": 1})
 
 
 def test_standalone_requant_and_patch_conv(isa):

@@ -23,19 +23,8 @@ except kernels.KernelBuildError as e:       # no C compiler on this machine
 from graphopt.backends.onnx.cpu_integer_ops import DOMAIN, to_onnx_custom_ops, unpack_b  # noqa: E402
 from graphopt.backends.onnxruntime_backend import custom_ops_session  # noqa: E402
 from graphopt.backends.registry import lower  # noqa: E402
-
-I32, U8, I8 = torch.int32, torch.uint8, torch.int8
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _rand(shape, dtype, g, lo=None, hi=None):
-    info = torch.iinfo(dtype)
-    lo = info.min if lo is None else lo
-    hi = info.max if hi is None else hi
-    return torch.randint(lo, hi + 1, shape, generator=g).to(dtype)
+from tests.test_cpu_integer import (I8, I32, U8, _broadcast_add_graph, _gen, _layernorm_graph,  # noqa: E402
+                                    _linear_graph, _rand)
 
 
 def _run(session, graph: Graph, inputs) -> list[torch.Tensor]:
@@ -60,16 +49,6 @@ def _check(graph: Graph, inputs, custom_ops: dict[str, int], threads=1):
 
 
 # ---- each kernel --------------------------------------------------------------------------------------
-def _linear_graph(k=64, n=40, rows=(3, 11), x_dtype=U8, bias=False, seed=0):
-    g = _gen(seed)
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(x_dtype, rows + (k,)))
-    w = graph.add_constant(_rand((n, k), I8, g))
-    b = graph.add_constant(_rand((n,), I32, g, -5000, 5000)) if bias else None
-    y = graph.call("int.linear", x, w, b, x_zp=128 if x_dtype == U8 else 0)
-    return graph, y, _rand(rows + (k,), x_dtype, g), g
-
-
 @pytest.mark.parametrize("x_dtype,k", [(U8, 64), (I8, 36), (U8, 30)])
 def test_linear_requant_and_raw(x_dtype, k):
     """Both 8-bit input types (i8 read as u8 + 128) and a K padded to a multiple of 4."""
@@ -152,28 +131,11 @@ def test_masked_shiftmax_row_broadcast_and_fully_masked(X):
 
 
 def test_layernorm_with_and_without_requant():
-    g = _gen(3)
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (4, 10, 48)))
-    y = graph.call("int.layernorm", x, C=48, sh=5, F=13, iters=20)
-    m, c = graph.add_constant(_rand((48,), I32, g, 1, 1023)), graph.add_constant(_rand((48,), I32, g, -999, 999))
-    graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=20, lo=-128, hi=127, zero_point=128, dtype="u8"),
-                       graph.call("int.layernorm", x, C=48, sh=0, F=13, iters=3)])
-    inputs = [_rand((4, 10, 48), I32, g, -32768, 32767)]
-    inputs[0][0, 0] = 7                                   # a constant row: variance 0
-    _check(graph, inputs, {"IntLayerNorm_u8": 1, "IntLayerNorm_i32": 1})
+    _check(*_layernorm_graph(), {"IntLayerNorm_u8": 1, "IntLayerNorm_i32": 1})
 
 
 def test_standalone_add_with_a_broadcast_operand():
-    g = _gen(7)
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (3, 5, 16)))
-    pos = graph.add_constant(_rand((1, 5, 16), I32, g, -32768, 32767))
-    ma, mb = graph.add_constant(_rand((16,), I32, g, 1, 255)), graph.add_constant(torch.tensor(77, dtype=I32))
-    c = graph.add_constant(torch.tensor(3, dtype=I32))
-    graph.set_outputs([graph.call("int.add", x, pos, ma, mb, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,
-                                  dtype="i32")])
-    _check(graph, [_rand((3, 5, 16), I32, g, -32768, 32767)], {"IntAdd_i32": 1})
+    _check(*_broadcast_add_graph(), {"IntAdd_i32": 1})
 
 
 def test_patch_conv_and_standalone_requant():
