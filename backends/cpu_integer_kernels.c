@@ -667,6 +667,14 @@ static void store_row(void *out, int type, int64_t i0, const int32_t *y, int64_t
     else memcpy((int32_t *)out + i0, y, sizeof(int32_t) * (size_t)n);
 }
 
+/* int.requant on 16 lanes of column c0 of a row, then the zero point (tail lanes masked by k). */
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i requant16(const epilogue_t *e, __m512i y, int64_t c0, __mmask16 k) {
+    __m512i m = _mm512_maskz_loadu_epi32(k, e->m + c0), c = _mm512_maskz_loadu_epi32(k, e->c + c0);
+    y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, e->pre), m), c);
+    return _mm512_add_epi32(clamp16(y, e->k, e->lo, e->hi), _mm512_set1_epi32(e->zp));
+}
+
 typedef struct {
     const int32_t *x;
     int64_t C;
@@ -705,10 +713,44 @@ static void layernorm_row(const void *arg, int64_t r, int32_t *y) {
     store_row(job->out, rq ? rq->out_type : OUT_I32, r * C, y, C);
 }
 
+/* layernorm_row on 16 lanes: the statistics vectorised, the normalisation by divide16, the requant fused. */
+__attribute__((target("avx512f,avx512bw")))
+static void layernorm_row_avx512(const void *arg, int64_t r, int32_t *y) {
+    (void)y;
+    const layernorm_job_t *job = arg;
+    const epilogue_t *rq = job->rq;
+    int64_t C = job->C;
+    const int32_t *xr = job->x + r * C;
+    __m512i zero = _mm512_setzero_si512(), sum = zero;
+    for (int64_t j = 0; j < C; j += 16) sum = _mm512_add_epi32(sum, _mm512_maskz_loadu_epi32(tail_mask(C - j), xr + j));
+    int32_t mean = (int32_t)(uint32_t)_mm512_reduce_add_epi32(sum) / (int32_t)C;
+    __m512i vmean = _mm512_set1_epi32(mean), half = _mm512_set1_epi32(job->half), var = zero;
+    for (int64_t j = 0; j < C; j += 16) {
+        __mmask16 k = tail_mask(C - j);
+        __m512i v = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, xr + j), vmean);
+        __mmask16 pos = _mm512_cmpgt_epi32_mask(v, zero), neg = _mm512_cmplt_epi32_mask(v, zero);
+        v = _mm512_mask_sub_epi32(_mm512_mask_add_epi32(v, pos, v, half), neg, v, half);   /* half away from 0 */
+        __m512i ys = tdiv_pow2_16(v, job->sh);
+        var = _mm512_add_epi32(var, _mm512_maskz_mullo_epi32(k, ys, ys));
+    }
+    int32_t v = (int32_t)(uint32_t)_mm512_reduce_add_epi32(var);
+    divisor_t d = make_divisor((uint32_t)isqrt_newton(v < 1 ? 1 : v, job->iters) << job->sh);
+    int type = rq ? rq->out_type : OUT_I32;
+    __m128i F = _mm_cvtsi32_si128(job->F);
+    for (int64_t j = 0; j < C; j += 16) {
+        __mmask16 k = tail_mask(C - j);
+        __m512i a = _mm512_sll_epi32(_mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, xr + j), vmean), F);
+        __m512i q = divide16(_mm512_abs_epi32(a), d);
+        q = _mm512_mask_sub_epi32(q, _mm512_cmplt_epi32_mask(a, zero), zero, q);
+        if (rq) q = requant16(rq, q, j, k);
+        store16(job->out, type, r * C + j, q, k);
+    }
+}
+
 void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t F, int32_t iters,
                   const epilogue_t *rq, void *out, int threads) {
     layernorm_job_t j = {x, C, sh, F, iters, sh ? 1 << (sh - 1) : 0, rq, out};
-    run_rows(layernorm_row, &j, rows, C, C, threads);
+    run_rows(isa_limit >= 1 && has_avx512() ? layernorm_row_avx512 : layernorm_row, &j, rows, C, C, threads);
 }
 
 /* ---- int.requant over rows of C with per-column m, c (e->kind EPI_REQUANT), any 8/32-bit input ---- */
@@ -726,9 +768,24 @@ static void requant_row(const void *arg, int64_t r, int32_t *y) {
     store_row(j->out, e->out_type, i0, y, C);
 }
 
+__attribute__((target("avx512f,avx512bw")))
+static void requant_row_avx512(const void *arg, int64_t r, int32_t *y) {
+    (void)y;
+    const requant_job_t *j = arg;
+    int64_t C = j->C, i0 = r * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        __mmask16 k = tail_mask(C - c0);
+        __m512i x;
+        if (j->in_type == OUT_U8) x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, (const uint8_t *)j->x + i0 + c0));
+        else if (j->in_type == OUT_I8) x = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, (const int8_t *)j->x + i0 + c0));
+        else x = _mm512_maskz_loadu_epi32(k, (const int32_t *)j->x + i0 + c0);
+        store16(j->out, j->e->out_type, i0 + c0, requant16(j->e, x, c0, k), k);
+    }
+}
+
 void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
     requant_job_t j = {x, in_type, C, e, out};
-    run_rows(requant_row, &j, rows, C, C, threads);
+    run_rows(isa_limit >= 1 && has_avx512() ? requant_row_avx512 : requant_row, &j, rows, C, C, threads);
 }
 
 /* ---- int.add over rows of C: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c), per-column m, mb, c ---- */
@@ -746,7 +803,24 @@ static void add_row(const void *arg, int64_t r, int32_t *y) {
     store_row(j->out, e->out_type, r * C, y, C);
 }
 
+__attribute__((target("avx512f,avx512bw")))
+static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
+    (void)y;
+    const add_job_t *j = arg;
+    const epilogue_t *e = j->e;
+    int64_t C = j->C, i0 = r * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        __mmask16 k = tail_mask(C - c0);
+        __m512i a = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->a + i0 + c0), e->pre);
+        __m512i b = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->b + i0 + c0), e->pb);
+        __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(b, _mm512_maskz_loadu_epi32(k, e->mb + c0)),
+                                     _mm512_maskz_loadu_epi32(k, e->c + c0));
+        v = _mm512_add_epi32(_mm512_mullo_epi32(a, _mm512_maskz_loadu_epi32(k, e->m + c0)), v);
+        store16(j->out, e->out_type, i0 + c0, _mm512_add_epi32(clamp16(v, e->k, e->lo, e->hi), _mm512_set1_epi32(e->zp)), k);
+    }
+}
+
 void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
     add_job_t j = {a, b, C, e, out};
-    run_rows(add_row, &j, rows, C, C, threads);
+    run_rows(isa_limit >= 1 && has_avx512() ? add_row_avx512 : add_row, &j, rows, C, C, threads);
 }

@@ -147,39 +147,53 @@ def test_masked_shiftmax_with_x_a_power_of_two_or_not(isa, X):
 
 
 
-def _layernorm_graph():
+def _layernorm_graph(C=48):
     """Integer LayerNorm with a requant after it and without: the graph and an input with a constant row."""
     g = _gen(3)
     graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (4, 10, 48)))
-    y = graph.call("int.layernorm", x, C=48, sh=5, F=13, iters=20)
-    m, c = graph.add_constant(_rand((48,), I32, g, 1, 1023)), graph.add_constant(_rand((48,), I32, g, -999, 999))
+    x = graph.add_input("x", TensorType(I32, (4, 10, C)))
+    y = graph.call("int.layernorm", x, C=C, sh=5, F=13, iters=20)
+    m, c = graph.add_constant(_rand((C,), I32, g, 1, 1023)), graph.add_constant(_rand((C,), I32, g, -999, 999))
     graph.set_outputs([graph.call("int.requant", y, m, c, pre=0, k=20, lo=-128, hi=127, zero_point=128, dtype="u8"),
-                       graph.call("int.layernorm", x, C=48, sh=0, F=13, iters=3)])
-    inputs = [_rand((4, 10, 48), I32, g, -32768, 32767)]
+                       graph.call("int.layernorm", x, C=C, sh=0, F=13, iters=3)])
+    inputs = [_rand((4, 10, C), I32, g, -32768, 32767)]
     inputs[0][0, 0] = 7                                   # a constant row: variance 0 -> max(., 1)
     return graph, inputs
 
 
-def _broadcast_add_graph():
+def _broadcast_add_graph(C=16):
     """A standalone int.add of an activation and a broadcast constant (a position embedding)."""
     g = _gen(7)
     graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (3, 5, 16)))
-    pos = graph.add_constant(_rand((1, 5, 16), I32, g, -32768, 32767))
-    ma, mb = graph.add_constant(_rand((16,), I32, g, 1, 255)), graph.add_constant(torch.tensor(77, dtype=I32))
+    x = graph.add_input("x", TensorType(I32, (3, 5, C)))
+    pos = graph.add_constant(_rand((1, 5, C), I32, g, -32768, 32767))
+    ma, mb = graph.add_constant(_rand((C,), I32, g, 1, 255)), graph.add_constant(torch.tensor(77, dtype=I32))
     c = graph.add_constant(torch.tensor(3, dtype=I32))
     graph.set_outputs([graph.call("int.add", x, pos, ma, mb, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,
                                   dtype="i32")])
-    return graph, [_rand((3, 5, 16), I32, g, -32768, 32767)]
+    return graph, [_rand((3, 5, C), I32, g, -32768, 32767)]
 
 
-def test_layernorm_requant_becomes_one_kernel(isa):
-    _check(*_layernorm_graph(), {"cpu.int_layernorm": 2})
+@pytest.mark.parametrize("C", [48, 37, 5])       # whole 16-lane groups, a ragged tail, less than one group
+def test_layernorm_requant_becomes_one_kernel(isa, C):
+    _check(*_layernorm_graph(C), {"cpu.int_layernorm": 2})
 
 
-def test_standalone_residual_add_with_a_broadcast_operand():
-    _check(*_broadcast_add_graph(), {"cpu.int_add": 1})
+@pytest.mark.parametrize("C", [16, 21])
+def test_standalone_residual_add_with_a_broadcast_operand(isa, C):
+    _check(*_broadcast_add_graph(C), {"cpu.int_add": 1})
+
+
+@pytest.mark.parametrize("dtype", [U8, I8, I32])
+def test_standalone_requant_of_each_input_type(isa, dtype):
+    """A per-column requant (its consumer is not a kernel) of 8- and 32-bit data over a ragged row of 21."""
+    g = _gen(11)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(dtype, (6, 21)))
+    m, c = graph.add_constant(_rand((21,), I32, g, 1, 4095)), graph.add_constant(_rand((21,), I32, g, -9999, 9999))
+    graph.set_outputs([graph.call("int.requant", x, m, c, pre=3, k=11, lo=-128, hi=127, zero_point=0, dtype="i8")])
+    x = _rand((6, 21), dtype, g) if dtype != I32 else _rand((6, 21), I32, g, -(1 << 20), 1 << 20)   # no int32 overflow
+    _check(graph, [x], {"cpu.int_requant": 1})
 
 
 def test_standalone_requant_and_patch_conv(isa):
