@@ -41,6 +41,7 @@ typedef struct {
     const int32_t *mb;
     const int32_t *m2, *c2;         /* EPI_TABLE_REQUANT: a second per-column requant of the table value */
     int32_t pre2, k2, lo2, hi2, zp2, pad2_;
+    const int32_t *ks;              /* GEMM only: per-column k of the (first) requant, NULL: k for every column */
 } epilogue_t;
 
 #define AMX_M 32                    /* rows per AMX block (two 16-row A tiles) */
@@ -210,7 +211,8 @@ static inline __m512i tdiv_pow2_16(__m512i x, int p) {
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
                               void *out, int64_t ldo, const int KIND, const int BYTES) {
-    const int pre = e->pre, k = e->k, pb = e->pb, pre2 = e->pre2, k2 = e->k2;
+    const int pre = e->pre, pb = e->pb, pre2 = e->pre2, k2 = e->k2;
+    const int32_t k = e->k;
     const int32_t *table = KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT ? e->table - e->lo : NULL;
     for (int c0 = 0; c0 < nr; c0 += 16) {
         __mmask16 mask = tail_mask(nr - c0);
@@ -219,6 +221,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
                 c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32(e->lo), hi = _mm512_set1_epi32(e->hi),
                 zp = _mm512_set1_epi32(e->zp), lo2 = _mm512_set1_epi32(e->lo2), hi2 = _mm512_set1_epi32(e->hi2),
                 zp2 = _mm512_set1_epi32(e->zp2);
+        __m512i shift = e->ks ? _mm512_maskz_loadu_epi32(mask, e->ks + col) : _mm512_set1_epi32(k);
         if (KIND != EPI_RAW) {
             m = _mm512_maskz_loadu_epi32(mask, e->m + col);
             c = _mm512_maskz_loadu_epi32(mask, e->c + col);
@@ -236,7 +239,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
                     __m512i res = _mm512_maskz_loadu_epi32(mask, e->res + (row0 + r) * e->ldr + col);
                     y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, pb), mb));
                 }
-                y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srai_epi32(y, (unsigned)k), lo), hi);
+                y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srav_epi32(y, shift), lo), hi);
                 if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT)
                     y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
                 else
@@ -295,7 +298,7 @@ static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int
             for (int n = 0; n < nr; n++) y[n] = wrap_madd(tdiv_pow2(t[n] + bias[n], e->pre), m[n], c[n]);
         }
         if (e->kind != EPI_RAW)
-            for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> e->k, e->lo, e->hi);
+            for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> (e->ks ? e->ks[col0 + n] : e->k), e->lo, e->hi);
         if (e->kind == EPI_TABLE || e->kind == EPI_TABLE_REQUANT)
             for (int n = 0; n < nr; n++) y[n] = e->table[y[n] - e->lo];
         if (e->kind == EPI_TABLE_REQUANT)
@@ -365,6 +368,12 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
         }
         for (int64_t p = 0; p < panels; p++) {
             const int8_t *panel = bp + p * (K / 4) * NR * 4;
+            if (e->kind == EPI_ADD)          /* the residual tile arrives while the tile is computed */
+                for (int r = 0; r < mr; r++) {
+                    const int32_t *res = e->res + (row0 + r) * e->ldr + p * NR;
+                    _mm_prefetch((const char *)res, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(res + 16), _MM_HINT_T0);
+                }
             if (isa == 2) block_amx(a, la, panel, K, tile);
             else if (isa == 1) tile_vnni[mr](a, la, panel, K / 4, tile);
             else tile_portable(a, la, mr, panel, K / 4, tile);

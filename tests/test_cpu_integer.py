@@ -136,22 +136,25 @@ def test_every_epilogue_kind_and_output_width(isa, kind, out):
     _check(graph, feeds, {"cpu.int_gemm": 1})
 
 
-def _sibling_linears(shifts: list[int]):
+def _sibling_linears(shifts: list[int], dtypes: list[str] | None = None):
     """Linear layers with their per-column requants on one input (attention's q, k, v), each requant's shift
-    given; the outputs are the requants and the product of the first two (q k^T, as attention does)."""
+    (and output dtype, i8 unless given) given; the outputs are the requants and the product of the first two
+    (q k^T, as attention does)."""
     g = _gen(7)
     graph = Graph("before")
     x = graph.add_input("x", TensorType(U8, (2, 9, 36)))
+    zps = [128 if d == "u8" else 0 for d in dtypes or ["i8"] * len(shifts)]
     outs = []
-    for i, shift in enumerate(shifts):
+    for i, (shift, zp) in enumerate(zip(shifts, zps)):
         w = graph.add_constant(_rand((24 + 8 * i, 36), I8, g))
         b = graph.add_constant(_rand((24 + 8 * i,), I32, g, -5000, 5000)) if i != 1 else None
         y = graph.call("int.linear", x, w, b, x_zp=128)
         m = graph.add_constant(_rand((24 + 8 * i,), I32, g, 1, 511))
         c = graph.add_constant(_rand((24 + 8 * i,), I32, g, -99, 99))
-        outs.append(graph.call("int.requant", y, m, c, pre=1, k=shift, lo=-128, hi=127, zero_point=0, dtype="i8"))
+        outs.append(graph.call("int.requant", y, m, c, pre=1, k=shift, lo=-128, hi=127, zero_point=zp,
+                               dtype="u8" if zp else "i8"))
     k = graph.call("slice", outs[1], dim=-1, start=8, end=32)
-    scores = graph.call("int.matmul", outs[0], graph.call("permute", k, dims=(0, 2, 1)), a_zp=0, b_zp=0)
+    scores = graph.call("int.matmul", outs[0], graph.call("permute", k, dims=(0, 2, 1)), a_zp=zps[0], b_zp=zps[1])
     graph.set_outputs(outs + [scores])
     return graph, [_rand((2, 9, 36), U8, g)]
 
@@ -163,16 +166,28 @@ def test_linear_layers_of_one_input_with_equal_requants_become_one_gemm(isa):
     assert len(fused) == 1 and fused[0].nodes.count("int.linear") == 3, report
 
 
-def test_sibling_linear_layers_with_different_requants_are_refused_with_the_reason(isa):
+def test_sibling_linear_layers_with_different_shifts_share_a_gemm_with_a_shift_per_column(isa):
     from graphopt.backends.cpu_integer_fusions import SIBLINGS
     from graphopt.ir.rewrite import why_not
 
     graph, inputs = _sibling_linears([12, 13])
     assert "k 13 vs 12" in why_not(graph, SIBLINGS), why_not(graph, SIBLINGS)
-    _check(graph, inputs, {"cpu.int_gemm": 2})
-    graph, inputs = _sibling_linears([12, 13, 12])         # the two alike share a GEMM, the third has its own
+    report = _check(graph, inputs, {"cpu.int_gemm": 1})
+    assert [e.kernel for e in report if e.kernel.startswith("cpu.int_gemm")] == \
+        ["cpu.int_gemm (gemm_siblings_requant_shifts)"], report
+    graph, inputs = _sibling_linears([12, 13, 12])         # the two alike share a plain GEMM, the third its own
     report = _check(graph, inputs, {"cpu.int_gemm": 2})
-    assert [e.nodes.count("int.linear") for e in report if e.kernel.startswith("cpu.int_gemm")] == [2, 1], report
+    assert [(e.kernel, e.nodes.count("int.linear")) for e in report if e.kernel.startswith("cpu.int_gemm")] == \
+        [("cpu.int_gemm (gemm_siblings_requant)", 2), ("cpu.int_gemm", 1)], report
+
+
+def test_sibling_linear_layers_with_different_zero_points_are_refused_with_the_reason():
+    from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS
+    from graphopt.ir.rewrite import why_not
+
+    graph, inputs = _sibling_linears([12, 12], ["u8", "i8"])
+    assert "zp 0 vs 128, out i8 vs u8" in why_not(graph, SIBLING_SHIFTS), why_not(graph, SIBLING_SHIFTS)
+    _check(graph, inputs, {"cpu.int_gemm": 2})
 
 
 @pytest.mark.parametrize("k,masked", [(64, False), (20, True)])
