@@ -20,7 +20,7 @@ import graphopt.backends.cpu_integer_sparse  # noqa: F401  (sparse int8 GEMM rul
 import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusion rules)
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
-from graphopt.backends.cpu_integer_fusions import TARGET
+from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET
 from graphopt.backends.kernels import fusion_rules
 from graphopt.backends.registry import register_backend
 from graphopt.backends.torch_backend import TorchExecutable
@@ -28,6 +28,8 @@ from graphopt.ir import Graph
 from graphopt.ir.rewrite import why_not_at
 from graphopt.ir.verifier import verify
 
+
+SIBLING_RULES = (SIBLINGS, SIBLING_SHIFTS)   # their report entry names the rule and every layer it joined
 
 # Integer ops no cpu_integer rule starts from, and why they stay on their reference implementation.
 NOT_FUSED = {
@@ -67,7 +69,9 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
     lowered, report = graph.clone(), KernelReport()
     rules = fusion_rules(TARGET)
     rules.apply(lowered, on_fire=lambda rule, nodes, new: report.append(
-        Lowered(new.producer.op if new.producer.op.startswith("cpu.") else _kernel_op(new),
+        Lowered(f"{_kernel_op(new)} ({rule.name})" if rule in SIBLING_RULES else
+                new.producer.op if new.producer.op.startswith("cpu.") else _kernel_op(new),
+                new.producer.inputs[0].producer.meta["siblings"] if rule in SIBLING_RULES else
                 " -> ".join(n.label() for n in reversed(nodes))
                 + "".join(f" [{n.meta['sparse_decision']}]" for n in nodes if "sparse_decision" in n.meta))))
     for node in lowered.nodes:

@@ -5,6 +5,8 @@ kernel layer in priority order, longest chains first, so ``why_not`` says why a 
 
     int.requant(int.shiftgelu(int.requant(int.linear(x, w[, b]), m, c)), m2, c2) -> cpu.int_gemm(kind=table | table_requant)
     int.requant(int.linear(x, w[, b]), m, c)                                   -> cpu.int_gemm(kind=requant)
+      several of these on one x with equal requant attributes (attention's q, k, v) -> one cpu.int_gemm, sliced
+      (requants differing only in the shift k: the same, with the shift per column)
     int.add(int.linear(x, w[, b]), res, ma, mb, c)  (either operand order)     -> cpu.int_gemm(kind=add)
     int.linear(x, w[, b])                                                      -> cpu.int_gemm(kind=raw)
     the same epilogues (not add) after int.conv2d with stride == kernel        -> im2col reshape + cpu.int_gemm
@@ -163,6 +165,22 @@ def _gemm_check(axis: int):
     return check
 
 
+def _int_gemm(op, x: Value, weight: torch.Tensor, bias: torch.Tensor | None, x_zp: int, ep: Epilogue,
+              ks: torch.Tensor | None = None) -> Value:
+    """cpu.int_gemm of x ([..., K], 8-bit with zero point x_zp) by the [N, K] int8 weight, then ``ep`` (with
+    ``ks``: its requant's shift per column)."""
+    n, k = weight.shape
+    flip = x.type.dtype == torch.int8
+    a_zp = x_zp + (128 if flip else 0)
+    k_padded = -(-k // 4) * 4
+    packed, colsum = kernels.pack_b(F.pad(weight, (0, k_padded - k)))
+    bias = (bias.to(torch.int64) if bias is not None else 0) - a_zp * colsum.to(torch.int64)
+    const = lambda t, name: None if t is None else op.add_constant(t, name)  # noqa: E731
+    return op("cpu.int_gemm", x, const(packed, "packed"), const(_wrap_i32(bias.expand(n)).contiguous(), "bias"),
+              const(ep.m, "m"), const(ep.c, "c"), const(ep.table, "table"), ep.res, const(ep.mb, "mb"),
+              const(ep.m2, "m2"), const(ep.c2, "c2"), const(ks, "ks"), **dict(ep.attrs, n=n, k_padded=k_padded, flip=flip))
+
+
 def _gemm_rewrite(axis: int):
     def rewrite(op, nodes, x, w, b=None, **_):
         chain = nodes[::-1]
@@ -178,15 +196,7 @@ def _gemm_rewrite(axis: int):
             cols = op.permute(cols, dims=(0, 2, 4, 1, 3, 5))
             cols = op.reshape(cols, shape=(bsz, (h // kh) * (wd // kw), cin * kh * kw))
         ep = epilogue(chain, n, axis, tables=True)
-        flip = x.type.dtype == torch.int8
-        a_zp = source.attrs["x_zp"] + (128 if flip else 0)
-        k_padded = -(-k // 4) * 4
-        packed, colsum = kernels.pack_b(F.pad(weight, (0, k_padded - k)))
-        bias = (b.const.to(torch.int64) if b is not None else 0) - a_zp * colsum.to(torch.int64)
-        const = lambda t, name: None if t is None else op.add_constant(t, name)  # noqa: E731
-        y = op("cpu.int_gemm", cols, const(packed, "packed"), const(_wrap_i32(bias.expand(n)).contiguous(), "bias"),
-               const(ep.m, "m"), const(ep.c, "c"), const(ep.table, "table"), ep.res, const(ep.mb, "mb"),
-               const(ep.m2, "m2"), const(ep.c2, "c2"), **dict(ep.attrs, n=n, k_padded=k_padded, flip=flip))
+        y = _int_gemm(op, cols, weight, None if b is None else b.const, source.attrs["x_zp"], ep)
         if patch:
             y = op.reshape(op.permute(y, dims=(0, 2, 1)), shape=(bsz, n, h // kh, wd // kw))
         return y
@@ -213,6 +223,102 @@ def _gemm_rules(prefix: str, source_op: str, axis: int, with_add: bool) -> list[
     check, rewrite = _gemm_check(axis), _gemm_rewrite(axis)
     patterns = [("gelu_table", gelu_table), ("requant", requant_)] + ([("add", residual_add)] if with_add else [])
     return [Rule(f"{prefix}_{name}", pattern, rewrite, check) for name, pattern in patterns + [("raw", raw)]]
+
+
+# ---- sibling GEMMs: linear layers of one input with the same requant (attention's q, k, v) --------------
+def _requant_linear(node: Node) -> Node | None:
+    """The int.requant that is the only user of the int.linear ``node`` (constant weight, bias, m and c), or None."""
+    users = node.output.users
+    if len(users) != 1 or users[0].op != "int.requant" or users[0].inputs[0] is not node.output:
+        return None
+    rq, n = users[0], node.inputs[1].type.shape[0]
+    if not all(v.is_constant for v in node.inputs[1:] if v is not None):
+        return None
+    return rq if _per_column(rq.inputs[1], n) is not None and _per_column(rq.inputs[2], n) is not None else None
+
+
+def _siblings(linear: Node, shifts: bool) -> tuple[list[Node], str | None]:
+    """The int.linear layers on linear's input (itself included, in graph order) that can share one GEMM with
+    it: the same x_zp, K and requant attributes (pre, lo, hi, zero point, dtype: one per GEMM; k too unless
+    ``shifts``, the shift then per column), each with its own per-column m, c. With fewer than two (or, with
+    ``shifts``, all of one k: the rule without shifts takes those), why the others differ."""
+    rq = _requant_linear(linear)
+    if rq is None:
+        return [linear], f"{linear.label()}: not a constant linear layer whose only user is a per-column requant"
+    key = lambda node, r: (node.attrs["x_zp"], node.inputs[1].type.shape[1:],  # noqa: E731
+                           {a: v for a, v in _requant_attrs(r).items() if not (shifts and a == "k")})
+    want = key(linear, rq)
+    group, differ = [], []
+    for node in linear.inputs[0].users:
+        if node.op != "int.linear" or node.inputs[0] is not linear.inputs[0] or any(node is g for g in group):
+            continue
+        other = _requant_linear(node)
+        have = None if other is None else key(node, other)
+        if have == want:
+            group.append(node)
+        elif node is not linear:
+            differ.append(f"{node.label()} ({'no constant per-column requant' if have is None else _difference(want, have)})")
+    if len(group) < 2:
+        return group, (f"{linear.label()}: no other linear layer on %{linear.inputs[0].name} with the same requant"
+                       + (": " + "; ".join(differ) if differ else ""))
+    if shifts and len({_requant_linear(node).attrs["k"] for node in group}) == 1:
+        return group, f"{linear.label()}: its siblings' requants are all alike (rule gemm_siblings_requant)"
+    return group, None
+
+
+def _difference(want: tuple, have: tuple) -> str:
+    if want[:2] != have[:2]:
+        return "input zero point or K differs"
+    return ", ".join(f"{key} {have[2][key]} vs {want[2][key]}" for key in want[2] if have[2][key] != want[2][key])
+
+
+def _siblings_check(shifts: bool):
+    def check(ctx, x, w, m, c, b=None):
+        _, why = _siblings(ctx.nodes[-1], shifts)
+        return ctx.fail(why) if why else True
+    return check
+
+
+def _siblings_rewrite(shifts: bool):
+    def rewrite(op, nodes, x, w, m, c, b=None):
+        """One cpu.int_gemm over the concatenated weights, per-column m and c (and shifts) side by side; each
+        layer's requant becomes a slice of its columns (a view: the consumers take strided operands or copy)."""
+        linear = nodes[-1]
+        group, _ = _siblings(linear, shifts)
+        rqs = [_requant_linear(node) for node in group]
+        widths = [node.inputs[1].type.shape[0] for node in group]
+        cat = lambda vals: torch.cat(vals).contiguous()  # noqa: E731
+        weight = cat([node.inputs[1].const.reshape(n, -1) for node, n in zip(group, widths)])
+        bias = cat([node.inputs[2].const.reshape(n).to(torch.int64) if len(node.inputs) > 2 and node.inputs[2] is not None
+                    else torch.zeros(n, dtype=torch.int64) for node, n in zip(group, widths)])
+        m_all = cat([_per_column(rq.inputs[1], n) for rq, n in zip(rqs, widths)])
+        c_all = cat([_per_column(rq.inputs[2], n) for rq, n in zip(rqs, widths)])
+        ks = cat([torch.full((n,), rq.attrs["k"], dtype=I32) for rq, n in zip(rqs, widths)]) if shifts else None
+        ep = Epilogue({"kind": "requant", **_requant_attrs(rqs[0])}, m_all, c_all)
+        y = _int_gemm(op, x, weight, bias, linear.attrs["x_zp"], ep, ks)
+        y.producer.meta["siblings"] = " + ".join(f"{node.label()} -> {rq.label()}" for node, rq in zip(group, rqs))
+        graph, start, mine = linear.graph, 0, None
+        for node, rq, n in zip(group, rqs, widths):
+            part = op.slice(y, dim=-1, start=start, end=start + n)
+            start += n
+            if node is linear:
+                mine = part
+                continue
+            graph.replace_all_uses_with(rq.output, part)
+            graph.erase_node(rq)
+            graph.erase_node(node)
+        return mine
+    return rewrite
+
+
+def _linear_requant(op, x, w, b, m, c):
+    return op("int.requant", _optional(op, "int.linear", x, w, b), m, c)
+
+
+# Equal requants first: their GEMM is a plain cpu.int_gemm (also an ONNX Runtime custom op); then the layers
+# whose requants differ only in the shift k (attention's k and v often do), with the shift per column.
+SIBLINGS = Rule("gemm_siblings_requant", _linear_requant, _siblings_rewrite(False), _siblings_check(False))
+SIBLING_SHIFTS = Rule("gemm_siblings_requant_shifts", _linear_requant, _siblings_rewrite(True), _siblings_check(True))
 
 
 # ---- attention matmuls: int.matmul [-> int.requant [-> (add int.lookup ->) int.shiftmax]] -------------------
@@ -500,6 +606,8 @@ def _dequantize(op, x, scale, offset):
 
 
 RULES = [
+    SIBLINGS,
+    SIBLING_SHIFTS,
     *_gemm_rules("gemm", "int.linear", -1, with_add=True),
     *_gemm_rules("patch_conv", "int.conv2d", -3, with_add=False),
     Rule("bmm_add_size_bias_requant_shiftmax", _bmm_add_size_bias_softmax, _bmm_add_rewrite, _bmm_add_check),

@@ -41,6 +41,7 @@ typedef struct {
     const int32_t *mb;
     const int32_t *m2, *c2;         /* EPI_TABLE_REQUANT: a second per-column requant of the table value */
     int32_t pre2, k2, lo2, hi2, zp2, pad2_;
+    const int32_t *ks;              /* GEMM only: per-column k of the (first) requant, NULL: k for every column */
 } epilogue_t;
 
 #define AMX_M 32                    /* rows per AMX block (two 16-row A tiles) */
@@ -204,57 +205,78 @@ static inline __m512i tdiv_pow2_16(__m512i x, int p) {
     return _mm512_srai_epi32(_mm512_add_epi32(x, neg), (unsigned)p);
 }
 
-__attribute__((target("avx512f,avx512bw")))
-static inline __m512i clamp16(__m512i y, int k, int32_t lo, int32_t hi) {      /* clamp(y >> k, lo, hi) */
-    y = _mm512_srai_epi32(y, (unsigned)k);
-    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(lo)), _mm512_set1_epi32(hi));
-}
-
-__attribute__((target("avx512f,avx512bw")))
-static inline void store16(void *out, int type, int64_t i, __m512i y, __mmask16 k) {
-    if (type == OUT_U8) _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)out + i, k, y);
-    else if (type == OUT_I8) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + i, k, y);
-    else _mm512_mask_storeu_epi32((int32_t *)out + i, k, y);
-}
-
-__attribute__((target("avx512f,avx512bw")))
-static void epilogue_avx512(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
-                            void *out, int64_t ldo) {
+/* The epilogue of one tile on 16-lane vectors, for one kind and output width fixed at compile time (an
+ * instance each, picked once per GEMM): the row loop holds no branch on either, and the per-column constants
+ * are loaded once per 16 columns. The table lookup indexes from table - lo, so y needs no offset. */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
+                              void *out, int64_t ldo, const int KIND, const int BYTES) {
+    const int pre = e->pre, pb = e->pb, pre2 = e->pre2, k2 = e->k2;
+    const int32_t k = e->k;
+    const int32_t *table = KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT ? e->table - e->lo : NULL;
     for (int c0 = 0; c0 < nr; c0 += 16) {
-        __mmask16 k = tail_mask(nr - c0);
-        __m512i zero = _mm512_setzero_si512(), bias = _mm512_maskz_loadu_epi32(k, e->bias + col0 + c0), m = zero,
-                c = zero, mb = zero, zp = _mm512_set1_epi32(e->zp), lo = _mm512_set1_epi32(e->lo);
-        if (e->kind != EPI_RAW) {
-            m = _mm512_maskz_loadu_epi32(k, e->m + col0 + c0);
-            c = _mm512_maskz_loadu_epi32(k, e->c + col0 + c0);
+        __mmask16 mask = tail_mask(nr - c0);
+        int64_t col = col0 + c0;
+        __m512i zero = _mm512_setzero_si512(), bias = _mm512_maskz_loadu_epi32(mask, e->bias + col), m = zero,
+                c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32(e->lo), hi = _mm512_set1_epi32(e->hi),
+                zp = _mm512_set1_epi32(e->zp), lo2 = _mm512_set1_epi32(e->lo2), hi2 = _mm512_set1_epi32(e->hi2),
+                zp2 = _mm512_set1_epi32(e->zp2);
+        __m512i shift = e->ks ? _mm512_maskz_loadu_epi32(mask, e->ks + col) : _mm512_set1_epi32(k);
+        if (KIND != EPI_RAW) {
+            m = _mm512_maskz_loadu_epi32(mask, e->m + col);
+            c = _mm512_maskz_loadu_epi32(mask, e->c + col);
         }
-        if (e->kind == EPI_ADD) mb = _mm512_maskz_loadu_epi32(k, e->mb + col0 + c0);
-        __m512i m2 = zero, c2 = zero;
-        if (e->kind == EPI_TABLE_REQUANT) {
-            m2 = _mm512_maskz_loadu_epi32(k, e->m2 + col0 + c0);
-            c2 = _mm512_maskz_loadu_epi32(k, e->c2 + col0 + c0);
+        if (KIND == EPI_ADD) mb = _mm512_maskz_loadu_epi32(mask, e->mb + col);
+        if (KIND == EPI_TABLE_REQUANT) {
+            m2 = _mm512_maskz_loadu_epi32(mask, e->m2 + col);
+            c2 = _mm512_maskz_loadu_epi32(mask, e->c2 + col);
         }
         for (int r = 0; r < mr; r++) {
-            __m512i y = _mm512_add_epi32(_mm512_loadu_si512(tile + r * NR + c0), bias);
-            if (e->kind != EPI_RAW) {
-                y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, e->pre), m), c);
-                if (e->kind == EPI_ADD) {
-                    __m512i res = _mm512_maskz_loadu_epi32(k, e->res + (row0 + r) * e->ldr + col0 + c0);
-                    y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, e->pb), mb));
+            __m512i y = _mm512_add_epi32(_mm512_load_si512(tile + r * NR + c0), bias);
+            if (KIND != EPI_RAW) {
+                y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre), m), c);
+                if (KIND == EPI_ADD) {
+                    __m512i res = _mm512_maskz_loadu_epi32(mask, e->res + (row0 + r) * e->ldr + col);
+                    y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, pb), mb));
                 }
-                y = clamp16(y, e->k, e->lo, e->hi);
-                if (e->kind == EPI_TABLE || e->kind == EPI_TABLE_REQUANT)
-                    y = _mm512_mask_i32gather_epi32(zero, k, _mm512_sub_epi32(y, lo), e->table, 4);
+                y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srav_epi32(y, shift), lo), hi);
+                if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT)
+                    y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
                 else
                     y = _mm512_add_epi32(y, zp);
-                if (e->kind == EPI_TABLE_REQUANT) {
-                    y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, e->pre2), m2), c2);
-                    y = _mm512_add_epi32(clamp16(y, e->k2, e->lo2, e->hi2), _mm512_set1_epi32(e->zp2));
+                if (KIND == EPI_TABLE_REQUANT) {
+                    y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre2), m2), c2);
+                    y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srai_epi32(y, (unsigned)k2), lo2), hi2);
+                    y = _mm512_add_epi32(y, zp2);
                 }
             }
-            store16(out, e->out_type, (row0 + r) * ldo + col0 + c0, y, k);
+            int64_t o = (row0 + r) * ldo + col;
+            if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
+            else _mm512_mask_storeu_epi32((int32_t *)out + o, mask, y);
         }
     }
+}
+
+typedef void (*epilogue_fn)(const epilogue_t *, const int32_t *, int64_t, int, int64_t, int, void *, int64_t);
+
+#define EPILOGUE16(KIND, BYTES) \
+    __attribute__((target("avx512f,avx512bw"))) \
+    static void epilogue16_##KIND##_##BYTES(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, \
+                                            int64_t col0, int nr, void *out, int64_t ldo) { \
+        epilogue16(e, tile, row0, mr, col0, nr, out, ldo, KIND, BYTES); \
+    }
+EPILOGUE16(EPI_RAW, 1) EPILOGUE16(EPI_REQUANT, 1) EPILOGUE16(EPI_TABLE, 1) EPILOGUE16(EPI_ADD, 1)
+EPILOGUE16(EPI_TABLE_REQUANT, 1) EPILOGUE16(EPI_RAW, 4) EPILOGUE16(EPI_REQUANT, 4) EPILOGUE16(EPI_TABLE, 4)
+EPILOGUE16(EPI_ADD, 4) EPILOGUE16(EPI_TABLE_REQUANT, 4)
+
+/* The AVX-512 epilogue instance for e's kind and output width. */
+static epilogue_fn epilogue_avx512(const epilogue_t *e) {
+    static const epilogue_fn by_kind[2][EPI_TABLE_REQUANT + 1] = {
+        {epilogue16_EPI_RAW_1, epilogue16_EPI_REQUANT_1, epilogue16_EPI_TABLE_1, epilogue16_EPI_ADD_1,
+         epilogue16_EPI_TABLE_REQUANT_1},
+        {epilogue16_EPI_RAW_4, epilogue16_EPI_REQUANT_4, epilogue16_EPI_TABLE_4, epilogue16_EPI_ADD_4,
+         epilogue16_EPI_TABLE_REQUANT_4}};
+    return by_kind[e->out_type == OUT_I32][e->kind];
 }
 
 static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
@@ -276,7 +298,7 @@ static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int
             for (int n = 0; n < nr; n++) y[n] = wrap_madd(tdiv_pow2(t[n] + bias[n], e->pre), m[n], c[n]);
         }
         if (e->kind != EPI_RAW)
-            for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> e->k, e->lo, e->hi);
+            for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> (e->ks ? e->ks[col0 + n] : e->k), e->lo, e->hi);
         if (e->kind == EPI_TABLE || e->kind == EPI_TABLE_REQUANT)
             for (int n = 0; n < nr; n++) y[n] = e->table[y[n] - e->lo];
         if (e->kind == EPI_TABLE_REQUANT)
@@ -332,6 +354,7 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
                         const epilogue_t *e, void *out, int64_t ldo, int64_t b0, int64_t b1, uint8_t *tail) {
     int32_t tile[AMX_M * NR] __attribute__((aligned(64)));
     int64_t panels = (N + NR - 1) / NR, bm = isa == 2 ? AMX_M : MR;
+    epilogue_fn finish = isa >= 1 ? epilogue_avx512(e) : epilogue;
     for (int64_t blk = b0; blk < b1; blk++) {
         int64_t row0 = blk * bm;
         int mr = (int)(M - row0 < bm ? M - row0 : bm);
@@ -345,12 +368,17 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
         }
         for (int64_t p = 0; p < panels; p++) {
             const int8_t *panel = bp + p * (K / 4) * NR * 4;
+            if (e->kind == EPI_ADD)          /* the residual tile arrives while the tile is computed */
+                for (int r = 0; r < mr; r++) {
+                    const int32_t *res = e->res + (row0 + r) * e->ldr + p * NR;
+                    _mm_prefetch((const char *)res, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(res + 16), _MM_HINT_T0);
+                }
             if (isa == 2) block_amx(a, la, panel, K, tile);
             else if (isa == 1) tile_vnni[mr](a, la, panel, K / 4, tile);
             else tile_portable(a, la, mr, panel, K / 4, tile);
             int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
-            if (isa >= 1) epilogue_avx512(e, tile, row0, mr, p * NR, nr, out, ldo);
-            else epilogue(e, tile, row0, mr, p * NR, nr, out, ldo);
+            finish(e, tile, row0, mr, p * NR, nr, out, ldo);
         }
     }
 }

@@ -43,9 +43,9 @@ _SECOND = {"pre2": Attr("int", 0), "k2": Attr("int", 0), "lo2": Attr("int", 0), 
            "zp2": Attr("int", 0)}
 
 
-def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, second=None, *, pre, k, lo, hi, zp, pb=0):
+def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, second=None, *, pre, k, lo, hi, zp, pb=0, ks=None):
     return kernels.epilogue(kind, INT_DTYPES[out], bias, pre=pre, k=k, lo=lo, hi=hi, zp=zp, m=m, c=c, table=table,
-                            res=res, pb=pb, mb=mb, second=second)
+                            res=res, pb=pb, mb=mb, second=second, ks=ks)
 
 
 def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -53,20 +53,21 @@ def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
     return torch.bitwise_xor(x.view(torch.uint8), 0x80) if flip else x
 
 
-def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, *, n, k_padded, flip,
-               kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
+def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, *, n, k_padded,
+               flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
     if x.dtype not in (torch.uint8, torch.int8) or packed.dtype != torch.int8:
         raise OpError(f"cpu.int_gemm: expects an 8-bit input and packed int8 weights, got {x}, {packed}")
     return TensorType(INT_DTYPES[out], x.shape[:-1] + (n,))
 
 
-@register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?", "m2?", "c2?"],
+@register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?", "m2?", "c2?", "ks?"],
              attrs={"n": Attr("int"), "k_padded": Attr("int"), "flip": Attr("bool", False), "pb": Attr("int", 0),
                     **_EPILOGUE, **_SECOND},
              infer=_gemm_type, tags=["gemm", "integer"])
-def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, *, n, k_padded, flip,
-             kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
-    """epilogue(x [..., K] as u8 @ W^T), W packed by ``cpu_integer_library.pack_b`` (K padded to k_padded)."""
+def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, *, n, k_padded,
+             flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
+    """epilogue(x [..., K] as u8 @ W^T), W packed by ``cpu_integer_library.pack_b`` (K padded to k_padded);
+    ``ks``: the requant's shift per column instead of ``k`` (layers of different shifts sharing one GEMM)."""
     lead = x.shape[:-1]
     a = _as_u8(x, flip).reshape(-1, x.shape[-1])
     if a.shape[1] != k_padded:
@@ -76,7 +77,7 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=
     if res is not None:
         res = res.reshape(-1, n).contiguous()
     second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
-    epi = _epilogue(kind, out, bias, m, c, table, res, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb)
+    epi = _epilogue(kind, out, bias, m, c, table, res, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb, ks=ks)
     kernels.gemm(a, packed, n, epi, y, threads)
     return y.reshape(lead + (n,))
 

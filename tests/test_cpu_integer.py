@@ -109,6 +109,87 @@ def test_linear_residual_add_becomes_one_gemm(isa, gemm_first):
     _check(graph, [x, _rand((3, 11, 40), I32, g, -32768, 32767)], {"cpu.int_gemm": 1})
 
 
+@pytest.mark.parametrize("kind,out", [("requant", "i8"), ("requant", "i32"), ("table", "i32"), ("add", "u8"),
+                                       ("add", "i8")])
+def test_every_epilogue_kind_and_output_width(isa, kind, out):
+    """Each (kind, 8- or 32-bit output) has its own compiled epilogue: the ones the tests above do not reach."""
+    graph, y, x, g = _linear_graph(k=36, n=45, bias=True)
+    lo, hi = (-32768, 32767) if out == "i32" else (-128, 127)
+    zp = {"u8": 128, "i8": 0, "i32": -7}[out]
+    m, c = graph.add_constant(_rand((45,), I32, g, 1, 511)), graph.add_constant(_rand((45,), I32, g, -999, 999))
+    feeds = [x]
+    if kind == "add":
+        res = graph.add_input("res", TensorType(I32, (3, 11, 45)))
+        feeds.append(_rand((3, 11, 45), I32, g, -32768, 32767))
+        z = graph.call("int.add", y, res, m, c, graph.add_constant(torch.tensor(-77, dtype=I32)), pa=4, pb=2, k=14,
+                       lo=lo, hi=hi, zero_point=zp, dtype=out)
+    elif kind == "table":
+        z = graph.call("int.requant", y, m, c, pre=2, k=14, lo=-1500, hi=1500, zero_point=0, dtype="i32")
+        z = graph.call("int.shiftgelu", z, X=128, n=10, bits=12, in_bits=16)
+        z = graph.call("int.requant", z, graph.add_constant(torch.tensor(3, dtype=I32)),
+                       graph.add_constant(torch.tensor(5, dtype=I32)), pre=4, k=3, lo=lo, hi=hi, zero_point=zp, dtype=out)
+    else:
+        z = graph.call("int.requant", y, m, c, pre=2, k=12, lo=lo, hi=hi, zero_point=zp, dtype=out)
+    graph.set_outputs([z])
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    assert lower_to_kernels(graph)[0].find_nodes("cpu.int_gemm")[0].attrs["kind"] == kind
+    _check(graph, feeds, {"cpu.int_gemm": 1})
+
+
+def _sibling_linears(shifts: list[int], dtypes: list[str] | None = None):
+    """Linear layers with their per-column requants on one input (attention's q, k, v), each requant's shift
+    (and output dtype, i8 unless given) given; the outputs are the requants and the product of the first two
+    (q k^T, as attention does)."""
+    g = _gen(7)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(U8, (2, 9, 36)))
+    zps = [128 if d == "u8" else 0 for d in dtypes or ["i8"] * len(shifts)]
+    outs = []
+    for i, (shift, zp) in enumerate(zip(shifts, zps)):
+        w = graph.add_constant(_rand((24 + 8 * i, 36), I8, g))
+        b = graph.add_constant(_rand((24 + 8 * i,), I32, g, -5000, 5000)) if i != 1 else None
+        y = graph.call("int.linear", x, w, b, x_zp=128)
+        m = graph.add_constant(_rand((24 + 8 * i,), I32, g, 1, 511))
+        c = graph.add_constant(_rand((24 + 8 * i,), I32, g, -99, 99))
+        outs.append(graph.call("int.requant", y, m, c, pre=1, k=shift, lo=-128, hi=127, zero_point=zp,
+                               dtype="u8" if zp else "i8"))
+    k = graph.call("slice", outs[1], dim=-1, start=8, end=32)
+    scores = graph.call("int.matmul", outs[0], graph.call("permute", k, dims=(0, 2, 1)), a_zp=zps[0], b_zp=zps[1])
+    graph.set_outputs(outs + [scores])
+    return graph, [_rand((2, 9, 36), U8, g)]
+
+
+def test_linear_layers_of_one_input_with_equal_requants_become_one_gemm(isa):
+    graph, inputs = _sibling_linears([12, 12, 12])
+    report = _check(graph, inputs, {"cpu.int_gemm": 1, "cpu.int_bmm": 1})
+    fused = [e for e in report if e.kernel == "cpu.int_gemm (gemm_siblings_requant)"]
+    assert len(fused) == 1 and fused[0].nodes.count("int.linear") == 3, report
+
+
+def test_sibling_linear_layers_with_different_shifts_share_a_gemm_with_a_shift_per_column(isa):
+    from graphopt.backends.cpu_integer_fusions import SIBLINGS
+    from graphopt.ir.rewrite import why_not
+
+    graph, inputs = _sibling_linears([12, 13])
+    assert "k 13 vs 12" in why_not(graph, SIBLINGS), why_not(graph, SIBLINGS)
+    report = _check(graph, inputs, {"cpu.int_gemm": 1})
+    assert [e.kernel for e in report if e.kernel.startswith("cpu.int_gemm")] == \
+        ["cpu.int_gemm (gemm_siblings_requant_shifts)"], report
+    graph, inputs = _sibling_linears([12, 13, 12])         # the two alike share a plain GEMM, the third its own
+    report = _check(graph, inputs, {"cpu.int_gemm": 2})
+    assert [(e.kernel, e.nodes.count("int.linear")) for e in report if e.kernel.startswith("cpu.int_gemm")] == \
+        [("cpu.int_gemm (gemm_siblings_requant)", 2), ("cpu.int_gemm", 1)], report
+
+
+def test_sibling_linear_layers_with_different_zero_points_are_refused_with_the_reason():
+    from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS
+    from graphopt.ir.rewrite import why_not
+
+    graph, inputs = _sibling_linears([12, 12], ["u8", "i8"])
+    assert "zp 0 vs 128, out i8 vs u8" in why_not(graph, SIBLING_SHIFTS), why_not(graph, SIBLING_SHIFTS)
+    _check(graph, inputs, {"cpu.int_gemm": 2})
+
+
 @pytest.mark.parametrize("k,masked", [(64, False), (20, True)])
 def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k, masked):
     g = _gen(1)

@@ -24,7 +24,7 @@ from graphopt.backends.onnx.cpu_integer_ops import DOMAIN, to_onnx_custom_ops, u
 from graphopt.backends.onnxruntime_backend import custom_ops_session  # noqa: E402
 from graphopt.backends.registry import lower  # noqa: E402
 from tests.test_cpu_integer import (I8, I32, U8, _broadcast_add_graph, _gen, _layernorm_graph,  # noqa: E402
-                                    _linear_graph, _rand)
+                                    _linear_graph, _rand, _sibling_linears)
 
 
 def _run(session, graph: Graph, inputs) -> list[torch.Tensor]:
@@ -59,6 +59,15 @@ def test_linear_requant_and_raw(x_dtype, k):
     graph, y, x, _ = _linear_graph(k=k, x_dtype=x_dtype)
     graph.set_outputs([y])
     _check(graph, [x], {"IntGemm_i32": 1})
+
+
+@pytest.mark.parametrize("shifts,gemms", [([12, 12, 12], 1), ([12, 13], 2)])
+def test_sibling_linear_layers(shifts, gemms):
+    """Equal requants: one IntGemm over the concatenated weights, then standard Slice ops. Different shifts
+    (cpu_integer's GEMM with a shift per column) have no custom op: each layer keeps its own IntGemm."""
+    graph, inputs = _sibling_linears(shifts)
+    model = _check(graph, inputs, {"IntGemm_i8": gemms, "IntBmm_i32": 1})
+    assert sum(n.op_type == "Slice" for n in model.graph.node) >= (len(shifts) if gemms == 1 else 0)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -167,7 +167,14 @@ def _no_add_requant(node: Node) -> str | None:
     return f"{node.op} of kind 'add_requant' has no custom op" if node.attrs["kind"] == "add_requant" else None
 
 
+def _no_column_shifts(node: Node) -> str | None:
+    """The library's IntGemm has one shift k (no per-column ``ks``: sibling layers of different shifts)."""
+    ks = node.inputs[10] if len(node.inputs) > 10 else None
+    return f"{node.op} with a shift per column (ks) has no custom op" if ks is not None else None
+
+
+_SUPPORTS = {"cpu.int_bmm": _no_add_requant, "cpu.int_gemm": _no_column_shifts}
+
 for _op in OP_TYPES:
-    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
-                    supports=_no_add_requant if _op == "cpu.int_bmm" else None)(
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}", supports=_SUPPORTS.get(_op))(
         _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
