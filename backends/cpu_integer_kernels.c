@@ -695,6 +695,19 @@ static void store_row(void *out, int type, int64_t i0, const int32_t *y, int64_t
     else memcpy((int32_t *)out + i0, y, sizeof(int32_t) * (size_t)n);
 }
 
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i clamp16(__m512i y, int k, int32_t lo, int32_t hi) {      /* clamp(y >> k, lo, hi) */
+    y = _mm512_srai_epi32(y, (unsigned)k);
+    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(lo)), _mm512_set1_epi32(hi));
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static inline void store16(void *out, int type, int64_t i, __m512i y, __mmask16 k) {
+    if (type == OUT_U8) _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)out + i, k, y);
+    else if (type == OUT_I8) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + i, k, y);
+    else _mm512_mask_storeu_epi32((int32_t *)out + i, k, y);
+}
+
 /* int.requant on 16 lanes of column c0 of a row, then the zero point (tail lanes masked by k). */
 __attribute__((target("avx512f,avx512bw")))
 static inline __m512i requant16(const epilogue_t *e, __m512i y, int64_t c0, __mmask16 k) {
