@@ -5,7 +5,7 @@
  * op's output type from its registration, so the type is part of the name):
  *   IntGemm_{u8,i8,i32}       x, w [N, Kp] (unpacked int8; packed once, at the first run), bias, m?, c?,
  *                             table?, res?, mb?, m2?, c2?
- *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?, sizes?, table?
+ *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?, sizes?, table?, mb?, m2?, c2?
  *   IntLayerNorm_{u8,i8,i32}  x, m?, c?
  *   IntShiftmax_u8            x, pow2, mask?, sizes?, table?
  *   IntRequant_{u8,i8,i32}    x, m, c
@@ -26,6 +26,7 @@
  * KernelComputeV2, which report errors as statuses). RegisterCustomOps refuses an older runtime with
  * its version string.
  */
+#define _GNU_SOURCE                     /* sched_getaffinity: the default thread count */
 #include "cpu_integer_kernels.c"
 #include "cpu_integer_tokens.c"
 /* cpu_integer_edges.c declares the kernels' OUT_* codes (same values) again: renamed while it is included */
@@ -37,7 +38,6 @@
 #undef OUT_I8
 #undef OUT_I32
 
-#include <omp.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -92,6 +92,8 @@ typedef struct OrtApi {
     void (*ReleaseStatus)(OrtStatus *status);                                                          /* 93 */
     void *pad8_[5];
     void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);                           /* 99 */
+    void *pad9_[144];
+    OrtStatus *(*KernelInfo_GetNodeName)(const OrtKernelInfo *info, char *out, size_t *size);        /* 244, 1.15 */
 } OrtApi;
 
 #define SLOT(name, index) _Static_assert(offsetof(OrtApi, name) == (index) * sizeof(void *), #name " slot")
@@ -100,6 +102,7 @@ SLOT(GetTensorElementType, 60); SLOT(GetDimensions, 62); SLOT(GetTensorTypeAndSh
 SLOT(KernelInfoGetAttribute_float, 85); SLOT(KernelInfoGetAttribute_int64, 86);
 SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
 SLOT(KernelContext_GetOutput, 91); SLOT(ReleaseStatus, 93); SLOT(ReleaseTensorTypeAndShapeInfo, 99);
+SLOT(KernelInfo_GetNodeName, 244);
 
 typedef struct OrtApiBase {
     const OrtApi *(*GetApi)(uint32_t version);
@@ -142,14 +145,14 @@ typedef struct {
     int inputs, required, outputs;
     int out_types;                      /* bit t: a variant with output type t */
     int kind;                           /* reads the string attribute `kind` (an epilogue) */
-    const char *attrs[16];              /* int attributes the op reads */
+    const char *attrs[20];              /* int attributes the op reads */
 } op_spec_t;
 
 static const op_spec_t SPECS[N_OPS] = {
     [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
                                                 "k2", "lo2", "hi2", "zp2", "threads"}},
-    [OP_BMM] = {"IntBmm", 9, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
-                                             "zp", "threads"}},
+    [OP_BMM] = {"IntBmm", 12, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
+                                              "zp", "pb", "pre2", "k2", "lo2", "hi2", "zp2", "threads"}},
     [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
     [OP_SHIFTMAX] = {"IntShiftmax", 5, 2, 1, 1 << OUT_U8, 0, {"X", "n_pow", "bits", "threads"}},
     [OP_REQUANT] = {"IntRequant", 3, 3, 1, INTS, 1, {"pre", "k", "lo", "hi", "zp", "threads"}},
@@ -160,7 +163,8 @@ static const op_spec_t SPECS[N_OPS] = {
 };
 
 static const char *const KINDS[] = {[EPI_RAW] = "raw", [EPI_REQUANT] = "requant", [EPI_TABLE] = "table",
-                                    [EPI_ADD] = "add", [EPI_TABLE_REQUANT] = "table_requant"};
+                                    [EPI_ADD] = "add", [EPI_TABLE_REQUANT] = "table_requant",
+                                    [EPI_ADD_REQUANT] = "add_requant"};
 static const char *const OUT_NAMES[] = {[OUT_U8] = "u8", [OUT_I8] = "i8", [OUT_I32] = "i32", [OUT_F32] = "f32"};
 static const int OUT_ONNX[] = {[OUT_U8] = T_UINT8, [OUT_I8] = T_INT8, [OUT_I32] = T_INT32, [OUT_F32] = T_FLOAT};
 
@@ -173,19 +177,24 @@ typedef struct {
 typedef struct {
     const OrtApi *api;
     int op, out_type, kind;
-    int64_t attr[16];
+    int64_t attr[20];
     float inv_scale;                    /* IntQuantize */
+    char node[128];                     /* the node's name, for errors ("" if none or longer) */
     pthread_mutex_t lock;
     int8_t *packed;                     /* IntGemm: w packed for the kernels, and the w it was packed from */
     const void *packed_from;
 } kernel_t;
 
-static int default_threads;            /* go_ort_set_threads; 0: OpenMP's default */
+static int default_threads;            /* go_ort_set_threads; 0: the CPUs this process may run on */
 
 /* The thread count for kernels whose node says 0 (opt-cli writes 0 unless --threads is given). */
 EXPORT void go_ort_set_threads(int threads) { default_threads = threads; }
 
 EXPORT int go_ort_api_version(void) { return GO_ORT_API_VERSION; }
+
+/* At most this GEMM instruction set in every session (2: AMX, 1: VNNI, 0: portable C), as
+ * cpu_integer_library.limit_isa for the cpu_integer backend's copy of the kernels. */
+EXPORT void go_ort_limit_isa(int level) { go_limit_isa(level); }
 
 static int64_t attr(const kernel_t *kn, const char *name) {
     const char *const *names = SPECS[kn->op].attrs;
@@ -196,7 +205,10 @@ static int64_t attr(const kernel_t *kn, const char *name) {
 
 static int threads_of(const kernel_t *kn) {
     int t = (int)attr(kn, "threads");
-    return t > 0 ? t : default_threads > 0 ? default_threads : omp_get_max_threads();
+    if (t > 0) return t;
+    if (default_threads > 0) return default_threads;
+    cpu_set_t cpus;
+    return sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 0 ? CPU_COUNT(&cpus) : 1;
 }
 
 static OrtStatus *fail(const OrtApi *api, const kernel_t *kn, const char *fmt, ...)
@@ -204,7 +216,8 @@ static OrtStatus *fail(const OrtApi *api, const kernel_t *kn, const char *fmt, .
 
 static OrtStatus *fail(const OrtApi *api, const kernel_t *kn, const char *fmt, ...) {
     char msg[512];
-    int n = snprintf(msg, sizeof msg, "graphopt %s_%s: ", SPECS[kn->op].name, OUT_NAMES[kn->out_type]);
+    int n = snprintf(msg, sizeof msg, "graphopt %s%s%s%s_%s: ", kn->node[0] ? "node '" : "", kn->node,
+                     kn->node[0] ? "' " : "", SPECS[kn->op].name, OUT_NAMES[kn->out_type]);
     va_list args;
     va_start(args, fmt);
     vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, args);
@@ -224,6 +237,12 @@ static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, cons
     kn->kind = EPI_RAW;
     pthread_mutex_init(&kn->lock, NULL);
     *out = kn;                          /* ORT destroys it even when this fails */
+    size_t node_size = sizeof kn->node;
+    OrtStatus *named = api->KernelInfo_GetNodeName(info, kn->node, &node_size);
+    if (named) {                        /* a name longer than the buffer: errors go without it */
+        api->ReleaseStatus(named);
+        kn->node[0] = 0;
+    }
     const char *const *names = SPECS[op->op].attrs;
     for (int i = 0; names[i]; i++) {
         OrtStatus *s = api->KernelInfoGetAttribute_int64(info, names[i], &kn->attr[i]);
@@ -324,18 +343,28 @@ static OrtStatus *vector(const kernel_t *kn, const tensor_t *t, const char *what
 static int out_code(int type) { return type == T_UINT8 ? OUT_U8 : type == T_INT8 ? OUT_I8 : OUT_I32; }
 
 /* 8-bit activations as the u8 the kernels read (i8 v -> v + 128, as cpu_integer_ops._as_u8), rows of k values
- * zero-padded to kp; NULL when the input can be read as it is. */
+ * zero-padded to kp; NULL when the input can be read as it is. Chunks of rows on the kernels' go_pool.h pool. */
+typedef struct { const uint8_t *x; uint8_t *a; int64_t rows, k, kp, chunk; uint8_t x80; } u8_rows_job_t;
+
+static void u8_rows_chunk(const void *p, int64_t c, void **scratch) {
+    (void)scratch;
+    const u8_rows_job_t *j = p;
+    int64_t r1 = (c + 1) * j->chunk < j->rows ? (c + 1) * j->chunk : j->rows;
+    for (int64_t r = c * j->chunk; r < r1; r++) {
+        const uint8_t *src = j->x + r * j->k;
+        uint8_t *dst = j->a + r * j->kp;
+        for (int64_t i = 0; i < j->k; i++) dst[i] = src[i] ^ j->x80;
+        memset(dst + j->k, 0, (size_t)(j->kp - j->k));
+    }
+}
+
 static uint8_t *as_u8_rows(const void *x, int64_t rows, int64_t k, int64_t kp, int flip, int threads) {
     if (!flip && k == kp) return NULL;
-    uint8_t *a = malloc((size_t)(rows * kp)), x80 = flip ? 0x80 : 0;
+    uint8_t *a = malloc((size_t)(rows * kp));
     if (!a) return NULL;
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * kp > (1 << 16))
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *src = (const uint8_t *)x + r * k;
-        uint8_t *dst = a + r * kp;
-        for (int64_t j = 0; j < k; j++) dst[j] = src[j] ^ x80;
-        memset(dst + k, 0, (size_t)(kp - k));
-    }
+    int64_t chunk = pool_chunk(rows, threads, (1 << 16) / (kp < 1 ? 1 : kp));
+    u8_rows_job_t j = {x, a, rows, k, kp, chunk, flip ? 0x80 : 0};
+    pool_run(threads, (rows + chunk - 1) / chunk, u8_rows_chunk, NULL, &j);
     return a;
 }
 
@@ -478,10 +507,12 @@ static OrtStatus *softmax_params(const kernel_t *kn, const tensor_t *pow2, const
 }
 
 /* ---- IntBmm: cpu_integer_ops.int_bmm ------------------------------------------------------------------ */
+/* Kind add_requant (token_merge before integer_only): the size term joins the raw accumulator by int.add (m, mb,
+ * c; pre, pb), then the m2, c2 requant, then Shiftmax: the kernels' softmax_t.logits record (EPI_ADD_REQUANT). */
 static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     const OrtApi *api = kn->api;
-    tensor_t in[9];
-    for (size_t i = 0; i < 9; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[12];
+    for (size_t i = 0; i < 12; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *a = &in[0], *b = &in[1];
     int64_t flip_a = attr(kn, "flip_a"), flip_b = attr(kn, "flip_b");
     if (a->rank < 3 || a->rank > 4 || b->rank != a->rank)
@@ -495,14 +526,22 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
             N = b->dims[r - 1];
     if (b->dims[r - 2] != K || (r == 4 && b->dims[0] != B1) || b->dims[r - 3] != B2)
         return fail(api, kn, "b's batch dims or K (%lld) do not match a's", (long long)b->dims[r - 2]);
-    int softmax = in[5].data != NULL, requant = kn->kind == EPI_REQUANT;
-    if (kn->kind != EPI_RAW && !requant) return fail(api, kn, "epilogue kind '%s' is not one of a bmm", KINDS[kn->kind]);
+    int softmax = in[5].data != NULL, requant = kn->kind == EPI_REQUANT, add_rq = kn->kind == EPI_ADD_REQUANT;
+    if (kn->kind != EPI_RAW && !requant && !add_rq)
+        return fail(api, kn, "epilogue kind '%s' is not one of a bmm", KINDS[kn->kind]);
     if (softmax && kn->out_type != OUT_U8) return fail(api, kn, "with pow2 (Shiftmax) the output is u8");
     if (!softmax && (in[6].data || in[7].data || in[8].data))
         return fail(api, kn, "mask, sizes and table are Shiftmax inputs: pow2 is missing");
+    if (add_rq && (!softmax || !in[7].data))
+        return fail(api, kn, "kind add_requant needs Shiftmax (pow2) and the size term (sizes, table)");
+    if (!add_rq && (in[9].data || in[10].data || in[11].data))
+        return fail(api, kn, "mb, m2 and c2 belong to kind add_requant");
     TRY(vector(kn, &in[2], "bias", N, 1));
-    TRY(vector(kn, &in[3], "m", N, requant));
-    TRY(vector(kn, &in[4], "c", N, requant));
+    TRY(vector(kn, &in[3], "m", N, requant || add_rq));
+    TRY(vector(kn, &in[4], "c", N, requant || add_rq));
+    TRY(vector(kn, &in[9], "mb", N, add_rq));
+    TRY(vector(kn, &in[10], "m2", N, add_rq));
+    TRY(vector(kn, &in[11], "c2", N, add_rq));
     int64_t shape[4] = {B1, B2, M, N}, dims[4];
     memcpy(dims, a->dims, sizeof(int64_t) * r);
     dims[r - 1] = N;
@@ -516,9 +555,19 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         free(owned[1]);
         return s;
     }
-    epilogue_t e = {.kind = kn->kind, .out_type = softmax ? OUT_I32 : kn->out_type, .bias = in[2].data,
-                    .pre = (int32_t)attr(kn, "pre"), .k = (int32_t)attr(kn, "k"), .lo = (int32_t)attr(kn, "lo"),
-                    .hi = (int32_t)attr(kn, "hi"), .zp = (int32_t)attr(kn, "zp"), .m = in[3].data, .c = in[4].data};
+    epilogue_t logits = {.kind = EPI_ADD_REQUANT, .out_type = OUT_I32, .pre = (int32_t)attr(kn, "pre"),
+                         .k = (int32_t)attr(kn, "k"), .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"),
+                         .zp = (int32_t)attr(kn, "zp"), .m = in[3].data, .c = in[4].data,
+                         .pb = (int32_t)attr(kn, "pb"), .mb = in[9].data, .m2 = in[10].data, .c2 = in[11].data,
+                         .pre2 = (int32_t)attr(kn, "pre2"), .k2 = (int32_t)attr(kn, "k2"),
+                         .lo2 = (int32_t)attr(kn, "lo2"), .hi2 = (int32_t)attr(kn, "hi2"),
+                         .zp2 = (int32_t)attr(kn, "zp2")};
+    if (add_rq) sm.logits = &logits;
+    /* add_requant: the bmm itself leaves the raw accumulator (+ bias), as cpu_integer_ops.int_bmm */
+    epilogue_t e = {.kind = add_rq ? EPI_RAW : kn->kind, .out_type = softmax ? OUT_I32 : kn->out_type,
+                    .bias = in[2].data, .pre = (int32_t)attr(kn, "pre"), .k = (int32_t)attr(kn, "k"),
+                    .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"), .zp = (int32_t)attr(kn, "zp"),
+                    .m = add_rq ? NULL : in[3].data, .c = add_rq ? NULL : in[4].data};
     int threads = threads_of(kn);
     uint8_t *au = as_u8_rows(a->data, B1 * B2 * M, K, K, (int)flip_a, threads);
     if (!au && flip_a) {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from graphopt.backends import LoweringError
 from graphopt.backends.c_build import FLAGS, load
+from graphopt.backends.cpu_integer_library import ISA_LEVELS
 
 SOURCE = Path(__file__).with_name("ort_custom_ops.c")
 KERNELS = [Path(__file__).with_name(f"cpu_integer_{part}.c") for part in ("kernels", "tokens", "edges")]
@@ -24,14 +25,21 @@ def library() -> ctypes.CDLL:
     (the build cache keys on the flags), so a change to them rebuilds it. ``-ffp-contract=off`` as for
     cpu_integer_edges.c: the float edges round the product before the add, as the reference does. Linked
     ``-z nodelete``: the GEMM's helper threads run the library's code, so ONNX Runtime must not unmap it when a
-    session closes."""
+    session closes. No ``-fopenmp``: every kernel runs on the go_pool.h pool."""
     kernels_key = hashlib.sha256(b"".join(path.read_bytes() for path in KERNELS)).hexdigest()[:16]
     lib = load(SOURCE, "ort_custom_ops", "the ONNX Runtime custom-op library",
-               FLAGS + ["-ffp-contract=off", "-fvisibility=hidden", "-Wl,-z,nodelete",
+               [f for f in FLAGS if f != "-fopenmp"] + ["-ffp-contract=off", "-fvisibility=hidden", "-Wl,-z,nodelete",
                         f"-DGO_KERNELS_SOURCE={kernels_key}"])
     lib.go_ort_set_threads.argtypes = [ctypes.c_int]
     lib.go_ort_api_version.restype = ctypes.c_int
+    lib.go_ort_limit_isa.argtypes = [ctypes.c_int]
     return lib
+
+
+def limit_isa(name: str) -> None:
+    """Use at most this GEMM instruction set in every session of this process (``cpu_integer_library.ISA_LEVELS``;
+    the library holds its own copy of the kernels, which ``cpu_integer_library.limit_isa`` does not reach)."""
+    library().go_ort_limit_isa(ISA_LEVELS[name])
 
 
 def library_path() -> str:
@@ -61,7 +69,7 @@ def session(model, *, threads: int | None = None, optimization_level: str = "all
 
     check_onnxruntime()
     options = session_options(threads, optimization_level)
-    # ONNX Runtime's idle pool threads would spin on the cores the kernels' OpenMP threads need (measured on
+    # ONNX Runtime's idle pool threads would spin on the cores the kernels' pool threads need (measured on
     # DeiT-S, 2 cores: 1.15x cpu_integer's time with spinning, 0.88x without, machine loaded)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.register_custom_ops_library(library_path())

@@ -36,7 +36,7 @@ def stage(text):
 
 def session(path, custom_ops=None):
     options = ort.SessionOptions()
-    if custom_ops:  # as graphopt's custom_ops_session: no idle spinning against the kernels' OpenMP threads
+    if custom_ops:  # as graphopt's custom_ops_session: no idle spinning against the kernels' pool threads
         options.register_custom_ops_library(custom_ops)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if cfg["threads"] is not None:

@@ -352,10 +352,9 @@ def test_attention_with_proportional_attention_stays_one_bmm(isa, masked, lookup
     _check(graph, inputs + [size_values, _rand((2, 3, 19, 8), I8, g)], {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
 
 
-@pytest.mark.parametrize("masked,term_first,reshaped", [(False, False, True), (True, True, False)])
-def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped):
-    """token_merge before integer_only: the size term joins the matmul's int32 accumulator by an int.add (its own
-    multipliers), then the scores' requant, then Shiftmax: one attention kernel, per-column constants."""
+def _size_term_attention_graph(masked, term_first, reshaped):
+    """Attention as token_merge before integer_only makes it: the size term joins the matmul's int32 accumulator by
+    an int.add (its own per-column multipliers), then the scores' requant, Shiftmax, the matmul with v; and inputs."""
     g = _gen(14)
     graph = Graph("before")
     q = graph.add_input("q", TensorType(U8, (2, 3, 17, 64)))
@@ -377,6 +376,14 @@ def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_firs
     inputs = [_rand((2, 3, 17, 64), U8, g), _rand((2, 3, 64, 19), I8, g)]
     inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
     inputs += [_rand(tuple(sizes.type.shape), I32, g, -2, 14), _rand((2, 3, 19, 8), I8, g)]   # sizes clamped both ends
+    return graph, inputs
+
+
+@pytest.mark.parametrize("masked,term_first,reshaped", [(False, False, True), (True, True, False)])
+def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped):
+    """token_merge before integer_only: the size term joins the matmul's int32 accumulator by an int.add (its own
+    multipliers), then the scores' requant, then Shiftmax: one attention kernel, per-column constants."""
+    graph, inputs = _size_term_attention_graph(masked, term_first, reshaped)
     report = _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0, "cpu.int_add": 0, "cpu.int_requant": 0})
     assert [e.kernel for e in report] == ["cpu.int_bmm", "cpu.int_bmm"], str(report)
 

@@ -23,8 +23,19 @@ except kernels.KernelBuildError as e:       # no C compiler on this machine
 from graphopt.backends.onnx.cpu_integer_ops import DOMAIN, to_onnx_custom_ops, unpack_b  # noqa: E402
 from graphopt.backends.onnxruntime_backend import custom_ops_session  # noqa: E402
 from graphopt.backends.registry import lower  # noqa: E402
+from graphopt.backends.ort_custom_ops import limit_isa  # noqa: E402
 from tests.test_cpu_integer import (I8, I32, U8, _broadcast_add_graph, _gen, _layernorm_graph,  # noqa: E402
-                                    _linear_graph, _rand, _sibling_linears)
+                                    _linear_graph, _rand, _sibling_linears, _size_term_attention_graph)
+
+
+@pytest.fixture(params=kernels.available_isas())
+def isa(request):
+    """Each GEMM instruction set this CPU has, in the custom-op library and in cpu_integer alike."""
+    limit_isa(request.param)
+    kernels.limit_isa(request.param)
+    yield request.param
+    limit_isa("amx")
+    kernels.limit_isa("amx")
 
 
 def _run(session, graph: Graph, inputs) -> list[torch.Tensor]:
@@ -50,7 +61,7 @@ def _check(graph: Graph, inputs, custom_ops: dict[str, int], threads=1):
 
 # ---- each kernel --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("x_dtype,k", [(U8, 64), (I8, 36), (U8, 30)])
-def test_linear_requant_and_raw(x_dtype, k):
+def test_linear_requant_and_raw(isa, x_dtype, k):
     """Both 8-bit input types (i8 read as u8 + 128) and a K padded to a multiple of 4."""
     graph, y, x, g = _linear_graph(k=k, x_dtype=x_dtype, bias=True)
     m, c = graph.add_constant(_rand((40,), I32, g, 1, 511)), graph.add_constant(_rand((40,), I32, g, -99, 99))
@@ -119,6 +130,16 @@ def test_attention_bmm_with_shiftmax(k, masked, rank):
     inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
     inputs += [_rand(lead + (19, 8), I8, g)]
     _check(graph, inputs, {"IntBmm_u8": 2})
+
+
+@pytest.mark.parametrize("masked,term_first,reshaped", [(False, False, True), (True, True, False)])
+def test_attention_with_the_size_term_before_the_requant(isa, masked, term_first, reshaped):
+    """token_merge before integer_only: int.add of the size term to the accumulator (either operand order: its pa
+    and pb swap), the scores' requant and Shiftmax are one IntBmm of kind add_requant."""
+    graph, inputs = _size_term_attention_graph(masked, term_first, reshaped)
+    model = _check(graph, inputs, {"IntBmm_u8": 1, "IntBmm_i32": 1})
+    kinds = [a.s for n in model.graph.node if n.domain == DOMAIN for a in n.attribute if a.name == "kind"]
+    assert sorted(kinds) == [b"add_requant", b"raw"]
 
 
 @pytest.mark.parametrize("X", [96, 128])
@@ -204,9 +225,10 @@ def tome_vit():
 @pytest.mark.parametrize("integer_first", [True, False])
 def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_first):
     """Token merging, its proportional attention and the float edges are custom ops: cpu_integer runs no int.* op
-    by its reference; the kernel graph keeps none integer_only first, and token_merge first the size lookup that
-    reaches the logits through an int.add (the library has no IntBmm of kind add_requant); outputs equal the
-    reference's and cpu_integer's, batch 1 and 3, repeated on one session."""
+    by its reference and the kernel graph keeps none: block 2's proportional attention is in its IntBmm, as the
+    Shiftmax's size term (integer_only first) or the int.add of that term to the accumulator before the scores'
+    requant (token_merge first: kind add_requant); outputs equal the reference's and cpu_integer's, batch 1 and 3,
+    repeated on one session."""
     from graphopt.backends.kernels import fusion_rules
     from graphopt.backends.onnx.cpu_integer_ops import kernel_graph
     from graphopt.passes import PassManager
@@ -222,14 +244,16 @@ def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_fir
     on_reference = {e.nodes.split("(", 1)[1].split(")", 1)[0] for e in cpu.report if e.kernel == "reference"}
     assert on_reference == set(), str(cpu.report)
     left = {op for op in kernel_graph(graph, fusion_rules("cpu_integer").rules).op_counts() if op.startswith("int.")}
-    assert left == (set() if integer_first else {"int.lookup"})
+    assert left == set()
     onnx_model = to_onnx_custom_ops(graph)
     custom = [n for n in onnx_model.graph.node if n.domain == DOMAIN]
     types = {n.op_type for n in custom}
     assert {"IntTokenMerge_i32", "IntQuantize_u8", "IntDequantize_f32", "IntBmm_u8"} <= types
     assert all(len(n.output) == 2 for n in custom if n.op_type == "IntTokenMerge_i32")
     with_sizes = [n for n in custom if n.op_type in ("IntBmm_u8", "IntShiftmax_u8") and len(n.input) > 7]
-    assert len(with_sizes) == (1 if integer_first else 0)      # block 2's proportional attention, in its kernel
+    assert [n.op_type for n in with_sizes] == ["IntBmm_u8"]     # block 2's proportional attention, in its kernel
+    kind = next(a.s for a in with_sizes[0].attribute if a.name == "kind")
+    assert kind == (b"requant" if integer_first else b"add_requant")
     assert not {"MatMulInteger", "Floor", "QuantizeLinear", "DequantizeLinear", "TopK", "ScatterElements",
                 "ArgMax"} & {n.op_type for n in onnx_model.graph.node}
     session = custom_ops_session(onnx_model, threads=2)
@@ -436,10 +460,10 @@ def _custom_model(op_type, inputs, x_type, y_type=TensorProto.INT32, **attrs):
 
 def test_bad_nodes_are_errors_naming_node_and_op():
     attrs = dict(kind="requant", pre=0, k=0, lo=-100, hi=100, zp=0, threads=1)
-    with pytest.raises(LoweringError, match="IntRequant_i32.*no int attribute 'zp'"):
+    with pytest.raises(LoweringError, match="node 'my_node' IntRequant_i32: the node has no int attribute 'zp'"):
         custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.INT32,
                                          **{k: v for k, v in attrs.items() if k != "zp"}))
-    with pytest.raises(LoweringError, match="unknown epilogue kind 'fancy'"):
+    with pytest.raises(LoweringError, match="node 'my_node' IntRequant_i32: unknown epilogue kind 'fancy'"):
         custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.INT32, **dict(attrs, kind="fancy")))
     session = custom_ops_session(_custom_model("IntRequant_i32", ["m", "c"], TensorProto.FLOAT, **attrs))
     with pytest.raises(Exception, match="my_node.*IntRequant_i32: x must be uint8, int8 or int32"):
@@ -450,7 +474,7 @@ def test_bad_nodes_are_errors_naming_node_and_op():
         session.run(None, {"x": np.zeros((2, 4), np.int32)})
     with pytest.raises(LoweringError, match=r"my_node.*IntRequant_i32.*input size 2"):   # ONNX Runtime's own check
         custom_ops_session(_custom_model("IntRequant_i32", ["m"], TensorProto.INT32, **attrs))
-    with pytest.raises(LoweringError, match="IntQuantize_u8.*no float attribute 'inv_scale'"):
+    with pytest.raises(LoweringError, match="node 'my_node' IntQuantize_u8: the node has no float attribute"):
         custom_ops_session(_custom_model("IntQuantize_u8", [], TensorProto.FLOAT, TensorProto.UINT8, zero_point=0,
                                          lo=-128, hi=127, threads=1))
     session = custom_ops_session(_custom_model("IntShiftmax_u8", ["pow2", "", "m"], TensorProto.INT32,

@@ -44,7 +44,7 @@ _DTYPE_NAMES = {**{dtype: name for name, dtype in INT_DTYPES.items()}, torch.flo
 def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = None) -> onnx.ModelProto:
     """``graph`` (with int.* ops) lowered to cpu_integer's kernels and written with them as custom ops.
     ``threads``: the kernels' thread count, written into each node; 0 leaves it to the library (its
-    ``go_ort_set_threads``, else OpenMP's default)."""
+    ``go_ort_set_threads``, else the CPUs the process may run on)."""
     import graphopt.backends.cpu_integer  # noqa: F401  (registers cpu_integer's fusion rules)
 
     lowered = kernel_graph(graph, fusion_rules("cpu_integer").rules)
@@ -162,19 +162,13 @@ def unpack_b(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return weight.reshape(n, k)
 
 
-def _no_add_requant(node: Node) -> str | None:
-    """The library's IntBmm has no kind add_requant (the size term added to the accumulator before the requant)."""
-    return f"{node.op} of kind 'add_requant' has no custom op" if node.attrs["kind"] == "add_requant" else None
-
-
 def _no_column_shifts(node: Node) -> str | None:
     """The library's IntGemm has one shift k (no per-column ``ks``: sibling layers of different shifts)."""
     ks = node.inputs[10] if len(node.inputs) > 10 else None
     return f"{node.op} with a shift per column (ks) has no custom op" if ks is not None else None
 
 
-_SUPPORTS = {"cpu.int_bmm": _no_add_requant, "cpu.int_gemm": _no_column_shifts}
-
 for _op in OP_TYPES:
-    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}", supports=_SUPPORTS.get(_op))(
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
+                    supports=_no_column_shifts if _op == "cpu.int_gemm" else None)(
         _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
