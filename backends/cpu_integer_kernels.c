@@ -174,8 +174,7 @@ static void tile_portable(const uint8_t *a, int64_t lda, int mr, const int8_t *b
 typedef struct { uint32_t m; int shift; } divisor_t;   /* m = ceil(2^(31+l) / d) < 2^32, l = ceil(log2 d) */
 
 static inline divisor_t make_divisor(uint32_t d) {
-    int l = 0;
-    while (((uint64_t)1 << l) < d) l++;
+    int l = d > 1 ? 32 - __builtin_clz(d - 1) : 0;        /* ceil(log2 d) without a loop (once per row) */
     divisor_t v = {(uint32_t)((((uint64_t)1 << (31 + l)) + d - 1) / d), 31 + l};
     return v;
 }
