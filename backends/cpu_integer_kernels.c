@@ -430,7 +430,7 @@ typedef struct {
     void *out;
 } bmm_job_t;
 
-typedef struct {                            /* one thread's buffers for go_bmm */
+typedef struct {                            /* one thread's buffers for go_bmm, carved from one allocation */
     int isa;
     int8_t *bp;
     uint8_t *ap, *tail;
@@ -440,24 +440,36 @@ typedef struct {                            /* one thread's buffers for go_bmm *
 static void bmm_fini(void *p) {
     bmm_scratch_t *w = p;
     if (w->isa == 2) amx_release();
-    free(w->bp); free(w->ap); free(w->tail); free(w->colsum); free(w->bias); free(w->scores); free(w->erow);
-    free(w->xb); free(w->brow); free(w);
+    free(w);
 }
 
+/* The next 64-byte aligned piece of `bytes` at *at (advancing it). */
+static void *carve(char **at, int64_t bytes) {
+    void *p = *at;
+    *at += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+/* scores holds one row block's int32 rows (Shiftmax runs block by block). */
 static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     const softmax_t *sm = j->sm;
-    int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
-    bmm_scratch_t *w = malloc(sizeof(bmm_scratch_t));
+    int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M, n4 = 4 * N;
+    int64_t bytes[] = {go_packed_size(N, padk), rows_padded * padk, AMX_M * padk, n4, n4, sm ? AMX_M * n4 : 0,
+                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0};
+    int64_t total = 64 * 2;
+    for (int t = 0; t < 9; t++) total += (bytes[t] + 63) / 64 * 64;
+    bmm_scratch_t *w = aligned_alloc(64, (size_t)total);
+    char *at = (char *)w + 64 * 2;          /* the struct itself in the first 128 bytes */
     w->isa = j->isa;
-    w->bp = malloc((size_t)go_packed_size(N, padk));
-    w->ap = malloc((size_t)(rows_padded * padk));
-    w->tail = malloc((size_t)(AMX_M * padk));
-    w->colsum = malloc(sizeof(int32_t) * (size_t)N);
-    w->bias = malloc(sizeof(int32_t) * (size_t)N);
-    w->scores = sm ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
-    w->erow = sm ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-    w->xb = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-    w->brow = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+    w->bp = carve(&at, bytes[0]);
+    w->ap = carve(&at, bytes[1]);
+    w->tail = carve(&at, bytes[2]);
+    w->colsum = carve(&at, bytes[3]);
+    w->bias = carve(&at, bytes[4]);
+    w->scores = carve(&at, bytes[5]);
+    w->erow = carve(&at, bytes[6]);
+    w->xb = carve(&at, bytes[7]);
+    w->brow = carve(&at, bytes[8]);
     if (j->isa == 2) amx_configure();
     return w;
 }
@@ -562,21 +574,21 @@ static void bmm_item(const void *arg, int64_t i, void **scratch) {
     const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
     int64_t la = j->sam, bm = j->isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, in_place = blocks;
     if (padk != K) {
-        int whole = j->isa == 2 || la < padk - K || eb.kind == EPI_ADD;   /* EPI_ADD: res rows follow row0 */
+        int whole = j->isa == 2 || la < padk - K;
         int64_t r0 = whole ? 0 : (blocks - 1) * bm;
         memset(w->ap, 0, (size_t)((M - r0) * padk));
         for (int64_t r = r0; r < M; r++) memcpy(w->ap + (r - r0) * padk, a + r * la, (size_t)K);
         if (whole) { a = w->ap; la = padk; }
         else in_place = blocks - 1;
     }
-    size_t esize = sm ? sizeof(int32_t) : (size_t)j->osize;
-    char *o = (char *)j->out + i * M * N * j->osize, *y = sm ? (char *)w->scores : o;
-    for (int64_t blk = 0; blk < blocks; blk++) {
+    char *o = (char *)j->out + i * M * N * j->osize;
+    for (int64_t blk = 0; blk < blocks; blk++) {          /* each row block as a GEMM of its own rows */
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
-        if (blk < in_place) gemm_blocks(j->isa, a, la, M, padk, w->bp, N, &eb, y, N, blk, blk + 1, w->tail);
-        else gemm_blocks(j->isa, w->ap, padk, rows, padk, w->bp, N, &eb, y + row0 * N * esize, N, 0, 1, w->tail);
-        if (sm) softmax_rows(sm, w->scores + row0 * N, i1, i2, row0, rows, N, w->erow, w->xb, w->brow,
-                             (uint8_t *)o + row0 * N);
+        void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
+        if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
+        if (blk < in_place) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
+        else gemm_blocks(j->isa, w->ap, padk, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
+        if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
     }
 }
 
@@ -641,9 +653,8 @@ static inline __mmask16 keep_mask(const uint8_t *mask, int64_t j, __mmask16 k) {
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
                                 const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
-    int logx = -1;                          /* X = 2^logx: shift_pow2 by shifts instead of the table */
-    for (int t = 0; t < 31; t++)
-        if (sm->X == 1 << t) logx = t;
+    int32_t X = sm->X;                      /* X = 2^logx: shift_pow2 by shifts instead of the table */
+    int logx = X > 0 && (X & (X - 1)) == 0 ? __builtin_ctz((uint32_t)X) : -1;
     __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx = _mm512_set1_epi32(INT32_MIN);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 k = tail_mask(L - j), keep = keep_mask(mask, j, k);
