@@ -518,7 +518,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, int64_t Kpad, int flip, int8_t *out,
                              int32_t *colsum) {
     int64_t K4 = (Kpad + 3) / 4, full = K / 4;
-    const __m512i ones = _mm512_set1_epi8(1), x = _mm512_set1_epi8(flip ? (char)0x80 : 0), zero = _mm512_setzero_si512();
+    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+    const __m512i x = _mm512_set1_epi8(flip ? (char)0x80 : 0);
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int32_t)sn));
     for (int64_t p = 0; p * NR < N; p++) {
@@ -536,7 +537,8 @@ static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, 
                 } else {
                     int8_t tmp[64] __attribute__((aligned(64))) = {0};
                     for (int j = 0; j < 16 && n0 + j < N; j++)
-                        for (int64_t k = 4 * g; k < K; k++) tmp[4 * j + k % 4] = (int8_t)(base[j * sn + k] ^ (flip ? 0x80 : 0));
+                        for (int64_t k = 4 * g; k < K; k++)
+                            tmp[4 * j + k % 4] = (int8_t)(base[j * sn + k] ^ (flip ? 0x80 : 0));
                     v = _mm512_load_si512(tmp);
                 }
                 _mm512_storeu_si512(dst + g * NR * 4 + 64 * h, v);
@@ -552,7 +554,8 @@ static void pack_item(const bmm_job_t *j, const int8_t *b, int8_t *out, int32_t 
     int64_t N = j->N, K = j->K;
     int vec = j->isa >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
     if (vec && j->sbn == 1) pack_rows_avx512(b, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
-    else if (vec && j->sbk == 1 && j->sbn > 0 && j->sbn < (1 << 26)) pack_cols_avx512(b, j->sbn, N, K, j->padk, j->b_flip, out, colsum);
+    else if (vec && j->sbk == 1 && j->sbn > 0 && j->sbn < (1 << 26))      /* 15 sn fits the gather's int32 */
+        pack_cols_avx512(b, j->sbn, N, K, j->padk, j->b_flip, out, colsum);
     else pack_strided(b, j->sbn, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
 }
 
