@@ -175,8 +175,7 @@ static void tile_portable(const uint8_t *a, int64_t lda, int mr, const int8_t *b
 typedef struct { uint32_t m; int shift; } divisor_t;   /* m = ceil(2^(31+l) / d) < 2^32, l = ceil(log2 d) */
 
 static inline divisor_t make_divisor(uint32_t d) {
-    int l = 0;
-    while (((uint64_t)1 << l) < d) l++;
+    int l = d > 1 ? 32 - __builtin_clz(d - 1) : 0;        /* ceil(log2 d) without a loop (once per row) */
     divisor_t v = {(uint32_t)((((uint64_t)1 << (31 + l)) + d - 1) / d), 31 + l};
     return v;
 }
@@ -459,7 +458,7 @@ typedef struct {
     void *out;
 } bmm_job_t;
 
-typedef struct {                            /* one thread's buffers for go_bmm */
+typedef struct {                            /* one thread's buffers for go_bmm, carved from one allocation */
     int isa;
     int8_t *bp;
     uint8_t *ap, *tail;
@@ -469,29 +468,129 @@ typedef struct {                            /* one thread's buffers for go_bmm *
 static void bmm_fini(void *p) {
     bmm_scratch_t *w = p;
     if (w->isa == 2) amx_release();
-    free(w->bp); free(w->ap); free(w->tail); free(w->colsum); free(w->bias); free(w->scores); free(w->erow);
-    free(w->xb); free(w->brow); free(w);
+    free(w);
 }
 
+/* The next 64-byte aligned piece of `bytes` at *at (advancing it). */
+static void *carve(char **at, int64_t bytes) {
+    void *p = *at;
+    *at += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+/* scores holds one row block's int32 rows (Shiftmax runs block by block). */
 static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     const softmax_t *sm = j->sm;
-    int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M;
-    bmm_scratch_t *w = malloc(sizeof(bmm_scratch_t));
+    int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M, n4 = 4 * N;
+    int64_t bytes[] = {go_packed_size(N, padk), rows_padded * padk, AMX_M * padk, n4, n4, sm ? AMX_M * n4 : 0,
+                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0};
+    int64_t total = 64 * 2;
+    for (int t = 0; t < 9; t++) total += (bytes[t] + 63) / 64 * 64;
+    bmm_scratch_t *w = aligned_alloc(64, (size_t)total);
+    char *at = (char *)w + 64 * 2;          /* the struct itself in the first 128 bytes */
     w->isa = j->isa;
-    w->bp = malloc((size_t)go_packed_size(N, padk));
-    w->ap = malloc((size_t)(rows_padded * padk));
-    w->tail = malloc((size_t)(AMX_M * padk));
-    w->colsum = malloc(sizeof(int32_t) * (size_t)N);
-    w->bias = malloc(sizeof(int32_t) * (size_t)N);
-    w->scores = sm ? malloc(sizeof(int32_t) * (size_t)(M * N)) : NULL;
-    w->erow = sm ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-    w->xb = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
-    w->brow = sm && sm->sizes ? malloc(sizeof(int32_t) * (size_t)N) : NULL;
+    w->bp = carve(&at, bytes[0]);
+    w->ap = carve(&at, bytes[1]);
+    w->tail = carve(&at, bytes[2]);
+    w->colsum = carve(&at, bytes[3]);
+    w->bias = carve(&at, bytes[4]);
+    w->scores = carve(&at, bytes[5]);
+    w->erow = carve(&at, bytes[6]);
+    w->xb = carve(&at, bytes[7]);
+    w->brow = carve(&at, bytes[8]);
     if (j->isa == 2) amx_configure();
     return w;
 }
 
-/* Batch item i of go_bmm. */
+/* ---- go_bmm's per-item packing of B on AVX-512: the layout of pack_strided (zero padding included) ---- */
+/* n contiguous (element (n, k) at b[k sk + n]): each k4 group of a panel is 4 rows of 32 bytes, interleaved
+ * byte by byte with one dword permute across the 4 rows and one in-lane byte shuffle. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void pack_rows_avx512(const int8_t *b, int64_t sk, int64_t N, int64_t K, int64_t Kpad, int flip, int8_t *out,
+                             int32_t *colsum) {
+    int64_t K4 = (Kpad + 3) / 4;
+    const __m512i idx0 = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(4));
+    const __m512i spread = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t p = 0; p * NR < N; p++) {
+        int64_t nr = N - p * NR < NR ? N - p * NR : NR;
+        __mmask32 cols = nr == NR ? 0xFFFFFFFFu : (__mmask32)((1u << nr) - 1);
+        __m256i x = _mm256_maskz_set1_epi8(cols, flip ? (char)0x80 : 0);
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        int8_t *dst = out + p * K4 * NR * 4;
+        for (int64_t g = 0; g < K4; g++) {
+            __m256i r[4];
+            for (int t = 0; t < 4; t++) {
+                int64_t k = 4 * g + t;
+                r[t] = k < K ? _mm256_xor_si256(_mm256_maskz_loadu_epi8(cols, b + k * sk + p * NR), x)
+                             : _mm256_setzero_si256();
+            }
+            __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1);
+            __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(r[2]), r[3], 1);
+            __m512i o0 = _mm512_shuffle_epi8(_mm512_permutex2var_epi32(lo, idx0, hi), spread);
+            __m512i o1 = _mm512_shuffle_epi8(_mm512_permutex2var_epi32(lo, idx1, hi), spread);
+            _mm512_storeu_si512(dst + g * NR * 4, o0);
+            _mm512_storeu_si512(dst + g * NR * 4 + 64, o1);
+            s0 = _mm512_dpbusd_epi32(s0, ones, o0);
+            s1 = _mm512_dpbusd_epi32(s1, ones, o1);
+        }
+        _mm512_mask_storeu_epi32(colsum + p * NR, (__mmask16)cols, s0);
+        _mm512_mask_storeu_epi32(colsum + p * NR + 16, (__mmask16)(cols >> 16), s1);
+    }
+}
+
+/* k contiguous (element (n, k) at b[n sn + k]): each k4 group of 16 columns is one dword gather; a last
+ * group with fewer than 4 k is built byte by byte (a gather would read past the column). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, int64_t Kpad, int flip, int8_t *out,
+                             int32_t *colsum) {
+    int64_t K4 = (Kpad + 3) / 4, full = K / 4;
+    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+    const __m512i x = _mm512_set1_epi8(flip ? (char)0x80 : 0);
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int32_t)sn));
+    for (int64_t p = 0; p * NR < N; p++) {
+        int8_t *dst = out + p * K4 * NR * 4;
+        for (int h = 0; h < 2; h++) {
+            int64_t n0 = p * NR + 16 * h;
+            __mmask16 cols = n0 >= N ? 0 : tail_mask(N - n0);
+            const int8_t *base = b + (n0 < N ? n0 : 0) * sn;
+            __m512i s = zero;
+            for (int64_t g = 0; g < K4; g++) {
+                __m512i v;
+                if (g < full) {
+                    v = _mm512_mask_i32gather_epi32(zero, cols, lane, base + 4 * g, 1);
+                    v = _mm512_maskz_xor_epi32(cols, v, x);
+                } else {
+                    int8_t tmp[64] __attribute__((aligned(64))) = {0};
+                    for (int j = 0; j < 16 && n0 + j < N; j++)
+                        for (int64_t k = 4 * g; k < K; k++)
+                            tmp[4 * j + k % 4] = (int8_t)(base[j * sn + k] ^ (flip ? 0x80 : 0));
+                    v = _mm512_load_si512(tmp);
+                }
+                _mm512_storeu_si512(dst + g * NR * 4 + 64 * h, v);
+                s = _mm512_dpbusd_epi32(s, ones, v);
+            }
+            if (cols) _mm512_mask_storeu_epi32(colsum + n0, cols, s);
+        }
+    }
+}
+
+/* B of one batch item packed like pack_strided, by the AVX-512 packers when its layout fits them. */
+static void pack_item(const bmm_job_t *j, const int8_t *b, int8_t *out, int32_t *colsum) {
+    int64_t N = j->N, K = j->K;
+    int vec = j->isa >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
+    if (vec && j->sbn == 1) pack_rows_avx512(b, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
+    else if (vec && j->sbk == 1 && j->sbn > 0 && j->sbn < (1 << 26))      /* 15 sn fits the gather's int32 */
+        pack_cols_avx512(b, j->sbn, N, K, j->padk, j->b_flip, out, colsum);
+    else pack_strided(b, j->sbn, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
+}
+
+/* Batch item i of go_bmm, row block by row block: with Shiftmax each block's int32 scores are turned into
+ * its u8 rows while still in L1. When K % 4 != 0 the k4 groups of a row read up to 3 bytes past it, which
+ * the packed B's zero rows cancel; those bytes lie inside A (the next row's span) except after the item's
+ * last rows, so only the last block is copied with zero padding (all of A for AMX or a row stride < 3). */
 static void bmm_item(const void *arg, int64_t i, void **scratch) {
     const bmm_job_t *j = arg;
     const softmax_t *sm = j->sm;
@@ -501,21 +600,27 @@ static void bmm_item(const void *arg, int64_t i, void **scratch) {
     epilogue_t eb = *j->e;
     eb.bias = w->bias;
     if (sm) eb.out_type = OUT_I32;
-    const int8_t *b = j->B + i1 * j->sb1 + i2 * j->sb2;
-    pack_strided(b, j->sbn, j->sbk, N, K, padk, j->b_flip, w->bp, w->colsum);
+    pack_item(j, j->B + i1 * j->sb1 + i2 * j->sb2, w->bp, w->colsum);
     for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
     const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
-    int64_t la = j->sam;
-    if (padk != K) {                          /* zero-padded copy so every k group is inside the row */
-        memset(w->ap, 0, (size_t)(M * padk));
-        for (int64_t r = 0; r < M; r++) memcpy(w->ap + r * padk, a + r * j->sam, (size_t)K);
-        a = w->ap;
-        la = padk;
+    int64_t la = j->sam, bm = j->isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, in_place = blocks;
+    if (padk != K) {
+        int whole = j->isa == 2 || la < padk - K;
+        int64_t r0 = whole ? 0 : (blocks - 1) * bm;
+        memset(w->ap, 0, (size_t)((M - r0) * padk));
+        for (int64_t r = r0; r < M; r++) memcpy(w->ap + (r - r0) * padk, a + r * la, (size_t)K);
+        if (whole) { a = w->ap; la = padk; }
+        else in_place = blocks - 1;
     }
     char *o = (char *)j->out + i * M * N * j->osize;
-    int64_t blocks = (M + (j->isa == 2 ? AMX_M : MR) - 1) / (j->isa == 2 ? AMX_M : MR);
-    gemm_blocks(j->isa, a, la, M, padk, w->bp, N, &eb, sm ? (void *)w->scores : (void *)o, N, 0, blocks, w->tail);
-    if (sm) softmax_rows(sm, w->scores, i1, i2, 0, M, N, w->erow, w->xb, w->brow, (uint8_t *)o);
+    for (int64_t blk = 0; blk < blocks; blk++) {          /* each row block as a GEMM of its own rows */
+        int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
+        void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
+        if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
+        if (blk < in_place) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
+        else gemm_blocks(j->isa, w->ap, padk, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
+        if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
+    }
 }
 
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
@@ -579,9 +684,8 @@ static inline __mmask16 keep_mask(const uint8_t *mask, int64_t j, __mmask16 k) {
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
                                 const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
-    int logx = -1;                          /* X = 2^logx: shift_pow2 by shifts instead of the table */
-    for (int t = 0; t < 31; t++)
-        if (sm->X == 1 << t) logx = t;
+    int32_t X = sm->X;                      /* X = 2^logx: shift_pow2 by shifts instead of the table */
+    int logx = X > 0 && (X & (X - 1)) == 0 ? __builtin_ctz((uint32_t)X) : -1;
     __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx = _mm512_set1_epi32(INT32_MIN);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 k = tail_mask(L - j), keep = keep_mask(mask, j, k);

@@ -61,6 +61,31 @@ def test_gemm_equals_int64_matmul(isa, m, k, n):
     assert torch.equal(out.long(), (a.long() - 128) @ w.long().t() + bias)
 
 
+def _b_view(b: torch.Tensor, layout: str) -> torch.Tensor:
+    """b [B1, B2, K, N] with the same values in another memory layout go_bmm packs by its own path."""
+    if layout == "k_contiguous":                                   # a transposed K, as attention's K^T
+        return b.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":                                        # neither axis contiguous
+        return torch.zeros(b.shape[:2] + (b.shape[2] * 2, b.shape[3] * 3), dtype=b.dtype)[:, :, ::2, ::3].copy_(b)
+    return b.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["n_contiguous", "k_contiguous", "strided"])
+@pytest.mark.parametrize("b1,m,k,n,flip", [(1, 1, 5, 3, False), (2, 25, 37, 70, True), (1, 13, 64, 33, False),
+                                           (2, 40, 197, 64, True)])
+def test_bmm_equals_int64_matmul_for_every_layout_of_b(isa, layout, b1, m, k, n, flip):
+    """Ragged M (row blocks plus a tail), K % 4 != 0 (padded k groups; A read in place but for its last
+    block), N across partial panels, u8 B read as s8 (flip), A rows strided inside a wider tensor."""
+    g = _gen(m * 1000 + k + n)
+    a = _rand((b1, 3, m, k + 7), U8, g)[..., 3:3 + k]
+    b = _b_view(_rand((b1, 3, k, n), U8 if flip else I8, g), layout)
+    bias = _rand((n,), I32, g, -1000, 1000)
+    out = torch.empty(b1, 3, m, n, dtype=I32)
+    kernels.bmm(a, b.view(I8), 100, flip, kernels.epilogue("raw", I32, bias), out, 2)
+    b_signed = b.long() - 128 if flip else b.long()
+    assert torch.equal(out.long(), (a.long() - 100) @ b_signed + bias)
+
+
 # ---- chains --------------------------------------------------------------------------------------
 def _linear_graph(k=64, n=40, rows=(3, 11), x_dtype=U8, bias=False, seed=0):
     g = _gen(seed)
