@@ -225,7 +225,7 @@ def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclud
             ctx.count("pruned_layers")
             if probe is not None:
                 probe.set_matrix(l, new)
-            if id(l) in biased and not refit:   # keep the output mean: b + W E[x_dense] - W' E[x'] (x' the pruned model's input)
+            if id(l) in biased and not refit:   # keep the output mean: b + W E[x_d] - W' E[x'] (x' pruned model's)
                 b = _bias(l).const
                 new_bias[id(l)] = (b.double() + w.double() @ means[key] - new.double() @ mean).to(b.dtype)
                 _set_probe_bias(probe, l, new_bias[id(l)])
@@ -233,7 +233,8 @@ def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclud
         l = biased[i]
         graph.set_input(l.node, 2, graph.add_constant(b, f"{_bias(l).name}.corrected"))
     how = "layer inputs from the model pruned so far" if sequential else "one shot, on the dense model's activations"
-    ctx.note(f"{criterion}{' + update' if update else ''}{' + least-squares refit' if refit else ''} {pattern}: kept {kept}/{total} weights "
+    ctx.note(f"{criterion}{' + update' if update else ''}{' + least-squares refit' if refit else ''} {pattern}: "
+             f"kept {kept}/{total} weights "
              f"({1 - kept / max(total, 1):.1%} removed) in {len(chosen)} layers"
              + ("" if not calibrated else f" ({how})")
              + (f"; bias corrected in {len(new_bias)} layers" if bias_correction else "")
