@@ -122,7 +122,7 @@ def minilm(args) -> dict:
     variants = [(c, {"sequential": False}) for c in ("magnitude", "wanda", "sparsegpt")]
     variants += [("wanda", {"update": True, "bias_correction": True, "sequential": True}),
                  ("sparsegpt", {"bias_correction": True, "sequential": True}),
-                 ("wanda", {"refit": True, "sequential": True})]      # Wanda's mask, kept weights + bias refitted
+                 ("wanda", {"refit": True, "damp": 0.1, "sequential": True})]   # Wanda's mask, weights + bias refitted
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", 0.5)):
         for criterion, extra in variants:
             g, _ = PassManager([("sparsify", {"criterion": criterion, "pattern": pattern, "sparsity": sparsity,
@@ -134,7 +134,7 @@ def minilm(args) -> dict:
             print(f"minilm {label:45s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f} "
                   f"(min {row['cosine_min']:.4f})",
                   flush=True)
-    for extra in ({}, {"refit": True}):
+    for extra in ({}, {"refit": True, "damp": 0.1}):
         g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
                                           "exclude": ["*pooler*"], "substitute": "never", **extra})],
                            calibration=calib).run(graph)

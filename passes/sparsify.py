@@ -16,6 +16,11 @@ Wanda 0.875, SparseGPT 0.889; Wanda + bias correction 0.885, + update 0.888, bot
 0.762 -> 0.793 with all three (SparseGPT one shot 0.810). Not the 0.95 asked: every layer alone keeps >= 0.98
 but the 36 losses add up (fc1 0.038, fc2 0.034, out 0.025, v 0.020, q / k 0.003 each); a mean shift is 21% of the
 error; q / k sparser than the rest at the same 50% is worse (0.846 at 80%).
+``refit=true`` keeps the criterion's mask and solves each output row's kept weights and bias exactly (masked least
+squares, ``sparse_criteria.refit_rows``) for the dense model's layer output from the inputs of the model pruned so
+far, damped toward the dense weights by ``damp``: MiniLM (Wanda mask) 0.893 held-out with damp 0.01 but 0.9985 on
+the calibration sentences (it memorises 2k templated tokens), 0.920 with damp 0.1; 0.924 (damp 0.01) with 256
+sentences of other prose added to the calibration set. The gap is the calibration data, not the fit.
 
 Structured patterns (``neurons``: MLP hidden units; ``heads``: attention heads; ``structured``: both)
 remove whole units and rebuild the block with smaller dense GEMMs, real speed on every backend; with
@@ -97,7 +102,8 @@ def sparsify(graph, ctx, *,
              refit: bool = option(False, "refit each row's kept weights and bias by exact least squares to the "
                                          "dense model's layer output from the inputs of the model pruned so far "
                                          "(damped toward the dense weights by damp)"),
-             damp: float = option(0.01, "sparsegpt: Hessian damping (x mean diagonal)"),
+             damp: float = option(0.01, "sparsegpt: Hessian damping; refit: pull toward the dense weights (x mean "
+                                        "diagonal)"),
              ridge: float = option(1e-3, "reformation: ridge (x mean Gram diagonal)"),
              substitute: Literal["auto", "never", "always"] = option(
                  "auto", "sparse_linear where measured faster (auto), nowhere, or everywhere"),
