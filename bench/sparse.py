@@ -109,10 +109,10 @@ def minilm(args) -> dict:
     evalb = calibration_batches(graph, [((), b) for b in token_batches(tok, zoo.sentences(args.eval), 25)])
     reference = [run(graph, *b)[0] for b in evalb]
 
-    def cosine(g):
+    def cosine(g):       # {"cosine": mean, "cosine_min": worst sentence} over the held-out sentences
         outs = [run(g, *b)[0] for b in evalb]
-        return torch.cat([torch.nn.functional.cosine_similarity(a, r, dim=-1)
-                          for a, r in zip(outs, reference)]).mean().item()
+        c = torch.cat([torch.nn.functional.cosine_similarity(a, r, dim=-1) for a, r in zip(outs, reference)])
+        return {"cosine": c.mean().item(), "cosine_min": c.min().item()}
 
     out = {"calibration_sentences": args.calib, "eval_sentences": args.eval, "weights": [], "structured": [],
            "pruned": "the 36 linear layers of the 6 encoder blocks (q, k, v, out, fc1, fc2), each at the sparsity; "
@@ -121,31 +121,36 @@ def minilm(args) -> dict:
     # correction (out / fc1 / fc2), sequential calibration (layer inputs from the model pruned so far)
     variants = [(c, {"sequential": False}) for c in ("magnitude", "wanda", "sparsegpt")]
     variants += [("wanda", {"update": True, "bias_correction": True, "sequential": True}),
-                 ("sparsegpt", {"bias_correction": True, "sequential": True})]
+                 ("sparsegpt", {"bias_correction": True, "sequential": True}),
+                 ("wanda", {"refit": True, "damp": 0.1, "sequential": True})]   # Wanda's mask, weights + bias refitted
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", 0.5)):
         for criterion, extra in variants:
             g, _ = PassManager([("sparsify", {"criterion": criterion, "pattern": pattern, "sparsity": sparsity,
                                               "exclude": ["*pooler*"], "substitute": "never", **extra})],
                                calibration=calib).run(graph)
-            row = {"criterion": criterion, "pattern": pattern, "sparsity": sparsity, **extra, "cosine": cosine(g)}
+            row = {"criterion": criterion, "pattern": pattern, "sparsity": sparsity, **extra, **cosine(g)}
             out["weights"].append(row)
             label = criterion + "".join(f" {k}" for k, v in extra.items() if v is True)
-            print(f"minilm {label:45s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f}",
+            print(f"minilm {label:45s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f} "
+                  f"(min {row['cosine_min']:.4f})",
                   flush=True)
-    g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
-                                      "exclude": ["*pooler*"], "substitute": "never"})], calibration=calib).run(graph)
-    row = {"criterion": "wanda", "pattern": "unstructured", "sparsity": 0.5, "allocation": "sensitivity",
-           "cosine": cosine(g)}
-    out["weights"].append(row)
-    print(f"minilm wanda     unstructured 50% allocated by sensitivity: embedding cosine {row['cosine']:.4f}",
-          flush=True)
+    for extra in ({}, {"refit": True, "damp": 0.1}):
+        g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
+                                          "exclude": ["*pooler*"], "substitute": "never", **extra})],
+                           calibration=calib).run(graph)
+        row = {"criterion": "wanda", "pattern": "unstructured", "sparsity": 0.5, "allocation": "sensitivity",
+               **extra, **cosine(g)}
+        out["weights"].append(row)
+        print(f"minilm wanda{' refit' if extra else ''} unstructured 50% allocated by sensitivity: embedding cosine "
+              f"{row['cosine']:.4f} (min {row['cosine_min']:.4f})", flush=True)
     for fraction in (0.25, 0.5):
         for reform in (False, True):
             g, _ = PassManager([("sparsify", {"criterion": "wanda", "pattern": "neurons", "sparsity": fraction,
                                               "reform": reform})], calibration=calib).run(graph)
-            row = {"pattern": "neurons", "removed": fraction, "reform": reform, "cosine": cosine(g)}
+            row = {"pattern": "neurons", "removed": fraction, "reform": reform, **cosine(g)}
             out["structured"].append(row)
-            print(f"minilm neurons -{fraction:.0%} reform={reform}: embedding cosine {row['cosine']:.4f}", flush=True)
+            print(f"minilm neurons -{fraction:.0%} reform={reform}: embedding cosine {row['cosine']:.4f} "
+                  f"(min {row['cosine_min']:.4f})", flush=True)
     return out
 
 

@@ -16,6 +16,11 @@ Wanda 0.875, SparseGPT 0.889; Wanda + bias correction 0.885, + update 0.888, bot
 0.762 -> 0.793 with all three (SparseGPT one shot 0.810). Not the 0.95 asked: every layer alone keeps >= 0.98
 but the 36 losses add up (fc1 0.038, fc2 0.034, out 0.025, v 0.020, q / k 0.003 each); a mean shift is 21% of the
 error; q / k sparser than the rest at the same 50% is worse (0.846 at 80%).
+``refit=true`` keeps the criterion's mask and solves each output row's kept weights and bias exactly (masked least
+squares, ``sparse_criteria.refit_rows``) for the dense model's layer output from the inputs of the model pruned so
+far, damped toward the dense weights by ``damp``: MiniLM (Wanda mask) 0.893 held-out with damp 0.01 but 0.9985 on
+the calibration sentences (it memorises 2k templated tokens), 0.920 with damp 0.1; 0.924 (damp 0.01) with 256
+sentences of other prose added to the calibration set. The gap is the calibration data, not the fit.
 
 Structured patterns (``neurons``: MLP hidden units; ``heads``: attention heads; ``structured``: both)
 remove whole units and rebuild the block with smaller dense GEMMs, real speed on every backend; with
@@ -42,7 +47,7 @@ from graphopt.ir import Graph
 from graphopt.passes.low_rank_calib import Probe, allocate, monotone, row_cosine, row_error
 from graphopt.passes.low_rank_layers import Layer, find_layers, replace_weight, rows_of, select_layers
 from graphopt.passes.registry import PassConfigError, option, register_pass
-from graphopt.passes.sparse_criteria import CRITERIA, parse_nm, prune, scores, mask_from_scores
+from graphopt.passes.sparse_criteria import CRITERIA, parse_nm, prune, refit_rows, scores, mask_from_scores
 from graphopt.passes.sparse_structured import (find_groups, kept_units, columns, reformed_sink, remove_units,
                                                unit_scores)
 from graphopt.ir.sparse_decision import TimingSource, decide, default_cache
@@ -94,7 +99,11 @@ def sparsify(graph, ctx, *,
                                           "compensation with the mask fixed)"),
              bias_correction: bool = option(False, "add W E[x_dense] - W' E[x'] to the bias of out / fc1 / fc2 "
                                                    "layers (their output mean kept)"),
-             damp: float = option(0.01, "sparsegpt: Hessian damping (x mean diagonal)"),
+             refit: bool = option(False, "refit each row's kept weights and bias by exact least squares to the "
+                                         "dense model's layer output from the inputs of the model pruned so far "
+                                         "(damped toward the dense weights by damp)"),
+             damp: float = option(0.01, "sparsegpt: Hessian damping; refit: pull toward the dense weights (x mean "
+                                        "diagonal)"),
              ridge: float = option(1e-3, "reformation: ridge (x mean Gram diagonal)"),
              substitute: Literal["auto", "never", "always"] = option(
                  "auto", "sparse_linear where measured faster (auto), nowhere, or everywhere"),
@@ -123,6 +132,11 @@ def sparsify(graph, ctx, *,
     if not structured and nm is None and pattern not in ("unstructured", "block1x4"):
         raise PassConfigError(f"pass 'sparsify': unknown pattern {pattern!r}; use unstructured, N:M (2:4, 4:8), "
                               f"block1x4, neurons, heads or structured")
+    if refit and (update or bias_correction):
+        raise PassConfigError("pass 'sparsify': refit=true fits the kept weights and the bias itself; drop update / "
+                              "bias_correction")
+    if refit and structured:
+        raise PassConfigError("pass 'sparsify': refit=true is for weight patterns; structured patterns use reform")
     if update and criterion == "sparsegpt":
         raise PassConfigError("pass 'sparsify': update=true refits a magnitude / wanda mask; sparsegpt always updates")
     if nm is not None and allocation != "uniform":
@@ -133,7 +147,7 @@ def sparsify(graph, ctx, *,
         raise PassConfigError(f"pass 'sparsify': option candidates={cands} must lie in (0, 1)")
 
     needs_calibration = (criterion != "magnitude" or allocation == "sensitivity" or (structured and reform) or update
-                         or bias_correction)
+                         or bias_correction or refit)
     batches = list(ctx.require_calibration()) if needs_calibration else list(ctx.calibration or [])
     judged = batches[:sensitivity_batches]
     dense_outputs = Probe(graph, []).outputs(judged) if judged else None
@@ -143,7 +157,7 @@ def sparsify(graph, ctx, *,
                     sensitivity_batches, reform, ridge, sequential, list(layers or []), list(exclude or []))
     else:
         _weights(graph, ctx, criterion, pattern, nm, sparsity, layers, exclude, roles, allocation, cands, batches,
-                 sensitivity_batches, damp, update, bias_correction, sequential,
+                 sensitivity_batches, damp, update, bias_correction, refit, sequential,
                  dict(substitute=substitute, format=format, target=target, rows=rows, threads=threads, margin=margin,
                       timings=timings, timing_cache=timing_cache))
     if dense_outputs is not None:
@@ -156,13 +170,14 @@ def sparsify(graph, ctx, *,
 
 # ---- weight-level pruning ----------------------------------------------------------------------------
 def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclude, roles, allocation, cands, batches,
-             sensitivity_batches, damp, update, bias_correction, sequential, sub: dict) -> None:
+             sensitivity_batches, damp, update, bias_correction, refit, sequential, sub: dict) -> None:
     try:
         chosen = select_layers(find_layers(graph), list(layers or []), list(exclude or []), list(roles or []))
     except ValueError as e:
         raise PassConfigError(f"pass 'sparsify': {e}") from None
     probe = Probe(graph, chosen) if batches else None
-    calibrated = bool(batches) and (criterion != "magnitude" or update)
+    calibrated = bool(batches) and (criterion != "magnitude" or update or refit)
+    dense_probe = Probe(graph, chosen) if refit else None          # the dense model's layer inputs, kept
     sequential = sequential and calibrated
     grams: dict[int, torch.Tensor] = {}
     means: dict[int, torch.Tensor] = {}
@@ -177,7 +192,8 @@ def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclud
                                   batches[:sensitivity_batches])
 
     detail = ctx.details.setdefault("layers", {})
-    biased = {id(l): l for l in chosen if bias_correction and l.role in BIAS_ROLES and _bias(l) is not None}
+    biased = {id(l): l for l in chosen if _bias(l) is not None and
+              (refit or (bias_correction and l.role in BIAS_ROLES))}
     new_bias: dict[int, torch.Tensor] = {}
     total = kept = 0
     groups: dict[int, list[Layer]] = {}
@@ -185,25 +201,37 @@ def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclud
         groups.setdefault(id(l.input), []).append(l)
     for key, group in groups.items():
         gram, mean = grams.get(key), means.get(key)
-        if sequential and any(level[id(l)] > 0 for l in group):   # inputs of the model pruned so far
+        if refit:   # [x';1] Gram and its cross with the dense model's [x_d;1] (x' = x_d one shot)
+            aug, cross = _refit_stats(probe if sequential else dense_probe, dense_probe, batches, group[0])
+            gram, mean = aug[:-1, :-1], aug[-1, :-1]
+        elif sequential and any(level[id(l)] > 0 for l in group):   # inputs of the model pruned so far
             now, now_mean, _ = _input_stats(probe, batches, group[:1])
             gram, mean = now[key], now_mean[key]
         for l in group:
             s = level[id(l)]
             w = l.matrix.detach()
             new = prune(w, criterion, pattern, s, gram, damp, update) if s > 0 else w
+            if refit:   # also a layer left dense (s = 0): it compensates the error upstream with the same weights
+                has_bias = id(l) in biased
+                fitted, b_fit = refit_rows(w, new == 0 if s > 0 else torch.zeros_like(w, dtype=torch.bool),
+                                           aug if has_bias else gram, cross if has_bias else cross[:-1, :-1], damp,
+                                           _bias(l).const if has_bias else None)
+                new = fitted.to(w.dtype)
+                if has_bias:
+                    new_bias[id(l)] = b_fit.to(_bias(l).const.dtype)
+                    _set_probe_bias(probe, l, new_bias[id(l)])
             m, n = l.shape
             nz = int((new != 0).sum())
             total += m * n
             kept += nz
             detail[l.name] = {"shape": [m, n], "role": l.role, "sparsity": 1 - nz / (m * n), "target_sparsity": s}
-            if s == 0:
+            if s == 0 and not refit:
                 continue
             replace_weight(graph, l, new)
             ctx.count("pruned_layers")
             if probe is not None:
                 probe.set_matrix(l, new)
-            if id(l) in biased:   # keep the output mean: b + W E[x_dense] - W' E[x'] (x' the pruned model's input)
+            if id(l) in biased and not refit:   # keep the output mean: b + W E[x_d] - W' E[x'] (x' pruned model's)
                 b = _bias(l).const
                 new_bias[id(l)] = (b.double() + w.double() @ means[key] - new.double() @ mean).to(b.dtype)
                 _set_probe_bias(probe, l, new_bias[id(l)])
@@ -211,10 +239,12 @@ def _weights(graph: Graph, ctx, criterion, pattern, nm, sparsity, layers, exclud
         l = biased[i]
         graph.set_input(l.node, 2, graph.add_constant(b, f"{_bias(l).name}.corrected"))
     how = "layer inputs from the model pruned so far" if sequential else "one shot, on the dense model's activations"
-    ctx.note(f"{criterion}{' + update' if update else ''} {pattern}: kept {kept}/{total} weights "
+    ctx.note(f"{criterion}{' + update' if update else ''}{' + least-squares refit' if refit else ''} {pattern}: "
+             f"kept {kept}/{total} weights "
              f"({1 - kept / max(total, 1):.1%} removed) in {len(chosen)} layers"
              + ("" if not calibrated else f" ({how})")
-             + (f"; bias corrected in {len(new_bias)} layers" if bias_correction else ""))
+             + (f"; bias corrected in {len(new_bias)} layers" if bias_correction else "")
+             + (f"; {len(chosen)} layers and {len(new_bias)} biases refitted to the dense outputs" if refit else ""))
     graph.meta["sparsify_sparsity"] = 1 - kept / max(total, 1)
     _substitute(graph, ctx, [l for l in find_layers(graph) if any(l.name == c.name for c in chosen)], pattern, sub,
                 probe, batches, tokens)
@@ -236,6 +266,19 @@ def _input_stats(probe: Probe, batches, layers: list[Layer]
             sums[key], firsts[key] = (sums[key] + g, firsts[key] + f) if key in sums else (g, f)
     tokens = max(tokens, 1)
     return {k: v / tokens for k, v in sums.items()}, {k: v / tokens for k, v in firsts.items()}, tokens
+
+
+def _refit_stats(probe: Probe, dense: Probe, batches, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[[x';1][x';1]ᵀ] and E[[x';1][x_d;1]ᵀ] (float64) of the layer input: x' in ``probe``'s model (pruned so
+    far), x_d in the dense model, on the same batches."""
+    key, gram, cross, tokens = id(layer.input), 0, 0, 0
+    for batch in batches:
+        x = rows_of(probe.run(batch)[1][key], layer.kind).to(torch.float64)
+        xd = x if probe is dense else rows_of(dense.run(batch)[1][key], layer.kind).to(torch.float64)
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        x, xd = torch.cat([x, ones], 1), torch.cat([xd, ones], 1)
+        gram, cross, tokens = gram + x.t() @ x, cross + x.t() @ xd, tokens + x.shape[0]
+    return gram / max(tokens, 1), cross / max(tokens, 1)
 
 
 def _bias(layer: Layer):

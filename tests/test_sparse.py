@@ -11,7 +11,7 @@ from graphopt.ir import verify
 from graphopt.ir.interpreter import run as reference_run
 from graphopt.passes import PassConfigError, PassError, PassManager
 from graphopt.passes.low_rank_calib import row_error
-from graphopt.passes.sparse_criteria import mask_from_scores, prune, sparsegpt
+from graphopt.passes.sparse_criteria import mask_from_scores, prune, refit_rows, sparsegpt
 from graphopt.ir.sparse_decision import decide
 
 W = torch.tensor([[1.0, -3.0, 2.0, 0.5], [4.0, -1.0, 0.2, 3.0]])
@@ -73,6 +73,49 @@ def test_update_refits_the_kept_weights_of_a_wanda_mask():
     assert torch.equal(plain == 0, updated == 0)
     err = lambda v: float(((x @ (w - v).t()) ** 2).sum())                       # noqa: E731
     assert err(updated) < 0.85 * err(plain)                                    # 0.79 here
+
+
+def test_refit_is_the_masked_least_squares_fit():
+    """Two identical inputs (x0 = x1, Gram all ones): the mask drops w0 = 1 and keeps w1 = 2; the dense output is
+    3x, so the exact fit gives w1 = 3 (SparseGPT's pass gave 2 + 1/1.01), and damping λ pulls it toward the dense
+    2: (1 + λ) w1 = 3 + 2λ. On random inputs x' != x_d with a bias, each row equals torch's lstsq of the dense
+    output X_d Wᵀ + b on that row's kept columns of [X' 1]."""
+    w, drop = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.tensor([[True, False]])
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    fitted, _ = refit_rows(w, drop, ones, ones, damp=0.0)
+    torch.testing.assert_close(fitted, torch.tensor([[0.0, 3.0]], dtype=torch.float64))
+    fitted, _ = refit_rows(w, drop, ones, ones, damp=0.5)      # λ = 0.5 x mean diagonal 1
+    torch.testing.assert_close(fitted, torch.tensor([[0.0, 4.0 / 1.5]], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    xd = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    xp = xd + 0.1 * torch.randn(50, 6, generator=g, dtype=torch.float64)       # the pruned model's input
+    drop = torch.rand(5, 6, generator=g) < 0.5
+    a, d = (torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], 1) for x in (xp, xd))
+    fitted, bias = refit_rows(w, drop, a.t() @ a / 50, a.t() @ d / 50, damp=0.0, bias=b)
+    y = xd @ w.t() + b
+    for i in range(5):
+        kept = (~drop[i]).nonzero().flatten()
+        expected = torch.linalg.lstsq(a[:, torch.cat([kept, torch.tensor([6])])], y[:, i:i + 1]).solution.flatten()
+        torch.testing.assert_close(fitted[i, kept], expected[:-1])
+        torch.testing.assert_close(bias[i], expected[-1])
+        assert (fitted[i, drop[i]] == 0).all()
+
+
+def test_refit_keeps_the_wanda_mask_and_lowers_the_calibration_error():
+    """Sequential Wanda on a tiny BERT, with and without the least-squares refit: every layer keeps as many
+    weights (Wanda's per-row masks; later masks read the inputs of the model pruned so far, which the refit
+    changes) and the refitted model's outputs are closer to the dense model's on the calibration batches."""
+    _, graph, batches = tiny_bert(seed=1)
+    batches = batches + [(torch.randint(0, 60, (2, 10)), torch.ones(2, 10, dtype=torch.long)) for _ in range(10)]
+    dense = [list(reference_run(graph, *b)) for b in batches]
+    errors, sparsities = {}, {}
+    for refit in (False, True):
+        out, record = run_sparsify(graph, batches, criterion="wanda", sparsity=0.5, refit=refit, substitute="never")
+        sparsities[refit] = {k: v["sparsity"] for k, v in record.details["layers"].items()}
+        errors[refit] = row_error(dense, [list(reference_run(out, *b)) for b in batches])
+    assert sparsities[True] == sparsities[False]
+    assert errors[True] < 0.7 * errors[False]
 
 
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
@@ -244,6 +287,8 @@ def test_bad_options_are_clear_errors():
         run_sparsify(graph, batches, pattern="2:4", allocation="sensitivity")
     with pytest.raises((PassError, PassConfigError), match="calibration"):
         run_sparsify(graph, None, criterion="wanda")
+    with pytest.raises((PassError, PassConfigError), match="refit=true fits the kept weights"):
+        run_sparsify(graph, batches, refit=True, bias_correction=True)
 
 
 def test_onnx_lowering_writes_the_pruned_weights_dense():
