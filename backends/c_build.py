@@ -15,8 +15,8 @@ from pathlib import Path
 
 from graphopt.progress import task
 
-# -fopenmp stays for bench/vnni_peak.c (ort_custom_ops.py drops it). The library kernels have no OpenMP region left
-# (cpu_integer and sparse run on go_pool.h), so for them it only links an idle libgomp.
+# -fopenmp stays: the fp32 SpMM of cpu_sparse_kernels.c and bench/vnni_peak.c use OpenMP (ort_custom_ops.py drops
+# it). The cpu_integer sources and the int8 SpMM run on go_pool.h.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 

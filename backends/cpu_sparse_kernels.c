@@ -9,8 +9,10 @@
  * Both walk the activations in tiles of MT rows transposed into [K][MT] (so one weight entry scales a
  * contiguous MT-wide vector: the classic SpMM layout), and each output column n accumulates in registers
  * over the nonzeros of W's row n. Threads split the row tiles (and the output columns when there are
- * fewer tiles than threads), as chunks on the go_pool.h pool (not OpenMP: its spinning workers took the cores
- * from the cpu_integer kernels' pool between calls, integer DeiT-S with int8 SpMM fc2 layers 155 -> 204 ms).
+ * fewer tiles than threads). The int8 kernel runs among cpu_integer's kernels, so on their go_pool.h pool
+ * (OpenMP's spinning workers took the cores from that pool: integer DeiT-S with int8 SpMM fc2 layers 142 ms on the
+ * pool, 204 ms on OpenMP); the fp32 one runs among torch's ops, so on OpenMP like them (on the pool, DeiT-S b8 at
+ * 90% unstructured went 301 -> 471 ms: the two runtimes' spinning threads competed).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -90,7 +92,7 @@ static void column_f32_portable(const float *xt, const int32_t *col, const float
     }
 }
 
-/* A thread's transposed activation tile (the last one it transposed: consecutive tasks often share it). */
+/* A pool thread's transposed activation tile (the last one it transposed: consecutive tasks often share it). */
 typedef struct { void *xt; int64_t have; } tile_scratch_t;
 
 static tile_scratch_t *tile_scratch(void **scratch, size_t bytes) {
@@ -110,47 +112,37 @@ static void tile_scratch_free(void *p) {
     free(t);
 }
 
-typedef struct {
-    const float *x;
-    int64_t ldx, M, K;
-    const int32_t *row_ptr, *col;
-    const float *val;
-    int block, avx512;
-    int64_t N;
-    const float *bias;
-    float *y;
-    int64_t ldy, chunks, chunk;
-} spmm_f32_job_t;
-
-static void spmm_f32_task(const void *arg, int64_t task, void **scratch) {
-    const spmm_f32_job_t *j = arg;
-    int64_t K = j->K, N = j->N, ldy = j->ldy;
-    tile_scratch_t *w = tile_scratch(scratch, sizeof(float) * (size_t)((K + 3) / 4 * 4) * MT);
-    float ot[NB][MT] __attribute__((aligned(64)));
-    int64_t t = task / j->chunks, n0 = (task % j->chunks) * j->chunk, n1 = n0 + j->chunk < N ? n0 + j->chunk : N;
-    int64_t m0 = t * MT, rows = j->M - m0 < MT ? j->M - m0 : MT;
-    if (w->have != t) { transpose_f32(j->x, j->ldx, m0, rows, K, w->xt); w->have = t; }
-    for (int64_t nb = n0; nb < n1; nb += NB) {         /* NB columns, then NB contiguous floats per row */
-        int cnt = n1 - nb < NB ? (int)(n1 - nb) : NB;
-        for (int c = 0; c < cnt; c++) {
-            int64_t n = nb + c;
-            float b = j->bias ? j->bias[n] : 0.0f;
-            if (j->avx512) column_f32_avx512(w->xt, j->col, j->val, j->row_ptr[n], j->row_ptr[n + 1], j->block, b, ot[c]);
-            else column_f32_portable(w->xt, j->col, j->val, j->row_ptr[n], j->row_ptr[n + 1], j->block, b, ot[c]);
-        }
-        for (int64_t i = 0; i < rows; i++)
-            for (int c = 0; c < cnt; c++) j->y[(m0 + i) * ldy + nb + c] = ot[c][i];
-    }
-}
-
 /* block: 0 CSR (col = k of each value), 1 1x4 blocks (col = k / 4 of each block, 4 values per block) */
 void gs_spmm_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const int32_t *row_ptr, const int32_t *col,
                  const float *val, int block, int64_t N, const float *bias, float *y, int64_t ldy, int threads) {
     int64_t tiles, chunks, chunk;
     split(M, N, threads, &tiles, &chunks, &chunk);
-    spmm_f32_job_t j = {x, ldx, M, K, row_ptr, col, val, block, isa_limit >= 1 && __builtin_cpu_supports("avx512f"),
-                        N, bias, y, ldy, chunks, chunk};
-    pool_run(threads, tiles * chunks, spmm_f32_task, tile_scratch_free, &j);
+    int avx512 = isa_limit >= 1 && __builtin_cpu_supports("avx512f");
+#pragma omp parallel num_threads(threads)
+    {
+        float *xt = aligned_alloc(64, sizeof(float) * (size_t)((K + 3) / 4 * 4) * MT);
+        memset(xt, 0, sizeof(float) * (size_t)((K + 3) / 4 * 4) * MT);
+        float ot[NB][MT] __attribute__((aligned(64)));
+        int64_t have = -1;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tiles * chunks; task++) {
+            int64_t t = task / chunks, n0 = (task % chunks) * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+            int64_t m0 = t * MT, rows = M - m0 < MT ? M - m0 : MT;
+            if (have != t) { transpose_f32(x, ldx, m0, rows, K, xt); have = t; }
+            for (int64_t nb = n0; nb < n1; nb += NB) {         /* NB columns, then NB contiguous floats per row */
+                int cnt = n1 - nb < NB ? (int)(n1 - nb) : NB;
+                for (int c = 0; c < cnt; c++) {
+                    int64_t n = nb + c;
+                    float b = bias ? bias[n] : 0.0f;
+                    if (avx512) column_f32_avx512(xt, col, val, row_ptr[n], row_ptr[n + 1], block, b, ot[c]);
+                    else column_f32_portable(xt, col, val, row_ptr[n], row_ptr[n + 1], block, b, ot[c]);
+                }
+                for (int64_t i = 0; i < rows; i++)
+                    for (int c = 0; c < cnt; c++) y[(m0 + i) * ldy + nb + c] = ot[c][i];
+            }
+        }
+        free(xt);
+    }
 }
 
 /* ---- int8 1x4 blocks with the requant epilogue ---- */
