@@ -92,26 +92,6 @@ static void column_f32_portable(const float *xt, const int32_t *col, const float
     }
 }
 
-/* A pool thread's transposed activation tile (the last one it transposed: consecutive tasks often share it). */
-typedef struct { void *xt; int64_t have; } tile_scratch_t;
-
-static tile_scratch_t *tile_scratch(void **scratch, size_t bytes) {
-    if (!*scratch) {
-        tile_scratch_t *t = malloc(sizeof(tile_scratch_t));
-        t->xt = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        memset(t->xt, 0, (bytes + 63) / 64 * 64);
-        t->have = -1;
-        *scratch = t;
-    }
-    return *scratch;
-}
-
-static void tile_scratch_free(void *p) {
-    tile_scratch_t *t = p;
-    free(t->xt);
-    free(t);
-}
-
 /* block: 0 CSR (col = k of each value), 1 1x4 blocks (col = k / 4 of each block, 4 values per block) */
 void gs_spmm_f32(const float *x, int64_t ldx, int64_t M, int64_t K, const int32_t *row_ptr, const int32_t *col,
                  const float *val, int block, int64_t N, const float *bias, float *y, int64_t ldy, int threads) {
@@ -242,6 +222,26 @@ static void column_portable(const uint32_t *xt, const int32_t *col, const int32_
             acc[i] += (int32_t)a[0] * w[0] + (int32_t)a[1] * w[1] + (int32_t)a[2] * w[2] + (int32_t)a[3] * w[3];
         }
     }
+}
+
+/* A pool thread's transposed activation tile (the last one it transposed: consecutive tasks often share it). */
+typedef struct { void *xt; int64_t have; } tile_scratch_t;
+
+static tile_scratch_t *tile_scratch(void **scratch, size_t bytes) {
+    if (!*scratch) {
+        tile_scratch_t *t = malloc(sizeof(tile_scratch_t));
+        t->xt = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        memset(t->xt, 0, (bytes + 63) / 64 * 64);
+        t->have = -1;
+        *scratch = t;
+    }
+    return *scratch;
+}
+
+static void tile_scratch_free(void *p) {
+    tile_scratch_t *t = p;
+    free(t->xt);
+    free(t);
 }
 
 typedef struct {
