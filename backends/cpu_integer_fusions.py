@@ -123,7 +123,9 @@ def epilogue(chain: list[Node], n: int, axis: int, tables: bool) -> Epilogue | s
     if per_tensor:
         return Epilogue(dict(attrs, kind="table", out=second.attrs["dtype"]), m, c, table)
     b = _requant_attrs(second)
-    attrs.update(kind="table_requant", out=b.pop("out"), **{k + "2": v for k, v in b.items()})
+    g = gelu.attrs                          # the kernel may compute shiftgelu rather than look it up
+    attrs.update(kind="table_requant", out=b.pop("out"), **{k + "2": v for k, v in b.items()}, gelu_x=g["X"],
+                 gelu_n=g["n"], gelu_bits=g["bits"], gelu_in_bits=g["in_bits"])
     return Epilogue(attrs, m, c, table, m2=m2, c2=c2)
 
 

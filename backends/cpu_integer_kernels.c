@@ -42,6 +42,8 @@ typedef struct {
     const int32_t *m2, *c2;         /* EPI_TABLE_REQUANT: a second per-column requant of the table value */
     int32_t pre2, k2, lo2, hi2, zp2, pad2_;
     const int32_t *ks;              /* GEMM only: per-column k of the (first) requant, NULL: k for every column */
+    int32_t gelu_x, gelu_n, gelu_bits, gelu_in_bits;  /* EPI_TABLE_REQUANT: the table is int.shiftgelu(y + zp)
+                                                         with these attributes (gelu_x 0: unknown, use the table) */
 } epilogue_t;
 
 #define AMX_M 32                    /* rows per AMX block (two 16-row A tiles) */
@@ -204,15 +206,59 @@ static inline __m512i tdiv_pow2_16(__m512i x, int p) {
     return _mm512_srai_epi32(_mm512_add_epi32(x, neg), (unsigned)p);
 }
 
+/* int.shiftgelu on 16 lanes, computed instead of looked up (a 2^in_bits-entry table gather costs more):
+ * e = shift_pow2(|x|) by shifts (X = 2^logx), then sig = (num 2^bits + den / 2) / den with den = e + one in
+ * [2^(n+1) X, 2^(n+2) X]. The quotient is at most 2^bits: a float estimate from rcp14 (relative error
+ * < 2^-14, so off by at most one for bits <= 13) is corrected by the exact remainder in int32, where
+ * q den <= a + den < 2^31 (the op's X 2^(n+1+bits) <= 2^30). gelu_direct says when this applies. The
+ * constants are made once per epilogue call (gelu_consts), outside the loops that store through `out`. */
+typedef struct { __m512i one, lo, hi, top, xm1, twox, n; __m128i logx, bits; } gelu_consts_t;
+
+__attribute__((target("avx512f,avx512bw")))
+static inline gelu_consts_t gelu_consts(const epilogue_t *e) {
+    int32_t X = e->gelu_x, n = e->gelu_n, half_in = 1 << (e->gelu_in_bits - 1);
+    return (gelu_consts_t){_mm512_set1_epi32(2 * X << n), _mm512_set1_epi32(-half_in), _mm512_set1_epi32(half_in - 1),
+                           _mm512_set1_epi32(n * X), _mm512_set1_epi32(X - 1), _mm512_set1_epi32(2 * X),
+                           _mm512_set1_epi32(n), _mm_cvtsi32_si128(__builtin_ctz((uint32_t)X)),
+                           _mm_cvtsi32_si128(e->gelu_bits)};
+}
+
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline __m512i shiftgelu16(__m512i x, const gelu_consts_t *g) {
+    const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi32(1);
+    x = _mm512_min_epi32(_mm512_max_epi32(x, g->lo), g->hi);
+    __m512i u = _mm512_min_epi32(_mm512_abs_epi32(x), g->top);
+    __m512i ex = _mm512_sllv_epi32(_mm512_sub_epi32(g->twox, _mm512_and_si512(u, g->xm1)),
+                                   _mm512_sub_epi32(g->n, _mm512_srl_epi32(u, g->logx)));
+    __m512i den = _mm512_add_epi32(ex, g->one);
+    __m512i num = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(x, zero), g->one, ex);
+    __m512i a = _mm512_add_epi32(_mm512_sll_epi32(num, g->bits), _mm512_srli_epi32(den, 1));
+    __m512i sig = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_rcp14_ps(_mm512_cvtepi32_ps(den))));
+    __m512i rem = _mm512_sub_epi32(a, _mm512_mullo_epi32(sig, den));
+    sig = _mm512_mask_sub_epi32(sig, _mm512_cmplt_epi32_mask(rem, zero), sig, ones);
+    sig = _mm512_mask_add_epi32(sig, _mm512_cmpge_epi32_mask(rem, den), sig, ones);
+    return _mm512_mullo_epi32(x, sig);
+}
+
+/* shiftgelu16's preconditions: X a power of two, bits <= 13, the op's own bound, a sane input width. */
+static int gelu_direct(const epilogue_t *e) {
+    int64_t X = e->gelu_x, n = e->gelu_n, bits = e->gelu_bits;
+    return X > 0 && (X & (X - 1)) == 0 && n >= 0 && n <= 24 && bits >= 0 && bits <= 13 &&
+           (X << (n + 1 + bits)) <= (1LL << 30) && e->gelu_in_bits >= 1 && e->gelu_in_bits <= 24;
+}
+
 /* The epilogue of one tile on 16-lane vectors, for one kind and output width fixed at compile time (an
  * instance each, picked once per GEMM): the row loop holds no branch on either, and the per-column constants
- * are loaded once per 16 columns. The table lookup indexes from table - lo, so y needs no offset. */
+ * are loaded once per 16 columns. The table lookup indexes from table - lo, so y needs no offset; with GELU
+ * (EPI_TABLE_REQUANT only) int.shiftgelu(y + zp) is computed instead. */
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
-                              void *out, int64_t ldo, const int KIND, const int BYTES) {
+                              void *out, int64_t ldo, const int KIND, const int BYTES, const int GELU) {
     const int pre = e->pre, pb = e->pb, pre2 = e->pre2, k2 = e->k2;
     const int32_t k = e->k;
     const int32_t *table = KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT ? e->table - e->lo : NULL;
+    gelu_consts_t g;
+    if (GELU) g = gelu_consts(e);
     for (int c0 = 0; c0 < nr; c0 += 16) {
         __mmask16 mask = tail_mask(nr - c0);
         int64_t col = col0 + c0;
@@ -239,7 +285,9 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
                     y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, pb), mb));
                 }
                 y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srav_epi32(y, shift), lo), hi);
-                if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT)
+                if (GELU)
+                    y = shiftgelu16(_mm512_add_epi32(y, zp), &g);
+                else if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT)
                     y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
                 else
                     y = _mm512_add_epi32(y, zp);
@@ -258,15 +306,17 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
 
 typedef void (*epilogue_fn)(const epilogue_t *, const int32_t *, int64_t, int, int64_t, int, void *, int64_t);
 
-#define EPILOGUE16(KIND, BYTES) \
+#define EPILOGUE16(KIND, BYTES) EPILOGUE16_(KIND, BYTES, 0, KIND##_##BYTES)
+#define EPILOGUE16_(KIND, BYTES, GELU, NAME) \
     __attribute__((target("avx512f,avx512bw"))) \
-    static void epilogue16_##KIND##_##BYTES(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, \
-                                            int64_t col0, int nr, void *out, int64_t ldo) { \
-        epilogue16(e, tile, row0, mr, col0, nr, out, ldo, KIND, BYTES); \
+    static void epilogue16_##NAME(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, \
+                                  int64_t col0, int nr, void *out, int64_t ldo) { \
+        epilogue16(e, tile, row0, mr, col0, nr, out, ldo, KIND, BYTES, GELU); \
     }
 EPILOGUE16(EPI_RAW, 1) EPILOGUE16(EPI_REQUANT, 1) EPILOGUE16(EPI_TABLE, 1) EPILOGUE16(EPI_ADD, 1)
 EPILOGUE16(EPI_TABLE_REQUANT, 1) EPILOGUE16(EPI_RAW, 4) EPILOGUE16(EPI_REQUANT, 4) EPILOGUE16(EPI_TABLE, 4)
 EPILOGUE16(EPI_ADD, 4) EPILOGUE16(EPI_TABLE_REQUANT, 4)
+EPILOGUE16_(EPI_TABLE_REQUANT, 1, 1, gelu_1) EPILOGUE16_(EPI_TABLE_REQUANT, 4, 1, gelu_4)
 
 /* The AVX-512 epilogue instance for e's kind and output width. */
 static epilogue_fn epilogue_avx512(const epilogue_t *e) {
@@ -275,6 +325,8 @@ static epilogue_fn epilogue_avx512(const epilogue_t *e) {
          epilogue16_EPI_TABLE_REQUANT_1},
         {epilogue16_EPI_RAW_4, epilogue16_EPI_REQUANT_4, epilogue16_EPI_TABLE_4, epilogue16_EPI_ADD_4,
          epilogue16_EPI_TABLE_REQUANT_4}};
+    if (e->kind == EPI_TABLE_REQUANT && gelu_direct(e))
+        return e->out_type == OUT_I32 ? epilogue16_gelu_4 : epilogue16_gelu_1;
     return by_kind[e->out_type == OUT_I32][e->kind];
 }
 

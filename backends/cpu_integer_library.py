@@ -22,7 +22,8 @@ class Epilogue(ctypes.Structure):
                 ("res", ctypes.c_void_p), ("ldr", ctypes.c_int64), ("pb", ctypes.c_int32), ("pad_", ctypes.c_int32),
                 ("mb", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("c2", ctypes.c_void_p), ("pre2", ctypes.c_int32),
                 ("k2", ctypes.c_int32), ("lo2", ctypes.c_int32), ("hi2", ctypes.c_int32), ("zp2", ctypes.c_int32),
-                ("pad2_", ctypes.c_int32), ("ks", ctypes.c_void_p)]
+                ("pad2_", ctypes.c_int32), ("ks", ctypes.c_void_p), ("gelu_x", ctypes.c_int32),
+                ("gelu_n", ctypes.c_int32), ("gelu_bits", ctypes.c_int32), ("gelu_in_bits", ctypes.c_int32)]
 
 
 class Softmax(ctypes.Structure):
@@ -105,15 +106,17 @@ def pack_b(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def epilogue(kind: str, out_dtype: torch.dtype, bias: torch.Tensor | None, *, pre=0, k=0, lo=0, hi=0, zp=0, m=None,
-             c=None, table=None, res=None, pb=0, mb=None, second: dict | None = None, ks=None) -> Epilogue:
+             c=None, table=None, res=None, pb=0, mb=None, second: dict | None = None, ks=None,
+             gelu: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Epilogue:
     """The C epilogue record (it holds on to the tensors it points into); ``second``: the per-column requant
     after the table of kind table_requant, as {m, c, pre, k, lo, hi, zp}; ``ks`` (GEMMs only): an int32 shift
-    per column instead of ``k``."""
+    per column instead of ``k``; ``gelu``: int.shiftgelu's (X, n, bits, in_bits) when the table of kind
+    table_requant is shiftgelu(y + zp), so the AVX-512 epilogue may compute it instead (X 0: it may not)."""
     s = second or {}
     epi = Epilogue(EPILOGUES[kind], OUT_TYPES[out_dtype], _ptr(bias), pre, k, lo, hi, zp, _ptr(m), _ptr(c),
                    _ptr(table), _ptr(res), 0 if res is None else res.stride(-2), pb, 0, _ptr(mb), _ptr(s.get("m")),
                    _ptr(s.get("c")), s.get("pre", 0), s.get("k", 0), s.get("lo", 0), s.get("hi", 0), s.get("zp", 0), 0,
-                   _ptr(ks))
+                   _ptr(ks), *gelu)
     epi.tensors = (bias, m, c, table, res, mb, s.get("m"), s.get("c"), ks)
     return epi
 

@@ -41,11 +41,13 @@ _EPILOGUE = {"kind": Attr("str", "raw"), "out": Attr("str", "i32"), "pre": Attr(
 
 _SECOND = {"pre2": Attr("int", 0), "k2": Attr("int", 0), "lo2": Attr("int", 0), "hi2": Attr("int", 0),
            "zp2": Attr("int", 0)}
+_GELU = {"gelu_x": Attr("int", 0), "gelu_n": Attr("int", 0), "gelu_bits": Attr("int", 0), "gelu_in_bits": Attr("int", 0)}
 
 
-def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, second=None, *, pre, k, lo, hi, zp, pb=0, ks=None):
+def _epilogue(kind, out, bias, m, c, table, res=None, mb=None, second=None, *, pre, k, lo, hi, zp, pb=0, ks=None,
+              gelu=(0, 0, 0, 0)):
     return kernels.epilogue(kind, INT_DTYPES[out], bias, pre=pre, k=k, lo=lo, hi=hi, zp=zp, m=m, c=c, table=table,
-                            res=res, pb=pb, mb=mb, second=second, ks=ks)
+                            res=res, pb=pb, mb=mb, second=second, ks=ks, gelu=gelu)
 
 
 def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, *, n, k_padded,
-               flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
+               flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads, **gelu):
     if x.dtype not in (torch.uint8, torch.int8) or packed.dtype != torch.int8:
         raise OpError(f"cpu.int_gemm: expects an 8-bit input and packed int8 weights, got {x}, {packed}")
     return TensorType(INT_DTYPES[out], x.shape[:-1] + (n,))
@@ -62,12 +64,14 @@ def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m
 
 @register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?", "m2?", "c2?", "ks?"],
              attrs={"n": Attr("int"), "k_padded": Attr("int"), "flip": Attr("bool", False), "pb": Attr("int", 0),
-                    **_EPILOGUE, **_SECOND},
+                    **_EPILOGUE, **_SECOND, **_GELU},
              infer=_gemm_type, tags=["gemm", "integer"])
 def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, *, n, k_padded,
-             flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
+             flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads, gelu_x, gelu_n, gelu_bits,
+             gelu_in_bits):
     """epilogue(x [..., K] as u8 @ W^T), W packed by ``cpu_integer_library.pack_b`` (K padded to k_padded);
-    ``ks``: the requant's shift per column instead of ``k`` (layers of different shifts sharing one GEMM)."""
+    ``ks``: the requant's shift per column instead of ``k`` (layers of different shifts sharing one GEMM);
+    gelu_*: int.shiftgelu's attributes when the table is shiftgelu(y + zp) (gelu_x 0: not known)."""
     lead = x.shape[:-1]
     a = _as_u8(x, flip).reshape(-1, x.shape[-1])
     if a.shape[1] != k_padded:
@@ -77,7 +81,8 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=
     if res is not None:
         res = res.reshape(-1, n).contiguous()
     second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
-    epi = _epilogue(kind, out, bias, m, c, table, res, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb, ks=ks)
+    epi = _epilogue(kind, out, bias, m, c, table, res, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb, ks=ks,
+                    gelu=(gelu_x, gelu_n, gelu_bits, gelu_in_bits))
     kernels.gemm(a, packed, n, epi, y, threads)
     return y.reshape(lead + (n,))
 

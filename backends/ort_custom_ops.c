@@ -145,12 +145,13 @@ typedef struct {
     int inputs, required, outputs;
     int out_types;                      /* bit t: a variant with output type t */
     int kind;                           /* reads the string attribute `kind` (an epilogue) */
-    const char *attrs[20];              /* int attributes the op reads */
+    const char *attrs[24];              /* int attributes the op reads (NULL-terminated) */
 } op_spec_t;
 
 static const op_spec_t SPECS[N_OPS] = {
     [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
-                                                "k2", "lo2", "hi2", "zp2", "threads"}},
+                                                "k2", "lo2", "hi2", "zp2", "gelu_x", "gelu_n", "gelu_bits",
+                                                "gelu_in_bits", "threads"}},
     [OP_BMM] = {"IntBmm", 12, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
                                               "zp", "pb", "pre2", "k2", "lo2", "hi2", "zp2", "threads"}},
     [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
@@ -177,7 +178,7 @@ typedef struct {
 typedef struct {
     const OrtApi *api;
     int op, out_type, kind;
-    int64_t attr[20];
+    int64_t attr[24];
     float inv_scale;                    /* IntQuantize */
     char node[128];                     /* the node's name, for errors ("" if none or longer) */
     pthread_mutex_t lock;
@@ -428,7 +429,9 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
                     .zp = (int32_t)attr(kn, "zp"), .m = in[3].data, .c = in[4].data, .table = in[5].data,
                     .res = in[6].data, .ldr = n, .pb = (int32_t)attr(kn, "pb"), .mb = in[7].data, .m2 = in[8].data,
                     .c2 = in[9].data, .pre2 = (int32_t)attr(kn, "pre2"), .k2 = (int32_t)attr(kn, "k2"),
-                    .lo2 = (int32_t)attr(kn, "lo2"), .hi2 = (int32_t)attr(kn, "hi2"), .zp2 = (int32_t)attr(kn, "zp2")};
+                    .lo2 = (int32_t)attr(kn, "lo2"), .hi2 = (int32_t)attr(kn, "hi2"), .zp2 = (int32_t)attr(kn, "zp2"),
+                    .gelu_x = (int32_t)attr(kn, "gelu_x"), .gelu_n = (int32_t)attr(kn, "gelu_n"),
+                    .gelu_bits = (int32_t)attr(kn, "gelu_bits"), .gelu_in_bits = (int32_t)attr(kn, "gelu_in_bits")};
     int threads = threads_of(kn);
     uint8_t *a = as_u8_rows(x->data, rows, k, kp, (int)flip, threads);
     if (!a && (flip || k != kp)) return api->CreateStatus(ORT_FAIL, "graphopt IntGemm: out of memory");

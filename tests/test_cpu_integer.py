@@ -121,6 +121,28 @@ def test_linear_shiftgelu_requant_folds_into_the_epilogue(isa, per_channel):
     _check(graph, [x], {"cpu.int_gemm": 1})
 
 
+
+@pytest.mark.parametrize("X,n,bits,in_bits,zp", [(128, 10, 12, 16, 0), (64, 12, 13, 16, -300), (256, 8, 10, 12, 77),
+                                                  (96, 10, 12, 16, 0)])
+def test_shiftgelu_epilogue_over_its_whole_input_range(isa, X, n, bits, in_bits, zp):
+    """The AVX-512 epilogue computes shiftgelu (X a power of two) instead of the table gather: every GEMM output
+    y of the first requant's 16-bit range, shifted by its zero point and clamped to in_bits, against the
+    reference ops. Rows are all (a0, a1) in u8^2 and columns a0 + 127 a1 + bias, offset to cover [lo, hi];
+    X = 96 keeps the table."""
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(U8, (256 * 256, 4)))
+    w = graph.add_constant(torch.tensor([[1, 127, 0, 0]] * 3, dtype=I8))
+    b = graph.add_constant(torch.tensor([-33000, -16000, 300], dtype=I32))
+    y = graph.call("int.linear", x, w, b, x_zp=0)
+    one, zero = graph.add_constant(torch.ones(3, dtype=I32)), graph.add_constant(torch.zeros(3, dtype=I32))
+    h = graph.call("int.requant", y, one, zero, pre=0, k=0, lo=-32768, hi=32767, zero_point=zp, dtype="i32")
+    h = graph.call("int.shiftgelu", h, X=X, n=n, bits=bits, in_bits=in_bits)
+    graph.set_outputs([graph.call("int.requant", h, one, zero, pre=0, k=0, lo=-2 ** 31, hi=2 ** 31 - 1, zero_point=0,
+                                  dtype="i32")])
+    a = torch.cartesian_prod(torch.arange(256), torch.arange(256))
+    feed = torch.cat([a, torch.zeros(256 * 256, 2, dtype=torch.int64)], 1).to(U8)
+    _check(graph, [feed], {"cpu.int_gemm": 1})
+
 @pytest.mark.parametrize("gemm_first", [True, False])
 def test_linear_residual_add_becomes_one_gemm(isa, gemm_first):
     graph, y, x, g = _linear_graph(bias=True)
