@@ -121,6 +121,14 @@ def epilogue(kind: str, out_dtype: torch.dtype, bias: torch.Tensor | None, *, pr
     return epi
 
 
+def with_residual(epi: Epilogue, res: torch.Tensor) -> Epilogue:
+    """A copy of ``epi`` whose residual operand (kind add) is ``res``, rows ``res.stride(-2)`` apart."""
+    out = Epilogue.from_buffer_copy(epi)
+    out.res, out.ldr = res.data_ptr(), res.stride(-2)
+    out.tensors = epi.tensors + (res,)
+    return out
+
+
 def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
     """out[M, n] = epilogue(a[M, K] as u8 x packed B); a's rows contiguous with K % 4 == 0."""
     m, k = a.shape
