@@ -514,10 +514,30 @@ def _requant_check(ctx, x, m, c):
     return True
 
 
+LAYOUT_OPS = ("permute", "reshape", "expand")
+
+
+def _layout_source(x: Value) -> tuple[Value, list[Node]]:
+    """The value under a chain of layout ops ending in x, and those ops from the source up."""
+    chain = []
+    while x.producer is not None and x.producer.op in LAYOUT_OPS:
+        chain.append(x.producer)
+        x = x.producer.inputs[0]
+    return x, chain[::-1]
+
+
 def _requant_rewrite(op, nodes, x, m, c):
-    n = _last_axis(x)
-    return op("cpu.int_requant", x, op.add_constant(_per_column(m, n), "m"), op.add_constant(_per_column(c, n), "c"),
-              kind="requant", **_requant_attrs(nodes[0]))
+    """A requant with one m and one c commutes with layout ops: it runs on their source, which is contiguous
+    where x (token merging's transposed keys: [B, H, d, T] of int32) would be copied first."""
+    source, layout = _layout_source(x)
+    if m.const.numel() != 1 or c.const.numel() != 1 or _last_axis(source) is None:
+        source, layout = x, []
+    n = _last_axis(source)
+    y = op("cpu.int_requant", source, op.add_constant(_per_column(m, n), "m"),
+           op.add_constant(_per_column(c, n), "c"), kind="requant", **_requant_attrs(nodes[0]))
+    for node in layout:
+        y = op(node.op, y, **node.attrs)
+    return y
 
 
 def _requant(op, x, m, c):

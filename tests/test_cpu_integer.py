@@ -324,6 +324,23 @@ def test_standalone_requant_of_each_input_type(isa, dtype):
     _check(graph, [x], {"cpu.int_requant": 1})
 
 
+@pytest.mark.parametrize("per_tensor", [True, False])
+def test_per_tensor_requant_runs_under_the_layout_ops_it_follows(isa, per_tensor):
+    """Token merging's keys: int32 k [B, T, H d] -> [B, H, d, T] -> requant to i8. With one m and one c the requant
+    runs on the contiguous [B, T, H d] source and the layout ops follow it; per-column constants stay put."""
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    g = _gen(12)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (2, 7, 12)))
+    t = graph.call("permute", graph.call("reshape", x, shape=(2, 7, 3, 4)), dims=(0, 2, 3, 1))
+    n = 7
+    shape = () if per_tensor else (n,)
+    m, c = graph.add_constant(_rand(shape, I32, g, 1, 4095)), graph.add_constant(_rand(shape, I32, g, -9999, 9999))
+    graph.set_outputs([graph.call("int.requant", t, m, c, pre=2, k=13, lo=-128, hi=127, zero_point=0, dtype="i8")])
+    _check(graph, [_rand((2, 7, 12), I32, g, -(1 << 20), 1 << 20)], {"cpu.int_requant": 1})
+    requant = lower_to_kernels(graph)[0].find_nodes("cpu.int_requant")[0]
+    assert (requant.inputs[0].producer is None) == per_tensor   # the graph input itself, or the permute
+
 def test_standalone_requant_and_patch_conv(isa):
     g = _gen(4)
     graph = Graph("before")
