@@ -503,7 +503,7 @@ typedef struct {
     const int8_t *B;
     int64_t sb1, sb2, sbk, sbn;
     int32_t b_flip, a_zp;
-    int64_t B2, M, K, N, padk, osize;
+    int64_t B2, M, K, N, padk, osize, parts;   /* parts: chunks per batch item, row blocks split evenly */
     int isa;
     const epilogue_t *e;
     const softmax_t *sm;
@@ -639,38 +639,46 @@ static void pack_item(const bmm_job_t *j, const int8_t *b, int8_t *out, int32_t 
     else pack_strided(b, j->sbn, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
 }
 
-/* Batch item i of go_bmm, row block by row block: with Shiftmax each block's int32 scores are turned into
- * its u8 rows while still in L1. When K % 4 != 0 the k4 groups of a row read up to 3 bytes past it, which
- * the packed B's zero rows cancel; those bytes lie inside A (the next row's span) except after the item's
- * last rows, so only the last block is copied with zero padding (all of A for AMX or a row stride < 3). */
-static void bmm_item(const void *arg, int64_t i, void **scratch) {
+/* Part p of batch item i of go_bmm (its share of the row blocks; each part packs the item's B itself, so
+ * items split into parts when there are too few items for the threads: batch 1 has 6 heads for 2 cores).
+ * With Shiftmax each block's int32 scores are turned into its u8 rows while still in L1. When K % 4 != 0 the
+ * k4 groups of a row read up to 3 bytes past it, which the packed B's zero rows cancel; those bytes lie
+ * inside A (the next row's span) except after the item's last rows, so only the last block is copied with
+ * zero padding (the part's blocks for AMX or a row stride < 3). */
+static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     const bmm_job_t *j = arg;
     const softmax_t *sm = j->sm;
     if (!*scratch) *scratch = bmm_scratch(j);
     bmm_scratch_t *w = *scratch;
+    int64_t i = chunk / j->parts, part = chunk % j->parts;
     int64_t M = j->M, K = j->K, N = j->N, padk = j->padk, i1 = i / j->B2, i2 = i % j->B2;
+    int64_t bm = j->isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, per = (blocks + j->parts - 1) / j->parts;
+    int64_t first = part * per, last = first + per < blocks ? first + per : blocks;
+    if (first >= last) return;
     epilogue_t eb = *j->e;
     eb.bias = w->bias;
     if (sm) eb.out_type = OUT_I32;
     pack_item(j, j->B + i1 * j->sb1 + i2 * j->sb2, w->bp, w->colsum);
     for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
     const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
-    int64_t la = j->sam, bm = j->isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, in_place = blocks;
+    int64_t la = j->sam, copied = M;                      /* rows from `copied` on are read from w->ap */
     if (padk != K) {
         int whole = j->isa == 2 || la < padk - K;
-        int64_t r0 = whole ? 0 : (blocks - 1) * bm;
-        memset(w->ap, 0, (size_t)((M - r0) * padk));
-        for (int64_t r = r0; r < M; r++) memcpy(w->ap + (r - r0) * padk, a + r * la, (size_t)K);
-        if (whole) { a = w->ap; la = padk; }
-        else in_place = blocks - 1;
+        int64_t r0 = whole ? first * bm : last == blocks ? (blocks - 1) * bm : M;
+        int64_t r1 = whole && last * bm < M ? last * bm : M;
+        if (r0 < r1) {
+            memset(w->ap, 0, (size_t)((r1 - r0) * padk));
+            for (int64_t r = r0; r < r1; r++) memcpy(w->ap + (r - r0) * padk, a + r * la, (size_t)K);
+            copied = r0;
+        }
     }
     char *o = (char *)j->out + i * M * N * j->osize;
-    for (int64_t blk = 0; blk < blocks; blk++) {          /* each row block as a GEMM of its own rows */
+    for (int64_t blk = first; blk < last; blk++) {        /* each row block as a GEMM of its own rows */
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
         void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
         if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
-        if (blk < in_place) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
-        else gemm_blocks(j->isa, w->ap, padk, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
+        if (row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
+        else gemm_blocks(j->isa, w->ap + (row0 - copied) * padk, padk, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
         if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
     }
 }
@@ -678,15 +686,19 @@ static void bmm_item(const void *arg, int64_t i, void **scratch) {
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
  * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
  * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
- * and out is u8. Parallel over the batch (one chunk an item). */
+ * and out is u8. Parallel over the batch, each item cut into parts when the items alone give fewer than
+ * ~8 chunks a thread. */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
             int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, int threads) {
-    int64_t Kp = (K + 63) / 64 * 64;
+    int64_t Kp = (K + 63) / 64 * 64, items = B1 * B2;
     int isa = pick_isa(Kp);
+    int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
+    int64_t parts = threads > 1 && items < 8 * threads ? (8 * threads + items - 1) / items : 1;
+    parts = parts < blocks ? parts : blocks < 1 ? 1 : blocks;
     bmm_job_t j = {A, sa1, sa2, sam, B, sb1, sb2, sbk, sbn, b_flip, a_zp, B2, M, K, N,
-                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, isa, e, sm, out};
-    pool_run(threads, B1 * B2, bmm_item, bmm_fini, &j);
+                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, e, sm, out};
+    pool_run(threads, items * parts, bmm_item, bmm_fini, &j);
 }
 
 /* ---- Shiftmax over rows of length L (int.shiftmax: masked columns count as -2^30, then e = 0) ---- */

@@ -75,7 +75,8 @@ def _b_view(b: torch.Tensor, layout: str) -> torch.Tensor:
                                            (2, 40, 197, 64, True)])
 def test_bmm_equals_int64_matmul_for_every_layout_of_b(isa, layout, b1, m, k, n, flip):
     """Ragged M (row blocks plus a tail), K % 4 != 0 (padded k groups; A read in place but for its last
-    block), N across partial panels, u8 B read as s8 (flip), A rows strided inside a wider tensor."""
+    block), N across partial panels, u8 B read as s8 (flip), A rows strided inside a wider tensor; 3 or 6
+    items on 2 threads, so each item is cut into parts of its row blocks."""
     g = _gen(m * 1000 + k + n)
     a = _rand((b1, 3, m, k + 7), U8, g)[..., 3:3 + k]
     b = _b_view(_rand((b1, 3, k, n), U8 if flip else I8, g), layout)
