@@ -482,6 +482,8 @@ void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *
  * Shiftmax: x += table[clamp(sizes[i0 s0 + i1 s1 + row sr + j], 0, tlen - 1)] (int32 wrap-around), or, with
  * logits (NULL: none, else EPI_ADD_REQUANT), x = requant2(int.add(x, that term)): the order token_merge then
  * integer_only makes, where the term joins the matmul's int32 accumulator before the scores' requant. */
+#define MASKED_LOGIT (-(1 << 30))      /* int.shiftmax's logit of a masked column */
+
 typedef struct {
     const int32_t *pow2;
     int32_t X, n, bits, pad_;
@@ -504,7 +506,7 @@ typedef struct {
     int64_t sb1, sb2, sbk, sbn;
     int32_t b_flip, a_zp;
     int64_t B2, M, K, N, padk, osize, parts;   /* parts: chunks per batch item, row blocks split evenly */
-    int isa;
+    int isa, compact;                          /* compact: drop the key columns the Shiftmax mask masks */
     const epilogue_t *e;
     const softmax_t *sm;
     void *out;
@@ -515,6 +517,9 @@ typedef struct {                            /* one thread's buffers for go_bmm, 
     int8_t *bp;
     uint8_t *ap, *tail;
     int32_t *colsum, *bias, *scores, *erow, *xb, *brow;
+    int8_t *bkept;                          /* compact: B's kept columns [K, kept] */
+    int32_t *keep, *mkept, *ckept;          /* compact: the kept columns, their m and c */
+    uint8_t *pkept;                         /* compact: one row's probabilities over the kept columns */
 } bmm_scratch_t;
 
 static void bmm_fini(void *p) {
@@ -534,12 +539,14 @@ static void *carve(char **at, int64_t bytes) {
 static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     const softmax_t *sm = j->sm;
     int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M, n4 = 4 * N;
+    int64_t c = j->compact;
     int64_t bytes[] = {go_packed_size(N, padk), rows_padded * padk, AMX_M * padk, n4, n4, sm ? AMX_M * n4 : 0,
-                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0};
-    int64_t total = 64 * 2;
-    for (int t = 0; t < 9; t++) total += (bytes[t] + 63) / 64 * 64;
+                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0, c ? j->K * N : 0, c ? n4 : 0,
+                       c ? n4 : 0, c ? n4 : 0, c ? N : 0};
+    int64_t total = 64 * 3;
+    for (int t = 0; t < 14; t++) total += (bytes[t] + 63) / 64 * 64;
     bmm_scratch_t *w = aligned_alloc(64, (size_t)total);
-    char *at = (char *)w + 64 * 2;          /* the struct itself in the first 128 bytes */
+    char *at = (char *)w + 64 * 3;          /* the struct itself in the first 192 bytes */
     w->isa = j->isa;
     w->bp = carve(&at, bytes[0]);
     w->ap = carve(&at, bytes[1]);
@@ -550,6 +557,11 @@ static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     w->erow = carve(&at, bytes[6]);
     w->xb = carve(&at, bytes[7]);
     w->brow = carve(&at, bytes[8]);
+    w->bkept = carve(&at, bytes[9]);
+    w->keep = carve(&at, bytes[10]);
+    w->mkept = carve(&at, bytes[11]);
+    w->ckept = carve(&at, bytes[12]);
+    w->pkept = carve(&at, bytes[13]);
     if (j->isa == 2) amx_configure();
     return w;
 }
@@ -630,14 +642,34 @@ static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, 
 }
 
 /* B of one batch item packed like pack_strided, by the AVX-512 packers when its layout fits them. */
-static void pack_item(const bmm_job_t *j, const int8_t *b, int8_t *out, int32_t *colsum) {
-    int64_t N = j->N, K = j->K;
+static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t sbn, int64_t N, int8_t *out,
+                      int32_t *colsum) {
+    int64_t K = j->K;
     int vec = j->isa >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
-    if (vec && j->sbn == 1) pack_rows_avx512(b, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
-    else if (vec && j->sbk == 1 && j->sbn > 0 && j->sbn < (1 << 26))      /* 15 sn fits the gather's int32 */
-        pack_cols_avx512(b, j->sbn, N, K, j->padk, j->b_flip, out, colsum);
-    else pack_strided(b, j->sbn, j->sbk, N, K, j->padk, j->b_flip, out, colsum);
+    if (vec && sbn == 1) pack_rows_avx512(b, sbk, N, K, j->padk, j->b_flip, out, colsum);
+    else if (vec && sbk == 1 && sbn > 0 && sbn < (1 << 26))      /* 15 sn fits the gather's int32 */
+        pack_cols_avx512(b, sbn, N, K, j->padk, j->b_flip, out, colsum);
+    else pack_strided(b, sbn, sbk, N, K, j->padk, j->b_flip, out, colsum);
 }
+
+/* Compaction (j->compact): the columns of item (i1, i2) its key mask keeps, in w->keep, with B's kept
+ * columns copied to w->bkept and their m and c to w->mkept, w->ckept. Returns how many are kept. */
+static int64_t keep_columns(const bmm_job_t *j, int64_t i1, int64_t i2, const int8_t *b, bmm_scratch_t *w) {
+    const uint8_t *mask = j->sm->mask + i1 * j->sm->m0 + i2 * j->sm->m1;
+    int64_t kept = 0;
+    for (int64_t n = 0; n < j->N; n++)
+        if (mask[n]) w->keep[kept++] = (int32_t)n;
+    for (int64_t k = 0; k < j->K; k++)
+        for (int64_t t = 0; t < kept; t++) w->bkept[k * kept + t] = b[k * j->sbk + w->keep[t] * j->sbn];
+    for (int64_t t = 0; t < kept; t++) {
+        w->mkept[t] = j->e->m[w->keep[t]];
+        w->ckept[t] = j->e->c[w->keep[t]];
+    }
+    return kept;
+}
+
+static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep, int64_t N,
+                             int32_t *e, uint8_t *p, uint8_t *out);
 
 /* Part p of batch item i of go_bmm (its share of the row blocks; each part packs the item's B itself, so
  * items split into parts when there are too few items for the threads: batch 1 has 6 heads for 2 cores).
@@ -658,8 +690,18 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     epilogue_t eb = *j->e;
     eb.bias = w->bias;
     if (sm) eb.out_type = OUT_I32;
-    pack_item(j, j->B + i1 * j->sb1 + i2 * j->sb2, w->bp, w->colsum);
-    for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
+    const int8_t *b = j->B + i1 * j->sb1 + i2 * j->sb2;
+    int64_t L = N;                                        /* the GEMM's columns: N, or the kept ones */
+    if (j->compact) {
+        L = keep_columns(j, i1, i2, b, w);
+        pack_item(j, w->bkept, L, 1, L, w->bp, w->colsum);
+        for (int64_t t = 0; t < L; t++) w->bias[t] = j->e->bias[w->keep[t]] - j->a_zp * w->colsum[t];
+        eb.m = w->mkept;
+        eb.c = w->ckept;
+    } else {
+        pack_item(j, b, j->sbk, j->sbn, N, w->bp, w->colsum);
+        for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
+    }
     const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
     int64_t la = j->sam, copied = M;                      /* rows from `copied` on are read from w->ap */
     if (padk != K) {
@@ -677,9 +719,13 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
         void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
         if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
-        if (row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
-        else gemm_blocks(j->isa, w->ap + (row0 - copied) * padk, padk, rows, padk, w->bp, N, &eb, y, N, 0, 1, w->tail);
-        if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
+        if (!L) {}
+        else if (row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, L, &eb, y, L, 0, 1, w->tail);
+        else gemm_blocks(j->isa, w->ap + (row0 - copied) * padk, padk, rows, padk, w->bp, L, &eb, y, L, 0, 1, w->tail);
+        if (j->compact)
+            for (int64_t r = 0; r < rows; r++)
+                softmax_kept_row(sm, w->scores + r * L, L, w->keep, N, w->erow, w->pkept, (uint8_t *)o + (row0 + r) * N);
+        else if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
     }
 }
 
@@ -696,13 +742,17 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
     int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
     int64_t parts = threads > 1 && items < 8 * threads ? (8 * threads + items - 1) / items : 1;
     parts = parts < blocks ? parts : blocks < 1 ? 1 : blocks;
+    /* A key padding mask (the same for every row) drops its masked columns from the GEMM when nothing but
+     * the mask can make a score as low as the masked logit (a requant's lo above it) */
+    int compact = sm && sm->mask && sm->mr == 0 && !sm->sizes && !sm->logits && e->kind == EPI_REQUANT && !e->res &&
+                  !e->ks && e->lo > MASKED_LOGIT;
     bmm_job_t j = {A, sa1, sa2, sam, B, sb1, sb2, sbk, sbn, b_flip, a_zp, B2, M, K, N,
-                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, e, sm, out};
+                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, compact, e, sm,
+                   out};
     pool_run(threads, items * parts, bmm_item, bmm_fini, &j);
 }
 
 /* ---- Shiftmax over rows of length L (int.shiftmax: masked columns count as -2^30, then e = 0) ---- */
-#define MASKED_LOGIT (-(1 << 30))
 
 static void shiftmax_row_portable(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
                                   const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
@@ -810,6 +860,17 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int6
         if (vec) shiftmax_row_avx512(xr, L, mask, sm, e, out + r * L);
         else shiftmax_row_portable(xr, L, mask, sm, e, out + r * L);
     }
+}
+
+/* Shiftmax of one row over its kept columns (no mask left), scattered into the full row; the masked
+ * columns get 0, as Shiftmax gives them (e = 0, and (0 << bits) + sum / 2 < sum). */
+static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep, int64_t N,
+                             int32_t *e, uint8_t *p, uint8_t *out) {
+    memset(out, 0, (size_t)N);
+    if (!kept) return;
+    if (isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl")) shiftmax_row_avx512(x, kept, NULL, sm, e, p);
+    else shiftmax_row_portable(x, kept, NULL, sm, e, p);
+    for (int64_t t = 0; t < kept; t++) out[keep[t]] = p[t];
 }
 
 /* ---- the row kernels: chunks of whole rows on the pool, each row with a C-entry int32 scratch row ---- */
