@@ -507,6 +507,7 @@ typedef struct {
     int32_t b_flip, a_zp;
     int64_t B2, M, K, N, padk, osize, parts;   /* parts: chunks per batch item, row blocks split evenly */
     int isa, compact;                          /* compact: drop the key columns the Shiftmax mask masks */
+    int zero_k;                                /* drop the k where a row block's A is all zero (a_zp 0) */
     const epilogue_t *e;
     const softmax_t *sm;
     void *out;
@@ -517,8 +518,9 @@ typedef struct {                            /* one thread's buffers for go_bmm, 
     int8_t *bp;
     uint8_t *ap, *tail;
     int32_t *colsum, *bias, *scores, *erow, *xb, *brow;
-    int8_t *bkept;                          /* compact: B's kept columns [K, kept] */
-    int32_t *keep, *mkept, *ckept;          /* compact: the kept columns, their m and c */
+    int8_t *bkept;                          /* compact: B's kept columns [K, kept]; zero_k: B's kept rows */
+    int32_t *keep, *mkept, *ckept;          /* compact: the kept columns, their m and c; zero_k: the kept k */
+    uint8_t *any;                           /* zero_k: per k, whether a row of the block is nonzero there */
     uint8_t *pkept;                         /* compact: one row's probabilities over the kept columns */
 } bmm_scratch_t;
 
@@ -539,12 +541,12 @@ static void *carve(char **at, int64_t bytes) {
 static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     const softmax_t *sm = j->sm;
     int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M, n4 = 4 * N;
-    int64_t c = j->compact;
+    int64_t c = j->compact, z = j->zero_k, keep4 = 4 * (N > j->K ? N : j->K);
     int64_t bytes[] = {go_packed_size(N, padk), rows_padded * padk, AMX_M * padk, n4, n4, sm ? AMX_M * n4 : 0,
-                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0, c ? j->K * N : 0, c ? n4 : 0,
-                       c ? n4 : 0, c ? n4 : 0, c ? N : 0};
+                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0, c || z ? j->K * N : 0,
+                       c || z ? keep4 : 0, c ? n4 : 0, c ? n4 : 0, c ? N : 0, z ? padk + 64 : 0};
     int64_t total = 64 * 3;
-    for (int t = 0; t < 14; t++) total += (bytes[t] + 63) / 64 * 64;
+    for (int t = 0; t < 15; t++) total += (bytes[t] + 63) / 64 * 64;
     bmm_scratch_t *w = aligned_alloc(64, (size_t)total);
     char *at = (char *)w + 64 * 3;          /* the struct itself in the first 192 bytes */
     w->isa = j->isa;
@@ -562,6 +564,7 @@ static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     w->mkept = carve(&at, bytes[11]);
     w->ckept = carve(&at, bytes[12]);
     w->pkept = carve(&at, bytes[13]);
+    w->any = carve(&at, bytes[14]);
     if (j->isa == 2) amx_configure();
     return w;
 }
@@ -642,14 +645,43 @@ static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, 
 }
 
 /* B of one batch item packed like pack_strided, by the AVX-512 packers when its layout fits them. */
-static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t sbn, int64_t N, int8_t *out,
-                      int32_t *colsum) {
-    int64_t K = j->K;
+static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t sbn, int64_t N, int64_t K,
+                      int64_t padk, int8_t *out, int32_t *colsum) {
     int vec = j->isa >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
-    if (vec && sbn == 1) pack_rows_avx512(b, sbk, N, K, j->padk, j->b_flip, out, colsum);
+    if (vec && sbn == 1) pack_rows_avx512(b, sbk, N, K, padk, j->b_flip, out, colsum);
     else if (vec && sbk == 1 && sbn > 0 && sbn < (1 << 26))      /* 15 sn fits the gather's int32 */
-        pack_cols_avx512(b, sbn, N, K, j->padk, j->b_flip, out, colsum);
-    else pack_strided(b, sbn, sbk, N, K, j->padk, j->b_flip, out, colsum);
+        pack_cols_avx512(b, sbn, N, K, padk, j->b_flip, out, colsum);
+    else pack_strided(b, sbn, sbk, N, K, padk, j->b_flip, out, colsum);
+}
+
+/* zero_k: rows r0 .. r1 of A with only the k where any[k] != 0, zero-padded to kp (vpcompressb, AVX512-VBMI2). */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2")))
+static void compact_rows(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, int64_t K, const uint8_t *any,
+                         uint8_t *out, int64_t kp) {
+    memset(out, 0, (size_t)((r1 - r0) * kp));
+    for (int64_t r = r0; r < r1; r++) {
+        uint8_t *o = out + (r - r0) * kp;
+        for (int64_t k = 0; k < K; k += 64) {
+            __mmask64 in = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+            __m512i flags = _mm512_maskz_loadu_epi8(in, any + k);
+            __mmask64 keep = _mm512_test_epi8_mask(flags, flags);
+            __m512i v = _mm512_maskz_compress_epi8(keep, _mm512_maskz_loadu_epi8(in, a + r * la + k));
+            int n = __builtin_popcountll(keep);
+            _mm512_mask_storeu_epi8(o, n == 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1), v);
+            o += n;
+        }
+    }
+}
+
+/* zero_k: the k where rows r0 .. r1 of A (row stride la) are not all zero, in w->keep; returns how many. */
+static int64_t nonzero_k(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, int64_t K, bmm_scratch_t *w) {
+    memset(w->any, 0, (size_t)K);
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t k = 0; k < K; k++) w->any[k] |= a[r * la + k];
+    int64_t kept = 0;
+    for (int64_t k = 0; k < K; k++)
+        if (w->any[k]) w->keep[kept++] = (int32_t)k;
+    return kept;
 }
 
 /* Compaction (j->compact): the columns of item (i1, i2) its key mask keeps, in w->keep, with B's kept
@@ -691,18 +723,37 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     eb.bias = w->bias;
     if (sm) eb.out_type = OUT_I32;
     const int8_t *b = j->B + i1 * j->sb1 + i2 * j->sb2;
+    const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
     int64_t L = N;                                        /* the GEMM's columns: N, or the kept ones */
+    if (j->zero_k) {                                      /* A's zero columns (a_zp 0) add nothing: drop them */
+        int64_t r0 = first * bm, r1 = last * bm < M ? last * bm : M, kept = nonzero_k(a, j->sam, r0, r1, K, w);
+        if (kept * 4 <= K * 3) {
+            int64_t kp = (kept + 3) / 4 * 4;
+            for (int64_t t = 0; t < kept; t++)
+                for (int64_t n = 0; n < N; n++) w->bkept[t * N + n] = b[w->keep[t] * j->sbk + n * j->sbn];
+            pack_item(j, w->bkept, N, 1, N, kept, kp, w->bp, w->colsum);
+            for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n];
+            compact_rows(a, j->sam, r0, r1, K, w->any, w->ap, kp);
+            char *o = (char *)j->out + i * M * N * j->osize;
+            for (int64_t blk = first; blk < last; blk++) {
+                int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
+                if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
+                gemm_blocks(j->isa, w->ap + (row0 - r0) * kp, kp, rows, kp, w->bp, N, &eb, o + row0 * N * j->osize, N,
+                            0, 1, w->tail);
+            }
+            return;
+        }
+    }
     if (j->compact) {
         L = keep_columns(j, i1, i2, b, w);
-        pack_item(j, w->bkept, L, 1, L, w->bp, w->colsum);
+        pack_item(j, w->bkept, L, 1, L, K, padk, w->bp, w->colsum);
         for (int64_t t = 0; t < L; t++) w->bias[t] = j->e->bias[w->keep[t]] - j->a_zp * w->colsum[t];
         eb.m = w->mkept;
         eb.c = w->ckept;
     } else {
-        pack_item(j, b, j->sbk, j->sbn, N, w->bp, w->colsum);
+        pack_item(j, b, j->sbk, j->sbn, N, K, padk, w->bp, w->colsum);
         for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
     }
-    const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
     int64_t la = j->sam, copied = M;                      /* rows from `copied` on are read from w->ap */
     if (padk != K) {
         int whole = j->isa == 2 || la < padk - K;
@@ -746,9 +797,11 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
      * the mask can make a score as low as the masked logit (a requant's lo above it) */
     int compact = sm && sm->mask && sm->mr == 0 && !sm->sizes && !sm->logits && e->kind == EPI_REQUANT && !e->res &&
                   !e->ks && e->lo > MASKED_LOGIT;
+    /* probabilities times V: the keys a mask zeroed are zero columns of A, dropped when a_zp is 0 */
+    int zero_k = !sm && a_zp == 0 && isa == 1 && K >= 32 && __builtin_cpu_supports("avx512vbmi2");
     bmm_job_t j = {A, sa1, sa2, sam, B, sb1, sb2, sbk, sbn, b_flip, a_zp, B2, M, K, N,
-                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, compact, e, sm,
-                   out};
+                   isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, compact, zero_k,
+                   e, sm, out};
     pool_run(threads, items * parts, bmm_item, bmm_fini, &j);
 }
 

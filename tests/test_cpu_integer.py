@@ -87,6 +87,21 @@ def test_bmm_equals_int64_matmul_for_every_layout_of_b(isa, layout, b1, m, k, n,
     assert torch.equal(out.long(), (a.long() - 100) @ b_signed + bias)
 
 
+@pytest.mark.parametrize("b1,m,k,n", [(1, 40, 70, 33), (2, 25, 128, 32), (1, 13, 197, 64)])
+def test_bmm_with_zero_columns_of_a_equals_int64_matmul(isa, b1, m, k, n):
+    """Attention probabilities times V with masked keys: A (a_zp 0) has columns that are zero in every row,
+    or only in some row blocks; the kernel may drop those k (VBMI2), the products must not change."""
+    g = _gen(k + n)
+    a = _rand((b1, 3, m, k), U8, g)
+    a[..., torch.rand(k, generator=g) < 0.6] = 0                 # masked keys: zero in every row
+    a[:, :, :12, torch.rand(k, generator=g) < 0.3] = 0           # zero in the first row block only
+    b = _b_view(_rand((b1, 3, k, n), I8, g), "n_contiguous")
+    bias = _rand((n,), I32, g, -1000, 1000)
+    out = torch.empty(b1, 3, m, n, dtype=I32)
+    kernels.bmm(a, b, 0, False, kernels.epilogue("raw", I32, bias), out, 2)
+    assert torch.equal(out.long(), a.long() @ b.long() + bias)
+
+
 # ---- chains --------------------------------------------------------------------------------------
 def _linear_graph(k=64, n=40, rows=(3, 11), x_dtype=U8, bias=False, seed=0):
     g = _gen(seed)
