@@ -544,7 +544,7 @@ static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     int64_t c = j->compact, z = j->zero_k, keep4 = 4 * (N > j->K ? N : j->K);
     int64_t bytes[] = {go_packed_size(N, padk), rows_padded * padk, AMX_M * padk, n4, n4, sm ? AMX_M * n4 : 0,
                        sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0, c || z ? j->K * N : 0,
-                       c || z ? keep4 : 0, c ? n4 : 0, c ? n4 : 0, c ? N : 0, z ? padk + 64 : 0};
+                       c || z ? keep4 : 0, c ? n4 : 0, c ? n4 : 0, c ? N : 0, c || z ? (padk > N ? padk : N) + 64 : 0};
     int64_t total = 64 * 3;
     for (int t = 0; t < 15; t++) total += (bytes[t] + 63) / 64 * 64;
     bmm_scratch_t *w = aligned_alloc(64, (size_t)total);
@@ -654,6 +654,20 @@ static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t 
     else pack_strided(b, sbn, sbk, N, K, padk, j->b_flip, out, colsum);
 }
 
+/* out[n] = the next of p where flags[n] != 0, else 0, for n < N (vpexpandb: the inverse of compact_rows). */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2")))
+static void expand_row(const uint8_t *p, const uint8_t *flags, int64_t N, uint8_t *out) {
+    for (int64_t n = 0; n < N; n += 64) {
+        __mmask64 in = N - n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (N - n)) - 1);
+        __m512i f = _mm512_maskz_loadu_epi8(in, flags + n);
+        __mmask64 keep = _mm512_test_epi8_mask(f, f);
+        int c = __builtin_popcountll(keep);
+        __m512i v = _mm512_maskz_loadu_epi8(c == 64 ? ~(__mmask64)0 : (((__mmask64)1 << c) - 1), p);
+        _mm512_mask_storeu_epi8(out + n, in, _mm512_maskz_expand_epi8(keep, v));
+        p += c;
+    }
+}
+
 /* zero_k: rows r0 .. r1 of A with only the k where any[k] != 0, zero-padded to kp (vpcompressb, AVX512-VBMI2). */
 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 static void compact_rows(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, int64_t K, const uint8_t *any,
@@ -674,10 +688,14 @@ static void compact_rows(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, i
 }
 
 /* zero_k: the k where rows r0 .. r1 of A (row stride la) are not all zero, in w->keep; returns how many. */
+__attribute__((target("avx512f,avx512bw")))
 static int64_t nonzero_k(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, int64_t K, bmm_scratch_t *w) {
-    memset(w->any, 0, (size_t)K);
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t k = 0; k < K; k++) w->any[k] |= a[r * la + k];
+    for (int64_t k = 0; k < K; k += 64) {
+        __mmask64 in = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i any = _mm512_setzero_si512();
+        for (int64_t r = r0; r < r1; r++) any = _mm512_or_si512(any, _mm512_maskz_loadu_epi8(in, a + r * la + k));
+        _mm512_mask_storeu_epi8(w->any + k, in, any);
+    }
     int64_t kept = 0;
     for (int64_t k = 0; k < K; k++)
         if (w->any[k]) w->keep[kept++] = (int32_t)k;
@@ -688,11 +706,16 @@ static int64_t nonzero_k(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, i
  * columns copied to w->bkept and their m and c to w->mkept, w->ckept. Returns how many are kept. */
 static int64_t keep_columns(const bmm_job_t *j, int64_t i1, int64_t i2, const int8_t *b, bmm_scratch_t *w) {
     const uint8_t *mask = j->sm->mask + i1 * j->sm->m0 + i2 * j->sm->m1;
-    int64_t kept = 0;
-    for (int64_t n = 0; n < j->N; n++)
+    int64_t kept = 0, K = j->K;
+    for (int64_t n = 0; n < j->N; n++) {
+        w->any[n] = mask[n] != 0;
         if (mask[n]) w->keep[kept++] = (int32_t)n;
-    for (int64_t k = 0; k < j->K; k++)
-        for (int64_t t = 0; t < kept; t++) w->bkept[k * kept + t] = b[k * j->sbk + w->keep[t] * j->sbn];
+    }
+    if (j->sbk == 1)                        /* K^T: each kept key's k are contiguous, copied as [kept, K] */
+        for (int64_t t = 0; t < kept; t++) memcpy(w->bkept + t * K, b + w->keep[t] * j->sbn, (size_t)K);
+    else
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t t = 0; t < kept; t++) w->bkept[k * kept + t] = b[k * j->sbk + w->keep[t] * j->sbn];
     for (int64_t t = 0; t < kept; t++) {
         w->mkept[t] = j->e->m[w->keep[t]];
         w->ckept[t] = j->e->c[w->keep[t]];
@@ -700,8 +723,8 @@ static int64_t keep_columns(const bmm_job_t *j, int64_t i1, int64_t i2, const in
     return kept;
 }
 
-static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep, int64_t N,
-                             int32_t *e, uint8_t *p, uint8_t *out);
+static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep,
+                             const uint8_t *flags, int64_t N, int32_t *e, uint8_t *p, uint8_t *out);
 
 /* Part p of batch item i of go_bmm (its share of the row blocks; each part packs the item's B itself, so
  * items split into parts when there are too few items for the threads: batch 1 has 6 heads for 2 cores).
@@ -730,7 +753,8 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
         if (kept * 4 <= K * 3) {
             int64_t kp = (kept + 3) / 4 * 4;
             for (int64_t t = 0; t < kept; t++)
-                for (int64_t n = 0; n < N; n++) w->bkept[t * N + n] = b[w->keep[t] * j->sbk + n * j->sbn];
+                if (j->sbn == 1) memcpy(w->bkept + t * N, b + w->keep[t] * j->sbk, (size_t)N);
+                else for (int64_t n = 0; n < N; n++) w->bkept[t * N + n] = b[w->keep[t] * j->sbk + n * j->sbn];
             pack_item(j, w->bkept, N, 1, N, kept, kp, w->bp, w->colsum);
             for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n];
             compact_rows(a, j->sam, r0, r1, K, w->any, w->ap, kp);
@@ -746,7 +770,8 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     }
     if (j->compact) {
         L = keep_columns(j, i1, i2, b, w);
-        pack_item(j, w->bkept, L, 1, L, K, padk, w->bp, w->colsum);
+        if (j->sbk == 1) pack_item(j, w->bkept, 1, K, L, K, padk, w->bp, w->colsum);
+        else pack_item(j, w->bkept, L, 1, L, K, padk, w->bp, w->colsum);
         for (int64_t t = 0; t < L; t++) w->bias[t] = j->e->bias[w->keep[t]] - j->a_zp * w->colsum[t];
         eb.m = w->mkept;
         eb.c = w->ckept;
@@ -775,7 +800,8 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
         else gemm_blocks(j->isa, w->ap + (row0 - copied) * padk, padk, rows, padk, w->bp, L, &eb, y, L, 0, 1, w->tail);
         if (j->compact)
             for (int64_t r = 0; r < rows; r++)
-                softmax_kept_row(sm, w->scores + r * L, L, w->keep, N, w->erow, w->pkept, (uint8_t *)o + (row0 + r) * N);
+                softmax_kept_row(sm, w->scores + r * L, L, w->keep, w->any, N, w->erow, w->pkept,
+                                 (uint8_t *)o + (row0 + r) * N);
         else if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
     }
 }
@@ -917,12 +943,16 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int6
 
 /* Shiftmax of one row over its kept columns (no mask left), scattered into the full row; the masked
  * columns get 0, as Shiftmax gives them (e = 0, and (0 << bits) + sum / 2 < sum). */
-static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep, int64_t N,
-                             int32_t *e, uint8_t *p, uint8_t *out) {
+static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep,
+                             const uint8_t *flags, int64_t N, int32_t *e, uint8_t *p, uint8_t *out) {
+    int vec = isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
+    if (kept && vec) shiftmax_row_avx512(x, kept, NULL, sm, e, p);
+    else if (kept) shiftmax_row_portable(x, kept, NULL, sm, e, p);
+    if (vec && __builtin_cpu_supports("avx512vbmi2")) {
+        expand_row(p, flags, N, out);
+        return;
+    }
     memset(out, 0, (size_t)N);
-    if (!kept) return;
-    if (isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl")) shiftmax_row_avx512(x, kept, NULL, sm, e, p);
-    else shiftmax_row_portable(x, kept, NULL, sm, e, p);
     for (int64_t t = 0; t < kept; t++) out[keep[t]] = p[t];
 }
 
