@@ -3,6 +3,11 @@
     python bench/sparse.py                    # everything (about 10-20 min on a busy 2-core machine)
     python bench/sparse.py --only kernel      # SpMM vs dense on the DeiT-S MLP shapes, 2 threads, break-even
     python bench/sparse.py --only minilm      # all-MiniLM-L6-v2 (real weights) embedding cosine per criterion
+    python bench/sparse.py --only minilm --calib-corpus mix --calib 512 --refit-calib 0   # every row on bench/corpus.py
+
+MiniLM calibrates on 128 templated sentences (``--calib``, ``--calib-corpus``), except one Wanda refit row on 512
+sentences of ``bench/corpus.py``'s mix (stdlib docstrings + templated; ``--refit-calib``, ``--refit-corpus``); the
+evaluation is always the 100 held-out ``zoo.sentences``, which ``bench/corpus.py`` asserts it never contains.
     python bench/sparse.py --only digits      # digits ViT accuracy vs speed, structured pruning
     python bench/sparse.py --only deit        # DeiT-S-shaped ViT, batch 8, end to end on the torch backend
     python bench/sparse.py --only int8        # DeiT-S batch 8 on cpu_integer: integer_only vs + 1x4-block fc2
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,12 +106,17 @@ def kernel(args) -> dict:
 
 # ---- MiniLM -----------------------------------------------------------------------------------------
 def minilm(args) -> dict:
-    from graphopt.bench.low_rank import calibration_sentences, minilm_graph, token_batches
+    from graphopt.bench.corpus import calibration_texts
+    from graphopt.bench.low_rank import minilm_graph, token_batches
     from graphopt.pipeline import calibration_batches
 
     torch.set_num_threads(args.threads)
     model, tok, graph = minilm_graph()
-    calib = calibration_batches(graph, [((), b) for b in token_batches(tok, calibration_sentences(args.calib), 16)])
+
+    def batches(corpus, n):
+        return calibration_batches(graph, [((), b) for b in token_batches(tok, calibration_texts(corpus, n), 16)])
+
+    calib = batches(args.calib_corpus, args.calib)
     evalb = calibration_batches(graph, [((), b) for b in token_batches(tok, zoo.sentences(args.eval), 25)])
     reference = [run(graph, *b)[0] for b in evalb]
 
@@ -114,7 +125,8 @@ def minilm(args) -> dict:
         c = torch.cat([torch.nn.functional.cosine_similarity(a, r, dim=-1) for a, r in zip(outs, reference)])
         return {"cosine": c.mean().item(), "cosine_min": c.min().item()}
 
-    out = {"calibration_sentences": args.calib, "eval_sentences": args.eval, "weights": [], "structured": [],
+    out = {"calibration_sentences": args.calib, "calibration_corpus": args.calib_corpus, "eval_sentences": args.eval,
+           "python": platform.python_version(), "weights": [], "structured": [],
            "pruned": "the 36 linear layers of the 6 encoder blocks (q, k, v, out, fc1, fc2), each at the sparsity; "
                      "not the embeddings, LayerNorms or the unused pooler"}
     # plain criteria one shot (sequential=false), then the additions: update (Wanda mask refitted), bias
@@ -122,7 +134,7 @@ def minilm(args) -> dict:
     variants = [(c, {"sequential": False}) for c in ("magnitude", "wanda", "sparsegpt")]
     variants += [("wanda", {"update": True, "bias_correction": True, "sequential": True}),
                  ("sparsegpt", {"bias_correction": True, "sequential": True}),
-                 ("wanda", {"refit": True, "damp": 0.1, "sequential": True})]   # Wanda's mask, weights + bias refitted
+                 ("wanda", {"refit": True, "damp": 0.3, "sequential": True})]   # Wanda's mask, weights + bias refitted
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", 0.5)):
         for criterion, extra in variants:
             g, _ = PassManager([("sparsify", {"criterion": criterion, "pattern": pattern, "sparsity": sparsity,
@@ -134,7 +146,17 @@ def minilm(args) -> dict:
             print(f"minilm {label:45s} {pattern:12s} {sparsity:.0%}: embedding cosine {row['cosine']:.4f} "
                   f"(min {row['cosine_min']:.4f})",
                   flush=True)
-    for extra in ({}, {"refit": True, "damp": 0.1}):
+    if args.refit_calib:     # the refit fits ~2k templated tokens (0.99 there); more, more varied text generalises better
+        extra = {"refit": True, "damp": 0.3, "sequential": True}
+        g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "exclude": ["*pooler*"],
+                                          "substitute": "never", **extra})],
+                           calibration=batches(args.refit_corpus, args.refit_calib)).run(graph)
+        row = {"criterion": "wanda", "pattern": "unstructured", "sparsity": 0.5, **extra,
+               "calibration_corpus": args.refit_corpus, "calibration_sentences": args.refit_calib, **cosine(g)}
+        out["weights"].append(row)
+        print(f"minilm wanda refit, {args.refit_calib} {args.refit_corpus} calibration sentences  unstructured 50%: "
+              f"embedding cosine {row['cosine']:.4f} (min {row['cosine_min']:.4f})", flush=True)
+    for extra in ({}, {"refit": True, "damp": 0.3}):
         g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
                                           "exclude": ["*pooler*"], "substitute": "never", **extra})],
                            calibration=calib).run(graph)
@@ -247,6 +269,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--calib", type=int, default=128, help="MiniLM calibration sentences")
+    p.add_argument("--calib-corpus", default="templated", choices=["templated", "stdlib", "mix"],
+                   help="MiniLM calibration text (bench/corpus.py): templated, stdlib docstrings, or a mix")
+    p.add_argument("--refit-calib", type=int, default=512, help="sentences of the extra refit row (0: no such row)")
+    p.add_argument("--refit-corpus", default="mix", choices=["templated", "stdlib", "mix"],
+                   help="calibration text of the extra refit row")
     p.add_argument("--eval", type=int, default=100, help="MiniLM evaluation sentences")
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
