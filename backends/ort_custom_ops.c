@@ -146,12 +146,14 @@ typedef struct {
     int out_types;                      /* bit t: a variant with output type t */
     int kind;                           /* reads the string attribute `kind` (an epilogue) */
     const char *attrs[24];              /* int attributes the op reads (NULL-terminated) */
+    const char *optional[8];            /* those of them a node may lack (read as 0): added after files were written */
 } op_spec_t;
 
 static const op_spec_t SPECS[N_OPS] = {
     [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
                                                 "k2", "lo2", "hi2", "zp2", "gelu_x", "gelu_n", "gelu_bits",
-                                                "gelu_in_bits", "threads"}},
+                                                "gelu_in_bits", "threads"},
+                 {"gelu_x", "gelu_n", "gelu_bits", "gelu_in_bits"}},
     [OP_BMM] = {"IntBmm", 12, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
                                               "zp", "pb", "pre2", "k2", "lo2", "hi2", "zp2", "threads"}},
     [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
@@ -249,6 +251,10 @@ static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, cons
         OrtStatus *s = api->KernelInfoGetAttribute_int64(info, names[i], &kn->attr[i]);
         if (s) {
             api->ReleaseStatus(s);
+            int optional = 0;
+            for (int o = 0; SPECS[op->op].optional[o]; o++) optional |= !strcmp(SPECS[op->op].optional[o], names[i]);
+            kn->attr[i] = 0;
+            if (optional) continue;
             return fail(api, kn, "the node has no int attribute '%s' (write it with graphopt's ONNX lowering of the "
                         "cpu.* ops)", names[i]);
         }
