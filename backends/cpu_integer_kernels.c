@@ -195,6 +195,7 @@ static inline __m512i divide16(__m512i n, divisor_t d) {
 }
 
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+static inline __mmask64 tail_mask64(int64_t left) { return left >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << left) - 1; }
 
 static int has_avx512(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
@@ -658,11 +659,11 @@ static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t 
 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 static void expand_row(const uint8_t *p, const uint8_t *flags, int64_t N, uint8_t *out) {
     for (int64_t n = 0; n < N; n += 64) {
-        __mmask64 in = N - n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (N - n)) - 1);
+        __mmask64 in = tail_mask64(N - n);
         __m512i f = _mm512_maskz_loadu_epi8(in, flags + n);
         __mmask64 keep = _mm512_test_epi8_mask(f, f);
         int c = __builtin_popcountll(keep);
-        __m512i v = _mm512_maskz_loadu_epi8(c == 64 ? ~(__mmask64)0 : (((__mmask64)1 << c) - 1), p);
+        __m512i v = _mm512_maskz_loadu_epi8(tail_mask64(c), p);
         _mm512_mask_storeu_epi8(out + n, in, _mm512_maskz_expand_epi8(keep, v));
         p += c;
     }
@@ -676,12 +677,12 @@ static void compact_rows(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, i
     for (int64_t r = r0; r < r1; r++) {
         uint8_t *o = out + (r - r0) * kp;
         for (int64_t k = 0; k < K; k += 64) {
-            __mmask64 in = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+            __mmask64 in = tail_mask64(K - k);
             __m512i flags = _mm512_maskz_loadu_epi8(in, any + k);
             __mmask64 keep = _mm512_test_epi8_mask(flags, flags);
             __m512i v = _mm512_maskz_compress_epi8(keep, _mm512_maskz_loadu_epi8(in, a + r * la + k));
             int n = __builtin_popcountll(keep);
-            _mm512_mask_storeu_epi8(o, n == 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1), v);
+            _mm512_mask_storeu_epi8(o, tail_mask64(n), v);
             o += n;
         }
     }
@@ -691,7 +692,7 @@ static void compact_rows(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, i
 __attribute__((target("avx512f,avx512bw")))
 static int64_t nonzero_k(const uint8_t *a, int64_t la, int64_t r0, int64_t r1, int64_t K, bmm_scratch_t *w) {
     for (int64_t k = 0; k < K; k += 64) {
-        __mmask64 in = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __mmask64 in = tail_mask64(K - k);
         __m512i any = _mm512_setzero_si512();
         for (int64_t r = r0; r < r1; r++) any = _mm512_or_si512(any, _mm512_maskz_loadu_epi8(in, a + r * la + k));
         _mm512_mask_storeu_epi8(w->any + k, in, any);
@@ -747,28 +748,19 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     if (sm) eb.out_type = OUT_I32;
     const int8_t *b = j->B + i1 * j->sb1 + i2 * j->sb2;
     const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;
-    int64_t L = N;                                        /* the GEMM's columns: N, or the kept ones */
-    if (j->zero_k) {                                      /* A's zero columns (a_zp 0) add nothing: drop them */
-        int64_t r0 = first * bm, r1 = last * bm < M ? last * bm : M, kept = nonzero_k(a, j->sam, r0, r1, K, w);
-        if (kept * 4 <= K * 3) {
-            int64_t kp = (kept + 3) / 4 * 4;
-            for (int64_t t = 0; t < kept; t++)
-                if (j->sbn == 1) memcpy(w->bkept + t * N, b + w->keep[t] * j->sbk, (size_t)N);
-                else for (int64_t n = 0; n < N; n++) w->bkept[t * N + n] = b[w->keep[t] * j->sbk + n * j->sbn];
-            pack_item(j, w->bkept, N, 1, N, kept, kp, w->bp, w->colsum);
-            for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n];
-            compact_rows(a, j->sam, r0, r1, K, w->any, w->ap, kp);
-            char *o = (char *)j->out + i * M * N * j->osize;
-            for (int64_t blk = first; blk < last; blk++) {
-                int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
-                if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
-                gemm_blocks(j->isa, w->ap + (row0 - r0) * kp, kp, rows, kp, w->bp, N, &eb, o + row0 * N * j->osize, N,
-                            0, 1, w->tail);
-            }
-            return;
-        }
-    }
-    if (j->compact) {
+    int64_t L = N, kd = padk;                             /* the GEMM's columns and (padded) depth */
+    int64_t la = j->sam, copied = M;                      /* rows from `copied` on are read from w->ap */
+    int64_t r0 = first * bm, r1 = last * bm < M ? last * bm : M, kept = j->zero_k ? nonzero_k(a, la, r0, r1, K, w) : K;
+    if (j->zero_k && kept * 4 <= K * 3) {                 /* A's zero columns (a_zp 0) add nothing: drop them */
+        kd = (kept + 3) / 4 * 4;
+        for (int64_t t = 0; t < kept; t++)
+            if (j->sbn == 1) memcpy(w->bkept + t * N, b + w->keep[t] * j->sbk, (size_t)N);
+            else for (int64_t n = 0; n < N; n++) w->bkept[t * N + n] = b[w->keep[t] * j->sbk + n * j->sbn];
+        pack_item(j, w->bkept, N, 1, N, kept, kd, w->bp, w->colsum);
+        for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n];
+        compact_rows(a, la, r0, r1, K, w->any, w->ap, kd);
+        copied = r0;
+    } else if (j->compact) {
         L = keep_columns(j, i1, i2, b, w);
         if (j->sbk == 1) pack_item(j, w->bkept, 1, K, L, K, padk, w->bp, w->colsum);
         else pack_item(j, w->bkept, L, 1, L, K, padk, w->bp, w->colsum);
@@ -779,15 +771,13 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
         pack_item(j, b, j->sbk, j->sbn, N, K, padk, w->bp, w->colsum);
         for (int64_t n = 0; n < N; n++) w->bias[n] = j->e->bias[n] - j->a_zp * w->colsum[n];
     }
-    int64_t la = j->sam, copied = M;                      /* rows from `copied` on are read from w->ap */
-    if (padk != K) {
+    if (copied == M && padk != K) {
         int whole = j->isa == 2 || la < padk - K;
-        int64_t r0 = whole ? first * bm : last == blocks ? (blocks - 1) * bm : M;
-        int64_t r1 = whole && last * bm < M ? last * bm : M;
-        if (r0 < r1) {
-            memset(w->ap, 0, (size_t)((r1 - r0) * padk));
-            for (int64_t r = r0; r < r1; r++) memcpy(w->ap + (r - r0) * padk, a + r * la, (size_t)K);
-            copied = r0;
+        int64_t p0 = whole ? r0 : last == blocks ? (blocks - 1) * bm : M, p1 = whole ? r1 : M;
+        if (p0 < p1) {
+            memset(w->ap, 0, (size_t)((p1 - p0) * padk));
+            for (int64_t r = p0; r < p1; r++) memcpy(w->ap + (r - p0) * padk, a + r * la, (size_t)K);
+            copied = p0;
         }
     }
     char *o = (char *)j->out + i * M * N * j->osize;
@@ -795,9 +785,8 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
         void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
         if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
-        if (!L) {}
-        else if (row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, padk, w->bp, L, &eb, y, L, 0, 1, w->tail);
-        else gemm_blocks(j->isa, w->ap + (row0 - copied) * padk, padk, rows, padk, w->bp, L, &eb, y, L, 0, 1, w->tail);
+        if (L && row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, kd, w->bp, L, &eb, y, L, 0, 1, w->tail);
+        else if (L) gemm_blocks(j->isa, w->ap + (row0 - copied) * kd, kd, rows, kd, w->bp, L, &eb, y, L, 0, 1, w->tail);
         if (j->compact)
             for (int64_t r = 0; r < rows; r++)
                 softmax_kept_row(sm, w->scores + r * L, L, w->keep, w->any, N, w->erow, w->pkept,
