@@ -79,10 +79,10 @@ def _key(s: str) -> str:
 def stdlib_sentences() -> tuple[str, ...]:
     """Every distinct prose sentence of the stdlib's docstrings and comments, files in sorted order, held-out
     evaluation sentences removed."""
-    from graphopt.zoo import sentences
+    from graphopt.zoo.sentences import all_sentences
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    seen = {_key(s) for s in sentences(held_out_size())}
+    seen = {_key(s) for s in all_sentences()}
     out = []
     for path in sorted(root.rglob("*.py")):
         if SKIPPED_DIRS & set(path.relative_to(root).parts[:-1]):
@@ -100,21 +100,6 @@ def stdlib_sentences() -> tuple[str, ...]:
     return tuple(out)
 
 
-def held_out_size() -> int:
-    """How many ``zoo.sentences`` exist: all of them are kept out of the calibration corpus."""
-    from graphopt.zoo import sentences
-
-    lo, hi = 1, 1 << 20
-    while lo < hi:                       # sentences(n) raises past the last distinct sentence
-        mid = (lo + hi + 1) // 2
-        try:
-            sentences(mid)
-            lo = mid
-        except ValueError:
-            hi = mid - 1
-    return lo
-
-
 def prose_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` stdlib sentences, a seeded sample (so any ``n`` spans the whole library, not its first files)."""
     pool = stdlib_sentences()
@@ -127,7 +112,7 @@ def calibration_texts(corpus: str, n: int) -> list[str]:
     """The benchmarks' MiniLM calibration set: ``templated`` (``low_rank.calibration_sentences``), ``stdlib``
     (``prose_sentences``) or ``mix`` (three quarters stdlib, one quarter templated)."""
     from graphopt.bench.low_rank import calibration_sentences
-    from graphopt.zoo import sentences
+    from graphopt.zoo.sentences import all_sentences
 
     if corpus == "templated":
         texts = calibration_sentences(n)
@@ -137,6 +122,6 @@ def calibration_texts(corpus: str, n: int) -> list[str]:
         texts = prose_sentences(n - n // 4) + calibration_sentences(n // 4)
     else:
         raise ValueError(f"unknown calibration corpus {corpus!r}; use templated, stdlib or mix")
-    leaked = {_key(s) for s in texts} & {_key(s) for s in sentences(held_out_size())}
+    leaked = {_key(s) for s in texts} & {_key(s) for s in all_sentences()}
     assert not leaked, f"calibration text contains held-out evaluation sentences: {sorted(leaked)[:3]}"
     return texts

@@ -118,6 +118,11 @@ def _generated():
         yield from row
 
 
+def all_sentences() -> list[str]:
+    """Every distinct sentence there is, in ``sentences``' order (calibration text must avoid all of them)."""
+    return list(_SENTENCES) + list(_generated())
+
+
 def sentences(n: int = 256) -> list[str]:
     """``n`` deterministic, varied English sentences (hand-written first, then templated)."""
     out = list(_SENTENCES)
