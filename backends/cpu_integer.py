@@ -21,6 +21,7 @@ import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusio
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET
+from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
 from graphopt.backends.registry import register_backend
 from graphopt.backends.torch_backend import TorchExecutable
@@ -47,13 +48,18 @@ class Lowered(NamedTuple):
 
 
 class KernelReport(list):
-    """What became which kernel and what stayed on the reference ops; prints as a short summary."""
+    """What became which kernel and what stayed on the reference ops; prints as a short summary.
+    ``padding_rows``: how many kernels compute only the real tokens of a padded batch."""
+    padding_rows = 0
 
     def __str__(self) -> str:
         made = Counter(e.kernel for e in self if e.kernel != "reference")
         kept = [e.nodes for e in self if e.kernel == "reference"]
         lines = [f"cpu_integer: {sum(made.values())} kernel(s)" + (": " + ", ".join(f"{k} x{n}" for k, n in sorted(made.items())) if made else "")]
         lines += [f"left on the reference ops: {len(kept)}"] + [f"  {why}" for why in kept] if kept else []
+        if self.padding_rows:
+            lines.append(f"{self.padding_rows} kernel(s) compute only the real tokens of a padded batch "
+                         "(its outputs are 0 at padding: zero_padded_positions)")
         return "\n".join(lines)
 
 
@@ -80,6 +86,7 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
             report.append(Lowered("reference", f"{node.label()}: {why}"))
         elif node.op.startswith("cpu."):
             node.attrs["threads"] = threads or torch.get_num_threads()
+    report.padding_rows = mark_live_rows(lowered)
     lowered.remove_unused_constants()
     verify(lowered)
     return lowered, report

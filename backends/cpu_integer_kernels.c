@@ -10,6 +10,8 @@
  *   go_layernorm  integer LayerNorm over rows, optionally followed by a per-channel requant
  *   go_requant    a per-column requant of 8- or 32-bit data
  *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
+ * With `live` (NULL: every row) the GEMM, bmm and row kernels compute only the rows it marks, and write zeros in
+ * the others: rows of padding nobody reads (backends/cpu_integer_rows.py proves which).
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
  * The GEMM uses AMX (tdpbusd) or AVX512-VNNI (vpdpbusd) when the CPU has them, else portable C; all three
  * read the same packed B. Every kernel runs in chunks (row blocks, batch items, rows) on the barrier-free
@@ -450,6 +452,8 @@ typedef struct {
     const epilogue_t *e;
     void *out;
     int64_t ldo, blocks, chunk;
+    const int64_t *list;                     /* live: the row blocks to compute (NULL: all blocks) */
+    const uint8_t *live;
 } gemm_job_t;
 
 /* With AMX a thread's scratch is its tail buffer, and its tiles stay configured until amx_fini. */
@@ -465,16 +469,45 @@ static void gemm_chunk(const void *arg, int64_t c, void **scratch) {
         *scratch = malloc((size_t)(AMX_M * j->K));
     }
     int64_t b0 = c * j->chunk, b1 = b0 + j->chunk < j->blocks ? b0 + j->chunk : j->blocks;
-    gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, b0, b1, *scratch);
+    if (!j->list) {
+        gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, b0, b1, *scratch);
+        return;
+    }
+    int64_t bm = j->isa == 2 ? AMX_M : MR, osize = j->e->out_type == OUT_I32 ? 4 : 1;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t blk = j->list[b];
+        gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, blk, blk + 1, *scratch);
+        for (int64_t r = blk * bm; r < (blk + 1) * bm && r < j->M; r++)    /* a live block's dead rows */
+            if (!j->live[r]) memset((char *)j->out + r * j->ldo * osize, 0, (size_t)(j->N * osize));
+    }
+}
+
+/* live: the row blocks of bm rows with a live row, in list (returned count); the others' rows zeroed. */
+static int64_t live_blocks(const uint8_t *live, int64_t M, int64_t bm, int64_t N, int64_t ldo, int64_t osize,
+                           void *out, int64_t *list) {
+    int64_t n = 0;
+    for (int64_t r0 = 0; r0 < M; r0 += bm) {
+        int64_t r1 = r0 + bm < M ? r0 + bm : M, any = 0;
+        for (int64_t r = r0; r < r1 && !any; r++) any = live[r];
+        if (any) list[n++] = r0 / bm;
+        else for (int64_t r = r0; r < r1; r++) memset((char *)out + r * ldo * osize, 0, (size_t)(N * osize));
+    }
+    return n;
 }
 
 /* out[M, N] = epilogue(A[M, K] (u8, row stride lda, K % 4 == 0) x packed B). */
 void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
-             const epilogue_t *e, void *out, int64_t ldo, int threads) {
+             const epilogue_t *e, void *out, int64_t ldo, const uint8_t *live, int threads) {
     int isa = pick_isa(K);
-    int64_t bm = isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, chunk = pool_chunk(blocks, threads, 1);
-    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, out, ldo, blocks, chunk};
-    pool_run(threads, (blocks + chunk - 1) / chunk, gemm_chunk, amx_fini, &j);
+    int64_t bm = isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, *list = NULL;
+    if (live) {                              /* the live blocks, spread evenly over the threads */
+        list = malloc(sizeof(int64_t) * (size_t)(blocks > 0 ? blocks : 1));
+        blocks = live_blocks(live, M, bm, N, ldo, e->out_type == OUT_I32 ? 4 : 1, out, list);
+    }
+    int64_t chunk = pool_chunk(blocks, threads, 1);
+    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, out, ldo, blocks, chunk, list, live};
+    if (blocks) pool_run(threads, (blocks + chunk - 1) / chunk, gemm_chunk, amx_fini, &j);
+    free(list);
 }
 
 /* Shiftmax parameters: pow2[u] = shift_pow2(u, X, n) for u in [0, n X]; mask (NULL: none) holds bools
@@ -512,7 +545,20 @@ typedef struct {
     const epilogue_t *e;
     const softmax_t *sm;
     void *out;
+    const uint8_t *live;                       /* live[i1 l1 + i2 l2 + row lr] (NULL: every row) */
+    int64_t l1, l2, lr;
 } bmm_job_t;
+
+/* The rows of [r0, r1) of item (i1, i2) that are live: how many; dead ones zeroed in o when zero is set. */
+static int64_t live_rows(const bmm_job_t *j, int64_t i1, int64_t i2, int64_t r0, int64_t r1, char *o, int zero) {
+    if (!j->live) return r1 - r0;
+    const uint8_t *l = j->live + i1 * j->l1 + i2 * j->l2;
+    int64_t n = 0, row = j->N * j->osize;
+    for (int64_t r = r0; r < r1; r++)
+        if (l[r * j->lr]) n++;
+        else if (zero) memset(o + r * row, 0, (size_t)row);
+    return n;
+}
 
 typedef struct {                            /* one thread's buffers for go_bmm, carved from one allocation */
     int isa;
@@ -743,6 +789,8 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     int64_t bm = j->isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, per = (blocks + j->parts - 1) / j->parts;
     int64_t first = part * per, last = first + per < blocks ? first + per : blocks;
     if (first >= last) return;
+    char *o = (char *)j->out + i * M * N * j->osize;
+    if (j->live && !live_rows(j, i1, i2, first * bm, last * bm < M ? last * bm : M, o, 1)) return;
     epilogue_t eb = *j->e;
     eb.bias = w->bias;
     if (sm) eb.out_type = OUT_I32;
@@ -780,9 +828,9 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
             copied = p0;
         }
     }
-    char *o = (char *)j->out + i * M * N * j->osize;
     for (int64_t blk = first; blk < last; blk++) {        /* each row block as a GEMM of its own rows */
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
+        if (j->live && !live_rows(j, i1, i2, row0, row0 + rows, o, 0)) continue;     /* its rows zeroed above */
         void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
         if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
         if (L && row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, kd, w->bp, L, &eb, y, L, 0, 1, w->tail);
@@ -792,6 +840,7 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
                 softmax_kept_row(sm, w->scores + r * L, L, w->keep, w->any, N, w->erow, w->pkept,
                                  (uint8_t *)o + (row0 + r) * N);
         else if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
+        live_rows(j, i1, i2, row0, row0 + rows, o, 1);
     }
 }
 
@@ -802,7 +851,8 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
  * ~8 chunks a thread. */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
-            int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, int threads) {
+            int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, const uint8_t *live, int64_t l1,
+            int64_t l2, int64_t lr, int threads) {
     int64_t Kp = (K + 63) / 64 * 64, items = B1 * B2;
     int isa = pick_isa(Kp);
     int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
@@ -816,7 +866,7 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
     int zero_k = !sm && a_zp == 0 && isa == 1 && K >= 32 && __builtin_cpu_supports("avx512vbmi2");
     bmm_job_t j = {A, sa1, sa2, sam, B, sb1, sb2, sbk, sbn, b_flip, a_zp, B2, M, K, N,
                    isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, compact, zero_k,
-                   e, sm, out};
+                   e, sm, out, live, l1, l2, lr};
     pool_run(threads, items * parts, bmm_item, bmm_fini, &j);
 }
 
@@ -947,19 +997,30 @@ static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept
 
 /* ---- the row kernels: chunks of whole rows on the pool, each row with a C-entry int32 scratch row ---- */
 typedef void (*row_fn)(const void *arg, int64_t r, int32_t *y);
-typedef struct { row_fn row; const void *arg; int64_t rows, chunk, ints; } rows_job_t;
+typedef struct {
+    row_fn row;
+    const void *arg;
+    int64_t rows, chunk, ints;
+    const uint8_t *live;                     /* NULL: every row; else row r is computed when live[r], else zeroed */
+    char *out;
+    int64_t row_bytes;
+} rows_job_t;
 
 static void rows_chunk(const void *p, int64_t c, void **scratch) {
     const rows_job_t *j = p;
     if (!*scratch) *scratch = malloc(sizeof(int32_t) * (size_t)j->ints);
     int64_t r1 = (c + 1) * j->chunk < j->rows ? (c + 1) * j->chunk : j->rows;
-    for (int64_t r = c * j->chunk; r < r1; r++) j->row(j->arg, r, *scratch);
+    for (int64_t r = c * j->chunk; r < r1; r++)
+        if (!j->live || j->live[r]) j->row(j->arg, r, *scratch);
+        else memset(j->out + r * j->row_bytes, 0, (size_t)j->row_bytes);
 }
 
-/* row(arg, r, y) for r in [0, rows), y `ints` int32 of the thread's own; chunks of >= 8192 / C rows of C. */
-static void run_rows(row_fn row, const void *arg, int64_t rows, int64_t C, int64_t ints, int threads) {
+/* row(arg, r, y) for r in [0, rows) (the live ones; the others' row_bytes at out zeroed), y `ints` int32 of the
+ * thread's own; chunks of >= 8192 / C rows of C. */
+static void run_rows(row_fn row, const void *arg, int64_t rows, int64_t C, int64_t ints, const uint8_t *live,
+                     void *out, int64_t row_bytes, int threads) {
     int64_t chunk = pool_chunk(rows, threads, (1 << 13) / (C < 1 ? 1 : C));
-    rows_job_t j = {row, arg, rows, chunk, ints};
+    rows_job_t j = {row, arg, rows, chunk, ints, live, out, row_bytes};
     pool_run(threads, (rows + chunk - 1) / chunk, rows_chunk, free, &j);
 }
 
@@ -976,7 +1037,7 @@ static void shiftmax_row(const void *arg, int64_t i, int32_t *e) {
 void go_shiftmax(const int32_t *x, int64_t D0, int64_t D1, int64_t R, int64_t L, const softmax_t *sm, uint8_t *out,
                  int threads) {
     shiftmax_job_t j = {x, D1, R, L, sm, out};
-    run_rows(shiftmax_row, &j, D0 * D1 * R, L, 3 * L, threads);
+    run_rows(shiftmax_row, &j, D0 * D1 * R, L, 3 * L, NULL, NULL, 0, threads);
 }
 
 /* ---- integer LayerNorm over rows of C (see int.layernorm), then optionally a per-channel requant ---- */
@@ -1090,9 +1151,10 @@ static void layernorm_row_avx512(const void *arg, int64_t r, int32_t *y) {
 }
 
 void go_layernorm(const int32_t *x, int64_t rows, int64_t C, int32_t sh, int32_t F, int32_t iters,
-                  const epilogue_t *rq, void *out, int threads) {
+                  const epilogue_t *rq, void *out, const uint8_t *live, int threads) {
     layernorm_job_t j = {x, C, sh, F, iters, sh ? 1 << (sh - 1) : 0, rq, out};
-    run_rows(isa_limit >= 1 && has_avx512() ? layernorm_row_avx512 : layernorm_row, &j, rows, C, C, threads);
+    run_rows(isa_limit >= 1 && has_avx512() ? layernorm_row_avx512 : layernorm_row, &j, rows, C, C, live, out,
+             C * (rq && rq->out_type != OUT_I32 ? 1 : 4), threads);
 }
 
 /* ---- int.requant over rows of C with per-column m, c (e->kind EPI_REQUANT), any 8/32-bit input ---- */
@@ -1125,9 +1187,11 @@ static void requant_row_avx512(const void *arg, int64_t r, int32_t *y) {
     }
 }
 
-void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
+void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilogue_t *e, void *out,
+                const uint8_t *live, int threads) {
     requant_job_t j = {x, in_type, C, e, out};
-    run_rows(isa_limit >= 1 && has_avx512() ? requant_row_avx512 : requant_row, &j, rows, C, C, threads);
+    run_rows(isa_limit >= 1 && has_avx512() ? requant_row_avx512 : requant_row, &j, rows, C, C, live, out,
+             C * (e->out_type == OUT_I32 ? 4 : 1), threads);
 }
 
 /* ---- int.add over rows of C: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c), per-column m, mb, c ---- */
@@ -1162,7 +1226,9 @@ static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
     }
 }
 
-void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out, int threads) {
+void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out,
+            const uint8_t *live, int threads) {
     add_job_t j = {a, b, C, e, out};
-    run_rows(isa_limit >= 1 && has_avx512() ? add_row_avx512 : add_row, &j, rows, C, C, threads);
+    run_rows(isa_limit >= 1 && has_avx512() ? add_row_avx512 : add_row, &j, rows, C, C, live, out,
+             C * (e->out_type == OUT_I32 ? 4 : 1), threads);
 }

@@ -66,13 +66,13 @@ def library() -> ctypes.CDLL:
     lib.go_packed_size.restype = i64
     lib.go_packed_size.argtypes = [i64, i64]
     lib.go_pack_b.argtypes = [p, i64, i64, p, p]
-    lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, ctypes.c_int]
+    lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, p, ctypes.c_int]
     lib.go_bmm.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, i32,
-                           ctypes.POINTER(Epilogue), ctypes.POINTER(Softmax), p, ctypes.c_int]
+                           ctypes.POINTER(Epilogue), ctypes.POINTER(Softmax), p, p, i64, i64, i64, ctypes.c_int]
     lib.go_shiftmax.argtypes = [p, i64, i64, i64, i64, ctypes.POINTER(Softmax), p, ctypes.c_int]
-    lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, ctypes.c_int]
-    lib.go_add.argtypes = [p, p, i64, i64, ctypes.POINTER(Epilogue), p, ctypes.c_int]
-    lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, ctypes.c_int]
+    lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
+    lib.go_add.argtypes = [p, p, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
+    lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
     return lib
@@ -129,19 +129,25 @@ def with_residual(epi: Epilogue, res: torch.Tensor) -> Epilogue:
     return out
 
 
-def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
-    """out[M, n] = epilogue(a[M, K] as u8 x packed B); a's rows contiguous with K % 4 == 0."""
+def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torch.Tensor, threads: int,
+         live: torch.Tensor | None = None) -> None:
+    """out[M, n] = epilogue(a[M, K] as u8 x packed B); a's rows contiguous with K % 4 == 0. With ``live`` (u8 [M],
+    contiguous), only its nonzero rows are computed and the others are zero."""
     m, k = a.shape
-    library().go_gemm(_ptr(a), a.stride(0), m, k, _ptr(packed), n, ctypes.byref(epi), _ptr(out), out.stride(-2), threads)
+    library().go_gemm(_ptr(a), a.stride(0), m, k, _ptr(packed), n, ctypes.byref(epi), _ptr(out), out.stride(-2),
+                      _ptr(live), threads)
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, a_zp: int, b_flip: bool, epi: Epilogue, out: torch.Tensor, threads: int,
-        sm: Softmax | None = None) -> None:
+        sm: Softmax | None = None, live: torch.Tensor | None = None) -> None:
     """out[i, j] = epilogue(a[i, j] @ b[i, j]) for 4-D a [B1, B2, M, K] (unit k stride) and b [B1, B2, K, N]
-    (any strides); with sm, Shiftmax runs on the epilogue's int32 rows and out is u8."""
+    (any strides); with sm, Shiftmax runs on the epilogue's int32 rows and out is u8. With ``live`` (u8 [B1, B2, M],
+    any strides) only the rows it marks are computed, the others are zero."""
     b1, b2, m, k = a.shape
+    strides = (0, 0, 0) if live is None else live.stride()
     library().go_bmm(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), *b.stride(), int(b_flip), b1, b2, m, k,
-                     b.shape[-1], a_zp, ctypes.byref(epi), None if sm is None else ctypes.byref(sm), _ptr(out), threads)
+                     b.shape[-1], a_zp, ctypes.byref(epi), None if sm is None else ctypes.byref(sm), _ptr(out),
+                     _ptr(live), *strides, threads)
 
 
 def shiftmax(x: torch.Tensor, sm: Softmax, out: torch.Tensor, threads: int) -> None:
@@ -149,18 +155,23 @@ def shiftmax(x: torch.Tensor, sm: Softmax, out: torch.Tensor, threads: int) -> N
     library().go_shiftmax(_ptr(x), *x.shape, ctypes.byref(sm), _ptr(out), threads)
 
 
-def layernorm(x: torch.Tensor, sh: int, f: int, iters: int, rq: Epilogue | None, out: torch.Tensor, threads: int) -> None:
+def layernorm(x: torch.Tensor, sh: int, f: int, iters: int, rq: Epilogue | None, out: torch.Tensor, threads: int,
+              live: torch.Tensor | None = None) -> None:
+    """int.layernorm over the rows of a contiguous x (then rq); ``live`` (u8 per row): the rows computed, others 0."""
     rows, c = x.numel() // x.shape[-1], x.shape[-1]
-    library().go_layernorm(_ptr(x), rows, c, sh, f, iters, None if rq is None else ctypes.byref(rq), _ptr(out), threads)
+    library().go_layernorm(_ptr(x), rows, c, sh, f, iters, None if rq is None else ctypes.byref(rq), _ptr(out),
+                           _ptr(live), threads)
 
 
-def requant(x: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
-    """int.requant of a contiguous x with per-column (last axis) m, c."""
+def requant(x: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int, live: torch.Tensor | None = None) -> None:
+    """int.requant of a contiguous x with per-column (last axis) m, c; ``live`` (u8 per row): the rows computed."""
     rows, c = x.numel() // x.shape[-1], x.shape[-1]
-    library().go_requant(_ptr(x), OUT_TYPES[x.dtype], rows, c, ctypes.byref(epi), _ptr(out), threads)
+    library().go_requant(_ptr(x), OUT_TYPES[x.dtype], rows, c, ctypes.byref(epi), _ptr(out), _ptr(live), threads)
 
 
-def add(a: torch.Tensor, b: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int) -> None:
-    """int.add of two contiguous int32 tensors of one shape, per-column constants in the epilogue."""
+def add(a: torch.Tensor, b: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int,
+        live: torch.Tensor | None = None) -> None:
+    """int.add of two contiguous int32 tensors of one shape, per-column constants in the epilogue; ``live`` (u8
+    per row): the rows computed, the others 0."""
     rows, c = a.numel() // a.shape[-1], a.shape[-1]
-    library().go_add(_ptr(a), _ptr(b), rows, c, ctypes.byref(epi), _ptr(out), threads)
+    library().go_add(_ptr(a), _ptr(b), rows, c, ctypes.byref(epi), _ptr(out), _ptr(live), threads)

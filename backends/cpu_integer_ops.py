@@ -76,23 +76,26 @@ def _as_u8(x: torch.Tensor, flip: bool) -> torch.Tensor:
     return torch.bitwise_xor(x.view(torch.uint8), 0x80) if flip else x
 
 
-def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, *, n, k_padded,
+def _gemm_type(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, live=None, *,
+               n, k_padded,
                flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads, **gelu):
     if x.dtype not in (torch.uint8, torch.int8) or packed.dtype != torch.int8:
         raise OpError(f"cpu.int_gemm: expects an 8-bit input and packed int8 weights, got {x}, {packed}")
     return TensorType(INT_DTYPES[out], x.shape[:-1] + (n,))
 
 
-@register_op("cpu.int_gemm", inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?", "m2?", "c2?", "ks?"],
+@register_op("cpu.int_gemm",
+             inputs=["x", "packed", "bias", "m?", "c?", "table?", "res?", "mb?", "m2?", "c2?", "ks?", "live?"],
              attrs={"n": Attr("int"), "k_padded": Attr("int"), "flip": Attr("bool", False), "pb": Attr("int", 0),
                     **_EPILOGUE, **_SECOND, **_GELU},
              infer=_gemm_type, tags=["gemm", "integer"])
-def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, *, n, k_padded,
-             flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads, gelu_x, gelu_n, gelu_bits,
-             gelu_in_bits):
+def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=None, c2=None, ks=None, live=None, *,
+             n, k_padded, flip, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads, gelu_x, gelu_n,
+             gelu_bits, gelu_in_bits):
     """epilogue(x [..., K] as u8 @ W^T), W packed by ``cpu_integer_library.pack_b`` (K padded to k_padded);
     ``ks``: the requant's shift per column instead of ``k`` (layers of different shifts sharing one GEMM);
-    gelu_*: int.shiftgelu's attributes when the table is shiftgelu(y + zp) (gelu_x 0: not known)."""
+    gelu_*: int.shiftgelu's attributes when the table is shiftgelu(y + zp) (gelu_x 0: not known);
+    ``live`` (u8, broadcast to x's rows): only its nonzero rows are computed, the others are 0."""
     lead = x.shape[:-1]
     a = _as_u8(x, flip).reshape(-1, x.shape[-1])
     if a.shape[1] != k_padded:
@@ -104,11 +107,17 @@ def int_gemm(x, packed, bias, m=None, c=None, table=None, res=None, mb=None, m2=
     second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
     epi = _epilogue(kind, out, bias, m, c, table, res, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb, ks=ks,
                     gelu=(gelu_x, gelu_n, gelu_bits, gelu_in_bits))
-    kernels.gemm(a, packed, n, epi, y, threads)
+    kernels.gemm(a, packed, n, epi, y, threads, _rows(live, lead))
     return y.reshape(lead + (n,))
 
 
-def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None, *,
+def _rows(live: torch.Tensor | None, lead) -> torch.Tensor | None:
+    """``live`` as one u8 per row of a [*lead, C] tensor, contiguous."""
+    return None if live is None else live.expand(lead).reshape(-1).contiguous()
+
+
+def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None,
+              live=None, *,
               a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2,
               threads):
     if a.rank not in (3, 4) or b.rank != a.rank:
@@ -121,19 +130,22 @@ def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, tabl
 
 
 @register_op("cpu.int_bmm",
-             inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?", "mb?", "m2?", "c2?"],
+             inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?", "mb?", "m2?", "c2?", "live?"],
              attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
                     "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), "pb": Attr("int", 0),
                     **_EPILOGUE, **_SECOND},
              infer=_bmm_type, tags=["gemm", "integer"])
-def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None, *,
-            a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2, threads):
+def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None,
+            live=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2,
+            zp2, threads):
     """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then (masked) Shiftmax rows when pow2 is given,
     with table[clamp(sizes)] added to the logits first when sizes is given (kind add_requant: int.add of the raw
-    accumulator and that term, then the m2, c2 requant)."""
+    accumulator and that term, then the m2, c2 requant); ``live`` (u8, broadcast to a's rows): only its nonzero
+    rows are computed, the others are 0."""
     squeeze = a.dim() == 3
     if squeeze:
         a, b = a.unsqueeze(0), b.unsqueeze(0)
+        live = None if live is None else live.unsqueeze(0)
     a = _as_u8(a, flip_a)
     if a.stride(-1) != 1:
         a = a.contiguous()
@@ -146,25 +158,27 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=
         kind, m, c = "raw", None, None
     epi = _epilogue(kind, out, bias, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
     sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape), sizes, table, logits)
-    kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, sm)
+    kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, sm,
+                None if live is None else live.expand(a.shape[:-1]))
     return y.squeeze(0) if squeeze else y
 
 
-def _ln_type(x, m=None, c=None, *, C, sh, F, iters, kind, out, pre, k, lo, hi, zp, threads):
+def _ln_type(x, m=None, c=None, live=None, *, C, sh, F, iters, kind, out, pre, k, lo, hi, zp, threads):
     if x.dtype != torch.int32:
         raise OpError(f"cpu.int_layernorm: expects int32, got {x}")
     return x.with_dtype(INT_DTYPES[out])
 
 
-@register_op("cpu.int_layernorm", inputs=["x", "m?", "c?"],
+@register_op("cpu.int_layernorm", inputs=["x", "m?", "c?", "live?"],
              attrs={"C": Attr("int"), "sh": Attr("int", 0), "F": Attr("int", 14), "iters": Attr("int", 20), **_EPILOGUE},
              infer=_ln_type, tags=["integer"])
-def int_layernorm(x, m=None, c=None, *, C, sh, F, iters, kind, out, pre, k, lo, hi, zp, threads):
-    """int.layernorm over rows, then (kind requant) the per-channel requant of its consumer."""
+def int_layernorm(x, m=None, c=None, live=None, *, C, sh, F, iters, kind, out, pre, k, lo, hi, zp, threads):
+    """int.layernorm over rows, then (kind requant) the per-channel requant of its consumer; ``live``: as in
+    cpu.int_gemm."""
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=INT_DTYPES[out])
     rq = None if kind == "raw" else _epilogue(kind, out, None, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
-    kernels.layernorm(x, sh, F, iters, rq, y, threads)
+    kernels.layernorm(x, sh, F, iters, rq, y, threads, _rows(live, x.shape[:-1]))
     return y
 
 
@@ -186,35 +200,36 @@ def int_shiftmax(x, pow2, mask=None, sizes=None, table=None, *, X, n_pow, bits, 
     return y.reshape(x.shape)
 
 
-def _requant_type(x, m, c, *, kind, out, pre, k, lo, hi, zp, threads):
+def _requant_type(x, m, c, live=None, *, kind, out, pre, k, lo, hi, zp, threads):
     if x.dtype not in (torch.uint8, torch.int8, torch.int32):
         raise OpError(f"cpu.int_requant: expects an integer input, got {x}")
     return x.with_dtype(INT_DTYPES[out])
 
 
-@register_op("cpu.int_requant", inputs=["x", "m", "c"], attrs=_EPILOGUE, infer=_requant_type, tags=["integer"])
-def int_requant(x, m, c, *, kind, out, pre, k, lo, hi, zp, threads):
-    """int.requant with m, c given per column of the last axis."""
+@register_op("cpu.int_requant", inputs=["x", "m", "c", "live?"], attrs=_EPILOGUE, infer=_requant_type, tags=["integer"])
+def int_requant(x, m, c, live=None, *, kind, out, pre, k, lo, hi, zp, threads):
+    """int.requant with m, c given per column of the last axis; ``live``: as in cpu.int_gemm."""
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=INT_DTYPES[out])
-    kernels.requant(x, _epilogue("requant", out, None, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp), y, threads)
+    kernels.requant(x, _epilogue("requant", out, None, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp), y, threads,
+                    _rows(live, x.shape[:-1]))
     return y
 
 
-def _add_type(a, b, ma, mb, c, *, pb, kind, out, pre, k, lo, hi, zp, threads):
+def _add_type(a, b, ma, mb, c, live=None, *, pb, kind, out, pre, k, lo, hi, zp, threads):
     if a.dtype != torch.int32 or b.dtype != torch.int32:
         raise OpError(f"cpu.int_add: expects int32 operands, got {a}, {b}")
     return a.with_dtype(INT_DTYPES[out])
 
 
-@register_op("cpu.int_add", inputs=["a", "b", "ma", "mb", "c"], attrs={"pb": Attr("int", 0), **_EPILOGUE},
+@register_op("cpu.int_add", inputs=["a", "b", "ma", "mb", "c", "live?"], attrs={"pb": Attr("int", 0), **_EPILOGUE},
              infer=_add_type, tags=["integer"])
-def int_add(a, b, ma, mb, c, *, pb, kind, out, pre, k, lo, hi, zp, threads):
-    """int.add with per-column constants; b broadcasts to a's shape."""
+def int_add(a, b, ma, mb, c, live=None, *, pb, kind, out, pre, k, lo, hi, zp, threads):
+    """int.add with per-column constants; b broadcasts to a's shape; ``live``: as in cpu.int_gemm."""
     a, b = a.contiguous(), b.expand(a.shape).contiguous()
     y = torch.empty(a.shape, dtype=INT_DTYPES[out])
     kernels.add(a, b, _epilogue("add", out, None, ma, c, None, mb=mb, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb), y,
-                threads)
+                threads, _rows(live, a.shape[:-1]))
     return y
 
 

@@ -441,7 +441,7 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     int threads = threads_of(kn);
     uint8_t *a = as_u8_rows(x->data, rows, k, kp, (int)flip, threads);
     if (!a && (flip || k != kp)) return api->CreateStatus(ORT_FAIL, "graphopt IntGemm: out of memory");
-    go_gemm(a ? a : x->data, kp, rows, kp, packed, n, &e, y, n, threads);
+    go_gemm(a ? a : x->data, kp, rows, kp, packed, n, &e, y, n, NULL, threads);
     free(a);
     return NULL;
 }
@@ -585,7 +585,7 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         return api->CreateStatus(ORT_FAIL, "graphopt IntBmm: out of memory");
     }
     go_bmm(au ? au : a->data, B2 * M * K, M * K, K, b->data, B2 * K * N, K * N, N, 1, (int32_t)flip_b, B1, B2, M, K, N,
-           (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, threads);
+           (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, NULL, 0, 0, 0, threads);
     free(au);
     free(owned[0]);
     free(owned[1]);
@@ -623,7 +623,7 @@ static OrtStatus *layernorm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(output(kn, ctx, in[0].dims, in[0].rank, &y));
     epilogue_t e = requant_epilogue(kn, EPI_REQUANT, in[1].data, in[2].data);
     if (rows) go_layernorm(in[0].data, rows, C, (int32_t)attr(kn, "sh"), (int32_t)attr(kn, "F"),
-                           (int32_t)attr(kn, "iters"), rq ? &e : NULL, y, threads_of(kn));
+                           (int32_t)attr(kn, "iters"), rq ? &e : NULL, y, NULL, threads_of(kn));
     return NULL;
 }
 
@@ -659,7 +659,7 @@ static OrtStatus *requant(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     void *y;
     TRY(output(kn, ctx, x->dims, x->rank, &y));
     epilogue_t e = requant_epilogue(kn, EPI_REQUANT, in[1].data, in[2].data);
-    if (rows) go_requant(x->data, out_code(x->type), rows, C, &e, y, threads_of(kn));
+    if (rows) go_requant(x->data, out_code(x->type), rows, C, &e, y, NULL, threads_of(kn));
     return NULL;
 }
 
@@ -710,7 +710,7 @@ static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         epilogue_t e = requant_epilogue(kn, EPI_ADD, in[2].data, in[4].data);
         e.mb = in[3].data;
         e.pb = (int32_t)attr(kn, "pb");
-        go_add(in[0].data, b ? b : in[1].data, rows, C, &e, y, threads_of(kn));
+        go_add(in[0].data, b ? b : in[1].data, rows, C, &e, y, NULL, threads_of(kn));
     }
     free(b);
     return s;

@@ -5,3 +5,4 @@ from graphopt.passes import token_drop, token_merge  # noqa: F401  (token reduct
 from graphopt.passes import integer_only  # noqa: F401  (integer-only transformers, I-ViT)
 from graphopt.passes import acm  # noqa: F401  (adaptive computation modules)
 from graphopt.passes import sparsify  # noqa: F401  (pruning: magnitude / Wanda / SparseGPT, structured, sparse_linear)
+from graphopt.passes import zero_padded_positions  # noqa: F401  (padded positions' outputs 0, so backends skip them)
