@@ -18,7 +18,8 @@ def slowdown(unloaded: dict[str, float], loaded: dict[str, float]) -> dict[str, 
 def agreement(reference, output, mask=None) -> dict[str, float]:
     """Cosine of the whole output with the reference and, per row, how often the argmax agrees
     (logits [batch, classes]); for hidden states [batch, seq, dim] with an attention ``mask``
-    [batch, seq], the cosine of each row's masked-mean embedding instead (mean and min over rows)."""
+    [batch, seq], the cosine over the real tokens only, and of each row's masked-mean embedding instead of
+    the argmax (mean and min over rows)."""
     ref, out = np.asarray(reference, np.float64), np.asarray(output, np.float64)
     if ref.shape != out.shape:
         raise ValueError(f"output shape {out.shape} differs from the reference's {ref.shape}")
@@ -29,7 +30,9 @@ def agreement(reference, output, mask=None) -> dict[str, float]:
     m = np.asarray(mask, np.float64)[..., None]
     ref_e, out_e = (ref * m).sum(1) / m.sum(1), (out * m).sum(1) / m.sum(1)
     rows = [_cos(a, b) for a, b in zip(ref_e, out_e)]
-    return result | {"embedding_cosine_mean": float(np.mean(rows)), "embedding_cosine_min": float(np.min(rows))}
+    real = np.asarray(mask, bool)
+    return result | {"cosine_real_tokens": _cos(ref[real].ravel(), out[real].ravel()),
+                     "embedding_cosine_mean": float(np.mean(rows)), "embedding_cosine_min": float(np.min(rows))}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,6 +34,7 @@ def test_agreement_with_mask_pools_only_real_tokens():
     got = agreement(ref, out, mask=np.array([[1, 0]]))
     assert got["embedding_cosine_mean"] == pytest.approx(1.0) and got["embedding_cosine_min"] == pytest.approx(1.0)
     assert got["cosine"] < 0.5  # the whole output, padding included, does not agree
+    assert got["cosine_real_tokens"] == pytest.approx(1.0)
 
 
 def test_agreement_refuses_a_different_shape():
