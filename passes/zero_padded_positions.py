@@ -21,7 +21,7 @@ from graphopt.passes.registry import PassConfigError, option, register_pass
 def zero_padded_positions(graph: Graph, ctx, *,
                           mask: str = option("attention_mask", "the graph input that is nonzero at real tokens and 0 "
                                                                "at padding, [batch, tokens]")):
-    """Outputs [batch, tokens, ...] are 0 where ``mask`` is 0."""
+    """Outputs shaped (batch, tokens, ...) like the mask become 0 where the mask is 0, so backends may skip padding."""
     inputs = {v.name: v for v in graph.inputs}
     if mask not in inputs:
         raise PassConfigError(f"pass 'zero_padded_positions': the graph has no input {mask!r} (its inputs: "
