@@ -156,7 +156,10 @@ def mark_live_rows(graph: Graph) -> int:
     masks: list[Value] = []
     rows = _demanded_rows(graph, {id(where) for where, _ in padding}, masks)
     kernels = [(n, a) for n, a in rows.items() if n.op in SKIPPING and a[0] < a[1]]
-    if not kernels:
+    batch, tokens = padding[0][1].type.shape
+    if not kernels or not all(2 <= m.type.rank <= 4 and all(dims_equal(d, tokens) for d in m.type.shape[-2:])
+                              and (m.type.rank < 4 or dims_equal(m.type.shape[0], 1) or dims_equal(m.type.shape[0], batch))
+                              for m in masks):
         return 0
     first = next(n for n in graph.nodes if any(n is k for k, _ in kernels))
     shaped: dict[tuple, Value] = {}
@@ -166,13 +169,13 @@ def mark_live_rows(graph: Graph) -> int:
             rows_type = node.outputs[0].type
             shape = tuple(rows_type.shape[ba] if i == ba else rows_type.shape[ta] if i == ta else 1
                           for i in range(rows_type.rank - 1))
-            key = tuple(str(d) for d in shape)
-            if key not in shaped:
-                shaped[key] = graph.op.reshape(live, shape=shape)
+            key = tuple(str(d) for d in shape + tuple(rows_type.shape[:-1]))
+            if key not in shaped:      # the kernel's own rows shape, so the ONNX custom ops read it contiguous
+                shaped[key] = graph.op.expand(graph.op.reshape(live, shape=shape), shape=tuple(rows_type.shape[:-1]))
     for node, (ba, ta) in kernels:
         rows_type = node.outputs[0].type
         key = tuple(str(rows_type.shape[ba] if i == ba else rows_type.shape[ta] if i == ta else 1)
-                    for i in range(rows_type.rank - 1))
+                    for i in range(rows_type.rank - 1)) + tuple(str(d) for d in rows_type.shape[:-1])
         index, _ = _input(node, "live")
         inputs = list(node.inputs) + [None] * (index + 1 - len(node.inputs))
         inputs[index] = shaped[key]

@@ -150,16 +150,16 @@ typedef struct {
 } op_spec_t;
 
 static const op_spec_t SPECS[N_OPS] = {
-    [OP_GEMM] = {"IntGemm", 10, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
+    [OP_GEMM] = {"IntGemm", 12, 3, 1, INTS, 1, {"n", "k_padded", "flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2",
                                                 "k2", "lo2", "hi2", "zp2", "gelu_x", "gelu_n", "gelu_bits",
                                                 "gelu_in_bits", "threads"},
                  {"gelu_x", "gelu_n", "gelu_bits", "gelu_in_bits"}},
-    [OP_BMM] = {"IntBmm", 12, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
+    [OP_BMM] = {"IntBmm", 13, 3, 1, INTS, 1, {"a_zp", "flip_a", "flip_b", "X", "n_pow", "bits", "pre", "k", "lo", "hi",
                                               "zp", "pb", "pre2", "k2", "lo2", "hi2", "zp2", "threads"}},
-    [OP_LAYERNORM] = {"IntLayerNorm", 3, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_LAYERNORM] = {"IntLayerNorm", 4, 1, 1, INTS, 1, {"sh", "F", "iters", "pre", "k", "lo", "hi", "zp", "threads"}},
     [OP_SHIFTMAX] = {"IntShiftmax", 5, 2, 1, 1 << OUT_U8, 0, {"X", "n_pow", "bits", "threads"}},
-    [OP_REQUANT] = {"IntRequant", 3, 3, 1, INTS, 1, {"pre", "k", "lo", "hi", "zp", "threads"}},
-    [OP_ADD] = {"IntAdd", 5, 5, 1, INTS, 1, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_REQUANT] = {"IntRequant", 4, 3, 1, INTS, 1, {"pre", "k", "lo", "hi", "zp", "threads"}},
+    [OP_ADD] = {"IntAdd", 6, 5, 1, INTS, 1, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
     [OP_TOKEN_MERGE] = {"IntTokenMerge", 3, 3, 2, 1 << OUT_I32, 0, {"r", "protected", "shift", "threads"}},
     [OP_QUANTIZE] = {"IntQuantize", 1, 1, 1, INTS, 0, {"zero_point", "lo", "hi", "threads"}},  /* and float inv_scale */
     [OP_DEQUANTIZE] = {"IntDequantize", 3, 2, 1, 1 << OUT_F32, 0, {"zero_point", "threads"}},
@@ -349,6 +349,17 @@ static OrtStatus *vector(const kernel_t *kn, const tensor_t *t, const char *what
 
 static int out_code(int type) { return type == T_UINT8 ? OUT_U8 : type == T_INT8 ? OUT_I8 : OUT_I32; }
 
+/* The optional last input `live` (cpu_integer_rows.py): uint8, one per row of the kernel's output (the rows
+ * computed; the others are written as 0). NULL when absent. */
+static OrtStatus *live_input(const kernel_t *kn, const tensor_t *t, int64_t rows, const uint8_t **live) {
+    *live = t->data;
+    if (!t->data) return NULL;
+    if (t->type != T_UINT8 || t->numel != rows)
+        return fail(kn->api, kn, "live must be uint8 with one value per row (%lld), got %s with %lld values",
+                    (long long)rows, type_name(t->type), (long long)t->numel);
+    return NULL;
+}
+
 /* 8-bit activations as the u8 the kernels read (i8 v -> v + 128, as cpu_integer_ops._as_u8), rows of k values
  * zero-padded to kp; NULL when the input can be read as it is. Chunks of rows on the kernels' go_pool.h pool. */
 typedef struct { const uint8_t *x; uint8_t *a; int64_t rows, k, kp, chunk; uint8_t x80; } u8_rows_job_t;
@@ -400,8 +411,8 @@ static OrtStatus *packed_weights(kernel_t *kn, const tensor_t *w, int64_t n, int
 
 static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     const OrtApi *api = kn->api;
-    tensor_t in[10];
-    for (size_t i = 0; i < 10; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[12];                    /* in[10] (ks, a shift per column) is never written: see _no_column_shifts */
+    for (size_t i = 0; i < 12; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *x = &in[0], *w = &in[1];
     int64_t n = attr(kn, "n"), kp = attr(kn, "k_padded"), flip = attr(kn, "flip");
     int kind = kn->kind;
@@ -422,6 +433,8 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(vector(kn, &in[7], "mb", n, kind == EPI_ADD));
     TRY(vector(kn, &in[8], "m2", n, kind == EPI_TABLE_REQUANT));
     TRY(vector(kn, &in[9], "c2", n, kind == EPI_TABLE_REQUANT));
+    const uint8_t *live;
+    TRY(live_input(kn, &in[11], rows, &live));
     const int8_t *packed = NULL;
     TRY(packed_weights(kn, w, n, kp, &packed));
     int64_t dims[8];
@@ -441,7 +454,7 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     int threads = threads_of(kn);
     uint8_t *a = as_u8_rows(x->data, rows, k, kp, (int)flip, threads);
     if (!a && (flip || k != kp)) return api->CreateStatus(ORT_FAIL, "graphopt IntGemm: out of memory");
-    go_gemm(a ? a : x->data, kp, rows, kp, packed, n, &e, y, n, NULL, threads);
+    go_gemm(a ? a : x->data, kp, rows, kp, packed, n, &e, y, n, live, threads);
     free(a);
     return NULL;
 }
@@ -520,8 +533,8 @@ static OrtStatus *softmax_params(const kernel_t *kn, const tensor_t *pow2, const
  * c; pre, pb), then the m2, c2 requant, then Shiftmax: the kernels' softmax_t.logits record (EPI_ADD_REQUANT). */
 static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     const OrtApi *api = kn->api;
-    tensor_t in[12];
-    for (size_t i = 0; i < 12; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[13];
+    for (size_t i = 0; i < 13; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *a = &in[0], *b = &in[1];
     int64_t flip_a = attr(kn, "flip_a"), flip_b = attr(kn, "flip_b");
     if (a->rank < 3 || a->rank > 4 || b->rank != a->rank)
@@ -551,6 +564,8 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(vector(kn, &in[9], "mb", N, add_rq));
     TRY(vector(kn, &in[10], "m2", N, add_rq));
     TRY(vector(kn, &in[11], "c2", N, add_rq));
+    const uint8_t *live;
+    TRY(live_input(kn, &in[12], B1 * B2 * M, &live));
     int64_t shape[4] = {B1, B2, M, N}, dims[4];
     memcpy(dims, a->dims, sizeof(int64_t) * r);
     dims[r - 1] = N;
@@ -585,7 +600,7 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         return api->CreateStatus(ORT_FAIL, "graphopt IntBmm: out of memory");
     }
     go_bmm(au ? au : a->data, B2 * M * K, M * K, K, b->data, B2 * K * N, K * N, N, 1, (int32_t)flip_b, B1, B2, M, K, N,
-           (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, NULL, 0, 0, 0, threads);
+           (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, live, B2 * M, M, 1, threads);
     free(au);
     free(owned[0]);
     free(owned[1]);
@@ -609,10 +624,12 @@ static OrtStatus *rows_of(const kernel_t *kn, const tensor_t *x, int type, int64
 }
 
 static OrtStatus *layernorm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
-    tensor_t in[3];
-    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[4];
+    for (size_t i = 0; i < 4; i++) TRY(input(kn, ctx, count, i, &in[i]));
     int64_t rows = 0, C = 0;
     TRY(rows_of(kn, &in[0], T_INT32, &rows, &C));
+    const uint8_t *live;
+    TRY(live_input(kn, &in[3], rows, &live));
     int rq = kn->kind != EPI_RAW;
     if (rq && kn->kind != EPI_REQUANT) return fail(kn->api, kn, "epilogue kind '%s' is not one of a layernorm",
                                                    KINDS[kn->kind]);
@@ -623,7 +640,7 @@ static OrtStatus *layernorm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(output(kn, ctx, in[0].dims, in[0].rank, &y));
     epilogue_t e = requant_epilogue(kn, EPI_REQUANT, in[1].data, in[2].data);
     if (rows) go_layernorm(in[0].data, rows, C, (int32_t)attr(kn, "sh"), (int32_t)attr(kn, "F"),
-                           (int32_t)attr(kn, "iters"), rq ? &e : NULL, y, NULL, threads_of(kn));
+                           (int32_t)attr(kn, "iters"), rq ? &e : NULL, y, live, threads_of(kn));
     return NULL;
 }
 
@@ -647,8 +664,8 @@ static OrtStatus *shiftmax(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
 }
 
 static OrtStatus *requant(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
-    tensor_t in[3];
-    for (size_t i = 0; i < 3; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[4];
+    for (size_t i = 0; i < 4; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *x = &in[0];
     if (x->type != T_UINT8 && x->type != T_INT8 && x->type != T_INT32)
         return fail(kn->api, kn, "x must be uint8, int8 or int32, got %s", type_name(x->type));
@@ -656,10 +673,12 @@ static OrtStatus *requant(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(rows_of(kn, x, T_UNDEFINED, &rows, &C));
     TRY(vector(kn, &in[1], "m", C, 1));
     TRY(vector(kn, &in[2], "c", C, 1));
+    const uint8_t *live;
+    TRY(live_input(kn, &in[3], rows, &live));
     void *y;
     TRY(output(kn, ctx, x->dims, x->rank, &y));
     epilogue_t e = requant_epilogue(kn, EPI_REQUANT, in[1].data, in[2].data);
-    if (rows) go_requant(x->data, out_code(x->type), rows, C, &e, y, NULL, threads_of(kn));
+    if (rows) go_requant(x->data, out_code(x->type), rows, C, &e, y, live, threads_of(kn));
     return NULL;
 }
 
@@ -694,10 +713,12 @@ static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_
 }
 
 static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
-    tensor_t in[5];
-    for (size_t i = 0; i < 5; i++) TRY(input(kn, ctx, count, i, &in[i]));
+    tensor_t in[6];
+    for (size_t i = 0; i < 6; i++) TRY(input(kn, ctx, count, i, &in[i]));
     int64_t rows = 0, C = 0;
     TRY(rows_of(kn, &in[0], T_INT32, &rows, &C));
+    const uint8_t *live;
+    TRY(live_input(kn, &in[5], rows, &live));
     if (in[1].type != T_INT32) return fail(kn->api, kn, "b must be int32, got %s", type_name(in[1].type));
     TRY(vector(kn, &in[2], "ma", C, 1));
     TRY(vector(kn, &in[3], "mb", C, 1));
@@ -710,7 +731,7 @@ static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         epilogue_t e = requant_epilogue(kn, EPI_ADD, in[2].data, in[4].data);
         e.mb = in[3].data;
         e.pb = (int32_t)attr(kn, "pb");
-        go_add(in[0].data, b ? b : in[1].data, rows, C, &e, y, NULL, threads_of(kn));
+        go_add(in[0].data, b ? b : in[1].data, rows, C, &e, y, live, threads_of(kn));
     }
     free(b);
     return s;

@@ -183,3 +183,22 @@ def test_row_kernels_with_live_rows_compute_those_and_zero_the_rest():
         run(full, None)
         run(part, live)
         assert torch.equal(part[live.bool()], full[live.bool()]) and bool((part[~live.bool()] == 0).all())
+
+
+def test_onnx_runtime_custom_ops_skip_padding_too_and_stay_identical():
+    pytest.importorskip("onnxruntime")
+    from graphopt.backends.onnx.cpu_integer_ops import to_onnx_custom_ops
+    from graphopt.backends.onnxruntime_backend import custom_ops_session
+
+    model = _bert()
+    feed = _feed([24, 9, 0, 17, 1])
+    graph = _integer(model, feed, [_feed([20, 12, 24, 5, 8], seed=s) for s in (1, 2)])
+    onnx_model = to_onnx_custom_ops(graph, threads=2)
+    with_live = [n for n in onnx_model.graph.node if n.op_type.startswith("IntGemm") and len(n.input) == 12]
+    assert len(with_live) == len([n for n in onnx_model.graph.node if n.op_type.startswith("IntGemm")]) > 0
+    session = custom_ops_session(onnx_model, threads=2)
+    with torch.inference_mode():
+        want = _first(lower(graph, "torch")(**feed))
+    for _ in range(2):
+        got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        assert torch.equal(torch.from_numpy(got), want)

@@ -24,10 +24,11 @@ import torch
 
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
 from graphopt.ir import Graph, Node, Value
-from graphopt.ir.onnx_common import tensor_to_proto
+from graphopt.ir.onnx_common import onnx_dtype, tensor_to_proto
 from graphopt.ir.ops.integer import INT_DTYPES
 from graphopt.ir.rewrite import Rule, RuleSet
 from graphopt.ir.verifier import verify
@@ -51,6 +52,8 @@ def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = No
     for node in lowered.nodes:
         if node.op.startswith("cpu."):
             node.attrs["threads"] = int(threads)
+    if mark_live_rows(lowered):          # after zero_padded_positions: only the real tokens, as on cpu_integer
+        verify(lowered)
     return CustomOpsEmitter(lowered, opset).build()
 
 
@@ -172,3 +175,27 @@ for _op in OP_TYPES:
     register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
                     supports=_no_column_shifts if _op == "cpu.int_gemm" else None)(
         _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
+
+
+def _lower_live_rows(em: Emitter, node: Node) -> list[str]:
+    """cpu.live_rows in standard ops: keep as uint8 where every mask keeps exactly the real keys of the real
+    query rows (Equal / Or / ReduceMin), else ones."""
+    keep = em.input(node, 0)
+    key = em.one("Unsqueeze", [keep, em.literal([1, 2])])
+    padded_row = em.one("Not", [em.one("Unsqueeze", [keep, em.literal([1, 3])])])
+    live = em.one("Cast", [keep], to=onnx_dtype(torch.uint8))
+    agree = None
+    for i in range(1, len(node.inputs)):
+        mask, rank = em.input(node, i), node.inputs[i].type.rank
+        if rank < 4:
+            mask = em.one("Unsqueeze", [mask, em.literal(list(range(4 - rank)))])
+        ok = em.one("Or", [em.one("Equal", [mask, key]), padded_row])
+        ok = em.one("ReduceMin", [em.one("Cast", [ok], to=onnx_dtype(torch.int32))], keepdims=0)
+        agree = ok if agree is None else em.one("Min", [agree, ok])
+    if agree is None:
+        return em.node("Identity", [live], [em.out(node)])
+    ones = em.one("Expand", [em.literal(1, torch.uint8), em.one("Shape", [keep])])
+    return em.node("Where", [em.one("Cast", [agree], to=onnx_dtype(torch.bool)), live, ones], [em.out(node)])
+
+
+register_kernel(TARGET, "cpu.live_rows", name="standard_ops_live_rows")(_lower_live_rows)
