@@ -68,6 +68,10 @@ int go_has_amx(void) {
 
 void go_limit_isa(int level) { isa_limit = level; }
 
+/* The go_* signatures' version, checked by cpu_integer_library.library(): bumped whenever one changes, so a
+ * library built from another source (bench/vnni_peak.py --baseline) is refused rather than called wrongly. */
+int go_abi(void) { return 2; }
+
 static inline int32_t tdiv_pow2(int32_t x, int p) {       /* truncate toward zero */
     return p ? (int32_t)((x + ((x >> 31) & ((1 << p) - 1))) >> p) : x;
 }

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from graphopt.backends.c_build import KernelBuildError, load  # noqa: F401  (KernelBuildError: callers catch it here)
+from graphopt.backends.c_build import KernelBuildError, load  # (KernelBuildError: callers catch it here too)
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
+ABI = 2                      # go_abi() of the kernels these bindings call
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5}
 
@@ -62,6 +63,10 @@ def softmax(pow2: torch.Tensor, x_units: int, n_pow: int, bits: int, mask: torch
 @functools.cache
 def library() -> ctypes.CDLL:
     lib = load(SOURCE, "cpu_integer", "the cpu_integer kernels")
+    abi = lib.go_abi() if hasattr(lib, "go_abi") else 1
+    if abi != ABI:
+        raise KernelBuildError(f"{SOURCE} has the kernels' calling convention {abi}, these bindings are for {ABI} "
+                               "(a kernel source from before a go_* signature changed)")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.go_packed_size.restype = i64
     lib.go_packed_size.argtypes = [i64, i64]

@@ -14,7 +14,8 @@ of the same-thread-count peak, and the median. ``--under-load`` times each GEMM 
 Timed with ``graphopt.timing.interleaved``; results go to bench/results/vnni_peak.json.
 
 ``--baseline OLD.c`` adds the kernels built from OLD.c (e.g. ``git show main:backends/cpu_integer_kernels.c
-> old.c``), interleaved with this checkout's in one process (only the library is swapped). ``--end-to-end``
+> old.c``), interleaved with this checkout's in one process (only the library is swapped; a source with
+another go_abi(), from before a kernel signature changed, is refused). ``--end-to-end``
 times the lowered integer-only DeiT-S instead (both builds must give the same integers).
 """
 from __future__ import annotations

@@ -676,3 +676,12 @@ def test_a_call_leaves_torch_thread_count_as_it_was(deit_shaped_vit):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_kernel_source_of_another_calling_convention_is_refused(tmp_path, monkeypatch):
+    """bench/vnni_peak.py --baseline builds older sources: one whose go_* signatures differ must not be called."""
+    old = tmp_path / "old_kernels.c"
+    old.write_text("int go_has_vnni(void) { return 0; }\n")       # no go_abi(): before the live-row arguments
+    monkeypatch.setattr(kernels, "SOURCE", old)
+    with pytest.raises(kernels.KernelBuildError, match="calling convention 1, these bindings are for 2"):
+        kernels.library.__wrapped__()

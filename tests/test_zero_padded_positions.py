@@ -202,3 +202,31 @@ def test_onnx_runtime_custom_ops_skip_padding_too_and_stay_identical():
     for _ in range(2):
         got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
         assert torch.equal(torch.from_numpy(got), want)
+
+
+def test_reshapes_that_merge_the_batch_with_the_heads_keep_the_rows():
+    from graphopt.backends.cpu_integer_rows import _reshaped
+    # K^T as the exact ONNX exporter writes it: [B, H, T, D] -> [B H, T, D] -> [B H, D, T] -> [B, H, D, T]
+    assert _reshaped((0, 1, 3, 1), (12, 16, 24), (3, 4, 16, 24)) == (0, 4, 2, 1)
+    assert _reshaped((0, 4, 1, 1), (3, 4, 24, 16), (12, 24, 16)) == (0, 1, 2, 1)
+    assert _reshaped((0, 1, 1, 1), (3, 24, 64), (3, 24, 4, 16)) == (0, 1, 1, 1)      # heads split off: same rows
+    assert _reshaped((0, 1, 1, 1), (3, 24 * 64), (3, 24, 64)) == (0, 1, 1, 64)       # tokens merged with columns
+    assert _reshaped((0, 1, 1, 1), (72, 64), (3, 24, 64)) is None                    # batch and tokens merged
+
+
+def test_exact_onnx_exporter_file_skips_every_kernel_and_stays_identical(tmp_path):
+    pytest.importorskip("onnxscript")
+    model, feed = _bert(), _feed([24, 9, 1, 17])
+    path = tmp_path / "bert.onnx"
+    torch.onnx.export(model, (feed["input_ids"], feed["attention_mask"]), path, dynamo=True,
+                      input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+    graph = graphopt.optimize(str(path), [("integer_only", {"smoothquant": 0.7}), "zero_padded_positions"],
+                              calibration=[_feed([20, 12, 24, 5], seed=1)]).graph
+    ex = lower(graph, "cpu_integer", threads=2)     # every GEMM, attention, LayerNorm, requant and add skips padding
+    assert ex.report.padding_rows == sum(1 for e in ex.report if e.kernel.split(" ")[0] in
+                                         ("cpu.int_gemm", "cpu.int_bmm", "cpu.int_layernorm", "cpu.int_requant",
+                                          "cpu.int_add")), str(ex.report)
+    with torch.inference_mode():
+        want = _first(lower(graph, "torch")(**feed))
+        got = _first(ex(**feed))
+    assert torch.equal(got, want) and bool((got[~feed["attention_mask"].bool()] == 0).all())
