@@ -853,6 +853,18 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
  * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
  * and out is u8. Parallel over the batch, each item cut into parts when the items alone give fewer than
  * ~8 chunks a thread. */
+/* Whether every row of each item's mask equals its first row: a key padding mask stored per query row, as
+ * Hugging Face's [B, 1, T, T] attention masks are (a memcmp per row; items a zero stride repeats are read once). */
+static int mask_rows_alike(const softmax_t *sm, int64_t B1, int64_t B2, int64_t M, int64_t N) {
+    for (int64_t i1 = 0; i1 < (sm->m0 ? B1 : 1); i1++)
+        for (int64_t i2 = 0; i2 < (sm->m1 ? B2 : 1); i2++) {
+            const uint8_t *first = sm->mask + i1 * sm->m0 + i2 * sm->m1;
+            for (int64_t r = 1; r < M; r++)
+                if (memcmp(first + r * sm->mr, first, (size_t)N)) return 0;
+        }
+    return 1;
+}
+
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
             int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, const uint8_t *live, int64_t l1,
@@ -864,6 +876,12 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
     parts = parts < blocks ? parts : blocks < 1 ? 1 : blocks;
     /* A key padding mask (the same for every row) drops its masked columns from the GEMM when nothing but
      * the mask can make a score as low as the masked logit (a requant's lo above it) */
+    softmax_t one_row;
+    if (sm && sm->mask && sm->mr && mask_rows_alike(sm, B1, B2, M, N)) {
+        one_row = *sm;
+        one_row.mr = 0;
+        sm = &one_row;
+    }
     int compact = sm && sm->mask && sm->mr == 0 && !sm->sizes && !sm->logits && e->kind == EPI_REQUANT && !e->res &&
                   !e->ks && e->lo > MASKED_LOGIT;
     /* probabilities times V: the keys a mask zeroed are zero columns of A, dropped when a_zp is 0 */

@@ -253,13 +253,16 @@ def test_sibling_linear_layers_with_different_zero_points_are_refused_with_the_r
     _check(graph, inputs, {"cpu.int_gemm": 2})
 
 
-@pytest.mark.parametrize("k,masked", [(64, False), (20, True)])
+@pytest.mark.parametrize("k,masked", [(64, None), (20, "keys"), (20, "rows alike"), (20, "rows differ")])
 def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k, masked):
+    """masked: a key padding mask [B, 1, 1, T]; the same stored per query row [B, 1, T, T] (as Hugging Face
+    writes it, compacted like the first); one whose rows differ (not compacted)."""
     g = _gen(1)
     graph = Graph("before")
     q = graph.add_input("q", TensorType(U8, (2, 3, 17, k)))
     kt = graph.add_input("kt", TensorType(I8, (2, 3, k, 19)))
-    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
+    rows = 1 if masked == "keys" else 17
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, rows, 19))) if masked else None
     s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
     s = graph.call("int.requant", s, graph.add_constant(_rand((19,), I32, g, 3, 7)),   # per key column
                    graph.add_constant(_rand((19,), I32, g, -(1 << 12), 1 << 12)), pre=7, k=7, lo=-32768, hi=32767,
@@ -274,6 +277,9 @@ def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k, masked):
     if masked:       # a key padding mask: the scores kernel drops the masked keys; item 1 has none left
         keep = torch.rand(2, 1, 1, 19, generator=g) > 0.3
         keep[1] = False
+        keep = keep.expand(2, 1, rows, 19).contiguous()
+        if masked == "rows differ":
+            keep[0, 0, 16, :3] = ~keep[0, 0, 16, :3]
         inputs.append(keep)
     inputs += [_rand((2, 3, 19, 8), I8, g)]
     _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
