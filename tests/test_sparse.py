@@ -102,6 +102,31 @@ def test_refit_is_the_masked_least_squares_fit():
         assert (fitted[i, drop[i]] == 0).all()
 
 
+def test_refit_with_a_shift_fits_the_shifted_target():
+    """shift = E[[x';1] δᵀ]: each row is torch's lstsq of the dense output plus δ (the residual stream's error)
+    on its kept columns of [X' 1]; with damping, the same lstsq with sqrt(λ)·I rows pulling toward the dense
+    weights appended."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    xd = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    xp = xd + 0.2 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    delta = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    drop = torch.rand(4, 6, generator=g) < 0.5
+    a, d = (torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], 1) for x in (xp, xd))
+    gram = a.t() @ a / 40
+    lam = 0.3 * float(gram.diagonal()[:6].mean())
+    fitted, bias = refit_rows(w, drop, gram, a.t() @ d / 40, damp=0.3, bias=b, shift=a.t() @ delta / 40)
+    y = xd @ w.t() + b + delta
+    theta = torch.cat([w, b[:, None]], 1)
+    for i in range(4):
+        cols = torch.cat([(~drop[i]).nonzero().flatten(), torch.tensor([6])])
+        design = torch.cat([a[:, cols] / 40 ** 0.5, lam ** 0.5 * torch.eye(len(cols), dtype=torch.float64)])
+        target = torch.cat([y[:, i] / 40 ** 0.5, lam ** 0.5 * theta[i, cols]])
+        expected = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+        torch.testing.assert_close(fitted[i, cols[:-1]], expected[:-1])
+        torch.testing.assert_close(bias[i], expected[-1])
+
+
 def test_refit_keeps_the_wanda_mask_and_lowers_the_calibration_error():
     """Sequential Wanda on a tiny BERT, with and without the least-squares refit: every layer keeps as many
     weights (Wanda's per-row masks; later masks read the inputs of the model pruned so far, which the refit
