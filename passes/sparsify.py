@@ -29,9 +29,11 @@ input's own variance (damp x G_jj, not x the mean diagonal) did no better (0.924
 residual sum minus the residual it really receives (h_d + f_d(x_d) - h'): it also makes up the error the residual
 stream carries. MiniLM, 512 mix sentences, damp 0.3: 0.936 (min 0.83). ``allocation=sensitivity`` (Wanda masks
 measured on 4 calibration batches; the budget is 50% of the 36 selected layers' weights, 50.1% reached) keeps v and
-the last blocks' out / fc2 denser (q 62%, k 58%, v 42%, out 47%, fc1 50%, fc2 48%): with the refit 0.945 (min
-0.83); with the residual target too 0.948 (0.988 on the calibration batches); on 1024 mix sentences 0.950 (min
-0.83; 0.9496 with its own allocation, 0.9503 with the 512 set's)@@2048@@. ``allocation=owl``@@OWL@@.
+the last blocks' out / fc2 denser (512 mix: q 62%, k 58%, v 42%, out 47%, fc1 50%, fc2 48%): with the refit 0.945 (min
+0.83); with the residual target too 0.948 (0.988 on the calibration batches); on 1024 mix sentences 0.9496 (min
+0.83; 0.9503 with the 512 set's allocation), on 2048 mix sentences 0.9515 (min 0.84), the first
+row at 0.95 (``bench/sparse.py --refit-only``). ``allocation=owl`` with the residual refit (512 mix): 0.914, below
+uniform's 0.936: OWL makes the last block the sparsest (60%), the one the sensitivity search keeps densest.
 
 Structured patterns (``neurons``: MLP hidden units; ``heads``: attention heads; ``structured``: both)
 remove whole units and rebuild the block with smaller dense GEMMs, real speed on every backend; with
