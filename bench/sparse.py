@@ -152,17 +152,23 @@ def minilm(args) -> dict:
     if args.refit_calib:     # the refit fits ~2k templated tokens (0.99 there); more, more varied text generalises better
         extra = {"refit": True, "damp": args.refit_damp, "sequential": True, "allocation": args.refit_allocation,
                  "refit_target": args.refit_target}
-        g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "exclude": ["*pooler*"],
-                                          "substitute": "never", **extra})],
-                           calibration=batches(args.refit_corpus, args.refit_calib)).run(graph)
+        g, report = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "exclude": ["*pooler*"],
+                                               "substitute": "never", **extra})],
+                                calibration=batches(args.refit_corpus, args.refit_calib)).run(graph)
+        sizes, removed = {}, {}
+        for d in report["sparsify"].details["layers"].values():
+            n = d["shape"][0] * d["shape"][1]
+            sizes[d["role"]] = sizes.get(d["role"], 0) + n
+            removed[d["role"]] = removed.get(d["role"], 0) + d["sparsity"] * n
         row = {"criterion": "wanda", "pattern": "unstructured", "sparsity": 0.5, **extra,
                "calibration_corpus": args.refit_corpus, "calibration_sentences": args.refit_calib,
-               "sparsity_reached": g.meta["sparsify_sparsity"], **cosine(g)}
+               "sparsity_reached": g.meta["sparsify_sparsity"],
+               "role_sparsity": {r: round(removed[r] / sizes[r], 4) for r in sizes}, **cosine(g)}
         out["weights"].append(row)
         print(f"minilm wanda refit (damp {args.refit_damp:g}, target {args.refit_target}, {args.refit_allocation} "
               f"allocation), {args.refit_calib} {args.refit_corpus} calibration sentences  unstructured "
-              f"{row['sparsity_reached']:.1%}: embedding cosine {row['cosine']:.4f} (min {row['cosine_min']:.4f})",
-              flush=True)
+              f"{row['sparsity_reached']:.1%}: embedding cosine {row['cosine']:.4f} (min {row['cosine_min']:.4f}); "
+              "per role " + ", ".join(f"{r} {v:.1%}" for r, v in row["role_sparsity"].items()), flush=True)
     for extra in ({}, {"refit": True, "damp": 0.3}) if others else ():
         g, _ = PassManager([("sparsify", {"criterion": "wanda", "sparsity": 0.5, "allocation": "sensitivity",
                                           "exclude": ["*pooler*"], "substitute": "never", **extra})],
