@@ -24,9 +24,11 @@ from graphopt.passes.low_rank_layers import Layer, rows_of
 
 
 class Probe:
-    def __init__(self, graph: Graph, layers: Sequence[Layer]):
+    def __init__(self, graph: Graph, layers: Sequence[Layer], extra: Sequence[Value] = ()):
+        """Taps every layer's input, and the ``extra`` values."""
         self.layers = list(layers)
-        self.taps: list[Value] = list({id(l.input): l.input for l in self.layers}.values())
+        self.taps: list[Value] = list(({id(l.input): l.input for l in self.layers}
+                                       | {id(v): v for v in extra}).values())
         self.module = to_fx(graph, taps=self.taps)
         self.n_outputs = len(graph.outputs)
         by_tensor = {}

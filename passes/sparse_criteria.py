@@ -133,7 +133,8 @@ def sparsegpt(w: torch.Tensor, gram: torch.Tensor, pattern: str, sparsity: float
 
 
 def refit_rows(w: torch.Tensor, drop: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float = 0.01,
-               bias: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+               bias: torch.Tensor | None = None, chunk: int = 64, shift: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The exact masked least squares of each output row: its kept weights (and its bias) chosen to give the
     DENSE layer's output from the inputs the layer really receives. Row i with kept columns S (``drop`` False):
 
@@ -145,7 +146,9 @@ def refit_rows(w: torch.Tensor, drop: torch.Tensor, gram: torch.Tensor, cross: t
     dense weights, not toward zero: with few calibration tokens per kept column (MiniLM fc2: 768 kept of 1536
     from ~2000 tokens) the plain fit memorises the calibration set; λ -> ∞ gives the mask alone (Wanda).
     Unlike SparseGPT's one pass over the columns this solves each row's system exactly, and with x' != x_d it
-    also compensates the error of the layers pruned before. Returns (W', b') in float64."""
+    also compensates the error of the layers pruned before. ``shift`` = E[x' δᵀ] ([in(+1), out]) moves the
+    target to the dense output + δ (per token): with δ = r_dense - r' the residual stream's error, the layer
+    also makes up the error its residual add receives. Returns (W', b') in float64."""
     rows, k = w.shape
     theta = w.to(torch.float64)
     if bias is not None:
@@ -157,6 +160,11 @@ def refit_rows(w: torch.Tensor, drop: torch.Tensor, gram: torch.Tensor, cross: t
                          f"{tuple(theta.shape)} (with a bias, both carry the input's trailing 1)")
     lam = damp * float(g.diagonal()[:k].mean().clamp_min(1e-12))
     rhs = theta @ c.t()                                   # row i: C θ_i
+    if shift is not None:
+        if shift.shape != (theta.shape[1], rows):
+            raise ValueError(f"refit: shift {tuple(shift.shape)} does not match the input x outputs "
+                             f"{(theta.shape[1], rows)}")
+        rhs = rhs + shift.to(torch.float64).t()
     keep_counts = (~drop).sum(1)
     out = torch.zeros_like(theta)
     for n_keep in keep_counts.unique().tolist():          # rows with the same kept count solve as one batch

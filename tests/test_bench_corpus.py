@@ -39,3 +39,17 @@ def test_calibration_texts_hold_no_evaluation_sentence_and_are_deterministic():
     assert len(texts) == len(set(texts)) == 200
     assert not {" ".join(s.lower().split()) for s in corpus.stdlib_sentences()} & held_out
     assert texts == corpus.calibration_texts("mix", 200)
+
+
+def test_short_sentences_are_two_to_five_word_prose_and_mixshort_holds_no_evaluation_sentence():
+    from graphopt.zoo.sentences import all_sentences
+
+    assert corpus.is_prose("Remove an option.", min_words=2) and not corpus.is_prose("Remove an option.")
+    short = corpus.short_sentences()
+    assert len(short) > 1000 and all(2 <= len(s.split()) <= 5 for s in short)
+    assert not set(short) & set(corpus.stdlib_sentences())
+    held_out = {" ".join(s.lower().split()) for s in all_sentences()}
+    texts = corpus.calibration_texts("mixshort", 200)
+    assert len(texts) == len(set(texts)) == 200
+    assert sum(len(s.split()) <= 5 for s in texts) >= 50
+    assert not {" ".join(s.lower().split()) for s in texts + list(short)} & held_out

@@ -11,6 +11,7 @@ from graphopt.ir import verify
 from graphopt.ir.interpreter import run as reference_run
 from graphopt.passes import PassConfigError, PassError, PassManager
 from graphopt.passes.low_rank_calib import row_error
+from graphopt.passes.low_rank_layers import find_layers
 from graphopt.passes.sparse_criteria import mask_from_scores, prune, refit_rows, sparsegpt
 from graphopt.ir.sparse_decision import decide
 
@@ -100,6 +101,71 @@ def test_refit_is_the_masked_least_squares_fit():
         torch.testing.assert_close(fitted[i, kept], expected[:-1])
         torch.testing.assert_close(bias[i], expected[-1])
         assert (fitted[i, drop[i]] == 0).all()
+
+
+def test_refit_with_a_shift_fits_the_shifted_target():
+    """shift = E[[x';1] δᵀ]: each row is torch's lstsq of the dense output plus δ (the residual stream's error)
+    on its kept columns of [X' 1]; with damping, the same lstsq with sqrt(λ)·I rows pulling toward the dense
+    weights appended."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    xd = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    xp = xd + 0.2 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    delta = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    drop = torch.rand(4, 6, generator=g) < 0.5
+    a, d = (torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], 1) for x in (xp, xd))
+    gram = a.t() @ a / 40
+    lam = 0.3 * float(gram.diagonal()[:6].mean())
+    fitted, bias = refit_rows(w, drop, gram, a.t() @ d / 40, damp=0.3, bias=b, shift=a.t() @ delta / 40)
+    y = xd @ w.t() + b + delta
+    theta = torch.cat([w, b[:, None]], 1)
+    for i in range(4):
+        cols = torch.cat([(~drop[i]).nonzero().flatten(), torch.tensor([6])])
+        design = torch.cat([a[:, cols] / 40 ** 0.5, lam ** 0.5 * torch.eye(len(cols), dtype=torch.float64)])
+        target = torch.cat([y[:, i] / 40 ** 0.5, lam ** 0.5 * theta[i, cols]])
+        expected = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+        torch.testing.assert_close(fitted[i, cols[:-1]], expected[:-1])
+        torch.testing.assert_close(bias[i], expected[-1])
+
+
+def test_residual_refit_target_is_the_dense_residual_sum():
+    """y = h + b(h), h = a(x), both pruned sequentially with refit_target=residual: a (its output also read by
+    the add) is fitted to the dense a(x); b to the dense sum minus the residual it really receives,
+    h_d + b_d(h_d) - h'. Checked against torch's damped lstsq on the explicit activations (h' from the pruned
+    a read off the output graph)."""
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.a(x)
+            return h + self.b(h)
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    batches = [(torch.randn(16, 8),) for _ in range(4)]
+    graph = from_torch(model, (batches[0][0],))
+    out, _ = run_sparsify(graph, batches, criterion="wanda", sparsity=0.5, refit=True, damp=0.1,
+                          refit_target="residual", substitute="never")
+    pruned = {l.name: (l.matrix.double(), l.node.inputs[2].const.double()) for l in find_layers(out)}
+    x = torch.cat([b[0] for b in batches]).double()
+    dense = {n: (m.weight.detach().double(), m.bias.detach().double()) for n, m in (("a", model.a), ("b", model.b))}
+    h_d = x @ dense["a"][0].t() + dense["a"][1]
+    h_p = x @ pruned["a"][0].t() + pruned["a"][1]
+    target = h_d + h_d @ dense["b"][0].t() + dense["b"][1] - h_p
+    a = torch.cat([h_p, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    lam = 0.1 * float((a.t() @ a / len(x)).diagonal()[:8].mean())
+    theta = torch.cat([dense["b"][0], dense["b"][1][:, None]], 1)
+    w, bias = pruned["b"]
+    assert (w == 0).sum() == 32
+    for i in range(8):
+        cols = torch.cat([(w[i] != 0).nonzero().flatten(), torch.tensor([8])])
+        design = torch.cat([a[:, cols] / len(x) ** 0.5, lam ** 0.5 * torch.eye(len(cols), dtype=torch.float64)])
+        rhs = torch.cat([target[:, i] / len(x) ** 0.5, lam ** 0.5 * theta[i, cols]])
+        expected = torch.linalg.lstsq(design, rhs[:, None]).solution.flatten()
+        torch.testing.assert_close(w[i, cols[:-1]], expected[:-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(bias[i], expected[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_refit_keeps_the_wanda_mask_and_lowers_the_calibration_error():
