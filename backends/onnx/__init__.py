@@ -22,6 +22,8 @@ NOT_LOWERED: dict[str, str] = {
            "to_onnx_custom_ops writes it as a custom op of graphopt's ONNX Runtime library)"
        for op in ("cpu.int_gemm", "cpu.int_bmm", "cpu.int_layernorm", "cpu.int_shiftmax", "cpu.int_requant",
                   "cpu.int_add", "cpu.int_spmm", "cpu.int_token_merge", "cpu.int_quantize", "cpu.int_dequantize")},
+    "cpu.live_rows": "the padding-row check feeding cpu_integer's fused kernels; the standard-op ONNX computes every "
+                     "row, and to_onnx_custom_ops writes the check in standard ops beside the custom ops",
 }
 
 __all__ = ["ATEN_LOWERINGS", "DEFAULT_OPSET", "Emitter", "MIN_OPSET", "NOT_LOWERED", "register_aten_lowering",
