@@ -683,9 +683,12 @@ static OrtStatus *requant(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
 }
 
 /* b broadcast to a's shape (numpy rules), as int32; NULL when it already has that shape. */
-static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_t *b, int32_t **out) {
+/* b broadcast to a's shape. *period = b's element count when b is a's trailing block repeated at most 64 times
+ * (b's dims equal a's last ones, any leading 1s dropped: a position embedding [1, T, C] for [B, T, C]), read in
+ * place; else *out holds b materialized row by row (NULL when b already has a's shape). */
+static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_t *b, int32_t **out, int64_t *period) {
     *out = NULL;
-    if (b->rank == a->rank && !memcmp(a->dims, b->dims, sizeof(int64_t) * a->rank)) return NULL;
+    *period = a->numel;
     if (b->rank > a->rank) return fail(kn->api, kn, "b has more axes than a");
     int64_t stride[8], s = 1;
     for (int d = (int)a->rank - 1; d >= 0; d--) {
@@ -697,16 +700,28 @@ static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_
         stride[d] = bd == 1 ? 0 : s;
         s *= bd;
     }
+    int block = a->rank && (stride[a->rank - 1] || a->dims[a->rank - 1] == 1), real = 0;
+    for (size_t d = 0; d < a->rank; d++)            /* no axis b repeats after one of its own */
+        if (a->dims[d] != 1) {
+            if (stride[d]) real = 1;
+            else if (real) block = 0;
+        }
+    if (block && b->numel && a->numel / b->numel <= 64) {   /* few repeats: one go_add call each */
+        *period = b->numel;
+        return NULL;
+    }
     int32_t *full = malloc(sizeof(int32_t) * (size_t)(a->numel ? a->numel : 1));
     if (!full) return kn->api->CreateStatus(ORT_FAIL, "graphopt: out of memory");
-    const int32_t *src = b->data;
-    for (int64_t i = 0; i < a->numel; i++) {
-        int64_t rem = i, off = 0;
-        for (int d = (int)a->rank - 1; d >= 0; d--) {
+    int64_t C = a->rank ? a->dims[a->rank - 1] : 1, cs = a->rank ? stride[a->rank - 1] : 0;
+    for (int64_t r = 0; C && r < a->numel / C; r++) {       /* one offset per row, then the row (or its one value) */
+        int64_t rem = r, off = 0;
+        for (int d = (int)a->rank - 2; d >= 0; d--) {
             off += rem % a->dims[d] * stride[d];
             rem /= a->dims[d];
         }
-        full[i] = src[off];
+        const int32_t *row = (const int32_t *)b->data + off;
+        if (cs) memcpy(full + r * C, row, sizeof(int32_t) * (size_t)C);
+        else for (int64_t c = 0; c < C; c++) full[r * C + c] = row[0];
     }
     *out = full;
     return NULL;
@@ -724,14 +739,18 @@ static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(vector(kn, &in[3], "mb", C, 1));
     TRY(vector(kn, &in[4], "c", C, 1));
     int32_t *b;
-    TRY(broadcast(kn, &in[0], &in[1], &b));
+    int64_t period;
+    TRY(broadcast(kn, &in[0], &in[1], &b, &period));
     void *y;
     OrtStatus *s = output(kn, ctx, in[0].dims, in[0].rank, &y);
     if (!s && rows) {
         epilogue_t e = requant_epilogue(kn, EPI_ADD, in[2].data, in[4].data);
         e.mb = in[3].data;
         e.pb = (int32_t)attr(kn, "pb");
-        go_add(in[0].data, b ? b : in[1].data, rows, C, &e, y, live, threads_of(kn));
+        int64_t size = kn->out_type == OUT_I32 ? 4 : 1, per = period / C;     /* a's rows per repeat of b */
+        for (int64_t r0 = 0; r0 < rows; r0 += per)
+            go_add((const int32_t *)in[0].data + r0 * C, b ? b : in[1].data, per, C, &e, (char *)y + r0 * C * size,
+                   live ? live + r0 : NULL, threads_of(kn));
     }
     free(b);
     return s;

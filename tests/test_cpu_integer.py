@@ -314,12 +314,12 @@ def _layernorm_graph(C=48):
     return graph, inputs
 
 
-def _broadcast_add_graph(C=16):
-    """A standalone int.add of an activation and a broadcast constant (a position embedding)."""
+def _broadcast_add_graph(C=16, pos_rows=(1, 5)):
+    """A standalone int.add of an activation [3, 5, C] and a broadcast constant (a position embedding)."""
     g = _gen(7)
     graph = Graph("before")
     x = graph.add_input("x", TensorType(I32, (3, 5, C)))
-    pos = graph.add_constant(_rand((1, 5, C), I32, g, -32768, 32767))
+    pos = graph.add_constant(_rand((*pos_rows, C), I32, g, -32768, 32767))
     ma, mb = graph.add_constant(_rand((C,), I32, g, 1, 255)), graph.add_constant(torch.tensor(77, dtype=I32))
     c = graph.add_constant(torch.tensor(3, dtype=I32))
     graph.set_outputs([graph.call("int.add", x, pos, ma, mb, c, pa=2, pb=0, k=9, lo=-32768, hi=32767, zero_point=0,

@@ -172,8 +172,9 @@ def test_layernorm_with_and_without_requant():
     _check(*_layernorm_graph(), {"IntLayerNorm_u8": 1, "IntLayerNorm_i32": 1})
 
 
-def test_standalone_add_with_a_broadcast_operand():
-    _check(*_broadcast_add_graph(), {"IntAdd_i32": 1})
+@pytest.mark.parametrize("pos_rows", [(1, 5), (5,), (3, 1), (1, 1)])   # repeated blocks (read in place), or not
+def test_standalone_add_with_a_broadcast_operand(pos_rows):
+    _check(*_broadcast_add_graph(pos_rows=pos_rows), {"IntAdd_i32": 1})
 
 
 def test_patch_conv_and_standalone_requant():
