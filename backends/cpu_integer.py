@@ -21,6 +21,7 @@ import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusio
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET
+from graphopt.backends.cpu_integer_layout import fold_output_permutes
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
 from graphopt.backends.registry import register_backend
@@ -86,6 +87,7 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
             report.append(Lowered("reference", f"{node.label()}: {why}"))
         elif node.op.startswith("cpu."):
             node.attrs["threads"] = threads or torch.get_num_threads()
+    fold_output_permutes(lowered)
     report.padding_rows = mark_live_rows(lowered)
     lowered.remove_unused_constants()
     verify(lowered)

@@ -70,7 +70,7 @@ void go_limit_isa(int level) { isa_limit = level; }
 
 /* The go_* signatures' version, checked by cpu_integer_library.library(): bumped whenever one changes, so a
  * library built from another source (bench/vnni_peak.py --baseline) is refused rather than called wrongly. */
-int go_abi(void) { return 2; }
+int go_abi(void) { return 3; }
 
 static inline int32_t tdiv_pow2(int32_t x, int p) {       /* truncate toward zero */
     return p ? (int32_t)((x + ((x >> 31) & ((1 << p) - 1))) >> p) : x;
@@ -551,16 +551,17 @@ typedef struct {
     void *out;
     const uint8_t *live;                       /* live[i1 l1 + i2 l2 + row lr] (NULL: every row) */
     int64_t l1, l2, lr;
+    int64_t so1, so2, som;                     /* out's strides (elements) over i1, i2 and rows; unit along N */
 } bmm_job_t;
 
 /* The rows of [r0, r1) of item (i1, i2) that are live: how many; dead ones zeroed in o when zero is set. */
 static int64_t live_rows(const bmm_job_t *j, int64_t i1, int64_t i2, int64_t r0, int64_t r1, char *o, int zero) {
     if (!j->live) return r1 - r0;
     const uint8_t *l = j->live + i1 * j->l1 + i2 * j->l2;
-    int64_t n = 0, row = j->N * j->osize;
+    int64_t n = 0;
     for (int64_t r = r0; r < r1; r++)
         if (l[r * j->lr]) n++;
-        else if (zero) memset(o + r * row, 0, (size_t)row);
+        else if (zero) memset(o + r * j->som * j->osize, 0, (size_t)(j->N * j->osize));
     return n;
 }
 
@@ -793,7 +794,7 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     int64_t bm = j->isa == 2 ? AMX_M : MR, blocks = (M + bm - 1) / bm, per = (blocks + j->parts - 1) / j->parts;
     int64_t first = part * per, last = first + per < blocks ? first + per : blocks;
     if (first >= last) return;
-    char *o = (char *)j->out + i * M * N * j->osize;
+    char *o = (char *)j->out + (i1 * j->so1 + i2 * j->so2) * j->osize;
     if (j->live && !live_rows(j, i1, i2, first * bm, last * bm < M ? last * bm : M, o, 1)) return;
     epilogue_t eb = *j->e;
     eb.bias = w->bias;
@@ -835,21 +836,24 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     for (int64_t blk = first; blk < last; blk++) {        /* each row block as a GEMM of its own rows */
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
         if (j->live && !live_rows(j, i1, i2, row0, row0 + rows, o, 0)) continue;     /* its rows zeroed above */
-        void *y = sm ? (void *)w->scores : o + row0 * N * j->osize;
+        void *y = sm ? (void *)w->scores : o + row0 * j->som * j->osize;
         if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
-        if (L && row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, kd, w->bp, L, &eb, y, L, 0, 1, w->tail);
-        else if (L) gemm_blocks(j->isa, w->ap + (row0 - copied) * kd, kd, rows, kd, w->bp, L, &eb, y, L, 0, 1, w->tail);
+        int64_t ldy = sm ? L : j->som;
+        if (L && row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, kd, w->bp, L, &eb, y, ldy, 0, 1, w->tail);
+        else if (L) gemm_blocks(j->isa, w->ap + (row0 - copied) * kd, kd, rows, kd, w->bp, L, &eb, y, ldy, 0, 1, w->tail);
         if (j->compact)
             for (int64_t r = 0; r < rows; r++)
                 softmax_kept_row(sm, w->scores + r * L, L, w->keep, w->any, N, w->erow, w->pkept,
-                                 (uint8_t *)o + (row0 + r) * N);
+                                 (uint8_t *)o + (row0 + r) * j->som);
         else if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
         live_rows(j, i1, i2, row0, row0 + rows, o, 1);
     }
 }
 
 /* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
- * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out contiguous M x N.
+ * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out M x N with unit n stride
+ * and strides so1, so2, som (elements; so an attention's [B, H, T, D] is written as [B, T, H, D]), contiguous
+ * with Shiftmax.
  * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
  * and out is u8. Parallel over the batch, each item cut into parts when the items alone give fewer than
  * ~8 chunks a thread. */
@@ -868,8 +872,13 @@ static int mask_rows_alike(const softmax_t *sm, int64_t B1, int64_t B2, int64_t 
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
             int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, const uint8_t *live, int64_t l1,
-            int64_t l2, int64_t lr, int threads) {
+            int64_t l2, int64_t lr, int64_t so1, int64_t so2, int64_t som, int threads) {
     int64_t Kp = (K + 63) / 64 * 64, items = B1 * B2;
+    if (sm) {                                         /* Shiftmax rows are written whole, item after item */
+        so1 = B2 * M * N;
+        so2 = M * N;
+        som = N;
+    }
     int isa = pick_isa(Kp);
     int64_t blocks = (M + (isa == 2 ? AMX_M : MR) - 1) / (isa == 2 ? AMX_M : MR);
     int64_t parts = threads > 1 && items < 8 * threads ? (8 * threads + items - 1) / items : 1;
@@ -888,7 +897,7 @@ void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_
     int zero_k = !sm && a_zp == 0 && isa == 1 && K >= 32 && __builtin_cpu_supports("avx512vbmi2");
     bmm_job_t j = {A, sa1, sa2, sam, B, sb1, sb2, sbk, sbn, b_flip, a_zp, B2, M, K, N,
                    isa == 2 ? Kp : (K + 3) / 4 * 4, sm ? 1 : e->out_type == OUT_I32 ? 4 : 1, parts, isa, compact, zero_k,
-                   e, sm, out, live, l1, l2, lr};
+                   e, sm, out, live, l1, l2, lr, so1, so2, som};
     pool_run(threads, items * parts, bmm_item, bmm_fini, &j);
 }
 

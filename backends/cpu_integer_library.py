@@ -11,7 +11,7 @@ import torch
 from graphopt.backends.c_build import KernelBuildError, load  # (KernelBuildError: callers catch it here too)
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
-ABI = 2                      # go_abi() of the kernels these bindings call
+ABI = 3                      # go_abi() of the kernels these bindings call
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5}
 
@@ -73,7 +73,8 @@ def library() -> ctypes.CDLL:
     lib.go_pack_b.argtypes = [p, i64, i64, p, p]
     lib.go_gemm.argtypes = [p, i64, i64, i64, p, i64, ctypes.POINTER(Epilogue), p, i64, p, ctypes.c_int]
     lib.go_bmm.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, i32, i64, i64, i64, i64, i64, i32,
-                           ctypes.POINTER(Epilogue), ctypes.POINTER(Softmax), p, p, i64, i64, i64, ctypes.c_int]
+                           ctypes.POINTER(Epilogue), ctypes.POINTER(Softmax), p, p, i64, i64, i64, i64, i64, i64,
+                           ctypes.c_int]
     lib.go_shiftmax.argtypes = [p, i64, i64, i64, i64, ctypes.POINTER(Softmax), p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_add.argtypes = [p, p, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
@@ -146,13 +147,16 @@ def gemm(a: torch.Tensor, packed: torch.Tensor, n: int, epi: Epilogue, out: torc
 def bmm(a: torch.Tensor, b: torch.Tensor, a_zp: int, b_flip: bool, epi: Epilogue, out: torch.Tensor, threads: int,
         sm: Softmax | None = None, live: torch.Tensor | None = None) -> None:
     """out[i, j] = epilogue(a[i, j] @ b[i, j]) for 4-D a [B1, B2, M, K] (unit k stride) and b [B1, B2, K, N]
-    (any strides); with sm, Shiftmax runs on the epilogue's int32 rows and out is u8. With ``live`` (u8 [B1, B2, M],
-    any strides) only the rows it marks are computed, the others are zero."""
+    (any strides); out [B1, B2, M, N] with unit n stride (a permuted view: written in place), contiguous with sm,
+    where Shiftmax runs on the epilogue's int32 rows and out is u8. With ``live`` (u8 [B1, B2, M], any strides)
+    only the rows it marks are computed, the others are zero."""
     b1, b2, m, k = a.shape
+    if out.stride(-1) != 1 or (sm is not None and not out.is_contiguous()):
+        raise ValueError(f"bmm: out needs unit stride along N (contiguous with Shiftmax), got strides {out.stride()}")
     strides = (0, 0, 0) if live is None else live.stride()
     library().go_bmm(_ptr(a), a.stride(0), a.stride(1), a.stride(2), _ptr(b), *b.stride(), int(b_flip), b1, b2, m, k,
                      b.shape[-1], a_zp, ctypes.byref(epi), None if sm is None else ctypes.byref(sm), _ptr(out),
-                     _ptr(live), *strides, threads)
+                     _ptr(live), *strides, *out.stride()[:3], threads)
 
 
 def shiftmax(x: torch.Tensor, sm: Softmax, out: torch.Tensor, threads: int) -> None:

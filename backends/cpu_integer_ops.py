@@ -119,13 +119,18 @@ def _rows(live: torch.Tensor | None, lead) -> torch.Tensor | None:
 def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None,
               live=None, *,
               a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2, zp2,
-              threads):
+              out_perm, threads):
     if a.rank not in (3, 4) or b.rank != a.rank:
         raise OpError(f"cpu.int_bmm: expects 3-D or 4-D operands of the same rank, got {a}, {b}")
+    if out_perm and (a.rank != 4 or sorted(out_perm) != [0, 1, 2, 3] or out_perm[-1] != 3 or pow2 is not None):
+        raise OpError(f"cpu.int_bmm: out_perm {tuple(out_perm)} must permute 4-D operands' axes, keep the last one "
+                      f"last, and comes without Shiftmax (pow2); got {a}")
     if kind == "add_requant" and None in (pow2, sizes, table, m, c, mb, m2, c2):
         raise OpError("cpu.int_bmm: kind add_requant needs Shiftmax (pow2), the size term (sizes, table) and m, c, mb, "
                       "m2, c2")
     shape = a.shape[:-1] + (b.shape[-1],)
+    if out_perm:
+        shape = tuple(shape[d] for d in out_perm)
     return TensorType(torch.uint8 if pow2 is not None else INT_DTYPES[out], shape)
 
 
@@ -133,15 +138,20 @@ def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, tabl
              inputs=["a", "b", "bias", "m?", "c?", "pow2?", "mask?", "sizes?", "table?", "mb?", "m2?", "c2?", "live?"],
              attrs={"a_zp": Attr("int", 0), "flip_a": Attr("bool", False), "flip_b": Attr("bool", False),
                     "X": Attr("int", 0), "n_pow": Attr("int", 0), "bits": Attr("int", 8), "pb": Attr("int", 0),
+                    "out_perm": Attr("ints", (), "the output written as permute(result, out_perm) (the heads "
+                                     "merged back: [B, H, T, D] as [B, T, H, D]); () for the result itself"),
                     **_EPILOGUE, **_SECOND},
              infer=_bmm_type, tags=["gemm", "integer"])
 def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=None, mb=None, m2=None, c2=None,
             live=None, *, a_zp, flip_a, flip_b, X, n_pow, bits, kind, out, pre, k, lo, hi, zp, pb, pre2, k2, lo2, hi2,
-            zp2, threads):
+            zp2, out_perm, threads):
     """epilogue(a @ b) per batch (a u8 with zero point a_zp, b s8), then (masked) Shiftmax rows when pow2 is given,
     with table[clamp(sizes)] added to the logits first when sizes is given (kind add_requant: int.add of the raw
-    accumulator and that term, then the m2, c2 requant); ``live`` (u8, broadcast to a's rows): only its nonzero
-    rows are computed, the others are 0."""
+    accumulator and that term, then the m2, c2 requant); ``live`` (u8, broadcast to the output's rows): only its
+    nonzero rows are computed, the others are 0. With out_perm the kernel writes the permuted layout itself."""
+    inverse = [out_perm.index(d) for d in range(len(out_perm))] if out_perm else None
+    if inverse is not None and live is not None:         # live follows the output's rows: back to the result's
+        live = live.expand(tuple(a.shape[d] for d in out_perm[:-1])).permute(inverse[:-1])
     squeeze = a.dim() == 3
     if squeeze:
         a, b = a.unsqueeze(0), b.unsqueeze(0)
@@ -150,7 +160,12 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=
     if a.stride(-1) != 1:
         a = a.contiguous()
     dtype = torch.uint8 if pow2 is not None else INT_DTYPES[out]
-    y = torch.empty(a.shape[:-1] + (b.shape[-1],), dtype=dtype)
+    result = a.shape[:-1] + (b.shape[-1],)
+    if inverse is None:
+        y = torch.empty(result, dtype=dtype)
+    else:
+        written = torch.empty(tuple(result[d] for d in out_perm), dtype=dtype)
+        y = written.permute(inverse)
     logits = None
     if kind == "add_requant":
         second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
@@ -160,6 +175,8 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=
     sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape), sizes, table, logits)
     kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, sm,
                 None if live is None else live.expand(a.shape[:-1]))
+    if inverse is not None:
+        return written
     return y.squeeze(0) if squeeze else y
 
 

@@ -92,7 +92,8 @@ def _operand_axes(node: Node, axes: Axes, masks: list[Value]) -> dict[int, Axes]
                 need[i] = axes
         return need
     if node.op == "cpu.int_bmm":
-        return _bmm_axes(node, axes, masks)
+        perm = node.attrs["out_perm"]            # output axis a is the result's axis perm[a]
+        return _bmm_axes(node, (perm[ba], gb, perm[ta], gt) if perm else axes, masks)
     if node.op == "reshape":
         moved = _reshaped(axes, tuple(node.inputs[0].type.shape), tuple(out.shape))
         return {} if moved is None else {0: moved}

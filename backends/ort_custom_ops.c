@@ -92,7 +92,10 @@ typedef struct OrtApi {
     void (*ReleaseStatus)(OrtStatus *status);                                                          /* 93 */
     void *pad8_[5];
     void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);                           /* 99 */
-    void *pad9_[144];
+    void *pad9_[63];
+    OrtStatus *(*KernelInfoGetAttributeArray_int64)(const OrtKernelInfo *info, const char *name, int64_t *out,
+                                                    size_t *size);                                     /* 163 */
+    void *pad10_[80];
     OrtStatus *(*KernelInfo_GetNodeName)(const OrtKernelInfo *info, char *out, size_t *size);        /* 244, 1.15 */
 } OrtApi;
 
@@ -102,7 +105,7 @@ SLOT(GetTensorElementType, 60); SLOT(GetDimensions, 62); SLOT(GetTensorTypeAndSh
 SLOT(KernelInfoGetAttribute_float, 85); SLOT(KernelInfoGetAttribute_int64, 86);
 SLOT(KernelContext_GetInputCount, 88); SLOT(KernelContext_GetInput, 90);
 SLOT(KernelContext_GetOutput, 91); SLOT(ReleaseStatus, 93); SLOT(ReleaseTensorTypeAndShapeInfo, 99);
-SLOT(KernelInfo_GetNodeName, 244);
+SLOT(KernelInfoGetAttributeArray_int64, 163); SLOT(KernelInfo_GetNodeName, 244);
 
 typedef struct OrtApiBase {
     const OrtApi *(*GetApi)(uint32_t version);
@@ -186,6 +189,7 @@ typedef struct {
     pthread_mutex_t lock;
     int8_t *packed;                     /* IntGemm: w packed for the kernels, and the w it was packed from */
     const void *packed_from;
+    int64_t perm[3][4];                 /* IntBmm: a_perm, b_perm, out_perm (identity when the node has none) */
 } kernel_t;
 
 static int default_threads;            /* go_ort_set_threads; 0: the CPUs this process may run on */
@@ -230,6 +234,46 @@ static OrtStatus *fail(const OrtApi *api, const kernel_t *kn, const char *fmt, .
 
 #define TRY(call) do { OrtStatus *status_ = (call); if (status_) return status_; } while (0)
 
+/* IntBmm's optional a_perm, b_perm, out_perm: the operand is transpose(input, perm) (read in place with strides;
+ * a keeps its last axis last), and the output is written as transpose(result, out_perm) (last axis last). */
+static OrtStatus *read_perms(const OrtApi *api, const OrtKernelInfo *info, kernel_t *kn) {
+    static const char *const names[3] = {"a_perm", "b_perm", "out_perm"};
+    for (int p = 0; p < 3; p++) {
+        int64_t *perm = kn->perm[p], seen = 0;
+        size_t size = 0;
+        for (int d = 0; d < 4; d++) perm[d] = d;
+        OrtStatus *s = api->KernelInfoGetAttributeArray_int64(info, names[p], NULL, &size);
+        if (s) {                        /* absent: the identity */
+            api->ReleaseStatus(s);
+            continue;
+        }
+        if (size == 4 && (s = api->KernelInfoGetAttributeArray_int64(info, names[p], perm, &size))) {
+            api->ReleaseStatus(s);
+            size = 0;
+        }
+        for (int d = 0; d < 4; d++) seen |= perm[d] >= 0 && perm[d] < 4 ? 1 << perm[d] : 0;
+        if (size != 4 || seen != 15 || (p != 1 && perm[3] != 3))
+            return fail(api, kn, "%s must permute 4 axes%s", names[p], p != 1 ? ", the last one kept last" : "");
+    }
+    return NULL;
+}
+
+static int identity(const int64_t *perm) { return perm[0] == 0 && perm[1] == 1 && perm[2] == 2 && perm[3] == 3; }
+
+/* The strides (elements) of transpose(t, perm) for a contiguous t of these dims, and its dims. */
+static void permuted(const int64_t *dims, const int64_t *perm, int64_t *pdims, int64_t *pstrides) {
+    int64_t strides[4], was[4], s = 1;
+    for (int d = 3; d >= 0; d--) {
+        strides[d] = s;
+        was[d] = dims[d];
+        s *= dims[d];
+    }
+    for (int d = 0; d < 4; d++) {                      /* pdims may be dims */
+        pdims[d] = was[perm[d]];
+        pstrides[d] = strides[perm[d]];
+    }
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, const OrtKernelInfo *info, void **out) {
     const custom_op_t *op = (const custom_op_t *)base;
     kernel_t *kn = calloc(1, sizeof *kn);
@@ -266,6 +310,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, cons
             return fail(api, kn, "the node has no float attribute 'inv_scale'");
         }
     }
+    if (op->op == OP_BMM) TRY(read_perms(api, info, kn));
     if (SPECS[op->op].kind) {
         char kind[32];
         size_t size = sizeof kind;
@@ -544,10 +589,17 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
                     flip_a ? "int8" : "uint8", flip_b ? "uint8" : "int8", (long long)flip_a, (long long)flip_b,
                     type_name(a->type), type_name(b->type));
     size_t r = a->rank;
-    int64_t B1 = r == 4 ? a->dims[0] : 1, B2 = a->dims[r - 3], M = a->dims[r - 2], K = a->dims[r - 1],
-            N = b->dims[r - 1];
-    if (b->dims[r - 2] != K || (r == 4 && b->dims[0] != B1) || b->dims[r - 3] != B2)
-        return fail(api, kn, "b's batch dims or K (%lld) do not match a's", (long long)b->dims[r - 2]);
+    int perms = !identity(kn->perm[0]) || !identity(kn->perm[1]) || !identity(kn->perm[2]);
+    if (perms && (r != 4 || flip_a))
+        return fail(api, kn, "a_perm, b_perm and out_perm need 4-D operands and flip_a = 0");
+    int64_t ad[4] = {1, 1, 1, 1}, as[4], bd[4] = {1, 1, 1, 1}, bs[4];      /* the operands as the kernel reads them */
+    memcpy(ad + 4 - r, a->dims, sizeof(int64_t) * r);
+    memcpy(bd + 4 - r, b->dims, sizeof(int64_t) * r);
+    permuted(ad, kn->perm[0], ad, as);
+    permuted(bd, kn->perm[1], bd, bs);
+    int64_t B1 = ad[0], B2 = ad[1], M = ad[2], K = ad[3], N = bd[3];
+    if (bd[2] != K || bd[0] != B1 || bd[1] != B2)
+        return fail(api, kn, "b's batch dims or K (%lld) do not match a's", (long long)bd[2]);
     int softmax = in[5].data != NULL, requant = kn->kind == EPI_REQUANT, add_rq = kn->kind == EPI_ADD_REQUANT;
     if (kn->kind != EPI_RAW && !requant && !add_rq)
         return fail(api, kn, "epilogue kind '%s' is not one of a bmm", KINDS[kn->kind]);
@@ -566,14 +618,22 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(vector(kn, &in[11], "c2", N, add_rq));
     const uint8_t *live;
     TRY(live_input(kn, &in[12], B1 * B2 * M, &live));
-    int64_t shape[4] = {B1, B2, M, N}, dims[4];
-    memcpy(dims, a->dims, sizeof(int64_t) * r);
-    dims[r - 1] = N;
+    /* the output is written as transpose(result, out_perm); live follows the output's rows */
+    const int64_t *op = kn->perm[2];
+    int64_t shape[4] = {B1, B2, M, N}, dims[4], step[4], os[4], ls[3];
+    for (int d = 3, t = 1; d >= 0; d--) {
+        dims[d] = shape[op[d]];
+        step[d] = t;
+        t *= dims[d];
+    }
+    for (int d = 0; d < 4; d++) os[op[d]] = step[d];
+    for (int d = 0; d < 3; d++) ls[op[d]] = step[d] / N;
     softmax_t sm;
     void *owned[2] = {NULL, NULL};
+    if (softmax && !identity(op)) return fail(api, kn, "out_perm comes without Shiftmax (pow2)");
     OrtStatus *s = softmax ? softmax_params(kn, &in[5], &in[6], &in[7], &in[8], shape, &sm, owned) : NULL;
     void *y;
-    if (!s) s = output(kn, ctx, dims, r, &y);
+    if (!s) s = output(kn, ctx, dims + 4 - r, r, &y);
     if (s || B1 * B2 * M * N == 0) {
         free(owned[0]);
         free(owned[1]);
@@ -593,14 +653,15 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
                     .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"), .zp = (int32_t)attr(kn, "zp"),
                     .m = add_rq ? NULL : in[3].data, .c = add_rq ? NULL : in[4].data};
     int threads = threads_of(kn);
-    uint8_t *au = as_u8_rows(a->data, B1 * B2 * M, K, K, (int)flip_a, threads);
+    uint8_t *au = flip_a ? as_u8_rows(a->data, B1 * B2 * M, K, K, 1, threads) : NULL;
     if (!au && flip_a) {
         free(owned[0]);
         free(owned[1]);
         return api->CreateStatus(ORT_FAIL, "graphopt IntBmm: out of memory");
     }
-    go_bmm(au ? au : a->data, B2 * M * K, M * K, K, b->data, B2 * K * N, K * N, N, 1, (int32_t)flip_b, B1, B2, M, K, N,
-           (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, live, B2 * M, M, 1, threads);
+    go_bmm(au ? au : a->data, as[0], as[1], as[2], b->data, bs[0], bs[1], bs[2], bs[3], (int32_t)flip_b, B1, B2, M, K,
+           N, (int32_t)attr(kn, "a_zp"), &e, softmax ? &sm : NULL, y, live, ls[0], ls[1], ls[2], os[0], os[1], os[2],
+           threads);
     free(au);
     free(owned[0]);
     free(owned[1]);

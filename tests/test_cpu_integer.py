@@ -102,6 +102,21 @@ def test_bmm_with_zero_columns_of_a_equals_int64_matmul(isa, b1, m, k, n):
     assert torch.equal(out.long(), a.long() @ b.long() + bias)
 
 
+def test_bmm_writes_a_permuted_output_in_place(isa):
+    """out a permuted view ([B, H, T, D] written as [B, T, H, D]), with live rows: dead rows are 0, live ones the
+    product."""
+    g = _gen(12)
+    a, b = _rand((2, 3, 13, 20), U8, g), _rand((2, 3, 20, 16), I8, g)
+    bias = _rand((16,), I32, g, -1000, 1000)
+    written = torch.full((2, 13, 3, 16), -7, dtype=I32)
+    live = (torch.rand(2, 3, 13, generator=g) > 0.4).to(U8)
+    kernels.bmm(a, b, 100, False, kernels.epilogue("raw", I32, bias), written.permute(0, 2, 1, 3), 2, live=live)
+    want = ((a.long() - 100) @ b.long() + bias) * live[..., None]
+    assert torch.equal(written.long(), want.permute(0, 2, 1, 3))
+    with pytest.raises(ValueError, match="unit stride along N"):
+        kernels.bmm(a, b, 100, False, kernels.epilogue("raw", I32, bias), written.permute(0, 2, 3, 1), 2)
+
+
 # ---- chains --------------------------------------------------------------------------------------
 def _linear_graph(k=64, n=40, rows=(3, 11), x_dtype=U8, bias=False, seed=0):
     g = _gen(seed)
@@ -283,6 +298,23 @@ def test_attention_scores_requant_shiftmax_become_one_bmm(isa, k, masked):
         inputs.append(keep)
     inputs += [_rand((2, 3, 19, 8), I8, g)]
     _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
+
+
+@pytest.mark.parametrize("dims,permutes", [((0, 2, 1, 3), 0), ((0, 2, 3, 1), 1)])   # last axis moved: not folded
+def test_attention_output_permute_is_written_by_the_bmm(isa, dims, permutes):
+    """probabilities x V, requant, then the heads merged back ([B, H, T, D] -> [B, T, H D]): the permute goes
+    into the kernel (out_perm) and the reshape after it is a view."""
+    g = _gen(13)
+    graph = Graph("before")
+    p = graph.add_input("p", TensorType(U8, (2, 3, 17, 19)))
+    v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
+    o = graph.call("int.requant", graph.call("int.matmul", p, v, a_zp=0, b_zp=0),
+                   graph.add_constant(torch.tensor(3, dtype=I32)), graph.add_constant(torch.tensor(0, dtype=I32)),
+                   pre=0, k=9, lo=-128, hi=127, zero_point=128, dtype="u8")
+    permuted = graph.op.permute(o, dims=dims)
+    graph.set_outputs([graph.op.reshape(permuted, shape=(2, -1, 24 if permutes == 0 else 17))])
+    _check(graph, [_rand((2, 3, 17, 19), U8, g), _rand((2, 3, 19, 8), I8, g)],
+           {"cpu.int_bmm": 1, "permute": permutes})
 
 
 @pytest.mark.parametrize("X", [96, 128])
@@ -689,5 +721,5 @@ def test_a_kernel_source_of_another_calling_convention_is_refused(tmp_path, monk
     old = tmp_path / "old_kernels.c"
     old.write_text("int go_has_vnni(void) { return 0; }\n")       # no go_abi(): before the live-row arguments
     monkeypatch.setattr(kernels, "SOURCE", old)
-    with pytest.raises(kernels.KernelBuildError, match="calling convention 1, these bindings are for 2"):
+    with pytest.raises(kernels.KernelBuildError, match=f"calling convention 1, these bindings are for {kernels.ABI}"):
         kernels.library.__wrapped__()

@@ -368,6 +368,14 @@ def test_bert_with_padding_masks_bit_identical():
         want = lower(graph, "torch").run_flat(*inputs)
         for w, o in zip(want, _run(session, graph, inputs), strict=True):
             assert o.dtype == w.dtype and torch.equal(o, w)
+    # the heads' Transposes are read and written in place: Q, K^T, V through a_perm / b_perm, the output
+    # through out_perm (the outputs above are the check that the strides are right)
+    nodes = onnx_model.graph.node
+    assert "Transpose" not in {n.op_type for n in nodes}
+    perms = [{a.name: list(a.ints) for a in n.attribute if a.name.endswith("perm")} for n in nodes
+             if n.op_type == "IntBmm_u8"]
+    assert perms == [{"a_perm": [0, 2, 1, 3], "b_perm": [0, 2, 3, 1]},
+                     {"b_perm": [0, 2, 1, 3], "out_perm": [0, 2, 1, 3]}] * 2, perms
 
 
 # ---- opt-cli ------------------------------------------------------------------------------------------
@@ -499,6 +507,29 @@ def test_bad_nodes_are_errors_naming_node_and_op():
         helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
     with pytest.raises(Exception, match="my_node.*IntTokenMerge_i32: a token size is below 1"):
         session.run(None, {"x": np.ones((2, 5, 3), np.int32)})
+
+
+def test_a_bad_permutation_of_a_bmm_is_an_error_naming_it():
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2, 3, 4])
+    b = helper.make_tensor_value_info("b", TensorProto.INT8, [1, 2, 4, 3])
+    bias = helper.make_tensor("bias", TensorProto.INT32, [3], [0, 0, 0])
+
+    def model(**perm):
+        node = helper.make_node("IntBmm_i32", ["a", "b", "bias"], ["y"], name="my_node", domain=DOMAIN, kind="raw",
+                                **{k: 0 for k in ("a_zp", "flip_a", "flip_b", "X", "n_pow", "pre", "k", "lo", "hi",
+                                                  "zp", "pb", "pre2", "k2", "lo2", "hi2", "zp2")},
+                                bits=8, threads=1, **perm)
+        y = helper.make_tensor_value_info("y", TensorProto.INT32, None)
+        return helper.make_model(helper.make_graph([node], "g", [a, b], [y], [bias]), opset_imports=[
+            helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+
+    for perm in ({"a_perm": [0, 1, 3, 2]}, {"out_perm": [0, 1, 2]}, {"b_perm": [0, 1, 1, 3]}):
+        with pytest.raises(LoweringError, match=f"node 'my_node' IntBmm_i32: {next(iter(perm))} must permute 4 axes"):
+            custom_ops_session(model(**perm))
+    x, w = np.arange(24, dtype=np.uint8).reshape(1, 2, 3, 4), np.arange(24, dtype=np.int8).reshape(1, 2, 4, 3)
+    got = custom_ops_session(model(out_perm=[0, 2, 1, 3])).run(None, {"a": x, "b": w})[0]
+    want = (x.astype(np.int64) @ w.astype(np.int64)).transpose(0, 2, 1, 3)
+    assert got.shape == (1, 3, 2, 3) and np.array_equal(got, want)
 
 
 def test_an_old_onnxruntime_is_refused_with_its_version(monkeypatch):

@@ -24,6 +24,7 @@ import torch
 
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends.cpu_integer_layout import fold_output_permutes
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
@@ -52,9 +53,27 @@ def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = No
     for node in lowered.nodes:
         if node.op.startswith("cpu."):
             node.attrs["threads"] = int(threads)
+    fold_output_permutes(lowered)
     if mark_live_rows(lowered):          # after zero_padded_positions: only the real tokens, as on cpu_integer
         verify(lowered)
-    return CustomOpsEmitter(lowered, opset).build()
+    return _without_unused_nodes(CustomOpsEmitter(lowered, opset).build())
+
+
+def _without_unused_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """model less the nodes nothing reads (the Transposes an IntBmm now reads through its a_perm / b_perm)."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return model                     # a subgraph may read outer values by name: keep everything
+    read = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in read for o in node.output if o):
+            kept.append(node)
+            read.update(node.input)
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+    return model
 
 
 def kernel_graph(graph: Graph, rules: list[Rule]) -> Graph:
@@ -106,19 +125,43 @@ class CustomOpsEmitter(Emitter):
 
 
 def _attributes(node: Node) -> dict:
-    return {k: int(v) if isinstance(v, bool) else v for k, v in node.attrs.items() if k not in ("out", "dtype")}
+    """The node's attributes as ONNX ones (an empty list, such as no out_perm, is left out: it has no type)."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in node.attrs.items()
+            if k not in ("out", "dtype") and v != ()}
 
 
-def _custom_node(em: Emitter, node: Node, inputs: list[str]) -> list[str]:
+def _custom_node(em: Emitter, node: Node, inputs: list[str], **extra) -> list[str]:
     while inputs and not inputs[-1]:
         inputs.pop()
     op_type = f"{OP_TYPES[node.op]}_{_DTYPE_NAMES[node.outputs[0].type.dtype]}"
     return em.node(op_type, inputs, [em.out(node, i) for i in range(len(node.outputs))], domain=DOMAIN,
-                   name=node.outputs[0].name, **_attributes(node))
+                   name=node.outputs[0].name, **_attributes(node), **extra)
 
 
 def _lower_plain(em: Emitter, node: Node) -> list[str]:
     return _custom_node(em, node, [em.input(node, i) for i in range(len(node.inputs))])
+
+
+def _lower_bmm(em: Emitter, node: Node) -> list[str]:
+    """IntBmm reads a permuted operand in place (a_perm, b_perm), as cpu_integer reads the permuted view: the
+    attention's Transposes of Q, K and V are not copied (ONNX Runtime materializes each one)."""
+    inputs = [em.input(node, i) for i in range(len(node.inputs))]
+    perms = {}
+    for i, name in ((0, "a_perm"), (1, "b_perm")):
+        source, perm = _permuted_source(node.inputs[i])
+        if perm is not None and not node.attrs["flip_a"] and (i == 1 or perm[-1] == 3):
+            inputs[i], perms[name] = em.value(source), perm
+    return _custom_node(em, node, inputs, **perms)
+
+
+def _permuted_source(v: Value) -> tuple[Value, list[int] | None]:
+    """(x, perm) with v = transpose(x, perm) through a chain of 4-D permutes, or (v, None)."""
+    perm = [0, 1, 2, 3]
+    while v.type.rank == 4 and v.producer is not None and v.producer.op == "permute":
+        dims = [d % 4 for d in v.producer.attrs["dims"]]
+        perm = [dims[p] for p in perm]
+        v = v.producer.inputs[0]
+    return (v, perm) if perm != [0, 1, 2, 3] else (v, None)
 
 
 def _lower_gemm(em: Emitter, node: Node) -> list[str]:
@@ -174,7 +217,7 @@ def _no_column_shifts(node: Node) -> str | None:
 for _op in OP_TYPES:
     register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
                     supports=_no_column_shifts if _op == "cpu.int_gemm" else None)(
-        _lower_gemm if _op == "cpu.int_gemm" else _lower_plain)
+        {"cpu.int_gemm": _lower_gemm, "cpu.int_bmm": _lower_bmm}.get(_op, _lower_plain))
 
 
 def _lower_live_rows(em: Emitter, node: Node) -> list[str]:
