@@ -5,7 +5,8 @@
  * op's output type from its registration, so the type is part of the name):
  *   IntGemm_{u8,i8,i32}       x, w [N, Kp] (unpacked int8; packed once, at the first run), bias, m?, c?,
  *                             table?, res?, mb?, m2?, c2?
- *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?, sizes?, table?, mb?, m2?, c2?
+ *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?, sizes?, table?, mb?, m2?, c2?; optional
+ *                             a_perm, b_perm, out_perm: transposed operands read, the output written, in place
  *   IntLayerNorm_{u8,i8,i32}  x, m?, c?
  *   IntShiftmax_u8            x, pow2, mask?, sizes?, table?
  *   IntRequant_{u8,i8,i32}    x, m, c
