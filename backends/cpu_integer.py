@@ -21,7 +21,7 @@ import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusio
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET
-from graphopt.backends.cpu_integer_layout import fold_output_permutes
+from graphopt.backends.cpu_integer_layout import fold_attention_outputs
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
 from graphopt.backends.registry import register_backend
@@ -75,31 +75,44 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
                             "data), or use backend='torch' for a float graph")
     lowered, report = graph.clone(), KernelReport()
     rules = fusion_rules(TARGET)
-    rules.apply(lowered, on_fire=lambda rule, nodes, new: report.append(
-        Lowered(f"{_kernel_op(new)} ({rule.name})" if rule in SIBLING_RULES else
-                new.producer.op if new.producer.op.startswith("cpu.") else _kernel_op(new),
-                new.producer.inputs[0].producer.meta["siblings"] if rule in SIBLING_RULES else
-                " -> ".join(n.label() for n in reversed(nodes))
-                + "".join(f" [{n.meta['sparse_decision']}]" for n in nodes if "sparse_decision" in n.meta))))
+    def lowered_by(rule, nodes, new):
+        _kernel_node(new).meta["report_entry"] = len(report)     # a later fold merges entries by it
+        report.append(Lowered(
+            f"{_kernel_op(new)} ({rule.name})" if rule in SIBLING_RULES else
+            new.producer.op if new.producer.op.startswith("cpu.") else _kernel_op(new),
+            new.producer.inputs[0].producer.meta["siblings"] if rule in SIBLING_RULES else
+            " -> ".join(n.label() for n in reversed(nodes))
+            + "".join(f" [{n.meta['sparse_decision']}]" for n in nodes if "sparse_decision" in n.meta)))
+
+    rules.apply(lowered, on_fire=lowered_by)
     for node in lowered.nodes:
         if node.op.startswith("int."):
             why = why_not_at(lowered, node, rules.rules) or NOT_FUSED.get(node.op, f"no {TARGET} rule for {node.op}")
             report.append(Lowered("reference", f"{node.label()}: {why}"))
         elif node.op.startswith("cpu."):
             node.attrs["threads"] = threads or torch.get_num_threads()
-    fold_output_permutes(lowered)
+    merged = {}
+    for kernel, requant in fold_attention_outputs(lowered):      # the requant's entry joins its attention's
+        into, gone = kernel.meta["report_entry"], requant.meta["report_entry"]
+        report[into] = Lowered(report[into].kernel, f"{report[into].nodes} -> {report[gone].nodes}")
+        merged[gone] = into
+    report[:] = [e for i, e in enumerate(report) if i not in merged]
     report.padding_rows = mark_live_rows(lowered)
     lowered.remove_unused_constants()
     verify(lowered)
     return lowered, report
 
 
-def _kernel_op(value) -> str:
-    """The cpu.* op behind a replacement that ends in layout ops (a patch convolution's reshape)."""
+def _kernel_node(value):
+    """The cpu.* node behind a replacement that ends in layout ops (a patch convolution's reshape)."""
     node = value.producer
     while not node.op.startswith("cpu."):
         node = node.inputs[0].producer
-    return node.op
+    return node
+
+
+def _kernel_op(value) -> str:
+    return _kernel_node(value).op
 
 
 class CpuIntegerExecutable(TorchExecutable):

@@ -29,7 +29,8 @@
 
 enum { OUT_U8 = 0, OUT_I8 = 1, OUT_I32 = 2 };
 enum { EPI_RAW = 0, EPI_REQUANT = 1, EPI_TABLE = 2, EPI_ADD = 3, EPI_TABLE_REQUANT = 4,
-       EPI_ADD_REQUANT = 5 };       /* only as softmax_t.logits: EPI_ADD of the size term, then the m2, c2 requant */
+       EPI_ADD_REQUANT = 5,         /* only as softmax_t.logits: EPI_ADD of the size term, then the m2, c2 requant */
+       EPI_REQUANT2 = 6 };          /* bmm only: requant (+ zp), then the per-column m2, c2 requant */
 
 typedef struct {
     int32_t kind, out_type;
@@ -41,7 +42,8 @@ typedef struct {
     int64_t ldr;
     int32_t pb, pad_;
     const int32_t *mb;
-    const int32_t *m2, *c2;         /* EPI_TABLE_REQUANT: a second per-column requant of the table value */
+    const int32_t *m2, *c2;         /* EPI_TABLE_REQUANT: a second per-column requant of the table value;
+                                       EPI_REQUANT2 (bmm): of the first requant's value, N columns per item */
     int32_t pre2, k2, lo2, hi2, zp2, pad2_;
     const int32_t *ks;              /* GEMM only: per-column k of the (first) requant, NULL: k for every column */
     int32_t gelu_x, gelu_n, gelu_bits, gelu_in_bits;  /* EPI_TABLE_REQUANT: the table is int.shiftgelu(y + zp)
@@ -279,7 +281,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
             c = _mm512_maskz_loadu_epi32(mask, e->c + col);
         }
         if (KIND == EPI_ADD) mb = _mm512_maskz_loadu_epi32(mask, e->mb + col);
-        if (KIND == EPI_TABLE_REQUANT) {
+        if (KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2) {
             m2 = _mm512_maskz_loadu_epi32(mask, e->m2 + col);
             c2 = _mm512_maskz_loadu_epi32(mask, e->c2 + col);
         }
@@ -298,7 +300,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
                     y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
                 else
                     y = _mm512_add_epi32(y, zp);
-                if (KIND == EPI_TABLE_REQUANT) {
+                if (KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2) {
                     y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre2), m2), c2);
                     y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srai_epi32(y, (unsigned)k2), lo2), hi2);
                     y = _mm512_add_epi32(y, zp2);
@@ -322,16 +324,16 @@ typedef void (*epilogue_fn)(const epilogue_t *, const int32_t *, int64_t, int, i
     }
 EPILOGUE16(EPI_RAW, 1) EPILOGUE16(EPI_REQUANT, 1) EPILOGUE16(EPI_TABLE, 1) EPILOGUE16(EPI_ADD, 1)
 EPILOGUE16(EPI_TABLE_REQUANT, 1) EPILOGUE16(EPI_RAW, 4) EPILOGUE16(EPI_REQUANT, 4) EPILOGUE16(EPI_TABLE, 4)
-EPILOGUE16(EPI_ADD, 4) EPILOGUE16(EPI_TABLE_REQUANT, 4)
+EPILOGUE16(EPI_ADD, 4) EPILOGUE16(EPI_TABLE_REQUANT, 4) EPILOGUE16(EPI_REQUANT2, 1) EPILOGUE16(EPI_REQUANT2, 4)
 EPILOGUE16_(EPI_TABLE_REQUANT, 1, 1, gelu_1) EPILOGUE16_(EPI_TABLE_REQUANT, 4, 1, gelu_4)
 
 /* The AVX-512 epilogue instance for e's kind and output width. */
 static epilogue_fn epilogue_avx512(const epilogue_t *e) {
-    static const epilogue_fn by_kind[2][EPI_TABLE_REQUANT + 1] = {
+    static const epilogue_fn by_kind[2][EPI_REQUANT2 + 1] = {
         {epilogue16_EPI_RAW_1, epilogue16_EPI_REQUANT_1, epilogue16_EPI_TABLE_1, epilogue16_EPI_ADD_1,
-         epilogue16_EPI_TABLE_REQUANT_1},
+         epilogue16_EPI_TABLE_REQUANT_1, NULL, epilogue16_EPI_REQUANT2_1},
         {epilogue16_EPI_RAW_4, epilogue16_EPI_REQUANT_4, epilogue16_EPI_TABLE_4, epilogue16_EPI_ADD_4,
-         epilogue16_EPI_TABLE_REQUANT_4}};
+         epilogue16_EPI_TABLE_REQUANT_4, NULL, epilogue16_EPI_REQUANT2_4}};
     if (e->kind == EPI_TABLE_REQUANT && gelu_direct(e))
         return e->out_type == OUT_I32 ? epilogue16_gelu_4 : epilogue16_gelu_1;
     return by_kind[e->out_type == OUT_I32][e->kind];
@@ -359,7 +361,9 @@ static void epilogue(const epilogue_t *e, const int32_t *tile, int64_t row0, int
             for (int n = 0; n < nr; n++) y[n] = clamp32(y[n] >> (e->ks ? e->ks[col0 + n] : e->k), e->lo, e->hi);
         if (e->kind == EPI_TABLE || e->kind == EPI_TABLE_REQUANT)
             for (int n = 0; n < nr; n++) y[n] = e->table[y[n] - e->lo];
-        if (e->kind == EPI_TABLE_REQUANT)
+        if (e->kind == EPI_REQUANT2)
+            for (int n = 0; n < nr; n++) y[n] += e->zp;
+        if (e->kind == EPI_TABLE_REQUANT || e->kind == EPI_REQUANT2)
             for (int n = 0; n < nr; n++)
                 y[n] = requant1(y[n], e->m2[col0 + n], e->c2[col0 + n], e->pre2, e->k2, e->lo2, e->hi2) + e->zp2;
         else if (e->kind == EPI_REQUANT || e->kind == EPI_ADD)
@@ -798,6 +802,10 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     if (j->live && !live_rows(j, i1, i2, first * bm, last * bm < M ? last * bm : M, o, 1)) return;
     epilogue_t eb = *j->e;
     eb.bias = w->bias;
+    if (eb.kind == EPI_REQUANT2) {                        /* each item of the second batch dim: its N columns */
+        eb.m2 += i2 * N;
+        eb.c2 += i2 * N;
+    }
     if (sm) eb.out_type = OUT_I32;
     const int8_t *b = j->B + i1 * j->sb1 + i2 * j->sb2;
     const uint8_t *a = j->A + i1 * j->sa1 + i2 * j->sa2;

@@ -1,27 +1,39 @@
-"""Attention's output written in the layout its consumer reads: ``cpu.int_bmm -> permute`` becomes one
-``cpu.int_bmm`` with ``out_perm``, so probabilities x V ([B, H, T, D]) land as [B, T, H, D] and the reshape to
-[B, T, H D] after them is a view, not a copy (the kernel writes with strides; on ONNX Runtime the Transpose
-node goes too)::
+"""Attention's output written in the layout and scale its consumer reads. ``cpu.int_bmm -> permute`` becomes one
+``cpu.int_bmm`` with ``out_perm``: probabilities x V ([B, H, T, D]) land as [B, T, H, D], so the reshape to
+[B, T, H D] after them is a view, not a copy (the kernel writes with strides; on ONNX Runtime the Transpose node
+goes too). The requant that follows (the output projection's input scale, per tensor before the heads merge or
+per column after it) joins the kernel's epilogue as a second requant, its columns read per head::
 
-    y = cpu.int_bmm(p, v, ...)                 y = cpu.int_bmm(p, v, ..., out_perm=(0, 2, 1, 3))
-    z = permute(y, dims=(0, 2, 1, 3))   ->     z = y
+    y = cpu.int_bmm(p, v, kind=requant)             y = cpu.int_bmm(p, v, m2, c2, kind=requant_requant,
+    z = permute(y, dims=(0, 2, 1, 3))        ->                     out_perm=(0, 2, 1, 3))
+    w = cpu.int_requant(reshape(z, [B, T, H D]))    w = reshape(y, [B, T, H D])
+
+``fold_attention_outputs`` applies both, in that order of the chain.
 """
 from __future__ import annotations
 
+import torch
+
 from graphopt.backends.cpu_integer_rows import _input
 from graphopt.ir import Graph, Node
+from graphopt.ir.ops.integer import INT_DTYPES
 
 
-def _foldable(node: Node, outputs: set[int]) -> Node | None:
-    """The permute that node's output alone feeds, when the kernel can write that layout itself."""
-    if node.op != "cpu.int_bmm" or node.attrs.get("out_perm") or _input(node, "pow2")[1] is not None:
-        return None
+def _sole_user(node: Node, op: str, outputs: set[int]) -> Node | None:
     y = node.outputs[0]
     users = y.users
-    if y.type.rank != 4 or id(y) in outputs or len(users) != 1 or users[0].op != "permute":
+    if id(y) in outputs or len(users) != 1 or users[0].op != op or users[0].inputs[0] is not y:
         return None
-    dims = tuple(d % 4 for d in users[0].attrs["dims"])
-    return users[0] if dims[-1] == 3 and users[0].inputs[0] is y else None
+    return users[0]
+
+
+def _foldable_permute(node: Node, outputs: set[int]) -> Node | None:
+    """The permute that node's output alone feeds, when the kernel can write that layout itself."""
+    if node.op != "cpu.int_bmm" or node.attrs["out_perm"] or _input(node, "pow2")[1] is not None \
+            or node.outputs[0].type.rank != 4:
+        return None
+    permute = _sole_user(node, "permute", outputs)
+    return permute if permute is not None and permute.attrs["dims"][-1] % 4 == 3 else None
 
 
 def fold_output_permutes(graph: Graph) -> int:
@@ -29,7 +41,7 @@ def fold_output_permutes(graph: Graph) -> int:
     outputs = {id(v) for v in graph.outputs}
     folded = 0
     for node in list(graph.nodes):
-        permute = _foldable(node, outputs)
+        permute = _foldable_permute(node, outputs)
         if permute is None:
             continue
         attrs = dict(node.attrs, out_perm=tuple(d % 4 for d in permute.attrs["dims"]))
@@ -40,3 +52,82 @@ def fold_output_permutes(graph: Graph) -> int:
         graph.erase_node(node)
         folded += 1
     return folded
+
+
+def _foldable_requant(node: Node, outputs: set[int]) -> tuple[Node | None, Node] | None:
+    """(reshape or None, requant) after a bmm of kind requant: the requant reads the bmm's output itself
+    (per-tensor m, c, or per column of its N), or that output [.., H, D] (heads next to the columns: out_perm)
+    through a reshape merging H and D (m, c per-tensor or per merged column). m and c are constants, and the
+    bmm's own requant stores its values exactly (they go on into the second requant unstored)."""
+    if node.op != "cpu.int_bmm" or node.attrs["kind"] != "requant" or _input(node, "pow2")[1] is not None \
+            or _input(node, "live")[1] is not None or node.outputs[0].type.rank != 4:
+        return None
+    shape = node.outputs[0].type.shape
+    reshape = None
+    requant = _sole_user(node, "cpu.int_requant", outputs)
+    if requant is None and tuple(node.attrs["out_perm"][2:]) == (1, 3):
+        reshape = _sole_user(node, "reshape", outputs)
+        requant = None if reshape is None else _sole_user(reshape, "cpu.int_requant", outputs)
+        merged = None if reshape is None else reshape.outputs[0].type.shape
+        if requant is None or len(merged) != 3 or not all(isinstance(d, int) for d in shape[2:]) \
+                or merged[2] != shape[2] * shape[3]:
+            return None
+    if requant is None or len(requant.inputs) > 3 or not all(v.is_constant for v in requant.inputs[1:3]) \
+            or any(v.const.numel() not in (1, requant.outputs[0].type.shape[-1]) for v in requant.inputs[1:3]):
+        return None
+    info = torch.iinfo(INT_DTYPES[node.attrs["out"]])
+    a = node.attrs
+    if not info.min <= a["lo"] + a["zp"] <= a["hi"] + a["zp"] <= info.max:
+        return None
+    return reshape, requant
+
+
+def _per_head(const: torch.Tensor, heads: int, columns: int, merged: bool) -> torch.Tensor:
+    """m or c of the second requant as the kernel reads it: a row of the N columns for each head."""
+    row = const.reshape(-1).to(torch.int32)
+    if merged:                                    # per merged column h D + d
+        return row.expand(heads * columns).reshape(heads, columns).contiguous()
+    return row.expand(columns).expand(heads, columns).contiguous()
+
+
+def fold_output_requants(graph: Graph) -> list[tuple[Node, Node]]:
+    """Fold the requant after each attention output (itself, or its heads merged by fold_output_permutes'
+    layout) into its ``cpu.int_bmm`` as a second requant (in place); returns each new kernel with the requant
+    it took in."""
+    outputs = {id(v) for v in graph.outputs}
+    folded = []
+    for node in list(graph.nodes):
+        found = _foldable_requant(node, outputs)
+        if found is None:
+            continue
+        reshape, requant = found
+        result = node.inputs[0].type.shape[:-1] + (node.inputs[1].type.shape[-1],)
+        heads, columns = result[1], result[3]
+        inputs = list(node.inputs) + [None] * 16
+        for name, v in (("m2", requant.inputs[1]), ("c2", requant.inputs[2])):
+            inputs[_input(node, name)[0]] = graph.add_constant(_per_head(v.const, heads, columns, reshape is not None))
+        r = requant.attrs
+        attrs = dict(node.attrs, kind="requant_requant", out=r["out"], pre2=r["pre"], k2=r["k"], lo2=r["lo"],
+                     hi2=r["hi"], zp2=r["zp"])
+        with graph.inserting_before(node):
+            new = graph.create_node(node.op, inputs, attrs, meta=dict(node.meta))
+        result_value = new.outputs[0]
+        if reshape is not None:
+            with graph.inserting_before(requant):
+                result_value = graph.create_node("reshape", [new.outputs[0]], dict(reshape.attrs)).outputs[0]
+        graph.replace_all_uses_with(requant.outputs[0], result_value)
+        graph.erase_node(requant)
+        if reshape is not None:
+            graph.erase_node(reshape)
+        graph.erase_node(node)
+        folded.append((new, requant))
+    return folded
+
+
+def fold_attention_outputs(graph: Graph) -> list[tuple[Node, Node]]:
+    """All three folds, in chain order (a requant right after the bmm, the permute, a requant after the heads
+    merge); returns each kernel with the requant it took in."""
+    graph.remove_dead()          # a fusion's leftover layout ops would count as the bmm's second user
+    before = fold_output_requants(graph)
+    fold_output_permutes(graph)
+    return before + fold_output_requants(graph)

@@ -13,7 +13,7 @@ from graphopt.backends.c_build import KernelBuildError, load  # (KernelBuildErro
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
 ABI = 3                      # go_abi() of the kernels these bindings call
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
-EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5}
+EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5, "requant_requant": 6}
 
 
 class Epilogue(ctypes.Structure):

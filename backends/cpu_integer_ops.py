@@ -5,6 +5,8 @@ integers of the chain it replaces:
     cpu.int_gemm       int.linear [-> int.requant [-> int.shiftgelu -> int.requant] | -> int.add]
     cpu.int_bmm        int.matmul [-> int.requant [-> (add int.lookup ->) int.shiftmax]]
                        int.matmul -> int.add(., int.lookup) -> int.requant -> int.shiftmax (kind add_requant)
+                       int.matmul -> int.requant, heads merged, -> int.requant (kind requant_requant, out_perm:
+                       cpu_integer_layout.py)
     cpu.int_layernorm  int.layernorm [-> int.requant]
     cpu.int_shiftmax   [add int.lookup ->] int.shiftmax
     cpu.int_requant    int.requant (m, c constant along the last axis)
@@ -18,7 +20,8 @@ range), ``table_requant`` (requant, the shiftgelu table, then a per-column requa
 (the residual ``int.add`` with the accumulator as one branch and ``res`` as the other). Shiftmax takes the
 proportional attention of token merging (``sizes``, ``table``: logits + table[clamp(sizes)]) inside its row loop;
 a bmm of kind ``add_requant`` instead adds that term to its int32 accumulator by the ``int.add`` (m, mb, c; pre, pb)
-and requantizes by m2, c2 before Shiftmax.
+and requantizes by m2, c2 before Shiftmax. ``requant_requant`` (bmm only): requant, then the per-column m2, c2 requant
+of the value with its zero point, m2 and c2 holding N columns for each item of the second batch axis (a head).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from graphopt.ir.opdef import Attr, OpError, register_op
 from graphopt.ir.ops.integer import INT_DTYPES
 from graphopt.ir.ops.integer_tokens import _int_token_merge_type
 from graphopt.ir.ops.tokens import _token_merge_cost, effective_r
-from graphopt.ir.types import TensorType
+from graphopt.ir.types import TensorType, dims_equal
 
 _EPILOGUE = {"kind": Attr("str", "raw"), "out": Attr("str", "i32"), "pre": Attr("int", 0), "k": Attr("int", 0),
              "lo": Attr("int", 0), "hi": Attr("int", 0), "zp": Attr("int", 0), "threads": Attr("int", 1)}
@@ -128,6 +131,10 @@ def _bmm_type(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, tabl
     if kind == "add_requant" and None in (pow2, sizes, table, m, c, mb, m2, c2):
         raise OpError("cpu.int_bmm: kind add_requant needs Shiftmax (pow2), the size term (sizes, table) and m, c, mb, "
                       "m2, c2")
+    if kind == "requant_requant" and (pow2 is not None or None in (m, c, m2, c2) or a.rank != 4
+                                      or not all(dims_equal(v.numel(), a.shape[1] * b.shape[-1]) for v in (m2, c2))):
+        raise OpError(f"cpu.int_bmm: kind requant_requant (no Shiftmax) needs m, c and m2, c2 of one column row per "
+                      f"item of a's second axis ({a.shape[1]} x {b.shape[-1]}), got {m2}, {c2}")
     shape = a.shape[:-1] + (b.shape[-1],)
     if out_perm:
         shape = tuple(shape[d] for d in out_perm)
@@ -171,7 +178,8 @@ def int_bmm(a, b, bias, m=None, c=None, pow2=None, mask=None, sizes=None, table=
         second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2}
         logits = _epilogue(kind, "i32", None, m, c, None, None, mb, second, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb)
         kind, m, c = "raw", None, None
-    epi = _epilogue(kind, out, bias, m, c, None, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
+    second = {"m": m2, "c": c2, "pre": pre2, "k": k2, "lo": lo2, "hi": hi2, "zp": zp2} if kind == "requant_requant" else None
+    epi = _epilogue(kind, out, bias, m, c, None, second=second, pre=pre, k=k, lo=lo, hi=hi, zp=zp)
     sm = None if pow2 is None else kernels.softmax(pow2, X, n_pow, bits, mask, tuple(y.shape), sizes, table, logits)
     kernels.bmm(a, b.view(torch.int8), a_zp, flip_b, epi, y, threads, sm,
                 None if live is None else live.expand(a.shape[:-1]))

@@ -171,7 +171,7 @@ static const op_spec_t SPECS[N_OPS] = {
 
 static const char *const KINDS[] = {[EPI_RAW] = "raw", [EPI_REQUANT] = "requant", [EPI_TABLE] = "table",
                                     [EPI_ADD] = "add", [EPI_TABLE_REQUANT] = "table_requant",
-                                    [EPI_ADD_REQUANT] = "add_requant"};
+                                    [EPI_ADD_REQUANT] = "add_requant", [EPI_REQUANT2] = "requant_requant"};
 static const char *const OUT_NAMES[] = {[OUT_U8] = "u8", [OUT_I8] = "i8", [OUT_I32] = "i32", [OUT_F32] = "f32"};
 static const int OUT_ONNX[] = {[OUT_U8] = T_UINT8, [OUT_I8] = T_INT8, [OUT_I32] = T_INT32, [OUT_F32] = T_FLOAT};
 
@@ -470,6 +470,8 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     if (w->type != T_INT8 || w->rank != 2 || w->dims[0] != n || w->dims[1] != kp)
         return fail(api, kn, "w must be int8 [%lld, %lld], got %s of rank %zu", (long long)n, (long long)kp,
                     type_name(w->type), w->rank);
+    if (kind == EPI_ADD_REQUANT || kind == EPI_REQUANT2)
+        return fail(api, kn, "epilogue kind '%s' is not one of a GEMM", KINDS[kind]);
     int requant = kind != EPI_RAW, table = kind == EPI_TABLE || kind == EPI_TABLE_REQUANT;
     TRY(vector(kn, &in[2], "bias", n, 1));
     TRY(vector(kn, &in[3], "m", n, requant));
@@ -601,22 +603,25 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     int64_t B1 = ad[0], B2 = ad[1], M = ad[2], K = ad[3], N = bd[3];
     if (bd[2] != K || bd[0] != B1 || bd[1] != B2)
         return fail(api, kn, "b's batch dims or K (%lld) do not match a's", (long long)bd[2]);
-    int softmax = in[5].data != NULL, requant = kn->kind == EPI_REQUANT, add_rq = kn->kind == EPI_ADD_REQUANT;
+    int softmax = in[5].data != NULL, add_rq = kn->kind == EPI_ADD_REQUANT, twice = kn->kind == EPI_REQUANT2;
+    int requant = kn->kind == EPI_REQUANT || twice;
     if (kn->kind != EPI_RAW && !requant && !add_rq)
         return fail(api, kn, "epilogue kind '%s' is not one of a bmm", KINDS[kn->kind]);
+    if (twice && softmax) return fail(api, kn, "kind requant_requant comes without Shiftmax (pow2)");
     if (softmax && kn->out_type != OUT_U8) return fail(api, kn, "with pow2 (Shiftmax) the output is u8");
     if (!softmax && (in[6].data || in[7].data || in[8].data))
         return fail(api, kn, "mask, sizes and table are Shiftmax inputs: pow2 is missing");
     if (add_rq && (!softmax || !in[7].data))
         return fail(api, kn, "kind add_requant needs Shiftmax (pow2) and the size term (sizes, table)");
-    if (!add_rq && (in[9].data || in[10].data || in[11].data))
-        return fail(api, kn, "mb, m2 and c2 belong to kind add_requant");
+    if (!add_rq && in[9].data) return fail(api, kn, "mb belongs to kind add_requant");
+    if (!add_rq && !twice && (in[10].data || in[11].data))
+        return fail(api, kn, "m2 and c2 belong to kinds add_requant and requant_requant");
     TRY(vector(kn, &in[2], "bias", N, 1));
     TRY(vector(kn, &in[3], "m", N, requant || add_rq));
     TRY(vector(kn, &in[4], "c", N, requant || add_rq));
     TRY(vector(kn, &in[9], "mb", N, add_rq));
-    TRY(vector(kn, &in[10], "m2", N, add_rq));
-    TRY(vector(kn, &in[11], "c2", N, add_rq));
+    TRY(vector(kn, &in[10], "m2", twice ? B2 * N : N, add_rq || twice));    /* requant_requant: N per head */
+    TRY(vector(kn, &in[11], "c2", twice ? B2 * N : N, add_rq || twice));
     const uint8_t *live;
     TRY(live_input(kn, &in[12], B1 * B2 * M, &live));
     /* the output is written as transpose(result, out_perm); live follows the output's rows */
@@ -652,7 +657,10 @@ static OrtStatus *bmm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     epilogue_t e = {.kind = add_rq ? EPI_RAW : kn->kind, .out_type = softmax ? OUT_I32 : kn->out_type,
                     .bias = in[2].data, .pre = (int32_t)attr(kn, "pre"), .k = (int32_t)attr(kn, "k"),
                     .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"), .zp = (int32_t)attr(kn, "zp"),
-                    .m = add_rq ? NULL : in[3].data, .c = add_rq ? NULL : in[4].data};
+                    .m = add_rq ? NULL : in[3].data, .c = add_rq ? NULL : in[4].data,
+                    .m2 = twice ? in[10].data : NULL, .c2 = twice ? in[11].data : NULL,
+                    .pre2 = (int32_t)attr(kn, "pre2"), .k2 = (int32_t)attr(kn, "k2"), .lo2 = (int32_t)attr(kn, "lo2"),
+                    .hi2 = (int32_t)attr(kn, "hi2"), .zp2 = (int32_t)attr(kn, "zp2")};
     int threads = threads_of(kn);
     uint8_t *au = flip_a ? as_u8_rows(a->data, B1 * B2 * M, K, K, 1, threads) : NULL;
     if (!au && flip_a) {

@@ -317,6 +317,28 @@ def test_attention_output_permute_is_written_by_the_bmm(isa, dims, permutes):
            {"cpu.int_bmm": 1, "permute": permutes})
 
 
+@pytest.mark.parametrize("per_column", [True, False])
+def test_attention_output_requant_joins_the_bmm(isa, per_column):
+    """... then the output projection's input requant (per column of the merged heads, or per tensor): it becomes
+    the bmm's second requant (kind requant_requant, each head reading its own 8 columns) and its report entry
+    joins the attention's."""
+    g = _gen(14)
+    graph = Graph("before")
+    p = graph.add_input("p", TensorType(U8, (2, 3, 17, 19)))
+    v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
+    o = graph.call("int.requant", graph.call("int.matmul", p, v, a_zp=0, b_zp=0),
+                   graph.add_constant(torch.tensor(3, dtype=I32)), graph.add_constant(torch.tensor(-900, dtype=I32)),
+                   pre=0, k=9, lo=-128, hi=127, zero_point=128, dtype="u8")
+    merged = graph.op.reshape(graph.op.permute(o, dims=(0, 2, 1, 3)), shape=(2, 17, 24))
+    m = _rand((24,) if per_column else (), I32, g, 1, 255)
+    c = _rand((24,) if per_column else (), I32, g, -(1 << 14), 1 << 14)
+    graph.set_outputs([graph.call("int.requant", merged, graph.add_constant(m), graph.add_constant(c), pre=1, k=7,
+                                  lo=-128, hi=127, zero_point=0, dtype="i8")])
+    report = _check(graph, [_rand((2, 3, 17, 19), U8, g), _rand((2, 3, 19, 8), I8, g)],
+                    {"cpu.int_bmm": 1, "cpu.int_requant": 0, "permute": 0})
+    assert [e.kernel for e in report] == ["cpu.int_bmm"] and str(report[0].nodes).count("int.requant") == 2
+
+
 @pytest.mark.parametrize("X", [96, 128])
 def test_masked_shiftmax_with_x_a_power_of_two_or_not(isa, X):
     """X = 2^k takes the shift path, other X the table; the mask broadcasts and masks whole rows too."""

@@ -259,7 +259,9 @@ def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_fir
     types = {n.op_type for n in custom}
     assert {"IntTokenMerge_i32", "IntQuantize_u8", "IntDequantize_f32", "IntBmm_u8"} <= types
     assert all(len(n.output) == 2 for n in custom if n.op_type == "IntTokenMerge_i32")
-    with_sizes = [n for n in custom if n.op_type in ("IntBmm_u8", "IntShiftmax_u8") and len(n.input) > 7]
+    sizes_at = {"IntBmm_u8": 7, "IntShiftmax_u8": 3}                # the input `sizes` of each
+    with_sizes = [n for n in custom if n.op_type in sizes_at and len(n.input) > sizes_at[n.op_type]
+                  and n.input[sizes_at[n.op_type]]]
     assert [n.op_type for n in with_sizes] == ["IntBmm_u8"]     # block 2's proportional attention, in its kernel
     kind = next(a.s for a in with_sizes[0].attribute if a.name == "kind")
     assert kind == (b"requant" if integer_first else b"add_requant")
@@ -376,6 +378,9 @@ def test_bert_with_padding_masks_bit_identical():
              if n.op_type == "IntBmm_u8"]
     assert perms == [{"a_perm": [0, 2, 1, 3], "b_perm": [0, 2, 3, 1]},
                      {"b_perm": [0, 2, 1, 3], "out_perm": [0, 2, 1, 3]}] * 2, perms
+    # and the output projection's input requant is the second bmm's second requant
+    kinds = [next(a.s for a in n.attribute if a.name == "kind") for n in nodes if n.op_type == "IntBmm_u8"]
+    assert kinds == [b"requant", b"requant_requant"] * 2
 
 
 # ---- opt-cli ------------------------------------------------------------------------------------------

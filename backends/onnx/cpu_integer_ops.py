@@ -24,7 +24,7 @@ import torch
 
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
-from graphopt.backends.cpu_integer_layout import fold_output_permutes
+from graphopt.backends.cpu_integer_layout import fold_attention_outputs
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
@@ -53,7 +53,7 @@ def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = No
     for node in lowered.nodes:
         if node.op.startswith("cpu."):
             node.attrs["threads"] = int(threads)
-    fold_output_permutes(lowered)
+    fold_attention_outputs(lowered)
     if mark_live_rows(lowered):          # after zero_padded_positions: only the real tokens, as on cpu_integer
         verify(lowered)
     return _without_unused_nodes(CustomOpsEmitter(lowered, opset).build())
