@@ -537,6 +537,21 @@ def test_a_bad_permutation_of_a_bmm_is_an_error_naming_it():
     assert got.shape == (1, 3, 2, 3) and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["add_requant", "requant_requant"])
+def test_a_gemm_of_a_bmm_only_epilogue_kind_is_an_error_naming_it(kind):
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4])
+    consts = [helper.make_tensor("w", TensorProto.INT8, [3, 4], [1] * 12),
+              helper.make_tensor("bias", TensorProto.INT32, [3], [0] * 3)]
+    node = helper.make_node("IntGemm_i32", ["x", "w", "bias"], ["y"], name="my_node", domain=DOMAIN, kind=kind, n=3,
+                            k_padded=4, **{a: 0 for a in ("flip", "pb", "pre", "k", "lo", "hi", "zp", "pre2", "k2",
+                                                          "lo2", "hi2", "zp2")}, threads=1)
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, None)
+    session = custom_ops_session(helper.make_model(helper.make_graph([node], "g", [x], [y], consts), opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
+    with pytest.raises(Exception, match=f"my_node.*IntGemm_i32: epilogue kind '{kind}' is not one of a GEMM"):
+        session.run(None, {"x": np.zeros((2, 4), np.uint8)})
+
+
 def test_an_old_onnxruntime_is_refused_with_its_version(monkeypatch):
     monkeypatch.setattr(ort, "__version__", "1.15.1")
     with pytest.raises(LoweringError, match=r"onnxruntime >= 1\.16.*1\.15\.1"):
