@@ -20,7 +20,7 @@ import graphopt.backends.cpu_integer_sparse  # noqa: F401  (sparse int8 GEMM rul
 import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusion rules)
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
-from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET
+from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET, kernel_node
 from graphopt.backends.cpu_integer_layout import fold_attention_outputs
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
@@ -76,10 +76,10 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
     lowered, report = graph.clone(), KernelReport()
     rules = fusion_rules(TARGET)
     def lowered_by(rule, nodes, new):
-        _kernel_node(new).meta["report_entry"] = len(report)     # a later fold merges entries by it
+        kernel = kernel_node(new)
+        kernel.meta["report_entry"] = len(report)     # a later fold merges entries by it
         report.append(Lowered(
-            f"{_kernel_op(new)} ({rule.name})" if rule in SIBLING_RULES else
-            new.producer.op if new.producer.op.startswith("cpu.") else _kernel_op(new),
+            f"{kernel.op} ({rule.name})" if rule in SIBLING_RULES else kernel.op,
             new.producer.inputs[0].producer.meta["siblings"] if rule in SIBLING_RULES else
             " -> ".join(n.label() for n in reversed(nodes))
             + "".join(f" [{n.meta['sparse_decision']}]" for n in nodes if "sparse_decision" in n.meta)))
@@ -101,18 +101,6 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
     lowered.remove_unused_constants()
     verify(lowered)
     return lowered, report
-
-
-def _kernel_node(value):
-    """The cpu.* node behind a replacement that ends in layout ops (a patch convolution's reshape)."""
-    node = value.producer
-    while not node.op.startswith("cpu."):
-        node = node.inputs[0].producer
-    return node
-
-
-def _kernel_op(value) -> str:
-    return _kernel_node(value).op
 
 
 class CpuIntegerExecutable(TorchExecutable):

@@ -627,6 +627,15 @@ def _dequantize(op, x, scale, offset):
     return _optional(op, "int.dequantize", x, scale, offset)
 
 
+def kernel_node(value: Value) -> Node | None:
+    """The cpu.* node behind a fusion's replacement (it may end in layout ops: a patch convolution's reshape, a
+    sibling GEMM's slice)."""
+    node = value.producer
+    while node is not None and not node.op.startswith("cpu."):
+        node = node.inputs[0].producer if node.inputs and node.inputs[0] is not None else None
+    return node
+
+
 RULES = [
     SIBLINGS,
     SIBLING_SHIFTS,

@@ -858,13 +858,6 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
     }
 }
 
-/* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
- * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out M x N with unit n stride
- * and strides so1, so2, som (elements; so an attention's [B, H, T, D] is written as [B, T, H, D]), contiguous
- * with Shiftmax.
- * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
- * and out is u8. Parallel over the batch, each item cut into parts when the items alone give fewer than
- * ~8 chunks a thread. */
 /* Whether every row of each item's mask equals its first row: a key padding mask stored per query row, as
  * Hugging Face's [B, 1, T, T] attention masks are (a memcmp per row; items a zero stride repeats are read once). */
 static int mask_rows_alike(const softmax_t *sm, int64_t B1, int64_t B2, int64_t M, int64_t N) {
@@ -877,6 +870,13 @@ static int mask_rows_alike(const softmax_t *sm, int64_t B1, int64_t B2, int64_t 
     return 1;
 }
 
+/* Batched out[i, j] = epilogue(A[i, j] x B[i, j]) over batch dims (B1, B2); A[i, j] is M x K with unit k
+ * stride, B[i, j] is K x N with any strides (s8, or u8 with b_zp 128 taken as s8), out M x N with unit n stride
+ * and strides so1, so2, som (elements; so an attention's [B, H, T, D] is written as [B, T, H, D]), contiguous
+ * with Shiftmax.
+ * a_zp enters the per-batch column correction; with sm != NULL the epilogue (int32) feeds Shiftmax rows
+ * and out is u8. Parallel over the batch, each item cut into parts when the items alone give fewer than
+ * ~8 chunks a thread. */
 void go_bmm(const uint8_t *A, int64_t sa1, int64_t sa2, int64_t sam, const int8_t *B, int64_t sb1, int64_t sb2,
             int64_t sbk, int64_t sbn, int32_t b_flip, int64_t B1, int64_t B2, int64_t M, int64_t K, int64_t N,
             int32_t a_zp, const epilogue_t *e, const softmax_t *sm, void *out, const uint8_t *live, int64_t l1,

@@ -103,7 +103,7 @@ def fold_output_requants(graph: Graph) -> list[tuple[Node, Node]]:
         reshape, requant = found
         result = node.inputs[0].type.shape[:-1] + (node.inputs[1].type.shape[-1],)
         heads, columns = result[1], result[3]
-        inputs = list(node.inputs) + [None] * 16
+        inputs = list(node.inputs) + [None] * (len(node.schema.inputs) - len(node.inputs))
         for name, v in (("m2", requant.inputs[1]), ("c2", requant.inputs[2])):
             inputs[_input(node, name)[0]] = graph.add_constant(_per_head(v.const, heads, columns, reshape is not None))
         r = requant.attrs

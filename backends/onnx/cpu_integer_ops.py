@@ -24,6 +24,7 @@ import torch
 
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
+from graphopt.backends.cpu_integer_fusions import kernel_node
 from graphopt.backends.cpu_integer_layout import fold_attention_outputs
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
@@ -85,21 +86,13 @@ def kernel_graph(graph: Graph, rules: list[Rule]) -> Graph:
     while True:
         lowered, made = graph.clone(), []
         RuleSet("cpu_integer fusions", rules).apply(lowered, on_fire=lambda rule, nodes, new: made.append((rule, new)))
-        dropped = {rule.name for rule, new in made if not _has_custom_op(_kernel_node(new))}
+        dropped = {rule.name for rule, new in made if not _has_custom_op(kernel_node(new))}
         if not dropped:
             break
         rules = [rule for rule in rules if rule.name not in dropped]
     lowered.remove_unused_constants()
     verify(lowered)
     return lowered
-
-
-def _kernel_node(value: Value) -> Node | None:
-    """The cpu.* node behind a fusion's replacement (it may end in layout ops: a patch convolution's reshape)."""
-    node = value.producer
-    while node is not None and not node.op.startswith("cpu."):
-        node = node.inputs[0].producer if node.inputs and node.inputs[0] is not None else None
-    return node
 
 
 def _has_custom_op(node: Node | None) -> bool:
