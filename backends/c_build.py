@@ -4,6 +4,7 @@ compiler: once per source (with the headers beside it), flags, compiler and CPU,
 so a crashed or concurrent build never leaves a half-written library behind."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -11,6 +12,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from graphopt.progress import task
@@ -63,4 +65,39 @@ def load(source: Path, name: str, what: str, flags: list[str] = FLAGS) -> ctypes
             if proc.returncode:
                 raise KernelBuildError(f"compiling {source.name} with {cc} failed:\n{proc.stderr[-2000:]}")
             os.replace(out, path)
-    return ctypes.CDLL(str(path))
+    return _Library(str(path))
+
+
+_recorder = threading.local()
+
+
+@contextlib.contextmanager
+def capture(record):
+    """While inside, every call this thread makes to a loaded library's function also calls
+    ``record(function, args, result)`` (``cpu_integer_replay`` records a forward's kernels this way)."""
+    previous = getattr(_recorder, "record", None)
+    _recorder.record = record
+    try:
+        yield
+    finally:
+        _recorder.record = previous
+
+
+class _Library(ctypes.CDLL):
+    """A CDLL whose functions report their calls to this thread's ``capture``, if any."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        base = self._FuncPtr
+
+        class Function(base):
+            _flags_, _restype_ = base._flags_, base._restype_
+
+            def __call__(self, *args):
+                result = base.__call__(self, *args)
+                record = getattr(_recorder, "record", None)
+                if record is not None:
+                    record(self, args, result)
+                return result
+
+        self._FuncPtr = Function

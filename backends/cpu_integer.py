@@ -22,6 +22,7 @@ from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET, kernel_node
 from graphopt.backends.cpu_integer_layout import fold_attention_outputs
+from graphopt.backends.cpu_integer_replay import Replay
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
 from graphopt.backends.registry import register_backend
@@ -104,12 +105,15 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
 
 
 class CpuIntegerExecutable(TorchExecutable):
-    """Called like the source model; ``.report`` says which nodes became which kernel."""
+    """Called like the source model; ``.report`` says which nodes became which kernel. From the second call
+    with the same input shapes on, the forward is replayed from its recorded kernel calls (``.replay``:
+    cpu_integer_replay; ``replay=False``: always the fx graph)."""
 
-    def __init__(self, graph: Graph, *, threads: int | None = None):
+    def __init__(self, graph: Graph, *, threads: int | None = None, replay: bool = True):
         lowered, self.report = lower_to_kernels(graph, threads)  # a float graph is refused before any build
         kernels.library()                    # build the kernels now: a missing compiler fails here
         super().__init__(lowered)
+        self.replay = Replay(self._run_graph, list(self.graph_module.buffers())) if replay else None
 
     def run_flat(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """torch's own ops here are layout glue (reshape, contiguous) between kernels: run on one thread, so
@@ -118,11 +122,14 @@ class CpuIntegerExecutable(TorchExecutable):
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return super().run_flat(*tensors)
+            return self.replay(*tensors) if self.replay is not None else self._run_graph(*tensors)
         finally:
             torch.set_num_threads(previous)
 
+    def _run_graph(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().run_flat(*tensors)
+
 
 @register_backend("cpu_integer")
-def _cpu_integer(graph: Graph, *, threads: int | None = None):
-    return CpuIntegerExecutable(graph, threads=threads).eval()
+def _cpu_integer(graph: Graph, *, threads: int | None = None, replay: bool = True):
+    return CpuIntegerExecutable(graph, threads=threads, replay=replay).eval()

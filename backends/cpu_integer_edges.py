@@ -6,6 +6,7 @@ import ctypes
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from graphopt.backends.c_build import FLAGS, load
@@ -20,6 +21,7 @@ def library() -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     lib.ge_quantize.argtypes = [p, i64, f32, f32, f32, i32, ctypes.c_int, p, ctypes.c_int]
     lib.ge_dequantize.argtypes = [p, ctypes.c_int, i64, i64, i32, p, p, p, ctypes.c_int]
+    lib.ge_quantize.restype = lib.ge_dequantize.restype = None
     return lib
 
 
@@ -28,8 +30,7 @@ def quantize(x: torch.Tensor, inv_scale: float, lo: int, hi: int, zero_point: in
     """int.quantize: clamp(floor(x * inv_scale + 0.5), lo, hi) + zero_point, float32 math."""
     x = x.float().contiguous()
     out = torch.empty(x.shape, dtype=dtype)
-    # the float32 bounds torch.clamp would use for lo, hi
-    flo, fhi = (float(torch.tensor(v, dtype=torch.float32)) for v in (lo, hi))
+    flo, fhi = float(np.float32(lo)), float(np.float32(hi))     # the float32 bounds torch.clamp would use
     library().ge_quantize(x.data_ptr(), x.numel(), inv_scale, flo, fhi, zero_point, TYPES[dtype], out.data_ptr(), threads)
     return out
 

@@ -81,6 +81,9 @@ def library() -> ctypes.CDLL:
     lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
+    for void in (lib.go_pack_b, lib.go_gemm, lib.go_bmm, lib.go_shiftmax, lib.go_layernorm, lib.go_requant, lib.go_add,
+                 lib.go_limit_isa):
+        void.restype = None                   # not ctypes' default int: nothing to read back
     return lib
 
 

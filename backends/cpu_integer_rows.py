@@ -44,13 +44,13 @@ def live_rows(keep, *masks):
     """keep as u8 when every Shiftmax mask [.., T, T] keeps exactly the real keys (keep[b, s]) in every real
     query row; else all ones: the row analysis relied on it, so nothing may be skipped."""
     b, t = keep.shape
+    exact = torch.ones((), dtype=torch.bool)        # a tensor, not a Python branch: a replayed forward follows it
     for mask in masks:
         m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         if m.shape[-2:] != (t, t) or m.shape[0] not in (1, b):
             return torch.ones(b, t, dtype=torch.uint8)
-        if not bool(((m == keep[:, None, None, :]) | ~keep[:, None, :, None]).all()):
-            return torch.ones(b, t, dtype=torch.uint8)
-    return keep.to(torch.uint8)
+        exact = exact & ((m == keep[:, None, None, :]) | ~keep[:, None, :, None]).all()
+    return torch.where(exact, keep, True).to(torch.uint8)
 
 
 def _input(node: Node, name: str) -> tuple[int, Value | None]:

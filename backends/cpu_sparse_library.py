@@ -34,6 +34,7 @@ def library() -> ctypes.CDLL:
     lib.gs_spmm_s8.argtypes = [p, i64, i64, i64, p, p, p, i64, ctypes.POINTER(Requant), p, i64, ctypes.c_int]
     lib.gs_has_vnni.restype = ctypes.c_int
     lib.gs_limit_isa.argtypes = [i32]
+    lib.gs_spmm_f32.restype = lib.gs_spmm_s8.restype = lib.gs_limit_isa.restype = None
     return lib
 
 
