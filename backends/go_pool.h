@@ -2,8 +2,10 @@
  * that includes this header gets its own pool, started on first use.
  *
  * pool_run(threads, chunks, fn, fini, arg) runs fn(arg, c, &scratch) for every chunk c in [0, chunks). The
- * caller posts the job and works on it itself; helpers that are awake claim chunks too, one at a time from a
- * counter, so a thread slowed by another process takes fewer of them. The caller then waits only for chunks
+ * caller posts the job and works on it itself; helpers that are awake claim chunks too, one at a time, so a
+ * thread slowed by another process takes fewer of them. The caller claims from the front and helpers from the
+ * back: consecutive kernels give each thread mostly the same rows, still in its own cache (MiniLM b8 -5 %,
+ * DeiT-S b8 -1 %, against one shared counter). The caller then waits only for chunks
  * already claimed, never for a helper to arrive: when another process holds a core and a helper is not
  * running, the caller does its share instead of waiting a time slice for it (OpenMP's barrier would).
  * Helpers spin briefly for the next job (kernels come in runs), then sleep on a futex. One job at a time: a
@@ -40,7 +42,7 @@ typedef struct {
 
 static struct {
     pthread_mutex_t busy;
-    _Atomic uint64_t claim;                 /* job number << 32 | chunks still unclaimed */
+    _Atomic uint64_t claim;                 /* job number, head, tail: see pool_work_on */
     _Atomic int64_t done;                   /* chunks finished */
     _Atomic uint32_t posted;                /* jobs posted (the helpers' futex word) */
     _Atomic int sleepers;
@@ -48,18 +50,26 @@ static struct {
     pool_job_t job;
 } pool = {.busy = PTHREAD_MUTEX_INITIALIZER};
 
-/* Claims and runs chunks of job number `number` until none is left. */
-static void pool_work_on(uint32_t number) {
+/* claim: job number (16 bits) | head (24) | tail (24): chunks [head, tail) are unclaimed; the split point
+ * between the caller's front and the helpers' back moves with their speed. */
+#define CLAIM_JOB(s) ((uint32_t)((s) >> 48))
+#define CLAIM_HEAD(s) ((int64_t)(((s) >> 24) & 0xFFFFFF))
+#define CLAIM_TAIL(s) ((int64_t)((s) & 0xFFFFFF))
+
+/* Claims and runs chunks of job number `number` (its low 16 bits), from the front or the back, until none is
+ * left. */
+static void pool_work_on(uint32_t number, int front) {
     void *scratch = NULL;
     pool_fini fini = NULL;
     uint64_t s = atomic_load_explicit(&pool.claim, memory_order_acquire);
-    while ((uint32_t)(s >> 32) == number && (uint32_t)s > 0) {
-        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &s, s - 1, memory_order_acquire,
+    while (CLAIM_JOB(s) == (number & 0xFFFF) && CLAIM_HEAD(s) < CLAIM_TAIL(s)) {
+        uint64_t next = front ? s + ((uint64_t)1 << 24) : s - 1;
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &s, next, memory_order_acquire,
                                                    memory_order_acquire))
             continue;
         const pool_job_t *j = &pool.job;     /* stays valid: the caller waits for this chunk */
         fini = j->fini;
-        j->fn(j->arg, j->chunks - (int64_t)(uint32_t)s, &scratch);
+        j->fn(j->arg, front ? CLAIM_HEAD(s) : CLAIM_TAIL(s) - 1, &scratch);
         atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
         s = atomic_load_explicit(&pool.claim, memory_order_acquire);
     }
@@ -83,7 +93,7 @@ static void *pool_helper_main(void *arg) {
             spin = 0;
         }
         seen = now;
-        if (id < pool.job.helpers) pool_work_on(now);
+        if (id < pool.job.helpers) pool_work_on(now, 0);
     }
     return NULL;
 }
@@ -104,7 +114,7 @@ static int pool_start(int helpers) {          /* under pool.busy */
 /* fn(arg, c, &scratch) for c in [0, chunks) on up to `threads` threads (the caller one of them). */
 static void pool_run(int threads, int64_t chunks, pool_fn fn, pool_fini fini, const void *arg) {
     int helpers = threads - 1 < POOL_MAX_HELPERS ? threads - 1 : POOL_MAX_HELPERS;
-    if (helpers < 1 || chunks < 2 || pthread_mutex_trylock(&pool.busy)) {
+    if (helpers < 1 || chunks < 2 || chunks >= (1 << 24) || pthread_mutex_trylock(&pool.busy)) {
         void *scratch = NULL;
         for (int64_t c = 0; c < chunks; c++) fn(arg, c, &scratch);
         if (scratch && fini) fini(scratch);
@@ -114,10 +124,10 @@ static void pool_run(int threads, int64_t chunks, pool_fn fn, pool_fini fini, co
     pool.job = j;
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     uint32_t number = atomic_load_explicit(&pool.posted, memory_order_relaxed) + 1;
-    atomic_store_explicit(&pool.claim, (uint64_t)number << 32 | (uint64_t)chunks, memory_order_release);
+    atomic_store_explicit(&pool.claim, (uint64_t)(number & 0xFFFF) << 48 | (uint64_t)chunks, memory_order_release);
     atomic_store_explicit(&pool.posted, number, memory_order_release);
     if (atomic_load(&pool.sleepers)) syscall(SYS_futex, &pool.posted, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
-    pool_work_on(number);
+    pool_work_on(number, 1);
     for (int spin = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < chunks; spin++) {
         if (spin < 64) _mm_pause();         /* a helper finishing its chunk */
         else sched_yield();                 /* it may be waiting for this core */

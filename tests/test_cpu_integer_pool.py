@@ -40,3 +40,17 @@ def test_quantize_and_dequantize_over_many_chunks():
     offset = graph.add_constant(torch.randn(1, 128, generator=g))
     graph.set_outputs([q, graph.call("int.dequantize", q, scale, offset, zero_point=128)])
     _check(graph, [torch.randn(3, 200, 128, generator=g) * 3], {"cpu.int_quantize": 1, "cpu.int_dequantize": 1})
+
+
+def test_gemm_with_more_threads_than_cores_claims_every_chunk_once(isa):
+    """Five threads on this machine's cores: the caller claims row blocks from the front, four helpers from the
+    back at once; every row equals the int64 product, whoever computed it, on repeated calls."""
+    from graphopt.backends import cpu_integer_library as kernels
+    g = _gen(23)
+    a, w = _rand((500, 64), torch.uint8, g), _rand((40, 64), torch.int8, g)
+    packed, colsum = kernels.pack_b(w)
+    want = a.long() @ w.long().T
+    for _ in range(20):
+        out = torch.full((500, 40), -1, dtype=I32)
+        kernels.gemm(a, packed, 40, kernels.epilogue("raw", I32, (-128 * colsum).to(I32)), out, 5)
+        assert torch.equal(out.long(), want - 128 * w.long().sum(1))
