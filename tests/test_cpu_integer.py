@@ -581,6 +581,7 @@ def test_quantize_and_dequantize_become_kernels(dtype, zp, lo, hi):
                        graph.call("int.dequantize", q, graph.add_constant(torch.tensor(0.037)), zero_point=zp)])
     values = torch.randn(3, 7, 37, generator=g) * 3
     values[0, 0, :8] = torch.tensor([0.0185, -0.0185, 0.0555, -4.7, 1e6, -1e6, 0.0, -0.0])  # halves, clamping
+    values[1, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
     _check(graph, [values * (2000 if dtype == "i32" else 1)], {"cpu.int_quantize": 1, "cpu.int_dequantize": 2})
 
 
