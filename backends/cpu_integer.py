@@ -21,7 +21,7 @@ import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusio
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET, kernel_node
-from graphopt.backends.cpu_integer_layout import fold_attention_outputs
+from graphopt.backends.cpu_integer_layout import fold_attention_outputs, fold_key_head_sums
 from graphopt.backends.cpu_integer_replay import Replay
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
@@ -98,6 +98,7 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
         report[into] = Lowered(report[into].kernel, f"{report[into].nodes} -> {report[gone].nodes}")
         merged[gone] = into
     report[:] = [e for i, e in enumerate(report) if i not in merged]
+    fold_key_head_sums(lowered)
     report.padding_rows = mark_live_rows(lowered)
     lowered.remove_unused_constants()
     verify(lowered)

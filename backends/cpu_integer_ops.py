@@ -258,20 +258,38 @@ def int_add(a, b, ma, mb, c, live=None, *, pb, kind, out, pre, k, lo, hi, zp, th
     return y
 
 
-def _token_merge_type(x, keys, sizes, *, r, protected, shift, threads):
-    return _int_token_merge_type(x, keys, sizes, r=r, protected=protected, shift=shift)
+def _summed_keys(keys: TensorType, heads_axis: int) -> TensorType:
+    """The [B, N, d] keys the merge scores: ``keys`` itself, or their int32 sum over axis heads_axis (1 or 2)."""
+    if not heads_axis:
+        return keys
+    if keys.rank != 4 or keys.dtype not in INT_DTYPES.values() or heads_axis not in (1, 2):
+        raise OpError(f"cpu.int_token_merge: keys summed over heads (heads_axis {heads_axis}, 1 or 2) must be 8- or "
+                      f"32-bit [B, H, N, d] or [B, N, H, d], got {keys}")
+    return TensorType(torch.int32, tuple(d for i, d in enumerate(keys.shape) if i != heads_axis))
+
+
+def _token_merge_type(x, keys, sizes, *, r, protected, shift, heads_axis, threads):
+    return _int_token_merge_type(x, _summed_keys(keys, heads_axis), sizes, r=r, protected=protected, shift=shift)
 
 
 @register_op("cpu.int_token_merge", inputs=["x", "keys", "sizes"],
-             attrs={"r": Attr("int"), "protected": Attr("int", 0), "shift": Attr("int", 0), "threads": Attr("int", 1)},
+             attrs={"r": Attr("int"), "protected": Attr("int", 0), "shift": Attr("int", 0),
+                    "heads_axis": Attr("int", 0, "keys are summed over this axis first (cpu_integer_layout."
+                                       "fold_key_head_sums); 0: keys are [B, N, d]"),
+                    "threads": Attr("int", 1)},
              infer=_token_merge_type, tags=["integer", "tokens"])
-def int_token_merge(x, keys, sizes, *, r, protected, shift, threads):
+def int_token_merge(x, keys, sizes, *, r, protected, shift, heads_axis, threads):
     """int.token_merge: scores, matching and size-weighted merge in one kernel, threaded over the batch."""
     r = effective_r(x.shape[1], r, protected)
-    return (x, sizes) if r == 0 else tokens.token_merge(x, keys, sizes, r, protected, shift, threads)
+    if r == 0:
+        return x, sizes
+    return tokens.token_merge(x, keys, sizes, r, protected, shift, threads, heads_axis)
 
 
-register_cost("cpu.int_token_merge")(_token_merge_cost)
+@register_cost("cpu.int_token_merge")
+def _kernel_token_merge_cost(node):
+    keys, axis = node.inputs[1].type, node.attrs["heads_axis"]
+    return _token_merge_cost(node, keys=_summed_keys(keys, axis)) + (_n(keys) if axis else 0)
 
 
 def _quantize_type(x, *, inv_scale, zero_point, lo, hi, dtype, threads):

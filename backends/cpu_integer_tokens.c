@@ -1,7 +1,7 @@
 /* Integer token merging (int.token_merge of graphopt/ir/ops/integer_tokens.py) for the cpu_integer backend.
  *
  * One ToMe step per image, threaded over the batch (go_pool.h), computing exactly the reference's integers:
- *   scores  keys >> shift; A = even, B = odd offsets after the protected prefix;
+ *   scores  keys >> shift (keys given per head are summed first, as the graph's int32 sum over heads would); A = even, B = odd offsets after the protected prefix;
  *           score = sign(a.b) tdiv((a.b)^2 2^20, max(|a|^2, 1) max(|b|^2, 1))   (int64, wrapping like torch)
  *   match   each A token's best B (the first on ties); the r A tokens with the highest scores merge
  *           (ties: the lower A first, a stable descending sort); the other tokens keep their order
@@ -73,9 +73,34 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
     }
 }
 
-/* One image: x [n, C], keys [n, d] (int32, shifted here), sizes [n]; out [n - r, C], out_sizes [n - r]. */
-static int merge_one(const int32_t *x, const int32_t *keys, const int32_t *sizes, int64_t n, int64_t C, int64_t d,
-                     int64_t r, int64_t p, int shift, int32_t *out, int32_t *out_sizes) {
+enum { KEY_U8 = 0, KEY_I8 = 1, KEY_I32 = 2 };
+
+/* k[t, c] = (int32 sum over h of keys[t kn + h kh + c kc]) >> shift, wrapping like the graph's int32 sum; one
+ * loop per key type, contiguous along c in the common case, so the compiler vectorises it. */
+#define SUM_HEADS(T)                                                                                            \
+    for (int64_t h = 0; h < H; h++) {                                                                          \
+        const T *src = (const T *)keys + t * kn + h * kh;                                                       \
+        if (kc == 1) for (int64_t c = 0; c < d; c++) row[c] += (uint32_t)src[c];                                \
+        else for (int64_t c = 0; c < d; c++) row[c] += (uint32_t)src[c * kc];                                   \
+    }
+
+static void sum_heads(const void *keys, int type, int64_t H, int64_t kn, int64_t kh, int64_t kc, int64_t n, int64_t d,
+                      int shift, int32_t *k) {
+    for (int64_t t = 0; t < n; t++) {
+        uint32_t *row = (uint32_t *)(k + t * d);
+        memset(row, 0, sizeof(uint32_t) * (size_t)d);
+        if (type == KEY_I32) { SUM_HEADS(int32_t) }
+        else if (type == KEY_I8) { SUM_HEADS(int8_t) }
+        else { SUM_HEADS(uint8_t) }
+        for (int64_t c = 0; c < d; c++) k[t * d + c] = (int32_t)row[c] >> shift;
+    }
+}
+
+/* One image: x [n, C], keys [n, H, d] (u8 / i8 / i32 at element strides kn, kh, kc; summed over H in int32 with
+ * wrap-around, then shifted, here), sizes [n]; out [n - r, C], out_sizes [n - r]. */
+static int merge_one(const int32_t *x, const void *keys, int key_type, int64_t H, int64_t kn, int64_t kh, int64_t kc,
+                     const int32_t *sizes, int64_t n, int64_t C, int64_t d, int64_t r, int64_t p, int shift,
+                     int32_t *out, int32_t *out_sizes) {
     int64_t na = (n - p + 1) / 2, nb = (n - p) / 2;
     int32_t *k = malloc(sizeof(int32_t) * (size_t)(n * d));
     div62_t *inv = malloc(sizeof(div62_t) * (size_t)n);
@@ -85,7 +110,7 @@ static int merge_one(const int32_t *x, const int32_t *keys, const int32_t *sizes
     edge_t *edges = malloc(sizeof(edge_t) * (size_t)(na + 1));
     unsigned char *gone = calloc((size_t)n, 1);
     int status = 0;
-    for (int64_t i = 0; i < n * d; i++) k[i] = keys[i] >> shift;
+    sum_heads(keys, key_type, H, kn, kh, kc, n, d, shift, k);
     match_scores(k, n, d, p, na, nb, norm, inv, score, best);
     for (int64_t i = 0; i < na; i++) { edges[i].score = score[i]; edges[i].a = i; }
     qsort(edges, (size_t)na, sizeof(edge_t), by_score);
@@ -130,8 +155,10 @@ static int merge_one(const int32_t *x, const int32_t *keys, const int32_t *sizes
 }
 
 typedef struct {
-    const int32_t *x, *keys, *sizes;
-    int64_t n, C, d, r, p;
+    const int32_t *x, *sizes;
+    const void *keys;
+    int key_type;
+    int64_t H, kb, kn, kh, kc, n, C, d, r, p;
     int shift;
     int32_t *out, *out_sizes;
     _Atomic int status;
@@ -141,16 +168,21 @@ static void merge_image(const void *arg, int64_t b, void **scratch) {
     merge_job_t *j = (merge_job_t *)arg;
     (void)scratch;
     int64_t n = j->n, C = j->C, d = j->d, r = j->r;
-    if (merge_one(j->x + b * n * C, j->keys + b * n * d, j->sizes + b * n, n, C, d, r, j->p, j->shift,
+    int64_t bytes = j->key_type == KEY_I32 ? 4 : 1;
+    if (merge_one(j->x + b * n * C, (const char *)j->keys + b * j->kb * bytes, j->key_type, j->H, j->kn, j->kh, j->kc,
+                  j->sizes + b * n, n, C, d, r, j->p, j->shift,
                   j->out + b * (n - r) * C, j->out_sizes + b * (n - r)))
         atomic_fetch_or(&j->status, 1);
 }
 
-/* x [B, n, C], keys [B, n, d] int32, sizes [B, n] (all contiguous) -> out [B, n - r, C], out_sizes [B, n - r];
- * r is the effective r (0 < r <= (n - p) / 2). One image a chunk on the pool of go_pool.h. */
-int gt_token_merge(const int32_t *x, const int32_t *keys, const int32_t *sizes, int64_t B, int64_t n, int64_t C,
-                   int64_t d, int64_t r, int64_t p, int32_t shift, int32_t *out, int32_t *out_sizes, int threads) {
-    merge_job_t j = {x, keys, sizes, n, C, d, r, p, shift, out, out_sizes, 0};
+/* x [B, n, C], sizes [B, n] (contiguous), keys [B, n, H, d] of key_type (KEY_*) at element strides kb, kn, kh, kc,
+ * summed over its H heads (H 1: keys [B, n, d]) -> out [B, n - r, C], out_sizes [B, n - r]; r is the effective r
+ * (0 < r <= (n - p) / 2). One image a chunk on the pool of go_pool.h. */
+int gt_token_merge(const int32_t *x, const void *keys, int key_type, int64_t H, int64_t kb, int64_t kn, int64_t kh,
+                   int64_t kc,
+                   const int32_t *sizes, int64_t B, int64_t n, int64_t C, int64_t d, int64_t r, int64_t p, int32_t shift,
+                   int32_t *out, int32_t *out_sizes, int threads) {
+    merge_job_t j = {x, sizes, keys, key_type, H, kb, kn, kh, kc, n, C, d, r, p, shift, out, out_sizes, 0};
     pool_run(threads, B, merge_image, NULL, &j);
     return atomic_load(&j.status);
 }

@@ -858,16 +858,9 @@ static OrtStatus *token_merge(kernel_t *kn, OrtKernelContext *ctx, size_t count)
         memcpy(ys, sizes->data, sizeof(int32_t) * (size_t)sizes->numel);
         return NULL;
     }
-    int32_t *k32 = keys->data;
-    if (keys->type != T_INT32) {        /* the kernel reads int32 keys (cpu_integer_tokens.token_merge) */
-        k32 = malloc(sizeof(int32_t) * (size_t)(keys->numel ? keys->numel : 1));
-        if (!k32) return api->CreateStatus(ORT_FAIL, "graphopt IntTokenMerge: out of memory");
-        for (int64_t i = 0; i < keys->numel; i++)
-            k32[i] = keys->type == T_INT8 ? ((const int8_t *)keys->data)[i] : ((const uint8_t *)keys->data)[i];
-    }
-    int status = gt_token_merge(x->data, k32, sizes->data, B, n, C, d, r, p, (int32_t)(shift < 31 ? shift : 31), y, ys,
-                                threads_of(kn));
-    if (k32 != keys->data) free(k32);
+    int key_type = keys->type == T_INT32 ? 2 : keys->type == T_INT8 ? 1 : 0;     /* gt_token_merge's KEY_* */
+    int status = gt_token_merge(x->data, keys->data, key_type, 1, n * d, d, 0, 1, sizes->data, B, n, C, d, r, p,
+                                (int32_t)(shift < 31 ? shift : 31), y, ys, threads_of(kn));
     return status ? fail(api, kn, "a token size is below 1 (sizes are token counts)") : NULL;
 }
 

@@ -644,6 +644,11 @@ def test_deit_shaped_vit_with_token_merge_identical_to_reference(deit_shaped_vit
     assert _left_on_reference(ex.report) == set(), str(ex.report)
     assert {"cpu.int_token_merge", "cpu.int_quantize", "cpu.int_dequantize"} <= _kernels(ex.report)
     assert "cpu.int_shiftmax" not in _kernels(ex.report)           # every Shiftmax stays inside its attention kernel
+    from graphopt.backends.cpu_integer import lower_to_kernels
+    lowered, _ = lower_to_kernels(graph, threads=2)
+    merges = [n for n in lowered.nodes if n.op == "cpu.int_token_merge"]
+    assert merges and all(n.attrs["heads_axis"] for n in merges)   # each sums its keys' heads in the kernel
+    assert "sum" not in lowered.op_counts()
     reference = lower(graph, "torch")
     g = _gen(10)
     for batch in (1, 3, 1):                                        # batch 1 and > 1, repeated calls

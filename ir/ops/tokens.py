@@ -107,8 +107,8 @@ def token_merge(x, keys, sizes, source=None, *, r, protected):
 
 
 @register_cost("token_merge")
-def _token_merge_cost(node):
-    x, keys = node.inputs[0].type, node.inputs[1].type
+def _token_merge_cost(node, keys=None):
+    x, keys = node.inputs[0].type, keys or node.inputs[1].type
     n, c, d = (sympy.sympify(v) for v in (x.shape[1], x.shape[2], keys.shape[2]))
     b = sympy.sympify(x.shape[0])
     m = sympy.sympify(node.outputs[0].type.shape[1])
