@@ -11,6 +11,7 @@
  * key shift guarantees); anything larger takes the plain (wrapping, truncating) int64 division.
  * Returns 0, or 1 when a size is below 1 (the reference's division would be undefined there).
  */
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,34 +44,95 @@ static inline int64_t div62(int64_t n, div62_t d) { return (int64_t)(((unsigned 
 
 static inline int64_t wrap_mul(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
 
-/* best[i] = index into B of A token i's most similar B token, score[i] its score. k: shifted keys [n, d]. */
+/* The reference's score of one pair: sign(dot) tdiv(dot^2 2^20, |a|^2 |b|^2), by two multiply-shift divisions
+ * (floor(floor(x / p) / q) = floor(x / (p q))) when nothing wraps, else its wrapping int64 arithmetic. */
+static inline int64_t exact_score(int64_t dot, int64_t na2, int64_t nb2, div62_t ia, div62_t ib) {
+    int64_t mag;
+    if (dot > -(1 << 21) && dot < (1 << 21) && na2 < INT32_MAX && nb2 < INT32_MAX)   /* n < 2^62, no wrap */
+        mag = div62(div62((dot * dot) << SCORE_BITS, ia), ib);
+    else
+        mag = wrap_mul(wrap_mul(dot, dot), (int64_t)1 << SCORE_BITS) / wrap_mul(na2, nb2);
+    return dot < 0 ? (int64_t)(0 - (uint64_t)mag) : mag;
+}
+
+/* Dots of A token a with every B token on 16 lanes (bt: the B keys transposed, [d, nbp], zero past nb), in int32
+ * (exact when d max|k|^2 < 2^31), and float estimates of their scores, dot |dot| 2^20 / (|a|^2 |b|^2) (ra, rb the
+ * reciprocals): off by < 0.5, as the scores are at most 2^20. Returns 0 when a dot reaches 2^21 (the exact
+ * score may wrap there, so the estimate says nothing). */
+__attribute__((target("avx512f")))
+static int row_estimates(const int32_t *a, const int32_t *bt, int64_t d, int64_t nbp, float ra, const float *rb,
+                         int32_t *dots, float *estimate) {
+    const __m512i wide = _mm512_set1_epi32(1 << 21);
+    __mmask16 wraps = 0;
+    for (int64_t j = 0; j < nbp; j += 16) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t c = 0; c < d; c++)
+            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(a[c]), _mm512_loadu_si512(bt + c * nbp + j)));
+        __m512i mag = _mm512_abs_epi32(acc);
+        wraps |= _mm512_cmpge_epi32_mask(mag, wide);
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_cvtepi32_ps(mag)), _mm512_set1_ps(ra));
+        _mm512_storeu_si512(dots + j, acc);
+        _mm512_storeu_ps(estimate + j, _mm512_mul_ps(v, _mm512_loadu_ps(rb + j)));
+    }
+    return wraps == 0;
+}
+
+/* best[i] = index into B of A token i's most similar B token (the first on ties), score[i] its score. k: shifted
+ * keys [n, d]. With AVX-512 and small keys (d max|k|^2 < 2^31), a row's scores are estimated first (row_estimates)
+ * and only B tokens within 4 of the highest estimate are scored exactly: the others' exact scores are lower than
+ * the maximum (each exact score is within 1 of its real value, each estimate within 0.5). Else every pair is
+ * scored exactly. */
 static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int64_t na, int64_t nb, int64_t *norm,
                          div62_t *inv, int64_t *score, int64_t *best) {
+    int64_t most = 0, nbp = (nb + 15) / 16 * 16;
     for (int64_t t = p; t < n; t++) {
         const int32_t *row = k + t * d;
         int64_t s = 0;
-        for (int64_t c = 0; c < d; c++) s += (int64_t)row[c] * row[c];
+        for (int64_t c = 0; c < d; c++) {
+            s += (int64_t)row[c] * row[c];
+            int64_t m = row[c] < 0 ? -(int64_t)row[c] : row[c];
+            most = m > most ? m : most;
+        }
         norm[t] = s < 1 ? 1 : s;
         inv[t] = make_div62((uint64_t)norm[t]);
     }
+    int vec = __builtin_cpu_supports("avx512f") && nb > 0 && most < (1 << 16) && d * most * most < INT32_MAX;
+    int32_t *bt = NULL, *dots = NULL;
+    float *rb = NULL, *estimate = NULL;
+    if (vec) {                                  /* norms below 2^31 too, so nothing else wraps */
+        bt = calloc((size_t)(d * nbp), sizeof(int32_t));
+        dots = malloc(sizeof(int32_t) * (size_t)nbp);
+        rb = calloc((size_t)nbp, sizeof(float));
+        estimate = malloc(sizeof(float) * (size_t)nbp);
+        for (int64_t j = 0; j < nb; j++) {
+            for (int64_t c = 0; c < d; c++) bt[c * nbp + j] = k[(p + 1 + 2 * j) * d + c];
+            rb[j] = 1.0f / (float)norm[p + 1 + 2 * j];
+        }
+    }
     for (int64_t i = 0; i < na; i++) {
         const int32_t *a = k + (p + 2 * i) * d;
-        int64_t top = 0, arg = 0;
-        for (int64_t j = 0; j < nb; j++) {
-            const int32_t *b = k + (p + 1 + 2 * j) * d;
-            int64_t dot = 0;
-            for (int64_t c = 0; c < d; c++) dot += (int64_t)a[c] * b[c];
-            int64_t na2 = norm[p + 2 * i], nb2 = norm[p + 1 + 2 * j], mag;
-            if (dot > -(1 << 21) && dot < (1 << 21) && na2 < INT32_MAX && nb2 < INT32_MAX)   /* n < 2^62, no wrap */
-                mag = div62(div62((dot * dot) << SCORE_BITS, inv[p + 2 * i]), inv[p + 1 + 2 * j]);
-            else
-                mag = wrap_mul(wrap_mul(dot, dot), (int64_t)1 << SCORE_BITS) / wrap_mul(na2, nb2);
-            int64_t v = dot < 0 ? (int64_t)(0 - (uint64_t)mag) : mag;
-            if (j == 0 || v > top) { top = v; arg = j; }
+        int64_t na2 = norm[p + 2 * i], top = 0, arg = -1;
+        if (vec && row_estimates(a, bt, d, nbp, (float)(1 << SCORE_BITS) / (float)na2, rb, dots, estimate)) {
+            float high = estimate[0];
+            for (int64_t j = 1; j < nb; j++) high = estimate[j] > high ? estimate[j] : high;
+            for (int64_t j = 0; j < nb; j++) {
+                if (estimate[j] < high - 4.0f) continue;
+                int64_t v = exact_score(dots[j], na2, norm[p + 1 + 2 * j], inv[p + 2 * i], inv[p + 1 + 2 * j]);
+                if (arg < 0 || v > top) { top = v; arg = j; }
+            }
+        } else {
+            for (int64_t j = 0; j < nb; j++) {
+                const int32_t *b = k + (p + 1 + 2 * j) * d;
+                int64_t dot = 0;
+                for (int64_t c = 0; c < d; c++) dot += (int64_t)a[c] * b[c];
+                int64_t v = exact_score(dot, na2, norm[p + 1 + 2 * j], inv[p + 2 * i], inv[p + 1 + 2 * j]);
+                if (arg < 0 || v > top) { top = v; arg = j; }
+            }
         }
         score[i] = top;
-        best[i] = arg;
+        best[i] = arg < 0 ? 0 : arg;
     }
+    free(bt); free(dots); free(rb); free(estimate);
 }
 
 enum { KEY_U8 = 0, KEY_I8 = 1, KEY_I32 = 2 };

@@ -439,6 +439,8 @@ def test_standalone_requant_and_patch_conv(isa):
     (3, 24, 9, 2, 0, 120, I8),       # even count, two protected tokens, int8 keys
     (2, 17, 100, 1, 3, 3000, I32),   # r larger than half: clamped to (n - protected) // 2; shifted keys
     (2, 16, 3, 0, 0, 2 ** 15, I32),  # |a.b| >= 2^21: the scores' exact int64 path
+    (1, 40, 12, 1, 0, 2, I32),       # estimated scores over two 16-lane blocks of B tokens, many ties
+    (2, 21, 4, 1, 0, 20000, I32),    # estimated, but rows with |a.b| >= 2^21 are scored exactly throughout
     (2, 9, 0, 1, 0, 5, I32),         # r = 0: unchanged
 ])
 def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range, key_dtype):
@@ -453,6 +455,23 @@ def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range
     inputs = [_rand((batch, n, 6), I32, g, -32768, 32767), _rand((batch, n, 5), key_dtype, g, lo, min(key_range, 127)),
               _rand((batch, n, 1), I32, g, 1, 7)]
     _check(graph, inputs, {"cpu.int_token_merge": 1})
+
+
+def test_token_merge_tie_of_scores_a_fraction_apart_goes_to_the_first():
+    """A0 = (1, 0) scores 2^20 (1500^2 / (1500^2 + 1)) = 1048575.53 with B0 = (1500, 1) and 1048575.74 with
+    B1 = (2000, 1): both floor to 1048575, so B0 (the first) is its match, though B1's real score is higher."""
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (1, 4, 3)))
+    k = graph.add_input("k", TensorType(I32, (1, 4, 2)))
+    s = graph.add_input("s", TensorType(I32, (1, 4, 1)))
+    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 1, "protected": 0, "shift": 0}).outputs
+    graph.set_outputs([merged, sizes])
+    keys = torch.tensor([[[1, 0], [1500, 1], [0, 1], [2000, 1]]], dtype=I32)
+    _check(graph, [torch.arange(12, dtype=I32).reshape(1, 4, 3) * 10, keys, torch.ones(1, 4, 1, dtype=I32)],
+           {"cpu.int_token_merge": 1})
+    from graphopt.backends.torch_backend import run
+    assert run(graph, torch.arange(12, dtype=I32).reshape(1, 4, 3) * 10, keys, torch.ones(1, 4, 1, dtype=I32))[1] \
+        .flatten().tolist() == [2, 1, 1]                      # A0 joined B0: sizes [B0 + A0, A1, B1]
 
 
 def test_token_merge_kernel_refuses_sizes_below_one():
