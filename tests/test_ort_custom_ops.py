@@ -259,6 +259,7 @@ def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_fir
     types = {n.op_type for n in custom}
     assert {"IntTokenMerge_i32", "IntQuantize_u8", "IntDequantize_f32", "IntBmm_u8"} <= types
     assert all(len(n.output) == 2 for n in custom if n.op_type == "IntTokenMerge_i32")
+    assert not any(a.name == "heads_axis" for n in custom for a in n.attribute)   # keys summed before, as written
     sizes_at = {"IntBmm_u8": 7, "IntShiftmax_u8": 3}                # the input `sizes` of each
     with_sizes = [n for n in custom if n.op_type in sizes_at and len(n.input) > sizes_at[n.op_type]
                   and n.input[sizes_at[n.op_type]]]
@@ -275,6 +276,18 @@ def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_fir
         want = reference.run_flat(x)[0]
         assert got.dtype == want.dtype and torch.equal(got, want)
         assert torch.equal(got, cpu.run_flat(x)[0])
+
+
+def test_a_token_merge_summing_its_keys_per_head_has_no_custom_op():
+    """cpu_integer's merge may sum per-head keys itself (heads_axis); the library's IntTokenMerge may not."""
+    from graphopt.backends.kernels import select
+    from graphopt.backends.onnx.cpu_integer_ops import TARGET
+    graph = Graph("g")
+    x, keys, sizes = (graph.add_input(n, TensorType(I32, s)) for n, s in (("x", (2, 9, 8)), ("keys", (2, 3, 9, 4)),
+                                                                            ("sizes", (2, 9, 1))))
+    node = graph.create_node("cpu.int_token_merge", [x, keys, sizes], {"r": 2, "heads_axis": 1})
+    kernel, reasons = select(TARGET, node)
+    assert kernel is None and "heads_axis" in "; ".join(reasons)
 
 
 @pytest.mark.parametrize("sizes_shape", [(2, 1, 5, 33), (2, 1, 1, 33), (2, 3, 5, 1)])

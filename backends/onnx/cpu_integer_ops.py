@@ -118,9 +118,10 @@ class CustomOpsEmitter(Emitter):
 
 
 def _attributes(node: Node) -> dict:
-    """The node's attributes as ONNX ones (an empty list, such as no out_perm, is left out: it has no type)."""
+    """The node's attributes as ONNX ones (an empty list, such as no out_perm, is left out: it has no type; so is
+    heads_axis, 0 on every node a custom op takes)."""
     return {k: int(v) if isinstance(v, bool) else v for k, v in node.attrs.items()
-            if k not in ("out", "dtype") and v != ()}
+            if k not in ("out", "dtype", "heads_axis") and v != ()}
 
 
 def _custom_node(em: Emitter, node: Node, inputs: list[str], **extra) -> list[str]:
@@ -207,9 +208,15 @@ def _no_column_shifts(node: Node) -> str | None:
     return f"{node.op} with a shift per column (ks) has no custom op" if ks is not None else None
 
 
+def _keys_per_token(node: Node) -> str | None:
+    """The library's IntTokenMerge reads [B, N, d] keys (not summed per head: cpu_integer_layout.fold_key_head_sums
+    is cpu_integer's alone; here the sum stays a ReduceSum)."""
+    return f"{node.op} with keys summed per head (heads_axis) has no custom op" if node.attrs["heads_axis"] else None
+
+
+_SUPPORTS = {"cpu.int_gemm": _no_column_shifts, "cpu.int_token_merge": _keys_per_token}
 for _op in OP_TYPES:
-    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}",
-                    supports=_no_column_shifts if _op == "cpu.int_gemm" else None)(
+    register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}", supports=_SUPPORTS.get(_op))(
         {"cpu.int_gemm": _lower_gemm, "cpu.int_bmm": _lower_bmm}.get(_op, _lower_plain))
 
 
