@@ -73,6 +73,33 @@ def test_bert_skipping_padding_replays_bit_identically():
     assert len(ex.replay.plans) == 1
 
 
+def test_calls_from_two_threads_at_once_stay_identical(tiny_vit_case):
+    """One call replays at a time; a call that finds the plan busy runs the fx graph. Both threads' outputs equal
+    the torch reference for their own inputs."""
+    import threading
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(2)]
+    graph = graphopt.optimize(tiny_vit_case.model, [("integer_only", {"smoothquant": 0.7})], calib[0],
+                              calibration=calib).graph
+    ex, reference = lower(graph, "cpu_integer", threads=2), lower(graph, "torch")
+    inputs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(24)]
+    want = [reference.run_flat(x)[0] for x in inputs]
+    got = [None] * len(inputs)
+
+    def worker(first):
+        with torch.inference_mode():
+            for i in range(first, len(inputs), 2):
+                got[i] = ex.run_flat(inputs[i])[0]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(ex.replay.plans) == 1
+
+
 def test_arena_gives_live_buffers_their_own_bytes():
     """a [0, 2] and b [1, 3] overlap in time, c [3, 4] outlives a: c may take a's bytes, never b's."""
     class Storage:
