@@ -176,7 +176,7 @@ class Plan:
         base = self.arena.data_ptr()
         self.moved = {b.start: base + b.offset for b in capture.buffers.values()}
         self._capture = capture
-        self.held = []                           # what relocated records and literals point into
+        self.held = []                           # relocated records, and the storages they may point into
         self.steps = [self._step(s) for s in capture.steps]
         self.outputs = tuple(self._tensor(t) for t in outputs)
         self.held.append([s for _, (_, s) in capture.owned.items()])
@@ -197,7 +197,7 @@ class Plan:
             logits = self._record(record.tensors[-1])
             copy.logits = ctypes.addressof(logits)
             self.held.append(logits)
-        self.held.append((record, copy))
+        self.held.append(copy)        # not record: its .tensors would keep the captured activations alive
         return copy
 
     def _tensor(self, t):
