@@ -37,6 +37,7 @@ aten = torch.ops.aten
 ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
                aten.new_empty_strided.default, aten.empty_like.default}
 READBACKS = {aten.resolve_conj.default, aten.resolve_neg.default}    # what tolist() and numpy() dispatch
+BYREF = type(ctypes.byref(ctypes.c_int()))                             # a record passed by reference
 ALIGN = 64
 PLANS = 4                     # input signatures replayed per executable (each holds its arena)
 
@@ -145,17 +146,28 @@ class _Capture(TorchDispatchMode):
         for typ, arg in zip(types, args):
             if typ is ctypes.c_void_p and arg is not None:
                 self.touch(arg, where)
-            elif isinstance(arg, type(ctypes.byref(ctypes.c_int()))):
+            elif isinstance(arg, BYREF):
                 for address in _record_pointers(arg._obj):
                     self.touch(address, where)
         self.steps.append(("kernel", fn, args, result))
 
 
+def _pointer_fields(record) -> list[str]:
+    """The fields of a kernel record (Epilogue, Softmax) that point into tensors: a Softmax's ``logits`` points to
+    the Epilogue record held as its last ``.tensors`` entry instead."""
+    return [name for name, typ in record._fields_ if typ is ctypes.c_void_p and name != "logits"]
+
+
+def _logits(record):
+    """The Epilogue a Softmax record's logits point to, or None."""
+    return record.tensors[-1] if isinstance(record, Softmax) and record.logits else None
+
+
 def _record_pointers(record) -> list[int]:
-    """The addresses a kernel record (Epilogue, Softmax and the Epilogue its logits point to) holds."""
-    found = [getattr(record, name) for name, typ in record._fields_ if typ is ctypes.c_void_p and name != "logits"]
-    if isinstance(record, Softmax) and record.logits:
-        found += _record_pointers(record.tensors[-1])
+    """The addresses a kernel record holds, with those of the Epilogue its logits point to."""
+    found = [getattr(record, name) for name in _pointer_fields(record)]
+    if _logits(record) is not None:
+        found += _record_pointers(_logits(record))
     return [a for a in found if a]
 
 
@@ -173,8 +185,6 @@ class Plan:
         size = _lay_out(list(capture.buffers.values()))
         with torch.inference_mode():
             self.arena = torch.empty(max(size, 1), dtype=torch.uint8)
-        base = self.arena.data_ptr()
-        self.moved = {b.start: base + b.offset for b in capture.buffers.values()}
         self._capture = capture
         self.held = []                           # relocated records, and the storages they may point into
         self.steps = [self._step(s) for s in capture.steps]
@@ -186,17 +196,14 @@ class Plan:
         if not address:
             return address
         b = self._capture.buffer_at(address)
-        return address if b is None else self.moved[b.start] + (address - b.start)
+        return address if b is None else self.arena.data_ptr() + b.offset + (address - b.start)
 
     def _record(self, record):
         copy = type(record).from_buffer_copy(record)
-        for name, typ in record._fields_:
-            if typ is ctypes.c_void_p and name != "logits":
-                setattr(copy, name, self._address(getattr(record, name)))
-        if isinstance(record, Softmax) and record.logits:
-            logits = self._record(record.tensors[-1])
-            copy.logits = ctypes.addressof(logits)
-            self.held.append(logits)
+        for name in _pointer_fields(record):
+            setattr(copy, name, self._address(getattr(record, name)))
+        if _logits(record) is not None:
+            copy.logits = ctypes.addressof(self._record(_logits(record)))     # held by that call
         self.held.append(copy)        # not record: its .tensors would keep the captured activations alive
         return copy
 
@@ -218,7 +225,7 @@ class Plan:
             for typ, arg in zip(fn.argtypes, args):
                 if typ is ctypes.c_void_p:
                     moved.append(self._address(arg))
-                elif isinstance(arg, type(ctypes.byref(ctypes.c_int()))):
+                elif isinstance(arg, BYREF):
                     moved.append(ctypes.byref(self._record(arg._obj)))
                 else:
                     moved.append(arg)

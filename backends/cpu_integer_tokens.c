@@ -1,7 +1,8 @@
 /* Integer token merging (int.token_merge of graphopt/ir/ops/integer_tokens.py) for the cpu_integer backend.
  *
  * One ToMe step per image, threaded over the batch (go_pool.h), computing exactly the reference's integers:
- *   scores  keys >> shift (keys given per head are summed first, as the graph's int32 sum over heads would); A = even, B = odd offsets after the protected prefix;
+ *   scores  keys >> shift (keys given per head are summed first, as the graph's int32 sum over heads would);
+ *           A = even, B = odd offsets after the protected prefix;
  *           score = sign(a.b) tdiv((a.b)^2 2^20, max(|a|^2, 1) max(|b|^2, 1))   (int64, wrapping like torch)
  *   match   each A token's best B (the first on ties); the r A tokens with the highest scores merge
  *           (ties: the lower A first, a stable descending sort); the other tokens keep their order
@@ -232,8 +233,7 @@ static void merge_image(const void *arg, int64_t b, void **scratch) {
     int64_t n = j->n, C = j->C, d = j->d, r = j->r;
     int64_t bytes = j->key_type == KEY_I32 ? 4 : 1;
     if (merge_one(j->x + b * n * C, (const char *)j->keys + b * j->kb * bytes, j->key_type, j->H, j->kn, j->kh, j->kc,
-                  j->sizes + b * n, n, C, d, r, j->p, j->shift,
-                  j->out + b * (n - r) * C, j->out_sizes + b * (n - r)))
+                  j->sizes + b * n, n, C, d, r, j->p, j->shift, j->out + b * (n - r) * C, j->out_sizes + b * (n - r)))
         atomic_fetch_or(&j->status, 1);
 }
 
@@ -241,9 +241,8 @@ static void merge_image(const void *arg, int64_t b, void **scratch) {
  * summed over its H heads (H 1: keys [B, n, d]) -> out [B, n - r, C], out_sizes [B, n - r]; r is the effective r
  * (0 < r <= (n - p) / 2). One image a chunk on the pool of go_pool.h. */
 int gt_token_merge(const int32_t *x, const void *keys, int key_type, int64_t H, int64_t kb, int64_t kn, int64_t kh,
-                   int64_t kc,
-                   const int32_t *sizes, int64_t B, int64_t n, int64_t C, int64_t d, int64_t r, int64_t p, int32_t shift,
-                   int32_t *out, int32_t *out_sizes, int threads) {
+                   int64_t kc, const int32_t *sizes, int64_t B, int64_t n, int64_t C, int64_t d, int64_t r, int64_t p,
+                   int32_t shift, int32_t *out, int32_t *out_sizes, int threads) {
     merge_job_t j = {x, sizes, keys, key_type, H, kb, kn, kh, kc, n, C, d, r, p, shift, out, out_sizes, 0};
     pool_run(threads, B, merge_image, NULL, &j);
     return atomic_load(&j.status);

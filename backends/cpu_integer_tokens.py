@@ -36,9 +36,8 @@ def token_merge(x: torch.Tensor, keys: torch.Tensor, sizes: torch.Tensor, r: int
     out = torch.empty(b, n - r, c, dtype=I32)
     out_sizes = torch.empty(b, n - r, 1, dtype=I32)
     status = library().gt_token_merge(x.data_ptr(), keys.data_ptr(), KEY_TYPES[keys.dtype], keys.shape[2], *keys.stride(),
-                                      sizes.data_ptr(),
-                                      b, n, c, keys.shape[-1], r, protected, min(shift, 31), out.data_ptr(),
-                                      out_sizes.data_ptr(), threads)
+                                      sizes.data_ptr(), b, n, c, keys.shape[-1], r, protected, min(shift, 31),
+                                      out.data_ptr(), out_sizes.data_ptr(), threads)
     if status:
         raise ValueError("cpu.int_token_merge: a token size is below 1 (sizes are token counts)")
     return out, out_sizes

@@ -858,7 +858,7 @@ static OrtStatus *token_merge(kernel_t *kn, OrtKernelContext *ctx, size_t count)
         memcpy(ys, sizes->data, sizeof(int32_t) * (size_t)sizes->numel);
         return NULL;
     }
-    int key_type = keys->type == T_INT32 ? 2 : keys->type == T_INT8 ? 1 : 0;     /* gt_token_merge's KEY_* */
+    int key_type = keys->type == T_INT32 ? KEY_I32 : keys->type == T_INT8 ? KEY_I8 : KEY_U8;
     int status = gt_token_merge(x->data, keys->data, key_type, 1, n * d, d, 0, 1, sizes->data, B, n, C, d, r, p,
                                 (int32_t)(shift < 31 ? shift : 31), y, ys, threads_of(kn));
     return status ? fail(api, kn, "a token size is below 1 (sizes are token counts)") : NULL;
