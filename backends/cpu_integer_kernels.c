@@ -9,7 +9,8 @@
  *   go_shiftmax   (masked) Shiftmax over rows, optionally with the proportional-attention term
  *   go_layernorm  integer LayerNorm over rows, optionally followed by a per-channel requant
  *   go_requant    a per-column requant of 8- or 32-bit data
- *   go_add        the residual add (int.add) of two int32 tensors with per-column constants
+ *   go_add        the residual add (int.add) of two int32 tensors with per-column constants (b's rows may
+ *                 repeat: a broadcast is read in place)
  * With `live` (NULL: every row) the GEMM, bmm and row kernels compute only the rows it marks, and write zeros in
  * the others: rows of padding nobody reads (backends/cpu_integer_rows.py proves which).
  * Divisions by a per-row invariant use Granlund-Montgomery multiply-shift (exact for n < 2^31).
@@ -72,7 +73,7 @@ void go_limit_isa(int level) { isa_limit = level; }
 
 /* The go_* signatures' version, checked by cpu_integer_library.library(): bumped whenever one changes, so a
  * library built from another source (bench/vnni_peak.py --baseline) is refused rather than called wrongly. */
-int go_abi(void) { return 3; }
+int go_abi(void) { return 4; }
 
 static inline int32_t tdiv_pow2(int32_t x, int p) {       /* truncate toward zero */
     return p ? (int32_t)((x + ((x >> 31) & ((1 << p) - 1))) >> p) : x;
@@ -1234,13 +1235,13 @@ void go_requant(const void *x, int in_type, int64_t rows, int64_t C, const epilo
 }
 
 /* ---- int.add over rows of C: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c), per-column m, mb, c ---- */
-typedef struct { const int32_t *a, *b; int64_t C; const epilogue_t *e; void *out; } add_job_t;
+typedef struct { const int32_t *a, *b; int64_t b_rows, C; const epilogue_t *e; void *out; } add_job_t;
 
 static void add_row(const void *arg, int64_t r, int32_t *y) {
     const add_job_t *j = arg;
     const epilogue_t *e = j->e;
     int64_t C = j->C;
-    const int32_t *ar = j->a + r * C, *br = j->b + r * C;
+    const int32_t *ar = j->a + r * C, *br = j->b + r % j->b_rows * C;
     for (int64_t k = 0; k < C; k++) {
         int32_t v = wrap_madd(tdiv_pow2(ar[k], e->pre), e->m[k], wrap_madd(tdiv_pow2(br[k], e->pb), e->mb[k], e->c[k]));
         y[k] = clamp32(v >> e->k, e->lo, e->hi) + e->zp;
@@ -1257,7 +1258,7 @@ static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
         __mmask16 k = tail_mask(C - c0);
         __m512i a = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->a + i0 + c0), e->pre);
-        __m512i b = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->b + i0 + c0), e->pb);
+        __m512i b = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->b + r % j->b_rows * C + c0), e->pb);
         __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(b, _mm512_maskz_loadu_epi32(k, e->mb + c0)),
                                      _mm512_maskz_loadu_epi32(k, e->c + c0));
         v = _mm512_add_epi32(_mm512_mullo_epi32(a, _mm512_maskz_loadu_epi32(k, e->m + c0)), v);
@@ -1265,9 +1266,10 @@ static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
     }
 }
 
-void go_add(const int32_t *a, const int32_t *b, int64_t rows, int64_t C, const epilogue_t *e, void *out,
-            const uint8_t *live, int threads) {
-    add_job_t j = {a, b, C, e, out};
+/* Row r of b is row r % b_rows (b_rows = rows: b as large as a; fewer: b repeats, a broadcast nobody copies). */
+void go_add(const int32_t *a, const int32_t *b, int64_t b_rows, int64_t rows, int64_t C, const epilogue_t *e,
+            void *out, const uint8_t *live, int threads) {
+    add_job_t j = {a, b, b_rows < 1 ? 1 : b_rows, C, e, out};
     run_rows(isa_limit >= 1 && has_avx512() ? add_row_avx512 : add_row, &j, rows, C, C, live, out,
              C * (e->out_type == OUT_I32 ? 4 : 1), threads);
 }

@@ -11,7 +11,7 @@ import torch
 from graphopt.backends.c_build import KernelBuildError, load  # (KernelBuildError: callers catch it here too)
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
-ABI = 3                      # go_abi() of the kernels these bindings call
+ABI = 4                      # go_abi() of the kernels these bindings call
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5, "requant_requant": 6}
 
@@ -77,7 +77,7 @@ def library() -> ctypes.CDLL:
                            ctypes.c_int]
     lib.go_shiftmax.argtypes = [p, i64, i64, i64, i64, ctypes.POINTER(Softmax), p, ctypes.c_int]
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
-    lib.go_add.argtypes = [p, p, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
+    lib.go_add.argtypes = [p, p, i64, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
@@ -183,7 +183,10 @@ def requant(x: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int, liv
 
 def add(a: torch.Tensor, b: torch.Tensor, epi: Epilogue, out: torch.Tensor, threads: int,
         live: torch.Tensor | None = None) -> None:
-    """int.add of two contiguous int32 tensors of one shape, per-column constants in the epilogue; ``live`` (u8
-    per row): the rows computed, the others 0."""
+    """int.add of two contiguous int32 tensors, per-column constants in the epilogue; b holds a's rows or fewer
+    (repeated over a's rows in order); ``live`` (u8 per row): the rows computed, the others 0."""
     rows, c = a.numel() // a.shape[-1], a.shape[-1]
-    library().go_add(_ptr(a), _ptr(b), rows, c, ctypes.byref(epi), _ptr(out), _ptr(live), threads)
+    b_rows = b.numel() // c
+    if b.shape[-1] != c or rows % max(b_rows, 1):
+        raise ValueError(f"add: b {tuple(b.shape)} does not repeat evenly over a {tuple(a.shape)}")
+    library().go_add(_ptr(a), _ptr(b), b_rows, rows, c, ctypes.byref(epi), _ptr(out), _ptr(live), threads)

@@ -251,11 +251,21 @@ def _add_type(a, b, ma, mb, c, live=None, *, pb, kind, out, pre, k, lo, hi, zp, 
              infer=_add_type, tags=["integer"])
 def int_add(a, b, ma, mb, c, live=None, *, pb, kind, out, pre, k, lo, hi, zp, threads):
     """int.add with per-column constants; b broadcasts to a's shape; ``live``: as in cpu.int_gemm."""
-    a, b = a.contiguous(), b.expand(a.shape).contiguous()
+    a, b = a.contiguous(), _repeated_rows(b.expand(a.shape))
     y = torch.empty(a.shape, dtype=INT_DTYPES[out])
     kernels.add(a, b, _epilogue("add", out, None, ma, c, None, mb=mb, pre=pre, k=k, lo=lo, hi=hi, zp=zp, pb=pb), y,
                 threads, _rows(live, a.shape[:-1]))
     return y
+
+
+def _repeated_rows(b: torch.Tensor) -> torch.Tensor:
+    """The rows kernels.add repeats to make b: its block after the leading axes it broadcasts over (stride 0), when
+    that block is contiguous (a position embedding added to every image is read in place), else b copied."""
+    lead = 0
+    while lead < b.dim() - 1 and b.stride(lead) == 0:
+        lead += 1
+    block = b[(0,) * lead]
+    return block if block.is_contiguous() else b.contiguous()
 
 
 def _summed_keys(keys: TensorType, heads_axis: int) -> TensorType:

@@ -752,8 +752,7 @@ static OrtStatus *requant(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     return NULL;
 }
 
-/* b broadcast to a's shape (numpy rules), as int32; NULL when it already has that shape. */
-/* b broadcast to a's shape. *period = b's element count when b is a's trailing block repeated at most 64 times
+/* b broadcast to a's shape (numpy rules). *period = b's element count when b is a's trailing block repeated
  * (b's dims equal a's last ones, any leading 1s dropped: a position embedding [1, T, C] for [B, T, C]), read in
  * place; else *out holds b materialized row by row (NULL when b already has a's shape). */
 static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_t *b, int32_t **out, int64_t *period) {
@@ -776,7 +775,7 @@ static OrtStatus *broadcast(const kernel_t *kn, const tensor_t *a, const tensor_
             if (stride[d]) real = 1;
             else if (real) block = 0;
         }
-    if (block && b->numel && a->numel / b->numel <= 64) {   /* few repeats: one go_add call each */
+    if (block && b->numel) {                        /* b's rows repeat: go_add reads them in place */
         *period = b->numel;
         return NULL;
     }
@@ -817,10 +816,7 @@ static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         epilogue_t e = requant_epilogue(kn, EPI_ADD, in[2].data, in[4].data);
         e.mb = in[3].data;
         e.pb = (int32_t)attr(kn, "pb");
-        int64_t size = kn->out_type == OUT_I32 ? 4 : 1, per = period / C;     /* a's rows per repeat of b */
-        for (int64_t r0 = 0; r0 < rows; r0 += per)
-            go_add((const int32_t *)in[0].data + r0 * C, b ? b : in[1].data, per, C, &e, (char *)y + r0 * C * size,
-                   live ? live + r0 : NULL, threads_of(kn));
+        go_add(in[0].data, b ? b : in[1].data, b ? rows : period / C, rows, C, &e, y, live, threads_of(kn));
     }
     free(b);
     return s;

@@ -387,8 +387,9 @@ def test_layernorm_requant_becomes_one_kernel(isa, C):
 
 
 @pytest.mark.parametrize("C", [16, 21])
-def test_standalone_residual_add_with_a_broadcast_operand(isa, C):
-    _check(*_broadcast_add_graph(C), {"cpu.int_add": 1})
+@pytest.mark.parametrize("pos_rows", [(1, 5), (5,), (3, 1), (1, 1)])   # repeated blocks (read in place), or not
+def test_standalone_residual_add_with_a_broadcast_operand(isa, C, pos_rows):
+    _check(*_broadcast_add_graph(C, pos_rows), {"cpu.int_add": 1})
 
 
 @pytest.mark.parametrize("dtype", [U8, I8, I32])
