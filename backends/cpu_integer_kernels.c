@@ -1003,6 +1003,28 @@ static void add_requant_row(const epilogue_t *g, const int32_t *x, const int32_t
     }
 }
 
+/* add_requant_row on 16 lanes (int32 wrap-around, as the scalar code): token merging's logits, one row per
+ * query row (3.4 % of a DeiT-S b8 + tm16 forward when scalar). */
+__attribute__((target("avx512f,avx512bw")))
+static void add_requant_row_avx512(const epilogue_t *g, const int32_t *x, const int32_t *b, int64_t L, int32_t *y) {
+    const __m512i lo = _mm512_set1_epi32(g->lo), hi = _mm512_set1_epi32(g->hi), zp = _mm512_set1_epi32(g->zp),
+                  lo2 = _mm512_set1_epi32(g->lo2), hi2 = _mm512_set1_epi32(g->hi2), zp2 = _mm512_set1_epi32(g->zp2);
+    const __m128i k = _mm_cvtsi32_si128(g->k), k2 = _mm_cvtsi32_si128(g->k2);
+    for (int64_t j = 0; j < L; j += 16) {
+        __mmask16 t = tail_mask(L - j);
+        __m512i xv = tdiv_pow2_16(_mm512_maskz_loadu_epi32(t, x + j), g->pre);
+        __m512i bv = tdiv_pow2_16(_mm512_maskz_loadu_epi32(t, b + j), g->pb);
+        __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(bv, _mm512_maskz_loadu_epi32(t, g->mb + j)),
+                                     _mm512_maskz_loadu_epi32(t, g->c + j));
+        v = _mm512_add_epi32(_mm512_mullo_epi32(xv, _mm512_maskz_loadu_epi32(t, g->m + j)), v);
+        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_sra_epi32(v, k), lo), hi), zp);
+        v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(v, g->pre2), _mm512_maskz_loadu_epi32(t, g->m2 + j)),
+                             _mm512_maskz_loadu_epi32(t, g->c2 + j));
+        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_sra_epi32(v, k2), lo2), hi2), zp2);
+        _mm512_mask_storeu_epi32(y + j, t, v);
+    }
+}
+
 /* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e, and with sizes xb and bias, are L-entry scratch rows. */
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
                          int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
@@ -1012,7 +1034,8 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int6
         const int32_t *xr = x + r * L;
         if (sm->sizes) {                        /* the bias row is the same for every row unless sr != 0 */
             if (r == 0 || sm->sr) size_bias(sm, i0, i1, r0 + r, L, bias);
-            if (sm->logits) add_requant_row(sm->logits, xr, bias, L, xb);
+            if (sm->logits && vec) add_requant_row_avx512(sm->logits, xr, bias, L, xb);
+            else if (sm->logits) add_requant_row(sm->logits, xr, bias, L, xb);
             else for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
             xr = xb;
         }
