@@ -73,7 +73,7 @@ void go_limit_isa(int level) { isa_limit = level; }
 
 /* The go_* signatures' version, checked by cpu_integer_library.library(): bumped whenever one changes, so a
  * library built from another source (bench/vnni_peak.py --baseline) is refused rather than called wrongly. */
-int go_abi(void) { return 4; }
+int go_abi(void) { return 5; }
 
 static inline int32_t tdiv_pow2(int32_t x, int p) {       /* truncate toward zero */
     return p ? (int32_t)((x + ((x >> 31) & ((1 << p) - 1))) >> p) : x;
@@ -1297,3 +1297,41 @@ void go_add(const int32_t *a, const int32_t *b, int64_t b_rows, int64_t rows, in
     run_rows(isa_limit >= 1 && has_avx512() ? add_row_avx512 : add_row, &j, rows, C, C, live, out,
              C * (e->out_type == OUT_I32 ? 4 : 1), threads);
 }
+
+/* ---- the replay's runs of recorded kernel calls (backends/cpu_integer_replay.py), one ctypes call a run ---- */
+#define CALL_ARGS 32
+typedef struct {
+    const void *fn;
+    int32_t nargs, check;                    /* check: 32 or 64, the int result compared with status; 0: none */
+    int64_t status, got;
+    uint64_t a[CALL_ARGS];
+} go_call_t;
+
+#if defined(__x86_64__) && defined(__linux__)
+typedef int64_t (*call32_fn)(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t,
+                             uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t,
+                             uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t,
+                             uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t);
+
+/* Calls calls[0 .. n) in order, fn(a[0], ..., a[31]). Only for kernels whose parameters are all integers and
+ * pointers (the replay checks their ctypes argtypes): the x86-64 System V ABI passes each of those in the same
+ * register or 8-byte stack slot whatever its width (an int reads the low half), and a callee never reads the
+ * slots past its own parameters, which its caller pops. A checked call whose result (its low 32 bits with check
+ * 32) is not status stops the run, its result in got. Returns the index of that call, else n. */
+int64_t go_run_calls(go_call_t *calls, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t *a = calls[i].a;
+        int64_t r = ((call32_fn)calls[i].fn)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+                                             a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18], a[19], a[20],
+                                             a[21], a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29], a[30],
+                                             a[31]);
+        if (calls[i].check == 32) r = (int32_t)r;
+        if (calls[i].check && r != calls[i].status) {
+            calls[i].got = r;
+            return i;
+        }
+    }
+    return n;
+}
+#endif
+

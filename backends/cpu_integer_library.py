@@ -11,7 +11,7 @@ import torch
 from graphopt.backends.c_build import KernelBuildError, load  # (KernelBuildError: callers catch it here too)
 
 SOURCE = Path(__file__).with_name("cpu_integer_kernels.c")
-ABI = 4                      # go_abi() of the kernels these bindings call
+ABI = 5                      # go_abi() of the kernels these bindings call
 OUT_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int32: 2}
 EPILOGUES = {"raw": 0, "requant": 1, "table": 2, "add": 3, "table_requant": 4, "add_requant": 5, "requant_requant": 6}
 
@@ -33,6 +33,14 @@ class Softmax(ctypes.Structure):
                 ("mr", ctypes.c_int64), ("sizes", ctypes.c_void_p), ("s0", ctypes.c_int64), ("s1", ctypes.c_int64),
                 ("sr", ctypes.c_int64), ("table", ctypes.c_void_p), ("tlen", ctypes.c_int32), ("pad2_", ctypes.c_int32),
                 ("logits", ctypes.c_void_p)]
+
+
+class Call(ctypes.Structure):
+    """One recorded kernel call for go_run_calls: the function, up to CALL_ARGS integer-class arguments, and the
+    status its int result must equal when check is 32 or 64."""
+    CALL_ARGS = 32
+    _fields_ = [("fn", ctypes.c_void_p), ("nargs", ctypes.c_int32), ("check", ctypes.c_int32),
+                ("status", ctypes.c_int64), ("got", ctypes.c_int64), ("a", ctypes.c_uint64 * CALL_ARGS)]
 
 
 def _rows_of(t: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -79,6 +87,8 @@ def library() -> ctypes.CDLL:
     lib.go_layernorm.argtypes = [p, i64, i64, i32, i32, i32, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_add.argtypes = [p, p, i64, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
     lib.go_requant.argtypes = [p, ctypes.c_int, i64, i64, ctypes.POINTER(Epilogue), p, p, ctypes.c_int]
+    if hasattr(lib, "go_run_calls"):          # x86-64 Linux only: cpu_integer_replay batches its calls with it
+        lib.go_run_calls.argtypes, lib.go_run_calls.restype = [ctypes.POINTER(Call), i64], i64
     lib.go_has_vnni.restype = lib.go_has_amx.restype = ctypes.c_int
     lib.go_limit_isa.argtypes = [ctypes.c_int]
     for void in (lib.go_pack_b, lib.go_gemm, lib.go_bmm, lib.go_shiftmax, lib.go_layernorm, lib.go_requant, lib.go_add,

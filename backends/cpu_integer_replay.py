@@ -13,7 +13,8 @@ bytes only when their lifetimes are disjoint, like ONNX Runtime's memory planner
 pointers (arguments and the pointer fields of their epilogue / Shiftmax records) and the torch ops' tensors
 into it. Later calls with those shapes copy the inputs into the plan's slots, run the steps, and return copies
 of the outputs; a kernel that returns something other than what it returned under capture (a status) ends the
-replay and the call runs on the fx graph.
+replay and the call runs on the fx graph. Where the kernel library has ``go_run_calls`` (x86-64 Linux), each run
+of kernel calls between torch steps is one ctypes call that makes them from C: DeiT-S 4 % faster at batch 1.
 
 A forward whose Python reads tensor values (``item``, ``tolist``, ``numpy``), points a kernel at memory the
 plan would not own, or returns a tensor it did not compute is not replayed (``Replay.refused`` says why).
@@ -31,7 +32,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphopt.backends import c_build
-from graphopt.backends.cpu_integer_library import Softmax
+from graphopt.backends.cpu_integer_library import Call, Softmax, library
 
 aten = torch.ops.aten
 ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
@@ -40,6 +41,7 @@ READBACKS = {aten.resolve_conj.default, aten.resolve_neg.default}    # what toli
 BYREF = type(ctypes.byref(ctypes.c_int()))                             # a record passed by reference
 ALIGN = 64
 PLANS = 4                     # input signatures replayed per executable (each holds its arena)
+WORD = (1 << 64) - 1
 
 
 class NotReplayable(Exception):
@@ -187,7 +189,7 @@ class Plan:
             self.arena = torch.empty(max(size, 1), dtype=torch.uint8)
         self._capture = capture
         self.held = []                           # relocated records, and the storages they may point into
-        self.steps = [self._step(s) for s in capture.steps]
+        self.steps = _batched([self._step(s) for s in capture.steps])
         self.outputs = tuple(self._tensor(t) for t in outputs)
         self.held.append([s for _, (_, s) in capture.owned.items()])
         del self._capture                        # the captured storages are freed
@@ -229,8 +231,7 @@ class Plan:
                     moved.append(ctypes.byref(self._record(arg._obj)))
                 else:
                     moved.append(arg)
-            call = functools.partial(fn, *moved)
-            return call if result is None else functools.partial(_expect, call, result, fn.__name__)
+            return _KernelCall(fn, moved, result)
         _, func, args, kwargs, out = step
         args, kwargs = pytree.tree_map(self._tensor, (args, kwargs))
         targets = [self._tensor(r) for r in pytree.tree_leaves(out)]
@@ -245,10 +246,73 @@ class Plan:
         return tuple(o.clone() for o in self.outputs)
 
 
-def _expect(call, result, name):
-    got = call()
-    if got != result:
-        raise NotReplayable(f"kernel {name} returned {got}, {result} under capture")
+class _KernelCall:
+    """A recorded kernel call with its relocated arguments; a status other than the captured one ends the replay."""
+    __slots__ = ("fn", "args", "result")
+
+    def __init__(self, fn, args: list, result):
+        self.fn, self.args, self.result = fn, args, result
+
+    def __call__(self):
+        got = self.fn(*self.args)
+        if self.result is not None and got != self.result:
+            raise NotReplayable(f"kernel {self.fn.__name__} returned {got}, {self.result} under capture")
+
+    def words(self) -> list[int] | None:
+        """The arguments as go_run_calls passes them (64-bit words), or None where it cannot: a float argument
+        (not passed in the integer registers), a result it cannot compare, too many arguments."""
+        if len(self.args) > Call.CALL_ARGS or self.fn.restype not in (None, ctypes.c_int32, ctypes.c_int64):
+            return None
+        words = []
+        for typ, arg in zip(self.fn.argtypes, self.args):
+            if isinstance(arg, BYREF):
+                words.append(ctypes.addressof(arg._obj))
+            elif (typ in (ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p) or issubclass(typ, ctypes._Pointer)) and (
+                    arg is None or isinstance(arg, int)):
+                words.append((arg or 0) & WORD)
+            else:
+                return None
+        return words
+
+
+class _Calls:
+    """A run of recorded kernel calls made from C in one ctypes call (go_run_calls): ctypes converts each call's
+    arguments in 2-5 us. DeiT-S b1 (120 steps -> 5) took 18.6 ms against 19.4 calling each kernel from Python."""
+
+    def __init__(self, run_calls, calls: list[_KernelCall]):
+        self.run_calls, self.calls = run_calls, calls
+        self.records = (Call * len(calls))()
+        for record, call in zip(self.records, calls):
+            words = call.words()
+            record.fn = ctypes.cast(call.fn, ctypes.c_void_p).value
+            record.nargs = len(words)
+            record.a[:len(words)] = words
+            if call.result is not None:
+                record.check, record.status = (64 if call.fn.restype is ctypes.c_int64 else 32), call.result
+
+    def __call__(self):
+        stopped = self.run_calls(self.records, len(self.calls))
+        if stopped < len(self.calls):
+            call = self.calls[stopped]
+            raise NotReplayable(f"kernel {call.fn.__name__} returned {self.records[stopped].got}, {call.result} "
+                                "under capture")
+
+
+def _batched(steps: list) -> list:
+    """steps with each run of two or more kernel calls go_run_calls can make replaced by one _Calls."""
+    run_calls = getattr(library(), "go_run_calls", None)
+    if run_calls is None:
+        return steps
+    out, run = [], []
+    for step in steps + [None]:
+        if isinstance(step, _KernelCall) and step.words() is not None:
+            run.append(step)
+            continue
+        out += [_Calls(run_calls, run)] if len(run) > 1 else run
+        run = []
+        if step is not None:
+            out.append(step)
+    return out
 
 
 def _torch_step(func, args, kwargs, targets):
