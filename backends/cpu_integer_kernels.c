@@ -1302,7 +1302,7 @@ void go_add(const int32_t *a, const int32_t *b, int64_t b_rows, int64_t rows, in
 #define CALL_ARGS 32
 typedef struct {
     const void *fn;
-    int32_t nargs, check;                    /* check: 32 or 64, the int result compared with status; 0: none */
+    int32_t check, pad_;                     /* check: 32 or 64, the int result compared with status; 0: none */
     int64_t status, got;
     uint64_t a[CALL_ARGS];
 } go_call_t;

@@ -39,7 +39,7 @@ class Call(ctypes.Structure):
     """One recorded kernel call for go_run_calls: the function, up to CALL_ARGS integer-class arguments, and the
     status its int result must equal when check is 32 or 64."""
     CALL_ARGS = 32
-    _fields_ = [("fn", ctypes.c_void_p), ("nargs", ctypes.c_int32), ("check", ctypes.c_int32),
+    _fields_ = [("fn", ctypes.c_void_p), ("check", ctypes.c_int32), ("pad_", ctypes.c_int32),
                 ("status", ctypes.c_int64), ("got", ctypes.c_int64), ("a", ctypes.c_uint64 * CALL_ARGS)]
 
 

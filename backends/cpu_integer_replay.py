@@ -285,7 +285,6 @@ class _Calls:
         for record, call in zip(self.records, calls):
             words = call.words()
             record.fn = ctypes.cast(call.fn, ctypes.c_void_p).value
-            record.nargs = len(words)
             record.a[:len(words)] = words
             if call.result is not None:
                 record.check, record.status = (64 if call.fn.restype is ctypes.c_int64 else 32), call.result
