@@ -217,6 +217,12 @@ static inline __m512i tdiv_pow2_16(__m512i x, int p) {
     return _mm512_srai_epi32(_mm512_add_epi32(x, neg), (unsigned)p);
 }
 
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i clamp16(__m512i y, int k, int32_t lo, int32_t hi) {      /* clamp(y >> k, lo, hi) */
+    y = _mm512_srai_epi32(y, (unsigned)k);
+    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(lo)), _mm512_set1_epi32(hi));
+}
+
 /* int.shiftgelu on 16 lanes, computed instead of looked up (a 2^in_bits-entry table gather costs more):
  * e = shift_pow2(|x|) by shifts (X = 2^logx), then sig = (num 2^bits + den / 2) / den with den = e + one in
  * [2^(n+1) X, 2^(n+2) X]. The quotient is at most 2^bits: a float estimate from rcp14 (relative error
@@ -1003,24 +1009,26 @@ static void add_requant_row(const epilogue_t *g, const int32_t *x, const int32_t
     }
 }
 
-/* add_requant_row on 16 lanes (int32 wrap-around, as the scalar code): token merging's logits, one row per
- * query row (3.4 % of a DeiT-S b8 + tm16 forward when scalar). */
+/* int.add on 16 lanes of columns c0 on: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c) + zp, with per-column
+ * m, mb, c (int32 wrap-around, as the scalar code; tail lanes masked by k). */
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i add16(const epilogue_t *e, __m512i a, __m512i b, int64_t c0, __mmask16 k) {
+    __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(b, e->pb), _mm512_maskz_loadu_epi32(k, e->mb + c0)),
+                                 _mm512_maskz_loadu_epi32(k, e->c + c0));
+    v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(a, e->pre), _mm512_maskz_loadu_epi32(k, e->m + c0)), v);
+    return _mm512_add_epi32(clamp16(v, e->k, e->lo, e->hi), _mm512_set1_epi32(e->zp));
+}
+
+/* add_requant_row on 16 lanes: token merging's logits, one row per query row (3.4 % of a DeiT-S b8 + tm16
+ * forward when scalar). */
 __attribute__((target("avx512f,avx512bw")))
 static void add_requant_row_avx512(const epilogue_t *g, const int32_t *x, const int32_t *b, int64_t L, int32_t *y) {
-    const __m512i lo = _mm512_set1_epi32(g->lo), hi = _mm512_set1_epi32(g->hi), zp = _mm512_set1_epi32(g->zp),
-                  lo2 = _mm512_set1_epi32(g->lo2), hi2 = _mm512_set1_epi32(g->hi2), zp2 = _mm512_set1_epi32(g->zp2);
-    const __m128i k = _mm_cvtsi32_si128(g->k), k2 = _mm_cvtsi32_si128(g->k2);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 t = tail_mask(L - j);
-        __m512i xv = tdiv_pow2_16(_mm512_maskz_loadu_epi32(t, x + j), g->pre);
-        __m512i bv = tdiv_pow2_16(_mm512_maskz_loadu_epi32(t, b + j), g->pb);
-        __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(bv, _mm512_maskz_loadu_epi32(t, g->mb + j)),
-                                     _mm512_maskz_loadu_epi32(t, g->c + j));
-        v = _mm512_add_epi32(_mm512_mullo_epi32(xv, _mm512_maskz_loadu_epi32(t, g->m + j)), v);
-        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_sra_epi32(v, k), lo), hi), zp);
+        __m512i v = add16(g, _mm512_maskz_loadu_epi32(t, x + j), _mm512_maskz_loadu_epi32(t, b + j), j, t);
         v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(v, g->pre2), _mm512_maskz_loadu_epi32(t, g->m2 + j)),
                              _mm512_maskz_loadu_epi32(t, g->c2 + j));
-        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_sra_epi32(v, k2), lo2), hi2), zp2);
+        v = _mm512_add_epi32(clamp16(v, g->k2, g->lo2, g->hi2), _mm512_set1_epi32(g->zp2));
         _mm512_mask_storeu_epi32(y + j, t, v);
     }
 }
@@ -1119,12 +1127,6 @@ static void store_row(void *out, int type, int64_t i0, const int32_t *y, int64_t
     if (type == OUT_U8) for (int64_t j = 0; j < n; j++) ((uint8_t *)out)[i0 + j] = (uint8_t)y[j];
     else if (type == OUT_I8) for (int64_t j = 0; j < n; j++) ((int8_t *)out)[i0 + j] = (int8_t)y[j];
     else memcpy((int32_t *)out + i0, y, sizeof(int32_t) * (size_t)n);
-}
-
-__attribute__((target("avx512f,avx512bw")))
-static inline __m512i clamp16(__m512i y, int k, int32_t lo, int32_t hi) {      /* clamp(y >> k, lo, hi) */
-    y = _mm512_srai_epi32(y, (unsigned)k);
-    return _mm512_min_epi32(_mm512_max_epi32(y, _mm512_set1_epi32(lo)), _mm512_set1_epi32(hi));
 }
 
 __attribute__((target("avx512f,avx512bw")))
@@ -1281,12 +1283,9 @@ static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
     int64_t C = j->C, i0 = r * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
         __mmask16 k = tail_mask(C - c0);
-        __m512i a = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->a + i0 + c0), e->pre);
-        __m512i b = tdiv_pow2_16(_mm512_maskz_loadu_epi32(k, j->b + r % j->b_rows * C + c0), e->pb);
-        __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(b, _mm512_maskz_loadu_epi32(k, e->mb + c0)),
-                                     _mm512_maskz_loadu_epi32(k, e->c + c0));
-        v = _mm512_add_epi32(_mm512_mullo_epi32(a, _mm512_maskz_loadu_epi32(k, e->m + c0)), v);
-        store16(j->out, e->out_type, i0 + c0, _mm512_add_epi32(clamp16(v, e->k, e->lo, e->hi), _mm512_set1_epi32(e->zp)), k);
+        __m512i a = _mm512_maskz_loadu_epi32(k, j->a + i0 + c0);
+        __m512i b = _mm512_maskz_loadu_epi32(k, j->b + r % j->b_rows * C + c0);
+        store16(j->out, e->out_type, i0 + c0, add16(e, a, b, c0, k), k);
     }
 }
 

@@ -816,7 +816,7 @@ static OrtStatus *add(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
         epilogue_t e = requant_epilogue(kn, EPI_ADD, in[2].data, in[4].data);
         e.mb = in[3].data;
         e.pb = (int32_t)attr(kn, "pb");
-        go_add(in[0].data, b ? b : in[1].data, b ? rows : period / C, rows, C, &e, y, live, threads_of(kn));
+        go_add(in[0].data, b ? b : in[1].data, period / C, rows, C, &e, y, live, threads_of(kn));
     }
     free(b);
     return s;
