@@ -162,10 +162,22 @@ def _comparable(name: str, a, b, leading: int | None):
                                "are merged or dropped"
 
 
+def _real_positions(a, b, why, mask_name: str, mask):
+    """Only the real positions of a [batch, tokens, ...] output pair: zero_padded_positions set the padded ones
+    to 0, which nobody reads, so comparing them would fail a correct model."""
+    if a is None or mask is None or a.shape != b.shape or a.ndim < 2 or a.shape[:2] != mask.shape:
+        return a, b, why
+    keep = mask != 0
+    note = (f"compared at the {int(keep.sum())} real positions of {mask_name!r}; zero_padded_positions set the "
+            f"{int(keep.size - keep.sum())} padded ones to 0")
+    return a[keep], b[keep], note if why is None else f"{why}; {note}"
+
+
 def check(before: ModelSide, proto_out, staged_model, feeds, args, specs, leading_tokens=None,
-          custom_ops=None) -> dict:
+          custom_ops=None, mask_name=None) -> dict:
     """Run both models in ONNX Runtime on ``feeds``: errors, cosine, latencies, and whether the limits hold.
-    ``custom_ops``: the custom-op library the output model needs (--ort-custom-ops)."""
+    ``custom_ops``: the custom-op library the output model needs (--ort-custom-ops). ``mask_name``: the
+    input whose zeros mark positions the output model leaves at 0 (zero_padded_positions)."""
     import numpy as np
 
     with task(f"ONNX Runtime: both models, {args.warmup} warm-up + {args.runs} timed runs each", key="check"):
@@ -183,8 +195,9 @@ def check(before: ModelSide, proto_out, staged_model, feeds, args, specs, leadin
             pairs.append((name, np.asarray(ref[i]), np.asarray(got[j])))
     per_output, worst, scale = {}, 0.0, 1.0
     dots = norm_a = norm_b = 0.0
+    mask = np.asarray(feeds[mask_name]) if mask_name is not None and mask_name in feeds else None
     for name, a_full, b_full in pairs:
-        a, b, why = _comparable(name, a_full, b_full, leading_tokens)
+        a, b, why = _real_positions(*_comparable(name, a_full, b_full, leading_tokens), mask_name, mask)
         if a is None:
             per_output[name] = {"max_abs_error": None, "compared": why}
             continue

@@ -178,7 +178,8 @@ def run(args) -> int:
             check_result = None
             if args.check:
                 check_result = check.check(before, proto_out, staged_model, feeds, args, specs,
-                                           graph.meta.get("leading_tokens_kept"), custom_ops)
+                                           graph.meta.get("leading_tokens_kept"), custom_ops,
+                                           graph.meta.get("positions_kept_by_mask"))
         summary = {"source": source, "input": before, "output": after, "passes": [str(s) for s in specs],
                    "pipeline": pipeline, "check": check_result, "inputs": input_note, "timings": timings,
                    "written": written, "verbose": args.verbose, "graph_before": graph_before, "graph_after": graph,

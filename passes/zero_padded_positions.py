@@ -42,4 +42,5 @@ def zero_padded_positions(graph: Graph, ctx, *,
             cond = graph.op.reshape(keep, shape=tuple(m.type.shape) + (1,) * (v.type.rank - 2))
             outputs[i] = graph.op.where(cond, v, graph.add_constant(torch.zeros((), dtype=v.type.dtype)))
     graph.set_outputs(outputs)
+    graph.meta["positions_kept_by_mask"] = mask  # outputs agree with the model's only where the mask is nonzero
     ctx.count("outputs_masked", len(hit))
