@@ -316,6 +316,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
             }
             int64_t o = (row0 + r) * ldo + col;
             if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
+            else if (mask == 0xFFFF) _mm512_storeu_si512((int32_t *)out + o, y);   /* a masked store is slower */
             else _mm512_mask_storeu_epi32((int32_t *)out + o, mask, y);
         }
     }
@@ -978,7 +979,8 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uin
         __m512i u = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j));
         u = _mm512_min_epi32(_mm512_max_epi32(u, zero), top);
         __m512i ev = pow2_16(u, sm->pow2, sm->n, logx, keep);
-        _mm512_mask_storeu_epi32(e + j, k, ev);
+        if (k == 0xFFFF) _mm512_storeu_si512(e + j, ev);
+        else _mm512_mask_storeu_epi32(e + j, k, ev);
         vs = _mm512_add_epi32(vs, ev);
     }
     int32_t si = _mm512_reduce_add_epi32(vs);
@@ -990,7 +992,7 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uin
         __mmask16 k = tail_mask(L - j);
         __m512i n = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j), b), half);
         __m512i q = _mm512_min_epu32(divide16(n, d), cap);
-        _mm512_mask_storeu_epi8(o + j, (__mmask64)k, _mm512_castsi128_si512(_mm512_cvtepi32_epi8(q)));
+        _mm512_mask_cvtepi32_storeu_epi8(o + j, k, q);
     }
 }
 
@@ -1133,6 +1135,7 @@ __attribute__((target("avx512f,avx512bw")))
 static inline void store16(void *out, int type, int64_t i, __m512i y, __mmask16 k) {
     if (type == OUT_U8) _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)out + i, k, y);
     else if (type == OUT_I8) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + i, k, y);
+    else if (k == 0xFFFF) _mm512_storeu_si512((int32_t *)out + i, y);
     else _mm512_mask_storeu_epi32((int32_t *)out + i, k, y);
 }
 
@@ -1187,7 +1190,8 @@ __attribute__((target("avx512f,avx512bw")))
 static void layernorm_row_avx512(const void *arg, int64_t r, int32_t *y) {
     (void)y;
     const layernorm_job_t *job = arg;
-    const epilogue_t *rq = job->rq;
+    epilogue_t local;                       /* a copy the stores through out cannot alias: fields stay in registers */
+    const epilogue_t *rq = job->rq ? (local = *job->rq, &local) : NULL;
     int64_t C = job->C;
     const int32_t *xr = job->x + r * C;
     __m512i zero = _mm512_setzero_si512(), sum = zero;
@@ -1242,6 +1246,7 @@ __attribute__((target("avx512f,avx512bw")))
 static void requant_row_avx512(const void *arg, int64_t r, int32_t *y) {
     (void)y;
     const requant_job_t *j = arg;
+    const epilogue_t e = *j->e;             /* a copy the stores through out cannot alias */
     int64_t C = j->C, i0 = r * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
         __mmask16 k = tail_mask(C - c0);
@@ -1249,7 +1254,7 @@ static void requant_row_avx512(const void *arg, int64_t r, int32_t *y) {
         if (j->in_type == OUT_U8) x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, (const uint8_t *)j->x + i0 + c0));
         else if (j->in_type == OUT_I8) x = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, (const int8_t *)j->x + i0 + c0));
         else x = _mm512_maskz_loadu_epi32(k, (const int32_t *)j->x + i0 + c0);
-        store16(j->out, j->e->out_type, i0 + c0, requant16(j->e, x, c0, k), k);
+        store16(j->out, e.out_type, i0 + c0, requant16(&e, x, c0, k), k);
     }
 }
 
@@ -1279,7 +1284,7 @@ __attribute__((target("avx512f,avx512bw")))
 static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
     (void)y;
     const add_job_t *j = arg;
-    const epilogue_t *e = j->e;
+    const epilogue_t local = *j->e, *e = &local;    /* a copy the stores through out cannot alias */
     int64_t C = j->C, i0 = r * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
         __mmask16 k = tail_mask(C - c0);
