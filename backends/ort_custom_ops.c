@@ -4,7 +4,7 @@
  * Domain ai.graphopt.cpu_integer; one op per fused cpu.* op and output type (ONNX Runtime infers a custom
  * op's output type from its registration, so the type is part of the name):
  *   IntGemm_{u8,i8,i32}       x, w [N, Kp] (unpacked int8; packed once, at the first run), bias, m?, c?,
- *                             table?, res?, mb?, m2?, c2?
+ *                             table?, res?, mb?, m2?, c2?, ks? (the requant's shift per column)
  *   IntBmm_{u8,i8,i32}        a, b, bias, m?, c?, pow2?, mask?, sizes?, table?, mb?, m2?, c2?; optional
  *                             a_perm, b_perm, out_perm: transposed operands read, the output written, in place
  *   IntLayerNorm_{u8,i8,i32}  x, m?, c?
@@ -457,7 +457,7 @@ static OrtStatus *packed_weights(kernel_t *kn, const tensor_t *w, int64_t n, int
 
 static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     const OrtApi *api = kn->api;
-    tensor_t in[12];                    /* in[10] (ks, a shift per column) is never written: see _no_column_shifts */
+    tensor_t in[12];
     for (size_t i = 0; i < 12; i++) TRY(input(kn, ctx, count, i, &in[i]));
     const tensor_t *x = &in[0], *w = &in[1];
     int64_t n = attr(kn, "n"), kp = attr(kn, "k_padded"), flip = attr(kn, "flip");
@@ -481,6 +481,8 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(vector(kn, &in[7], "mb", n, kind == EPI_ADD));
     TRY(vector(kn, &in[8], "m2", n, kind == EPI_TABLE_REQUANT));
     TRY(vector(kn, &in[9], "c2", n, kind == EPI_TABLE_REQUANT));
+    TRY(vector(kn, &in[10], "ks", n, 0));     /* sibling layers of different shifts: the requant's k per column */
+    if (in[10].data && !requant) return fail(api, kn, "ks (a shift per column) belongs to a requant epilogue");
     const uint8_t *live;
     TRY(live_input(kn, &in[11], rows, &live));
     const int8_t *packed = NULL;
@@ -495,7 +497,7 @@ static OrtStatus *gemm(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
                     .k = (int32_t)attr(kn, "k"), .lo = (int32_t)attr(kn, "lo"), .hi = (int32_t)attr(kn, "hi"),
                     .zp = (int32_t)attr(kn, "zp"), .m = in[3].data, .c = in[4].data, .table = in[5].data,
                     .res = in[6].data, .ldr = n, .pb = (int32_t)attr(kn, "pb"), .mb = in[7].data, .m2 = in[8].data,
-                    .c2 = in[9].data, .pre2 = (int32_t)attr(kn, "pre2"), .k2 = (int32_t)attr(kn, "k2"),
+                    .c2 = in[9].data, .ks = in[10].data, .pre2 = (int32_t)attr(kn, "pre2"), .k2 = (int32_t)attr(kn, "k2"),
                     .lo2 = (int32_t)attr(kn, "lo2"), .hi2 = (int32_t)attr(kn, "hi2"), .zp2 = (int32_t)attr(kn, "zp2"),
                     .gelu_x = (int32_t)attr(kn, "gelu_x"), .gelu_n = (int32_t)attr(kn, "gelu_n"),
                     .gelu_bits = (int32_t)attr(kn, "gelu_bits"), .gelu_in_bits = (int32_t)attr(kn, "gelu_in_bits")};

@@ -72,13 +72,15 @@ def test_linear_requant_and_raw(isa, x_dtype, k):
     _check(graph, [x], {"IntGemm_i32": 1})
 
 
-@pytest.mark.parametrize("shifts,gemms", [([12, 12, 12], 1), ([12, 13], 2)])
-def test_sibling_linear_layers(shifts, gemms):
-    """Equal requants: one IntGemm over the concatenated weights, then standard Slice ops. Different shifts
-    (cpu_integer's GEMM with a shift per column) have no custom op: each layer keeps its own IntGemm."""
+@pytest.mark.parametrize("shifts", [[12, 12, 12], [12, 13], [13, 12, 14]])
+def test_sibling_linear_layers(shifts):
+    """One IntGemm over the concatenated weights, then standard Slice ops; requants that differ in their shift
+    pass it per column (ks)."""
     graph, inputs = _sibling_linears(shifts)
-    model = _check(graph, inputs, {"IntGemm_i8": gemms, "IntBmm_i32": 1})
-    assert sum(n.op_type == "Slice" for n in model.graph.node) >= (len(shifts) if gemms == 1 else 0)
+    model = _check(graph, inputs, {"IntGemm_i8": 1, "IntBmm_i32": 1})
+    assert sum(n.op_type == "Slice" for n in model.graph.node) >= len(shifts)
+    gemm = next(n for n in model.graph.node if n.op_type == "IntGemm_i8")
+    assert (len(gemm.input) > 10 and gemm.input[10] != "") == (len(set(shifts)) > 1)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -516,6 +518,17 @@ def test_bad_nodes_are_errors_naming_node_and_op():
                                                TensorProto.UINT8, X=1, n_pow=0, bits=8, threads=1))
     with pytest.raises(Exception, match="my_node.*IntShiftmax_u8: sizes and table come together"):
         session.run(None, {"x": np.zeros((2, 4), np.int32)})
+    gemm = helper.make_node("IntGemm_i32", ["x", "w", "m"] + [""] * 7 + ["m"], ["y"], name="my_node", domain=DOMAIN,
+                            kind="raw", n=4, k_padded=4, flip=0, pb=0, pre=0, k=0, lo=0, hi=0, zp=0, pre2=0, k2=0,
+                            lo2=0, hi2=0, zp2=0, threads=1)
+    consts = [helper.make_tensor("w", TensorProto.INT8, [4, 4], [1] * 16), helper.make_tensor("m", TensorProto.INT32,
+                                                                                              [4], [1] * 4)]
+    session = custom_ops_session(helper.make_model(helper.make_graph(
+        [gemm], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)], consts),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]))
+    with pytest.raises(Exception, match=r"my_node.*IntGemm_i32: ks \(a shift per column\) belongs to a requant"):
+        session.run(None, {"x": np.zeros((2, 4), np.uint8)})
     x = helper.make_tensor_value_info("x", TensorProto.INT32, [2, 5, 3])
     outs = [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in ("y", "s")]
     node = helper.make_node("IntTokenMerge_i32", ["x", "x", "sizes"], ["y", "s"], name="my_node", domain=DOMAIN, r=1,

@@ -202,19 +202,13 @@ def unpack_b(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return weight.reshape(n, k)
 
 
-def _no_column_shifts(node: Node) -> str | None:
-    """The library's IntGemm has one shift k (no per-column ``ks``: sibling layers of different shifts)."""
-    ks = node.inputs[10] if len(node.inputs) > 10 else None
-    return f"{node.op} with a shift per column (ks) has no custom op" if ks is not None else None
-
-
 def _keys_per_token(node: Node) -> str | None:
     """The library's IntTokenMerge reads [B, N, d] keys (not summed per head: cpu_integer_layout.fold_key_head_sums
     is cpu_integer's alone; here the sum stays a ReduceSum)."""
     return f"{node.op} with keys summed per head (heads_axis) has no custom op" if node.attrs["heads_axis"] else None
 
 
-_SUPPORTS = {"cpu.int_gemm": _no_column_shifts, "cpu.int_token_merge": _keys_per_token}
+_SUPPORTS = {"cpu.int_token_merge": _keys_per_token}
 for _op in OP_TYPES:
     register_kernel(TARGET, _op, name=f"custom_op_{OP_TYPES[_op]}", supports=_SUPPORTS.get(_op))(
         {"cpu.int_gemm": _lower_gemm, "cpu.int_bmm": _lower_bmm}.get(_op, _lower_plain))
