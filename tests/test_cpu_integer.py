@@ -435,25 +435,27 @@ def test_standalone_requant_and_patch_conv(isa):
 
 
 # ---- token merging: the merge, proportional attention inside the attention kernel ------------------------
-@pytest.mark.parametrize("batch,n,r,protected,shift,key_range,key_dtype", [
-    (1, 19, 5, 1, 0, 1, I32),        # odd token count, keys in {-1, 0, 1}: many tied scores
-    (3, 24, 9, 2, 0, 120, I8),       # even count, two protected tokens, int8 keys
-    (2, 17, 100, 1, 3, 3000, I32),   # r larger than half: clamped to (n - protected) // 2; shifted keys
-    (2, 16, 3, 0, 0, 2 ** 15, I32),  # |a.b| >= 2^21: the scores' exact int64 path
-    (1, 40, 12, 1, 0, 2, I32),       # estimated scores over two 16-lane blocks of B tokens, many ties
-    (2, 21, 4, 1, 0, 20000, I32),    # estimated, but rows with |a.b| >= 2^21 are scored exactly throughout
-    (2, 9, 0, 1, 0, 5, I32),         # r = 0: unchanged
+@pytest.mark.parametrize("batch,n,r,protected,shift,key_range,key_dtype,dim", [
+    (1, 19, 5, 1, 0, 1, I32, 5),        # odd token count, keys in {-1, 0, 1}: many tied scores
+    (3, 24, 9, 2, 0, 120, I8, 5),       # even count, two protected tokens, int8 keys
+    (2, 17, 100, 1, 3, 3000, I32, 5),   # r larger than half: clamped to (n - protected) // 2; shifted keys
+    (2, 16, 3, 0, 0, 2 ** 15, I32, 5),  # |a.b| >= 2^21: the scores' exact int64 path
+    (1, 40, 12, 1, 0, 2, I32, 5),       # estimated scores over two 16-lane blocks of B tokens, many ties
+    (2, 21, 4, 1, 0, 20000, I32, 5),    # estimated, but rows with |a.b| >= 2^21 are scored exactly throughout
+    (2, 9, 0, 1, 0, 5, I32, 5),         # r = 0: unchanged
+    (2, 197, 16, 1, 0, 40, I32, 64),    # DeiT-S's merge: 98 B tokens (a 64-token block of VPDPWSSD, then 16s)
+    (1, 150, 20, 1, 0, 9, I32, 7),      # an odd key width (the last int16 pair padded)
 ])
-def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range, key_dtype):
+def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range, key_dtype, dim):
     g = _gen(n + r)
     graph = Graph("before")
     x = graph.add_input("x", TensorType(I32, (batch, n, 6)))
-    k = graph.add_input("k", TensorType(key_dtype, (batch, n, 5)))
+    k = graph.add_input("k", TensorType(key_dtype, (batch, n, dim)))
     s = graph.add_input("s", TensorType(I32, (batch, n, 1)))
     merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": r, "protected": protected, "shift": shift}).outputs
     graph.set_outputs([merged, sizes])
     lo = -min(key_range, 128) if key_dtype == I8 else -key_range
-    inputs = [_rand((batch, n, 6), I32, g, -32768, 32767), _rand((batch, n, 5), key_dtype, g, lo, min(key_range, 127)),
+    inputs = [_rand((batch, n, 6), I32, g, -32768, 32767), _rand((batch, n, dim), key_dtype, g, lo, min(key_range, 127)),
               _rand((batch, n, 1), I32, g, 1, 7)]
     _check(graph, inputs, {"cpu.int_token_merge": 1})
 
