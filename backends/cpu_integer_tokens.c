@@ -180,6 +180,44 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
     free(bt); free(bt2); free(a2); free(dots); free(rb); free(estimate);
 }
 
+/* acc[c] (+)= x[c] s on 8 lanes: int32 times int32 into int64 by VPMULDQ, exact, wrapping like the scalar sum. */
+__attribute__((target("avx512f")))
+static void scaled_add(int64_t *acc, const int32_t *x, int64_t s, int64_t C, int first) {
+    __m512i vs = _mm512_set1_epi64(s);
+    for (int64_t c = 0; c < C; c += 8) {
+        __mmask8 k = C - c >= 8 ? 0xFF : (__mmask8)((1u << (C - c)) - 1);
+        __m512i p = _mm512_mul_epi32(_mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(k, x + c)), vs);
+        if (!first) p = _mm512_add_epi64(p, _mm512_maskz_loadu_epi64(k, acc + c));
+        _mm512_mask_storeu_epi64(acc + c, k, p);
+    }
+}
+
+/* out[c] = round(acc[c] / s) half away from zero on 8 lanes: floor((2|v| + s) / 2s) by a float64 division. Exact
+ * while num = 2|v| + s < 2^53: num and 2s are then exact, a quotient that is not an integer lies 1/2s or more below
+ * the next one, and the division's rounding moves it by less than num 2^-53 / 2s. Here |v| < 2^50 and s < 2^40;
+ * a vector with a lane beyond that takes the scalar code. */
+__attribute__((target("avx512f,avx512dq,avx512vl")))
+static void round_divide(const int64_t *acc, int64_t s, div62_t twice, int64_t C, int32_t *out) {
+    __m512d two_s = _mm512_set1_pd((double)(2 * s));
+    __m512i vs = _mm512_set1_epi64(s), big = _mm512_set1_epi64((int64_t)1 << 50);
+    for (int64_t c = 0; c < C; c += 8) {
+        __mmask8 k = C - c >= 8 ? 0xFF : (__mmask8)((1u << (C - c)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi64(k, acc + c), a = _mm512_abs_epi64(v);
+        if (s >= ((int64_t)1 << 40) || _mm512_mask_cmpge_epu64_mask(k, a, big)) {
+            for (int64_t i = c; i < c + 8 && i < C; i++) {
+                int64_t w = acc[i], num = 2 * (w < 0 ? -w : w) + s;
+                int64_t mag = BELOW62(num) ? div62(num, twice) : num / (2 * s);
+                out[i] = (int32_t)(w < 0 ? -mag : mag);
+            }
+            continue;
+        }
+        __m512d num = _mm512_cvtepi64_pd(_mm512_add_epi64(_mm512_add_epi64(a, a), vs));
+        __m512i q = _mm512_cvttpd_epi64(_mm512_div_pd(num, two_s));
+        q = _mm512_mask_sub_epi64(q, _mm512_movepi64_mask(v), _mm512_setzero_si512(), q);
+        _mm256_mask_storeu_epi32(out + c, k, _mm512_cvtepi64_epi32(q));
+    }
+}
+
 enum { KEY_U8 = 0, KEY_I8 = 1, KEY_I32 = 2 };
 
 /* k[t, c] = (int32 sum over h of keys[t kn + h kh + c kc]) >> shift, wrapping like the graph's int32 sum; one
@@ -216,7 +254,7 @@ static int merge_one(const int32_t *x, const void *keys, int key_type, int64_t H
     int64_t *next = malloc(sizeof(int64_t) * (size_t)n), *acc = malloc(sizeof(int64_t) * (size_t)C);
     edge_t *edges = malloc(sizeof(edge_t) * (size_t)(na + 1));
     unsigned char *gone = calloc((size_t)n, 1);
-    int status = 0;
+    int status = 0, vec = __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
     sum_heads(keys, key_type, H, kn, kh, kc, n, d, shift, k);
     match_scores(k, n, d, p, na, nb, norm, inv, score, best);
     for (int64_t i = 0; i < na; i++) { edges[i].score = score[i]; edges[i].a = i; }
@@ -240,20 +278,26 @@ static int merge_one(const int32_t *x, const void *keys, int key_type, int64_t H
             continue;
         }
         int64_t s = sizes[t];
-        for (int64_t c = 0; c < C; c++) acc[c] = (int64_t)xt[c] * s;
+        if (vec) scaled_add(acc, xt, s, C, 1);
+        else for (int64_t c = 0; c < C; c++) acc[c] = (int64_t)xt[c] * s;
         for (int64_t u = first[t]; u >= 0; u = next[u]) {
             const int32_t *xu = x + u * C;
             int64_t su = sizes[u];
             if (su < 1) status = 1;
             s += su;
-            for (int64_t c = 0; c < C; c++) acc[c] += (int64_t)xu[c] * su;
+            if (vec) scaled_add(acc, xu, su, C, 0);
+            else for (int64_t c = 0; c < C; c++) acc[c] += (int64_t)xu[c] * su;
         }
         if (s < 1) s = 1;                          /* only with sizes < 1, already reported */
         div62_t twice = make_div62((uint64_t)(2 * s));
-        for (int64_t c = 0; c < C; c++) {
-            int64_t v = acc[c], num = 2 * (v < 0 ? -v : v) + s;
-            int64_t mag = BELOW62(num) ? div62(num, twice) : num / (2 * s);
-            ot[c] = (int32_t)(v < 0 ? -mag : mag);
+        if (vec) {
+            round_divide(acc, s, twice, C, ot);
+        } else {
+            for (int64_t c = 0; c < C; c++) {
+                int64_t v = acc[c], num = 2 * (v < 0 ? -v : v) + s;
+                int64_t mag = BELOW62(num) ? div62(num, twice) : num / (2 * s);
+                ot[c] = (int32_t)(v < 0 ? -mag : mag);
+            }
         }
         out_sizes[o++] = (int32_t)s;
     }

@@ -460,6 +460,35 @@ def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range
     _check(graph, inputs, {"cpu.int_token_merge": 1})
 
 
+def test_token_merge_of_large_tokens_and_sizes_rounds_like_the_reference():
+    """Sums x s past 2^50 (int32 tokens, sizes to 2^22): the merge's float64 division is exact only below that, so
+    those columns take the integer division; smaller ones in the same rows stay on the vector path."""
+    g = _gen(3)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (2, 40, 21)))
+    k = graph.add_input("k", TensorType(I32, (2, 40, 4)))
+    s = graph.add_input("s", TensorType(I32, (2, 40, 1)))
+    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 15, "protected": 1, "shift": 0}).outputs
+    graph.set_outputs([merged, sizes])
+    tokens = _rand((2, 40, 21), I32, g, -2 ** 31, 2 ** 31 - 1)
+    tokens[:, :, 8:] //= 1 << 12                                     # columns 8.. below 2^50 even when summed
+    _check(graph, [tokens, _rand((2, 40, 4), I32, g, -3, 3), _rand((2, 40, 1), I32, g, 1, 1 << 22)],
+           {"cpu.int_token_merge": 1})
+    # a hand-found pair where float64 is off by one: (1172080245 * 658314063 + 184609148) / 658314064 rounds to
+    # 1172080243 (x * s sums to 2^59.4, beyond float64's 53 bits), float64 gives 1172080244
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (1, 2, 9)))
+    k = graph.add_input("k", TensorType(I32, (1, 2, 2)))
+    s = graph.add_input("s", TensorType(I32, (1, 2, 1)))
+    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 1, "protected": 0, "shift": 0}).outputs
+    graph.set_outputs([merged, sizes])
+    tokens = torch.tensor([[[1172080245] * 9, [184609148] * 9]], dtype=I32)
+    inputs = [tokens, torch.ones(1, 2, 2, dtype=I32), torch.tensor([[[658314063], [1]]], dtype=I32)]
+    _check(graph, inputs, {"cpu.int_token_merge": 1})
+    from graphopt.backends.torch_backend import run
+    assert run(graph, *inputs)[0].flatten().tolist() == [1172080243] * 9      # the hand-computed rounding
+
+
 def test_token_merge_tie_of_scores_a_fraction_apart_goes_to_the_first():
     """A0 = (1, 0) scores 2^20 (1500^2 / (1500^2 + 1)) = 1048575.53 with B0 = (1500, 1) and 1048575.74 with
     B1 = (2000, 1): both floor to 1048575, so B0 (the first) is its match, though B1's real score is higher."""
