@@ -13,6 +13,7 @@
  * Returns 0, or 1 when a size is below 1 (the reference's division would be undefined there).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +77,17 @@ static void dots_vnni(const int32_t *a2, const int32_t *bt2, int64_t dp, int64_t
         _mm512_storeu_si512(dots + j + 32, s2);
         _mm512_storeu_si512(dots + j + 48, s3);
     }
-    for (; j < nbp; j += 16) {
+    for (; j + 32 <= nbp; j += 32) {
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        for (int64_t c = 0; c < dp; c++) {
+            __m512i a = _mm512_set1_epi32(a2[c]);
+            s0 = _mm512_dpwssd_epi32(s0, a, _mm512_loadu_si512(bt2 + c * nbp + j));
+            s1 = _mm512_dpwssd_epi32(s1, a, _mm512_loadu_si512(bt2 + c * nbp + j + 16));
+        }
+        _mm512_storeu_si512(dots + j, s0);
+        _mm512_storeu_si512(dots + j + 16, s1);
+    }
+    if (j < nbp) {
         __m512i s0 = _mm512_setzero_si512();
         for (int64_t c = 0; c < dp; c++)
             s0 = _mm512_dpwssd_epi32(s0, _mm512_set1_epi32(a2[c]), _mm512_loadu_si512(bt2 + c * nbp + j));
@@ -90,12 +101,14 @@ static inline int32_t pair16(const int32_t *k, int64_t c, int64_t d) {     /* k[
 
 /* Dots of A token a with every B token on 16 lanes (bt: the B keys transposed, [d, nbp], zero past nb), in int32
  * (exact when d max|k|^2 < 2^31), and float estimates of their scores, dot |dot| 2^20 / (|a|^2 |b|^2) (ra, rb the
- * reciprocals): off by < 0.5, as the scores are at most 2^20. Returns 0 when a dot reaches 2^21 (the exact
- * score may wrap there, so the estimate says nothing). */
+ * reciprocals): off by < 0.5, as the scores are at most 2^20; *high: the highest estimate of the nb B tokens.
+ * Returns 0 when a dot reaches 2^21 (the exact score may wrap there, so the estimate says nothing). */
 __attribute__((target("avx512f")))
-static int row_estimates(const int32_t *a, const int32_t *bt, int64_t d, int64_t nbp, float ra, const float *rb,
-                         int32_t *dots, float *estimate, const int32_t *a2, const int32_t *bt2) {
+static int row_estimates(const int32_t *a, const int32_t *bt, int64_t d, int64_t nb, int64_t nbp, float ra,
+                         const float *rb, int32_t *dots, float *estimate, const int32_t *a2, const int32_t *bt2,
+                         float *high) {
     const __m512i wide = _mm512_set1_epi32(1 << 21);
+    __m512 top = _mm512_set1_ps(-INFINITY);
     __mmask16 wraps = 0;
     if (bt2) dots_vnni(a2, bt2, (d + 1) / 2, nbp, dots);
     for (int64_t j = 0; j < nbp; j += 16) {
@@ -107,9 +120,21 @@ static int row_estimates(const int32_t *a, const int32_t *bt, int64_t d, int64_t
         wraps |= _mm512_cmpge_epi32_mask(mag, wide);
         __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_cvtepi32_ps(mag)), _mm512_set1_ps(ra));
         _mm512_storeu_si512(dots + j, acc);
-        _mm512_storeu_ps(estimate + j, _mm512_mul_ps(v, _mm512_loadu_ps(rb + j)));
+        v = _mm512_mul_ps(v, _mm512_loadu_ps(rb + j));
+        _mm512_storeu_ps(estimate + j, v);
+        top = _mm512_mask_max_ps(top, nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1), top, v);
     }
+    *high = _mm512_reduce_max_ps(top);
     return wraps == 0;
+}
+
+/* The B tokens whose estimate is not below high - 4, in order: bit t of mask[j / 16] is token j = 16 (j / 16) + t. */
+__attribute__((target("avx512f")))
+static void candidates(const float *estimate, int64_t nb, float high, uint16_t *mask) {
+    __m512 floor = _mm512_set1_ps(high - 4.0f);
+    for (int64_t j = 0; j < nb; j += 16)
+        mask[j / 16] = _mm512_cmp_ps_mask(_mm512_loadu_ps(estimate + j), floor, _CMP_NLT_UQ) &
+                       (nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1));
 }
 
 /* best[i] = index into B of A token i's most similar B token (the first on ties), score[i] its score. k: shifted
@@ -135,6 +160,7 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
     int pairs = vec && most < (1 << 15) && __builtin_cpu_supports("avx512vnni");   /* int16 keys: dots_vnni */
     int64_t dp = (d + 1) / 2;
     int32_t *bt = NULL, *dots = NULL, *bt2 = NULL, *a2 = NULL;
+    uint16_t *mask = NULL;
     float *rb = NULL, *estimate = NULL;
     if (vec) {                                  /* norms below 2^31 too, so nothing else wraps */
         if (pairs) {
@@ -144,6 +170,7 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
             bt = calloc((size_t)(d * nbp), sizeof(int32_t));
         }
         dots = malloc(sizeof(int32_t) * (size_t)nbp);
+        mask = malloc(sizeof(uint16_t) * (size_t)(nbp / 16));
         rb = calloc((size_t)nbp, sizeof(float));
         estimate = malloc(sizeof(float) * (size_t)nbp);
         for (int64_t j = 0; j < nb; j++) {
@@ -157,14 +184,16 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
         const int32_t *a = k + (p + 2 * i) * d;
         int64_t na2 = norm[p + 2 * i], top = 0, arg = -1;
         if (pairs) for (int64_t c = 0; c < dp; c++) a2[c] = pair16(a, 2 * c, d);
-        if (vec && row_estimates(a, bt, d, nbp, (float)(1 << SCORE_BITS) / (float)na2, rb, dots, estimate, a2, bt2)) {
-            float high = estimate[0];
-            for (int64_t j = 1; j < nb; j++) high = estimate[j] > high ? estimate[j] : high;
-            for (int64_t j = 0; j < nb; j++) {
-                if (estimate[j] < high - 4.0f) continue;
-                int64_t v = exact_score(dots[j], na2, norm[p + 1 + 2 * j], inv[p + 2 * i], inv[p + 1 + 2 * j]);
-                if (arg < 0 || v > top) { top = v; arg = j; }
-            }
+        float high;
+        if (vec && row_estimates(a, bt, d, nb, nbp, (float)(1 << SCORE_BITS) / (float)na2, rb, dots, estimate, a2, bt2,
+                                 &high)) {
+            candidates(estimate, nb, high, mask);
+            for (int64_t b = 0; b < nbp / 16; b++)
+                for (uint32_t m = mask[b]; m; m &= m - 1) {
+                    int64_t j = 16 * b + __builtin_ctz(m);
+                    int64_t v = exact_score(dots[j], na2, norm[p + 1 + 2 * j], inv[p + 2 * i], inv[p + 1 + 2 * j]);
+                    if (arg < 0 || v > top) { top = v; arg = j; }
+                }
         } else {
             for (int64_t j = 0; j < nb; j++) {
                 const int32_t *b = k + (p + 1 + 2 * j) * d;
@@ -177,7 +206,7 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
         score[i] = top;
         best[i] = arg < 0 ? 0 : arg;
     }
-    free(bt); free(bt2); free(a2); free(dots); free(rb); free(estimate);
+    free(bt); free(bt2); free(a2); free(dots); free(mask); free(rb); free(estimate);
 }
 
 /* acc[c] (+)= x[c] s on 8 lanes: int32 times int32 into int64 by VPMULDQ, exact, wrapping like the scalar sum. */
@@ -229,8 +258,28 @@ enum { KEY_U8 = 0, KEY_I8 = 1, KEY_I32 = 2 };
         else for (int64_t c = 0; c < d; c++) row[c] += (uint32_t)src[c * kc];                                   \
     }
 
+/* sum_heads of contiguous int32 keys on 16 lanes: each head's row added in a register, one store a vector (the
+ * row-at-a-time sum loads and stores the row once a head). */
+__attribute__((target("avx512f")))
+static void sum_heads_i32(const int32_t *keys, int64_t H, int64_t kn, int64_t kh, int64_t n, int64_t d, int shift,
+                          int32_t *k) {
+    __m128i sh = _mm_cvtsi32_si128(shift);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t c = 0; c < d; c += 16) {
+            __mmask16 m = d - c >= 16 ? 0xFFFF : (__mmask16)((1u << (d - c)) - 1);
+            const int32_t *src = keys + t * kn + c;
+            __m512i sum = _mm512_setzero_si512();
+            for (int64_t h = 0; h < H; h++) sum = _mm512_add_epi32(sum, _mm512_maskz_loadu_epi32(m, src + h * kh));
+            _mm512_mask_storeu_epi32(k + t * d + c, m, _mm512_sra_epi32(sum, sh));
+        }
+}
+
 static void sum_heads(const void *keys, int type, int64_t H, int64_t kn, int64_t kh, int64_t kc, int64_t n, int64_t d,
                       int shift, int32_t *k) {
+    if (type == KEY_I32 && kc == 1 && __builtin_cpu_supports("avx512f")) {
+        sum_heads_i32(keys, H, kn, kh, n, d, shift, k);
+        return;
+    }
     for (int64_t t = 0; t < n; t++) {
         uint32_t *row = (uint32_t *)(k + t * d);
         memset(row, 0, sizeof(uint32_t) * (size_t)d);

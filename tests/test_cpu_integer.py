@@ -489,6 +489,23 @@ def test_token_merge_of_large_tokens_and_sizes_rounds_like_the_reference():
     assert run(graph, *inputs)[0].flatten().tolist() == [1172080243] * 9      # the hand-computed rounding
 
 
+def test_token_merge_when_every_score_is_negative():
+    """Keys of A (5, 0) against B (-10, y): every score is negative; the best is B1 (y = 3, -100/109 of 2^20),
+    found among five B tokens of a 16-lane vector whose unused lanes must not count as a score of 0."""
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (1, 10, 3)))
+    k = graph.add_input("k", TensorType(I32, (1, 10, 2)))
+    s = graph.add_input("s", TensorType(I32, (1, 10, 1)))
+    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 2, "protected": 0, "shift": 0}).outputs
+    graph.set_outputs([merged, sizes])
+    keys = torch.tensor([[[5, 0], [-10, 0], [5, 0], [-10, 3], [5, 0], [-10, 1], [5, 0], [-10, 2], [5, 0], [-10, 0]]],
+                        dtype=I32)
+    inputs = [torch.arange(30, dtype=I32).reshape(1, 10, 3) * 100, keys, torch.ones(1, 10, 1, dtype=I32)]
+    _check(graph, inputs, {"cpu.int_token_merge": 1})
+    from graphopt.backends.torch_backend import run
+    assert run(graph, *inputs)[1].flatten().tolist() == [1, 3, 1, 1, 1, 1, 1, 1]   # B0, then B1 with A0 and A1
+
+
 def test_token_merge_tie_of_scores_a_fraction_apart_goes_to_the_first():
     """A0 = (1, 0) scores 2^20 (1500^2 / (1500^2 + 1)) = 1048575.53 with B0 = (1500, 1) and 1048575.74 with
     B1 = (2000, 1): both floor to 1048575, so B0 (the first) is its match, though B1's real score is higher."""
