@@ -563,7 +563,7 @@ def test_attention_with_proportional_attention_stays_one_bmm(isa, masked, lookup
     _check(graph, inputs + [size_values, _rand((2, 3, 19, 8), I8, g)], {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
 
 
-def _size_term_attention_graph(masked, term_first, reshaped):
+def _size_term_attention_graph(masked, term_first, reshaped, per_row=False):
     """Attention as token_merge before integer_only makes it: the size term joins the matmul's int32 accumulator by
     an int.add (its own per-column multipliers), then the scores' requant, Shiftmax, the matmul with v; and inputs."""
     g = _gen(14)
@@ -571,7 +571,7 @@ def _size_term_attention_graph(masked, term_first, reshaped):
     q = graph.add_input("q", TensorType(U8, (2, 3, 17, 64)))
     kt = graph.add_input("kt", TensorType(I8, (2, 3, 64, 19)))
     mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
-    sizes = graph.add_input("sizes", TensorType(I32, (2, 19, 1) if reshaped else (2, 1, 1, 19)))
+    sizes = graph.add_input("sizes", TensorType(I32, (2, 19, 1) if reshaped else (2, 1, 17 if per_row else 1, 19)))
     term = graph.call("int.lookup", sizes, _log_table(graph))
     term = graph.op.reshape(term, shape=(2, 1, 1, 19)) if reshaped else term
     const = lambda lo, hi, shape=(19,): graph.add_constant(_rand(shape, I32, g, lo, hi))  # noqa: E731
@@ -590,11 +590,13 @@ def _size_term_attention_graph(masked, term_first, reshaped):
     return graph, inputs
 
 
-@pytest.mark.parametrize("masked,term_first,reshaped", [(False, False, True), (True, True, False)])
-def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped):
+@pytest.mark.parametrize("masked,term_first,reshaped,per_row", [(False, False, True, False), (True, True, False, False),
+                                                                 (False, False, False, True)])
+def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped, per_row):
     """token_merge before integer_only: the size term joins the matmul's int32 accumulator by an int.add (its own
-    multipliers), then the scores' requant, then Shiftmax: one attention kernel, per-column constants."""
-    graph, inputs = _size_term_attention_graph(masked, term_first, reshaped)
+    multipliers), then the scores' requant, then Shiftmax: one attention kernel, per-column constants. per_row: a
+    size term of its own for each query row (the kernel then prepares it row by row)."""
+    graph, inputs = _size_term_attention_graph(masked, term_first, reshaped, per_row)
     report = _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0, "cpu.int_add": 0, "cpu.int_requant": 0})
     assert [e.kernel for e in report] == ["cpu.int_bmm", "cpu.int_bmm"], str(report)
 
