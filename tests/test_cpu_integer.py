@@ -434,6 +434,18 @@ def test_standalone_requant_and_patch_conv(isa):
     _check(graph, [_rand((2, 3, 16, 16), U8, g)], {"cpu.int_gemm": 1, "cpu.int_requant": 1})
 
 
+def _merge_graph(x_shape: tuple, key_shape: tuple, r: int, protected: int, shift: int, key_dtype=I32) -> Graph:
+    """One int.token_merge of x [B, N, C] (int32), keys ``key_shape`` and sizes [B, N, 1]; outputs both results."""
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, x_shape))
+    k = graph.add_input("k", TensorType(key_dtype, key_shape))
+    s = graph.add_input("s", TensorType(I32, x_shape[:2] + (1,)))
+    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": r, "protected": protected,
+                                                                      "shift": shift}).outputs
+    graph.set_outputs([merged, sizes])
+    return graph
+
+
 # ---- token merging: the merge, proportional attention inside the attention kernel ------------------------
 @pytest.mark.parametrize("batch,n,r,protected,shift,key_range,key_dtype,dim", [
     (1, 19, 5, 1, 0, 1, I32, 5),        # odd token count, keys in {-1, 0, 1}: many tied scores
@@ -448,12 +460,7 @@ def test_standalone_requant_and_patch_conv(isa):
 ])
 def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range, key_dtype, dim):
     g = _gen(n + r)
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (batch, n, 6)))
-    k = graph.add_input("k", TensorType(key_dtype, (batch, n, dim)))
-    s = graph.add_input("s", TensorType(I32, (batch, n, 1)))
-    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": r, "protected": protected, "shift": shift}).outputs
-    graph.set_outputs([merged, sizes])
+    graph = _merge_graph((batch, n, 6), (batch, n, dim), r, protected, shift, key_dtype)
     lo = -min(key_range, 128) if key_dtype == I8 else -key_range
     inputs = [_rand((batch, n, 6), I32, g, -32768, 32767), _rand((batch, n, dim), key_dtype, g, lo, min(key_range, 127)),
               _rand((batch, n, 1), I32, g, 1, 7)]
@@ -461,27 +468,18 @@ def test_token_merge_becomes_one_kernel(batch, n, r, protected, shift, key_range
 
 
 def test_token_merge_of_large_tokens_and_sizes_rounds_like_the_reference():
-    """Sums x s past 2^50 (int32 tokens, sizes to 2^22): the merge's float64 division is exact only below that, so
-    those columns take the integer division; smaller ones in the same rows stay on the vector path."""
+    """Sums x s past 2^50 (int32 tokens, sizes to 2^22): the merge's float64 division is exact only while 2|sum| +
+    size < 2^53, and the kernel keeps it to sums below 2^50; those columns take the integer division, smaller ones
+    in the same rows stay on the vector path."""
     g = _gen(3)
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (2, 40, 21)))
-    k = graph.add_input("k", TensorType(I32, (2, 40, 4)))
-    s = graph.add_input("s", TensorType(I32, (2, 40, 1)))
-    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 15, "protected": 1, "shift": 0}).outputs
-    graph.set_outputs([merged, sizes])
+    graph = _merge_graph((2, 40, 21), (2, 40, 4), 15, 1, 0)
     tokens = _rand((2, 40, 21), I32, g, -2 ** 31, 2 ** 31 - 1)
     tokens[:, :, 8:] //= 1 << 12                                     # columns 8.. below 2^50 even when summed
     _check(graph, [tokens, _rand((2, 40, 4), I32, g, -3, 3), _rand((2, 40, 1), I32, g, 1, 1 << 22)],
            {"cpu.int_token_merge": 1})
     # a hand-found pair where float64 is off by one: (1172080245 * 658314063 + 184609148) / 658314064 rounds to
     # 1172080243 (x * s sums to 2^59.4, beyond float64's 53 bits), float64 gives 1172080244
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (1, 2, 9)))
-    k = graph.add_input("k", TensorType(I32, (1, 2, 2)))
-    s = graph.add_input("s", TensorType(I32, (1, 2, 1)))
-    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 1, "protected": 0, "shift": 0}).outputs
-    graph.set_outputs([merged, sizes])
+    graph = _merge_graph((1, 2, 9), (1, 2, 2), 1, 0, 0)
     tokens = torch.tensor([[[1172080245] * 9, [184609148] * 9]], dtype=I32)
     inputs = [tokens, torch.ones(1, 2, 2, dtype=I32), torch.tensor([[[658314063], [1]]], dtype=I32)]
     _check(graph, inputs, {"cpu.int_token_merge": 1})
@@ -492,12 +490,7 @@ def test_token_merge_of_large_tokens_and_sizes_rounds_like_the_reference():
 def test_token_merge_when_every_score_is_negative():
     """Keys of A (5, 0) against B (-10, y): every score is negative; the best is B1 (y = 3, -100/109 of 2^20),
     found among five B tokens of a 16-lane vector whose unused lanes must not count as a score of 0."""
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (1, 10, 3)))
-    k = graph.add_input("k", TensorType(I32, (1, 10, 2)))
-    s = graph.add_input("s", TensorType(I32, (1, 10, 1)))
-    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 2, "protected": 0, "shift": 0}).outputs
-    graph.set_outputs([merged, sizes])
+    graph = _merge_graph((1, 10, 3), (1, 10, 2), 2, 0, 0)
     keys = torch.tensor([[[5, 0], [-10, 0], [5, 0], [-10, 3], [5, 0], [-10, 1], [5, 0], [-10, 2], [5, 0], [-10, 0]]],
                         dtype=I32)
     inputs = [torch.arange(30, dtype=I32).reshape(1, 10, 3) * 100, keys, torch.ones(1, 10, 1, dtype=I32)]
@@ -509,12 +502,7 @@ def test_token_merge_when_every_score_is_negative():
 def test_token_merge_tie_of_scores_a_fraction_apart_goes_to_the_first():
     """A0 = (1, 0) scores 2^20 (1500^2 / (1500^2 + 1)) = 1048575.53 with B0 = (1500, 1) and 1048575.74 with
     B1 = (2000, 1): both floor to 1048575, so B0 (the first) is its match, though B1's real score is higher."""
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (1, 4, 3)))
-    k = graph.add_input("k", TensorType(I32, (1, 4, 2)))
-    s = graph.add_input("s", TensorType(I32, (1, 4, 1)))
-    merged, sizes = graph.create_node("int.token_merge", [x, k, s], {"r": 1, "protected": 0, "shift": 0}).outputs
-    graph.set_outputs([merged, sizes])
+    graph = _merge_graph((1, 4, 3), (1, 4, 2), 1, 0, 0)
     keys = torch.tensor([[[1, 0], [1500, 1], [0, 1], [2000, 1]]], dtype=I32)
     _check(graph, [torch.arange(12, dtype=I32).reshape(1, 4, 3) * 10, keys, torch.ones(1, 4, 1, dtype=I32)],
            {"cpu.int_token_merge": 1})
