@@ -207,7 +207,9 @@ static inline __m512i divide16(__m512i n, divisor_t d) {
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 static inline __mmask64 tail_mask64(int64_t left) { return left >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << left) - 1; }
 
-static int has_avx512(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+static int has_avx512(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
 
 /* int.requant's arithmetic on 16 lanes (int32 wrap-around, like the scalar code) */
 __attribute__((target("avx512f,avx512bw")))
@@ -1260,7 +1262,7 @@ static void requant_row(const void *arg, int64_t r, int32_t *y) {
     store_row(j->out, e->out_type, i0, y, C);
 }
 
-__attribute__((target("avx512f,avx512bw")))
+__attribute__((target("avx512f,avx512bw,avx512vl")))     /* vl: the 16-byte loads of 8-bit rows */
 static void requant_row_avx512(const void *arg, int64_t r, int32_t *y) {
     (void)y;
     const requant_job_t *j = arg;

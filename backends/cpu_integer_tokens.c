@@ -58,7 +58,8 @@ static inline int64_t exact_score(int64_t dot, int64_t na2, int64_t nb2, div62_t
 }
 
 /* row_estimates' dots by VPDPWSSD on keys below 2^15 (two int16 keys per int32: a2 [dp], bt2 [dp, nbp]), four
- * 16-lane vectors of B at a time: one instruction per 32 products instead of a multiply and an add per 16. */
+ * 16-lane vectors of B at a time, then two, then one (independent sums in flight): one instruction per 32
+ * products instead of a multiply and an add per 16. */
 __attribute__((target("avx512f,avx512vnni")))
 static void dots_vnni(const int32_t *a2, const int32_t *bt2, int64_t dp, int64_t nbp, int32_t *dots) {
     int64_t j = 0;
@@ -210,7 +211,7 @@ static void match_scores(const int32_t *k, int64_t n, int64_t d, int64_t p, int6
 }
 
 /* acc[c] (+)= x[c] s on 8 lanes: int32 times int32 into int64 by VPMULDQ, exact, wrapping like the scalar sum. */
-__attribute__((target("avx512f")))
+__attribute__((target("avx512f,avx512vl")))
 static void scaled_add(int64_t *acc, const int32_t *x, int64_t s, int64_t C, int first) {
     __m512i vs = _mm512_set1_epi64(s);
     for (int64_t c = 0; c < C; c += 8) {
@@ -303,7 +304,8 @@ static int merge_one(const int32_t *x, const void *keys, int key_type, int64_t H
     int64_t *next = malloc(sizeof(int64_t) * (size_t)n), *acc = malloc(sizeof(int64_t) * (size_t)C);
     edge_t *edges = malloc(sizeof(edge_t) * (size_t)(na + 1));
     unsigned char *gone = calloc((size_t)n, 1);
-    int status = 0, vec = __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    int status = 0, vec = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
     sum_heads(keys, key_type, H, kn, kh, kc, n, d, shift, k);
     match_scores(k, n, d, p, na, nb, norm, inv, score, best);
     for (int64_t i = 0; i < na; i++) { edges[i].score = score[i]; edges[i].a = i; }
