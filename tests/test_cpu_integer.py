@@ -487,6 +487,17 @@ def test_token_merge_of_large_tokens_and_sizes_rounds_like_the_reference():
     assert run(graph, *inputs)[0].flatten().tolist() == [1172080243] * 9      # the hand-computed rounding
 
 
+def test_token_merge_of_keys_past_int16_estimates_with_32_bit_products():
+    """One token's key is 40000 (>= 2^15: no int16 pairs for VPDPWSSD), the others at most 50 (one-wide keys): the
+    dots stay below 2^21, so rows are estimated from 32-bit multiplies (vpmulld) before the exact scores."""
+    g = _gen(5)
+    graph = _merge_graph((2, 41, 6), (2, 41, 1), 12, 1, 0)
+    keys = _rand((2, 41, 1), I32, g, -50, 50)
+    keys[:, 7] = 40000
+    _check(graph, [_rand((2, 41, 6), I32, g, -32768, 32767), keys, _rand((2, 41, 1), I32, g, 1, 7)],
+           {"cpu.int_token_merge": 1})
+
+
 def test_token_merge_when_every_score_is_negative():
     """Keys of A (5, 0) against B (-10, y): every score is negative; the best is B1 (y = 3, -100/109 of 2^20),
     found among five B tokens of a 16-lane vector whose unused lanes must not count as a score of 0."""
