@@ -205,6 +205,13 @@ static inline __m512i divide16(__m512i n, divisor_t d) {
 }
 
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+/* 16 int32 lanes stored, masked only when some lane is (a masked store is slower on Zen 4 even with every lane set) */
+__attribute__((target("avx512f")))
+static inline void store32x16(int32_t *p, __m512i y, __mmask16 k) {
+    if (k == 0xFFFF) _mm512_storeu_si512(p, y);
+    else _mm512_mask_storeu_epi32(p, k, y);
+}
+
 static inline __mmask64 tail_mask64(int64_t left) { return left >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << left) - 1; }
 
 static int has_avx512(void) {
@@ -318,8 +325,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
             }
             int64_t o = (row0 + r) * ldo + col;
             if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
-            else if (mask == 0xFFFF) _mm512_storeu_si512((int32_t *)out + o, y);   /* a masked store is slower */
-            else _mm512_mask_storeu_epi32((int32_t *)out + o, mask, y);
+            else store32x16((int32_t *)out + o, y, mask);
         }
     }
 }
@@ -981,8 +987,7 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uin
         __m512i u = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j));
         u = _mm512_min_epi32(_mm512_max_epi32(u, zero), top);
         __m512i ev = pow2_16(u, sm->pow2, sm->n, logx, keep);
-        if (k == 0xFFFF) _mm512_storeu_si512(e + j, ev);
-        else _mm512_mask_storeu_epi32(e + j, k, ev);
+        store32x16(e + j, ev, k);
         vs = _mm512_add_epi32(vs, ev);
     }
     int32_t si = _mm512_reduce_add_epi32(vs);
@@ -1014,12 +1019,18 @@ static void add_requant_row(const epilogue_t *g, const int32_t *x, const int32_t
 }
 
 /* int.add on 16 lanes of columns c0 on: requant(tdiv(a, 2^pre) m + tdiv(b, 2^pb) mb + c) + zp, with per-column
- * m, mb, c (int32 wrap-around, as the scalar code; tail lanes masked by k). */
+ * m, mb, c (int32 wrap-around, as the scalar code; tail lanes masked by k), in its two halves: b's term (add_b16),
+ * then a's and the requant (add_a16). */
 __attribute__((target("avx512f,avx512bw")))
-static inline __m512i add16(const epilogue_t *e, __m512i a, __m512i b, int64_t c0, __mmask16 k) {
-    __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(b, e->pb), _mm512_maskz_loadu_epi32(k, e->mb + c0)),
-                                 _mm512_maskz_loadu_epi32(k, e->c + c0));
-    v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(a, e->pre), _mm512_maskz_loadu_epi32(k, e->m + c0)), v);
+static inline __m512i add_b16(const epilogue_t *e, __m512i b, int64_t c0, __mmask16 k) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(b, e->pb), _mm512_maskz_loadu_epi32(k, e->mb + c0)),
+                            _mm512_maskz_loadu_epi32(k, e->c + c0));
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512i add_a16(const epilogue_t *e, __m512i a, __m512i b_term, int64_t c0, __mmask16 k) {
+    __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(a, e->pre), _mm512_maskz_loadu_epi32(k, e->m + c0)),
+                                 b_term);
     return _mm512_add_epi32(clamp16(v, e->k, e->lo, e->hi), _mm512_set1_epi32(e->zp));
 }
 
@@ -1031,9 +1042,7 @@ __attribute__((target("avx512f,avx512bw")))
 static void logit_bias_row_avx512(const epilogue_t *g, int32_t *b, int64_t L) {
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 t = tail_mask(L - j);
-        __m512i v = _mm512_mullo_epi32(tdiv_pow2_16(_mm512_maskz_loadu_epi32(t, b + j), g->pb),
-                                       _mm512_maskz_loadu_epi32(t, g->mb + j));
-        _mm512_mask_storeu_epi32(b + j, t, _mm512_add_epi32(v, _mm512_maskz_loadu_epi32(t, g->c + j)));
+        _mm512_mask_storeu_epi32(b + j, t, add_b16(g, _mm512_maskz_loadu_epi32(t, b + j), j, t));
     }
 }
 
@@ -1041,10 +1050,7 @@ __attribute__((target("avx512f,avx512bw")))
 static void logits_row_avx512(const epilogue_t *g, const int32_t *x, const int32_t *cb, int64_t L, int32_t *y) {
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 t = tail_mask(L - j);
-        __m512i v = _mm512_mullo_epi32(tdiv_pow2_16(_mm512_maskz_loadu_epi32(t, x + j), g->pre),
-                                       _mm512_maskz_loadu_epi32(t, g->m + j));
-        v = _mm512_add_epi32(clamp16(_mm512_add_epi32(v, _mm512_maskz_loadu_epi32(t, cb + j)), g->k, g->lo, g->hi),
-                             _mm512_set1_epi32(g->zp));
+        __m512i v = add_a16(g, _mm512_maskz_loadu_epi32(t, x + j), _mm512_maskz_loadu_epi32(t, cb + j), j, t);
         v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(v, g->pre2), _mm512_maskz_loadu_epi32(t, g->m2 + j)),
                              _mm512_maskz_loadu_epi32(t, g->c2 + j));
         v = _mm512_add_epi32(clamp16(v, g->k2, g->lo2, g->hi2), _mm512_set1_epi32(g->zp2));
@@ -1155,8 +1161,7 @@ __attribute__((target("avx512f,avx512bw")))
 static inline void store16(void *out, int type, int64_t i, __m512i y, __mmask16 k) {
     if (type == OUT_U8) _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)out + i, k, y);
     else if (type == OUT_I8) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + i, k, y);
-    else if (k == 0xFFFF) _mm512_storeu_si512((int32_t *)out + i, y);
-    else _mm512_mask_storeu_epi32((int32_t *)out + i, k, y);
+    else store32x16((int32_t *)out + i, y, k);
 }
 
 /* int.requant on 16 lanes of column c0 of a row, then the zero point (tail lanes masked by k). */
@@ -1310,7 +1315,7 @@ static void add_row_avx512(const void *arg, int64_t r, int32_t *y) {
         __mmask16 k = tail_mask(C - c0);
         __m512i a = _mm512_maskz_loadu_epi32(k, j->a + i0 + c0);
         __m512i b = _mm512_maskz_loadu_epi32(k, j->b + r % j->b_rows * C + c0);
-        store16(j->out, e->out_type, i0 + c0, add16(e, a, b, c0, k), k);
+        store16(j->out, e->out_type, i0 + c0, add_a16(e, a, add_b16(e, b, c0, k), c0, k), k);
     }
 }
 

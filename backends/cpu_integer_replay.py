@@ -256,7 +256,10 @@ class _KernelCall:
     def __call__(self):
         got = self.fn(*self.args)
         if self.result is not None and got != self.result:
-            raise NotReplayable(f"kernel {self.fn.__name__} returned {got}, {self.result} under capture")
+            raise self.changed(got)
+
+    def changed(self, got) -> NotReplayable:
+        return NotReplayable(f"kernel {self.fn.__name__} returned {got}, {self.result} under capture")
 
     def words(self) -> list[int] | None:
         """The arguments as go_run_calls passes them (64-bit words), or None where it cannot: a float argument
@@ -291,9 +294,7 @@ class _Calls:
     def __call__(self):
         stopped = self.run_calls(self.records, len(self.calls))
         if stopped < len(self.calls):
-            call = self.calls[stopped]
-            raise NotReplayable(f"kernel {call.fn.__name__} returned {self.records[stopped].got}, {call.result} "
-                                "under capture")
+            raise self.calls[stopped].changed(self.records[stopped].got)
 
 
 def _batched(steps: list) -> list:

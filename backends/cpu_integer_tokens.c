@@ -30,6 +30,9 @@ static int by_score(const void *p, const void *q) {
     return x->a < y->a ? -1 : (x->a > y->a);
 }
 
+static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+static inline __mmask8 tail8(int64_t left) { return left >= 8 ? 0xFF : (__mmask8)((1u << left) - 1); }
+
 /* floor(n / d) = (n m) >> (62 + l) for 0 <= n < 2^62, m = ceil(2^(62 + l) / d) <= 2^63, l = ceil(log2 d)
  * (Granlund-Montgomery: m d - 2^(62 + l) < d <= 2^l). */
 typedef struct { uint64_t m; int shift; } div62_t;
@@ -123,7 +126,7 @@ static int row_estimates(const int32_t *a, const int32_t *bt, int64_t d, int64_t
         _mm512_storeu_si512(dots + j, acc);
         v = _mm512_mul_ps(v, _mm512_loadu_ps(rb + j));
         _mm512_storeu_ps(estimate + j, v);
-        top = _mm512_mask_max_ps(top, nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1), top, v);
+        top = _mm512_mask_max_ps(top, tail16(nb - j), top, v);
     }
     *high = _mm512_reduce_max_ps(top);
     return wraps == 0;
@@ -134,8 +137,7 @@ __attribute__((target("avx512f")))
 static void candidates(const float *estimate, int64_t nb, float high, uint16_t *mask) {
     __m512 floor = _mm512_set1_ps(high - 4.0f);
     for (int64_t j = 0; j < nb; j += 16)
-        mask[j / 16] = _mm512_cmp_ps_mask(_mm512_loadu_ps(estimate + j), floor, _CMP_NLT_UQ) &
-                       (nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1));
+        mask[j / 16] = _mm512_cmp_ps_mask(_mm512_loadu_ps(estimate + j), floor, _CMP_NLT_UQ) & tail16(nb - j);
 }
 
 /* best[i] = index into B of A token i's most similar B token (the first on ties), score[i] its score. k: shifted
@@ -215,7 +217,7 @@ __attribute__((target("avx512f,avx512vl")))
 static void scaled_add(int64_t *acc, const int32_t *x, int64_t s, int64_t C, int first) {
     __m512i vs = _mm512_set1_epi64(s);
     for (int64_t c = 0; c < C; c += 8) {
-        __mmask8 k = C - c >= 8 ? 0xFF : (__mmask8)((1u << (C - c)) - 1);
+        __mmask8 k = tail8(C - c);
         __m512i p = _mm512_mul_epi32(_mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(k, x + c)), vs);
         if (!first) p = _mm512_add_epi64(p, _mm512_maskz_loadu_epi64(k, acc + c));
         _mm512_mask_storeu_epi64(acc + c, k, p);
@@ -231,7 +233,7 @@ static void round_divide(const int64_t *acc, int64_t s, div62_t twice, int64_t C
     __m512d two_s = _mm512_set1_pd((double)(2 * s));
     __m512i vs = _mm512_set1_epi64(s), big = _mm512_set1_epi64((int64_t)1 << 50);
     for (int64_t c = 0; c < C; c += 8) {
-        __mmask8 k = C - c >= 8 ? 0xFF : (__mmask8)((1u << (C - c)) - 1);
+        __mmask8 k = tail8(C - c);
         __m512i v = _mm512_maskz_loadu_epi64(k, acc + c), a = _mm512_abs_epi64(v);
         if (s >= ((int64_t)1 << 40) || _mm512_mask_cmpge_epu64_mask(k, a, big)) {
             for (int64_t i = c; i < c + 8 && i < C; i++) {
@@ -267,7 +269,7 @@ static void sum_heads_i32(const int32_t *keys, int64_t H, int64_t kn, int64_t kh
     __m128i sh = _mm_cvtsi32_si128(shift);
     for (int64_t t = 0; t < n; t++)
         for (int64_t c = 0; c < d; c += 16) {
-            __mmask16 m = d - c >= 16 ? 0xFFFF : (__mmask16)((1u << (d - c)) - 1);
+            __mmask16 m = tail16(d - c);
             const int32_t *src = keys + t * kn + c;
             __m512i sum = _mm512_setzero_si512();
             for (int64_t h = 0; h < H; h++) sum = _mm512_add_epi32(sum, _mm512_maskz_loadu_epi32(m, src + h * kh));
