@@ -680,39 +680,61 @@ static void pack_rows_avx512(const int8_t *b, int64_t sk, int64_t N, int64_t K, 
     }
 }
 
-/* k contiguous (element (n, k) at b[n sn + k]): each k4 group of 16 columns is one dword gather; a last
- * group with fewer than 4 k is built byte by byte (a gather would read past the column). */
+/* r[0..15] as a 16 x 16 dword matrix, transposed in place: 4 rounds of 16 shuffles. */
+__attribute__((target("avx512f"), always_inline))
+static inline void transpose16x16_epi32(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {                /* lane l: r_i[4l], r_i+1[4l], r_i[4l+1], r_i+1[4l+1] ... */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {                /* r[q + c], lane l: rows q .. q + 3 of column 4l + c */
+        r[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+        r[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+        r[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+        r[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int c = 0; c < 4; c++) {                    /* lanes 0, 1 (0x44) and 2, 3 (0xEE) of rows 0-7 and 8-15 */
+        t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+        t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+        t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {                    /* column 4l + c: lane l of each group of 4 rows */
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xDD);
+    }
+}
+
+/* k contiguous (element (n, k) at b[n sn + k]): 16 columns x 64 k at a time, each column's 64 bytes one
+ * masked load (zero past K, flipped only where loaded), transposed as 16 x 16 dwords into 16 k4 groups (a dword
+ * gather per group cost 70 % of packing attention's K^T on Zen 4). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, int64_t Kpad, int flip, int8_t *out,
                              int32_t *colsum) {
-    int64_t K4 = (Kpad + 3) / 4, full = K / 4;
-    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
-    const __m512i x = _mm512_set1_epi8(flip ? (char)0x80 : 0);
-    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int32_t)sn));
+    int64_t K4 = (Kpad + 3) / 4;
+    const __m512i ones = _mm512_set1_epi8(1), x = _mm512_set1_epi8((char)0x80);
     for (int64_t p = 0; p * NR < N; p++) {
         int8_t *dst = out + p * K4 * NR * 4;
         for (int h = 0; h < 2; h++) {
             int64_t n0 = p * NR + 16 * h;
-            __mmask16 cols = n0 >= N ? 0 : tail_mask(N - n0);
-            const int8_t *base = b + (n0 < N ? n0 : 0) * sn;
-            __m512i s = zero;
-            for (int64_t g = 0; g < K4; g++) {
-                __m512i v;
-                if (g < full) {
-                    v = _mm512_mask_i32gather_epi32(zero, cols, lane, base + 4 * g, 1);
-                    v = _mm512_maskz_xor_epi32(cols, v, x);
-                } else {
-                    int8_t tmp[64] __attribute__((aligned(64))) = {0};
-                    for (int j = 0; j < 16 && n0 + j < N; j++)
-                        for (int64_t k = 4 * g; k < K; k++)
-                            tmp[4 * j + k % 4] = (int8_t)(base[j * sn + k] ^ (flip ? 0x80 : 0));
-                    v = _mm512_load_si512(tmp);
+            __m512i s = _mm512_setzero_si512();
+            for (int64_t g0 = 0; g0 < K4; g0 += 16) {
+                __mmask64 in = 4 * g0 >= K ? 0 : tail_mask64(K - 4 * g0);
+                __m512i r[16];
+                __m512i fx = flip ? _mm512_maskz_mov_epi8(in, x) : _mm512_setzero_si512();
+                for (int j = 0; j < 16; j++)
+                    r[j] = n0 + j < N ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, b + (n0 + j) * sn + 4 * g0), fx)
+                                      : _mm512_setzero_si512();
+                transpose16x16_epi32(r);
+                for (int g = 0; g < 16 && g0 + g < K4; g++) {
+                    _mm512_storeu_si512(dst + (g0 + g) * NR * 4 + 64 * h, r[g]);
+                    s = _mm512_dpbusd_epi32(s, ones, r[g]);
                 }
-                _mm512_storeu_si512(dst + g * NR * 4 + 64 * h, v);
-                s = _mm512_dpbusd_epi32(s, ones, v);
             }
-            if (cols) _mm512_mask_storeu_epi32(colsum + n0, cols, s);
+            if (n0 < N) _mm512_mask_storeu_epi32(colsum + n0, tail_mask(N - n0), s);
         }
     }
 }
@@ -722,7 +744,7 @@ static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t 
                       int64_t padk, int8_t *out, int32_t *colsum) {
     int vec = j->isa >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
     if (vec && sbn == 1) pack_rows_avx512(b, sbk, N, K, padk, j->b_flip, out, colsum);
-    else if (vec && sbk == 1 && sbn > 0 && sbn < (1 << 26))      /* 15 sn fits the gather's int32 */
+    else if (vec && sbk == 1)
         pack_cols_avx512(b, sbn, N, K, padk, j->b_flip, out, colsum);
     else pack_strided(b, sbn, sbk, N, K, padk, j->b_flip, out, colsum);
 }
@@ -972,34 +994,34 @@ static inline __mmask16 keep_mask(const uint8_t *mask, int64_t j, __mmask16 k) {
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
                                 const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
-    int32_t X = sm->X;                      /* X = 2^logx: shift_pow2 by shifts instead of the table */
-    int logx = X > 0 && (X & (X - 1)) == 0 ? __builtin_ctz((uint32_t)X) : -1;
+    const int32_t X = sm->X, n = sm->n, bits = sm->bits, *pow2 = sm->pow2;   /* locals: stores to e may alias sm */
+    int logx = X > 0 && (X & (X - 1)) == 0 ? __builtin_ctz((uint32_t)X) : -1;   /* shift_pow2 by shifts */
     __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx = _mm512_set1_epi32(INT32_MIN);
     for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j), keep = keep_mask(mask, j, k);
-        __m512i x = _mm512_mask_blend_epi32(keep, masked, _mm512_maskz_loadu_epi32(k, xr + j));
+        __mmask16 k = tail_mask(L - j);
+        __m512i x = _mm512_maskz_loadu_epi32(k, xr + j);
+        if (mask) x = _mm512_mask_blend_epi32(keep_mask(mask, j, k), masked, x);
         vmx = _mm512_mask_max_epi32(vmx, k, vmx, x);
     }
-    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), top = _mm512_set1_epi32(sm->n * sm->X);
+    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), top = _mm512_set1_epi32(n * X);
     __m512i zero = _mm512_setzero_si512(), vs = zero;
     for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j), keep = keep_mask(mask, j, k);
+        __mmask16 k = tail_mask(L - j), keep = mask ? keep_mask(mask, j, k) : k;
         __m512i u = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j));
         u = _mm512_min_epi32(_mm512_max_epi32(u, zero), top);
-        __m512i ev = pow2_16(u, sm->pow2, sm->n, logx, keep);
+        __m512i ev = pow2_16(u, pow2, n, logx, keep);
         store32x16(e + j, ev, k);
         vs = _mm512_add_epi32(vs, ev);
     }
     int32_t si = _mm512_reduce_add_epi32(vs);
     si = si < 1 ? 1 : si;
     divisor_t d = make_divisor((uint32_t)si);
-    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << sm->bits) - 1);
-    __m128i b = _mm_cvtsi32_si128(sm->bits);
+    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << bits) - 1);
+    __m128i b = _mm_cvtsi32_si128(bits);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 k = tail_mask(L - j);
-        __m512i n = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j), b), half);
-        __m512i q = _mm512_min_epu32(divide16(n, d), cap);
-        _mm512_mask_cvtepi32_storeu_epi8(o + j, k, q);
+        __m512i v = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j), b), half);
+        _mm512_mask_cvtepi32_storeu_epi8(o + j, k, _mm512_min_epu32(divide16(v, d), cap));
     }
 }
 
@@ -1141,7 +1163,18 @@ void go_shiftmax(const int32_t *x, int64_t D0, int64_t D1, int64_t R, int64_t L,
 }
 
 /* ---- integer LayerNorm over rows of C (see int.layernorm), then optionally a per-channel requant ---- */
+/* int.layernorm's isqrt: `iters` Newton steps k = (k + v / k) / 2 from 2^16, stopping at a fixed point. For
+ * 1 <= v < 2^31 they fall strictly to s = floor(sqrt v) (never below it), and k - sqrt v at least halves each
+ * step, so from 2^16 they reach s within 18 steps. There they stop, unless v = (s + 1)^2 - 1, where they
+ * alternate s + 1, s, ... until `iters` runs out. So with iters >= 18 the answer is s, computed by one
+ * double sqrt (exact: v < 2^53, and sqrt v is an integer or 1e-5 or more away from one), instead of ~10
+ * dependent integer divisions; that alternating case and fewer iterations take the steps themselves. */
+__attribute__((target("sse2")))
 static inline int32_t isqrt_newton(int32_t v, int iters) {
+    if (iters >= 18 && v >= 1) {
+        int32_t s = _mm_cvttsd_si32(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd((double)v)));
+        if ((int64_t)(s + 1) * (s + 1) - 1 != v) return s;
+    }
     int32_t k = 1 << 16;
     for (int i = 0; i < iters; i++) {
         int32_t next = (k + v / k) / 2;

@@ -368,6 +368,30 @@ def _layernorm_graph(C=48):
     return graph, inputs
 
 
+def _rows_by_variance(C=6, rows=40000, seed=5):
+    """Rows of C small values whose int.layernorm variance (sh 0: the sum of squared deviations from the truncated
+    mean) is 1, 2 or 3, a square, or one below a square (where the isqrt's Newton steps alternate between s and
+    s + 1 instead of stopping, so the answer depends on how many steps are left), 8 of each kind where found."""
+    x = _rand((rows, C), I32, _gen(seed), -60, 60)
+    x[: rows // 8] = _rand((rows // 8, C), I32, _gen(seed), -1, 1)         # variances of a few units
+    d = x - torch.div(x.sum(1, keepdim=True), C, rounding_mode="trunc")
+    var = (d * d).sum(1)
+    s = var.double().sqrt().floor().long()
+    kinds = [var <= 3, (s * s == var) & (var > 3), ((s + 1) * (s + 1) - 1 == var) & (var > 3)]
+    picked = torch.cat([torch.nonzero(k).flatten()[:8] for k in kinds])
+    assert len(picked) == 24
+    return x[picked]
+
+
+@pytest.mark.parametrize("iters", [20, 18, 17, 9])    # the sqrt shortcut (iters >= 18) and the steps themselves
+def test_layernorm_isqrt_at_small_squares_and_alternating_values(isa, iters):
+    x = _rows_by_variance()
+    graph = Graph("before")
+    inp = graph.add_input("x", TensorType(I32, tuple(x.shape)))
+    graph.set_outputs([graph.call("int.layernorm", inp, C=x.shape[1], sh=0, F=13, iters=iters)])
+    _check(graph, [x], {"cpu.int_layernorm": 1})
+
+
 def _broadcast_add_graph(C=16, pos_rows=(1, 5)):
     """A standalone int.add of an activation [3, 5, C] and a broadcast constant (a position embedding)."""
     g = _gen(7)
