@@ -21,7 +21,7 @@ import graphopt.backends.cpu_integer_fusions  # noqa: F401  (registers the fusio
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import SIBLING_SHIFTS, SIBLINGS, TARGET, kernel_node
-from graphopt.backends.cpu_integer_layout import fold_attention_outputs, fold_key_head_sums
+from graphopt.backends.cpu_integer_layout import fold_attention_outputs, fold_key_head_sums, fold_patchify
 from graphopt.backends.cpu_integer_replay import Replay
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules
@@ -92,6 +92,9 @@ def lower_to_kernels(graph: Graph, threads: int | None = None) -> tuple[Graph, K
             report.append(Lowered("reference", f"{node.label()}: {why}"))
         elif node.op.startswith("cpu."):
             node.attrs["threads"] = threads or torch.get_num_threads()
+    for quantize in fold_patchify(lowered):                       # its entry says it writes the patches
+        at, (ph, pw) = quantize.meta["report_entry"], quantize.attrs["patch"][:2]
+        report[at] = Lowered(report[at].kernel, f"{report[at].nodes} -> reshape -> permute (written as {ph}x{pw} patches)")
     merged = {}
     for kernel, requant in fold_attention_outputs(lowered):      # the requant's entry joins its attention's
         into, gone = kernel.meta["report_entry"], requant.meta["report_entry"]

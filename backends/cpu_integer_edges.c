@@ -2,6 +2,7 @@
  * cpu_integer backend, as loops the compiler vectorises (built with -ffp-contract=off: the reference rounds
  * after the multiply and again after the add, so a fused multiply-add would change results).
  *   ge_quantize    q = clamp(floor(x * inv + 0.5), lo, hi) + zp in float32, stored as u8 / i8 / i32
+ *   ge_quantize_patches  the same, written as a ViT's patches: x [B, C, H, W] -> [B, H/ph, W/pw, C, ph, pw]
  *   ge_dequantize  y = (float)(x - zp) * scale[j] (+ offset[j]) over rows of C, per-column scale and offset
  * Both run in chunks on the helper-thread pool of go_pool.h.
  */
@@ -44,27 +45,66 @@ static void quantize_avx512(const float *x, int64_t i0, int64_t i1, float inv, f
 
 typedef struct { const float *x; int64_t n; float inv, lo, hi; int32_t zp; int out_type; void *out; } quantize_job_t;
 
+/* quantize1 over x[0 .. n) into out[0 .. n) (out of type out_type). */
+static void quantize_run(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+        quantize_avx512(x, 0, n, inv, lo, hi, zp, out_type, out);
+        return;
+    }
+    if (out_type == OUT_U8) for (int64_t i = 0; i < n; i++) ((uint8_t *)out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
+    else if (out_type == OUT_I8) for (int64_t i = 0; i < n; i++) ((int8_t *)out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
+    else for (int64_t i = 0; i < n; i++) ((int32_t *)out)[i] = quantize1(x[i], inv, lo, hi, zp);
+}
+
+static inline int64_t out_size(int out_type) { return out_type == OUT_I32 ? 4 : 1; }
+
 static void quantize_chunk(const void *arg, int64_t b, void **scratch) {
     const quantize_job_t *j = arg;
     (void)scratch;
     int64_t i0 = b * EDGE_CHUNK, i1 = i0 + EDGE_CHUNK < j->n ? i0 + EDGE_CHUNK : j->n;
-    const float *x = j->x;
-    float inv = j->inv, lo = j->lo, hi = j->hi;
-    int32_t zp = j->zp;
-    void *out = j->out;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-        quantize_avx512(x, i0, i1, inv, lo, hi, zp, j->out_type, out);
-        return;
-    }
-    if (j->out_type == OUT_U8) for (int64_t i = i0; i < i1; i++) ((uint8_t *)out)[i] = (uint8_t)quantize1(x[i], inv, lo, hi, zp);
-    else if (j->out_type == OUT_I8) for (int64_t i = i0; i < i1; i++) ((int8_t *)out)[i] = (int8_t)quantize1(x[i], inv, lo, hi, zp);
-    else for (int64_t i = i0; i < i1; i++) ((int32_t *)out)[i] = quantize1(x[i], inv, lo, hi, zp);
+    quantize_run(j->x + i0, i1 - i0, j->inv, j->lo, j->hi, j->zp, j->out_type,
+                 (char *)j->out + i0 * out_size(j->out_type));
 }
 
 void ge_quantize(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out,
                  int threads) {
     quantize_job_t j = {x, n, inv, lo, hi, zp, out_type, out};
     pool_run(threads, (n + EDGE_CHUNK - 1) / EDGE_CHUNK, quantize_chunk, NULL, &j);
+}
+
+/* ge_quantize_patches: one output row per patch (b, i, j), C ph runs of pw pixels each, so the patch embedding's
+ * GEMM reads its rows as they are (instead of quantizing the image, then copying it into patch order). */
+typedef struct {
+    const float *x;
+    int64_t C, H, W, ph, pw, gh, gw, chunk, patches;
+    float inv, lo, hi;
+    int32_t zp;
+    int out_type;
+    void *out;
+} patches_job_t;
+
+static void patches_chunk(const void *arg, int64_t c, void **scratch) {
+    const patches_job_t *j = arg;
+    (void)scratch;
+    int64_t row = j->C * j->ph * j->pw, p1 = (c + 1) * j->chunk < j->patches ? (c + 1) * j->chunk : j->patches;
+    for (int64_t p = c * j->chunk; p < p1; p++) {
+        int64_t b = p / (j->gh * j->gw), i = p / j->gw % j->gh, jj = p % j->gw;
+        char *o = (char *)j->out + p * row * out_size(j->out_type);
+        for (int64_t ch = 0; ch < j->C; ch++)
+            for (int64_t kh = 0; kh < j->ph; kh++) {
+                const float *x = j->x + ((b * j->C + ch) * j->H + i * j->ph + kh) * j->W + jj * j->pw;
+                quantize_run(x, j->pw, j->inv, j->lo, j->hi, j->zp, j->out_type,
+                             o + (ch * j->ph + kh) * j->pw * out_size(j->out_type));
+            }
+    }
+}
+
+void ge_quantize_patches(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, float inv,
+                         float lo, float hi, int32_t zp, int out_type, void *out, int threads) {
+    int64_t gh = H / ph, gw = W / pw, patches = B * gh * gw;
+    int64_t chunk = pool_chunk(patches, threads, EDGE_CHUNK / (C * ph * pw < 1 ? 1 : C * ph * pw));
+    patches_job_t j = {x, C, H, W, ph, pw, gh, gw, chunk, patches, inv, lo, hi, zp, out_type, out};
+    if (patches) pool_run(threads, (patches + chunk - 1) / chunk, patches_chunk, NULL, &j);
 }
 
 typedef struct {

@@ -21,7 +21,8 @@ def library() -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     lib.ge_quantize.argtypes = [p, i64, f32, f32, f32, i32, ctypes.c_int, p, ctypes.c_int]
     lib.ge_dequantize.argtypes = [p, ctypes.c_int, i64, i64, i32, p, p, p, ctypes.c_int]
-    lib.ge_quantize.restype = lib.ge_dequantize.restype = None
+    lib.ge_quantize_patches.argtypes = [p, i64, i64, i64, i64, i64, i64, f32, f32, f32, i32, ctypes.c_int, p, ctypes.c_int]
+    lib.ge_quantize.restype = lib.ge_dequantize.restype = lib.ge_quantize_patches.restype = None
     return lib
 
 
@@ -32,6 +33,18 @@ def quantize(x: torch.Tensor, inv_scale: float, lo: int, hi: int, zero_point: in
     out = torch.empty(x.shape, dtype=dtype)
     flo, fhi = float(np.float32(lo)), float(np.float32(hi))     # the float32 bounds torch.clamp would use
     library().ge_quantize(x.data_ptr(), x.numel(), inv_scale, flo, fhi, zero_point, TYPES[dtype], out.data_ptr(), threads)
+    return out
+
+
+def quantize_patches(x: torch.Tensor, patch: tuple[int, int], inv_scale: float, lo: int, hi: int, zero_point: int,
+                     dtype: torch.dtype, threads: int) -> torch.Tensor:
+    """quantize(x) of an image batch [B, C, H, W] laid out as its ph x pw patches: [B, H/ph, W/pw, C, ph, pw]."""
+    x = x.float().contiguous()
+    (B, C, H, W), (ph, pw) = x.shape, patch
+    out = torch.empty((B, H // ph, W // pw, C, ph, pw), dtype=dtype)
+    flo, fhi = float(np.float32(lo)), float(np.float32(hi))
+    library().ge_quantize_patches(x.data_ptr(), B, C, H, W, ph, pw, inv_scale, flo, fhi, zero_point, TYPES[dtype],
+                                  out.data_ptr(), threads)
     return out
 
 

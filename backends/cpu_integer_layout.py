@@ -9,7 +9,12 @@ per column after it) joins the kernel's epilogue as a second requant, its column
     w = cpu.int_requant(reshape(z, [B, T, H D]))    w = reshape(y, [B, T, H D])
 
 ``fold_attention_outputs`` applies both, in that order of the chain. ``fold_key_head_sums`` lets a token merge
-read its keys per head (the sum over heads inside its kernel).
+read its keys per head (the sum over heads inside its kernel). ``fold_patchify`` has a ViT's input quantizer write
+the image's patches, the layout its patch embedding reads::
+
+    q = cpu.int_quantize(x)                          [B, C, H, W]
+    r = reshape(q, [B, C, H/ph, ph, W/pw, pw])  ->   p = cpu.int_quantize(x, patch=(ph, pw))   [B, H/ph, W/pw, C, ph, pw]
+    p = permute(r, dims=(0, 2, 4, 1, 3, 5))                    (patch=(ph, pw, C, H, W), checked on each call)
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from graphopt.backends.cpu_integer_rows import _input
 from graphopt.ir import Graph, Node
 from graphopt.ir.ops.integer import INT_DTYPES
+from graphopt.ir.types import dims_equal
 
 
 def _sole_user(node: Node, op: str, outputs: set[int]) -> Node | None:
@@ -161,3 +167,45 @@ def fold_attention_outputs(graph: Graph) -> list[tuple[Node, Node]]:
     before = fold_output_requants(graph)
     fold_output_permutes(graph)
     return before + fold_output_requants(graph)
+
+
+PATCH_DIMS = (0, 2, 4, 1, 3, 5)
+
+
+def _patch_of(quantize: Node, outputs: set[int]) -> tuple[tuple[int, ...], Node] | None:
+    """((ph, pw, C, H, W), the permute) when quantize's output alone feeds reshape [B, C, H/ph, ph, W/pw, pw] then
+    permute (0, 2, 4, 1, 3, 5), a ViT's patchify; else None."""
+    if quantize.op != "cpu.int_quantize" or quantize.attrs.get("patch"):
+        return None
+    x = quantize.inputs[0].type
+    reshape = _sole_user(quantize, "reshape", outputs)
+    permute = _sole_user(reshape, "permute", outputs) if reshape is not None else None
+    if permute is None or tuple(permute.attrs["dims"]) != PATCH_DIMS or x.rank != 4:
+        return None
+    (B, C, H, W), view = x.shape, tuple(reshape.outputs[0].type.shape)
+    if not all(isinstance(d, int) for d in (C, H, W) + view[1:]) or not dims_equal(view[0], B):
+        return None
+    if view[1] != C or view[2] * view[3] != H or view[4] * view[5] != W:
+        return None
+    return (view[3], view[5], C, H, W), permute
+
+
+def fold_patchify(graph: Graph) -> list[Node]:
+    """Each input quantizer followed by a ViT's patchify made to write the patches itself (in place); returns the
+    new quantizers."""
+    outputs = {id(v) for v in graph.outputs}
+    folded = []
+    for node in list(graph.nodes):
+        found = _patch_of(node, outputs)
+        if found is None:
+            continue
+        patch, permute = found
+        with graph.inserting_before(node):
+            new = graph.create_node(node.op, list(node.inputs), dict(node.attrs, patch=patch), meta=dict(node.meta))
+        graph.replace_all_uses_with(permute.outputs[0], new.outputs[0])
+        reshape = permute.inputs[0].producer
+        graph.erase_node(permute)
+        graph.erase_node(reshape)
+        graph.erase_node(node)
+        folded.append(new)
+    return folded

@@ -302,18 +302,37 @@ def _kernel_token_merge_cost(node):
     return _token_merge_cost(node, keys=_summed_keys(keys, axis)) + (_n(keys) if axis else 0)
 
 
-def _quantize_type(x, *, inv_scale, zero_point, lo, hi, dtype, threads):
+def _quantize_type(x, *, inv_scale, zero_point, lo, hi, dtype, threads, patch=()):
     if not x.dtype.is_floating_point or dtype not in INT_DTYPES:
         raise OpError(f"cpu.int_quantize: expects a float input and an integer dtype, got {x}, {dtype!r}")
-    return x.with_dtype(INT_DTYPES[dtype])
+    if not patch:
+        return x.with_dtype(INT_DTYPES[dtype])
+    _check_image(tuple(x.shape), patch)
+    ph, pw, C, H, W = patch
+    return TensorType(INT_DTYPES[dtype], (x.shape[0], H // ph, W // pw, C, ph, pw))
+
+
+def _check_image(shape: tuple, patch) -> None:
+    """patch = (ph, pw, C, H, W): the images [B, C, H, W] the quantizer was lowered for, H and W in whole patches."""
+    ph, pw, C, H, W = patch
+    if H % ph or W % pw:
+        raise OpError(f"cpu.int_quantize: {H} x {W} images do not split into {ph} x {pw} patches")
+    if len(shape) != 4 or tuple(shape[1:]) != (C, H, W):
+        raise OpError(f"cpu.int_quantize: lowered for images [B, {C}, {H}, {W}] (the patchify after it is folded "
+                      f"into it), got an input of shape {list(shape)}; lower the graph again for that shape")
 
 
 @register_op("cpu.int_quantize", inputs=["x"],
              attrs={"inv_scale": Attr("float"), "zero_point": Attr("int", 0), "lo": Attr("int"), "hi": Attr("int"),
-                    "dtype": Attr("str", "i32"), "threads": Attr("int", 1)},
+                    "dtype": Attr("str", "i32"), "threads": Attr("int", 1),
+                    "patch": Attr("ints", (), "(ph, pw, C, H, W): images [B, C, H, W] quantized into their ph x pw "
+                                              "patches, [B, H/ph, W/pw, C, ph, pw] (a ViT's patchify folded in)")},
              infer=_quantize_type, tags=["quant", "integer"])
-def int_quantize(x, *, inv_scale, zero_point, lo, hi, dtype, threads):
+def int_quantize(x, *, inv_scale, zero_point, lo, hi, dtype, threads, patch=()):
     """int.quantize: clamp(floor(x * inv_scale + 0.5), lo, hi) + zero_point in float32."""
+    if patch:
+        _check_image(tuple(x.shape), patch)
+        return edges.quantize_patches(x, tuple(patch[:2]), inv_scale, lo, hi, zero_point, INT_DTYPES[dtype], threads)
     return edges.quantize(x, inv_scale, lo, hi, zero_point, INT_DTYPES[dtype], threads)
 
 

@@ -678,6 +678,32 @@ def test_quantize_and_dequantize_become_kernels(dtype, zp, lo, hi):
     _check(graph, [values * (2000 if dtype == "i32" else 1)], {"cpu.int_quantize": 1, "cpu.int_dequantize": 2})
 
 
+@pytest.mark.parametrize("C,H,W,ph,pw,dtype,dims", [
+    (3, 32, 48, 16, 16, "u8", (0, 2, 4, 1, 3, 5)),      # a ViT's 16 x 16 patches: one vector a run
+    (3, 12, 8, 4, 2, "i8", (0, 2, 4, 1, 3, 5)),         # runs shorter than a vector, ph != pw
+    (1, 6, 40, 3, 20, "i32", (0, 2, 4, 1, 3, 5)),       # a run of 20 int32: a vector and a partial one
+    (3, 8, 8, 4, 4, "u8", (0, 2, 4, 1, 5, 3))])         # another permute: left to the layout ops
+def test_quantize_writes_a_vits_patches(C, H, W, ph, pw, dtype, dims):
+    """int.quantize -> reshape [B, C, H/ph, ph, W/pw, pw] -> permute (0, 2, 4, 1, 3, 5) -> reshape [B, patches, C ph pw]:
+    the quantizer writes the patches itself (no permute left), against the reference of the whole chain."""
+    g = _gen(14)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(torch.float32, (2, C, H, W)))
+    q = graph.call("int.quantize", x, inv_scale=1 / 0.021, zero_point=128 if dtype == "u8" else 0,
+                   lo=-128 if dtype != "i32" else -30000, hi=127 if dtype != "i32" else 30000, dtype=dtype)
+    p = graph.call("permute", graph.call("reshape", q, shape=(2, C, H // ph, ph, W // pw, pw)), dims=dims)
+    graph.set_outputs([graph.call("reshape", p, shape=(2, H // ph * (W // pw), C * ph * pw))])
+    values = torch.randn(2, C, H, W, generator=g) * (3 if dtype != "i32" else 300)
+    folded = dims == (0, 2, 4, 1, 3, 5)
+    _check(graph, [values], {"cpu.int_quantize": 1, "permute": 0 if folded else 1})
+    if folded:          # images of another size are refused, not cut into patches the graph did not have
+        from graphopt.backends.cpu_integer import lower_to_kernels
+        from graphopt.backends.torch_backend import run
+        other = torch.randn(2, C, H + ph, W)
+        with pytest.raises(Exception, match=rf"lowered for images \[B, {C}, {H}, {W}\]"):
+            run(lower_to_kernels(graph)[0], other)
+
+
 # ---- whole models ---------------------------------------------------------------------------------
 def _left_on_reference(report) -> set[str]:
     """The ops of the report's reference entries ("%12 (int.quantize): why")."""
