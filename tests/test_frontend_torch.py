@@ -83,6 +83,21 @@ def test_eval_mode_no_ops_disappear_and_unknown_ops_stay_opaque():
     torch.testing.assert_close(om(y), model(y), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("padding,kernel,dilation,imports", [("valid", 4, 1, True), ("same", 3, 1, True),
+                                                            ("same", 3, 2, True), ("same", 2, 1, False)])
+def test_conv2d_with_a_padding_string(padding, kernel, dilation, imports):
+    """nn.Conv2d(padding="valid" / "same") exports as aten.conv2d.padding (SigLIP's patch embedding): a conv2d with
+    the numeric padding, unless "same" would pad one side more (then opaque, with the reason)."""
+    stride = kernel if padding == "valid" else 1
+    model = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation).eval()
+    x = torch.randn(2, 3, 12, 12)
+    graph = from_torch(model, (x,))
+    assert graph.op_counts() == ({"conv2d": 1} if imports else {"opaque": 1})
+    if not imports:
+        assert "pads unevenly" in graph.find_nodes("opaque")[0].meta["opaque_reason"]
+    torch.testing.assert_close(graphopt.optimize(model, [], (x,))(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_node_meta_records_the_source_module():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GELU()).eval()
     graph = from_torch(model, (torch.randn(2, 3),))
