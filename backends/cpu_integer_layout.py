@@ -34,6 +34,16 @@ def _sole_user(node: Node, op: str, outputs: set[int]) -> Node | None:
     return users[0]
 
 
+def _matches(graph: Graph, find):
+    """(node, what find(node, outputs) returned) for each node of graph (as it was) where that is not None;
+    outputs: the ids of the graph's outputs, which no fold may take away."""
+    outputs = {id(v) for v in graph.outputs}
+    for node in list(graph.nodes):
+        found = find(node, outputs)
+        if found is not None:
+            yield node, found
+
+
 def _foldable_permute(node: Node, outputs: set[int]) -> Node | None:
     """The permute that node's output alone feeds, when the kernel can write that layout itself."""
     if node.op != "cpu.int_bmm" or node.attrs["out_perm"] or _input(node, "pow2")[1] is not None \
@@ -45,12 +55,8 @@ def _foldable_permute(node: Node, outputs: set[int]) -> Node | None:
 
 def fold_output_permutes(graph: Graph) -> int:
     """Fold each attention output's permute into its ``cpu.int_bmm`` (in place); returns how many."""
-    outputs = {id(v) for v in graph.outputs}
     folded = 0
-    for node in list(graph.nodes):
-        permute = _foldable_permute(node, outputs)
-        if permute is None:
-            continue
+    for node, permute in _matches(graph, _foldable_permute):
         attrs = dict(node.attrs, out_perm=tuple(d % 4 for d in permute.attrs["dims"]))
         with graph.inserting_before(node):
             new = graph.create_node(node.op, list(node.inputs), attrs, meta=dict(node.meta))
@@ -101,13 +107,8 @@ def fold_output_requants(graph: Graph) -> list[tuple[Node, Node]]:
     """Fold the requant after each attention output (itself, or its heads merged by fold_output_permutes'
     layout) into its ``cpu.int_bmm`` as a second requant (in place); returns each new kernel with the requant
     it took in."""
-    outputs = {id(v) for v in graph.outputs}
     folded = []
-    for node in list(graph.nodes):
-        found = _foldable_requant(node, outputs)
-        if found is None:
-            continue
-        reshape, requant = found
+    for node, (reshape, requant) in _matches(graph, _foldable_requant):
         result = node.inputs[0].type.shape[:-1] + (node.inputs[1].type.shape[-1],)
         heads, columns = result[1], result[3]
         inputs = list(node.inputs) + [None] * (len(node.schema.inputs) - len(node.inputs))
@@ -193,13 +194,8 @@ def _patch_of(quantize: Node, outputs: set[int]) -> tuple[tuple[int, ...], Node]
 def fold_patchify(graph: Graph) -> list[Node]:
     """Each input quantizer followed by a ViT's patchify made to write the patches itself (in place); returns the
     new quantizers."""
-    outputs = {id(v) for v in graph.outputs}
     folded = []
-    for node in list(graph.nodes):
-        found = _patch_of(node, outputs)
-        if found is None:
-            continue
-        patch, permute = found
+    for node, (patch, permute) in _matches(graph, _patch_of):
         with graph.inserting_before(node):
             new = graph.create_node(node.op, list(node.inputs), dict(node.attrs, patch=patch), meta=dict(node.meta))
         graph.replace_all_uses_with(permute.outputs[0], new.outputs[0])
