@@ -45,9 +45,12 @@ static void quantize_avx512(const float *x, int64_t i0, int64_t i1, float inv, f
 
 typedef struct { const float *x; int64_t n; float inv, lo, hi; int32_t zp; int out_type; void *out; } quantize_job_t;
 
-/* quantize1 over x[0 .. n) into out[0 .. n) (out of type out_type). */
-static void quantize_run(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out) {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+static int quantize_avx512_ok(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+
+/* quantize1 over x[0 .. n) into out[0 .. n) (out of type out_type); vec: quantize_avx512_ok(), asked once per chunk. */
+static void quantize_run(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out,
+                         int vec) {
+    if (vec) {
         quantize_avx512(x, 0, n, inv, lo, hi, zp, out_type, out);
         return;
     }
@@ -63,7 +66,7 @@ static void quantize_chunk(const void *arg, int64_t b, void **scratch) {
     (void)scratch;
     int64_t i0 = b * EDGE_CHUNK, i1 = i0 + EDGE_CHUNK < j->n ? i0 + EDGE_CHUNK : j->n;
     quantize_run(j->x + i0, i1 - i0, j->inv, j->lo, j->hi, j->zp, j->out_type,
-                 (char *)j->out + i0 * out_size(j->out_type));
+                 (char *)j->out + i0 * out_size(j->out_type), quantize_avx512_ok());
 }
 
 void ge_quantize(const float *x, int64_t n, float inv, float lo, float hi, int32_t zp, int out_type, void *out,
@@ -87,6 +90,7 @@ static void patches_chunk(const void *arg, int64_t c, void **scratch) {
     const patches_job_t *j = arg;
     (void)scratch;
     int64_t row = j->C * j->ph * j->pw, p1 = (c + 1) * j->chunk < j->patches ? (c + 1) * j->chunk : j->patches;
+    int vec = quantize_avx512_ok();
     for (int64_t p = c * j->chunk; p < p1; p++) {
         int64_t b = p / (j->gh * j->gw), i = p / j->gw % j->gh, jj = p % j->gw;
         char *o = (char *)j->out + p * row * out_size(j->out_type);
@@ -94,7 +98,7 @@ static void patches_chunk(const void *arg, int64_t c, void **scratch) {
             for (int64_t kh = 0; kh < j->ph; kh++) {
                 const float *x = j->x + ((b * j->C + ch) * j->H + i * j->ph + kh) * j->W + jj * j->pw;
                 quantize_run(x, j->pw, j->inv, j->lo, j->hi, j->zp, j->out_type,
-                             o + (ch * j->ph + kh) * j->pw * out_size(j->out_type));
+                             o + (ch * j->ph + kh) * j->pw * out_size(j->out_type), vec);
             }
     }
 }

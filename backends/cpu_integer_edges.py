@@ -31,9 +31,14 @@ def quantize(x: torch.Tensor, inv_scale: float, lo: int, hi: int, zero_point: in
     """int.quantize: clamp(floor(x * inv_scale + 0.5), lo, hi) + zero_point, float32 math."""
     x = x.float().contiguous()
     out = torch.empty(x.shape, dtype=dtype)
-    flo, fhi = float(np.float32(lo)), float(np.float32(hi))     # the float32 bounds torch.clamp would use
-    library().ge_quantize(x.data_ptr(), x.numel(), inv_scale, flo, fhi, zero_point, TYPES[dtype], out.data_ptr(), threads)
+    library().ge_quantize(x.data_ptr(), x.numel(), inv_scale, *_float32_bounds(lo, hi), zero_point, TYPES[dtype],
+                          out.data_ptr(), threads)
     return out
+
+
+def _float32_bounds(lo: int, hi: int) -> tuple[float, float]:
+    """The float32 values torch.clamp compares with (rounded to nearest)."""
+    return float(np.float32(lo)), float(np.float32(hi))
 
 
 def quantize_patches(x: torch.Tensor, patch: tuple[int, int], inv_scale: float, lo: int, hi: int, zero_point: int,
@@ -42,9 +47,8 @@ def quantize_patches(x: torch.Tensor, patch: tuple[int, int], inv_scale: float, 
     x = x.float().contiguous()
     (B, C, H, W), (ph, pw) = x.shape, patch
     out = torch.empty((B, H // ph, W // pw, C, ph, pw), dtype=dtype)
-    flo, fhi = float(np.float32(lo)), float(np.float32(hi))
-    library().ge_quantize_patches(x.data_ptr(), B, C, H, W, ph, pw, inv_scale, flo, fhi, zero_point, TYPES[dtype],
-                                  out.data_ptr(), threads)
+    library().ge_quantize_patches(x.data_ptr(), B, C, H, W, ph, pw, inv_scale, *_float32_bounds(lo, hi), zero_point,
+                                  TYPES[dtype], out.data_ptr(), threads)
     return out
 
 

@@ -742,7 +742,7 @@ static void pack_cols_avx512(const int8_t *b, int64_t sn, int64_t N, int64_t K, 
 /* B of one batch item packed like pack_strided, by the AVX-512 packers when its layout fits them. */
 static void pack_item(const bmm_job_t *j, const int8_t *b, int64_t sbk, int64_t sbn, int64_t N, int64_t K,
                       int64_t padk, int8_t *out, int32_t *colsum) {
-    int vec = j->isa >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
+    int vec = j->isa >= 1 && has_avx512();
     if (vec && sbn == 1) pack_rows_avx512(b, sbk, N, K, padk, j->b_flip, out, colsum);
     else if (vec && sbk == 1)
         pack_cols_avx512(b, sbn, N, K, padk, j->b_flip, out, colsum);
@@ -1083,7 +1083,7 @@ static void logits_row_avx512(const epilogue_t *g, const int32_t *x, const int32
 /* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e, and with sizes xb and bias, are L-entry scratch rows. */
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
                          int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
-    int vec = isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
+    int vec = isa_limit >= 1 && has_avx512();
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *mask = sm->mask ? sm->mask + i0 * sm->m0 + i1 * sm->m1 + (r0 + r) * sm->mr : NULL;
         const int32_t *xr = x + r * L;
@@ -1106,7 +1106,7 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int6
  * columns get 0, as Shiftmax gives them (e = 0, and (0 << bits) + sum / 2 < sum). */
 static void softmax_kept_row(const softmax_t *sm, const int32_t *x, int64_t kept, const int32_t *keep,
                              const uint8_t *flags, int64_t N, int32_t *e, uint8_t *p, uint8_t *out) {
-    int vec = isa_limit >= 1 && has_avx512() && __builtin_cpu_supports("avx512vl");
+    int vec = isa_limit >= 1 && has_avx512();
     if (kept && vec) shiftmax_row_avx512(x, kept, NULL, sm, e, p);
     else if (kept) shiftmax_row_portable(x, kept, NULL, sm, e, p);
     if (vec && __builtin_cpu_supports("avx512vbmi2")) {

@@ -69,32 +69,35 @@ def _addmm(cv, node, args, kwargs):
     return cv.op.add(cv.op.matmul(args[1], args[2]), args[0])
 
 
+def _pairs(v) -> tuple:
+    return tuple(v) * 2 if len(v) == 1 else tuple(v)
+
+
+def _conv2d_with(cv, args, kwargs, padding):
+    """aten.conv2d's operands (both overloads share them but for padding) as a conv2d with numeric padding."""
+    return cv.op.conv2d(args[0], args[1], _arg(args, kwargs, 2, "bias"), stride=_pairs(_arg(args, kwargs, 3, "stride", [1])),
+                        padding=padding, dilation=_pairs(_arg(args, kwargs, 5, "dilation", [1])),
+                        groups=_arg(args, kwargs, 6, "groups", 1))
+
+
+@handles(aten.conv2d.default)
+def _conv2d(cv, node, args, kwargs):
+    return _conv2d_with(cv, args, kwargs, _pairs(_arg(args, kwargs, 4, "padding", [0])))
+
+
 @handles(aten.conv2d.padding)
 def _conv2d_padding(cv, node, args, kwargs):
     """Conv2d(padding="valid" | "same") (SigLIP's patch embedding): "valid" is no padding; "same" (stride 1) pads
     dilation (k - 1) / 2 a side, which is symmetric only when that total is even (torch puts the odd one after)."""
-    weight, mode = args[1], _arg(args, kwargs, 4, "padding", "valid")
-    pairs = lambda v: tuple(v) * 2 if len(v) == 1 else tuple(v)
-    dilation = pairs(_arg(args, kwargs, 5, "dilation", [1]))
-    kernel = tuple(weight.type.shape[2:])
+    mode, dilation = _arg(args, kwargs, 4, "padding", "valid"), _pairs(_arg(args, kwargs, 5, "dilation", [1]))
+    kernel = tuple(args[1].type.shape[2:])
     if mode == "valid":
         padding = (0, 0)
     elif all(isinstance(k, int) and d * (k - 1) % 2 == 0 for k, d in zip(kernel, dilation)):
         padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     else:
         raise Unsupported(f"conv2d padding='same' with kernel {kernel} and dilation {dilation} pads unevenly")
-    return cv.op.conv2d(args[0], weight, _arg(args, kwargs, 2, "bias"), stride=pairs(_arg(args, kwargs, 3, "stride", [1])),
-                        padding=padding, dilation=dilation, groups=_arg(args, kwargs, 6, "groups", 1))
-
-
-@handles(aten.conv2d.default)
-def _conv2d(cv, node, args, kwargs):
-    pairs = lambda v: tuple(v) * 2 if len(v) == 1 else tuple(v)
-    return cv.op.conv2d(args[0], args[1], _arg(args, kwargs, 2, "bias"),
-                        stride=pairs(_arg(args, kwargs, 3, "stride", [1])),
-                        padding=pairs(_arg(args, kwargs, 4, "padding", [0])),
-                        dilation=pairs(_arg(args, kwargs, 5, "dilation", [1])),
-                        groups=_arg(args, kwargs, 6, "groups", 1))
+    return _conv2d_with(cv, args, kwargs, padding)
 
 
 def _binary(ir_op):
