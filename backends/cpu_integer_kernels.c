@@ -238,25 +238,46 @@ static inline __m512i clamp16(__m512i y, int k, int32_t lo, int32_t hi) {      /
  * < 2^-14, so off by at most one for bits <= 13) is corrected by the exact remainder in int32, where
  * q den <= a + den < 2^31 (the op's X 2^(n+1+bits) <= 2^30). gelu_direct says when this applies. The
  * constants are made once per epilogue call (gelu_consts), outside the loops that store through `out`. */
-typedef struct { __m512i one, lo, hi, top, xm1, twox, n; __m128i logx, bits; } gelu_consts_t;
+typedef struct { __m512i one, lo, hi, top, xm1, twox, n, cap, ai; __m512 a; __m128i logx, bits; } gelu_consts_t;
 
 __attribute__((target("avx512f,avx512bw")))
 static inline gelu_consts_t gelu_consts(const epilogue_t *e) {
     int32_t X = e->gelu_x, n = e->gelu_n, half_in = 1 << (e->gelu_in_bits - 1);
     return (gelu_consts_t){_mm512_set1_epi32(2 * X << n), _mm512_set1_epi32(-half_in), _mm512_set1_epi32(half_in - 1),
                            _mm512_set1_epi32(n * X), _mm512_set1_epi32(X - 1), _mm512_set1_epi32(2 * X),
-                           _mm512_set1_epi32(n), _mm_cvtsi32_si128(__builtin_ctz((uint32_t)X)),
-                           _mm_cvtsi32_si128(e->gelu_bits)};
+                           _mm512_set1_epi32(n), _mm512_set1_epi32(1 << e->gelu_bits),
+                           _mm512_set1_epi32((2 * X << n) << e->gelu_bits),
+                           _mm512_set1_ps((float)(2 * X << n) * (float)(1 << e->gelu_bits)),
+                           _mm_cvtsi32_si128(__builtin_ctz((uint32_t)X)), _mm_cvtsi32_si128(e->gelu_bits)};
+}
+
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline __m512i gelu_den16(__m512i u, const gelu_consts_t *g, __m512i *ex) {
+    *ex = _mm512_sllv_epi32(_mm512_sub_epi32(g->twox, _mm512_and_si512(u, g->xm1)),
+                            _mm512_sub_epi32(g->n, _mm512_srl_epi32(u, g->logx)));
+    return _mm512_add_epi32(*ex, g->one);
+}
+
+/* shiftgelu16's factor with half its work (the GELU epilogue of DeiT-S's fc1: 0.91-0.93x): den is even (ex and
+ * one are), so for x >= 0 the factor is F = floor(A / den + 1/2) with A = one 2^bits, and for x < 0 it is 2^bits - F
+ * (the numerators sum to den 2^bits, and A / den + 1/2 is never an integer when bits >= 1: den would be 2A). F is
+ * est + [A - est den >= den / 2] for est = trunc(A rcp14(den)), which is exact when est is F or F - 1; whether it
+ * is for every u on this CPU (rcp14's last bits differ between vendors) gelu_fast_exact checks. */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline __m512i gelu_sig_fast16(__m512i u, __mmask16 neg, const gelu_consts_t *g) {
+    __m512i ex, den = gelu_den16(u, g, &ex);
+    __m512i q = _mm512_cvttps_epi32(_mm512_mul_ps(g->a, _mm512_rcp14_ps(_mm512_cvtepi32_ps(den))));
+    __m512i rem = _mm512_sub_epi32(g->ai, _mm512_mullo_epi32(q, den));        /* one 2^bits - q den */
+    q = _mm512_mask_add_epi32(q, _mm512_cmpge_epi32_mask(rem, _mm512_srli_epi32(den, 1)), q, _mm512_set1_epi32(1));
+    return _mm512_mask_sub_epi32(q, neg, g->cap, q);
 }
 
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline __m512i shiftgelu16(__m512i x, const gelu_consts_t *g) {
     const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi32(1);
     x = _mm512_min_epi32(_mm512_max_epi32(x, g->lo), g->hi);
-    __m512i u = _mm512_min_epi32(_mm512_abs_epi32(x), g->top);
-    __m512i ex = _mm512_sllv_epi32(_mm512_sub_epi32(g->twox, _mm512_and_si512(u, g->xm1)),
-                                   _mm512_sub_epi32(g->n, _mm512_srl_epi32(u, g->logx)));
-    __m512i den = _mm512_add_epi32(ex, g->one);
+    __m512i u = _mm512_min_epi32(_mm512_abs_epi32(x), g->top), ex;
+    __m512i den = gelu_den16(u, g, &ex);
     __m512i num = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(x, zero), g->one, ex);
     __m512i a = _mm512_add_epi32(_mm512_sll_epi32(num, g->bits), _mm512_srli_epi32(den, 1));
     __m512i sig = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_rcp14_ps(_mm512_cvtepi32_ps(den))));
@@ -273,23 +294,71 @@ static int gelu_direct(const epilogue_t *e) {
            (X << (n + 1 + bits)) <= (1LL << 30) && e->gelu_in_bits >= 1 && e->gelu_in_bits <= 24;
 }
 
+/* Whether gelu_sig_fast16 equals shiftgelu16's factor for every u in [0, nX] and both signs (the factor depends on
+ * nothing else) on this CPU, with den exact in float. At most 2^12 vectors, once per GEMM (DeiT-S: 81). */
+__attribute__((target("avx512f,avx512bw")))
+static int gelu_fast_exact(const epilogue_t *e) {
+    int64_t X = e->gelu_x, top = (int64_t)e->gelu_n * X;
+    if (e->gelu_bits < 1 || top >= (1 << 16) || (4 * X << e->gelu_n) > (1 << 24)) return 0;
+    gelu_consts_t g = gelu_consts(e);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t u0 = 0; u0 <= top; u0 += 16) {
+        __m512i u = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)u0), iota), g.top);
+        for (int neg = 0; neg < 2; neg++) {    /* x = +-u with |x| <= nX: shiftgelu16's factor is x's product / x */
+            __m512i x = neg ? _mm512_sub_epi32(_mm512_setzero_si512(), u) : u;
+            gelu_consts_t wide = g;            /* no input clamp: u may exceed the input range, the factor still holds */
+            wide.lo = _mm512_set1_epi32(INT32_MIN + 1);
+            wide.hi = _mm512_set1_epi32(INT32_MAX);
+            __m512i exact = shiftgelu16(x, &wide), fast = _mm512_mullo_epi32(x, gelu_sig_fast16(u, neg ? 0xFFFF : 0, &g));
+            if (_mm512_cmpneq_epi32_mask(exact, fast)) return 0;
+        }
+    }
+    return 1;
+}
+
+/* The last clamp to [lo, hi], the zero point and the store of 16 lanes at out + o. Bytes of [-128, 127] with zp 0
+ * or 128 (narrow: the usual u8 / s8 activations) take one saturating narrowing and a flip of the top bit instead. */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+static inline void clamp_store16(void *out, int64_t o, __mmask16 mask, __m512i y, __m512i lo, __m512i hi, __m512i zp,
+                                 int narrow, __m128i flip, const int BYTES) {
+    if (BYTES == 1 && narrow) {
+        _mm_mask_storeu_epi8((int8_t *)out + o, mask, _mm_xor_si128(_mm512_cvtsepi32_epi8(y), flip));
+        return;
+    }
+    y = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(y, lo), hi), zp);
+    if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
+    else store32x16((int32_t *)out + o, y, mask);
+}
+
+static int narrows(int32_t lo, int32_t hi, int32_t zp) { return lo == -128 && hi == 127 && (zp == 0 || zp == 128); }
+
 /* The epilogue of one tile on 16-lane vectors, for one kind and output width fixed at compile time (an
  * instance each, picked once per GEMM): the row loop holds no branch on either, and the per-column constants
  * are loaded once per 16 columns. The table lookup indexes from table - lo, so y needs no offset; with GELU
- * (EPI_TABLE_REQUANT only) int.shiftgelu(y + zp) is computed instead. */
-__attribute__((target("avx512f,avx512bw"), always_inline))
+ * (EPI_TABLE_REQUANT only) int.shiftgelu(y + zp) is computed instead: GELU 1 as shiftgelu16, GELU 2 with
+ * gelu_sig_fast16 and the input clamp folded into the requant's (gelu_fast_ok). */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
                               void *out, int64_t ldo, const int KIND, const int BYTES, const int GELU) {
     const int pre = e->pre, pb = e->pb, pre2 = e->pre2, k2 = e->k2;
     const int32_t k = e->k;
     const int32_t *table = KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT ? e->table - e->lo : NULL;
+    const int two = KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2;       /* a second requant ends it */
     gelu_consts_t g;
     if (GELU) g = gelu_consts(e);
+    int32_t lo1 = e->lo, hi1 = e->hi, pm2 = (1 << pre2) - 1;
+    if (GELU == 2) {
+        int32_t half_in = 1 << (e->gelu_in_bits - 1);
+        lo1 = lo1 > -half_in - e->zp ? lo1 : -half_in - e->zp;
+        hi1 = hi1 < half_in - 1 - e->zp ? hi1 : half_in - 1 - e->zp;
+    }
+    const int narrow = two ? narrows(e->lo2, e->hi2, e->zp2) : narrows(e->lo, e->hi, e->zp);
+    const __m128i flip = _mm_set1_epi8((two ? e->zp2 : e->zp) ? (char)0x80 : 0);
     for (int c0 = 0; c0 < nr; c0 += 16) {
         __mmask16 mask = tail_mask(nr - c0);
         int64_t col = col0 + c0;
         __m512i zero = _mm512_setzero_si512(), bias = _mm512_maskz_loadu_epi32(mask, e->bias + col), m = zero,
-                c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32(e->lo), hi = _mm512_set1_epi32(e->hi),
+                c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32(lo1), hi = _mm512_set1_epi32(hi1),
                 zp = _mm512_set1_epi32(e->zp), lo2 = _mm512_set1_epi32(e->lo2), hi2 = _mm512_set1_epi32(e->hi2),
                 zp2 = _mm512_set1_epi32(e->zp2);
         __m512i shift = e->ks ? _mm512_maskz_loadu_epi32(mask, e->ks + col) : _mm512_set1_epi32(k);
@@ -298,34 +367,47 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
             c = _mm512_maskz_loadu_epi32(mask, e->c + col);
         }
         if (KIND == EPI_ADD) mb = _mm512_maskz_loadu_epi32(mask, e->mb + col);
-        if (KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2) {
+        if (two) {
             m2 = _mm512_maskz_loadu_epi32(mask, e->m2 + col);
             c2 = _mm512_maskz_loadu_epi32(mask, e->c2 + col);
         }
         for (int r = 0; r < mr; r++) {
-            __m512i y = _mm512_add_epi32(_mm512_load_si512(tile + r * NR + c0), bias);
-            if (KIND != EPI_RAW) {
-                y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre), m), c);
-                if (KIND == EPI_ADD) {
-                    __m512i res = _mm512_maskz_loadu_epi32(mask, e->res + (row0 + r) * e->ldr + col);
-                    y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, pb), mb));
-                }
-                y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srav_epi32(y, shift), lo), hi);
-                if (GELU)
-                    y = shiftgelu16(_mm512_add_epi32(y, zp), &g);
-                else if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT)
-                    y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
-                else
-                    y = _mm512_add_epi32(y, zp);
-                if (KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2) {
-                    y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre2), m2), c2);
-                    y = _mm512_min_epi32(_mm512_max_epi32(_mm512_srai_epi32(y, (unsigned)k2), lo2), hi2);
-                    y = _mm512_add_epi32(y, zp2);
-                }
-            }
             int64_t o = (row0 + r) * ldo + col;
-            if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
-            else store32x16((int32_t *)out + o, y, mask);
+            __m512i y = _mm512_add_epi32(_mm512_load_si512(tile + r * NR + c0), bias);
+            if (KIND == EPI_RAW) {
+                if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
+                else store32x16((int32_t *)out + o, y, mask);
+                continue;
+            }
+            y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre), m), c);
+            if (KIND == EPI_ADD) {
+                __m512i res = _mm512_maskz_loadu_epi32(mask, e->res + (row0 + r) * e->ldr + col);
+                y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, pb), mb));
+            }
+            y = _mm512_srav_epi32(y, shift);
+            if (KIND == EPI_REQUANT || KIND == EPI_ADD) {
+                clamp_store16(out, o, mask, y, lo, hi, zp, narrow, flip, BYTES);
+                continue;
+            }
+            y = _mm512_min_epi32(_mm512_max_epi32(y, lo), hi);
+            if (GELU == 2) {        /* x sig, whose tdiv by 2^pre2 rounds toward zero by x's sign */
+                __m512i x = _mm512_add_epi32(y, zp);
+                __mmask16 neg = _mm512_cmplt_epi32_mask(x, zero);
+                y = _mm512_mullo_epi32(x, gelu_sig_fast16(_mm512_min_epi32(_mm512_abs_epi32(x), g.top), neg, &g));
+                y = _mm512_srai_epi32(_mm512_mask_add_epi32(y, neg, y, _mm512_set1_epi32(pm2)), (unsigned)pre2);
+            } else {
+                if (GELU) y = shiftgelu16(_mm512_add_epi32(y, zp), &g);
+                else if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT) y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
+                else y = _mm512_add_epi32(y, zp);
+                if (!two) {                                   /* EPI_TABLE: the table's value as it is */
+                    if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
+                    else store32x16((int32_t *)out + o, y, mask);
+                    continue;
+                }
+                y = tdiv_pow2_16(y, pre2);
+            }
+            y = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(y, m2), c2), (unsigned)k2);
+            clamp_store16(out, o, mask, y, lo2, hi2, zp2, narrow, flip, BYTES);
         }
     }
 }
@@ -334,7 +416,7 @@ typedef void (*epilogue_fn)(const epilogue_t *, const int32_t *, int64_t, int, i
 
 #define EPILOGUE16(KIND, BYTES) EPILOGUE16_(KIND, BYTES, 0, KIND##_##BYTES)
 #define EPILOGUE16_(KIND, BYTES, GELU, NAME) \
-    __attribute__((target("avx512f,avx512bw"))) \
+    __attribute__((target("avx512f,avx512bw,avx512vl"))) \
     static void epilogue16_##NAME(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, \
                                   int64_t col0, int nr, void *out, int64_t ldo) { \
         epilogue16(e, tile, row0, mr, col0, nr, out, ldo, KIND, BYTES, GELU); \
@@ -343,6 +425,22 @@ EPILOGUE16(EPI_RAW, 1) EPILOGUE16(EPI_REQUANT, 1) EPILOGUE16(EPI_TABLE, 1) EPILO
 EPILOGUE16(EPI_TABLE_REQUANT, 1) EPILOGUE16(EPI_RAW, 4) EPILOGUE16(EPI_REQUANT, 4) EPILOGUE16(EPI_TABLE, 4)
 EPILOGUE16(EPI_ADD, 4) EPILOGUE16(EPI_TABLE_REQUANT, 4) EPILOGUE16(EPI_REQUANT2, 1) EPILOGUE16(EPI_REQUANT2, 4)
 EPILOGUE16_(EPI_TABLE_REQUANT, 1, 1, gelu_1) EPILOGUE16_(EPI_TABLE_REQUANT, 4, 1, gelu_4)
+EPILOGUE16_(EPI_TABLE_REQUANT, 1, 2, gelu_fast_1) EPILOGUE16_(EPI_TABLE_REQUANT, 4, 2, gelu_fast_4)
+
+/* The GELU epilogue's second instance (GELU 2): gelu_sig_fast16 where gelu_fast_exact, with the input clamp folded
+ * into the requant's (the two ranges meet, zp adds without int32 overflow) and x sig without overflow, so its sign is
+ * x's for the tdiv by 2^pre2. */
+static int gelu_fast_ok(const epilogue_t *e) {
+    int64_t half_in = (int64_t)1 << (e->gelu_in_bits - 1), lo = e->lo > -half_in - e->zp ? e->lo : -half_in - e->zp;
+    int64_t hi = e->hi < half_in - 1 - e->zp ? e->hi : half_in - 1 - e->zp;
+    return gelu_direct(e) && e->zp > -(1 << 30) && e->zp < (1 << 30) && lo <= hi &&
+           e->gelu_in_bits + e->gelu_bits <= 31 && e->pre2 >= 0 && e->pre2 < 31 && gelu_fast_exact(e);
+}
+
+/* Whether GEMMs with e's GELU epilogue take gelu_sig_fast16 on this CPU (at the current ISA limit). */
+int go_gelu_division_free(const epilogue_t *e) {
+    return isa_limit >= 1 && go_has_vnni() && e->kind == EPI_TABLE_REQUANT && gelu_fast_ok(e);
+}
 
 /* The AVX-512 epilogue instance for e's kind and output width. */
 static epilogue_fn epilogue_avx512(const epilogue_t *e) {
@@ -351,6 +449,8 @@ static epilogue_fn epilogue_avx512(const epilogue_t *e) {
          epilogue16_EPI_TABLE_REQUANT_1, NULL, epilogue16_EPI_REQUANT2_1},
         {epilogue16_EPI_RAW_4, epilogue16_EPI_REQUANT_4, epilogue16_EPI_TABLE_4, epilogue16_EPI_ADD_4,
          epilogue16_EPI_TABLE_REQUANT_4, NULL, epilogue16_EPI_REQUANT2_4}};
+    if (e->kind == EPI_TABLE_REQUANT && gelu_fast_ok(e))
+        return e->out_type == OUT_I32 ? epilogue16_gelu_fast_4 : epilogue16_gelu_fast_1;
     if (e->kind == EPI_TABLE_REQUANT && gelu_direct(e))
         return e->out_type == OUT_I32 ? epilogue16_gelu_4 : epilogue16_gelu_1;
     return by_kind[e->out_type == OUT_I32][e->kind];
@@ -426,14 +526,17 @@ static void block_amx(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K
     _tile_stored(3, tile + 16 * NR + 16, NR * 4);
 }
 
-/* One worker's share of a GEMM: row blocks [b0, b1) of out = epilogue(A x packed B), with the ISA chosen
- * by the caller (AMX needs K % 64 == 0, the others K % 4 == 0). tail: AMX_M * K bytes of scratch for the
- * zero-padded last rows (AMX tiles always read 32 rows). */
+/* The epilogue function for e on this ISA level (picked once per GEMM: a GELU's may be checked first). */
+static epilogue_fn epilogue_for(int isa, const epilogue_t *e) { return isa >= 1 ? epilogue_avx512(e) : epilogue; }
+
+/* One worker's share of a GEMM: row blocks [b0, b1) of out = finish(e, A x packed B), with the ISA chosen
+ * by the caller (AMX needs K % 64 == 0, the others K % 4 == 0) and finish = epilogue_for(isa, e). tail: AMX_M * K
+ * bytes of scratch for the zero-padded last rows (AMX tiles always read 32 rows). */
 static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *bp, int64_t N,
-                        const epilogue_t *e, void *out, int64_t ldo, int64_t b0, int64_t b1, uint8_t *tail) {
+                        const epilogue_t *e, epilogue_fn finish, void *out, int64_t ldo, int64_t b0, int64_t b1,
+                        uint8_t *tail) {
     int32_t tile[AMX_M * NR] __attribute__((aligned(64)));
     int64_t panels = (N + NR - 1) / NR, bm = isa == 2 ? AMX_M : MR;
-    epilogue_fn finish = isa >= 1 ? epilogue_avx512(e) : epilogue;
     for (int64_t blk = b0; blk < b1; blk++) {
         int64_t row0 = blk * bm;
         int mr = (int)(M - row0 < bm ? M - row0 : bm);
@@ -475,6 +578,7 @@ typedef struct {
     const int8_t *bp;
     int64_t N;
     const epilogue_t *e;
+    epilogue_fn finish;
     void *out;
     int64_t ldo, blocks, chunk;
     const int64_t *list;                     /* live: the row blocks to compute (NULL: all blocks) */
@@ -495,13 +599,13 @@ static void gemm_chunk(const void *arg, int64_t c, void **scratch) {
     }
     int64_t b0 = c * j->chunk, b1 = b0 + j->chunk < j->blocks ? b0 + j->chunk : j->blocks;
     if (!j->list) {
-        gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, b0, b1, *scratch);
+        gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->finish, j->out, j->ldo, b0, b1, *scratch);
         return;
     }
     int64_t bm = j->isa == 2 ? AMX_M : MR, osize = j->e->out_type == OUT_I32 ? 4 : 1;
     for (int64_t b = b0; b < b1; b++) {
         int64_t blk = j->list[b];
-        gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->out, j->ldo, blk, blk + 1, *scratch);
+        gemm_blocks(j->isa, j->A, j->lda, j->M, j->K, j->bp, j->N, j->e, j->finish, j->out, j->ldo, blk, blk + 1, *scratch);
         for (int64_t r = blk * bm; r < (blk + 1) * bm && r < j->M; r++)    /* a live block's dead rows */
             if (!j->live[r]) memset((char *)j->out + r * j->ldo * osize, 0, (size_t)(j->N * osize));
     }
@@ -530,7 +634,7 @@ void go_gemm(const uint8_t *A, int64_t lda, int64_t M, int64_t K, const int8_t *
         blocks = live_blocks(live, M, bm, N, ldo, e->out_type == OUT_I32 ? 4 : 1, out, list);
     }
     int64_t chunk = pool_chunk(blocks, threads, 1);
-    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, out, ldo, blocks, chunk, list, live};
+    gemm_job_t j = {isa, A, lda, M, K, bp, N, e, epilogue_for(isa, e), out, ldo, blocks, chunk, list, live};
     if (blocks) pool_run(threads, (blocks + chunk - 1) / chunk, gemm_chunk, amx_fini, &j);
     free(list);
 }
@@ -880,14 +984,15 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
             copied = p0;
         }
     }
+    epilogue_fn finish = epilogue_for(j->isa, &eb);
     for (int64_t blk = first; blk < last; blk++) {        /* each row block as a GEMM of its own rows */
         int64_t row0 = blk * bm, rows = M - row0 < bm ? M - row0 : bm;
         if (j->live && !live_rows(j, i1, i2, row0, row0 + rows, o, 0)) continue;     /* its rows zeroed above */
         void *y = sm ? (void *)w->scores : o + row0 * j->som * j->osize;
         if (j->e->res) eb.res = j->e->res + row0 * eb.ldr;
         int64_t ldy = sm ? L : j->som;
-        if (L && row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, kd, w->bp, L, &eb, y, ldy, 0, 1, w->tail);
-        else if (L) gemm_blocks(j->isa, w->ap + (row0 - copied) * kd, kd, rows, kd, w->bp, L, &eb, y, ldy, 0, 1, w->tail);
+        if (L && row0 < copied) gemm_blocks(j->isa, a + row0 * la, la, rows, kd, w->bp, L, &eb, finish, y, ldy, 0, 1, w->tail);
+        else if (L) gemm_blocks(j->isa, w->ap + (row0 - copied) * kd, kd, rows, kd, w->bp, L, &eb, finish, y, ldy, 0, 1, w->tail);
         if (j->compact)
             for (int64_t r = 0; r < rows; r++)
                 softmax_kept_row(sm, w->scores + r * L, L, w->keep, w->any, N, w->erow, w->pkept,

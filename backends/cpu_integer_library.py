@@ -110,6 +110,14 @@ def limit_isa(name: str) -> None:
     library().go_limit_isa(ISA_LEVELS[name])
 
 
+def gelu_division_free(epi: Epilogue) -> bool:
+    """Whether GEMMs with this int.shiftgelu epilogue compute its sigmoid factor without an integer division here
+    (the AVX-512 epilogue, after checking that way against the exact one for every input it can see)."""
+    query = library().go_gelu_division_free     # bound here: bench/vnni_peak.py loads older sources of this ABI too
+    query.argtypes, query.restype = [ctypes.POINTER(Epilogue)], ctypes.c_int
+    return bool(query(ctypes.byref(epi)))
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 

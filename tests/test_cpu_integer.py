@@ -174,6 +174,33 @@ def test_shiftgelu_epilogue_over_its_whole_input_range(isa, X, n, bits, in_bits,
     feed = torch.cat([a, torch.zeros(256 * 256, 2, dtype=torch.int64)], 1).to(U8)
     _check(graph, [feed], {"cpu.int_gemm": 1})
 
+@pytest.mark.parametrize("X,n,bits,in_bits,zp,division_free", [(128, 10, 12, 16, 0, True), (64, 8, 11, 14, 5, True),
+                                                                (128, 10, 0, 16, 0, False)])
+@pytest.mark.parametrize("out,lo,hi,zp2", [("u8", -128, 127, 128), ("i8", -128, 127, 0), ("u8", 0, 255, 0),
+                                           ("i32", -2 ** 20, 2 ** 20, 3)])
+def test_shiftgelu_epilogue_without_a_division(isa, X, n, bits, in_bits, zp, division_free, out, lo, hi, zp2):
+    """The AVX-512 GELU epilogue takes the sigmoid factor from rcp14 and one correction, checked against the exact
+    one for every input at each GEMM: with a per-column second requant to bytes (the saturating narrowing where the
+    range is [-128, 127]) or int32, every input of the 16-bit range against the reference ops; bits 0 keeps the
+    division (A / den + 1/2 can be an integer there)."""
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(U8, (256 * 256, 4)))
+    w = graph.add_constant(torch.tensor([[1, 127, 0, 0]] * 3, dtype=I8))
+    y = graph.call("int.linear", x, w, graph.add_constant(torch.tensor([-33000, -16000, 300], dtype=I32)), x_zp=0)
+    one, zero = graph.add_constant(torch.ones(3, dtype=I32)), graph.add_constant(torch.zeros(3, dtype=I32))
+    h = graph.call("int.requant", y, one, zero, pre=0, k=0, lo=-32768, hi=32767, zero_point=zp, dtype="i32")
+    h = graph.call("int.shiftgelu", h, X=X, n=n, bits=bits, in_bits=in_bits)
+    m2, c2 = torch.tensor([37, 1, 255], dtype=I32), torch.tensor([5, -999, 0], dtype=I32)
+    graph.set_outputs([graph.call("int.requant", h, graph.add_constant(m2), graph.add_constant(c2), pre=8, k=6, lo=lo,
+                                  hi=hi, zero_point=zp2, dtype=out)])
+    a = torch.cartesian_prod(torch.arange(256), torch.arange(256))
+    _check(graph, [torch.cat([a, torch.zeros(256 * 256, 2, dtype=torch.int64)], 1).to(U8)], {"cpu.int_gemm": 1})
+    epi = kernels.epilogue("table_requant", {"u8": U8, "i8": I8, "i32": I32}[out], torch.zeros(3, dtype=I32), lo=-32768,
+                           hi=32767, zp=zp, m=torch.ones(3, dtype=I32), c=torch.zeros(3, dtype=I32), second={"m": m2, "c": c2, "pre": 8, "k": 6,
+                           "lo": lo, "hi": hi, "zp": zp2}, table=torch.zeros(1, dtype=I32), gelu=(X, n, bits, in_bits))
+    assert kernels.gelu_division_free(epi) == (division_free and isa != "portable")
+
+
 @pytest.mark.parametrize("gemm_first", [True, False])
 def test_linear_residual_add_becomes_one_gemm(isa, gemm_first):
     graph, y, x, g = _linear_graph(bias=True)
