@@ -135,10 +135,11 @@ static void pool_run(int threads, int64_t chunks, pool_fn fn, pool_fini fini, co
     pthread_mutex_unlock(&pool.busy);
 }
 
-/* How many chunks to cut `items` into: ~8 a thread (slack for one slowed by another process), each at
- * least `min_items` long. */
+/* How many chunks to cut `items` into: ~32 a thread, each at least `min_items` long. Slack for a thread slowed by
+ * another process, and a short wait at the end: the last chunk claimed is what the other thread may wait for
+ * (DeiT-S b8, 2 threads: 1.3 % faster than ~8 a thread over four interleaved A/B runs). */
 static inline int64_t pool_chunk(int64_t items, int threads, int64_t min_items) {
-    int64_t c = items / (8 * (int64_t)(threads < 1 ? 1 : threads));
+    int64_t c = items / (32 * (int64_t)(threads < 1 ? 1 : threads));
     c = c < min_items ? min_items : c;
     return c < 1 ? 1 : c;
 }
