@@ -65,7 +65,33 @@ def load(source: Path, name: str, what: str, flags: list[str] = FLAGS) -> ctypes
             if proc.returncode:
                 raise KernelBuildError(f"compiling {source.name} with {cc} failed:\n{proc.stderr[-2000:]}")
             os.replace(out, path)
-    return _Library(str(path))
+    lib = _Library(str(path))
+    _share_pool(lib)
+    return lib
+
+
+_pool: tuple[int, int] | None = None          # (go_pool_abi, go_pool_state) of the first library with a pool
+_pool_lock = threading.Lock()
+
+
+def _share_pool(lib: ctypes.CDLL) -> None:
+    """A library built on go_pool.h uses the helper threads of the first one loaded (same pool layout): with a pool
+    each, one library's helpers spun for their next job on the cores another library's kernels were using
+    (DeiT-S b8 with token merging runs three)."""
+    global _pool
+    if not hasattr(lib, "go_pool_state"):
+        return
+    previous, _recorder.record = getattr(_recorder, "record", None), None      # not part of any captured forward
+    try:
+        lib.go_pool_state.restype = ctypes.c_void_p
+        lib.go_pool_share.argtypes, lib.go_pool_share.restype = [ctypes.c_void_p], None
+        with _pool_lock:
+            if _pool is None:
+                _pool = (lib.go_pool_abi(), lib.go_pool_state())
+            elif _pool[0] == lib.go_pool_abi():
+                lib.go_pool_share(_pool[1])
+    finally:
+        _recorder.record = previous
 
 
 _recorder = threading.local()

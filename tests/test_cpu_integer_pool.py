@@ -54,3 +54,22 @@ def test_gemm_with_more_threads_than_cores_claims_every_chunk_once(isa):
         out = torch.full((500, 40), -1, dtype=I32)
         kernels.gemm(a, packed, 40, kernels.epilogue("raw", I32, (-128 * colsum).to(I32)), out, 5)
         assert torch.equal(out.long(), want - 128 * w.long().sum(1))
+
+
+def test_the_kernel_libraries_share_one_pool(isa):
+    """The GEMM kernels, the token merge and the float edges are three libraries on one pool of helpers (c_build
+    shares the first one loaded): interleaved calls from each on five threads stay exact."""
+    from graphopt.backends import cpu_integer_edges, cpu_integer_tokens
+    from graphopt.backends import cpu_integer_library as kernels
+    libraries = [kernels.library(), cpu_integer_tokens.library(), cpu_integer_edges.library()]
+    assert len({lib.go_pool_state() for lib in libraries}) == 1
+    g = _gen(24)
+    a, w = _rand((300, 64), torch.uint8, g), _rand((40, 64), torch.int8, g)
+    packed, colsum = kernels.pack_b(w)
+    x = torch.randn(4, 50_000, generator=g)
+    for _ in range(5):
+        out = torch.empty(300, 40, dtype=I32)
+        kernels.gemm(a, packed, 40, kernels.epilogue("raw", I32, (-128 * colsum).to(I32)), out, 5)
+        assert torch.equal(out.long(), a.long() @ w.long().T - 128 * w.long().sum(1))
+        q = cpu_integer_edges.quantize(x, 1 / 0.05, -128, 127, 0, torch.int8, 5)
+        assert torch.equal(q, torch.clamp(torch.floor(x * (1 / 0.05) + 0.5), -128, 127).to(torch.int8))
