@@ -294,21 +294,28 @@ static int gelu_direct(const epilogue_t *e) {
            (X << (n + 1 + bits)) <= (1LL << 30) && e->gelu_in_bits >= 1 && e->gelu_in_bits <= 24;
 }
 
+/* [lo, hi] narrowed so that y + zp stays within shiftgelu's in_bits input range, whose clamp then folds into the
+ * requant's (gelu_direct's in_bits; empty when the two ranges do not meet). */
+static void gelu_input_range(const epilogue_t *e, int64_t *lo, int64_t *hi) {
+    int64_t half_in = (int64_t)1 << (e->gelu_in_bits - 1);
+    *lo = *lo > -half_in - e->zp ? *lo : -half_in - e->zp;
+    *hi = *hi < half_in - 1 - e->zp ? *hi : half_in - 1 - e->zp;
+}
+
 /* Whether gelu_sig_fast16 equals shiftgelu16's factor for every u in [0, nX] and both signs (the factor depends on
  * nothing else) on this CPU, with den exact in float. At most 2^12 vectors, once per GEMM (DeiT-S: 81). */
 __attribute__((target("avx512f,avx512bw")))
 static int gelu_fast_exact(const epilogue_t *e) {
     int64_t X = e->gelu_x, top = (int64_t)e->gelu_n * X;
     if (e->gelu_bits < 1 || top >= (1 << 16) || (4 * X << e->gelu_n) > (1 << 24)) return 0;
-    gelu_consts_t g = gelu_consts(e);
+    gelu_consts_t g = gelu_consts(e), wide = g;     /* wide: no input clamp, u may exceed the input range */
+    wide.lo = _mm512_set1_epi32(INT32_MIN + 1);
+    wide.hi = _mm512_set1_epi32(INT32_MAX);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t u0 = 0; u0 <= top; u0 += 16) {
         __m512i u = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)u0), iota), g.top);
         for (int neg = 0; neg < 2; neg++) {    /* x = +-u with |x| <= nX: shiftgelu16's factor is x's product / x */
             __m512i x = neg ? _mm512_sub_epi32(_mm512_setzero_si512(), u) : u;
-            gelu_consts_t wide = g;            /* no input clamp: u may exceed the input range, the factor still holds */
-            wide.lo = _mm512_set1_epi32(INT32_MIN + 1);
-            wide.hi = _mm512_set1_epi32(INT32_MAX);
             __m512i exact = shiftgelu16(x, &wide), fast = _mm512_mullo_epi32(x, gelu_sig_fast16(u, neg ? 0xFFFF : 0, &g));
             if (_mm512_cmpneq_epi32_mask(exact, fast)) return 0;
         }
@@ -316,18 +323,21 @@ static int gelu_fast_exact(const epilogue_t *e) {
     return 1;
 }
 
+/* 16 lanes stored at out + o as BYTES-wide values (bytes: the low 8 bits of each). */
+__attribute__((target("avx512f"), always_inline))
+static inline void store_lanes16(void *out, int64_t o, __mmask16 mask, __m512i y, const int BYTES) {
+    if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
+    else store32x16((int32_t *)out + o, y, mask);
+}
+
 /* The last clamp to [lo, hi], the zero point and the store of 16 lanes at out + o. Bytes of [-128, 127] with zp 0
  * or 128 (narrow: the usual u8 / s8 activations) take one saturating narrowing and a flip of the top bit instead. */
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 static inline void clamp_store16(void *out, int64_t o, __mmask16 mask, __m512i y, __m512i lo, __m512i hi, __m512i zp,
                                  int narrow, __m128i flip, const int BYTES) {
-    if (BYTES == 1 && narrow) {
+    if (BYTES == 1 && narrow)
         _mm_mask_storeu_epi8((int8_t *)out + o, mask, _mm_xor_si128(_mm512_cvtsepi32_epi8(y), flip));
-        return;
-    }
-    y = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(y, lo), hi), zp);
-    if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
-    else store32x16((int32_t *)out + o, y, mask);
+    else store_lanes16(out, o, mask, _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(y, lo), hi), zp), BYTES);
 }
 
 static int narrows(int32_t lo, int32_t hi, int32_t zp) { return lo == -128 && hi == 127 && (zp == 0 || zp == 128); }
@@ -346,19 +356,16 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
     const int two = KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2;       /* a second requant ends it */
     gelu_consts_t g;
     if (GELU) g = gelu_consts(e);
-    int32_t lo1 = e->lo, hi1 = e->hi, pm2 = (1 << pre2) - 1;
-    if (GELU == 2) {
-        int32_t half_in = 1 << (e->gelu_in_bits - 1);
-        lo1 = lo1 > -half_in - e->zp ? lo1 : -half_in - e->zp;
-        hi1 = hi1 < half_in - 1 - e->zp ? hi1 : half_in - 1 - e->zp;
-    }
+    int64_t lo1 = e->lo, hi1 = e->hi;
+    if (GELU == 2) gelu_input_range(e, &lo1, &hi1);
+    const int32_t pm2 = (1 << pre2) - 1;
     const int narrow = two ? narrows(e->lo2, e->hi2, e->zp2) : narrows(e->lo, e->hi, e->zp);
     const __m128i flip = _mm_set1_epi8((two ? e->zp2 : e->zp) ? (char)0x80 : 0);
     for (int c0 = 0; c0 < nr; c0 += 16) {
         __mmask16 mask = tail_mask(nr - c0);
         int64_t col = col0 + c0;
         __m512i zero = _mm512_setzero_si512(), bias = _mm512_maskz_loadu_epi32(mask, e->bias + col), m = zero,
-                c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32(lo1), hi = _mm512_set1_epi32(hi1),
+                c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32((int32_t)lo1), hi = _mm512_set1_epi32((int32_t)hi1),
                 zp = _mm512_set1_epi32(e->zp), lo2 = _mm512_set1_epi32(e->lo2), hi2 = _mm512_set1_epi32(e->hi2),
                 zp2 = _mm512_set1_epi32(e->zp2);
         __m512i shift = e->ks ? _mm512_maskz_loadu_epi32(mask, e->ks + col) : _mm512_set1_epi32(k);
@@ -375,8 +382,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
             int64_t o = (row0 + r) * ldo + col;
             __m512i y = _mm512_add_epi32(_mm512_load_si512(tile + r * NR + c0), bias);
             if (KIND == EPI_RAW) {
-                if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
-                else store32x16((int32_t *)out + o, y, mask);
+                store_lanes16(out, o, mask, y, BYTES);
                 continue;
             }
             y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre), m), c);
@@ -400,8 +406,7 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
                 else if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT) y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
                 else y = _mm512_add_epi32(y, zp);
                 if (!two) {                                   /* EPI_TABLE: the table's value as it is */
-                    if (BYTES == 1) _mm512_mask_cvtepi32_storeu_epi8((int8_t *)out + o, mask, y);
-                    else store32x16((int32_t *)out + o, y, mask);
+                    store_lanes16(out, o, mask, y, BYTES);
                     continue;
                 }
                 y = tdiv_pow2_16(y, pre2);
@@ -431,10 +436,10 @@ EPILOGUE16_(EPI_TABLE_REQUANT, 1, 2, gelu_fast_1) EPILOGUE16_(EPI_TABLE_REQUANT,
  * into the requant's (the two ranges meet, zp adds without int32 overflow) and x sig without overflow, so its sign is
  * x's for the tdiv by 2^pre2. */
 static int gelu_fast_ok(const epilogue_t *e) {
-    int64_t half_in = (int64_t)1 << (e->gelu_in_bits - 1), lo = e->lo > -half_in - e->zp ? e->lo : -half_in - e->zp;
-    int64_t hi = e->hi < half_in - 1 - e->zp ? e->hi : half_in - 1 - e->zp;
-    return gelu_direct(e) && e->zp > -(1 << 30) && e->zp < (1 << 30) && lo <= hi &&
-           e->gelu_in_bits + e->gelu_bits <= 31 && e->pre2 >= 0 && e->pre2 < 31 && gelu_fast_exact(e);
+    if (!gelu_direct(e) || e->zp <= -(1 << 30) || e->zp >= (1 << 30)) return 0;
+    int64_t lo = e->lo, hi = e->hi;
+    gelu_input_range(e, &lo, &hi);
+    return lo <= hi && e->gelu_in_bits + e->gelu_bits <= 31 && e->pre2 >= 0 && e->pre2 < 31 && gelu_fast_exact(e);
 }
 
 /* Whether GEMMs with e's GELU epilogue take gelu_sig_fast16 on this CPU (at the current ISA limit). */

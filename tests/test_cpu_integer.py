@@ -160,19 +160,26 @@ def test_shiftgelu_epilogue_over_its_whole_input_range(isa, X, n, bits, in_bits,
     y of the first requant's 16-bit range, shifted by its zero point and clamped to in_bits, against the
     reference ops. Rows are all (a0, a1) in u8^2 and columns a0 + 127 a1 + bias, offset to cover [lo, hi];
     X = 96 keeps the table."""
+    graph, h, feed = _shiftgelu_over_16_bits(X, n, bits, in_bits, zp)
+    one, zero = graph.add_constant(torch.ones(3, dtype=I32)), graph.add_constant(torch.zeros(3, dtype=I32))
+    graph.set_outputs([graph.call("int.requant", h, one, zero, pre=0, k=0, lo=-2 ** 31, hi=2 ** 31 - 1, zero_point=0,
+                                  dtype="i32")])
+    _check(graph, [feed], {"cpu.int_gemm": 1})
+
+
+def _shiftgelu_over_16_bits(X, n, bits, in_bits, zp):
+    """int.linear -> requant (+ zp) -> int.shiftgelu whose GEMM outputs cover the first requant's whole 16-bit range:
+    rows are all (a0, a1) in u8^2, columns a0 + 127 a1 + bias. Returns (graph, the shiftgelu value, the feed)."""
     graph = Graph("before")
     x = graph.add_input("x", TensorType(U8, (256 * 256, 4)))
     w = graph.add_constant(torch.tensor([[1, 127, 0, 0]] * 3, dtype=I8))
-    b = graph.add_constant(torch.tensor([-33000, -16000, 300], dtype=I32))
-    y = graph.call("int.linear", x, w, b, x_zp=0)
+    y = graph.call("int.linear", x, w, graph.add_constant(torch.tensor([-33000, -16000, 300], dtype=I32)), x_zp=0)
     one, zero = graph.add_constant(torch.ones(3, dtype=I32)), graph.add_constant(torch.zeros(3, dtype=I32))
     h = graph.call("int.requant", y, one, zero, pre=0, k=0, lo=-32768, hi=32767, zero_point=zp, dtype="i32")
     h = graph.call("int.shiftgelu", h, X=X, n=n, bits=bits, in_bits=in_bits)
-    graph.set_outputs([graph.call("int.requant", h, one, zero, pre=0, k=0, lo=-2 ** 31, hi=2 ** 31 - 1, zero_point=0,
-                                  dtype="i32")])
     a = torch.cartesian_prod(torch.arange(256), torch.arange(256))
-    feed = torch.cat([a, torch.zeros(256 * 256, 2, dtype=torch.int64)], 1).to(U8)
-    _check(graph, [feed], {"cpu.int_gemm": 1})
+    return graph, h, torch.cat([a, torch.zeros(256 * 256, 2, dtype=torch.int64)], 1).to(U8)
+
 
 @pytest.mark.parametrize("X,n,bits,in_bits,zp,division_free", [(128, 10, 12, 16, 0, True), (64, 8, 11, 14, 5, True),
                                                                 (128, 10, 0, 16, 0, False)])
@@ -183,21 +190,15 @@ def test_shiftgelu_epilogue_without_a_division(isa, X, n, bits, in_bits, zp, div
     one for every input at each GEMM: with a per-column second requant to bytes (the saturating narrowing where the
     range is [-128, 127]) or int32, every input of the 16-bit range against the reference ops; bits 0 keeps the
     division (A / den + 1/2 can be an integer there)."""
-    graph = Graph("before")
-    x = graph.add_input("x", TensorType(U8, (256 * 256, 4)))
-    w = graph.add_constant(torch.tensor([[1, 127, 0, 0]] * 3, dtype=I8))
-    y = graph.call("int.linear", x, w, graph.add_constant(torch.tensor([-33000, -16000, 300], dtype=I32)), x_zp=0)
-    one, zero = graph.add_constant(torch.ones(3, dtype=I32)), graph.add_constant(torch.zeros(3, dtype=I32))
-    h = graph.call("int.requant", y, one, zero, pre=0, k=0, lo=-32768, hi=32767, zero_point=zp, dtype="i32")
-    h = graph.call("int.shiftgelu", h, X=X, n=n, bits=bits, in_bits=in_bits)
+    graph, h, feed = _shiftgelu_over_16_bits(X, n, bits, in_bits, zp)
     m2, c2 = torch.tensor([37, 1, 255], dtype=I32), torch.tensor([5, -999, 0], dtype=I32)
     graph.set_outputs([graph.call("int.requant", h, graph.add_constant(m2), graph.add_constant(c2), pre=8, k=6, lo=lo,
                                   hi=hi, zero_point=zp2, dtype=out)])
-    a = torch.cartesian_prod(torch.arange(256), torch.arange(256))
-    _check(graph, [torch.cat([a, torch.zeros(256 * 256, 2, dtype=torch.int64)], 1).to(U8)], {"cpu.int_gemm": 1})
+    _check(graph, [feed], {"cpu.int_gemm": 1})
+    second = {"m": m2, "c": c2, "pre": 8, "k": 6, "lo": lo, "hi": hi, "zp": zp2}
     epi = kernels.epilogue("table_requant", {"u8": U8, "i8": I8, "i32": I32}[out], torch.zeros(3, dtype=I32), lo=-32768,
-                           hi=32767, zp=zp, m=torch.ones(3, dtype=I32), c=torch.zeros(3, dtype=I32), second={"m": m2, "c": c2, "pre": 8, "k": 6,
-                           "lo": lo, "hi": hi, "zp": zp2}, table=torch.zeros(1, dtype=I32), gelu=(X, n, bits, in_bits))
+                           hi=32767, zp=zp, m=torch.ones(3, dtype=I32), c=torch.zeros(3, dtype=I32), second=second,
+                           table=torch.zeros(1, dtype=I32), gelu=(X, n, bits, in_bits))
     assert kernels.gelu_division_free(epi) == (division_free and isa != "portable")
 
 
