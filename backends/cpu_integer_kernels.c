@@ -342,6 +342,73 @@ static inline void clamp_store16(void *out, int64_t o, __mmask16 mask, __m512i y
 
 static int narrows(int32_t lo, int32_t hi, int32_t zp) { return lo == -128 && hi == 127 && (zp == 0 || zp == 128); }
 
+/* One column block's constants of an epilogue: the per-column vectors, loaded once per 16 columns. */
+typedef struct {
+    __m512i bias, m, c, mb, m2, c2, shift, lo, hi, zp, lo2, hi2, zp2;
+    __m128i flip;
+    __mmask16 mask;
+    int narrow;
+} cols16_t;
+
+/* Rows r .. r + U - 1 (U <= 4) of the tile's 16 columns at c0 (out column col): each step for all U rows before the
+ * next, so that U independent chains interleave. The GELU epilogue's chain is ~40 vector ops deep; with U = 4 it ran
+ * 12 % faster on Zen 4 (fc1: 0.96-0.97x). The shorter chains of the other kinds gained nothing, and take U = 1. */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+static inline void rows16(const epilogue_t *e, const cols16_t *k, const gelu_consts_t *g, const int32_t *table,
+                          const int32_t *tile, int64_t row0, int r, int c0, int64_t col, void *out, int64_t ldo,
+                          const int U, const int KIND, const int BYTES, const int GELU) {
+    const int two = KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2;       /* a second requant ends it */
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i y[4];                  /* a fixed size (U is not a C constant), so that y[] can stay in registers */
+    for (int i = 0; i < U; i++) y[i] = _mm512_add_epi32(_mm512_load_si512(tile + (r + i) * NR + c0), k->bias);
+    if (KIND == EPI_RAW) {
+        for (int i = 0; i < U; i++) store_lanes16(out, (row0 + r + i) * ldo + col, k->mask, y[i], BYTES);
+        return;
+    }
+    for (int i = 0; i < U; i++) y[i] = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y[i], e->pre), k->m), k->c);
+    if (KIND == EPI_ADD)
+        for (int i = 0; i < U; i++) {
+            __m512i res = _mm512_maskz_loadu_epi32(k->mask, e->res + (row0 + r + i) * e->ldr + col);
+            y[i] = _mm512_add_epi32(y[i], _mm512_mullo_epi32(tdiv_pow2_16(res, e->pb), k->mb));
+        }
+    for (int i = 0; i < U; i++) y[i] = _mm512_srav_epi32(y[i], k->shift);
+    if (KIND == EPI_REQUANT || KIND == EPI_ADD) {
+        for (int i = 0; i < U; i++)
+            clamp_store16(out, (row0 + r + i) * ldo + col, k->mask, y[i], k->lo, k->hi, k->zp, k->narrow, k->flip, BYTES);
+        return;
+    }
+    for (int i = 0; i < U; i++) y[i] = _mm512_min_epi32(_mm512_max_epi32(y[i], k->lo), k->hi);
+    if (GELU == 2) {            /* x sig, whose tdiv by 2^pre2 rounds toward zero by x's sign */
+        const __m512i pm2 = _mm512_set1_epi32((1 << e->pre2) - 1);
+        __m512i x[4];
+        __mmask16 neg[4];
+        for (int i = 0; i < U; i++) {
+            x[i] = _mm512_add_epi32(y[i], k->zp);
+            neg[i] = _mm512_cmplt_epi32_mask(x[i], zero);
+        }
+        for (int i = 0; i < U; i++)
+            y[i] = _mm512_mullo_epi32(x[i], gelu_sig_fast16(_mm512_min_epi32(_mm512_abs_epi32(x[i]), g->top), neg[i], g));
+        for (int i = 0; i < U; i++)
+            y[i] = _mm512_srai_epi32(_mm512_mask_add_epi32(y[i], neg[i], y[i], pm2), (unsigned)e->pre2);
+    } else {
+        for (int i = 0; i < U; i++) {
+            if (GELU) y[i] = shiftgelu16(_mm512_add_epi32(y[i], k->zp), g);
+            else if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT)
+                y[i] = _mm512_mask_i32gather_epi32(zero, k->mask, y[i], table, 4);
+            else y[i] = _mm512_add_epi32(y[i], k->zp);
+        }
+        if (!two) {                                   /* EPI_TABLE: the table's value as it is */
+            for (int i = 0; i < U; i++) store_lanes16(out, (row0 + r + i) * ldo + col, k->mask, y[i], BYTES);
+            return;
+        }
+        for (int i = 0; i < U; i++) y[i] = tdiv_pow2_16(y[i], e->pre2);
+    }
+    for (int i = 0; i < U; i++)
+        y[i] = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(y[i], k->m2), k->c2), (unsigned)e->k2);
+    for (int i = 0; i < U; i++)
+        clamp_store16(out, (row0 + r + i) * ldo + col, k->mask, y[i], k->lo2, k->hi2, k->zp2, k->narrow, k->flip, BYTES);
+}
+
 /* The epilogue of one tile on 16-lane vectors, for one kind and output width fixed at compile time (an
  * instance each, picked once per GEMM): the row loop holds no branch on either, and the per-column constants
  * are loaded once per 16 columns. The table lookup indexes from table - lo, so y needs no offset; with GELU
@@ -350,70 +417,36 @@ static int narrows(int32_t lo, int32_t hi, int32_t zp) { return lo == -128 && hi
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t row0, int mr, int64_t col0, int nr,
                               void *out, int64_t ldo, const int KIND, const int BYTES, const int GELU) {
-    const int pre = e->pre, pb = e->pb, pre2 = e->pre2, k2 = e->k2;
-    const int32_t k = e->k;
     const int32_t *table = KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT ? e->table - e->lo : NULL;
-    const int two = KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2;       /* a second requant ends it */
+    const int two = KIND == EPI_TABLE_REQUANT || KIND == EPI_REQUANT2;
     gelu_consts_t g;
     if (GELU) g = gelu_consts(e);
     int64_t lo1 = e->lo, hi1 = e->hi;
     if (GELU == 2) gelu_input_range(e, &lo1, &hi1);
-    const int32_t pm2 = (1 << pre2) - 1;
-    const int narrow = two ? narrows(e->lo2, e->hi2, e->zp2) : narrows(e->lo, e->hi, e->zp);
-    const __m128i flip = _mm_set1_epi8((two ? e->zp2 : e->zp) ? (char)0x80 : 0);
+    cols16_t k;
+    k.narrow = two ? narrows(e->lo2, e->hi2, e->zp2) : narrows(e->lo, e->hi, e->zp);
+    k.flip = _mm_set1_epi8((two ? e->zp2 : e->zp) ? (char)0x80 : 0);
+    k.lo = _mm512_set1_epi32((int32_t)lo1);
+    k.hi = _mm512_set1_epi32((int32_t)hi1);
+    k.zp = _mm512_set1_epi32(e->zp);
+    k.lo2 = _mm512_set1_epi32(e->lo2);
+    k.hi2 = _mm512_set1_epi32(e->hi2);
+    k.zp2 = _mm512_set1_epi32(e->zp2);
     for (int c0 = 0; c0 < nr; c0 += 16) {
-        __mmask16 mask = tail_mask(nr - c0);
         int64_t col = col0 + c0;
-        __m512i zero = _mm512_setzero_si512(), bias = _mm512_maskz_loadu_epi32(mask, e->bias + col), m = zero,
-                c = zero, mb = zero, m2 = zero, c2 = zero, lo = _mm512_set1_epi32((int32_t)lo1), hi = _mm512_set1_epi32((int32_t)hi1),
-                zp = _mm512_set1_epi32(e->zp), lo2 = _mm512_set1_epi32(e->lo2), hi2 = _mm512_set1_epi32(e->hi2),
-                zp2 = _mm512_set1_epi32(e->zp2);
-        __m512i shift = e->ks ? _mm512_maskz_loadu_epi32(mask, e->ks + col) : _mm512_set1_epi32(k);
-        if (KIND != EPI_RAW) {
-            m = _mm512_maskz_loadu_epi32(mask, e->m + col);
-            c = _mm512_maskz_loadu_epi32(mask, e->c + col);
-        }
-        if (KIND == EPI_ADD) mb = _mm512_maskz_loadu_epi32(mask, e->mb + col);
-        if (two) {
-            m2 = _mm512_maskz_loadu_epi32(mask, e->m2 + col);
-            c2 = _mm512_maskz_loadu_epi32(mask, e->c2 + col);
-        }
-        for (int r = 0; r < mr; r++) {
-            int64_t o = (row0 + r) * ldo + col;
-            __m512i y = _mm512_add_epi32(_mm512_load_si512(tile + r * NR + c0), bias);
-            if (KIND == EPI_RAW) {
-                store_lanes16(out, o, mask, y, BYTES);
-                continue;
-            }
-            y = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y, pre), m), c);
-            if (KIND == EPI_ADD) {
-                __m512i res = _mm512_maskz_loadu_epi32(mask, e->res + (row0 + r) * e->ldr + col);
-                y = _mm512_add_epi32(y, _mm512_mullo_epi32(tdiv_pow2_16(res, pb), mb));
-            }
-            y = _mm512_srav_epi32(y, shift);
-            if (KIND == EPI_REQUANT || KIND == EPI_ADD) {
-                clamp_store16(out, o, mask, y, lo, hi, zp, narrow, flip, BYTES);
-                continue;
-            }
-            y = _mm512_min_epi32(_mm512_max_epi32(y, lo), hi);
-            if (GELU == 2) {        /* x sig, whose tdiv by 2^pre2 rounds toward zero by x's sign */
-                __m512i x = _mm512_add_epi32(y, zp);
-                __mmask16 neg = _mm512_cmplt_epi32_mask(x, zero);
-                y = _mm512_mullo_epi32(x, gelu_sig_fast16(_mm512_min_epi32(_mm512_abs_epi32(x), g.top), neg, &g));
-                y = _mm512_srai_epi32(_mm512_mask_add_epi32(y, neg, y, _mm512_set1_epi32(pm2)), (unsigned)pre2);
-            } else {
-                if (GELU) y = shiftgelu16(_mm512_add_epi32(y, zp), &g);
-                else if (KIND == EPI_TABLE || KIND == EPI_TABLE_REQUANT) y = _mm512_mask_i32gather_epi32(zero, mask, y, table, 4);
-                else y = _mm512_add_epi32(y, zp);
-                if (!two) {                                   /* EPI_TABLE: the table's value as it is */
-                    store_lanes16(out, o, mask, y, BYTES);
-                    continue;
-                }
-                y = tdiv_pow2_16(y, pre2);
-            }
-            y = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(y, m2), c2), (unsigned)k2);
-            clamp_store16(out, o, mask, y, lo2, hi2, zp2, narrow, flip, BYTES);
-        }
+        __mmask16 mask = k.mask = tail_mask(nr - c0);
+        __m512i zero = _mm512_setzero_si512();
+        k.bias = _mm512_maskz_loadu_epi32(mask, e->bias + col);
+        k.shift = e->ks ? _mm512_maskz_loadu_epi32(mask, e->ks + col) : _mm512_set1_epi32(e->k);
+        k.m = KIND != EPI_RAW ? _mm512_maskz_loadu_epi32(mask, e->m + col) : zero;
+        k.c = KIND != EPI_RAW ? _mm512_maskz_loadu_epi32(mask, e->c + col) : zero;
+        k.mb = KIND == EPI_ADD ? _mm512_maskz_loadu_epi32(mask, e->mb + col) : zero;
+        k.m2 = two ? _mm512_maskz_loadu_epi32(mask, e->m2 + col) : zero;
+        k.c2 = two ? _mm512_maskz_loadu_epi32(mask, e->c2 + col) : zero;
+        int r = 0;
+        if (GELU)
+            for (; r + 4 <= mr; r += 4) rows16(e, &k, &g, table, tile, row0, r, c0, col, out, ldo, 4, KIND, BYTES, GELU);
+        for (; r < mr; r++) rows16(e, &k, &g, table, tile, row0, r, c0, col, out, ldo, 1, KIND, BYTES, GELU);
     }
 }
 
