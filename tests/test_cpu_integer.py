@@ -438,6 +438,30 @@ def test_layernorm_requant_becomes_one_kernel(isa, C):
     _check(*_layernorm_graph(C), {"cpu.int_layernorm": 2})
 
 
+_WIDE = 2**31 - 1
+
+
+@pytest.mark.parametrize("pre,lo,hi,zp,dtype", [(3, -128, 127, 128, "u8"), (10, -128, 127, 0, "i8"),
+                                                 (7, 0, 255, 0, "u8"), (31, -128, 127, 128, "u8"),
+                                                 (12, -2**20, 2**20, 5, "i32")])
+def test_layernorm_requant_with_a_pre_shift_wide_rows_and_each_output(isa, pre, lo, hi, zp, dtype):
+    """The kernel folds the requant's tdiv by 2^pre into the division's shift (which may reach 64: a 0 quotient),
+    squares |y| rounded instead of y, unless y +- half wraps in int32 (rows at the edge of int32): against the op."""
+    C, g = 85, _gen(pre)                                 # 64 columns 4 vectors at a time, 16, then 5
+    x = _rand((6, 5, C), I32, g, -32768, 32767)
+    half = 2**4                                           # sh 5
+    x[0, 0] = torch.tensor([_WIDE - half, -_WIDE + half] * 42 + [0])          # |y| = 2^31 - 1 - half: no wrap
+    x[0, 1] = torch.tensor([_WIDE - half + 1, -_WIDE + half - 1] * 42 + [0])  # one more: y + half wraps
+    x[0, 2] = torch.tensor([_WIDE, -_WIDE - 1] * 42 + [5])                      # y itself wraps
+    x[0, 3] = _rand((C,), I32, g, -2**30, 2**30)
+    graph = Graph("before")
+    inp = graph.add_input("x", TensorType(I32, tuple(x.shape)))
+    y = graph.call("int.layernorm", inp, C=C, sh=5, F=13, iters=20)
+    m, c = graph.add_constant(_rand((C,), I32, g, 1, 2**16)), graph.add_constant(_rand((C,), I32, g, -2**20, 2**20))
+    graph.set_outputs([graph.call("int.requant", y, m, c, pre=pre, k=9, lo=lo, hi=hi, zero_point=zp, dtype=dtype)])
+    _check(graph, [x], {"cpu.int_layernorm": 1})
+
+
 @pytest.mark.parametrize("C", [16, 21])
 @pytest.mark.parametrize("pos_rows", [(1, 5), (5,), (3, 1), (1, 1)])   # repeated blocks (read in place), or not
 def test_standalone_residual_add_with_a_broadcast_operand(isa, C, pos_rows):
