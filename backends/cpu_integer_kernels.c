@@ -1134,11 +1134,40 @@ static inline __mmask16 keep_mask(const uint8_t *mask, int64_t j, __mmask16 k) {
     return _mm_test_epi8_mask(v, v) & k;
 }
 
+/* Shiftmax's e for columns j .. j + 16 U - 1 (mask k: U = 1 only) into e, their sum added to *vs; each step for
+ * all U vectors before the next, as rows16 (4 at a time: the row 10 % faster than one). */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+static inline void shiftmax_exp16(const int32_t *xr, const uint8_t *mask, const softmax_t *sm, int logx, __m512i vm,
+                                  int32_t *e, int64_t j, __mmask16 k, __m512i *vs, const int U) {
+    __m512i u[4], top = _mm512_set1_epi32(sm->n * sm->X), zero = _mm512_setzero_si512();
+    __mmask16 keep[4];
+    for (int i = 0; i < U; i++) {
+        keep[i] = mask ? keep_mask(mask, j + 16 * i, k) : k;
+        u[i] = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j + 16 * i));
+    }
+    for (int i = 0; i < U; i++) u[i] = _mm512_min_epi32(_mm512_max_epi32(u[i], zero), top);
+    for (int i = 0; i < U; i++) u[i] = pow2_16(u[i], sm->pow2, sm->n, logx, keep[i]);
+    for (int i = 0; i < U; i++) {
+        store32x16(e + j + 16 * i, u[i], k);
+        *vs = _mm512_add_epi32(*vs, u[i]);
+    }
+}
+
+/* Shiftmax's output for columns j .. j + 16 U - 1: min((e << bits + sum / 2) / sum, 2^bits - 1), as shiftmax_exp16. */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+static inline void shiftmax_out16(const int32_t *e, __m128i bits, __m512i half, __m512i cap, divisor_t d, uint8_t *o,
+                                  int64_t j, __mmask16 k, const int U) {
+    __m512i v[4];
+    for (int i = 0; i < U; i++) v[i] = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j + 16 * i), bits), half);
+    for (int i = 0; i < U; i++) v[i] = _mm512_min_epu32(divide16(v[i], d), cap);
+    for (int i = 0; i < U; i++) _mm512_mask_cvtepi32_storeu_epi8(o + j + 16 * i, k, v[i]);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
                                 const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
-    const int32_t X = sm->X, n = sm->n, bits = sm->bits, *pow2 = sm->pow2;   /* locals: stores to e may alias sm */
-    int logx = X > 0 && (X & (X - 1)) == 0 ? __builtin_ctz((uint32_t)X) : -1;   /* shift_pow2 by shifts */
+    softmax_t s = *sm;                      /* a copy the stores to e and o cannot alias: fields stay in registers */
+    int logx = s.X > 0 && (s.X & (s.X - 1)) == 0 ? __builtin_ctz((uint32_t)s.X) : -1;   /* shift_pow2 by shifts */
     __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx = _mm512_set1_epi32(INT32_MIN);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 k = tail_mask(L - j);
@@ -1146,26 +1175,17 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uin
         if (mask) x = _mm512_mask_blend_epi32(keep_mask(mask, j, k), masked, x);
         vmx = _mm512_mask_max_epi32(vmx, k, vmx, x);
     }
-    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), top = _mm512_set1_epi32(n * X);
-    __m512i zero = _mm512_setzero_si512(), vs = zero;
-    for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j), keep = mask ? keep_mask(mask, j, k) : k;
-        __m512i u = _mm512_sub_epi32(vm, _mm512_maskz_loadu_epi32(k, xr + j));
-        u = _mm512_min_epi32(_mm512_max_epi32(u, zero), top);
-        __m512i ev = pow2_16(u, pow2, n, logx, keep);
-        store32x16(e + j, ev, k);
-        vs = _mm512_add_epi32(vs, ev);
-    }
+    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), vs = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 64 <= L; j += 64) shiftmax_exp16(xr, mask, &s, logx, vm, e, j, 0xFFFF, &vs, 4);
+    for (; j < L; j += 16) shiftmax_exp16(xr, mask, &s, logx, vm, e, j, tail_mask(L - j), &vs, 1);
     int32_t si = _mm512_reduce_add_epi32(vs);
     si = si < 1 ? 1 : si;
     divisor_t d = make_divisor((uint32_t)si);
-    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << bits) - 1);
-    __m128i b = _mm_cvtsi32_si128(bits);
-    for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j);
-        __m512i v = _mm512_add_epi32(_mm512_sll_epi32(_mm512_maskz_loadu_epi32(k, e + j), b), half);
-        _mm512_mask_cvtepi32_storeu_epi8(o + j, k, _mm512_min_epu32(divide16(v, d), cap));
-    }
+    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << s.bits) - 1);
+    __m128i b = _mm_cvtsi32_si128(s.bits);
+    for (j = 0; j + 64 <= L; j += 64) shiftmax_out16(e, b, half, cap, d, o, j, 0xFFFF, 4);
+    for (; j < L; j += 16) shiftmax_out16(e, b, half, cap, d, o, j, tail_mask(L - j), 1);
 }
 
 /* bias[j] = table[clamp(sizes[j], 0, tlen - 1)] for one row of the proportional-attention term */

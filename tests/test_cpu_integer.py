@@ -369,16 +369,17 @@ def test_attention_output_requant_joins_the_bmm(isa, per_column):
 
 @pytest.mark.parametrize("X", [96, 128])
 def test_masked_shiftmax_with_x_a_power_of_two_or_not(isa, X):
-    """X = 2^k takes the shift path, other X the table; the mask broadcasts and masks whole rows too."""
+    """X = 2^k takes the shift path, other X the table; the mask broadcasts and masks whole rows too. Rows of 70:
+    64 columns four vectors at a time, then a ragged tail of 6."""
     g = _gen(2)
     graph = Graph("before")
-    x = graph.add_input("x", TensorType(I32, (2, 3, 5, 33)))
-    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 33)))
+    x = graph.add_input("x", TensorType(I32, (2, 3, 5, 70)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 70)))
     graph.set_outputs([graph.call("int.shiftmax", x, mask, X=X, n=12, bits=8),
                        graph.call("int.shiftmax", x, X=X, n=12, bits=8)])
-    keep = torch.rand(2, 1, 1, 33, generator=g) > 0.3
+    keep = torch.rand(2, 1, 1, 70, generator=g) > 0.3
     keep[1] = False                                          # a fully masked batch: all zeros
-    _check(graph, [_rand((2, 3, 5, 33), I32, g, -3000, 3000), keep], {"cpu.int_shiftmax": 2})
+    _check(graph, [_rand((2, 3, 5, 70), I32, g, -3000, 3000), keep], {"cpu.int_shiftmax": 2})
 
 
 
