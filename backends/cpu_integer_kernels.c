@@ -1231,16 +1231,27 @@ static void logit_bias_row_avx512(const epilogue_t *g, int32_t *b, int64_t L) {
     }
 }
 
+/* logits_row_avx512's columns j .. j + 16 U - 1 (mask t: U = 1 only), each step for all U vectors before the next. */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline void logits16(const epilogue_t *g, const int32_t *x, const int32_t *cb, int32_t *y, int64_t j,
+                            __mmask16 t, const int U) {
+    __m512i v[4];
+    for (int i = 0; i < U; i++)
+        v[i] = add_a16(g, _mm512_maskz_loadu_epi32(t, x + j + 16 * i), _mm512_maskz_loadu_epi32(t, cb + j + 16 * i),
+                       j + 16 * i, t);
+    for (int i = 0; i < U; i++)
+        v[i] = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(v[i], g->pre2), _mm512_maskz_loadu_epi32(t, g->m2 + j + 16 * i)),
+                                _mm512_maskz_loadu_epi32(t, g->c2 + j + 16 * i));
+    for (int i = 0; i < U; i++)
+        store32x16(y + j + 16 * i, _mm512_add_epi32(clamp16(v[i], g->k2, g->lo2, g->hi2), _mm512_set1_epi32(g->zp2)), t);
+}
+
 __attribute__((target("avx512f,avx512bw")))
-static void logits_row_avx512(const epilogue_t *g, const int32_t *x, const int32_t *cb, int64_t L, int32_t *y) {
-    for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 t = tail_mask(L - j);
-        __m512i v = add_a16(g, _mm512_maskz_loadu_epi32(t, x + j), _mm512_maskz_loadu_epi32(t, cb + j), j, t);
-        v = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(v, g->pre2), _mm512_maskz_loadu_epi32(t, g->m2 + j)),
-                             _mm512_maskz_loadu_epi32(t, g->c2 + j));
-        v = _mm512_add_epi32(clamp16(v, g->k2, g->lo2, g->hi2), _mm512_set1_epi32(g->zp2));
-        _mm512_mask_storeu_epi32(y + j, t, v);
-    }
+static void logits_row_avx512(const epilogue_t *logits, const int32_t *x, const int32_t *cb, int64_t L, int32_t *y) {
+    epilogue_t g = *logits;                 /* a copy the stores to y cannot alias: fields stay in registers */
+    int64_t j = 0;
+    for (; j + 64 <= L; j += 64) logits16(&g, x, cb, y, j, 0xFFFF, 4);
+    for (; j < L; j += 16) logits16(&g, x, cb, y, j, tail_mask(L - j), 1);
 }
 
 /* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e, and with sizes xb and bias, are L-entry scratch rows. */

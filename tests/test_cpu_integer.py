@@ -639,40 +639,44 @@ def test_attention_with_proportional_attention_stays_one_bmm(isa, masked, lookup
     _check(graph, inputs + [size_values, _rand((2, 3, 19, 8), I8, g)], {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0})
 
 
-def _size_term_attention_graph(masked, term_first, reshaped, per_row=False):
+def _size_term_attention_graph(masked, term_first, reshaped, per_row=False, n=19):
     """Attention as token_merge before integer_only makes it: the size term joins the matmul's int32 accumulator by
-    an int.add (its own per-column multipliers), then the scores' requant, Shiftmax, the matmul with v; and inputs."""
+    an int.add (its own per-column multipliers), then the scores' requant, Shiftmax, the matmul with v; and inputs.
+    n keys."""
     g = _gen(14)
     graph = Graph("before")
     q = graph.add_input("q", TensorType(U8, (2, 3, 17, 64)))
-    kt = graph.add_input("kt", TensorType(I8, (2, 3, 64, 19)))
-    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, 19))) if masked else None
-    sizes = graph.add_input("sizes", TensorType(I32, (2, 19, 1) if reshaped else (2, 1, 17 if per_row else 1, 19)))
+    kt = graph.add_input("kt", TensorType(I8, (2, 3, 64, n)))
+    mask = graph.add_input("mask", TensorType(torch.bool, (2, 1, 1, n))) if masked else None
+    sizes = graph.add_input("sizes", TensorType(I32, (2, n, 1) if reshaped else (2, 1, 17 if per_row else 1, n)))
     term = graph.call("int.lookup", sizes, _log_table(graph))
-    term = graph.op.reshape(term, shape=(2, 1, 1, 19)) if reshaped else term
-    const = lambda lo, hi, shape=(19,): graph.add_constant(_rand(shape, I32, g, lo, hi))  # noqa: E731
+    term = graph.op.reshape(term, shape=(2, 1, 1, n)) if reshaped else term
+    const = lambda lo, hi, shape=(n,): graph.add_constant(_rand(shape, I32, g, lo, hi))  # noqa: E731
     s = graph.call("int.matmul", q, kt, a_zp=128, b_zp=0)
-    ma, mb, c = const(64, 255), const(256, 1023), const(-(1 << 14), 1 << 14, (1, 19))
+    ma, mb, c = const(64, 255), const(256, 1023), const(-(1 << 14), 1 << 14, (1, n))
     s = graph.call("int.add", *((term, s, mb, ma) if term_first else (s, term, ma, mb)), c, pa=2 if term_first else 1,
                    pb=1 if term_first else 2, k=12, lo=-32768, hi=32767, zero_point=0, dtype="i32")
     s = graph.call("int.requant", s, const(4096, 8191), graph.add_constant(torch.tensor(1 << 14, dtype=I32)), pre=4,
                    k=15, lo=-32768, hi=32767, zero_point=0, dtype="i32")
     p = graph.call("int.shiftmax", s, mask, X=128, n=14, bits=8)
-    v = graph.add_input("v", TensorType(I8, (2, 3, 19, 8)))
+    v = graph.add_input("v", TensorType(I8, (2, 3, n, 8)))
     graph.set_outputs([graph.call("int.matmul", p, v, a_zp=0, b_zp=0)])
-    inputs = [_rand((2, 3, 17, 64), U8, g), _rand((2, 3, 64, 19), I8, g)]
-    inputs += [torch.rand(2, 1, 1, 19, generator=g) > 0.3] if masked else []
-    inputs += [_rand(tuple(sizes.type.shape), I32, g, -2, 14), _rand((2, 3, 19, 8), I8, g)]   # sizes clamped both ends
+    inputs = [_rand((2, 3, 17, 64), U8, g), _rand((2, 3, 64, n), I8, g)]
+    inputs += [torch.rand(2, 1, 1, n, generator=g) > 0.3] if masked else []
+    inputs += [_rand(tuple(sizes.type.shape), I32, g, -2, 14), _rand((2, 3, n, 8), I8, g)]   # sizes clamped both ends
     return graph, inputs
 
 
-@pytest.mark.parametrize("masked,term_first,reshaped,per_row", [(False, False, True, False), (True, True, False, False),
-                                                                 (False, False, False, True)])
-def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped, per_row):
+@pytest.mark.parametrize("masked,term_first,reshaped,per_row,n", [(False, False, True, False, 19),
+                                                                   (True, True, False, False, 19),
+                                                                   (False, False, False, True, 19),
+                                                                   (True, False, False, False, 70)])
+def test_size_term_added_before_the_requant_stays_one_bmm(isa, masked, term_first, reshaped, per_row, n):
     """token_merge before integer_only: the size term joins the matmul's int32 accumulator by an int.add (its own
     multipliers), then the scores' requant, then Shiftmax: one attention kernel, per-column constants. per_row: a
-    size term of its own for each query row (the kernel then prepares it row by row)."""
-    graph, inputs = _size_term_attention_graph(masked, term_first, reshaped, per_row)
+    size term of its own for each query row (the kernel then prepares it row by row). n 70: the logits four vectors
+    at a time, then a ragged tail."""
+    graph, inputs = _size_term_attention_graph(masked, term_first, reshaped, per_row, n)
     report = _check(graph, inputs, {"cpu.int_bmm": 2, "cpu.int_shiftmax": 0, "cpu.int_add": 0, "cpu.int_requant": 0})
     assert [e.kernel for e in report] == ["cpu.int_bmm", "cpu.int_bmm"], str(report)
 
