@@ -342,12 +342,13 @@ static inline void clamp_store16(void *out, int64_t o, __mmask16 mask, __m512i y
 
 static int narrows(int32_t lo, int32_t hi, int32_t zp) { return lo == -128 && hi == 127 && (zp == 0 || zp == 128); }
 
-/* One column block's constants of an epilogue: the per-column vectors, loaded once per 16 columns. */
+/* One column block's constants of an epilogue: the per-column vectors, loaded once per 16 columns, and the shifts (in
+ * a local: stores through out, which may alias anything, would make them reloaded from e). */
 typedef struct {
     __m512i bias, m, c, mb, m2, c2, shift, lo, hi, zp, lo2, hi2, zp2;
     __m128i flip;
     __mmask16 mask;
-    int narrow;
+    int narrow, pre, pb, pre2, k2;
 } cols16_t;
 
 /* Rows r .. r + U - 1 (U <= 4) of the tile's 16 columns at c0 (out column col): each step for all U rows before the
@@ -365,11 +366,11 @@ static inline void rows16(const epilogue_t *e, const cols16_t *k, const gelu_con
         for (int i = 0; i < U; i++) store_lanes16(out, (row0 + r + i) * ldo + col, k->mask, y[i], BYTES);
         return;
     }
-    for (int i = 0; i < U; i++) y[i] = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y[i], e->pre), k->m), k->c);
+    for (int i = 0; i < U; i++) y[i] = _mm512_add_epi32(_mm512_mullo_epi32(tdiv_pow2_16(y[i], k->pre), k->m), k->c);
     if (KIND == EPI_ADD)
         for (int i = 0; i < U; i++) {
             __m512i res = _mm512_maskz_loadu_epi32(k->mask, e->res + (row0 + r + i) * e->ldr + col);
-            y[i] = _mm512_add_epi32(y[i], _mm512_mullo_epi32(tdiv_pow2_16(res, e->pb), k->mb));
+            y[i] = _mm512_add_epi32(y[i], _mm512_mullo_epi32(tdiv_pow2_16(res, k->pb), k->mb));
         }
     for (int i = 0; i < U; i++) y[i] = _mm512_srav_epi32(y[i], k->shift);
     if (KIND == EPI_REQUANT || KIND == EPI_ADD) {
@@ -379,7 +380,7 @@ static inline void rows16(const epilogue_t *e, const cols16_t *k, const gelu_con
     }
     for (int i = 0; i < U; i++) y[i] = _mm512_min_epi32(_mm512_max_epi32(y[i], k->lo), k->hi);
     if (GELU == 2) {            /* x sig, whose tdiv by 2^pre2 rounds toward zero by x's sign */
-        const __m512i pm2 = _mm512_set1_epi32((1 << e->pre2) - 1);
+        const __m512i pm2 = _mm512_set1_epi32((1 << k->pre2) - 1);
         __m512i x[4];
         __mmask16 neg[4];
         for (int i = 0; i < U; i++) {
@@ -389,7 +390,7 @@ static inline void rows16(const epilogue_t *e, const cols16_t *k, const gelu_con
         for (int i = 0; i < U; i++)
             y[i] = _mm512_mullo_epi32(x[i], gelu_sig_fast16(_mm512_min_epi32(_mm512_abs_epi32(x[i]), g->top), neg[i], g));
         for (int i = 0; i < U; i++)
-            y[i] = _mm512_srai_epi32(_mm512_mask_add_epi32(y[i], neg[i], y[i], pm2), (unsigned)e->pre2);
+            y[i] = _mm512_srai_epi32(_mm512_mask_add_epi32(y[i], neg[i], y[i], pm2), (unsigned)k->pre2);
     } else {
         for (int i = 0; i < U; i++) {
             if (GELU) y[i] = shiftgelu16(_mm512_add_epi32(y[i], k->zp), g);
@@ -401,10 +402,10 @@ static inline void rows16(const epilogue_t *e, const cols16_t *k, const gelu_con
             for (int i = 0; i < U; i++) store_lanes16(out, (row0 + r + i) * ldo + col, k->mask, y[i], BYTES);
             return;
         }
-        for (int i = 0; i < U; i++) y[i] = tdiv_pow2_16(y[i], e->pre2);
+        for (int i = 0; i < U; i++) y[i] = tdiv_pow2_16(y[i], k->pre2);
     }
     for (int i = 0; i < U; i++)
-        y[i] = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(y[i], k->m2), k->c2), (unsigned)e->k2);
+        y[i] = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(y[i], k->m2), k->c2), (unsigned)k->k2);
     for (int i = 0; i < U; i++)
         clamp_store16(out, (row0 + r + i) * ldo + col, k->mask, y[i], k->lo2, k->hi2, k->zp2, k->narrow, k->flip, BYTES);
 }
@@ -424,6 +425,10 @@ static inline void epilogue16(const epilogue_t *e, const int32_t *tile, int64_t 
     int64_t lo1 = e->lo, hi1 = e->hi;
     if (GELU == 2) gelu_input_range(e, &lo1, &hi1);
     cols16_t k;
+    k.pre = e->pre;
+    k.pb = e->pb;
+    k.pre2 = e->pre2;
+    k.k2 = e->k2;
     k.narrow = two ? narrows(e->lo2, e->hi2, e->zp2) : narrows(e->lo, e->hi, e->zp);
     k.flip = _mm_set1_epi8((two ? e->zp2 : e->zp) ? (char)0x80 : 0);
     k.lo = _mm512_set1_epi32((int32_t)lo1);
