@@ -1446,9 +1446,8 @@ static inline void layernorm_out16(const epilogue_t *rq, const layernorm_out_t *
         q[i] = _mm512_sra_epi32(_mm512_mask_sub_epi32(_mm512_add_epi32(cc, q[i]), neg, cc, q[i]), c->k);
     }
     for (int i = 0; i < U; i++)
-        if (c->narrow)
-            _mm_mask_storeu_epi8((int8_t *)out + o + j + 16 * i, k, _mm_xor_si128(_mm512_cvtsepi32_epi8(q[i]), c->flip));
-        else store16(out, c->type, o + j + 16 * i, _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q[i], c->lo), c->hi), c->zp), k);
+        if (c->type == OUT_I32) clamp_store16(out, o + j + 16 * i, k, q[i], c->lo, c->hi, c->zp, 0, c->flip, 4);
+        else clamp_store16(out, o + j + 16 * i, k, q[i], c->lo, c->hi, c->zp, c->narrow, c->flip, 1);
 }
 
 /* layernorm_row on 16 lanes: the statistics vectorised, the normalisation by divide16, the requant fused.
@@ -1502,7 +1501,7 @@ static void layernorm_row_avx512(const void *arg, int64_t r, int32_t *y) {
     d.shift += rq->pre;                     /* a shift of 64 or more gives 0, as the quotient by 2^pre is then */
     layernorm_out_t o = {vmean, _mm512_set1_epi32(rq->lo), _mm512_set1_epi32(rq->hi), _mm512_set1_epi32(rq->zp),
                          F, _mm_cvtsi32_si128(rq->k), _mm_set1_epi8(rq->zp ? (char)0x80 : 0), d,
-                         rq->out_type, rq->out_type != OUT_I32 && narrows(rq->lo, rq->hi, rq->zp)};
+                         rq->out_type, narrows(rq->lo, rq->hi, rq->zp)};
     int64_t j = 0;
     for (; j + 64 <= C; j += 64) layernorm_out16(rq, &o, xr, job->out, r * C, j, 0xFFFF, 4);
     for (; j < C; j += 16) layernorm_out16(rq, &o, xr, job->out, r * C, j, tail_mask(C - j), 1);
