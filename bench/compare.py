@@ -2,12 +2,29 @@
 output is from torch float on the benchmark input (so a fast but wrong peer shows)."""
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 
 def ratios(median: dict[str, float], baselines: list[str]) -> dict[str, dict[str, float]]:
     """``ratios[k]["vs_" + b]`` = baseline time / k's time (above 1: k is faster), for the baselines measured."""
     return {k: {"vs_" + b: median[b] / t for b in baselines if b in median} for k, t in median.items()}
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
+    """Per interleaved round, the baseline's time / each candidate's time in that round: its median and its 10th
+    and 90th percentiles. Rounds ran close together, so a shift in the machine's speed between rounds (a noisy
+    neighbour) moves both times of a pair, and the spread says how far one run's ratio can be trusted."""
+    base = times[baseline]
+    out = {}
+    for k, t in times.items():
+        if k == baseline or len(t) != len(base):
+            continue
+        r = sorted(b / x for b, x in zip(base, t))
+        q = statistics.quantiles(r, n=10, method="inclusive") if len(r) > 1 else [r[0]] * 9
+        out[k] = {"median": statistics.median(r), "p10": q[0], "p90": q[-1]}
+    return out
 
 
 def slowdown(unloaded: dict[str, float], loaded: dict[str, float]) -> dict[str, float]:

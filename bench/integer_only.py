@@ -21,7 +21,10 @@ speed ratio against every baseline, and its agreement with torch float on the be
 sets, the load average; checks cpu_integer is bit-identical to the integer graph on ONNX Runtime.
 MiniLM rows are 1..8 sentences joined, padded to --seq: real lengths vary under the attention mask.
 load: ours and OpenVINO timed alone, then beside a process running a torch matmul loop on 1 and
-on 2 threads (bench/under_load.py); each one's slowdown against its own unloaded time in that run.
+on 2 threads (bench/under_load.py); each one's slowdown against its own unloaded time in that run, and
+the cores this process and the load process got during each one's calls (the scheduler's split).
+speed also gives, for ours, openvino_int8's time / ours per interleaved round (median, 10th and 90th
+percentile): how far one run's ratio moves on a shared machine.
 minilm: all-MiniLM-L6-v2 mean-pooled embeddings, cosine against torch float, ours and
 quantize_dynamic (dynamo export) on the same sentences padded to 64 tokens.
 digits: the digits ViT's test accuracy, float and integer-only, with and without token_merge r=16.
@@ -34,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +48,7 @@ import torch
 
 import graphopt
 from graphopt import zoo
-from graphopt.bench.compare import agreement, ratios, slowdown
+from graphopt.bench.compare import agreement, paired_ratios, ratios, slowdown
 from graphopt.bench.models import primary_output
 from graphopt.timing import interleaved
 
@@ -174,21 +178,28 @@ def candidates(bench: Bench, args, peers=PEERS) -> tuple[dict, dict]:
 
 def timed(calls: dict, runs: int) -> dict[str, float]:
     """Median milliseconds of each call, interleaved in one process, without autograd."""
+    return {k: statistics.median(t) * 1e3 for k, t in timed_rounds(calls, runs).items()}
+
+
+def timed_rounds(calls: dict, runs: int) -> dict[str, list[float]]:
+    """Seconds of each call per interleaved round (round order), without autograd."""
     with torch.inference_mode():
-        return {k: t.median * 1e3 for k, t in interleaved(calls, runs).items()}
+        return {k: t.times for k, t in interleaved(calls, runs).items()}
 
 
 def speed(args) -> dict:
     torch.set_num_threads(args.threads)
     bench = (minilm_bench if args.model == "minilm" else deit_bench)(args)
     calls, info = candidates(bench, args)
-    med = timed(calls, args.runs)
+    rounds = timed_rounds(calls, args.runs)
+    med = {k: statistics.median(t) * 1e3 for k, t in rounds.items()}
     with torch.inference_mode():
         ref = primary_output(bench.model(**bench.feed)).numpy()
         acc = {k: agreement(ref, c(), bench.mask) for k, c in calls.items()}
     result = {"what": "speed", "model": bench.description, "batch": args.batch, "threads": args.threads,
               "runs": args.runs, "openvino_config": "INFERENCE_NUM_THREADS=threads, PERFORMANCE_HINT=LATENCY",
               "median_ms": med, "ratios": ratios(med, BASELINES), "accuracy_vs_torch_float": acc,
+              "per_round_vs_openvino_int8": paired_ratios(rounds, "openvino_int8") if "openvino_int8" in rounds else {},
               "cpu": cpu(), "isa_limit": args.isa, "load_average": os.getloadavg(),
               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")} | info
     if args.model == "minilm":
@@ -199,19 +210,24 @@ def speed(args) -> dict:
 
 def load(args) -> dict:
     """Ours and OpenVINO timed unloaded, then beside a process busy on 1 and on 2 threads."""
-    from graphopt.bench.under_load import busy_cores
+    from graphopt.bench.under_load import CoreShares, busy_cores
 
     torch.set_num_threads(args.threads)
     bench = (minilm_bench if args.model == "minilm" else deit_bench)(args)
     calls, info = candidates(bench, args, peers=["openvino_int8", "openvino_fp32"])
-    levels = {}
+    levels, cores = {}, {}
     for busy in (0, 1, 2):
-        with busy_cores(busy) if busy else contextlib.nullcontext():
-            levels[busy] = timed(calls, args.runs)
+        with busy_cores(busy) if busy else contextlib.nullcontext() as child:
+            shares = CoreShares(child.pid if child else None) if Path("/proc").is_dir() else None
+            levels[busy] = timed({k: shares.wrap(k, c) for k, c in calls.items()} if shares else calls, args.runs)
         print(f"busy threads {busy}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in levels[busy].items()), flush=True)
+        if shares:
+            cores[f"busy_{busy}"] = shares.cores()
+            print("  cores during its calls (this process / the load process): " + ", ".join(
+                f"{k} {c['this_process']:.2f} / {c['load_process']:.2f}" for k, c in cores[f"busy_{busy}"].items()), flush=True)
     result = {"what": "load", "model": bench.description, "batch": args.batch, "threads": args.threads, "runs": args.runs,
               "median_ms": {f"busy_{b}": m for b, m in levels.items()},
-              "slowdown": {f"busy_{b}": slowdown(levels[0], levels[b]) for b in (1, 2)},
+              "slowdown": {f"busy_{b}": slowdown(levels[0], levels[b]) for b in (1, 2)}, "cores_used": cores,
               "ours_vs_openvino_int8": {f"busy_{b}": ratios(m, ["openvino_int8"]) for b, m in levels.items()},
               "cpu": cpu(), "load_average": os.getloadavg(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")} | info
     print(f"{'':16s}" + "".join(f"{'slowdown ' + str(b) + ' busy':>18s}" for b in (1, 2)))
@@ -235,6 +251,10 @@ def print_table(result: dict) -> None:
               + f" {a.get('cosine_real_tokens', a['cosine']):7.4f} {agree:6.3f}")
     print("agree: argmax agreement with torch float" if "argmax_agreement" in a else
           "cos: over the real tokens; agree: min over sentences of the masked-mean embedding cosine with torch float")
+    if result["per_round_vs_openvino_int8"]:
+        print("ov_int8 / candidate per interleaved round, median [10th, 90th percentile]: " + ", ".join(
+            f"{k} {r['median']:.2f} [{r['p10']:.2f}, {r['p90']:.2f}]" for k, r in result["per_round_vs_openvino_int8"].items()
+            if not k.startswith(("ort_", "openvino", "torch"))))
     print("cpu_integer bit-identical to the integer graph on ONNX Runtime:", result["cpu_integer_identical_to_ort"])
 
 

@@ -1,19 +1,31 @@
 """The benchmark's comparison helpers (bench/compare.py, bench/peers.py, bench/under_load.py) on
 hand-computed cases; nothing here is timed."""
 import math
+import os
+import time
 
 import numpy as np
 import pytest
 
-from graphopt.bench.compare import agreement, ratios, slowdown
+from graphopt.bench.compare import agreement, paired_ratios, ratios, slowdown
 from graphopt.bench.peers import _by_position
-from graphopt.bench.under_load import busy_cores
+from graphopt.bench.under_load import CoreShares, busy_cores
 
 
 def test_ratios_are_baseline_over_candidate_for_measured_baselines():
     got = ratios({"ours": 100.0, "ov": 150.0, "ort": 50.0}, ["ov", "ort", "absent"])
     assert got == {"ours": {"vs_ov": 1.5, "vs_ort": 0.5}, "ov": {"vs_ov": 1.0, "vs_ort": 1 / 3},
                    "ort": {"vs_ov": 3.0, "vs_ort": 1.0}}
+
+
+def test_paired_ratios_pair_each_round_and_not_the_medians():
+    # round 2 ran on a slow machine for both: per round ov / ours is 1.2, 1.2, 1.25, 1.0 (a drift the medians mix up)
+    times = {"ours": [1.0, 1.0, 2.0, 1.2], "ov": [1.2, 1.2, 2.5, 1.2], "short": [1.0]}
+    got = paired_ratios(times, "ov")
+    assert set(got) == {"ours"}                            # the baseline itself, and a candidate missing rounds, left out
+    assert got["ours"]["median"] == pytest.approx(1.2)
+    assert got["ours"]["p10"] == pytest.approx(1.0 + 0.3 * 0.2)   # numpy's linear quantile of [1.0, 1.2, 1.2, 1.25]
+    assert got["ours"]["p90"] == pytest.approx(1.2 + 0.7 * 0.05)
 
 
 def test_slowdown_is_each_candidates_own_loaded_over_unloaded_time():
@@ -54,3 +66,20 @@ def test_busy_cores_runs_a_child_only_inside_the_with():
     with busy_cores(1) as child:
         assert child.poll() is None
     assert child.poll() is not None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the load process's CPU time is read from /proc")
+def test_core_shares_tell_a_sleeping_call_from_a_spinning_one():
+    def spin():
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+    with busy_cores(1) as child:
+        shares = CoreShares(child.pid)
+        calls = {"sleeps": shares.wrap("sleeps", lambda: time.sleep(0.3)), "spins": shares.wrap("spins", spin)}
+        for _ in range(2):
+            for call in calls.values():
+                call()
+    got = shares.cores()
+    assert got["sleeps"]["this_process"] < 0.2 < 0.5 < got["spins"]["this_process"] < 1.5
+    assert got["sleeps"]["load_process"] > 0.4 and got["spins"]["load_process"] > 0.2   # it kept running throughout
