@@ -79,6 +79,11 @@ def token_drop(graph: Graph, ctx, *,
 
 def _drop_in_vision(graph, ctx, s, keep, count, layer, rank):
     blocks = s.stacks[0]
+    causal = next((b for b in blocks if b.attention.causal), None)
+    if causal is not None:    # a decoder: its tokens are the text it predicts from, and the ranking favours the first
+        raise TokenPassError(f"token_drop: where=layer drops patch tokens of a bidirectional vision encoder, and block "
+                             f"{causal.index} ({causal.module or causal.attention.core.label()}) has causal attention "
+                             "(a decoder); in a vision-language model use where=language (FastV: image tokens only)")
     if len(blocks) < 2:
         raise TokenPassError("token_drop: the vision stack has a single block; nothing runs after a drop")
     index = len(blocks) // 2 - 1 if layer < 0 else layer

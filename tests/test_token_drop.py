@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import LlamaConfig, LlamaModel, ViTConfig, ViTForImageClassification
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from graphopt import zoo
@@ -184,3 +184,14 @@ def test_errors_name_what_is_missing(vit):
     mlp = from_torch(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
     with pytest.raises(PassError, match="token_drop needs transformer blocks.*no attention found"):
         apply(mlp, "token_drop")
+
+
+def test_a_text_decoder_is_refused_not_cut_to_its_first_tokens():
+    # causal attention gives the first tokens the most attention received: where=layer kept positions 0..2 of 12
+    # and dropped the last token, the one a language model predicts from, without a word
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, use_cache=False)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    graph = from_torch(LlamaModel(cfg).eval(), (), {"input_ids": ids})
+    with pytest.raises(PassError, match=r"block 0 .*has causal attention \(a decoder\).*use where=language"):
+        apply(graph, "token_drop")
