@@ -138,6 +138,11 @@ def _not(cv, node, args, kwargs):
     return cv.op.logical_not(args[0])
 
 
+@handles(aten.isnan.default)
+def _isnan(cv, node, args, kwargs):
+    return cv.op.isnan(args[0])
+
+
 @handles(aten.div.Tensor_mode)
 def _div_mode(cv, node, args, kwargs):
     mode = kwargs.get("rounding_mode", args[2] if len(args) > 2 else None)

@@ -83,6 +83,23 @@ def test_eval_mode_no_ops_disappear_and_unknown_ops_stay_opaque():
     torch.testing.assert_close(om(y), model(y), atol=1e-6, rtol=0)
 
 
+def test_a_nan_guard_is_an_isnan_op_not_opaque():
+    # token passes re-infer the types of every op after a changed token count; an opaque node cannot follow them
+    class Guard(torch.nn.Module):
+        def forward(self, x):
+            p = torch.softmax(x, dim=-1)
+            return torch.where(torch.isnan(p), torch.zeros_like(p), p)
+
+    x = torch.randn(2, 5, 5)
+    graph = from_torch(Guard(), (x,))
+    assert graph.op_counts().get("isnan") == 1 and "opaque" not in graph.op_counts()
+    y = x.clone()
+    y[0, 1] = float("-inf")                      # a fully masked row: softmax gives NaN there, the guard 0
+    om = graphopt.optimize(Guard(), [], (x,))
+    torch.testing.assert_close(om(y), Guard()(y), atol=1e-6, rtol=0)
+    assert om(y)[0, 1].eq(0).all()
+
+
 @pytest.mark.parametrize("padding,kernel,dilation,imports", [("valid", 4, 1, True), ("same", 3, 1, True),
                                                             ("same", 3, 2, True), ("same", 2, 1, False)])
 def test_conv2d_with_a_padding_string(padding, kernel, dilation, imports):

@@ -46,11 +46,12 @@ def single(op, input_dtype=f32, **attrs):
 X = torch.randn(3, 4, 6)
 XI = torch.randint(-5, 5, (3, 4, 6))
 POSITIVE = X.abs() + 0.1
+WITH_NAN = X.masked_fill(X > 1.0, float("nan"))
 
 UNARY = [("neg", X), ("abs", X), ("relu", X), ("floor", X), ("round", X), ("sign", X), ("tanh", X), ("sigmoid", X),
          ("exp", X), ("log", POSITIVE), ("sqrt", POSITIVE), ("rsqrt", POSITIVE), ("erf", X), ("silu", X), ("sin", X),
          ("cos", X), ("reciprocal", POSITIVE), ("neg", XI), ("abs", XI), ("relu", XI), ("floor", XI), ("sign", XI),
-         ("tanh", XI), ("exp", XI), ("logical_not", XI)]
+         ("tanh", XI), ("exp", XI), ("logical_not", XI), ("isnan", WITH_NAN), ("isnan", XI)]
 
 
 @pytest.mark.parametrize("op, x", UNARY, ids=[f"{op}-{x.dtype}".replace("torch.", "") for op, x in UNARY])

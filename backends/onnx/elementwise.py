@@ -102,6 +102,14 @@ register_lowering("logical_and")(_logical("And"))
 register_lowering("logical_or")(_logical("Or"))
 register_lowering("logical_not")(_logical("Not"))
 
+
+@register_lowering("isnan")
+def _isnan(em: Emitter, node: Node):
+    dtype = node.inputs[0].type.dtype
+    x = em.input(node, 0, dtype if dtype.is_floating_point else torch.float32)    # IsNaN takes floats only
+    return em.one("IsNaN", [x], em.out(node))
+
+
 register_lowering("neg")(one_op("Neg"))
 register_lowering("abs")(one_op("Abs"))
 register_lowering("sign")(one_op("Sign"))

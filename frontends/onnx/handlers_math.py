@@ -54,7 +54,7 @@ def _variadic(cv, node, ins):
 
 _UNARY = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
           "Erf": "erf", "Neg": "neg", "Abs": "abs", "Floor": "floor", "Reciprocal": "reciprocal", "Sin": "sin",
-          "Cos": "cos", "Sign": "sign", "Round": "round", "Not": "logical_not"}
+          "Cos": "cos", "Sign": "sign", "Round": "round", "Not": "logical_not", "IsNaN": "isnan"}
 for _t, _op in _UNARY.items():
     HANDLERS.register(_t, (lambda op_name: lambda cv, node, ins: cv.op(op_name, ins[0]))(_op))
 

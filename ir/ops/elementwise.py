@@ -52,6 +52,12 @@ def logical_not(x):
     return torch.logical_not(x)
 
 
+@register_op("isnan", inputs=["x"], infer=lambda x: x.with_dtype(torch.bool), tags=["elementwise"])
+def isnan(x):
+    """The NaN test exporters put after a softmax (where(isnan(p), 0, p): a fully masked row gives 0, not NaN)."""
+    return torch.isnan(x)
+
+
 _UNARY_SAME = {"neg": torch.neg, "abs": torch.abs, "relu": torch.relu, "floor": torch.floor,
                "round": torch.round, "sign": torch.sign}
 _UNARY_FLOAT = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "exp": torch.exp, "log": torch.log,

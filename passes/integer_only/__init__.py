@@ -89,14 +89,14 @@ def integer_only(graph: Graph, ctx, *,
 
 
 def _drop_nan_guards(graph: Graph) -> None:
-    """``where(IsNaN(p), c, p)`` after a softmax over the last axis (the ONNX exporter's guard for fully
+    """``where(isnan(p), c, p)`` after a softmax over the last axis (the ONNX exporter's guard for fully
     masked rows) is ``p`` once that softmax is Shiftmax, whose integer probabilities are never NaN."""
     for node in graph.find_nodes("where"):
         cond, fill, p = node.inputs
         check = cond.producer
-        if check is None or check.op != "onnx_opaque" or (check.attrs["domain"], check.attrs["op_type"]) != ("", "IsNaN") \
-                or check.inputs[0] is not p or p.producer is None or p.producer.op != "softmax" \
-                or p.producer.attrs["dim"] not in (-1, p.type.rank - 1) or not fill.is_constant:
+        if check is None or check.op != "isnan" or check.inputs[0] is not p or p.producer is None \
+                or p.producer.op != "softmax" or p.producer.attrs["dim"] not in (-1, p.type.rank - 1) \
+                or not fill.is_constant:
             continue
         graph.replace_all_uses_with(node.output, p)
         graph.erase_node(node)
