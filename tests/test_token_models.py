@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers as hf
 
+import graphopt
 from graphopt.backends.torch_backend import run
 from graphopt.frontends import from_torch
 from graphopt.ir.structure import analyze
@@ -131,6 +132,21 @@ def test_siglip_token_count_is_followed_by_axis_not_value(siglip_case):
     torch.testing.assert_close(out[0], hidden, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[1], pooled, rtol=1e-4, atol=1e-5)
     assert (hidden[:, 0] - model(x).last_hidden_state[:, 0]).abs().max() > 1e-3  # merging changed the result
+
+
+def test_siglip_integer_graph_merges_its_blocks_and_not_its_pooling_head(siglip_case):
+    # integer_only first, then token_merge: the MAP head's attention (one probe query) once counted as a block, and
+    # the pass refused the order that the README allows; an encoder without a CLS token also protects nothing
+    model, x, _ = siglip_case
+    calib = [(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(10 + i)),) for i in range(4)]
+    om = graphopt.optimize(model, ["integer_only", "token_merge:r=3"], (x,), calibration=calib, progress=False)
+    counts = om.graph.op_counts()
+    assert counts["int.token_merge"] == 3 and counts["int.lookup"] == 2    # proportional attention in blocks 1, 2
+    hidden, pooled = siglip_reference(model, x, rs=[3, 3, 3])              # float ToMe, written on the modules
+    out = om(x)
+    assert out.last_hidden_state.shape == (2, 7, model.config.hidden_size)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(out.last_hidden_state, hidden, dim=-1).min() > 0.995 and cos(out.pooler_output, pooled, dim=-1).min() > 0.98
 
 
 def test_siglip_token_drop_ranks_by_received_attention(siglip_case):

@@ -17,11 +17,12 @@ import math
 
 import torch
 
-from graphopt.ir import Graph, Value
+from graphopt.ir import Graph, Node, Value
 from graphopt.ir.ops.integer_tokens import SCORE_BITS
 from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import constant_derived
 from graphopt.ir.traversal import descendants
+from graphopt.ir.types import dims_equal
 from graphopt.passes.integer_only.form import Q
 from graphopt.passes.token_common import TokenPassError, retype
 
@@ -113,7 +114,7 @@ def merge_integer_graph(graph: Graph, ctx, rs_of, prop_attn: bool, protect: int,
     if keep_order or stack != 0:
         raise TokenPassError("token_merge on an integer-only graph supports neither keep_order nor stack != 0; "
                              "run token_merge before integer_only for those")
-    blocks = [_int_block(graph, s) for s in graph.find_nodes("int.shiftmax")]
+    blocks = [_int_block(graph, s) for s in _self_attention(graph)]
     rs = rs_of(len(blocks))
     if not any(rs):
         ctx.note("r is 0 in every block: graph unchanged")
@@ -150,6 +151,21 @@ def merge_integer_graph(graph: Graph, ctx, rs_of, prop_attn: bool, protect: int,
              f"last {merged_count(counts[-1], rs[-1], protect)}")
 
 
+def _self_attention(graph: Graph) -> list[Node]:
+    """The int.shiftmax of each block: scores [.., N, N] (every token attends to every token). An attention with
+    other scores (SigLIP's pooling head: one probe query) after the last block reads the merged tokens as the float
+    pass leaves it; one before it is refused (its tokens are not the stream's)."""
+    shiftmax = graph.find_nodes("int.shiftmax")
+    square = [dims_equal(s.inputs[0].type.shape[-1], s.inputs[0].type.shape[-2]) for s in shiftmax]
+    last = max((i for i, sq in enumerate(square) if sq), default=-1)
+    for s, sq in zip(shiftmax[:last], square):
+        if not sq:
+            raise TokenPassError(f"token_merge: integer attention {s.label()} (module {s.meta.get('module', '?')!r}) "
+                                 f"has scores {s.inputs[0].type}, not one row per token, before the last block; "
+                                 "run token_merge before integer_only")
+    return [s for s, sq in zip(shiftmax, square) if sq]
+
+
 def _int_block(graph: Graph, shiftmax) -> tuple:
     """(shiftmax, residual stream after attention, keys [B, H, N, d]) of one integer attention block."""
     where = f"{shiftmax.label()} (module {shiftmax.meta.get('module', '?')!r})"
@@ -175,17 +191,18 @@ def _int_block(graph: Graph, shiftmax) -> tuple:
 
 
 def _leading_special_tokens(graph: Graph, first_stream: Value) -> int:
-    """Tokens the stream's ``cat`` puts before the patch tokens from a constant (CLS, distillation)."""
-    for node in graph.nodes:
-        if node.op == "cat" and node.attrs["dim"] % 3 == 1 and node.output.type.rank == 3:
-            count = 0
-            for v in node.inputs:
-                if not constant_derived(v):
-                    break
-                count += int(v.type.shape[1])
-            if 0 < count < len(node.inputs) and count < int(first_stream.type.shape[1]):
-                return count
+    """Tokens the stream's ``cat`` puts before the patch tokens from a constant (CLS, distillation); 0 when no
+    tensor of tokens is concatenated along the token axis anywhere (patch tokens only, as in SigLIP)."""
+    cats = [n for n in graph.nodes if n.op == "cat" and n.attrs["dim"] % 3 == 1 and n.output.type.rank == 3]
+    if not cats:
+        return 0
+    count = 0
+    for v in cats[0].inputs:
+        if not constant_derived(v):
             break
+        count += int(v.type.shape[1])
+    if 0 < count < len(cats[0].inputs) and count < int(first_stream.type.shape[1]):
+        return count
     raise TokenPassError("token_merge: no CLS/distillation token found in the integer graph (a cat of constant "
                          "tokens before the patches); give protect=N for the number of leading tokens to keep")
 
