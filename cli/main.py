@@ -120,12 +120,12 @@ def _classify(error: BaseException) -> tuple[int, str]:
     from graphopt.backends import LoweringError
     from graphopt.frontends import ExportError, FrontendError
     from graphopt.ir.interpreter import InterpreterError
-    from graphopt.passes import PassConfigError, PassError
+    from graphopt.passes import CalibrationMissing, PassConfigError, PassError
 
     text = one_line(error)
     if isinstance(error, CliError):
         return error.code, text
-    if isinstance(error, (FrontendError, PassConfigError)):
+    if isinstance(error, (FrontendError, PassConfigError, CalibrationMissing)):
         return EXIT_USAGE, text
     if isinstance(error, PassError):
         return EXIT_FAILED, text

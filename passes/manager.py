@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from graphopt.ir import Graph, VerificationError, verify
-from graphopt.passes import PassError
+from graphopt.passes import CalibrationMissing, PassError
 from graphopt.passes.registry import PassSpec, make_spec
 from graphopt.passes.report import PassRecord, Report, tokens_per_block
 from graphopt.progress import task
@@ -39,7 +39,7 @@ class PassContext:
     def require_calibration(self) -> list[tuple[torch.Tensor, ...]]:
         """The calibration batches, or a clear error saying the pass needs them."""
         if not self.calibration:
-            raise PassError(self.spec, "needs calibration data: pass calibration=[inputs, ...] to "
+            raise CalibrationMissing(self.spec, "needs calibration data: pass calibration=[inputs, ...] to "
                                        "graphopt.optimize (or --calib FILE.npz to opt-cli)", [])
         return self.calibration
 

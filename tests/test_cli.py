@@ -141,6 +141,12 @@ def test_bad_pass_spec_fails_before_any_work(tmp_path, model_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_a_pass_without_its_calibration_data_is_a_usage_error(tmp_path, model_path, capsys):
+    code, _, err = run_cli(capsys, model_path, "-o", tmp_path / "o.onnx", "-p", "integer_only")
+    assert code == 2 and "needs calibration data" in err and "--calib FILE.npz" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
 # ---- output safety ------------------------------------------------------------------------------
 def test_never_overwrites_input_or_existing_files(tmp_path, model_path, capsys):
     before = model_path.read_bytes()
