@@ -23,5 +23,6 @@ from graphopt.passes.registry import (PassConfigError, PassInfo, PassSpec, get_p
                                       option, pass_help, register_pass, register_rule_set)
 from graphopt.passes.report import PassRecord, Report
 
-__all__ = ["CalibrationMissing", "PassConfigError", "PassContext", "PassError", "PassInfo", "PassManager", "PassRecord", "PassSpec",
-           "Report", "get_pass", "list_passes", "make_spec", "option", "pass_help", "register_pass", "register_rule_set"]
+__all__ = ["CalibrationMissing", "PassConfigError", "PassContext", "PassError", "PassInfo", "PassManager",
+           "PassRecord", "PassSpec", "Report", "get_pass", "list_passes", "make_spec", "option", "pass_help",
+           "register_pass", "register_rule_set"]
