@@ -97,8 +97,11 @@ def _pass(record) -> str:
         if all(isinstance(t, int) for t in tokens):
             out.append(_figure(_bars_png([str(i) for i in range(len(tokens))], tokens, "block", "tokens"),
                                "tokens per block"))
-    if details.get("layers"):
-        out.append(_ranks(details["layers"]))
+    layers = details.get("layers") or {}
+    if layers and all("rank" in d for d in layers.values()):          # low_rank
+        out.append(_ranks(layers))
+    elif layers and all("sparsity" in d for d in layers.values()):    # sparsify (weight level)
+        out.append(_sparsity(layers))
     if record.notes:
         out.append(f"<details><summary>notes ({len(record.notes)})</summary><ul>"
                    + "".join(f"<li>{_e(n)}</li>" for n in record.notes) + "</ul></details>")
@@ -134,6 +137,16 @@ def _ranks(layers: dict) -> str:
     plot = _figure(_bars_png([_short(n) for n in names], kept, "layer", "kept parameters (%)", rotate=True),
                    "kept parameters per layer")
     return "<h3>Low-rank: rank per layer</h3>" + plot + _table(rows)
+
+
+def _sparsity(layers: dict) -> str:
+    rows = [{"layer": name, "shape": "x".join(map(str, d["shape"])), "role": d.get("role", ""),
+             "zeros": f"{100 * d['sparsity']:.1f}%", "target": f"{100 * d['target_sparsity']:.1f}%",
+             "runs as": d.get("decision", "dense GEMM"), "why": d.get("why", "")}
+            for name, d in layers.items()]
+    plot = _figure(_bars_png([_short(n) for n in layers], [100 * d["sparsity"] for d in layers.values()], "layer",
+                             "zeros (%)", rotate=True), "zeros per layer")
+    return "<h3>Sparsity per layer</h3>" + plot + _table(rows)
 
 
 def _cost(report: Report, dims: dict | None) -> str:

@@ -134,6 +134,23 @@ def test_html_is_self_contained_with_every_section(optimized, tmp_path):
     assert "Integer conversion coverage" in page and "Low-rank: rank per layer" in page
 
 
+def test_html_of_a_sparsify_run_lists_each_layers_zeros(tmp_path):
+    # the page once read every pass's per-layer details as low_rank's ranks: KeyError 'rank', and opt-cli --report
+    # x.html then failed after sparsify and wrote nothing
+    model = _tiny_hf_vit()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    om = graphopt.optimize(model, ["sparsify:criterion=magnitude,sparsity=0.5,substitute=never"], (x,),
+                           progress=False)
+    layers = om.report["sparsify"].details["layers"]
+    path = tmp_path / "sparse.html"
+    write_html(str(path), om.report)
+    page = path.read_text()
+    assert "Sparsity per layer" in page and len(_pngs(page)) == 1
+    for name, d in layers.items():
+        assert f"<td>{name}</td>" in page and f"{100 * d['sparsity']:.1f}%" in page
+    assert all(abs(d["sparsity"] - 0.5) < 0.01 for d in layers.values())   # magnitude pruning's 50 % per layer
+
+
 def test_first_block_drawing_covers_the_block(optimized):
     before, om = optimized
     prefix, nodes = first_block(before)
