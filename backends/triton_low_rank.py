@@ -128,7 +128,11 @@ def _needs_triton(node) -> str | None:
     return None if available() else "triton does not import on this machine"
 
 
-register_kernel("triton", LOW_RANK_MLP, supports=_needs_triton)(low_rank_mlp)
+@register_kernel("triton", LOW_RANK_MLP, supports=_needs_triton)
+def low_rank_mlp_triton(x, v1, u1, b1, v2, u2, b2, *, activation, tile):
+    """The op on the triton target. Its ``tile`` bounds the memory of the CPU loop; the kernel holds one BLOCK_H
+    slice of the hidden layer per row block anyway."""
+    return low_rank_mlp(x, v1, u1, b1, v2, u2, b2, activation=activation)
 
 
 @register_kernel("torch", LOW_RANK_MLP)
