@@ -7,6 +7,7 @@ Backends and savers are ``Registry`` tables: the built-ins register when their m
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 from graphopt.ir import Graph
@@ -40,12 +41,20 @@ def register_saver(suffix: str, *, replace: bool = False):
 
 
 def lower(graph: Graph, backend: str, **options) -> Callable:
-    return BACKENDS.get(backend)(graph, **options)
+    factory = BACKENDS.get(backend)
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):     # **options: the backend checks them itself
+        takes = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            raise TypeError(f"unknown {backend} backend options {unknown}; it takes "
+                            + (", ".join(takes) if takes else "none"))
+    return factory(graph, **options)
 
 
 def save(graph: Graph, path: str) -> None:
     for suffix, saver in SAVERS.items():
-        if str(path).endswith(suffix):
+        if str(path).lower().endswith(suffix.lower()):     # model.ONNX is an ONNX file too
             return saver(graph, path)
     from graphopt.ir.serialize import save_graph
     save_graph(graph, path)

@@ -188,3 +188,22 @@ def test_token_drop_and_token_merge_together_are_refused_at_pass_time(vit, passe
         PassManager(passes, example_inputs=(x,), check=check).run(graph)
     alone, _ = PassManager(passes[:1], example_inputs=(x,)).run(graph)  # the first alone runs on the example input
     assert run(alone, x)[0].shape == (2, 2)
+
+
+def test_a_misspelt_backend_option_names_the_ones_the_backend_takes(mlp):
+    model, x, _ = mlp
+    with pytest.raises(TypeError, match=r"unknown torch backend options \['threads'\]; it takes none"):
+        graphopt.optimize(model, [], (x,), backend_options={"threads": 2})
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(TypeError, match=r"unknown cpu_integer backend options \['thread'\]; it takes threads, replay"):
+        graphopt.backends.registry.lower(graphopt.optimize(model, [], (x,)).graph, "cpu_integer", thread=2)
+
+
+def test_save_picks_the_format_by_suffix_in_any_case(mlp, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model, x, _ = mlp
+    om = graphopt.optimize(model, [], (x,))
+    path = tmp_path / "model.ONNX"
+    om.save(str(path))
+    loaded = onnx.load(str(path))                 # an ONNX file, not graphopt's own format under an .ONNX name
+    assert [i.name for i in loaded.graph.input] == [v.name for v in om.graph.inputs]
