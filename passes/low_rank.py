@@ -94,7 +94,8 @@ def low_rank(graph, ctx, *,
 
     everything = find_layers(graph)
     if not everything:
-        raise ValueError("no factorisable layer: the graph has no linear, constant-weight matmul or 1x1 conv2d")
+        raise ValueError("no factorisable layer: the graph has no float linear, constant-weight matmul or 1x1 conv2d "
+                         "(an integer_only graph's int.linear are not: run this pass before integer_only)")
     chosen = select_layers(everything, list(layers or []), list(exclude or []), list(roles or []))
     explicit: dict[int, int] = {}
     if ranks:

@@ -112,12 +112,15 @@ def select_layers(layers: list[Layer], patterns: list[str], exclude: list[str], 
             return bool(rx.search(layer.name) or rx.search(layer.weight.name))
         return fnmatch.fnmatchcase(layer.name, pattern) or fnmatch.fnmatchcase(layer.weight.name, pattern)
 
+    if not layers:
+        raise ValueError("the graph has no float linear or conv layer with a constant weight to rewrite (an "
+                         "integer_only graph's int.linear are not: run this pass before integer_only)")
     names = ", ".join(l.name for l in layers[:12]) + (" ..." if len(layers) > 12 else "")
     chosen = list(layers)
     if patterns:
         for p in patterns:
             if not any(hits(p, l) for l in layers):
-                raise ValueError(f"layer pattern {p!r} matches no factorisable layer; the layers are: {names or 'none'}")
+                raise ValueError(f"layer pattern {p!r} matches no layer; the layers are: {names}")
         chosen = [l for l in chosen if any(hits(p, l) for p in patterns)]
     if roles:
         wanted: set[str] = set()
@@ -132,10 +135,10 @@ def select_layers(layers: list[Layer], patterns: list[str], exclude: list[str], 
         chosen = [l for l in chosen if l.role in wanted]
     for p in exclude:
         if not any(hits(p, l) for l in layers):
-            raise ValueError(f"exclude pattern {p!r} matches no factorisable layer; the layers are: {names or 'none'}")
+            raise ValueError(f"exclude pattern {p!r} matches no layer; the layers are: {names}")
         chosen = [l for l in chosen if not hits(p, l)]
     if not chosen:
-        raise ValueError("the layer selection (layers/roles/exclude) leaves no layer to factorise")
+        raise ValueError("the layer selection (layers/roles/exclude) leaves no layer")
     return chosen
 
 

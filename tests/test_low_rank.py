@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import graphopt
 from graphopt.backends.torch_backend import run
 from graphopt.frontends import from_torch
 from graphopt.ir import Graph, TensorType, verify
@@ -167,12 +168,22 @@ def test_ratio_outside_unit_interval_is_a_clear_error(ratio):
 
 def test_unknown_layer_pattern_names_the_pattern_and_the_layers():
     _, g = mlp_graph()
-    with pytest.raises(PassError, match=r"layer pattern 'decoder\.\*' matches no factorisable layer; the layers are: 0, 2"):
+    with pytest.raises(PassError, match=r"layer pattern 'decoder\.\*' matches no layer; the layers are: 0, 2"):
         run_low_rank(g, method="svd", layers=["decoder.*"])
     with pytest.raises(PassError, match=r"unknown role 'ffn'"):
         run_low_rank(g, method="svd", roles=["ffn"])
     with pytest.raises(PassError, match=r"ranks: rank for '0' must be a positive integer"):
         run_low_rank(g, method="svd", ranks={"0": 2.5})
+
+
+@pytest.mark.parametrize("rewrite", ["low_rank:method=svd", "sparsify:criterion=magnitude"])
+def test_an_integer_only_graph_is_refused_with_the_order_to_use(rewrite):
+    # "the layer selection (layers/roles/exclude) leaves no layer to factorise" once answered a user who gave none
+    model, g = mlp_graph()
+    calib = [(torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    integer = graphopt.optimize(g, ["integer_only"], calibration=calib, progress=False).graph
+    with pytest.raises(PassError, match=r"no float linear.*run this pass before integer_only"):
+        PassManager([rewrite]).run(integer)
 
 
 def test_activation_aware_needs_calibration():
