@@ -409,6 +409,10 @@ def _substitute(graph: Graph, ctx, layers: list[Layer], pattern, sub: dict, prob
     rows = sub["rows"] or _rows_per_batch(probe, batches, layers, tokens)
     threads = sub["threads"] or torch.get_num_threads()
     cache = "" if sub["timing_cache"] == "none" else (sub["timing_cache"] or default_cache())
+    unknown = sorted(set(sub["timings"] or {}) - {l.name for l in layers})
+    if unknown:    # a name copied from another model would silently decide nothing
+        raise PassConfigError(f"pass 'sparsify': timings names {unknown}, which are not layers it prunes; those are: "
+                              + ", ".join(l.name for l in layers[:12]) + (" ..." if len(layers) > 12 else ""))
     source = TimingSource(sub["target"], threads, sub["timings"], cache, measure=mode == "auto")
     if mode == "auto" and source.timer is None and not source.injected:
         ctx.note(f"no SpMM timer registered for target {sub['target']!r} (import graphopt.backends, or give "

@@ -330,6 +330,15 @@ def test_substitution_uses_the_given_timings_and_keeps_the_outputs():
         torch.testing.assert_close(TorchExecutable(out).run_flat(*b), reference_run(pruned, *b), atol=1e-4, rtol=1e-4)
 
 
+def test_timings_for_a_layer_it_does_not_prune_are_refused_with_the_names():
+    # ViT names copied onto BERT once decided nothing, without a word
+    _, graph, batches = tiny_bert(seed=3)
+    with pytest.raises(PassError, match=r"timings names \['layers\.0\.mlp\.fc1'\], which are not layers it prunes; "
+                                        r"those are: encoder\.layer\.0\.intermediate\.dense"):
+        run_sparsify(graph, batches, criterion="magnitude", sparsity=0.8, roles=["mlp"],
+                     timings={"layers.0.mlp.fc1": [2.0, 1.0]})
+
+
 def test_vit_beyond_the_zoo_pruned_and_run_on_the_spmm_kernel():
     """A ViT from a config (not in the zoo): 1x4-block and unstructured sparse layers run on the C kernel
     and match the same graph on the reference ops; structured pruning keeps it runnable too."""
