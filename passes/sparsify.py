@@ -167,6 +167,9 @@ def sparsify(graph, ctx, *,
     if nm is not None and allocation != "uniform":
         raise PassConfigError(f"pass 'sparsify': pattern {pattern} fixes the sparsity; allocation=sensitivity "
                               "applies to unstructured, block1x4 and structured patterns")
+    if nm is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        ctx.note(f"pattern {pattern} fixes the sparsity at {100 * (1 - nm[0] / nm[1]):.0f}% of each layer's weights; "
+                 f"sparsity={sparsity} is not used")
     cands = sorted(set(candidates or (DEFAULT_UNIT_CANDIDATES if structured else DEFAULT_CANDIDATES)))
     if any(not 0.0 < c < 1.0 for c in cands):
         raise PassConfigError(f"pass 'sparsify': option candidates={cands} must lie in (0, 1)")

@@ -195,6 +195,16 @@ def test_n_m_masks_are_valid(pattern, n, m, criterion):
     assert torch.equal(per_group, torch.full_like(per_group, n))
 
 
+def test_an_n_m_pattern_says_it_does_not_use_the_sparsity_option():
+    _, graph, batches = tiny_bert(seed=3)
+    out, record = run_sparsify(graph, batches, criterion="magnitude", pattern="4:8", sparsity=0.9, roles=["mlp"],
+                               substitute="never")
+    assert "pattern 4:8 fixes the sparsity at 50% of each layer's weights; sparsity=0.9 is not used" in record.notes
+    assert all(abs(d["sparsity"] - 0.5) < 1e-6 for d in record.details["layers"].values())
+    _, record = run_sparsify(graph, batches, criterion="magnitude", pattern="2:4", roles=["mlp"], substitute="never")
+    assert not any("is not used" in n for n in record.notes)        # the default 0.5 is what 2:4 gives
+
+
 def test_unstructured_and_block_masks_have_the_requested_sparsity():
     s = torch.rand(6, 32, generator=torch.Generator().manual_seed(1))
     assert (mask_from_scores(s, "unstructured", 0.75).sum(1) == 24).all()
