@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from typing import Any, Sequence
 
@@ -56,6 +57,12 @@ def _with_progress(fn):
     def wrapper(*args, progress: bool | None = None, **kwargs):
         with showing(progress):
             return fn(*args, **kwargs)
+    sig = inspect.signature(fn)      # wraps() copies fn's signature, which lacks progress: help() would not show it
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation="bool | None"))
+    wrapper.__signature__ = sig.replace(parameters=params)
     return wrapper
 
 

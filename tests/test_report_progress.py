@@ -46,3 +46,11 @@ def test_silent_outside_optimize(capsys):
     with progress.task("a step nobody shows") as advance:
         advance()
     assert capsys.readouterr().err == ""
+
+
+def test_optimize_shows_its_progress_option_in_its_signature():
+    import inspect
+
+    import graphopt
+    param = inspect.signature(graphopt.optimize).parameters["progress"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None
