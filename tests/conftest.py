@@ -23,6 +23,19 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"GRAPHOPT_STRICT_DEPS: {call.excinfo.value} (declare it in pyproject.toml)"
 
 
+@pytest.fixture
+def triton_interpreter():
+    """Skips unless triton imports and runs its kernels in the interpreter: TRITON_INTERPRET=1, set by the test
+    module before anything imported triton."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        pytest.skip(f"triton cannot be imported: {e}")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was configured without TRITON_INTERPRET=1 before this test module loaded")
+
+
 def _build(name, *needs):
     """Build a zoo case lazily so collecting tests needs neither transformers nor sklearn; skip when the
     packages the case needs are missing."""

@@ -94,13 +94,7 @@ def test_bad_factor_shapes_are_rejected():
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu", "gelu_tanh", "none"])
-def test_triton_kernel_equals_unfused_reference_in_the_interpreter(act):
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the install
-        pytest.skip(f"triton cannot be imported: {e}")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was configured without TRITON_INTERPRET=1 before this test module loaded")
+def test_triton_kernel_equals_unfused_reference_in_the_interpreter(act, triton_interpreter):
     from graphopt.backends.triton_low_rank import low_rank_mlp
     f = factors(n=40, h=100, m=36, r1=7, r2=19, seed=3, dtype=torch.float32)  # ragged against every block size
     x = torch.randn(45, 40)
@@ -109,14 +103,8 @@ def test_triton_kernel_equals_unfused_reference_in_the_interpreter(act):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_triton_target_runs_a_fused_graph():
+def test_the_triton_target_runs_a_fused_graph(triton_interpreter):
     # the kernel registered for target "triton" once lacked the op's tile attribute: TypeError on any real graph
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the install
-        pytest.skip(f"triton cannot be imported: {e}")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was configured without TRITON_INTERPRET=1 before this test module loaded")
     from graphopt.backends.torch_backend import TorchExecutable
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()

@@ -85,11 +85,9 @@ def test_c_spmm_s8_matches_int_linear_and_requant(isa, rows, n, k, sparsity):
 
 
 @pytest.mark.parametrize("fmt", ["csr", "block1x4"])
-def test_triton_kernel_matches_dense(fmt):
-    from graphopt.backends import triton_low_rank, triton_sparse
+def test_triton_kernel_matches_dense(fmt, triton_interpreter):
+    from graphopt.backends import triton_sparse
 
-    if not triton_low_rank.available() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs triton with TRITON_INTERPRET=1 set before it was imported")
     for rows, n, k, sparsity in [(37, 9, 13, 0.5), (5, 6, 8, 1.0)]:
         w = _pruned(n, k, sparsity, fmt == "block1x4")
         packed = (to_csr if fmt == "csr" else to_block1x4)(w)
