@@ -102,6 +102,11 @@ def _assign_roles(graph: Graph, layers: list[Layer]) -> None:
         layer.role = roles.get(id(layer.weight), "other")
 
 
+def layer_names(layers: list[Layer]) -> str:
+    """The first dozen layer names, for an error that lists what exists."""
+    return ", ".join(l.name for l in layers[:12]) + (" ..." if len(layers) > 12 else "")
+
+
 def select_layers(layers: list[Layer], patterns: list[str], exclude: list[str], roles: list[str]) -> list[Layer]:
     """Glob patterns (``*`` ``?``; a pattern starting with ``re:`` is a regular expression) on the
     layer name or the weight's name; roles from ROLE_GROUPS. A pattern or role matching nothing is
@@ -115,7 +120,7 @@ def select_layers(layers: list[Layer], patterns: list[str], exclude: list[str], 
     if not layers:
         raise ValueError("the graph has no float linear or conv layer with a constant weight to rewrite (an "
                          "integer_only graph's int.linear are not: run this pass before integer_only)")
-    names = ", ".join(l.name for l in layers[:12]) + (" ..." if len(layers) > 12 else "")
+    names = layer_names(layers)
     chosen = list(layers)
     if patterns:
         for p in patterns:

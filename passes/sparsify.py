@@ -60,7 +60,7 @@ import torch
 
 from graphopt.ir import Graph
 from graphopt.passes.low_rank_calib import Probe, allocate, monotone, row_cosine, row_error
-from graphopt.passes.low_rank_layers import Layer, find_layers, replace_weight, rows_of, select_layers
+from graphopt.passes.low_rank_layers import Layer, find_layers, layer_names, replace_weight, rows_of, select_layers
 from graphopt.passes.registry import PassConfigError, option, register_pass
 from graphopt.passes.sparse_criteria import CRITERIA, parse_nm, prune, refit_rows, scores, mask_from_scores
 from graphopt.passes.sparse_structured import (find_groups, kept_units, columns, reformed_sink, remove_units,
@@ -415,7 +415,7 @@ def _substitute(graph: Graph, ctx, layers: list[Layer], pattern, sub: dict, prob
     unknown = sorted(set(sub["timings"] or {}) - {l.name for l in layers})
     if unknown:    # a name copied from another model would silently decide nothing
         raise PassConfigError(f"pass 'sparsify': timings names {unknown}, which are not layers it prunes; those are: "
-                              + ", ".join(l.name for l in layers[:12]) + (" ..." if len(layers) > 12 else ""))
+                              + layer_names(layers))
     source = TimingSource(sub["target"], threads, sub["timings"], cache, measure=mode == "auto")
     if mode == "auto" and source.timer is None and not source.injected:
         ctx.note(f"no SpMM timer registered for target {sub['target']!r} (import graphopt.backends, or give "
