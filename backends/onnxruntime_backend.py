@@ -149,13 +149,7 @@ class OnnxRuntimeExecutable:
         write_model(self.model, path)
 
 
-@register_backend("onnxruntime")
-def _onnxruntime(graph: Graph, **options):
-    unknown = set(options) - {"threads", "optimization_level", "providers", "inter_op_threads", "opset"}
-    if unknown:
-        raise TypeError(f"unknown onnxruntime backend options {sorted(unknown)}; it takes threads, "
-                        "optimization_level, providers, inter_op_threads, opset")
-    return OnnxRuntimeExecutable(graph, **options)
+register_backend("onnxruntime")(OnnxRuntimeExecutable)     # lower() checks the options against its __init__
 
 
 @register_saver(".onnx")
