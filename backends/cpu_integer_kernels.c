@@ -136,28 +136,30 @@ void go_pack_b(const int8_t *b, int64_t N, int64_t K, int8_t *out, int32_t *cols
  * rather than 12 (24 accumulators), though each panel load now feeds 8 rows instead of 12: the whole DeiT-S
  * forward ran 3.5-5 % faster at batch 8 and 3 % at batch 1 on Zen 4, in-process A/B (bench/vnni_peak.py
  * --end-to-end --baseline); 8 x 197 tokens also leaves no ragged block. */
+/* HALVES 1: only the panel's first 16 columns (its last panel has no more live ones: DeiT-S's 197 keys leave 5 in
+ * the seventh), half the multiply-adds. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
 static inline void tile_vnni_rows(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K4, int32_t *tile,
-                                  const int ROWS) {
+                                  const int ROWS, const int HALVES) {
     __m512i acc[MR][2];
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     for (int64_t g = 0; g < K4; g++) {
         const int8_t *b = bp + g * NR * 4;
-        __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+        __m512i b0 = _mm512_loadu_si512(b), b1 = HALVES == 2 ? _mm512_loadu_si512(b + 64) : b0;
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++) {
             int32_t a4;
             memcpy(&a4, a + r * lda + 4 * g, 4);
             __m512i av = _mm512_set1_epi32(a4);
             acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+            if (HALVES == 2) acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
         }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++) {
         _mm512_store_si512(tile + r * NR, acc[r][0]);
-        _mm512_store_si512(tile + r * NR + 16, acc[r][1]);
+        if (HALVES == 2) _mm512_store_si512(tile + r * NR + 16, acc[r][1]);
     }
 }
 
@@ -165,13 +167,19 @@ static inline void tile_vnni_rows(const uint8_t *a, int64_t lda, const int8_t *b
 #define TILE_VNNI(R) \
     __attribute__((target("avx512f,avx512bw,avx512vnni"))) \
     static void tile_vnni_##R(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K4, int32_t *tile) { \
-        tile_vnni_rows(a, lda, bp, K4, tile, R); \
+        tile_vnni_rows(a, lda, bp, K4, tile, R, 2); \
+    } \
+    __attribute__((target("avx512f,avx512bw,avx512vnni"))) \
+    static void tile_vnni_half_##R(const uint8_t *a, int64_t lda, const int8_t *bp, int64_t K4, int32_t *tile) { \
+        tile_vnni_rows(a, lda, bp, K4, tile, R, 1); \
     }
 TILE_VNNI(1) TILE_VNNI(2) TILE_VNNI(3) TILE_VNNI(4) TILE_VNNI(5) TILE_VNNI(6) TILE_VNNI(7) TILE_VNNI(8)
 
 typedef void (*tile_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int32_t *);
-static const tile_fn tile_vnni[MR + 1] = {NULL, tile_vnni_1, tile_vnni_2, tile_vnni_3, tile_vnni_4, tile_vnni_5,
-                                          tile_vnni_6, tile_vnni_7, tile_vnni_8};
+static const tile_fn tile_vnni[2][MR + 1] = {
+    {NULL, tile_vnni_half_1, tile_vnni_half_2, tile_vnni_half_3, tile_vnni_half_4, tile_vnni_half_5, tile_vnni_half_6,
+     tile_vnni_half_7, tile_vnni_half_8},
+    {NULL, tile_vnni_1, tile_vnni_2, tile_vnni_3, tile_vnni_4, tile_vnni_5, tile_vnni_6, tile_vnni_7, tile_vnni_8}};
 
 static void tile_portable(const uint8_t *a, int64_t lda, int mr, const int8_t *bp, int64_t K4, int32_t *tile) {
     for (int r = 0; r < mr; r++)
@@ -599,10 +607,10 @@ static void gemm_blocks(int isa, const uint8_t *A, int64_t lda, int64_t M, int64
                     _mm_prefetch((const char *)res, _MM_HINT_T0);
                     _mm_prefetch((const char *)(res + 16), _MM_HINT_T0);
                 }
-            if (isa == 2) block_amx(a, la, panel, K, tile);
-            else if (isa == 1) tile_vnni[mr](a, la, panel, K / 4, tile);
-            else tile_portable(a, la, mr, panel, K / 4, tile);
             int nr = (int)(N - p * NR < NR ? N - p * NR : NR);
+            if (isa == 2) block_amx(a, la, panel, K, tile);
+            else if (isa == 1) tile_vnni[nr > 16][mr](a, la, panel, K / 4, tile);
+            else tile_portable(a, la, mr, panel, K / 4, tile);
             finish(e, tile, row0, mr, p * NR, nr, out, ldo);
         }
     }
@@ -702,8 +710,8 @@ typedef struct {
     const epilogue_t *logits;
 } softmax_t;
 
-static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
-                         int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out);
+static void softmax_rows(const softmax_t *sm, const int32_t *x, int own, int64_t i0, int64_t i1, int64_t r0,
+                         int64_t rows, int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out);
 
 typedef struct {
     const uint8_t *A;
@@ -763,7 +771,7 @@ static bmm_scratch_t *bmm_scratch(const bmm_job_t *j) {
     int64_t M = j->M, N = j->N, padk = j->padk, rows_padded = (M + AMX_M - 1) / AMX_M * AMX_M, n4 = 4 * N;
     int64_t c = j->compact, z = j->zero_k, keep4 = 4 * (N > j->K ? N : j->K);
     int64_t bytes[] = {go_packed_size(N, padk), rows_padded * padk, AMX_M * padk, n4, n4, sm ? AMX_M * n4 : 0,
-                       sm ? n4 : 0, sm && sm->sizes ? n4 : 0, sm && sm->sizes ? n4 : 0, c || z ? j->K * N : 0,
+                       sm ? n4 : 0, sm && sm->sizes ? 2 * n4 : 0, sm && sm->sizes ? n4 : 0, c || z ? j->K * N : 0,
                        c || z ? keep4 : 0, c ? n4 : 0, c ? n4 : 0, c ? N : 0, c || z ? (padk > N ? padk : N) + 64 : 0};
     int64_t total = 64 * 3;
     for (int t = 0; t < 15; t++) total += (bytes[t] + 63) / 64 * 64;
@@ -1040,7 +1048,7 @@ static void bmm_item(const void *arg, int64_t chunk, void **scratch) {
             for (int64_t r = 0; r < rows; r++)
                 softmax_kept_row(sm, w->scores + r * L, L, w->keep, w->any, N, w->erow, w->pkept,
                                  (uint8_t *)o + (row0 + r) * j->som);
-        else if (sm) softmax_rows(sm, w->scores, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
+        else if (sm) softmax_rows(sm, w->scores, 1, i1, i2, row0, rows, N, w->erow, w->xb, w->brow, (uint8_t *)o + row0 * N);
         live_rows(j, i1, i2, row0, row0 + rows, o, 1);
     }
 }
@@ -1193,6 +1201,41 @@ static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uin
     for (; j < L; j += 16) shiftmax_out16(e, b, half, cap, d, o, j, tail_mask(L - j), 1);
 }
 
+/* shiftmax_row_avx512 on two unmasked rows at once, each row's e written over its logits: a row's passes each wait
+ * on one reduction (the max, then the sum and its divisor), and the other row's work fills those waits. */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void shiftmax_2rows_avx512(int32_t *x, int64_t L, const softmax_t *sm, uint8_t *o) {
+    softmax_t s = *sm;                      /* a copy the stores to x and o cannot alias: fields stay in registers */
+    int logx = s.X > 0 && (s.X & (s.X - 1)) == 0 ? __builtin_ctz((uint32_t)s.X) : -1;
+    __m512i vmx[2] = {_mm512_set1_epi32(INT32_MIN), _mm512_set1_epi32(INT32_MIN)}, vm[2], vs[2], half[2];
+    for (int64_t j = 0; j < L; j += 16) {
+        __mmask16 k = tail_mask(L - j);
+        for (int i = 0; i < 2; i++) vmx[i] = _mm512_mask_max_epi32(vmx[i], k, vmx[i], _mm512_maskz_loadu_epi32(k, x + i * L + j));
+    }
+    for (int i = 0; i < 2; i++) {
+        vm[i] = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx[i]));
+        vs[i] = _mm512_setzero_si512();
+    }
+    int64_t j = 0;
+    for (; j + 64 <= L; j += 64)
+        for (int i = 0; i < 2; i++) shiftmax_exp16(x + i * L, NULL, &s, logx, vm[i], x + i * L, j, 0xFFFF, &vs[i], 4);
+    for (; j < L; j += 16)
+        for (int i = 0; i < 2; i++) shiftmax_exp16(x + i * L, NULL, &s, logx, vm[i], x + i * L, j, tail_mask(L - j), &vs[i], 1);
+    divisor_t d[2];
+    for (int i = 0; i < 2; i++) {
+        int32_t si = _mm512_reduce_add_epi32(vs[i]);
+        si = si < 1 ? 1 : si;
+        d[i] = make_divisor((uint32_t)si);
+        half[i] = _mm512_set1_epi32(si / 2);
+    }
+    __m512i cap = _mm512_set1_epi32((1 << s.bits) - 1);
+    __m128i b = _mm_cvtsi32_si128(s.bits);
+    for (j = 0; j + 64 <= L; j += 64)
+        for (int i = 0; i < 2; i++) shiftmax_out16(x + i * L, b, half[i], cap, d[i], o + i * L, j, 0xFFFF, 4);
+    for (; j < L; j += 16)
+        for (int i = 0; i < 2; i++) shiftmax_out16(x + i * L, b, half[i], cap, d[i], o + i * L, j, tail_mask(L - j), 1);
+}
+
 /* bias[j] = table[clamp(sizes[j], 0, tlen - 1)] for one row of the proportional-attention term */
 static void size_bias(const softmax_t *sm, int64_t i0, int64_t i1, int64_t row, int64_t L, int32_t *bias) {
     const int32_t *sz = sm->sizes + i0 * sm->s0 + i1 * sm->s1 + row * sm->sr;
@@ -1259,21 +1302,40 @@ static void logits_row_avx512(const epilogue_t *logits, const int32_t *x, const 
     for (; j < L; j += 16) logits16(&g, x, cb, y, j, tail_mask(L - j), 1);
 }
 
-/* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e, and with sizes xb and bias, are L-entry scratch rows. */
-static void softmax_rows(const softmax_t *sm, const int32_t *x, int64_t i0, int64_t i1, int64_t r0, int64_t rows,
-                         int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
+/* Row `row`'s logits with the proportional-attention term, into xb; bias holds the term's row, made anew when fresh. */
+static void size_logits_row(const softmax_t *sm, const int32_t *xr, int64_t i0, int64_t i1, int64_t row, int64_t L,
+                            int fresh, int vec, int32_t *bias, int32_t *xb) {
+    if (fresh) {
+        size_bias(sm, i0, i1, row, L, bias);
+        if (sm->logits && vec) logit_bias_row_avx512(sm->logits, bias, L);
+    }
+    if (sm->logits && vec) logits_row_avx512(sm->logits, xr, bias, L, xb);
+    else if (sm->logits) add_requant_row(sm->logits, xr, bias, L, xb);
+    else for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
+}
+
+/* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e and bias are L-entry scratch rows, xb (with sizes) two.
+ * Unmasked rows go two at a time (shiftmax_2rows_avx512: the DeiT-S scores bmm ran 2-8 % faster on Zen 4) over logits
+ * they may overwrite: in xb, or x itself when `own` (the bmm's scores, its scratch). */
+static void softmax_rows(const softmax_t *sm, const int32_t *x, int own, int64_t i0, int64_t i1, int64_t r0,
+                         int64_t rows, int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
     int vec = isa_limit >= 1 && has_avx512();
-    for (int64_t r = 0; r < rows; r++) {
+    int64_t r = 0;
+    if (vec && !sm->mask && (own || sm->sizes))
+        for (; r + 2 <= rows; r += 2) {
+            int32_t *y = (int32_t *)x + r * L;
+            if (sm->sizes) {
+                for (int i = 0; i < 2; i++)
+                    size_logits_row(sm, x + (r + i) * L, i0, i1, r0 + r + i, L, r + i == 0 || sm->sr, vec, bias, xb + i * L);
+                y = xb;
+            }
+            shiftmax_2rows_avx512(y, L, sm, out + r * L);
+        }
+    for (; r < rows; r++) {
         const uint8_t *mask = sm->mask ? sm->mask + i0 * sm->m0 + i1 * sm->m1 + (r0 + r) * sm->mr : NULL;
         const int32_t *xr = x + r * L;
         if (sm->sizes) {                        /* the bias row is the same for every row unless sr != 0 */
-            if (r == 0 || sm->sr) {
-                size_bias(sm, i0, i1, r0 + r, L, bias);
-                if (sm->logits && vec) logit_bias_row_avx512(sm->logits, bias, L);
-            }
-            if (sm->logits && vec) logits_row_avx512(sm->logits, xr, bias, L, xb);
-            else if (sm->logits) add_requant_row(sm->logits, xr, bias, L, xb);
-            else for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
+            size_logits_row(sm, xr, i0, i1, r0 + r, L, r == 0 || sm->sr, vec, bias, xb);
             xr = xb;
         }
         if (vec) shiftmax_row_avx512(xr, L, mask, sm, e, out + r * L);
@@ -1330,7 +1392,7 @@ typedef struct { const int32_t *x; int64_t D1, R, L; const softmax_t *sm; uint8_
 static void shiftmax_row(const void *arg, int64_t i, int32_t *e) {
     const shiftmax_job_t *j = arg;
     int64_t L = j->L;
-    softmax_rows(j->sm, j->x + i * L, i / (j->D1 * j->R), i / j->R % j->D1, i % j->R, 1, L, e, e + L, e + 2 * L,
+    softmax_rows(j->sm, j->x + i * L, 0, i / (j->D1 * j->R), i / j->R % j->D1, i % j->R, 1, L, e, e + L, e + 2 * L,
                  j->out + i * L);
 }
 
