@@ -11,7 +11,7 @@
  *   IntShiftmax_u8            x, pow2, mask?, sizes?, table?
  *   IntRequant_{u8,i8,i32}    x, m, c
  *   IntAdd_{u8,i8,i32}        a, b, ma, mb, c
- *   IntTokenMerge_i32         x, keys, sizes -> x', sizes'        (cpu_integer_tokens.c)
+ *   IntTokenMerge_i32         x, keys, sizes -> x', sizes'        (cpu_integer_tokens.c; keys summed per head)
  *   IntQuantize_{u8,i8,i32}   x (float)                           (cpu_integer_edges.c)
  *   IntDequantize_f32         x, scale, offset?                   (cpu_integer_edges.c)
  * Each calls the kernel exactly as backends/cpu_integer_ops.py does (same epilogue record, same
@@ -164,7 +164,8 @@ static const op_spec_t SPECS[N_OPS] = {
     [OP_SHIFTMAX] = {"IntShiftmax", 5, 2, 1, 1 << OUT_U8, 0, {"X", "n_pow", "bits", "threads"}},
     [OP_REQUANT] = {"IntRequant", 4, 3, 1, INTS, 1, {"pre", "k", "lo", "hi", "zp", "threads"}},
     [OP_ADD] = {"IntAdd", 6, 5, 1, INTS, 1, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
-    [OP_TOKEN_MERGE] = {"IntTokenMerge", 3, 3, 2, 1 << OUT_I32, 0, {"r", "protected", "shift", "threads"}},
+    [OP_TOKEN_MERGE] = {"IntTokenMerge", 3, 3, 2, 1 << OUT_I32, 0, {"r", "protected", "shift", "heads_axis", "threads"},
+                        {"heads_axis"}},
     [OP_QUANTIZE] = {"IntQuantize", 1, 1, 1, INTS, 0, {"zero_point", "lo", "hi", "threads"}},  /* and float inv_scale */
     [OP_DEQUANTIZE] = {"IntDequantize", 3, 2, 1, 1 << OUT_F32, 0, {"zero_point", "threads"}},
 };
@@ -832,16 +833,21 @@ static OrtStatus *token_merge(kernel_t *kn, OrtKernelContext *ctx, size_t count)
     const tensor_t *x = &in[0], *keys = &in[1], *sizes = &in[2];
     if (x->type != T_INT32 || x->rank != 3) return fail(api, kn, "x must be int32 [B, N, C], got %s of rank %zu",
                                                         type_name(x->type), x->rank);
-    int64_t B = x->dims[0], n = x->dims[1], C = x->dims[2];
-    if ((keys->type != T_INT32 && keys->type != T_INT8 && keys->type != T_UINT8) || keys->rank != 3 ||
-        keys->dims[0] != B || keys->dims[1] != n)
-        return fail(api, kn, "keys must be 8- or 32-bit [B, N, d] with x's B and N, got %s of rank %zu",
-                    type_name(keys->type), keys->rank);
+    int64_t B = x->dims[0], n = x->dims[1], C = x->dims[2], axis = attr(kn, "heads_axis");
+    if (axis != 0 && axis != 1 && axis != 2)
+        return fail(api, kn, "heads_axis must be 0, 1 or 2, got %lld", (long long)axis);
+    int64_t rank = axis ? 4 : 3, tokens = axis == 1 ? 2 : 1;    /* keys [B, N, d], [B, H, N, d] or [B, N, H, d] */
+    if ((keys->type != T_INT32 && keys->type != T_INT8 && keys->type != T_UINT8) || (int64_t)keys->rank != rank ||
+        keys->dims[0] != B || keys->dims[tokens] != n)
+        return fail(api, kn, "keys must be 8- or 32-bit %s with x's B and N, got %s of rank %zu",
+                    axis == 0 ? "[B, N, d]" : axis == 1 ? "[B, H, N, d]" : "[B, N, H, d]", type_name(keys->type),
+                    keys->rank);
     if (sizes->type != T_INT32 || sizes->rank < 2 || sizes->dims[0] != B || sizes->dims[1] != n ||
         sizes->numel != B * n)
         return fail(api, kn, "sizes must be int32 [B, N, 1] with x's B and N, got %s of rank %zu",
                     type_name(sizes->type), sizes->rank);
-    int64_t r = attr(kn, "r"), p = attr(kn, "protected"), shift = attr(kn, "shift"), d = keys->dims[2];
+    int64_t r = attr(kn, "r"), p = attr(kn, "protected"), shift = attr(kn, "shift"), d = keys->dims[rank - 1];
+    int64_t H = axis ? keys->dims[axis] : 1, kn_ = axis == 1 ? d : H * d, kh = axis == 1 ? n * d : d;   /* strides */
     if (shift < 0) return fail(api, kn, "negative key shift %lld", (long long)shift);
     int64_t most = n - p < 0 ? 0 : (n - p) / 2;   /* effective_r: min(r, (n - protected) // 2), at least 0 */
     r = r < 0 ? 0 : r < most ? r : most;
@@ -857,7 +863,7 @@ static OrtStatus *token_merge(kernel_t *kn, OrtKernelContext *ctx, size_t count)
         return NULL;
     }
     int key_type = keys->type == T_INT32 ? KEY_I32 : keys->type == T_INT8 ? KEY_I8 : KEY_U8;
-    int status = gt_token_merge(x->data, keys->data, key_type, 1, n * d, d, 0, 1, sizes->data, B, n, C, d, r, p,
+    int status = gt_token_merge(x->data, keys->data, key_type, H, H * n * d, kn_, kh, 1, sizes->data, B, n, C, d, r, p,
                                 (int32_t)(shift < 31 ? shift : 31), y, ys, threads_of(kn));
     return status ? fail(api, kn, "a token size is below 1 (sizes are token counts)") : NULL;
 }

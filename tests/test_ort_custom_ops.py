@@ -261,7 +261,10 @@ def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_fir
     types = {n.op_type for n in custom}
     assert {"IntTokenMerge_i32", "IntQuantize_u8", "IntDequantize_f32", "IntBmm_u8"} <= types
     assert all(len(n.output) == 2 for n in custom if n.op_type == "IntTokenMerge_i32")
-    assert not any(a.name == "heads_axis" for n in custom for a in n.attribute)   # keys summed before, as written
+    merges = [n for n in custom if n.op_type == "IntTokenMerge_i32"]      # each sums its keys' heads itself,
+    assert merges and all(a.i == 2 for n in merges for a in n.attribute if a.name == "heads_axis")   # in place
+    made_by = {o: n.op_type for n in onnx_model.graph.node for o in n.output}
+    assert "ReduceSum" not in made_by.values() and {made_by.get(n.input[1]) for n in merges} == {"Reshape"}
     sizes_at = {"IntBmm_u8": 7, "IntShiftmax_u8": 3}                # the input `sizes` of each
     with_sizes = [n for n in custom if n.op_type in sizes_at and len(n.input) > sizes_at[n.op_type]
                   and n.input[sizes_at[n.op_type]]]
@@ -280,16 +283,28 @@ def test_token_merged_vit_runs_on_custom_ops_bit_identical(tome_vit, integer_fir
         assert torch.equal(got, cpu.run_flat(x)[0])
 
 
-def test_a_token_merge_summing_its_keys_per_head_has_no_custom_op():
-    """cpu_integer's merge may sum per-head keys itself (heads_axis); the library's IntTokenMerge may not."""
-    from graphopt.backends.kernels import select
-    from graphopt.backends.onnx.cpu_integer_ops import TARGET
-    graph = Graph("g")
-    x, keys, sizes = (graph.add_input(n, TensorType(I32, s)) for n, s in (("x", (2, 9, 8)), ("keys", (2, 3, 9, 4)),
-                                                                            ("sizes", (2, 9, 1))))
-    node = graph.create_node("cpu.int_token_merge", [x, keys, sizes], {"r": 2, "heads_axis": 1})
-    kernel, reasons = select(TARGET, node)
-    assert kernel is None and "heads_axis" in "; ".join(reasons)
+@pytest.mark.parametrize("layout", ["heads_first", "tokens_first", "heads_first_by_permute"])
+@pytest.mark.parametrize("key_dtype", [I8, I32])
+def test_token_merge_summing_its_keys_per_head(layout, key_dtype):
+    """A merge whose keys are the int32 sum over the heads of [B, H, N, d] or [B, N, H, d] keys (as cpu_integer,
+    IntTokenMerge sums them itself: heads_axis), the first also as the permute of the second (read in place)."""
+    g = _gen(15)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(I32, (3, 20, 16)))
+    shape = (3, 20, 4, 8) if layout != "heads_first" else (3, 4, 20, 8)
+    heads = graph.add_input("heads", TensorType(key_dtype, shape))
+    sizes = graph.add_input("sizes", TensorType(I32, (3, 20, 1)))
+    keys = graph.op.permute(heads, dims=(0, 2, 1, 3)) if layout == "heads_first_by_permute" else heads
+    axis = 2 if layout == "tokens_first" else 1
+    summed = graph.op.sum(keys, dims=(axis,), keepdim=False, dtype=I32)
+    merged, new_sizes = graph.call("int.token_merge", x, summed, sizes, r=6, protected=1, shift=2)
+    graph.set_outputs([merged, new_sizes])
+    model = _check(graph, [_rand((3, 20, 16), I32, g, -5000, 5000), _rand(shape, key_dtype, g, -3000, 3000),
+                           _rand((3, 20, 1), I32, g, 1, 4)], {"IntTokenMerge_i32": 1})
+    assert not {"ReduceSum", "Transpose"} & {n.op_type for n in model.graph.node}
+    merge = next(n for n in model.graph.node if n.op_type == "IntTokenMerge_i32")
+    assert merge.input[1] == "heads" and [a.i for a in merge.attribute if a.name == "heads_axis"] == [
+        1 if layout == "heads_first" else 2]
 
 
 @pytest.mark.parametrize("sizes_shape", [(2, 1, 5, 33), (2, 1, 1, 33), (2, 3, 5, 1)])
