@@ -12,7 +12,7 @@
  *   IntRequant_{u8,i8,i32}    x, m, c
  *   IntAdd_{u8,i8,i32}        a, b, ma, mb, c
  *   IntTokenMerge_i32         x, keys, sizes -> x', sizes'        (cpu_integer_tokens.c; keys summed per head)
- *   IntQuantize_{u8,i8,i32}   x (float)                           (cpu_integer_edges.c)
+ *   IntQuantize_{u8,i8,i32}   x (float)                           (cpu_integer_edges.c; patch: a ViT's patches)
  *   IntDequantize_f32         x, scale, offset?                   (cpu_integer_edges.c)
  * Each calls the kernel exactly as backends/cpu_integer_ops.py does (same epilogue record, same
  * operand layout), so outputs are bit-identical to the cpu_integer backend and the reference ops.
@@ -166,7 +166,7 @@ static const op_spec_t SPECS[N_OPS] = {
     [OP_ADD] = {"IntAdd", 6, 5, 1, INTS, 1, {"pb", "pre", "k", "lo", "hi", "zp", "threads"}},
     [OP_TOKEN_MERGE] = {"IntTokenMerge", 3, 3, 2, 1 << OUT_I32, 0, {"r", "protected", "shift", "heads_axis", "threads"},
                         {"heads_axis"}},
-    [OP_QUANTIZE] = {"IntQuantize", 1, 1, 1, INTS, 0, {"zero_point", "lo", "hi", "threads"}},  /* and float inv_scale */
+    [OP_QUANTIZE] = {"IntQuantize", 1, 1, 1, INTS, 0, {"zero_point", "lo", "hi", "threads"}},   /* inv_scale, patch */
     [OP_DEQUANTIZE] = {"IntDequantize", 3, 2, 1, 1 << OUT_F32, 0, {"zero_point", "threads"}},
 };
 
@@ -192,6 +192,7 @@ typedef struct {
     int8_t *packed;                     /* IntGemm: w packed for the kernels, and the w it was packed from */
     const void *packed_from;
     int64_t perm[3][4];                 /* IntBmm: a_perm, b_perm, out_perm (identity when the node has none) */
+    int64_t patch[5];                   /* IntQuantize: (ph, pw, C, H, W) when it writes patches, else all 0 */
 } kernel_t;
 
 static int default_threads;            /* go_ort_set_threads; 0: the CPUs this process may run on */
@@ -310,6 +311,13 @@ static OrtStatus *create_kernel(const OrtCustomOp *base, const OrtApi *api, cons
         if (s) {
             api->ReleaseStatus(s);
             return fail(api, kn, "the node has no float attribute 'inv_scale'");
+        }
+        size_t size = 0;
+        if ((s = api->KernelInfoGetAttributeArray_int64(info, "patch", NULL, &size))) api->ReleaseStatus(s);
+        else if (size != 5 || (s = api->KernelInfoGetAttributeArray_int64(info, "patch", kn->patch, &size)) ||
+                 kn->patch[0] < 1 || kn->patch[1] < 1) {
+            if (s) api->ReleaseStatus(s);
+            return fail(api, kn, "patch must be 5 ints (ph, pw, C, H, W), ph and pw at least 1");
         }
     }
     if (op->op == OP_BMM) TRY(read_perms(api, info, kn));
@@ -874,6 +882,19 @@ static OrtStatus *quantize(kernel_t *kn, OrtKernelContext *ctx, size_t count) {
     TRY(input(kn, ctx, count, 0, &x));
     if (x.type != T_FLOAT) return fail(kn->api, kn, "x must be float, got %s", type_name(x.type));
     void *y;
+    const int64_t *p = kn->patch;
+    if (p[0]) {                         /* a ViT's patches: [B, C, H, W] -> [B, H/ph, W/pw, C, ph, pw] */
+        if (x.rank != 4 || x.dims[1] != p[2] || x.dims[2] != p[3] || x.dims[3] != p[4] || p[3] % p[0] || p[4] % p[1])
+            return fail(kn->api, kn, "x must be [B, %lld, %lld, %lld] images in whole %lld x %lld patches, got "
+                        "rank %zu", (long long)p[2], (long long)p[3], (long long)p[4], (long long)p[0],
+                        (long long)p[1], x.rank);
+        int64_t dims[6] = {x.dims[0], p[3] / p[0], p[4] / p[1], p[2], p[0], p[1]};
+        TRY(output(kn, ctx, dims, 6, &y));
+        if (x.numel) ge_quantize_patches(x.data, x.dims[0], p[2], p[3], p[4], p[0], p[1], kn->inv_scale,
+                                         (float)attr(kn, "lo"), (float)attr(kn, "hi"), (int32_t)attr(kn, "zero_point"),
+                                         kn->out_type, y, threads_of(kn));
+        return NULL;
+    }
     TRY(output(kn, ctx, x.dims, x.rank, &y));
     /* lo and hi as the float32 values torch.clamp compares with (round to nearest, as cpu_integer_edges.py) */
     if (x.numel) ge_quantize(x.data, x.numel, kn->inv_scale, (float)attr(kn, "lo"), (float)attr(kn, "hi"),

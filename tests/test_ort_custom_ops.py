@@ -193,6 +193,22 @@ def test_patch_conv_and_standalone_requant():
     _check(graph, [_rand((2, 3, 16, 16), U8, g)], {"IntGemm_i8": 1, "IntRequant_i32": 1})
 
 
+@pytest.mark.parametrize("C,H,W,ph,pw,dtype", [(3, 16, 16, 4, 4, "u8"), (3, 12, 8, 4, 2, "i8"), (1, 6, 40, 3, 20, "i32")])
+def test_quantize_writes_a_vits_patches(C, H, W, ph, pw, dtype):
+    """int.quantize -> reshape [B, C, H/ph, ph, W/pw, pw] -> permute (0, 2, 4, 1, 3, 5): IntQuantize writes the patches
+    itself (its `patch`), as on cpu_integer, instead of ONNX Runtime copying the image through a 6-D Transpose."""
+    g = _gen(16)
+    graph = Graph("before")
+    x = graph.add_input("x", TensorType(torch.float32, (2, C, H, W)))
+    q = graph.call("int.quantize", x, inv_scale=1 / 0.021, zero_point=128 if dtype == "u8" else 0,
+                   lo=-128 if dtype != "i32" else -30000, hi=127 if dtype != "i32" else 30000, dtype=dtype)
+    p = graph.call("permute", graph.call("reshape", q, shape=(2, C, H // ph, ph, W // pw, pw)), dims=(0, 2, 4, 1, 3, 5))
+    graph.set_outputs([graph.call("reshape", p, shape=(2, H // ph * (W // pw), C * ph * pw))])
+    values = torch.randn(2, C, H, W, generator=g) * (3 if dtype != "i32" else 300)
+    model = _check(graph, [values], {f"IntQuantize_{dtype}": 1})
+    assert "Transpose" not in {n.op_type for n in model.graph.node}
+
+
 @pytest.mark.parametrize("n,k", [(1, 4), (45, 36), (3, 30), (70, 192)])
 def test_unpack_b_inverts_pack_b(n, k):
     w = _rand((n, k), I8, _gen(n + k))

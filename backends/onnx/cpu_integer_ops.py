@@ -25,7 +25,7 @@ import torch
 from graphopt.backends import LoweringError
 from graphopt.backends import cpu_integer_library as kernels
 from graphopt.backends.cpu_integer_fusions import kernel_node
-from graphopt.backends.cpu_integer_layout import fold_attention_outputs, fold_key_head_sums
+from graphopt.backends.cpu_integer_layout import fold_attention_outputs, fold_key_head_sums, fold_patchify
 from graphopt.backends.cpu_integer_rows import mark_live_rows
 from graphopt.backends.kernels import fusion_rules, register_kernel, select
 from graphopt.backends.onnx.emitter import Emitter
@@ -56,6 +56,7 @@ def to_onnx_custom_ops(graph: Graph, *, threads: int = 0, opset: int | None = No
             node.attrs["threads"] = int(threads)
     fold_attention_outputs(lowered)
     fold_key_head_sums(lowered)          # IntTokenMerge sums the per-head keys itself, as on cpu_integer
+    fold_patchify(lowered)               # IntQuantize writes a ViT's patches (no 6-D Transpose of the image)
     if mark_live_rows(lowered):          # after zero_padded_positions: only the real tokens, as on cpu_integer
         verify(lowered)
     return _without_unused_nodes(CustomOpsEmitter(lowered, opset).build())
