@@ -1176,53 +1176,36 @@ static inline void shiftmax_out16(const int32_t *e, __m128i bits, __m512i half, 
     for (int i = 0; i < U; i++) _mm512_mask_cvtepi32_storeu_epi8(o + j + 16 * i, k, v[i]);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
-                                const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
+/* Shiftmax of R rows, L apart in xr, e and o (mask: R = 1 only), each pass for all R before the next: a row's passes
+ * each wait on one reduction (the max, then the sum and its divisor), which the other row's work fills (R = 2, on
+ * unmasked rows whose e may overwrite their logits). */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+static inline void shiftmax_rows_avx512(const int32_t *xr, int64_t L, const uint8_t *mask, const softmax_t *sm,
+                                        int32_t *e, uint8_t *o, const int R) {
     softmax_t s = *sm;                      /* a copy the stores to e and o cannot alias: fields stay in registers */
     int logx = s.X > 0 && (s.X & (s.X - 1)) == 0 ? __builtin_ctz((uint32_t)s.X) : -1;   /* shift_pow2 by shifts */
-    __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx = _mm512_set1_epi32(INT32_MIN);
+    __m512i masked = _mm512_set1_epi32(MASKED_LOGIT), vmx[2], vm[2], vs[2], half[2];
+    divisor_t d[2];
+    for (int i = 0; i < R; i++) vmx[i] = _mm512_set1_epi32(INT32_MIN);
     for (int64_t j = 0; j < L; j += 16) {
         __mmask16 k = tail_mask(L - j);
-        __m512i x = _mm512_maskz_loadu_epi32(k, xr + j);
-        if (mask) x = _mm512_mask_blend_epi32(keep_mask(mask, j, k), masked, x);
-        vmx = _mm512_mask_max_epi32(vmx, k, vmx, x);
+        for (int i = 0; i < R; i++) {
+            __m512i x = _mm512_maskz_loadu_epi32(k, xr + i * L + j);
+            if (mask) x = _mm512_mask_blend_epi32(keep_mask(mask, j, k), masked, x);
+            vmx[i] = _mm512_mask_max_epi32(vmx[i], k, vmx[i], x);
+        }
     }
-    __m512i vm = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx)), vs = _mm512_setzero_si512();
-    int64_t j = 0;
-    for (; j + 64 <= L; j += 64) shiftmax_exp16(xr, mask, &s, logx, vm, e, j, 0xFFFF, &vs, 4);
-    for (; j < L; j += 16) shiftmax_exp16(xr, mask, &s, logx, vm, e, j, tail_mask(L - j), &vs, 1);
-    int32_t si = _mm512_reduce_add_epi32(vs);
-    si = si < 1 ? 1 : si;
-    divisor_t d = make_divisor((uint32_t)si);
-    __m512i half = _mm512_set1_epi32(si / 2), cap = _mm512_set1_epi32((1 << s.bits) - 1);
-    __m128i b = _mm_cvtsi32_si128(s.bits);
-    for (j = 0; j + 64 <= L; j += 64) shiftmax_out16(e, b, half, cap, d, o, j, 0xFFFF, 4);
-    for (; j < L; j += 16) shiftmax_out16(e, b, half, cap, d, o, j, tail_mask(L - j), 1);
-}
-
-/* shiftmax_row_avx512 on two unmasked rows at once, each row's e written over its logits: a row's passes each wait
- * on one reduction (the max, then the sum and its divisor), and the other row's work fills those waits. */
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static void shiftmax_2rows_avx512(int32_t *x, int64_t L, const softmax_t *sm, uint8_t *o) {
-    softmax_t s = *sm;                      /* a copy the stores to x and o cannot alias: fields stay in registers */
-    int logx = s.X > 0 && (s.X & (s.X - 1)) == 0 ? __builtin_ctz((uint32_t)s.X) : -1;
-    __m512i vmx[2] = {_mm512_set1_epi32(INT32_MIN), _mm512_set1_epi32(INT32_MIN)}, vm[2], vs[2], half[2];
-    for (int64_t j = 0; j < L; j += 16) {
-        __mmask16 k = tail_mask(L - j);
-        for (int i = 0; i < 2; i++) vmx[i] = _mm512_mask_max_epi32(vmx[i], k, vmx[i], _mm512_maskz_loadu_epi32(k, x + i * L + j));
-    }
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < R; i++) {
         vm[i] = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmx[i]));
         vs[i] = _mm512_setzero_si512();
     }
     int64_t j = 0;
     for (; j + 64 <= L; j += 64)
-        for (int i = 0; i < 2; i++) shiftmax_exp16(x + i * L, NULL, &s, logx, vm[i], x + i * L, j, 0xFFFF, &vs[i], 4);
+        for (int i = 0; i < R; i++) shiftmax_exp16(xr + i * L, mask, &s, logx, vm[i], e + i * L, j, 0xFFFF, &vs[i], 4);
     for (; j < L; j += 16)
-        for (int i = 0; i < 2; i++) shiftmax_exp16(x + i * L, NULL, &s, logx, vm[i], x + i * L, j, tail_mask(L - j), &vs[i], 1);
-    divisor_t d[2];
-    for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < R; i++)
+            shiftmax_exp16(xr + i * L, mask, &s, logx, vm[i], e + i * L, j, tail_mask(L - j), &vs[i], 1);
+    for (int i = 0; i < R; i++) {
         int32_t si = _mm512_reduce_add_epi32(vs[i]);
         si = si < 1 ? 1 : si;
         d[i] = make_divisor((uint32_t)si);
@@ -1231,9 +1214,21 @@ static void shiftmax_2rows_avx512(int32_t *x, int64_t L, const softmax_t *sm, ui
     __m512i cap = _mm512_set1_epi32((1 << s.bits) - 1);
     __m128i b = _mm_cvtsi32_si128(s.bits);
     for (j = 0; j + 64 <= L; j += 64)
-        for (int i = 0; i < 2; i++) shiftmax_out16(x + i * L, b, half[i], cap, d[i], o + i * L, j, 0xFFFF, 4);
+        for (int i = 0; i < R; i++) shiftmax_out16(e + i * L, b, half[i], cap, d[i], o + i * L, j, 0xFFFF, 4);
     for (; j < L; j += 16)
-        for (int i = 0; i < 2; i++) shiftmax_out16(x + i * L, b, half[i], cap, d[i], o + i * L, j, tail_mask(L - j), 1);
+        for (int i = 0; i < R; i++) shiftmax_out16(e + i * L, b, half[i], cap, d[i], o + i * L, j, tail_mask(L - j), 1);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void shiftmax_row_avx512(const int32_t *restrict xr, int64_t L, const uint8_t *restrict mask,
+                                const softmax_t *sm, int32_t *restrict e, uint8_t *restrict o) {
+    shiftmax_rows_avx512(xr, L, mask, sm, e, o, 1);
+}
+
+/* Two unmasked rows of x, each row's e written over its logits. */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void shiftmax_2rows_avx512(int32_t *x, int64_t L, const softmax_t *sm, uint8_t *o) {
+    shiftmax_rows_avx512(x, L, NULL, sm, x, o, 2);
 }
 
 /* bias[j] = table[clamp(sizes[j], 0, tlen - 1)] for one row of the proportional-attention term */
