@@ -1297,7 +1297,17 @@ static void logits_row_avx512(const epilogue_t *logits, const int32_t *x, const 
     for (; j < L; j += 16) logits16(&g, x, cb, y, j, tail_mask(L - j), 1);
 }
 
-/* Row `row`'s logits with the proportional-attention term, into xb; bias holds the term's row, made anew when fresh. */
+/* y = x + b over a row of L (int32 wrap-around, as the scalar loop): the size term added to the Shiftmax input */
+__attribute__((target("avx512f")))
+static void add_term_row_avx512(const int32_t *x, const int32_t *b, int64_t L, int32_t *y) {
+    for (int64_t j = 0; j < L; j += 16) {
+        __mmask16 t = tail_mask(L - j);
+        _mm512_mask_storeu_epi32(y + j, t, _mm512_add_epi32(_mm512_maskz_loadu_epi32(t, x + j), _mm512_maskz_loadu_epi32(t, b + j)));
+    }
+}
+
+/* Row `row`'s logits with the proportional-attention term, into xb (which may be xr); bias holds the term's row, made
+ * anew when fresh. */
 static void size_logits_row(const softmax_t *sm, const int32_t *xr, int64_t i0, int64_t i1, int64_t row, int64_t L,
                             int fresh, int vec, int32_t *bias, int32_t *xb) {
     if (fresh) {
@@ -1306,12 +1316,13 @@ static void size_logits_row(const softmax_t *sm, const int32_t *xr, int64_t i0, 
     }
     if (sm->logits && vec) logits_row_avx512(sm->logits, xr, bias, L, xb);
     else if (sm->logits) add_requant_row(sm->logits, xr, bias, L, xb);
+    else if (vec) add_term_row_avx512(xr, bias, L, xb);
     else for (int64_t j = 0; j < L; j++) xb[j] = (int32_t)((uint32_t)xr[j] + (uint32_t)bias[j]);
 }
 
 /* Shiftmax of rows r0 .. r0 + rows of batch (i0, i1); e and bias are L-entry scratch rows, xb (with sizes) two.
  * Unmasked rows go two at a time (shiftmax_2rows_avx512: the DeiT-S scores bmm ran 2-8 % faster on Zen 4) over logits
- * they may overwrite: in xb, or x itself when `own` (the bmm's scores, its scratch). */
+ * they may overwrite: x itself when `own` (the bmm's scores, its scratch; the size term is added in place), else xb. */
 static void softmax_rows(const softmax_t *sm, const int32_t *x, int own, int64_t i0, int64_t i1, int64_t r0,
                          int64_t rows, int64_t L, int32_t *e, int32_t *xb, int32_t *bias, uint8_t *out) {
     int vec = isa_limit >= 1 && has_avx512();
@@ -1320,9 +1331,10 @@ static void softmax_rows(const softmax_t *sm, const int32_t *x, int own, int64_t
         for (; r + 2 <= rows; r += 2) {
             int32_t *y = (int32_t *)x + r * L;
             if (sm->sizes) {
+                int32_t *dst = own ? y : xb;
                 for (int i = 0; i < 2; i++)
-                    size_logits_row(sm, x + (r + i) * L, i0, i1, r0 + r + i, L, r + i == 0 || sm->sr, vec, bias, xb + i * L);
-                y = xb;
+                    size_logits_row(sm, x + (r + i) * L, i0, i1, r0 + r + i, L, r + i == 0 || sm->sr, vec, bias, dst + i * L);
+                y = dst;
             }
             shiftmax_2rows_avx512(y, L, sm, out + r * L);
         }

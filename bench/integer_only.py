@@ -313,20 +313,20 @@ def minilm(args) -> dict:
 
 
 def _minilm_dynamic(model, enc, kw, sentences, ref, embed, per_channel):
-    tmp = tempfile.mkdtemp(prefix="graphopt-minilm-")
-    path = os.path.join(tmp, "minilm.onnx")
-    ids, mask = enc["input_ids"][:2], enc["attention_mask"][:2]
-    batch = torch.export.Dim("batch")
-    torch.onnx.export(model, (), path, kwargs={"input_ids": ids, "attention_mask": mask}, dynamo=True,
-                      dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}}, external_data=False)
-    sess = quantize_dynamic_session(path, 2, per_channel)
-    names = [i.name for i in sess.get_inputs()]
-    outs = []
-    for i in range(0, len(sentences), 32):
-        feed = {n: kw(enc, i, i + 32)[1][n].numpy() for n in names}
-        outs.append(embed(torch.from_numpy(sess.run(None, feed)[0]), enc["attention_mask"][i:i + 32]))
-    cos = torch.nn.functional.cosine_similarity(ref, torch.cat(outs), dim=-1)
-    return {"mean_cos": cos.mean().item(), "min_cos": cos.min().item()}
+    with tempfile.TemporaryDirectory(prefix="graphopt-minilm-") as tmp:
+        path = os.path.join(tmp, "minilm.onnx")
+        ids, mask = enc["input_ids"][:2], enc["attention_mask"][:2]
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(model, (), path, kwargs={"input_ids": ids, "attention_mask": mask}, dynamo=True,
+                          dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}}, external_data=False)
+        sess = quantize_dynamic_session(path, 2, per_channel)
+        names = [i.name for i in sess.get_inputs()]
+        outs = []
+        for i in range(0, len(sentences), 32):
+            feed = {n: kw(enc, i, i + 32)[1][n].numpy() for n in names}
+            outs.append(embed(torch.from_numpy(sess.run(None, feed)[0]), enc["attention_mask"][i:i + 32]))
+        cos = torch.nn.functional.cosine_similarity(ref, torch.cat(outs), dim=-1)
+        return {"mean_cos": cos.mean().item(), "min_cos": cos.min().item()}
 
 
 def digits(args) -> dict:

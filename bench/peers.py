@@ -118,7 +118,15 @@ def _by_position(feed: Feed, names: list[str]) -> Feed:
     return dict(zip(names, feed.values()))
 
 
+_scratch = None
+
+
 def temp_path(name: str) -> str:
+    """A path in this process's scratch folder, which is removed when the process exits (a DeiT-S
+    run leaves about 200 MB of ONNX files there)."""
     import tempfile
 
-    return os.path.join(tempfile.mkdtemp(prefix="graphopt-peers-"), name)
+    global _scratch
+    if _scratch is None:
+        _scratch = tempfile.TemporaryDirectory(prefix="graphopt-peers-")
+    return os.path.join(_scratch.name, name)

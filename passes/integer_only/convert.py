@@ -13,7 +13,7 @@ from graphopt.passes.calibration import Stats, clip_range
 from graphopt.passes.integer_only import IntegerConversionError
 from graphopt.passes.integer_only.dyadic import INT32_LIMIT, choose_dyadic
 from graphopt.passes.integer_only.form import Q, is_float
-from graphopt.passes.integer_only.tokens import CONVERTERS
+from graphopt.passes.integer_only.tokens import CONVERTERS, add_log2_sizes, log_of_sizes
 
 LAYOUT = {"reshape", "permute", "expand", "slice", "select", "index_select"}
 MASK_NEGATIVE = 1e4  # an additive attention mask blocks with -inf or a value at least this negative
@@ -27,7 +27,7 @@ class Converter:
         self.o = opts
         self.q: dict[int, Q] = {}                # float value id -> its integer form
         self.cache: dict[tuple, Q] = {}          # (float value id, kind) -> converted form
-        self.masked: dict[int, tuple[Q, Value]] = {}
+        self.masked: dict[int, tuple[Q, Value | None, Q | None]] = {}  # softmax input -> (scores, keep, sizes)
         self.mask_bias: dict[int, Value] = {}    # additive mask value id -> its keep condition
         self.deq: dict[int, Value] = {}
         self.fallback: list[str] = []
@@ -307,7 +307,7 @@ class Converter:
             return False
         if not all(u.op == "softmax" for u in node.output.users):
             return False
-        self.masked[id(node.output)] = (self.q[id(x)], cond)
+        self.masked[id(node.output)] = (self.q[id(x)], cond, None)
         return True
 
     def _additive_mask(self, node) -> bool:
@@ -329,9 +329,9 @@ class Converter:
         x = node.inputs[0]
         if node.attrs["dim"] not in (-1, x.type.rank - 1):
             return False
-        mask = None
+        mask = sizes = None
         if id(x) in self.masked:
-            base, mask = self.masked[id(x)]
+            base, mask, sizes = self.masked[id(x)]
         elif id(x) in self.q or is_float(x):
             base = None
         else:
@@ -349,7 +349,8 @@ class Converter:
             xin = self.requant(base, scale, lo, hi, 0, "i32", "i32")
         if mask is not None and id(mask) in self.all_true:
             mask = None
-        out = self.g.op("int.shiftmax", xin.value, mask, X=X, n=n, bits=bits)
+        x_int = xin.value if sizes is None else add_log2_sizes(self.g, xin.value, sizes, X)
+        out = self.g.op("int.shiftmax", x_int, mask, X=X, n=n, bits=bits)
         return self.set(node, Q(out, torch.tensor(2.0 ** -bits, dtype=torch.float64), None, 0, 2 ** bits, "prob"))
 
     def c_gelu(self, node) -> bool:
@@ -386,11 +387,16 @@ class Converter:
         a, b = node.inputs
         if not (is_float(a) and is_float(b)) or a.type.dtype != b.type.dtype:
             return False
+        for scores, bias in ((a, b), (b, a)):  # scores + log(sizes): proportional attention, as Shiftmax's term
+            sizes = log_of_sizes(self, bias)
+            if sizes is not None and id(scores) in self.q and all(u.op == "softmax" for u in node.output.users):
+                self.masked[id(node.output)] = (self.q[id(scores)], None, sizes)
+                return True
         for scores, mask in ((a, b), (b, a)):
             if id(mask) in self.mask_bias:  # scores + additive mask: a masked softmax input
                 if id(scores) not in self.q:
                     return False
-                self.masked[id(node.output)] = (self.q[id(scores)], self.mask_bias[id(mask)])
+                self.masked[id(node.output)] = (self.q[id(scores)], self.mask_bias[id(mask)], None)
                 return True
         if not (id(a) in self.q or id(b) in self.q):
             return False

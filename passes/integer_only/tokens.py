@@ -3,8 +3,8 @@
 ``token_merge`` then ``integer_only``: ``CONVERTERS`` give integer_only's converter integer forms of
 what token_merge inserted: ``full`` (sizes = 1), ``mean`` (keys averaged over heads -> an int32 sum
 with the scale divided by the count), ``token_merge`` -> ``int.token_merge`` and ``log`` (of sizes,
-for proportional attention) -> an ``int.lookup`` table. The bias then reaches Shiftmax through the
-ordinary ``int.add``.
+for proportional attention) -> an ``int.lookup`` table. ``scores + log(sizes)`` before a softmax
+becomes Shiftmax's input plus ``round(X log2(size))``, as below (one rounding, no ``int.add`` chain).
 
 ``integer_only`` then ``token_merge``: ``merge_integer_graph`` finds the blocks of the integer graph
 (each ``int.shiftmax`` and the first ``int.add`` after it: the attention residual) and inserts
@@ -82,6 +82,19 @@ def _log(conv, node) -> bool:
     s_out = t.abs().max().item() / (2 ** 15 - 1) or 1.0
     table = conv.const(torch.round(t / s_out).to(I32), "log_table")
     return conv.set(node, _q(conv, conv.g.op("int.lookup", q.value, table), s_out, 2 ** 15 - 1))
+
+
+def log_of_sizes(conv, v: Value) -> Q | None:
+    """The integer token sizes whose log ``v`` is (through reshapes: token_merge's proportional-attention
+    bias), else None."""
+    while v.producer is not None and v.producer.op == "reshape":
+        v = v.producer.inputs[0]
+    if v.producer is None or v.producer.op != "log":
+        return None
+    q = conv.q.get(id(v.producer.inputs[0]))
+    if q is None or q.kind != "i32" or q.scale.item() != 1.0 or q.zp or q.offset is not None or v.type.rank != 3:
+        return None
+    return q
 
 
 def _token_merge(conv, node) -> bool:
@@ -208,11 +221,14 @@ def _leading_special_tokens(graph: Graph, first_stream: Value) -> int:
 
 
 def _integer_proportional_attention(graph: Graph, shiftmax, sizes: Value, total: int) -> None:
-    """Shiftmax input += round(X log2(size)): log(size) in the input's units (scale 1 / (X log2 e))."""
-    x = shiftmax.inputs[0]
-    X = shiftmax.attrs["X"]
-    table = torch.round(X * torch.log2(torch.arange(total + 1, dtype=torch.float64).clamp_min(1))).to(I32)
     with graph.inserting_before(shiftmax):
-        s = graph.op.reshape(sizes, shape=(sizes.type.shape[0], 1, 1, sizes.type.shape[1]))
-        bias = graph.op("int.lookup", s, graph.add_constant(table, "log2_size_table"))
-        graph.set_input(shiftmax, 0, graph.op.add(x, bias))
+        x = add_log2_sizes(graph, shiftmax.inputs[0], _q(None, sizes, 1.0, total), shiftmax.attrs["X"])
+    graph.set_input(shiftmax, 0, x)
+
+
+def add_log2_sizes(graph: Graph, x: Value, sizes: Q, X: int) -> Value:
+    """Shiftmax input x + round(X log2(size)) per key: log(size) in x's units (scale 1 / (X log2 e)).
+    ``sizes``: [B, N, 1] token sizes up to ``sizes.bound``."""
+    table = torch.round(X * torch.log2(torch.arange(sizes.bound + 1, dtype=torch.float64).clamp_min(1))).to(I32)
+    s = graph.op.reshape(sizes.value, shape=(sizes.value.type.shape[0], 1, 1, sizes.value.type.shape[1]))
+    return graph.op.add(x, graph.op("int.lookup", s, graph.add_constant(table, "log2_size_table")))
