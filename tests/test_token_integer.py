@@ -127,6 +127,8 @@ def test_both_orders_integer_only_on_digits(digits, integer_first):
         g = om.graph
     assert float_ops(g) == [] and g.op_counts()["int.token_merge"] == 4 and "token_merge" not in g.op_counts()
     assert g.op_counts()["int.lookup"] == 3  # proportional attention in blocks 1..3
+    for merge in g.find_nodes("int.token_merge"):     # both orders: the keys are the attention's i8, summed over heads
+        assert merge.inputs[1].producer.op == "sum" and merge.inputs[1].producer.inputs[0].type.dtype == torch.int8
     for shiftmax in g.find_nodes("int.shiftmax")[1:]:  # both orders: Shiftmax input + round(X log2(size))
         add = shiftmax.inputs[0].producer
         assert add.op == "add" and sorted(v.producer.op for v in add.inputs) == ["int.lookup", "int.requant"]

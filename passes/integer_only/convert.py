@@ -13,7 +13,7 @@ from graphopt.passes.calibration import Stats, clip_range
 from graphopt.passes.integer_only import IntegerConversionError
 from graphopt.passes.integer_only.dyadic import INT32_LIMIT, choose_dyadic
 from graphopt.passes.integer_only.form import Q, is_float
-from graphopt.passes.integer_only.tokens import CONVERTERS, add_log2_sizes, log_of_sizes
+from graphopt.passes.integer_only.tokens import CONVERTERS, add_log2_sizes, is_merge_metric, log_of_sizes
 
 LAYOUT = {"reshape", "permute", "expand", "slice", "select", "index_select"}
 MASK_NEGATIVE = 1e4  # an additive attention mask blocks with -inf or a value at least this negative
@@ -118,6 +118,8 @@ class Converter:
                 kinds.add("u8")
             elif user.op == "matmul":
                 kinds.add("u8" if idx == 0 else "i8")
+            elif is_merge_metric(user):     # token_merge's keys: the attention's i8 keys
+                kinds.add("i8")
             else:
                 kinds.add("i32")
         return kinds.pop() if len(kinds) == 1 else "i32"

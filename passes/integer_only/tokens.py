@@ -84,6 +84,13 @@ def _log(conv, node) -> bool:
     return conv.set(node, _q(conv, conv.g.op("int.lookup", q.value, table), s_out, 2 ** 15 - 1))
 
 
+def is_merge_metric(node: Node) -> bool:
+    """Whether node is token_merge's metric, the keys averaged over heads: it reads the i8 keys the attention's
+    QK^T reads (summed in int32), so the K projection writes one form, with no second requant."""
+    return node.op == "mean" and bool(node.output.uses) and all(u.op == "token_merge" and i == 1
+                                                                 for u, i in node.output.uses)
+
+
 def log_of_sizes(conv, v: Value) -> Q | None:
     """The integer token sizes whose log ``v`` is (through reshapes: token_merge's proportional-attention
     bias), else None."""
