@@ -3,6 +3,7 @@
     python -m graphopt.bench.vnni_peak [--runs 15] [--isa vnni amx] [--threads 1 2] [--under-load]
     python -m graphopt.bench.vnni_peak --baseline OLD.c ...           # a second kernel build, side by side
     python -m graphopt.bench.vnni_peak --end-to-end [--baseline OLD.c] [--batch 8] [--threads 2] [--under-load]
+                                       [--token-merge 16]                # token_merge r=16 first
 
 Peak: ``bench/vnni_peak.c``, a loop of independent 512-bit VPDPBUSD accumulators that touches no memory,
 on 1 and on all threads at once (GOPS counts 2 ops per multiply-add). Then ``go_gemm`` (requant epilogue,
@@ -96,8 +97,9 @@ def _with_library(lib, isa: str, call):
     return run
 
 
-def end_to_end(libs: dict, batch: int, threads: int, isa: str, runs: int, under_load: bool) -> dict:
-    """Median seconds of the lowered integer-only DeiT-S with each kernel build."""
+def end_to_end(libs: dict, batch: int, threads: int, isa: str, runs: int, under_load: bool, merge_r: int = 0) -> dict:
+    """Median seconds of the lowered integer-only DeiT-S (token_merge r = merge_r first, when not 0) with each
+    kernel build."""
     import graphopt
     from graphopt import zoo
     from graphopt.backends.registry import lower
@@ -107,7 +109,8 @@ def end_to_end(libs: dict, batch: int, threads: int, isa: str, runs: int, under_
     x = torch.randn(batch, 3, 224, 224, generator=g)
     calib = [(torch.randn(batch, 3, 224, 224, generator=g),) for _ in range(2)]
     graph = graphopt.optimize(zoo.deit_small(batch).model, [], (x,)).graph
-    graph = graphopt.optimize(graph, [("integer_only", {"smoothquant": 0.7})], (x,), calibration=calib).graph
+    passes = ([("token_merge", {"r": merge_r})] if merge_r else []) + [("integer_only", {"smoothquant": 0.7})]
+    graph = graphopt.optimize(graph, passes, (x,), calibration=calib).graph
     # one executable per build: a replay calls the kernels it recorded, from the library in place at capture
     calls = {build: _with_library(lib, isa, functools.partial(lower(graph, "cpu_integer", threads=threads).run_flat, x))
              for build, lib in libs.items()}
@@ -119,7 +122,7 @@ def end_to_end(libs: dict, batch: int, threads: int, isa: str, runs: int, under_
         with _busy():
             times["under_load"] = {k: t.median for k, t in interleaved(calls, runs).items()}
     for when, med in times.items():
-        print(f"DeiT-S b{batch} {threads} thread(s) {isa} {when}: " + ", ".join(
+        print(f"DeiT-S b{batch}{f' + token_merge r={merge_r}' if merge_r else ''} {threads} thread(s) {isa} {when}: " + ", ".join(
             f"{k} {v * 1e3:.1f} ms" for k, v in med.items()))
     return times
 
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", type=Path, help="another kernel source to time side by side")
     p.add_argument("--end-to-end", action="store_true", help="the integer-only DeiT-S instead of single GEMMs")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--token-merge", type=int, default=0, metavar="R", help="--end-to-end: token_merge r=R first")
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     libs = {"this": kernels.library()}
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
         libs["baseline"] = _library_from(args.baseline.resolve())
     isas = [i for i in args.isa if i in kernels.available_isas()]
     if args.end_to_end:
-        times = end_to_end(libs, args.batch, args.threads[-1], isas[0], args.runs, args.under_load)
+        times = end_to_end(libs, args.batch, args.threads[-1], isas[0], args.runs, args.under_load, args.token_merge)
         (RESULTS / "vnni_peak_end_to_end.json").write_text(json.dumps(times, indent=1))
         return 0
     peaks = {t: peak_gmacs(t) for t in args.threads}
