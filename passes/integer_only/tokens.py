@@ -91,15 +91,20 @@ def is_merge_metric(node: Node) -> bool:
                                                                  for u, i in node.output.uses)
 
 
-def log_of_sizes(conv, v: Value) -> Q | None:
-    """The integer token sizes whose log ``v`` is (through reshapes: token_merge's proportional-attention
-    bias), else None."""
+def log_of_sizes(conv, bias: Value) -> Q | None:
+    """The integer token sizes [B, N, 1] whose log ``bias`` [B, 1, 1, N] is (through reshapes: token_merge's
+    proportional-attention bias), else None."""
+    v = bias
     while v.producer is not None and v.producer.op == "reshape":
         v = v.producer.inputs[0]
     if v.producer is None or v.producer.op != "log":
         return None
     q = conv.q.get(id(v.producer.inputs[0]))
-    if q is None or q.kind != "i32" or q.scale.item() != 1.0 or q.zp or q.offset is not None or v.type.rank != 3:
+    if q is None or q.kind != "i32" or q.scale.item() != 1.0 or q.zp or q.offset is not None:
+        return None
+    shape, want = q.value.type.shape, bias.type.shape
+    if len(shape) != 3 or shape[2] != 1 or len(want) != 4 or \
+            not all(dims_equal(a, b) for a, b in zip(want, (shape[0], 1, 1, shape[1]))):
         return None
     return q
 
