@@ -28,6 +28,7 @@ from graphopt.backends.kernels import fusion_rules
 from graphopt.backends.registry import register_backend
 from graphopt.backends.torch_backend import TorchExecutable
 from graphopt.ir import Graph
+from graphopt.ir.structure import constant_derived
 from graphopt.ir.rewrite import why_not_at
 from graphopt.ir.verifier import verify
 
@@ -117,7 +118,8 @@ class CpuIntegerExecutable(TorchExecutable):
         lowered, self.report = lower_to_kernels(graph, threads)  # a float graph is refused before any build
         kernels.library()                    # build the kernels now: a missing compiler fails here
         super().__init__(lowered)
-        self.replay = Replay(self._run_graph, list(self.graph_module.buffers())) if replay else None
+        self.replay = Replay(self._run_graph, list(self.graph_module.buffers()),
+                             refuse=_outside_the_recording(lowered)) if replay else None
 
     def run_flat(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """torch's own ops here are layout glue (reshape, contiguous) between kernels: run on one thread, so
@@ -132,6 +134,17 @@ class CpuIntegerExecutable(TorchExecutable):
 
     def _run_graph(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return super().run_flat(*tensors)
+
+
+def _outside_the_recording(graph: Graph) -> str | None:
+    """Why a forward of ``graph`` cannot be replayed whatever its inputs, or None: an ONNX-opaque node on graph
+    inputs runs in ONNX Runtime through numpy, which the recording does not see, so a replay would keep the
+    captured call's result (the exact exporter's GatherND on a BERT's attention mask)."""
+    for node in graph.nodes:
+        if node.op == "onnx_opaque" and not all(constant_derived(v) for v in node.inputs if v is not None):
+            return (f"{node.label()} (ONNX {node.attrs['op_type']}) runs in ONNX Runtime on values the inputs "
+                    "change, outside the recorded kernels")
+    return None
 
 
 @register_backend("cpu_integer")

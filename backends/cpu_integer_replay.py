@@ -340,10 +340,11 @@ def _lay_out(buffers: list[_Buffer]) -> int:
 
 class Replay:
     """Per input signature: seen once (runs as is), seen twice (captured), then replayed. ``refused``: why a
-    signature is not replayed. One call replays at a time; a concurrent call runs as is."""
+    signature is not replayed. One call replays at a time; a concurrent call runs as is. ``refuse``: why no
+    signature can be (the forward computes outside what the capture sees), or None."""
 
-    def __init__(self, run, constants: list[torch.Tensor]):
-        self._run, self._constants = run, constants
+    def __init__(self, run, constants: list[torch.Tensor], refuse: str | None = None):
+        self._run, self._constants, self._refuse = run, constants, refuse
         self.plans: OrderedDict = OrderedDict()
         self.refused: dict = {}
         self._seen: OrderedDict = OrderedDict()
@@ -351,6 +352,9 @@ class Replay:
 
     def __call__(self, *tensors: torch.Tensor):
         key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device.type) for t in tensors)
+        if self._refuse is not None:
+            self.refused[key] = self._refuse
+            return self._run(*tensors)
         if key in self.refused or not self._lock.acquire(blocking=False):
             return self._run(*tensors)
         try:

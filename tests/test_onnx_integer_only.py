@@ -96,6 +96,26 @@ def test_masked_bert_file_converts_with_its_mask_in_shiftmax(bert, dynamo, tmp_p
     assert F.cosine_similarity(ref[keep], out[keep], dim=-1).min() > 0.98
 
 
+def test_masked_bert_file_on_cpu_integer_follows_each_calls_mask(bert, tmp_path):
+    """The exact exporter reads the mask through ONNX-opaque nodes (a GatherND) that run in ONNX Runtime, outside
+    what cpu_integer's replay records: a replay kept the captured call's mask, a silent wrong answer. Now such a
+    graph is not replayed, and says why. Same shapes, four masks in turn, each equal to the reference ops."""
+    from graphopt.backends.registry import lower
+
+    model, calib, (ids, mask) = bert
+    path = export(model, calib[0], tmp_path / "bert.onnx", True, ["input_ids", "attention_mask"])
+    om = graphopt.optimize(path, ["integer_only"], calib[0], calibration=calib)
+    assert "onnx_opaque" in om.graph.op_counts()
+    ex, ref = lower(om.graph, "cpu_integer", threads=2), lower(om.graph, "torch")
+    short = torch.zeros_like(mask)
+    short[:, :3] = 1
+    with torch.no_grad():
+        for m in (mask, mask, short, torch.ones_like(mask), mask):
+            assert torch.equal(ex.run_flat(ids, m)[0], ref.run_flat(ids, m)[0])
+    reasons = set(ex.replay.refused.values())
+    assert len(reasons) == 1 and "(ONNX GatherND) runs in ONNX Runtime on values the inputs change" in reasons.pop()
+
+
 def test_an_impossible_rescale_names_the_node_and_the_ranges(tmp_path):
     """T5 adds its learned position bias to the finfo.min mask before the scores: not a plain
     additive mask, so no integer scale fits; the error says where and why."""
