@@ -389,6 +389,9 @@ class Converter:
         a, b = node.inputs
         if not (is_float(a) and is_float(b)) or a.type.dtype != b.type.dtype:
             return False
+        for x, c in ((a, b), (b, a)):  # x + 0: the exact exporter's all-zero attention mask, gone
+            if c.is_constant and not bool(c.const.any()) and id(x) in self.q and x.type.matches(node.output.type):
+                return self.set(node, self.q[id(x)])
         for scores, bias in ((a, b), (b, a)):  # scores + log(sizes): proportional attention, as Shiftmax's term
             sizes = log_of_sizes(self, bias)
             if sizes is not None and id(scores) in self.q and all(u.op == "softmax" for u in node.output.users):
