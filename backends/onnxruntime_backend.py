@@ -20,7 +20,7 @@ from graphopt.backends import LoweringError
 from graphopt.backends.onnx import DEFAULT_OPSET, register_aten_lowering, register_lowering, to_onnx  # noqa: F401
 from graphopt.backends.registry import register_backend, register_saver
 from graphopt.backends.torch_backend import bind_by_name, flatten_inputs
-from graphopt.ir.files import atomic_write
+from graphopt.ir.files import atomic_write, plain_mode
 from graphopt.ir import Graph
 from graphopt.ir.onnx_common import to_numpy
 
@@ -194,6 +194,7 @@ def write_model(model: onnx.ModelProto, path: str, *, external_data: bool | None
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
                 offset += len(raw)
+        plain_mode(tmp_data)
         atomic_write(path, model_bytes(staged), before_rename=lambda: os.replace(tmp_data, os.path.join(directory, data_name)))
     finally:
         if os.path.exists(tmp_data):

@@ -15,6 +15,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def plain_mode(path: str) -> None:
+    """Give ``path`` the mode a plain ``open`` gives a new file (a temporary file is private: 0600)."""
+    os.chmod(path, 0o644 & ~_UMASK)
+
+
 def atomic_write(path: str, data: bytes, before_rename=None) -> None:
     """Write ``data`` to ``path``; ``before_rename`` runs just before the rename (e.g. to move a side file)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -24,7 +29,7 @@ def atomic_write(path: str, data: bytes, before_rename=None) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_UMASK)
+        plain_mode(tmp)
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)

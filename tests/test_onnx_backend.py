@@ -244,6 +244,9 @@ def test_external_data_output(tmp_path):
     written = write_model(to_onnx(g), str(path), external_data=True)
     assert [os.path.basename(p) for p in written] == ["out.onnx", "out.onnx.data"]
     assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(p).st_mode & 0o777 for p in written} == {0o644 & ~umask}  # as a plain open gives both
     back = from_onnx(str(path))
     xin = torch.randn(2, 64)
     assert torch.allclose(run(back, xin)[0], run(g, xin)[0], atol=1e-5)
