@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
+import threading
 import traceback
 
 from graphopt.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, check, one_line, report
@@ -100,13 +102,25 @@ def _version() -> str:
     return __version__
 
 
+def _terminated(signum, frame):
+    """SIGTERM (a job's timeout, `kill`): unwind like Ctrl-C, so staged outputs are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return run(args)
     except KeyboardInterrupt:
         print("opt-cli: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if e.code != 128 + signal.SIGTERM:
+            raise
+        print("opt-cli: terminated", file=sys.stderr)
+        return e.code
     except Exception as e:  # every failure becomes one line (and the traceback with --debug)
         code, message = _classify(e)
         if args.debug:
@@ -114,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         line = f"opt-cli: error: {message}"
         print(f"\033[31m{line}\033[0m" if sys.stderr.isatty() else line, file=sys.stderr)  # red on a terminal
         return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _classify(error: BaseException) -> tuple[int, str]:

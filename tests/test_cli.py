@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -202,6 +204,26 @@ def test_demo(tmp_path, capsys):
     assert code == 0, err
     assert "max abs error" in stdout
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_sigterm_removes_the_staged_outputs(tmp_path):
+    """SIGTERM (a job's timeout, kill) unwinds like Ctrl-C: the staged model is removed and nothing is written
+    (the default action had left the staging folder, a full copy of the output, beside it)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "opt-cli"), str(path), "-o", str(out / "o.onnx"),
+                             "-p", "dce", "--check", "--runs", "100000000", "--warmup", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not os.listdir(out):                    # the output is staged; the --check runs on it
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM and "opt-cli: terminated" in err
+    assert os.listdir(out) == []
 
 
 def test_executables(tmp_path):
