@@ -141,6 +141,10 @@ def read_calib(path, graph):
 
     if not os.path.isfile(path):
         raise CliError(f"calibration file {path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":                 # numpy's own message would suggest allow_pickle
+            raise CliError(f"calibration file {path} is not an .npz archive: write one with numpy.savez(path, "
+                           "<input name>=<array>, ...), one array per model input")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -126,6 +126,9 @@ def test_calibration_file(tmp_path, model_path, capsys):
     code, _, err = run_cli(capsys, model_path, "--calib", tmp_path / "bad.npz", "--check")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no array for input(s) x" in err and "unknown name(s) pixel_values" in err
+    code, _, err = run_cli(capsys, model_path, "--calib", model_path, "--check")  # the model given as --calib
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is not an .npz archive: write one with numpy.savez" in err and "pickle" not in err
 
 
 def test_list_and_explain(capsys):
