@@ -21,7 +21,8 @@ from graphopt.ir.ops.opaque import fill_template, resolve_target
 
 
 class InterpreterError(GraphError):
-    """The graph cannot be turned into an executable module (a dim not computable at run time)."""
+    """The graph cannot be turned into an executable module (a dim not computable at run time), or one of its
+    nodes fails when it runs (named)."""
 
 
 def _size(x: torch.Tensor, axis: int) -> int:
@@ -166,6 +167,32 @@ def collect(graph: Graph, batches: Sequence[Sequence[torch.Tensor]], values: Seq
     module = to_fx(graph, taps=values)
     n = len(graph.outputs)
     with torch.no_grad():
-        for batch in batches:
-            out = module(*batch)
+        for i, batch in enumerate(batches):
+            try:
+                out = module(*batch)
+            except Exception as e:
+                where = failing_node(graph, batch)
+                at = f"{where.label()} fails" if where is not None else "the graph fails"
+                raise InterpreterError(f"{at} on batch {i}: {type(e).__name__}: {e}") from e
             yield {v.name: t for v, t in zip(values, out[n:])}
+
+
+def failing_node(graph: Graph, inputs) -> Node | None:
+    """The IR node whose computation raises when the graph runs on ``inputs``, or None."""
+    failed = []
+
+    class Finder(torch.fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                failed.append(n.meta.get("ir_node"))
+                raise
+
+    try:
+        with torch.no_grad():
+            Finder(to_fx(graph)).run(*inputs)
+    except Exception:
+        pass
+    label = failed[0] if failed else None
+    return next((node for node in graph.nodes if node.label() == label), None)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from graphopt.ir import Graph, VerificationError, verify
+from graphopt.ir.interpreter import failing_node
 from graphopt.passes import CalibrationMissing, PassError
 from graphopt.passes.registry import PassSpec, make_spec
 from graphopt.passes.report import PassRecord, Report, tokens_per_block
@@ -70,7 +71,7 @@ class PassManager:
             try:
                 reference = self._outputs(graph)
             except Exception as e:
-                where = _failing_node(graph, self.example_inputs)
+                where = failing_node(graph, self.example_inputs)
                 raise ValueError(f"the graph given to the passes does not run on its example inputs"
                                  f"{f' (at {where.label()})' if where else ''}: {type(e).__name__}: {e}") from e
         for i, spec in enumerate(self.specs, 1):
@@ -132,33 +133,10 @@ class PassManager:
         try:
             return self._outputs(work)
         except Exception as e:
-            where = _failing_node(work, self.example_inputs)
+            where = failing_node(work, self.example_inputs)
             at = f" at {where.label()}" if where is not None else ""
             raise PassError(spec, f"its result fails on the example inputs{at}: {type(e).__name__}: {e}",
                             done, where) from e
-
-
-def _failing_node(graph: Graph, inputs):
-    """The IR node whose computation raises when the graph runs on ``inputs``, or None."""
-    from graphopt.ir.interpreter import to_fx
-
-    failed = []
-
-    class Finder(torch.fx.Interpreter):
-        def run_node(self, n):
-            try:
-                return super().run_node(n)
-            except Exception:
-                failed.append(n.meta.get("ir_node"))
-                raise
-
-    try:
-        with torch.no_grad():
-            Finder(to_fx(graph)).run(*inputs)
-    except Exception:
-        pass
-    label = failed[0] if failed else None
-    return next((node for node in graph.nodes if node.label() == label), None)
 
 
 def max_abs_error(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> float:

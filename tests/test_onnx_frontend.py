@@ -218,6 +218,22 @@ def test_custom_domain_op_with_declared_types_is_kept():
     assert ("my.ops", 3) in {(o.domain, o.version) for o in out.opset_import}
 
 
+def test_a_custom_op_nothing_can_run_is_named_when_calibration_runs_it():
+    """It round-trips to ONNX Runtime unchanged, but calibration must run it: the error names its IR node (the
+    ONNX output it writes) as well as the op."""
+    from graphopt.ir.interpreter import InterpreterError, collect
+
+    x = helper.make_tensor_value_info("x", F, ["n", 2])
+    y = helper.make_tensor_value_info("y", F, ["n", 2])
+    graph = from_onnx(make_model([helper.make_node("Relu", ["x"], ["r"]),
+                                  helper.make_node("Mystery", ["r"], ["gone"], domain="my.ops"),
+                                  helper.make_node("Relu", ["gone"], ["y"])], [x], [y], extra_opsets=[("my.ops", 3)],
+                                 value_info=[helper.make_tensor_value_info("gone", F, ["n", 2])]))
+    with pytest.raises(InterpreterError, match=r"^%gone \(onnx_opaque\) fails on batch 0: OpError: ONNX op "
+                                               r"my\.ops::Mystery has no torch reference"):
+        list(collect(graph, [(torch.ones(3, 2),)], []))
+
+
 def test_control_flow_with_outer_scope_values_round_trips():
     x = helper.make_tensor_value_info("x", F, ["batch", 4])
     cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
