@@ -217,6 +217,13 @@ def set_type(value: Value, new: TensorType, changed: dict[int, TensorType]) -> N
 
 
 # ---- masks --------------------------------------------------------------------------------
+_PER_TOKEN = "; merged tokens cannot keep a per-token mask"
+MASK_REFUSALS = {"inputs": "depends on the inputs (a padding mask)" + _PER_TOKEN,
+                 "unknown": "cannot be evaluated" + _PER_TOKEN, "masks": "masks some positions" + _PER_TOKEN,
+                 "bias": "adds a position-dependent bias (a relative position bias, as in BEiT); a merged token "
+                         "has no single position to look the bias up at"}  # why token_merge refuses, by mask_verdict
+
+
 def mask_verdict(mask: Value) -> str:
     """"trivial" when the mask keeps every position equally (all True / all zero), "masks" when
     it blocks some positions (False / -inf), "bias" when it adds other values (a relative position

@@ -21,7 +21,7 @@ from graphopt.ir.ops.tokens import merged_count
 from graphopt.ir.structure import Attention, Block
 from graphopt.passes.integer_only.tokens import merge_integer_graph
 from graphopt.passes.registry import option, register_pass
-from graphopt.passes.token_common import (TokenPassError, mask_verdict, refuse_grid_bound, refused_after,
+from graphopt.passes.token_common import (MASK_REFUSALS, TokenPassError, mask_verdict, refuse_grid_bound, refused_after,
                                           retype, structure_of)
 
 
@@ -96,13 +96,8 @@ def token_merge(graph: Graph, ctx, *,
         if mask is not None:
             verdict = mask_verdict(mask)
             if verdict != "trivial":
-                per_token = "; merged tokens cannot keep a per-token mask"
-                why = {"inputs": "depends on the inputs (a padding mask)" + per_token,
-                       "unknown": "cannot be evaluated" + per_token, "masks": "masks some positions" + per_token,
-                       "bias": "adds a position-dependent bias (a relative position bias, as in BEiT); a merged token "
-                               "has no single position to look the bias up at"}[verdict]
                 raise TokenPassError(f"token_merge: block {b.index} ({b.module or b.attention.core.label()}): its attention "
-                                     f"mask %{mask.name} {why}")
+                                     f"mask %{mask.name} {MASK_REFUSALS[verdict]}")
             trivial.add(id(mask))
     cores = {id(b.attention.core) for b in blocks}
     const_true = graph.add_constant(torch.tensor(True), "tome_keep_all")

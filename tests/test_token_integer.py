@@ -150,3 +150,16 @@ def test_integer_graph_options(digits):
     assert "int.lookup" not in after.op_counts()
     with pytest.raises(PassError, match="neither keep_order nor stack != 0; run token_merge before integer_only"):
         PassManager(["token_merge:r=4,keep_order=true"]).run(base)
+
+
+@pytest.mark.parametrize("passes", [["token_merge:r=2"], ["integer_only", "token_merge:r=2"]])
+def test_a_padding_mask_is_refused_in_either_order(passes):
+    """A BERT's padding mask: the same refusal before or after integer_only (after it, merging went ahead and
+    failed its own type check on the mask's token count)."""
+    from tests.tiny_models import padded_ids, tiny_bert
+
+    g = torch.Generator().manual_seed(0)
+    calib = [padded_ids(g, 2, 12) for _ in range(2)]
+    with pytest.raises(PassError, match=r"mask %\w+ depends on the inputs \(a padding mask\); merged tokens cannot "
+                                        r"keep a per-token mask"):
+        graphopt.optimize(tiny_bert(32, layers=1), passes, calib[0], calibration=calib)

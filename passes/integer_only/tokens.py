@@ -24,7 +24,7 @@ from graphopt.ir.structure import constant_derived
 from graphopt.ir.traversal import descendants
 from graphopt.ir.types import dims_equal
 from graphopt.passes.integer_only.form import Q
-from graphopt.passes.token_common import TokenPassError, retype
+from graphopt.passes.token_common import MASK_REFUSALS, TokenPassError, mask_verdict, retype
 
 I32 = torch.int32
 KEY_BOUNDS = {torch.int8: 128, torch.int32: 2 ** 15}  # integer_only's i8 keys; 16-bit i32 tensors
@@ -208,6 +208,10 @@ def _int_block(graph: Graph, shiftmax) -> tuple:
     if residual.output.type.rank != 3 or residual.output.type.dtype != I32:
         raise TokenPassError(f"token_merge: the stream after integer attention {where} is {residual.output.type}, "
                              "not i32 [batch, tokens, hidden]")
+    mask = shiftmax.inputs[1] if len(shiftmax.inputs) > 1 else None
+    verdict = mask_verdict(mask) if mask is not None else "trivial"
+    if verdict != "trivial":
+        raise TokenPassError(f"token_merge: integer attention {where}: its mask %{mask.name} {MASK_REFUSALS[verdict]}")
     keys = kt.inputs[0]
     if keys.type.dtype not in KEY_BOUNDS:
         raise TokenPassError(f"token_merge: keys of integer attention {where} are {keys.type}, not i8/i32 without "
