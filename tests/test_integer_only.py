@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.passes import PassError, PassManager
+from graphopt.passes.integer_only import float_ops
 from tests.tiny_models import TanhMLP, padded_ids, tiny_bert
 
 FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -93,6 +94,34 @@ def test_block_converts_to_integer_only_and_ort_is_bit_identical(sdpa, blocks):
     from graphopt.backends.registry import lower
     ort = lower(om.graph, "onnxruntime", threads=1)
     assert torch.equal(ort(x), out)
+
+
+def test_layer_scale_goes_into_the_per_channel_scales():
+    """DINOv2's LayerScale, x * gamma with one factor per channel (of either sign once trained), becomes part of
+    x's per-channel scale: no float op is left (it had stayed float, between a dequantize and a quantize), and
+    cpu_integer equals the reference ops."""
+    import transformers
+
+    from graphopt.backends.registry import lower
+
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=28, patch_size=7)
+    model = transformers.Dinov2Model(cfg).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for scale in (layer.layer_scale1, layer.layer_scale2):
+                scale.lambda1.copy_(torch.randn_like(scale.lambda1))
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(2, 3, 28, 28, generator=g),) for _ in range(3)]
+    om = graphopt.optimize(model, ["integer_only"], calib[0], calibration=calib)
+    assert om.graph.meta["integer_only"]["fallback"] == [] and float_ops(om.graph) == []
+    x = torch.randn(2, 3, 28, 28, generator=g)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        out = lower(om.graph, "cpu_integer", threads=2)(x)[0]
+        assert torch.equal(out, om(x)[0])
+    assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
 
 
 def test_unconvertible_op_stays_float_and_is_reported():

@@ -282,6 +282,17 @@ class Converter:
             return float(v.const.item())
         return None
 
+    def _channel_factors(self, x: Value, c: Value) -> torch.Tensor | None:
+        """c's values [C] when c is a finite float constant along x's last axis only, and x's integer form has one
+        scale per tensor or per last-axis channel (the requants' per-column multipliers), else None."""
+        q = self.q.get(id(x))
+        if q is None or not c.is_constant or not c.const.dtype.is_floating_point or not x.type.shape or \
+                c.const.dim() == 0 or c.const.dim() > x.type.rank or c.const.shape[-1] != x.type.shape[-1] or \
+                any(d != 1 for d in c.const.shape[:-1]) or any(d != 1 for d in q.scale.shape[:-1]):
+            return None
+        g = c.const.double().reshape(-1)
+        return g if bool(torch.isfinite(g).all()) else None
+
     def c_mul(self, node) -> bool:
         a, b = node.inputs
         for x, c in ((a, b), (b, a)):
@@ -289,6 +300,11 @@ class Converter:
             if s is not None and s > 0 and id(x) in self.q:
                 q = self.q[id(x)]
                 return self.set(node, Q(q.value, q.scale * s, q.offset * s if q.offset is not None else None,
+                                        q.zp, q.bound, q.kind))
+            g = self._channel_factors(x, c)
+            if g is not None:  # LayerScale (DINOv2, CaiT): x * gamma per channel goes into x's per-channel scale
+                q = self.q[id(x)]
+                return self.set(node, Q(q.value, q.scale * g, q.offset * g if q.offset is not None else None,
                                         q.zp, q.bound, q.kind))
         return False
 
