@@ -220,13 +220,44 @@ def test_sigterm_removes_the_staged_outputs(tmp_path):
                              "-p", "dce", "--check", "--runs", "100000000", "--warmup", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not os.listdir(out):                    # the output is staged; the --check runs on it
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + signal.SIGTERM and "opt-cli: terminated" in err
-    assert os.listdir(out) == []
+    children = []
+    try:
+        while not children:                       # the output is staged and the --check's child runs on it
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+            children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 128 + signal.SIGTERM and "opt-cli: terminated" in err
+        assert os.listdir(out) == []
+        time.sleep(0.5)
+        assert not [pid for pid in children if _alive(pid)]     # the check's child went with it
+    finally:
+        for pid in [proc.pid] + children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_executables(tmp_path):
