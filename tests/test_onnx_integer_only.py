@@ -82,6 +82,25 @@ def test_vit_file_converts_every_linear_and_stays_close(vit, dynamo, tmp_path):
     assert F.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
 
 
+def test_token_merge_after_integer_only_on_an_exact_exporter_file(vit, tmp_path):
+    """The exact exporter writes K^T as reshape(permute(reshape(k))) with the i8 requant after it; the integer
+    graph's blocks are found through that too (they were refused: 'run token_merge before integer_only')."""
+    from graphopt.backends.registry import lower
+
+    model, calib, (x,) = vit
+    path = export(model, calib[0], tmp_path / "vit.onnx", True, ["pixel_values"])
+    om = graphopt.optimize(path, ["integer_only", "token_merge:r=2"], calib[0], calibration=calib)
+    merge_first = graphopt.optimize(path, ["token_merge:r=2", "integer_only"], calib[0], calibration=calib)
+    assert om.graph.op_counts()["int.token_merge"] == 1 and float_ops(om.graph) == []
+    with torch.no_grad():
+        ref = lower(om.graph, "torch")(x)[0]
+        assert ref.shape[1] == 17 - 2
+        assert torch.equal(lower(om.graph, "cpu_integer", threads=2)(x)[0], ref)
+        assert torch.equal(lower(om.graph, "onnxruntime")(x)[0], ref)
+        other = lower(merge_first.graph, "torch")(x)[0]
+    assert F.cosine_similarity(ref[:, 0], other[:, 0], dim=-1).min() > 0.99      # the CLS token, either order
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["exact_exporter", "legacy_exporter"])
 def test_masked_bert_file_converts_with_its_mask_in_shiftmax(bert, dynamo, tmp_path):
     model, calib, (ids, mask) = bert

@@ -196,8 +196,8 @@ def _int_block(graph: Graph, shiftmax) -> tuple:
     where = f"{shiftmax.label()} (module {shiftmax.meta.get('module', '?')!r})"
     rq = shiftmax.inputs[0].producer
     qk = rq.inputs[0].producer if rq is not None and rq.op == "int.requant" else None
-    kt = qk.inputs[1].producer if qk is not None and qk.op == "int.matmul" else None
-    if kt is None or kt.op != "permute" or tuple(kt.attrs["dims"]) != (0, 1, 3, 2):
+    keys = _transposed(qk.inputs[1]) if qk is not None and qk.op == "int.matmul" else None
+    if keys is None:
         raise TokenPassError(f"token_merge: integer attention {where} is not int.shiftmax(int.requant(int.matmul(q, "
                              "permute(k)))); run token_merge before integer_only")
     order = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -212,11 +212,33 @@ def _int_block(graph: Graph, shiftmax) -> tuple:
     verdict = mask_verdict(mask) if mask is not None else "trivial"
     if verdict != "trivial":
         raise TokenPassError(f"token_merge: integer attention {where}: its mask %{mask.name} {MASK_REFUSALS[verdict]}")
-    keys = kt.inputs[0]
     if keys.type.dtype not in KEY_BOUNDS:
         raise TokenPassError(f"token_merge: keys of integer attention {where} are {keys.type}, not i8/i32 without "
                              "a zero point; run token_merge before integer_only")
     return shiftmax, residual.output, keys
+
+
+def _transposed(kt: Value) -> Value | None:
+    """The keys [B, H, N, d] whose transpose kt is: permute(k, (0, 1, 3, 2)), or as the exact exporter writes it,
+    reshape(permute(reshape(k, [B H, N, d]), (0, 2, 1)), [B, H, d, N]) with a per-tensor int.requant after it."""
+    node = kt.producer
+    if node is not None and node.op == "permute" and tuple(node.attrs["dims"]) == (0, 1, 3, 2):
+        return node.inputs[0]
+    if node is not None and node.op == "int.requant" and node.inputs[1].const.numel() == 1:
+        node = node.inputs[0].producer
+    chain = []
+    for op in ("reshape", "permute", "reshape"):
+        if node is None or node.op != op:
+            return None
+        chain.append(node)
+        node = node.inputs[0].producer
+    keys = chain[-1].inputs[0]
+    if tuple(chain[1].attrs["dims"]) != (0, 2, 1) or keys.type.rank != 4 or chain[0].output.type.rank != 4:
+        return None
+    b, h, n, d = keys.type.shape
+    flat, out = chain[2].output.type.shape, chain[0].output.type.shape
+    same = all(dims_equal(x, y) for x, y in zip(tuple(out) + tuple(flat[1:]), (b, h, d, n, n, d)))
+    return keys if same else None
 
 
 def _leading_special_tokens(graph: Graph, first_stream: Value) -> int:
