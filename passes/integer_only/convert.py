@@ -297,14 +297,11 @@ class Converter:
         a, b = node.inputs
         for x, c in ((a, b), (b, a)):
             s = self._scalar(c)
-            if s is not None and s > 0 and id(x) in self.q:
+            # a positive scalar, or (LayerScale: DINOv2, CaiT) one factor per channel, goes into x's scale
+            f = s if s is not None and s > 0 and id(x) in self.q else self._channel_factors(x, c)
+            if f is not None:
                 q = self.q[id(x)]
-                return self.set(node, Q(q.value, q.scale * s, q.offset * s if q.offset is not None else None,
-                                        q.zp, q.bound, q.kind))
-            g = self._channel_factors(x, c)
-            if g is not None:  # LayerScale (DINOv2, CaiT): x * gamma per channel goes into x's per-channel scale
-                q = self.q[id(x)]
-                return self.set(node, Q(q.value, q.scale * g, q.offset * g if q.offset is not None else None,
+                return self.set(node, Q(q.value, q.scale * f, q.offset * f if q.offset is not None else None,
                                         q.zp, q.bound, q.kind))
         return False
 
@@ -367,7 +364,7 @@ class Converter:
             xin = self.requant(base, scale, lo, hi, 0, "i32", "i32")
         if mask is not None and id(mask) in self.all_true:
             mask = None
-        x_int = xin.value if sizes is None else add_log2_sizes(self.g, xin.value, sizes, X)
+        x_int = xin.value if sizes is None else add_log2_sizes(self.g, xin.value, sizes.value, sizes.bound, X)
         out = self.g.op("int.shiftmax", x_int, mask, X=X, n=n, bits=bits)
         return self.set(node, Q(out, torch.tensor(2.0 ** -bits, dtype=torch.float64), None, 0, 2 ** bits, "prob"))
 

@@ -224,7 +224,8 @@ def _transposed(kt: Value) -> Value | None:
     node = kt.producer
     if node is not None and node.op == "permute" and tuple(node.attrs["dims"]) == (0, 1, 3, 2):
         return node.inputs[0]
-    if node is not None and node.op == "int.requant" and node.inputs[1].const.numel() == 1:
+    m = node.inputs[1] if node is not None and node.op == "int.requant" else None
+    if m is not None and m.is_constant and m.const.numel() == 1:        # per tensor: it commutes with the layout
         node = node.inputs[0].producer
     chain = []
     for op in ("reshape", "permute", "reshape"):
@@ -260,13 +261,13 @@ def _leading_special_tokens(graph: Graph, first_stream: Value) -> int:
 
 def _integer_proportional_attention(graph: Graph, shiftmax, sizes: Value, total: int) -> None:
     with graph.inserting_before(shiftmax):
-        x = add_log2_sizes(graph, shiftmax.inputs[0], _q(None, sizes, 1.0, total), shiftmax.attrs["X"])
+        x = add_log2_sizes(graph, shiftmax.inputs[0], sizes, total, shiftmax.attrs["X"])
     graph.set_input(shiftmax, 0, x)
 
 
-def add_log2_sizes(graph: Graph, x: Value, sizes: Q, X: int) -> Value:
+def add_log2_sizes(graph: Graph, x: Value, sizes: Value, total: int, X: int) -> Value:
     """Shiftmax input x + round(X log2(size)) per key: log(size) in x's units (scale 1 / (X log2 e)).
-    ``sizes``: [B, N, 1] token sizes up to ``sizes.bound``."""
-    table = torch.round(X * torch.log2(torch.arange(sizes.bound + 1, dtype=torch.float64).clamp_min(1))).to(I32)
-    s = graph.op.reshape(sizes.value, shape=(sizes.value.type.shape[0], 1, 1, sizes.value.type.shape[1]))
+    ``sizes``: [B, N, 1] token sizes up to ``total``."""
+    table = torch.round(X * torch.log2(torch.arange(total + 1, dtype=torch.float64).clamp_min(1))).to(I32)
+    s = graph.op.reshape(sizes, shape=(sizes.type.shape[0], 1, 1, sizes.type.shape[1]))
     return graph.op.add(x, graph.op("int.lookup", s, graph.add_constant(table, "log2_size_table")))
