@@ -6,3 +6,4 @@ from graphopt.passes import integer_only  # noqa: F401  (integer-only transforme
 from graphopt.passes import acm  # noqa: F401  (adaptive computation modules)
 from graphopt.passes import sparsify  # noqa: F401  (pruning: magnitude / Wanda / SparseGPT, structured, sparse_linear)
 from graphopt.passes import zero_padded_positions  # noqa: F401  (padded positions' outputs 0, so backends skip them)
+from graphopt.passes import narrow_rows  # noqa: F401  (only the rows the outputs read: a classifier's last block on its CLS token)
