@@ -10,7 +10,8 @@ slowdown under load, MiniLM and digits accuracy.
     python -m graphopt.bench.integer_only minilm [--sentences 256]
     python -m graphopt.bench.integer_only digits
 
-speed: ours (`integer_only`, and for the ViT `token_merge` r=16 then `integer_only`, for MiniLM
+speed: ours (`integer_only`, and for the ViT `integer_only` then `narrow_rows` (the last block on the CLS token
+the classifier reads; the same output integers, checked) and `token_merge` r=16 then `integer_only`, for MiniLM
 `integer_only` then `zero_padded_positions` (outputs 0 at padding, so only real tokens are computed), on cpu_integer)
 beside torch eager, ONNX Runtime fp32 / dynamic int8 / static int8 (QDQ, per-channel) and OpenVINO
 fp32 / bf16 / int8 (NNCF post-training quantization), all in one process, interleaved, the same
@@ -97,7 +98,8 @@ def deit_bench(args) -> Bench:
     integer = ("integer_only", {"smoothquant": 0.7})
     return Bench("DeiT-S-shaped ViT (HF, random weights)", model, images(),
                  [images() for _ in range(-(-args.calib_samples // args.batch))], None,
-                 {"int_only": [integer], "int_only+tm16": [("token_merge", {"r": 16}), integer]})
+                 {"int_only": [integer], "int_only+narrow_rows": [integer, "narrow_rows"],
+                  "int_only+tm16": [("token_merge", {"r": 16}), integer]})
 
 
 def minilm_bench(args) -> Bench:
@@ -196,6 +198,8 @@ def speed(args) -> dict:
     with torch.inference_mode():
         ref = primary_output(bench.model(**bench.feed)).numpy()
         acc = {k: agreement(ref, c(), bench.mask) for k, c in calls.items()}
+        if "int_only+narrow_rows" in calls:
+            info["narrow_rows_identical_to_int_only"] = bool((calls["int_only+narrow_rows"]() == calls["int_only"]()).all())
     result = {"what": "speed", "model": bench.description, "batch": args.batch, "threads": args.threads,
               "runs": args.runs, "openvino_config": "INFERENCE_NUM_THREADS=threads, PERFORMANCE_HINT=LATENCY",
               "median_ms": med, "ratios": ratios(med, BASELINES), "accuracy_vs_torch_float": acc,
@@ -256,6 +260,8 @@ def print_table(result: dict) -> None:
             f"{k} {r['median']:.2f} [{r['p10']:.2f}, {r['p90']:.2f}]" for k, r in result["per_round_vs_openvino_int8"].items()
             if not k.startswith(("ort_", "openvino", "torch"))))
     print("cpu_integer bit-identical to the integer graph on ONNX Runtime:", result["cpu_integer_identical_to_ort"])
+    if "narrow_rows_identical_to_int_only" in result:
+        print("int_only+narrow_rows bit-identical to int_only:", result["narrow_rows_identical_to_int_only"])
 
 
 def cpu() -> dict:

@@ -235,3 +235,32 @@ def test_llama_decoder_keeping_the_last_logits(with_mask):
             want = model(**feed).logits
         assert want.shape[1] == 1
         torch.testing.assert_close(result(**feed).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["exact_exporter", "legacy_exporter"])
+def test_vit_classifier_file_after_integer_only(dynamo, tmp_path):
+    """An ONNX ViT classifier (its CLS read as Gather or Slice + Squeeze, its heads split by the exporter's own
+    reshapes): the last block runs on the CLS token, and cpu_integer and ONNX Runtime give the output
+    integers of the whole integer graph."""
+    import contextlib
+    import io
+
+    pytest.importorskip("onnxscript")
+    from graphopt.backends.registry import lower
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                 image_size=32, patch_size=8, num_labels=10)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    calib = [(torch.randn(2, 3, 32, 32, generator=g),) for _ in range(2)]
+    path = str(tmp_path / "vit.onnx")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        torch.onnx.export(model, calib[0], path, dynamo=dynamo, input_names=["pixel_values"], output_names=["logits"])
+    integer = graphopt.optimize(path, ["integer_only"], calib[0], calibration=calib).graph
+    narrowed, _ = PassManager(["narrow_rows"]).run(integer)
+    assert _fc1_rows(narrowed) == [17, 1]
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        want = lower(integer, "torch").run_flat(x)[0]
+        assert torch.equal(lower(narrowed, "cpu_integer", threads=2).run_flat(x)[0], want)
+        assert torch.equal(lower(narrowed, "onnxruntime").run_flat(x)[0], want)
