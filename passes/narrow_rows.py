@@ -32,38 +32,45 @@ from graphopt.passes.registry import register_pass
 ELEMENTWISE_INTEGER = {"int.requant", "int.add", "int.shiftgelu"}     # per element, scale tensors broadcast
 
 
-def _aligned(node, axis: int, inputs=None) -> list[int | None]:
+def _aligned(node, axis: int, inputs=None) -> list[int | None] | None:
     """Each input's axis that lines up with the output's ``axis`` under broadcasting, None where the
-    input broadcasts along it (size 1 or no such axis) or is not in ``inputs``."""
+    input broadcasts along it (size 1 or no such axis) or is not in ``inputs``; None for the whole when
+    an input has another size there (its index i is not the output's index i)."""
     out = node.output.type
     found = []
     for i, v in enumerate(node.inputs):
-        ax = axis - (out.rank - v.type.rank) if v is not None else -1
-        keep = ax >= 0 and (inputs is None or i in inputs) and dims_equal(v.type.shape[ax], out.shape[axis])
-        found.append(ax if keep else None)
+        ax = axis - (out.rank - v.type.rank) if v is not None and (inputs is None or i in inputs) else -1
+        if ax < 0 or dims_equal(v.type.shape[ax], 1):
+            found.append(None)
+        elif dims_equal(v.type.shape[ax], out.shape[axis]):
+            found.append(ax)
+        else:
+            return None
     return found
 
 
+def _same_attrs(axes):
+    return None if axes is None else (axes, {})
+
+
 def _elementwise(node, axis):
-    return _aligned(node, axis), {}
+    return _same_attrs(_aligned(node, axis))
 
 
 def _first_input(node, axis):
     """Ops computing from their first input only (the rest are tables or per-channel constants)."""
-    return _aligned(node, axis, inputs={0}), {}
+    return _same_attrs(_aligned(node, axis, inputs={0}))
 
 
 def _over_last_axes(count):
     """Norms and softmaxes over the last ``count(node)`` axes: any axis before them."""
     def rule(node, axis):
-        if axis >= node.output.type.rank - count(node):
-            return None
-        return _aligned(node, axis), {}
+        return None if axis >= node.output.type.rank - count(node) else _elementwise(node, axis)
     return rule
 
 
 def _softmax(node, axis):
-    return None if axis == normalize_axis(node.attrs["dim"], node.output.type.rank) else (_aligned(node, axis), {})
+    return None if axis == normalize_axis(node.attrs["dim"], node.output.type.rank) else _elementwise(node, axis)
 
 
 def _reduce(node, axis):
@@ -86,7 +93,9 @@ def _matmul(node, axis):
         return None
     if axis == out.rank - 2:
         return [a.rank - 2, None], {}
-    return [ax if ax is not None and ax < t.rank - 2 else None for ax, t in zip(_aligned(node, axis), (a, b))], {}
+    aligned = _aligned(node, axis)
+    return None if aligned is None else ([ax if ax is not None and ax < t.rank - 2 else None
+                                          for ax, t in zip(aligned, (a, b))], {})
 
 
 def _sdpa(node, axis):
@@ -103,7 +112,8 @@ def _sdpa(node, axis):
             axes.append(ax if ax >= 0 and dims_equal(mask.type.shape[ax], out.shape[axis]) else None)
         return axes, {}
     aligned = _aligned(node, axis)
-    return [ax if ax is not None and ax < node.inputs[i].type.rank - 2 else None for i, ax in enumerate(aligned)], {}
+    return None if aligned is None else ([ax if ax is not None and ax < node.inputs[i].type.rank - 2 else None
+                                          for i, ax in enumerate(aligned)], {})
 
 
 def _permute(node, axis):
