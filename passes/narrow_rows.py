@@ -129,8 +129,7 @@ def _reshape(node, axis, length):
 
 
 NARROWS = {
-    **{op: _elementwise for op in ELEMENTWISE_INTEGER},
-    "int.quantize": _elementwise, "int.dequantize": _elementwise, "cast": _elementwise, "contiguous": _elementwise,
+    **{op: _elementwise for op in ELEMENTWISE_INTEGER},     # and every op tagged "elementwise" (narrowing())
     "int.lookup": _first_input,
     "layer_norm": _over_last_axes(lambda n: len(n.attrs["normalized_shape"])),
     "int.layernorm": _over_last_axes(lambda n: 1), "int.shiftmax": _over_last_axes(lambda n: 1),
@@ -173,24 +172,24 @@ def _select_as_slice(graph: Graph, node) -> bool:
     return True
 
 
-def _move_up(graph: Graph, node) -> list:
+def _move_up(graph: Graph, node) -> list | None:
     """Compute slice node ``node`` (and every identical slice of the same value) by narrowing the
-    value's producer; the new slices of the producer's inputs, or [] when it cannot move."""
+    value's producer; the new slices of the producer's inputs, or None when it cannot move."""
     x = node.inputs[0]
     producer = x.producer
     if producer is None or len(producer.outputs) != 1 or any(o is x for o in graph.outputs):
-        return []
+        return None
     window = _window(node)
     readers = x.users
     if any(r.op != "slice" or _window(r) != window for r in readers):
-        return []
+        return None
     axis, start, end, step = window
     length = node.output.type.shape[axis]
     if dims_equal(length, x.type.shape[axis]):
-        return []
+        return None
     found = narrowing(producer, axis, length)
     if found is None:
-        return []
+        return None
     axes, attrs = found
     new_slices = []
     with graph.inserting_before(producer):
@@ -219,7 +218,7 @@ def _moved_slices(graph: Graph) -> int:
         if node.graph is not graph:          # erased: merged into a slice that moved
             continue
         new = _move_up(graph, node)
-        if not new:
+        if new is None:
             continue
         moved += 1
         for s in new:                        # its siblings on the same value may all be slices now
@@ -227,30 +226,30 @@ def _moved_slices(graph: Graph) -> int:
     return moved
 
 
-def _start_points(graph: Graph) -> str | None:
-    """None when some select or slice reads part of a value its producer computes row by row."""
-    for node in graph.nodes:
-        if node.op not in ("select", "slice") or node.inputs[0].producer is None:
-            continue
-        x = node.inputs[0]
-        axis = normalize_axis(node.attrs["dim"], x.type.rank)
-        length = 1 if node.op == "select" else node.output.type.shape[axis]
-        if not dims_equal(length, x.type.shape[axis]) and narrowing(x.producer, axis, length) is not None:
-            return None
-    return ("every output reads all the rows it is computed from: no select or slice takes part of an axis "
-            "that its producer computes index by index (a classifier's select(h, 1, 0) on its last block is one)")
-
-
-@register_pass("narrow_rows", tolerance=1e-4, requires=_start_points)
-def narrow_rows(graph: Graph, ctx) -> None:
-    """Run the ops after a select or slice of tokens on the selected tokens only (a classifier's last
-    block on its CLS token). Exact on integer graphs."""
+def _narrowed(graph: Graph) -> int:
+    """Narrow ``graph`` in place; the number of ops narrowed."""
     for node in [n for n in graph.nodes if n.op == "select"]:
         _select_as_slice(graph, node)
-    ctx.count("ops_narrowed", _moved_slices(graph))
+    moved = _moved_slices(graph)
     for node in [n for n in graph.nodes if n.op == "select"]:
         _fold_unmoved(graph, node)
     graph.remove_dead()
+    return moved
+
+
+def _applies(graph: Graph) -> str | None:
+    """None when narrowing a copy of the graph narrows some op, else the reason."""
+    if _narrowed(graph.clone()):
+        return None
+    return ("every op computes rows something reads: no select or slice takes part of an axis that its producer "
+            "computes index by index for that reader alone (a classifier's select(h, 1, 0) on its last block is one)")
+
+
+@register_pass("narrow_rows", tolerance=1e-4, requires=_applies)
+def narrow_rows(graph: Graph, ctx) -> None:
+    """Run the ops after a select or slice of tokens on the selected tokens only (a classifier's last
+    block on its CLS token). Exact on integer graphs."""
+    ctx.count("ops_narrowed", _narrowed(graph))
 
 
 def _fold_unmoved(graph: Graph, node) -> None:

@@ -83,31 +83,39 @@ def test_a_slice_of_the_last_positions_moves_too():
     after, report = run_pass(before, "narrow_rows")
     assert report.counters == {"ops_narrowed": 2}
     assert [n.op for n in after.nodes] == ["slice", "linear", "tanh"]
-    assert after.nodes.__next__().inputs[0] is after.inputs[0]
+    assert next(after.nodes).inputs[0] is after.inputs[0]
     assert_same_numbers(before, after, [torch.randn(2, 5, 4)], atol=1e-6)
 
 
-@pytest.mark.parametrize("text, why", [
-    ("""graph main(%x: f32[batch,5,4]) {
+@pytest.mark.parametrize("text", [
+    """graph main(%x: f32[batch,5,4]) {
   %p: f32[batch,5,4] = softmax(%x, dim=1)
   %c: f32[batch,4] = select(%p, dim=1, index=0)
   return %c
-}""", "a softmax over the tokens mixes them"),
-    ("""graph main(%q: f32[batch,2,5,4], %k: f32[batch,2,5,4], %v: f32[batch,2,5,4]) {
+}""",
+    """graph main(%q: f32[batch,2,5,4], %k: f32[batch,2,5,4], %v: f32[batch,2,5,4]) {
   %o: f32[batch,2,5,4] = sdpa(%q, %k, %v, is_causal=True)
   %c: f32[batch,2,4] = select(%o, dim=2, index=-1)
   return %c
-}""", "a causal mask is aligned to the first query"),
-    ("""graph main(%x: f32[batch,5,4]) {
+}""",
+    """graph main(%x: f32[batch,5,4]) {
   %m: f32[batch,4] = mean(%x, dims=[1])
   %h: f32[batch,5,4] = gelu(%x)
   return %m, %h
-}""", "every row is read"),
-])
-def test_nothing_to_narrow_is_a_clear_error_and_the_graph_stays(text, why):
+}""",
+], ids=["softmax over the tokens mixes them", "a causal mask is aligned to the first query", "every row is read"])
+def test_nothing_to_narrow_is_a_clear_error_and_the_graph_stays(text):
     graph = Graph.parse(text)
-    with pytest.raises(PassError, match="does not apply: every output reads all the rows"):
+    before = str(graph)
+    with pytest.raises(PassError, match="does not apply: every op computes rows something reads"):
         PassManager(["narrow_rows"]).run(graph)
+    assert str(graph) == before
+
+
+def test_a_second_run_has_nothing_left_to_narrow():
+    once, _ = run_pass(Graph.parse(BEFORE, constants=_weights()), "narrow_rows")
+    with pytest.raises(PassError, match="does not apply"):
+        PassManager(["narrow_rows"]).run(once)
 
 
 def test_a_slice_stops_where_another_reader_needs_every_row():
