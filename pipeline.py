@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 from typing import Any, Sequence
 
@@ -23,13 +24,15 @@ class OptimizedModel(torch.nn.Module):
     graph, run by the backend), so ``.parameters()`` is empty and ``.to()``/``.half()`` change nothing;
     ``forward`` runs without autograd."""
 
-    def __init__(self, graph: Graph, report: Report, backend: str, backend_options: dict | None = None):
+    def __init__(self, graph: Graph, report: Report, backend: str, backend_options: dict | None = None, *,
+                 source: str | None = None):
         from graphopt.backends.registry import lower
 
         super().__init__()
         self.graph = graph
         self.report = report
         self.backend = backend
+        self.source = source      # the ONNX file the model was read from, which save() never writes over
         with task(f"lowering to the {backend} backend"):
             self.__dict__["executable"] = lower(graph, backend, **(backend_options or {}))  # not a submodule: no parameters
         self.eval()
@@ -41,13 +44,14 @@ class OptimizedModel(torch.nn.Module):
 
     def save(self, path: str) -> None:
         """``.onnx`` writes an ONNX model (when the ONNX backend is available); anything else the IR."""
-        import os
-
         from graphopt.backends.registry import save
 
         folder = os.path.dirname(os.path.abspath(os.fspath(path)))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot save {os.fspath(path)!r}: folder {folder!r} does not exist; create it first")
+        if self.source is not None and os.path.exists(path) and os.path.samefile(path, self.source):
+            raise FileExistsError(f"cannot save {os.fspath(path)!r}: it is the ONNX file this model was read from, "
+                                  "which graphopt never writes over; save to another path")
         save(self.graph, path)
 
 
@@ -84,8 +88,12 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
         passes = [passes]
     report = Report()
     args, kwargs = _split_inputs(example_inputs)
+    source = None
     if _is_onnx(model):
         from graphopt.frontends import from_onnx
+
+        if isinstance(model, (str, os.PathLike)):
+            source = os.path.abspath(os.fspath(model))
 
         start = time.perf_counter()
         graph = from_onnx(model)
@@ -118,12 +126,10 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
     graph, report = PassManager(passes, example_inputs=flat, calibration=calibration, check=check).run(graph, report)
     with task("cost model of the graph after"):
         report.cost_after = graph_cost(graph)
-    return OptimizedModel(graph, report, backend, backend_options)
+    return OptimizedModel(graph, report, backend, backend_options, source=source)
 
 
 def _is_onnx(model) -> bool:
-    import os
-
     if isinstance(model, (str, os.PathLike)):
         return os.fspath(model).lower().endswith(".onnx")
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
@@ -264,8 +270,6 @@ def _check_structure(in_spec, args, kwargs) -> None:
 
 
 def _not_a_model(model) -> str:
-    import os
-
     if isinstance(model, (str, os.PathLike)):
         return (f"optimize got the path {os.fspath(model)!r}: a path must name an .onnx file; load a torch model "
                 "yourself and pass the module, and load a saved graphopt IR file with graphopt.load_graph(path)")

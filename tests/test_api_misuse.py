@@ -207,3 +207,20 @@ def test_save_picks_the_format_by_suffix_in_any_case(mlp, tmp_path):
     om.save(str(path))
     loaded = onnx.load(str(path))                 # an ONNX file, not graphopt's own format under an .ONNX name
     assert [i.name for i in loaded.graph.input] == [v.name for v in om.graph.inputs]
+
+
+def test_save_never_writes_over_the_onnx_file_it_read(mlp, tmp_path):
+    """The model's own file, by any spelling of its path, is refused and left as it was; another path saves."""
+    pytest.importorskip("onnx")
+    model, x, _ = mlp
+    source = tmp_path / "model.onnx"
+    graphopt.optimize(model, [], (x,)).save(str(source))
+    original = source.read_bytes()
+    om = graphopt.optimize(str(source), ["cse"], (x,))
+    (tmp_path / "sub").mkdir()
+    for spelling in (str(source), str(tmp_path / "sub" / ".." / "model.onnx"), source):
+        with pytest.raises(FileExistsError, match="the ONNX file this model was read from"):
+            om.save(spelling)
+    assert source.read_bytes() == original
+    om.save(str(tmp_path / "optimized.onnx"))
+    assert (tmp_path / "optimized.onnx").stat().st_size > 0
