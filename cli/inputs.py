@@ -28,8 +28,9 @@ def model_inputs(args, graph, dims, example=None):
     import numpy as np
 
     if args.calib:
-        samples = read_calib(args.calib, graph)
-        note = {"source": f"calibration file {args.calib}", "samples": len(samples),
+        samples, casts = read_calib(args.calib, graph)
+        cast = f" ({', '.join(casts)})" if casts else ""
+        note = {"source": f"calibration file {args.calib}{cast}", "samples": len(samples),
                 "shapes": {k: list(v.shape) for k, v in samples[0].items()}}
         return samples[0], note, samples
     if example is not None and not dims:
@@ -136,6 +137,9 @@ def _index_bound(value, graph) -> int | None:
 
 
 def read_calib(path, graph):
+    """The samples (name -> array) and the casts made to the inputs' dtypes ("x float64 cast to float32");
+    a CliError when an array does not fit its input, or a cast would change a value's meaning (an integer
+    outside the input's range, a finite float past its largest)."""
     import numpy as np
     import torch
 
@@ -162,6 +166,7 @@ def read_calib(path, graph):
         raise CliError(f"calibration file {path}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
     counts = set()
     per_input = {}
+    casts = []
     for value in graph.inputs:
         array = arrays[value.name]
         rank = value.type.rank
@@ -175,10 +180,17 @@ def read_calib(path, graph):
         counts.add(len(per_input[value.name]))
         want = torch.empty((), dtype=value.type.dtype).numpy().dtype if value.type.dtype is not torch.bfloat16 else None
         if want is not None and array.dtype != want:
-            if np.can_cast(array.dtype, want, casting="same_kind"):
-                per_input[value.name] = [a.astype(want) for a in per_input[value.name]]
-            else:
+            if not np.can_cast(array.dtype, want, casting="same_kind"):
                 raise CliError(f"calibration file {path}: array {value.name!r} is {array.dtype}, the input is {want}")
+            with np.errstate(over="ignore", invalid="ignore"):     # what it changed is checked next
+                cast = array.astype(want)
+            changed = (cast != array) if np.issubdtype(want, np.integer) else (np.isfinite(array) & ~np.isfinite(cast))
+            if changed.any():
+                at = tuple(int(i) for i in np.argwhere(changed)[0])
+                raise CliError(f"calibration file {path}: array {value.name!r} is {array.dtype} and holds "
+                               f"{array[at].item()!r} at {list(at)}, which {want} (the input's dtype) cannot hold")
+            per_input[value.name] = list(cast) if array.ndim == rank + 1 else [cast]
+            casts.append(f"{value.name} {array.dtype} cast to {want}")
         for sample in per_input[value.name]:
             for d, size in zip(value.type.shape, sample.shape):
                 if isinstance(d, int) and d != size:
@@ -187,4 +199,4 @@ def read_calib(path, graph):
     if len(counts) != 1:
         raise CliError(f"calibration file {path}: inputs have different sample counts {sorted(counts)}")
     n = counts.pop()
-    return [{name: per_input[name][i] for name in names} for i in range(n)]
+    return [{name: per_input[name][i] for name in names} for i in range(n)], casts

@@ -131,6 +131,32 @@ def test_calibration_file(tmp_path, model_path, capsys):
     assert "is not an .npz archive: write one with numpy.savez" in err and "pickle" not in err
 
 
+def test_calibration_arrays_of_another_dtype_are_cast_and_said_so(tmp_path, model_path, capsys):
+    """float64 samples are cast to the input's float32 and the report's inputs line says it; a value float32
+    cannot hold is refused with its index, and nothing is written."""
+    x = np.random.default_rng(3).standard_normal((2, 2, 6, 8))
+    np.savez(tmp_path / "f64.npz", x=x)
+    code, _, err = run_cli(capsys, model_path, "--calib", tmp_path / "f64.npz", "--check", "--runs", "2", "-q",
+                           "--report", tmp_path / "r.json", "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["inputs"]["source"].endswith("(x float64 cast to float32)")
+    x[1, 0, 2, 5] = 1e300
+    np.savez(tmp_path / "huge.npz", x=x)
+    code, _, err = run_cli(capsys, model_path, "--calib", tmp_path / "huge.npz", "--check", "-o", tmp_path / "huge.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "array 'x' is float64 and holds 1e+300 at [1, 0, 2, 5], which float32 (the input's dtype) cannot hold" in err
+    assert not (tmp_path / "huge.onnx").exists()
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT32, ["batch", 4])
+    y = helper.make_tensor_value_info("y", F, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["y"], to=F)], "ids", [ids], [y])
+    (tmp_path / "ids.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                          ir_version=8).SerializeToString())
+    np.savez(tmp_path / "ids.npz", ids=np.array([[1, 2, 3, 4], [5, 6, 2 ** 40, 8]], np.int64))
+    code, _, err = run_cli(capsys, tmp_path / "ids.onnx", "--calib", tmp_path / "ids.npz", "--check")
+    assert code == 2 and f"array 'ids' is int64 and holds {2 ** 40} at [1, 2], which int32" in err
+
+
 def test_list_and_explain(capsys):
     code, out, _ = run_cli(capsys, "--list-passes")
     assert code == 0 and "dce" in out and "cse" in out
