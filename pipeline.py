@@ -38,7 +38,11 @@ class OptimizedModel(torch.nn.Module):
         self.eval()
 
     def forward(self, *args, **kwargs):
-        check_inputs(self.graph, _flat_tensors(self.graph, args, kwargs), dtypes=False)
+        args, kwargs = pytree.tree_map(_numpy_as_tensor, (args, kwargs))
+        casts = _same_kind_casts(self.graph, _flat_tensors(self.graph, args, kwargs))
+        if casts:
+            args, kwargs = pytree.tree_map(lambda x: casts.get(id(x), x), (args, kwargs))
+        check_inputs(self.graph, _flat_tensors(self.graph, args, kwargs))
         with torch.no_grad():
             return self.executable(*args, **kwargs)
 
@@ -53,6 +57,29 @@ class OptimizedModel(torch.nn.Module):
             raise FileExistsError(f"cannot save {os.fspath(path)!r}: it is the ONNX file this model was read from, "
                                   "which graphopt never writes over; save to another path")
         save(self.graph, path)
+
+
+def _numpy_as_tensor(x):
+    """Every backend takes numpy arrays as the tensors they hold (no copy)."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) and x.dtype != object else x
+
+
+def _same_kind_casts(graph: Graph, flat) -> dict[int, torch.Tensor]:
+    """id(input) -> the input cast to its graph input's dtype, for a float given to a float input (f64 images
+    to an f32 model) and an integer to an integer input whose range holds its values (int32 token ids to
+    int64); any other dtype is left to check_inputs, which names the input and the dtype it expects."""
+    casts = {}
+    for value, tensor in zip(graph.inputs, flat):
+        want = value.type.dtype
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype == want or want is torch.bool or tensor.dtype is torch.bool:
+            continue
+        if tensor.is_floating_point() and want.is_floating_point:
+            casts[id(tensor)] = tensor.to(want)
+        elif not tensor.is_floating_point() and not tensor.is_complex() and not want.is_floating_point and \
+                not want.is_complex and (not tensor.numel() or (torch.iinfo(want).min <= int(tensor.min()) and
+                                                                int(tensor.max()) <= torch.iinfo(want).max)):
+            casts[id(tensor)] = tensor.to(want)
+    return casts
 
 
 def _with_progress(fn):
@@ -217,7 +244,7 @@ def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, .
     return batches
 
 
-def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "", dtypes: bool = True) -> None:
+def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "") -> None:
     """Each tensor against its graph input: count, rank, dtype, static dims and one size per symbolic dim,
     so a wrong input (or a call at a batch the graph was not captured for) fails here naming the input,
     not deep in a reshape. ``what`` ("example_inputs", "calibration item 2") starts each message."""
@@ -228,14 +255,14 @@ def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "", 
     sizes: dict = {}
     for position, (value, tensor) in enumerate(zip(graph.inputs, flat)):
         t, which = value.type, f" (input {position} of {len(flat)})"
-        if isinstance(tensor, np.ndarray) and tensor.dtype != object:  # the ONNX Runtime backend takes arrays
-            tensor = torch.from_numpy(tensor)
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{prefix}input %{value.name} is a {type(tensor).__name__}, the graph expects a "
                              f"tensor {t}{which}")
         given = f"{prefix}input %{value.name} is {tuple(tensor.shape)} {tensor.dtype}"
-        if tensor.dim() != t.rank or (dtypes and tensor.dtype != t.dtype):
+        if tensor.dim() != t.rank:
             raise ValueError(f"{given}, the graph expects {t}{which}")
+        if tensor.dtype != t.dtype:
+            raise ValueError(f"{given}, the graph expects {t}{which}: give it as {t.dtype}")
         for axis, (d, n) in enumerate(zip(t.shape, tensor.shape)):
             if isinstance(d, int) and d != n:
                 hint = (" (the model was captured with a static batch; capture with dynamic_batch=True to run "

@@ -224,3 +224,31 @@ def test_save_never_writes_over_the_onnx_file_it_read(mlp, tmp_path):
     assert source.read_bytes() == original
     om.save(str(tmp_path / "optimized.onnx"))
     assert (tmp_path / "optimized.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "cpu_integer"])
+def test_every_backend_takes_inputs_the_same_way(mlp, backend):
+    """A numpy array is the tensor it holds and a float64 tensor is cast to the float32 input, on every backend
+    alike (they differed: numpy on ONNX Runtime only, float64 a raw ONNX Runtime error); an integer tensor for
+    a float input is refused naming the input and the dtype to give."""
+    if backend != "torch":
+        pytest.importorskip("onnxruntime")
+    model, x, _ = mlp
+    calib = [(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    om = graphopt.optimize(model, ["integer_only"], (x,), calibration=calib, backend=backend)
+    want = om(x)
+    assert torch.equal(om(x.numpy()), want) and torch.equal(om(x.double()), want)
+    with pytest.raises(ValueError, match=r"input %\w+ is \(3, 8\) torch.int64, the graph expects f32\[batch,8\] "
+                                         r"\(input 0 of 1\): give it as torch.float32"):
+        om(torch.ones(3, 8, dtype=torch.long))
+
+
+def test_token_ids_of_another_integer_dtype_are_cast_when_they_fit():
+    from tests.tiny_models import padded_ids, tiny_bert
+
+    model = tiny_bert(16, layers=1)
+    ids, mask = padded_ids(torch.Generator().manual_seed(0), 2, 8)
+    om = graphopt.optimize(model, [], ((), {"input_ids": ids, "attention_mask": mask}))
+    want = om(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = om(input_ids=ids.int(), attention_mask=mask.short()).last_hidden_state
+    assert torch.equal(got, want)
