@@ -18,14 +18,16 @@ whose keys and values need every token. On DeiT-S this leaves the last block's K
 whole and runs its Q projection, attention rows, output projection and MLP on the CLS token.
 
 Integer ops compute each row exactly, so after ``integer_only`` the outputs are bit-identical; on
-float graphs a GEMM over fewer rows may sum in another order (the 1e-4 tolerance).
+float graphs a GEMM over fewer rows may sum in another order (the 1e-4 tolerance). Run it after
+``integer_only``: before, the last block would be calibrated on the read rows alone (other scales).
+Readers of different rows share the span between them (DeiT's CLS and distillation tokens: rows 0..2).
 """
 from __future__ import annotations
 
 from collections import deque
 
 from graphopt.ir import Graph
-from graphopt.ir.ops.shape import BIG
+from graphopt.ir.ops.shape import BIG, slice_length
 from graphopt.ir.types import dims_equal, normalize_axis
 from graphopt.passes.registry import register_pass
 
@@ -116,6 +118,18 @@ def _sdpa(node, axis):
                                           for i, ax in enumerate(aligned)], {})
 
 
+def _other_axis_slice(node, axis):
+    """A slice (or concatenation) along another axis keeps this one as it is (RoPE's rotate_half)."""
+    return None if axis == normalize_axis(node.attrs["dim"], node.output.type.rank) else \
+        ([axis] * len(node.inputs), {})
+
+
+def _select(node, axis):
+    """The output's axes are the input's without the selected one."""
+    dim = normalize_axis(node.attrs["dim"], node.inputs[0].type.rank)
+    return [axis if axis < dim else axis + 1], {}
+
+
 def _permute(node, axis):
     return [normalize_axis(node.attrs["dims"][axis], node.output.type.rank)], {}
 
@@ -135,7 +149,7 @@ NARROWS = {
     "int.layernorm": _over_last_axes(lambda n: 1), "int.shiftmax": _over_last_axes(lambda n: 1),
     "softmax": _softmax, "mean": _reduce, "sum": _reduce, "amax": _reduce,
     "linear": _linear, "int.linear": _linear, "matmul": _matmul, "int.matmul": _matmul, "sdpa": _sdpa,
-    "permute": _permute,
+    "permute": _permute, "slice": _other_axis_slice, "cat": _other_axis_slice, "select": _select,
 }
 
 
@@ -172,20 +186,53 @@ def _select_as_slice(graph: Graph, node) -> bool:
     return True
 
 
+def _span(window, size: int) -> tuple[int, int]:
+    """[start, end) of a step-1 window on an axis of static ``size``."""
+    _, start, end, _ = window
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = size if end >= BIG else min(max(end + size if end < 0 else end, 0), size)
+    return start, end
+
+
+def _common_window(readers, size):
+    """The window every reader's slice lies in: theirs when they are all one slice, else the span from the
+    first start to the last end of step-1 slices on one axis of static size (DeiT's CLS and distillation
+    tokens: 0..2); None when there is none."""
+    windows = {_window(r) for r in readers}
+    if len(windows) == 1:
+        return windows.pop()
+    if len({w[0] for w in windows}) != 1 or not isinstance(size, int) or \
+            any(w[3] != 1 or not isinstance(w[1], int) or not isinstance(w[2], int) for w in windows):
+        return None
+    spans = [_span(w, size) for w in windows]
+    return next(iter(windows))[0], min(s for s, _ in spans), max(e for _, e in spans), 1
+
+
+def _sliced(graph: Graph, v, axis, start, end, step):
+    """v[start:end:step] along axis: a new constant for a constant (its lowering may need one), else a slice."""
+    if v.is_constant:
+        index = (slice(None),) * axis + (slice(start, end, step),)
+        return graph.add_constant(v.const[index].clone())
+    return graph.op.slice(v, dim=axis, start=start, end=end, step=step)
+
+
 def _move_up(graph: Graph, node) -> list | None:
-    """Compute slice node ``node`` (and every identical slice of the same value) by narrowing the
-    value's producer; the new slices of the producer's inputs, or None when it cannot move."""
+    """Compute the slices that read ``node``'s input (all of them) by narrowing the value's producer to the
+    window they share; the new slices of the producer's inputs, or None when it cannot move."""
     x = node.inputs[0]
     producer = x.producer
     if producer is None or len(producer.outputs) != 1 or any(o is x for o in graph.outputs):
         return None
-    window = _window(node)
     readers = x.users
-    if any(r.op != "slice" or _window(r) != window for r in readers):
+    if any(r.op != "slice" for r in readers):
+        return None
+    window = _common_window(readers, x.type.shape[_window(node)[0]])
+    if window is None:
         return None
     axis, start, end, step = window
-    length = node.output.type.shape[axis]
-    if dims_equal(length, x.type.shape[axis]):
+    size = x.type.shape[axis]
+    length = slice_length(size, start, end, step)
+    if dims_equal(length, size):
         return None
     found = narrowing(producer, axis, length)
     if found is None:
@@ -193,17 +240,18 @@ def _move_up(graph: Graph, node) -> list | None:
     axes, attrs = found
     new_slices = []
     with graph.inserting_before(producer):
-        inputs = []
-        for v, ax in zip(producer.inputs, axes):
-            if ax is None:
-                inputs.append(v)
-                continue
-            inputs.append(graph.op.slice(v, dim=ax, start=start, end=end, step=step))
-            new_slices.append(inputs[-1].producer)
+        inputs = [v if ax is None else _sliced(graph, v, ax, start, end, step) for v, ax in zip(producer.inputs, axes)]
+        new_slices = [v.producer for v in inputs if v.producer is not None and v.producer.op == "slice"
+                      and v not in producer.inputs]
         narrowed = graph.call(producer.op, *inputs, **{**producer.attrs, **attrs})
     narrowed.producer.meta.update(producer.meta)
     for reader in readers:
-        graph.replace_all_uses_with(reader.output, narrowed)
+        part = narrowed
+        if _window(reader) != window:            # its own part of the common window
+            lo, hi = _span(_window(reader), size)
+            with graph.inserting_before(reader):
+                part = graph.op.slice(narrowed, dim=axis, start=lo - start, end=hi - start)
+        graph.replace_all_uses_with(reader.output, part)
         graph.erase_node(reader)
     graph.erase_node(producer)
     return new_slices
@@ -228,6 +276,7 @@ def _moved_slices(graph: Graph) -> int:
 
 def _narrowed(graph: Graph) -> int:
     """Narrow ``graph`` in place; the number of ops narrowed."""
+    graph.remove_dead()                      # a select nothing reads would keep its value whole
     for node in [n for n in graph.nodes if n.op == "select"]:
         _select_as_slice(graph, node)
     moved = _moved_slices(graph)
@@ -241,8 +290,9 @@ def _applies(graph: Graph) -> str | None:
     """None when narrowing a copy of the graph narrows some op, else the reason."""
     if _narrowed(graph.clone()):
         return None
-    return ("every op computes rows something reads: no select or slice takes part of an axis that its producer "
-            "computes index by index for that reader alone (a classifier's select(h, 1, 0) on its last block is one)")
+    return ("no op can run on fewer rows: no select or slice reads part of an axis whose producer computes each "
+            "index from the same index of its inputs while nothing else reads the producer's result whole "
+            "(a classifier's select(h, 1, 0) after its last block is one that can)")
 
 
 @register_pass("narrow_rows", tolerance=1e-4, requires=_applies)

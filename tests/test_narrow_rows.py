@@ -107,7 +107,7 @@ def test_a_slice_of_the_last_positions_moves_too():
 def test_nothing_to_narrow_is_a_clear_error_and_the_graph_stays(text):
     graph = Graph.parse(text)
     before = str(graph)
-    with pytest.raises(PassError, match="does not apply: every op computes rows something reads"):
+    with pytest.raises(PassError, match="does not apply: no op can run on fewer rows"):
         PassManager(["narrow_rows"]).run(graph)
     assert str(graph) == before
 
@@ -236,6 +236,8 @@ def test_llama_decoder_keeping_the_last_logits(with_mask):
             and n.inputs[0].type.shape[-1] == 64]
     assert [n.output.type.shape[1] for n in down] == [10, 1]
     assert [n.inputs[0].type.shape[2] for n in result.graph.nodes if n.op == "sdpa"] == [10, 1]
+    q_proj = [n for n in result.graph.nodes if n.op == "linear" and n.meta.get("module", "").endswith("q_proj")]
+    assert [n.output.type.shape[1] for n in q_proj] == [10, 1]        # through RoPE's rotate_half (slices, cat)
     for pad in ([0, 3], [2, 0]) if with_mask else ([],):
         if with_mask:
             feed["attention_mask"] = left_padded(pad)
@@ -272,3 +274,72 @@ def test_vit_classifier_file_after_integer_only(dynamo, tmp_path):
         want = lower(integer, "torch").run_flat(x)[0]
         assert torch.equal(lower(narrowed, "cpu_integer", threads=2).run_flat(x)[0], want)
         assert torch.equal(lower(narrowed, "onnxruntime").run_flat(x)[0], want)
+
+
+def test_two_read_tokens_narrow_to_the_rows_between_them():
+    """DeiT with a teacher reads the CLS and the distillation token (rows 0 and 1): the last block runs on
+    rows 0..2, and each head reads its own row of that."""
+    torch.manual_seed(0)
+    cfg = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                  image_size=32, patch_size=8, num_labels=5)
+    model = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    result = graphopt.optimize(model, ["narrow_rows"], (x,))
+    assert _fc1_rows(result.graph) == [18, 2]
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            want = model(x)
+        got = result(x)
+        for key in ("logits", "cls_logits", "distillation_logits"):
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+def test_a_select_nothing_reads_does_not_hold_the_rows_back():
+    """A wrapper returning only the CLS head's logits leaves the distillation token's select dead in the capture."""
+    torch.manual_seed(0)
+    cfg = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                  image_size=32, patch_size=8, num_labels=5)
+    teacher = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
+
+    class ClsLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = teacher
+
+        def forward(self, x):
+            return self.model(pixel_values=x).cls_logits
+
+    x = torch.randn(2, 3, 32, 32)
+    result = graphopt.optimize(ClsLogits().eval(), ["narrow_rows"], (x,))
+    assert _fc1_rows(result.graph) == [18, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(result(x), teacher(x).cls_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_one_logit_of_an_integer_classifier_lowers_to_onnx(tmp_path):
+    """Reading one logit column slices the classifier's per-channel requant and dequantize scales: they become
+    constants (ONNX lowerings need constant scales), and ONNX Runtime gives the reference's integers."""
+    from graphopt.backends.registry import lower
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, num_labels=5)).eval()
+
+    class PositiveScore(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = vit
+
+        def forward(self, x):
+            return self.model(x).logits[:, 1]
+
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(2)]
+    om = graphopt.optimize(PositiveScore().eval(), ["integer_only", "narrow_rows"], calib[0], calibration=calib)
+    assert not [n for n in om.graph.nodes if n.op == "slice" and n.inputs[0].is_constant]
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    want = lower(om.graph, "torch").run_flat(x)[0]
+    assert want.shape == (3,)
+    assert torch.equal(lower(om.graph, "onnxruntime").run_flat(x)[0], want)
+    om.save(str(tmp_path / "positive.onnx"))
