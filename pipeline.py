@@ -53,10 +53,22 @@ class OptimizedModel(torch.nn.Module):
         folder = os.path.dirname(os.path.abspath(os.fspath(path)))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot save {os.fspath(path)!r}: folder {folder!r} does not exist; create it first")
-        if self.source is not None and os.path.exists(path) and os.path.samefile(path, self.source):
-            raise FileExistsError(f"cannot save {os.fspath(path)!r}: it is the ONNX file this model was read from, "
-                                  "which graphopt never writes over; save to another path")
+        for target in (os.fspath(path), os.fspath(path) + ".data"):       # .data: an ONNX file's weights, if large
+            read = next((f for f in self._source_files() if os.path.exists(target) and os.path.samefile(target, f)), None)
+            if read is not None:
+                what = "the ONNX file" if read == self.source else f"a weights file ({read}) of the ONNX file"
+                raise FileExistsError(f"cannot save {os.fspath(path)!r}: {target!r} is {what} this model was read "
+                                      "from, which graphopt never writes over; save to another path")
         save(self.graph, path)
+
+    def _source_files(self) -> list[str]:
+        """The ONNX file the model was read from and the external data files it reads."""
+        if self.source is None or not os.path.exists(self.source):
+            return []
+        from graphopt.frontends.onnx import check_external_data, load_model
+
+        proto = load_model(self.source, load_external_data=False)
+        return [self.source] + check_external_data(proto, os.path.dirname(self.source), self.source)
 
 
 def _numpy_as_tensor(x):

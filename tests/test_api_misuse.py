@@ -252,3 +252,30 @@ def test_token_ids_of_another_integer_dtype_are_cast_when_they_fit():
     want = om(input_ids=ids, attention_mask=mask).last_hidden_state
     got = om(input_ids=ids.int(), attention_mask=mask.short()).last_hidden_state
     assert torch.equal(got, want)
+
+
+def test_save_never_writes_over_the_weights_file_of_the_onnx_file_it_read(tmp_path):
+    """A model whose weights are in a.onnx.data: saving onto that file (in any format), or to a.onnx whose large
+    weights would go to a.onnx.data, is refused and the source still runs with its weights."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from graphopt.backends.onnxruntime_backend import save_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 64)
+    save_onnx(graphopt.optimize(model, [], (x,)).graph, str(tmp_path / "a.onnx"), external_data=True)
+    source = tmp_path / "b.onnx"                               # reads its weights from a.onnx.data
+    source.write_bytes((tmp_path / "a.onnx").read_bytes())
+    (tmp_path / "a.onnx").unlink()
+    weights = tmp_path / "a.onnx.data"
+    original = weights.read_bytes()
+    om = graphopt.optimize(str(source), [], (x,))
+    want = om(x)
+    for target in (weights, tmp_path / "a.onnx"):
+        with pytest.raises(FileExistsError, match=r"is a weights file \(.*a.onnx.data\) of the ONNX file"):
+            om.save(str(target))
+    assert weights.read_bytes() == original and not (tmp_path / "a.onnx").exists()
+    assert torch.equal(graphopt.optimize(str(source), [], (x,))(x)[0], want[0])
+    om.save(str(tmp_path / "copy.onnx"))
+    assert len(onnx.load(str(tmp_path / "copy.onnx")).graph.initializer) == 2
