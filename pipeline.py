@@ -76,22 +76,30 @@ def _numpy_as_tensor(x):
     return torch.from_numpy(x) if isinstance(x, np.ndarray) and x.dtype != object else x
 
 
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _same_kind_casts(graph: Graph, flat) -> dict[int, torch.Tensor]:
     """id(input) -> the input cast to its graph input's dtype, for a float given to a float input (f64 images
-    to an f32 model) and an integer to an integer input whose range holds its values (int32 token ids to
-    int64); any other dtype is left to check_inputs, which names the input and the dtype it expects."""
+    to an f32 model), and an integer or bool given to an integer input whose range holds it (int32 token ids,
+    a bool attention mask, to int64); any other dtype is left to check_inputs, which names the input and the
+    dtype it expects."""
     casts = {}
     for value, tensor in zip(graph.inputs, flat):
         want = value.type.dtype
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype == want or want is torch.bool or tensor.dtype is torch.bool:
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype == want:
             continue
         if tensor.is_floating_point() and want.is_floating_point:
             casts[id(tensor)] = tensor.to(want)
-        elif not tensor.is_floating_point() and not tensor.is_complex() and not want.is_floating_point and \
-                not want.is_complex and (not tensor.numel() or (torch.iinfo(want).min <= int(tensor.min()) and
-                                                                int(tensor.max()) <= torch.iinfo(want).max)):
+        elif want in _INTEGERS and (tensor.dtype is torch.bool or tensor.dtype in _INTEGERS and (not tensor.numel() or (
+                torch.iinfo(want).min <= int(tensor.min()) and int(tensor.max()) <= torch.iinfo(want).max))):
             casts[id(tensor)] = tensor.to(want)
     return casts
+
+
+def _cast_to_graph(graph: Graph, flat) -> tuple:
+    casts = _same_kind_casts(graph, flat)
+    return tuple(casts.get(id(t), t) for t in flat)
 
 
 def _with_progress(fn):
@@ -157,6 +165,7 @@ def optimize(model, passes: Sequence = (), example_inputs: Any = None, *, backen
         except TypeError as e:
             raise ValueError(f"example_inputs: {e}") from None
         if not isinstance(model, torch.nn.Module):  # a capture makes the graph fit its inputs
+            flat = _cast_to_graph(graph, flat)
             check_inputs(graph, flat, what="example_inputs")
     if calibration is not None:
         calibration = calibration_batches(graph, calibration)
@@ -248,8 +257,9 @@ def calibration_batches(graph: Graph, calibration) -> list[tuple[torch.Tensor, .
             flat = _flat_tensors(graph, args, kwargs)
         except TypeError as e:
             raise ValueError(f"calibration item {i}: {e}") from None
-        check_inputs(graph, flat, what=f"calibration item {i}")
         _check_calibration_values(graph, flat, i)
+        flat = _cast_to_graph(graph, flat)
+        check_inputs(graph, flat, what=f"calibration item {i}")
         batches.append(flat)
     if not batches:
         raise ValueError("calibration is empty")

@@ -50,7 +50,8 @@ def test_numpy_example_inputs_are_taken_as_tensors(mlp):
 @pytest.mark.parametrize("inputs, message", [
     ((torch.randn(3, 5),), r"example_inputs: input %\w+ is \(3, 5\) torch.float32, the graph expects f32\[batch,8\] "
                            r"\(input 0 of 1\)"),
-    ((torch.randn(3, 8).double(),), r"is \(3, 8\) torch.float64, the graph expects f32\[batch,8\]"),
+    ((torch.ones(3, 8, dtype=torch.long),), r"is \(3, 8\) torch.int64, the graph expects f32\[batch,8\] "
+                                           r"\(input 0 of 1\): give it as torch.float32"),
     ((torch.randn(3, 8, 1),), r"is \(3, 8, 1\) torch.float32, the graph expects f32\[batch,8\]"),
     ((torch.randn(3, 8), torch.randn(3, 8)), r"example_inputs: the model was captured with 1 positional input\(s\), got 2"),
 ])
@@ -250,8 +251,25 @@ def test_token_ids_of_another_integer_dtype_are_cast_when_they_fit():
     ids, mask = padded_ids(torch.Generator().manual_seed(0), 2, 8)
     om = graphopt.optimize(model, [], ((), {"input_ids": ids, "attention_mask": mask}))
     want = om(input_ids=ids, attention_mask=mask).last_hidden_state
-    got = om(input_ids=ids.int(), attention_mask=mask.short()).last_hidden_state
+    got = om(input_ids=ids.int(), attention_mask=mask.bool()).last_hidden_state
     assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"input %\w+ is \(2, 8\) torch.uint64, the graph expects i64\[batch,8\] "
+                                         r"\(input 0 of 2\): give it as torch.int64"):
+        om(input_ids=ids.numpy().astype("uint64"), attention_mask=mask)
+
+
+def test_calibration_of_another_float_width_is_cast_like_a_call(mlp):
+    """float64 calibration batches calibrate the float32 graph (a call casts them too); a value float32 cannot
+    hold is refused with its magnitude, before any cast."""
+    model, x, graph = mlp
+    calib = [(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    want = graphopt.optimize(graph, ["integer_only"], (x,), calibration=calib)(x)
+    got = graphopt.optimize(graph, ["integer_only"], (x.double(),), calibration=[(c.double(),) for (c,) in calib])(x)
+    assert torch.equal(got, want)
+    huge = calib[0][0].double()
+    huge[1, 2] = 1e300
+    with pytest.raises(ValueError, match=r"calibration item 0: input %\w+ has a value of magnitude 1e\+300"):
+        graphopt.optimize(graph, ["integer_only"], (x,), calibration=[(huge,)])
 
 
 def test_save_never_writes_over_the_weights_file_of_the_onnx_file_it_read(tmp_path):
