@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from graphopt.ir import Graph
 from graphopt.ir.cost import graph_cost
+from graphopt.ir.index_inputs import index_bound
 from graphopt.passes import PassManager, Report
 from graphopt.progress import showing, task
 
@@ -293,6 +294,16 @@ def check_inputs(graph: Graph, flat: Sequence[torch.Tensor], *, what: str = "") 
             if not isinstance(d, int) and sizes.setdefault(d, (n, value.name))[0] != n:
                 raise ValueError(f"{given}, the graph expects {t}{which}: axis {axis} ({d}) is {sizes[d][0]} in "
                                  f"%{sizes[d][1]}")
+            if not isinstance(d, int) and n == 0:       # the backends' kernels and reshapes differ on empty inputs
+                raise ValueError(f"{given}, the graph expects {t}{which}: axis {axis} ({d}) is empty; give at "
+                                 "least one item")
+        bound = index_bound(value) if not t.dtype.is_floating_point and tensor.numel() else None
+        if bound is not None:
+            outside = (tensor < 0) | (tensor >= bound)
+            if outside.any():
+                at = _first(outside)
+                raise ValueError(f"{prefix}input %{value.name} holds {tensor[at].item()} at {list(at)}; it indexes a "
+                                 f"table of {bound} rows, so its values must be in [0, {bound}){which}")
 
 
 def _flat_tensors(graph: Graph, args, kwargs) -> tuple[torch.Tensor, ...]:

@@ -7,6 +7,7 @@ import os
 
 from graphopt.cli import CliError, one_line
 from graphopt.cli.report import human_bytes
+from graphopt.ir.index_inputs import index_bound
 
 MAX_RANDOM_INPUT_BYTES = 1 << 30  # random inputs for --check / --verify-passes, all together
 
@@ -51,7 +52,7 @@ def model_inputs(args, graph, dims, example=None):
                        f"'{largest[0]}' is {shapes[largest[0]]}); the limit is {human_bytes(MAX_RANDOM_INPUT_BYTES)}: "
                        "set smaller symbolic dims with --dim, or give inputs with --calib")
     rng = np.random.default_rng(args.seed)
-    feeds = {value.name: _random_input(value, shapes[value.name], graph, rng) for value in graph.inputs}
+    feeds = {value.name: _random_input(value, shapes[value.name], rng) for value in graph.inputs}
     note = {"source": f"random (seed {args.seed})", "dims": used, "shapes": shapes}
     return feeds, note, None
 
@@ -88,7 +89,7 @@ def _evaluate(dim, bindings) -> int:
     return int(value)
 
 
-def _random_input(value, shape, graph, rng):
+def _random_input(value, shape, rng):
     import numpy as np
     import torch
 
@@ -103,37 +104,10 @@ def _random_input(value, shape, graph, rng):
         return np.ones(shape, dtype=np_dtype)
     if "type" in name or "segment" in name:
         return np.zeros(shape, dtype=np_dtype)
-    high = _index_bound(value, graph) or 2
+    high = index_bound(value) or 2
     return rng.integers(0, high, shape).astype(np_dtype)
 
 
-def _index_bound(value, graph) -> int | None:
-    """The smallest table an integer input indexes into (embedding rows, Gather axis), if any."""
-    bounds = []
-    pending, seen = [value], set()
-    while pending:
-        v = pending.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        for node in v.users:
-            if node.op == "cast" or (node.op == "reshape" and node.inputs[0] is v):
-                pending.extend(node.outputs)
-            elif node.op == "embedding" and node.inputs[1] is v:
-                bounds.append(node.inputs[0].type.shape[0])
-            elif node.op in ("index_select", "gather") and node.inputs[1] is v:
-                bounds.append(node.inputs[0].type.shape[node.attrs["dim"]])
-            elif node.op == "onnx_opaque" and node.attrs["op_type"] in ("Gather", "GatherElements") \
-                    and node.inputs[1] is v:
-                axis = node.attrs["attributes"].get("axis", 0) if node.attrs["attributes"] is not None else 0
-                bounds.append(node.inputs[0].type.shape[axis])
-            elif node.op == "onnx_opaque" and node.attrs["op_type"] == "EmbedLayerNormalization":
-                position = next(i for i, x in enumerate(node.inputs) if x is v)
-                table = {0: 2, 1: 3}.get(position)  # input_ids -> word table, segment_ids -> segment table
-                if table is not None and table < len(node.inputs) and node.inputs[table] is not None:
-                    bounds.append(node.inputs[table].type.shape[0])
-    ints = [b for b in bounds if isinstance(b, int)]
-    return min(ints) if ints else None
 
 
 def read_calib(path, graph):

@@ -297,3 +297,28 @@ def test_save_never_writes_over_the_weights_file_of_the_onnx_file_it_read(tmp_pa
     assert torch.equal(graphopt.optimize(str(source), [], (x,))(x)[0], want[0])
     om.save(str(tmp_path / "copy.onnx"))
     assert len(onnx.load(str(tmp_path / "copy.onnx")).graph.initializer) == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "cpu_integer"])
+def test_token_ids_outside_the_vocabulary_and_empty_batches_are_refused_alike(backend):
+    """Negative or too large ids are refused naming the input, the value and the table (ONNX Runtime's Gather
+    wrapped negative ids into other logits; torch raised an IndexError); an empty batch too (each backend
+    raised its own error)."""
+    if backend != "torch":
+        pytest.importorskip("onnxruntime")
+    from tests.tiny_models import VOCAB, padded_ids, tiny_bert
+
+    model = tiny_bert(16, layers=1)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = padded_ids(g, 2, 8)
+    om = graphopt.optimize(model, ["integer_only"], ((), {"input_ids": ids, "attention_mask": mask}),
+                           calibration=[((), dict(zip(("input_ids", "attention_mask"), padded_ids(g, 2, 8))))],
+                           backend=backend)
+    for bad in (-1, VOCAB):
+        wrong = ids.clone()
+        wrong[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"input %input_ids holds {bad} at \[1, 3\]; it indexes a table of "
+                                             rf"{VOCAB} rows, so its values must be in \[0, {VOCAB}\)"):
+            om(input_ids=wrong, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"axis 0 \(batch\) is empty; give at least one item"):
+        om(input_ids=ids[:0], attention_mask=mask[:0])
