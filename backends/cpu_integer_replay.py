@@ -335,7 +335,8 @@ def _lay_out(buffers: list[_Buffer]) -> int:
             offset = max(offset, -(-stop // ALIGN) * ALIGN)
         b.offset = offset
         placed.append(b)
-    return max((b.offset + b.nbytes for b in buffers), default=0)
+    end = max((b.offset + b.nbytes for b in buffers), default=0)
+    return -(-end // ALIGN) * ALIGN      # whole elements of every dtype: torch asserts so for some views (BEiT)
 
 
 class Replay:
