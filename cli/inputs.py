@@ -154,7 +154,8 @@ def read_calib(path, graph):
         counts.add(len(per_input[value.name]))
         want = torch.empty((), dtype=value.type.dtype).numpy().dtype if value.type.dtype is not torch.bfloat16 else None
         if want is not None and array.dtype != want:
-            if not np.can_cast(array.dtype, want, casting="same_kind"):
+            if not np.can_cast(array.dtype, want, casting="same_kind") or \
+                    np.issubdtype(array.dtype, np.floating) != np.issubdtype(want, np.floating):   # as a call refuses
                 raise CliError(f"calibration file {path}: array {value.name!r} is {array.dtype}, the input is {want}")
             with np.errstate(over="ignore", invalid="ignore"):     # what it changed is checked next
                 cast = array.astype(want)

@@ -155,6 +155,9 @@ def test_calibration_arrays_of_another_dtype_are_cast_and_said_so(tmp_path, mode
     np.savez(tmp_path / "ids.npz", ids=np.array([[1, 2, 3, 4], [5, 6, 2 ** 40, 8]], np.int64))
     code, _, err = run_cli(capsys, tmp_path / "ids.onnx", "--calib", tmp_path / "ids.npz", "--check")
     assert code == 2 and f"array 'ids' is int64 and holds {2 ** 40} at [1, 2], which int32" in err
+    np.savez(tmp_path / "int_images.npz", x=np.ones((2, 6, 8), np.int64))       # an integer for a float input
+    code, _, err = run_cli(capsys, model_path, "--calib", tmp_path / "int_images.npz", "--check")
+    assert code == 2 and "array 'x' is int64, the input is float32" in err
 
 
 def test_list_and_explain(capsys):
