@@ -54,8 +54,9 @@ class OptimizedModel(torch.nn.Module):
         folder = os.path.dirname(os.path.abspath(os.fspath(path)))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot save {os.fspath(path)!r}: folder {folder!r} does not exist; create it first")
+        sources = self._source_files()
         for target in (os.fspath(path), os.fspath(path) + ".data"):       # .data: an ONNX file's weights, if large
-            read = next((f for f in self._source_files() if os.path.exists(target) and os.path.samefile(target, f)), None)
+            read = next((f for f in sources if os.path.exists(target) and os.path.samefile(target, f)), None)
             if read is not None:
                 what = "the ONNX file" if read == self.source else f"a weights file ({read}) of the ONNX file"
                 raise FileExistsError(f"cannot save {os.fspath(path)!r}: {target!r} is {what} this model was read "

@@ -144,14 +144,9 @@ def read_calib(path, graph):
     for value in graph.inputs:
         array = arrays[value.name]
         rank = value.type.rank
-        if array.ndim == rank:
-            per_input[value.name] = [array]
-        elif array.ndim == rank + 1:
-            per_input[value.name] = list(array)
-        else:
+        if array.ndim not in (rank, rank + 1):
             raise CliError(f"calibration file {path}: array {value.name!r} has shape {list(array.shape)}, the input "
                            f"is {value.type} (give it that rank, or one more for several samples)")
-        counts.add(len(per_input[value.name]))
         want = torch.empty((), dtype=value.type.dtype).numpy().dtype if value.type.dtype is not torch.bfloat16 else None
         if want is not None and array.dtype != want:
             if not np.can_cast(array.dtype, want, casting="same_kind") or \
@@ -164,8 +159,10 @@ def read_calib(path, graph):
                 at = tuple(int(i) for i in np.argwhere(changed)[0])
                 raise CliError(f"calibration file {path}: array {value.name!r} is {array.dtype} and holds "
                                f"{array[at].item()!r} at {list(at)}, which {want} (the input's dtype) cannot hold")
-            per_input[value.name] = list(cast) if array.ndim == rank + 1 else [cast]
             casts.append(f"{value.name} {array.dtype} cast to {want}")
+            array = cast
+        per_input[value.name] = list(array) if array.ndim == rank + 1 else [array]
+        counts.add(len(per_input[value.name]))
         for sample in per_input[value.name]:
             for d, size in zip(value.type.shape, sample.shape):
                 if isinstance(d, int) and d != size:

@@ -88,16 +88,19 @@ def _linear(node, axis):
     return None if axis == node.output.type.rank - 1 else ([axis] + [None] * (len(node.inputs) - 1), {})
 
 
+def _batch_axes(node, axis):
+    """A batch axis of matrix products: each operand's own batch axis there, None where it broadcasts."""
+    aligned = _aligned(node, axis)
+    return None if aligned is None else ([ax if ax is not None and ax < v.type.rank - 2 else None
+                                          for ax, v in zip(aligned, node.inputs)], {})
+
+
 def _matmul(node, axis):
     """Rows of a @ b are rows of a; batch axes slice both operands where they do not broadcast."""
     out, a, b = node.output.type, node.inputs[0].type, node.inputs[1].type
     if axis == out.rank - 1 or a.rank < 2 or b.rank < 2:
         return None
-    if axis == out.rank - 2:
-        return [a.rank - 2, None], {}
-    aligned = _aligned(node, axis)
-    return None if aligned is None else ([ax if ax is not None and ax < t.rank - 2 else None
-                                          for ax, t in zip(aligned, (a, b))], {})
+    return ([a.rank - 2, None], {}) if axis == out.rank - 2 else _batch_axes(node, axis)
 
 
 def _sdpa(node, axis):
@@ -113,9 +116,7 @@ def _sdpa(node, axis):
             ax = mask.type.rank - 2
             axes.append(ax if ax >= 0 and dims_equal(mask.type.shape[ax], out.shape[axis]) else None)
         return axes, {}
-    aligned = _aligned(node, axis)
-    return None if aligned is None else ([ax if ax is not None and ax < node.inputs[i].type.rank - 2 else None
-                                          for i, ax in enumerate(aligned)], {})
+    return _batch_axes(node, axis)
 
 
 def _other_axis_slice(node, axis):
@@ -170,12 +171,12 @@ def _window(node):
     return normalize_axis(node.attrs["dim"], rank), node.attrs["start"], node.attrs["end"], node.attrs["step"]
 
 
-def _select_as_slice(graph: Graph, node) -> bool:
+def _select_as_slice(graph: Graph, node) -> None:
     """select(x, d, i) -> select(slice(x, d, i, i + 1), d, 0) when x's producer can narrow; the slice can then move."""
     x = node.inputs[0]
     axis = normalize_axis(node.attrs["dim"], x.type.rank)
     if x.producer is None or x.type.shape[axis] == 1 or narrowing(x.producer, axis, 1) is None:
-        return False
+        return
     index = node.attrs["index"]
     end = BIG if index == -1 else index + 1
     with graph.inserting_before(node):
@@ -183,7 +184,6 @@ def _select_as_slice(graph: Graph, node) -> bool:
         picked = graph.op.select(one, dim=axis, index=0)
     graph.replace_all_uses_with(node.output, picked)
     graph.erase_node(node)
-    return True
 
 
 def _span(window, size: int) -> tuple[int, int]:
@@ -238,11 +238,12 @@ def _move_up(graph: Graph, node) -> list | None:
     if found is None:
         return None
     axes, attrs = found
-    new_slices = []
+    inputs, new_slices = [], []
     with graph.inserting_before(producer):
-        inputs = [v if ax is None else _sliced(graph, v, ax, start, end, step) for v, ax in zip(producer.inputs, axes)]
-        new_slices = [v.producer for v in inputs if v.producer is not None and v.producer.op == "slice"
-                      and v not in producer.inputs]
+        for v, ax in zip(producer.inputs, axes):
+            inputs.append(v if ax is None else _sliced(graph, v, ax, start, end, step))
+            if inputs[-1] is not v and inputs[-1].producer is not None:
+                new_slices.append(inputs[-1].producer)
         narrowed = graph.call(producer.op, *inputs, **{**producer.attrs, **attrs})
     narrowed.producer.meta.update(producer.meta)
     for reader in readers:

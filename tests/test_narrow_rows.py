@@ -276,13 +276,17 @@ def test_vit_classifier_file_after_integer_only(dynamo, tmp_path):
         assert torch.equal(lower(narrowed, "onnxruntime").run_flat(x)[0], want)
 
 
-def test_two_read_tokens_narrow_to_the_rows_between_them():
-    """DeiT with a teacher reads the CLS and the distillation token (rows 0 and 1): the last block runs on
-    rows 0..2, and each head reads its own row of that."""
+def _deit_with_teacher():
     torch.manual_seed(0)
     cfg = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                                   image_size=32, patch_size=8, num_labels=5)
-    model = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
+    return transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
+
+
+def test_two_read_tokens_narrow_to_the_rows_between_them():
+    """DeiT with a teacher reads the CLS and the distillation token (rows 0 and 1): the last block runs on
+    rows 0..2, and each head reads its own row of that."""
+    model = _deit_with_teacher()
     x = torch.randn(2, 3, 32, 32)
     result = graphopt.optimize(model, ["narrow_rows"], (x,))
     assert _fc1_rows(result.graph) == [18, 2]
@@ -297,10 +301,7 @@ def test_two_read_tokens_narrow_to_the_rows_between_them():
 
 def test_a_select_nothing_reads_does_not_hold_the_rows_back():
     """A wrapper returning only the CLS head's logits leaves the distillation token's select dead in the capture."""
-    torch.manual_seed(0)
-    cfg = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                                  image_size=32, patch_size=8, num_labels=5)
-    teacher = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
+    teacher = _deit_with_teacher()
 
     class ClsLogits(torch.nn.Module):
         def __init__(self):
